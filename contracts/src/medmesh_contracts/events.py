@@ -1,0 +1,198 @@
+"""The medmesh wire contract, version 1: every event and command that crosses a Kafka topic.
+
+Rules (see BRIEF.md section 2): every message is a frozen pydantic model with an explicit
+``schema`` id; changes within a version are additive only; consumers ignore unknown fields.
+Commands are imperative (``RequestInference``, ``RunInference``), events past tense
+(``InferenceCompleted``, ``InferenceFailed``, ``FhirEventRejected``, ``MessageDeadLettered``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware in UTC."""
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """A fresh random id for an event or a clinical request."""
+    return str(uuid.uuid4())
+
+
+class WireModel(BaseModel):
+    """Base of every wire model: immutable, and tolerant of fields added by newer producers."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class Producer(WireModel):
+    """Which service instance wrote an event."""
+
+    service: str
+    instance: str
+
+
+class Envelope(WireModel):
+    """Fields every event carries, whatever its schema."""
+
+    event_id: str = Field(default_factory=new_id)
+    correlation_id: str
+    occurred_at: AwareDatetime = Field(default_factory=utc_now)
+    producer: Producer
+
+
+class SourceContext(WireModel):
+    """Where a clinical event came from; used by routing rules and by reporting."""
+
+    channel: Literal["http", "kafka"]
+    fhir_version: Literal["R4B", "R5"] = "R4B"
+    site: str | None = None
+    source_system: str | None = None
+
+
+class ModelInput(WireModel):
+    """One model input value, already converted to the unit the model spec expects."""
+
+    name: str
+    value: float
+    unit: str
+    observed_at: AwareDatetime | None = None
+    # Reference to the FHIR resource the value came from (for derivedFrom / Provenance.entity).
+    source_reference: str | None = None
+
+
+class RequestInference(Envelope):
+    """Command from ingest to the router: score this patient with this model."""
+
+    schema_id: Literal["medmesh.RequestInference/1"] = Field(
+        default="medmesh.RequestInference/1", alias="schema"
+    )
+    model: str
+    patient_pseudonym: str
+    # The patient reference as the source wrote it; needed for the report's subject. It is
+    # patient data: it travels inside the trust boundary (Kafka) and never into logs.
+    subject_reference: str
+    encounter_reference: str | None = None
+    based_on_reference: str | None = None
+    inputs: tuple[ModelInput, ...]
+    effective_at: AwareDatetime
+    received_at: AwareDatetime
+    source: SourceContext
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+
+class RouteDecision(WireModel):
+    """Why the router sent a request to the version it chose."""
+
+    reason: Literal["static-table", "rule", "bucket", "shadow"]
+    detail: str = ""
+
+
+class RunInference(Envelope):
+    """Command from the router to one model version's workers."""
+
+    schema_id: Literal["medmesh.RunInference/1"] = Field(
+        default="medmesh.RunInference/1", alias="schema"
+    )
+    model_version: int
+    route: RouteDecision
+    routed_at: AwareDatetime
+    request: RequestInference
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+
+class InferenceCompleted(Envelope):
+    """Event from a worker: Triton ran the model version on the request's inputs."""
+
+    schema_id: Literal["medmesh.InferenceCompleted/1"] = Field(
+        default="medmesh.InferenceCompleted/1", alias="schema"
+    )
+    task: RunInference
+    triton_model: str
+    triton_version: str
+    # Output tensors by name, one row (flattened) per request.
+    outputs: dict[str, tuple[float, ...]]
+    device_kind: str
+    batch_size: int
+    inference_ms: float
+    completed_at: AwareDatetime
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+
+class InferenceFailed(Envelope):
+    """Event from a worker: the request could not be scored, and why."""
+
+    schema_id: Literal["medmesh.InferenceFailed/1"] = Field(
+        default="medmesh.InferenceFailed/1", alias="schema"
+    )
+    task: RunInference
+    error_kind: Literal["invalid-input", "retries-exhausted", "model-unavailable"]
+    reason: str
+    attempts: int
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+
+class FhirEventRejected(Envelope):
+    """Event from ingest: a message on the inbound topic was not valid FHIR or not usable."""
+
+    schema_id: Literal["medmesh.FhirEventRejected/1"] = Field(
+        default="medmesh.FhirEventRejected/1", alias="schema"
+    )
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    # The raw message value: text when it was UTF-8, otherwise base64.
+    raw_value: str
+    raw_encoding: Literal["utf-8", "base64"]
+    operation_outcome: dict[str, Any]
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+
+class MessageDeadLettered(Envelope):
+    """Event from any consumer: a message it could not process, kept whole for replay."""
+
+    schema_id: Literal["medmesh.MessageDeadLettered/1"] = Field(
+        default="medmesh.MessageDeadLettered/1", alias="schema"
+    )
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    raw_value: str
+    raw_encoding: Literal["utf-8", "base64"]
+    reason: str
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+
+ALL_EVENTS: tuple[type[Envelope], ...] = (
+    RequestInference,
+    RunInference,
+    InferenceCompleted,
+    InferenceFailed,
+    FhirEventRejected,
+    MessageDeadLettered,
+)
+
+
+def schema_of(model: type[Envelope]) -> str:
+    """The schema id (``name/version``) a wire model declares."""
+    default = model.model_fields["schema_id"].default
+    if not isinstance(default, str):
+        raise TypeError(f"{model.__name__} declares no schema id")
+    return default
+
+
+def to_wire(event: Envelope) -> bytes:
+    """Serialize an event as JSON bytes, using the wire field names (``schema``)."""
+    return event.model_dump_json(by_alias=True).encode()

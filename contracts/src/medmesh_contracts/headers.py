@@ -1,0 +1,15 @@
+"""Kafka header names carried on every medmesh message."""
+
+from __future__ import annotations
+
+# W3C trace context (https://www.w3.org/TR/trace-context/), written by the OpenTelemetry propagator.
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+# One id per clinical request, stable across every hop; also the id of the final report.
+CORRELATION_ID = "medmesh-correlation-id"
+# The schema id of the message value, e.g. "medmesh.RunInference/1" or "fhir.R4B+json".
+SCHEMA = "medmesh-schema"
+
+# Schema ids for payloads that are FHIR rather than medmesh events.
+FHIR_R4B_JSON = "fhir.R4B+json"
+FHIR_R5_JSON = "fhir.R5+json"

@@ -1,0 +1,192 @@
+"""The model spec: the plugin contract between a model owner and medmesh (BRIEF.md section 3).
+
+A model owner adds a model with a Triton model folder plus one spec file. The spec says which FHIR
+readings feed which position of the input tensor and in which unit, how the output tensors become
+FHIR, and which version is routed. Every service reads the same spec: ingest to know what to
+extract, the router what may be routed, the worker how to build tensors, reporting how to build FHIR.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+LOINC = "http://loinc.org"
+SNOMED = "http://snomed.info/sct"
+UCUM = "http://unitsofmeasure.org"
+
+
+class SpecModel(BaseModel):
+    """Base of spec models: immutable, and strict about unknown keys (typos in specs fail loudly)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Coding(SpecModel):
+    """A code in a code system, as FHIR Coding."""
+
+    system: str
+    code: str
+    display: str | None = None
+
+    @property
+    def token(self) -> str:
+        """``system|code``, the FHIR search token form."""
+        return f"{self.system}|{self.code}"
+
+
+class InputSource(SpecModel):
+    """One way a FHIR Observation can supply an input.
+
+    ``kind`` says how the value is read:
+    - ``quantity``: valueQuantity converted to the input's unit;
+    - ``indicator``: 1.0 when valueQuantity (in ``unit``) exceeds ``above``, else 0.0;
+    - ``coded``: valueCodeableConcept mapped through ``answers``; any other answer is ``otherwise``.
+    With ``component`` set, the value is read from the Observation component with that code
+    (e.g. systolic pressure inside a blood-pressure panel).
+    """
+
+    code: Coding
+    component: Coding | None = None
+    kind: Literal["quantity", "indicator", "coded"] = "quantity"
+    unit: str | None = None
+    above: float | None = None
+    answers: dict[str, float] = Field(default_factory=dict)
+    otherwise: float | None = None
+
+    @model_validator(mode="after")
+    def _kind_has_its_parameters(self) -> InputSource:
+        if self.kind == "indicator" and (self.above is None or self.unit is None):
+            raise ValueError("an indicator source needs 'unit' and 'above'")
+        if self.kind == "coded" and (not self.answers or self.otherwise is None):
+            raise ValueError("a coded source needs 'answers' and 'otherwise'")
+        return self
+
+
+class InputSpec(SpecModel):
+    """One position of the model's input tensor."""
+
+    name: str
+    display: str
+    unit: str
+    required: bool = True
+    # Value used when an optional input has no reading (e.g. "breathing air" for oxygen).
+    default: float | None = None
+    sources: tuple[InputSource, ...]
+
+    @model_validator(mode="after")
+    def _optional_inputs_have_a_default(self) -> InputSpec:
+        if not self.required and self.default is None:
+            raise ValueError(f"optional input {self.name!r} needs a default")
+        return self
+
+
+class BandSpec(SpecModel):
+    """One risk band a model can output, and how it is coded in FHIR."""
+
+    index: int
+    code: str
+    display: str
+    # v3 ObservationInterpretation code that best expresses the band (N, A, H, HH).
+    interpretation: str
+
+
+class VersionSpec(SpecModel):
+    """One deployed version of the model."""
+
+    version: int
+    triton_version: int
+    algorithm: str
+    score: Coding
+    extra_score_codings: tuple[Coding, ...] = ()
+    score_unit: str
+    score_is_integer: bool = False
+
+
+class TritonSpec(SpecModel):
+    """Where the model lives in Triton and the names of its tensors."""
+
+    model: str
+    input_tensor: str
+    score_tensor: str
+    band_tensor: str
+    contributions_tensor: str
+    max_batch_size: int = 64
+    timeout_ms: int = 2000
+
+
+class ReportSpec(SpecModel):
+    """How reporting codes the DiagnosticReport."""
+
+    code: Coding
+    category: Coding
+    # Code system of the risk bands (the Observation's interpretation carries both codings).
+    band_system: str
+
+
+class RoutingSpec(SpecModel):
+    """The skeleton's static routing table: percentage of traffic per version."""
+
+    weights: dict[int, int]
+
+    @model_validator(mode="after")
+    def _weights_add_up(self) -> RoutingSpec:
+        if sum(self.weights.values()) != 100:
+            raise ValueError("routing weights must add up to 100")
+        return self
+
+
+class ModelSpec(SpecModel):
+    """A model: inputs, Triton location, versions, outputs and routing."""
+
+    schema_id: Literal["medmesh.ModelSpec/1"] = Field(alias="schema")
+    name: str
+    display: str
+    owner: str
+    triton: TritonSpec
+    inputs: tuple[InputSpec, ...]
+    bands: tuple[BandSpec, ...]
+    versions: tuple[VersionSpec, ...]
+    report: ReportSpec
+    routing: RoutingSpec
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _routing_names_deployed_versions(self) -> ModelSpec:
+        deployed = {v.version for v in self.versions}
+        unknown = set(self.routing.weights) - deployed
+        if unknown:
+            raise ValueError(f"routing names versions that are not deployed: {sorted(unknown)}")
+        return self
+
+    def version(self, number: int) -> VersionSpec:
+        """The spec of one version; KeyError when it is not deployed."""
+        for v in self.versions:
+            if v.version == number:
+                return v
+        raise KeyError(f"model {self.name!r} has no version {number}")
+
+    def band(self, index: int) -> BandSpec:
+        """The band with this index; KeyError when the model has none."""
+        for b in self.bands:
+            if b.index == index:
+                return b
+        raise KeyError(f"model {self.name!r} has no band {index}")
+
+
+def load_spec(path: Path) -> ModelSpec:
+    """Read and validate one model spec file (YAML)."""
+    return ModelSpec.model_validate(yaml.safe_load(path.read_text()))
+
+
+def load_specs(directory: Path) -> dict[str, ModelSpec]:
+    """Every ``*.yaml`` spec in a directory, by model name."""
+    specs = [load_spec(p) for p in sorted(directory.glob("*.yaml"))]
+    by_name = {s.name: s for s in specs}
+    if len(by_name) != len(specs):
+        raise ValueError(f"two specs in {directory} declare the same model name")
+    return by_name

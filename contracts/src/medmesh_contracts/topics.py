@@ -1,0 +1,64 @@
+"""Every Kafka topic medmesh uses, with the settings it is created with.
+
+Topic names are part of the wire contract: services, deployment files and tests import them from
+here and never spell them out themselves.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+FHIR_INBOUND = "medmesh.fhir.inbound"
+FHIR_INVALID = "medmesh.fhir.invalid"
+INFERENCE_REQUESTS = "medmesh.inference.requests"
+INFERENCE_RESULTS = "medmesh.inference.results"
+INFERENCE_FAILED = "medmesh.inference.failed"
+REPORTS_DIAGNOSTIC = "medmesh.reports.diagnostic"
+ROUTER_DEADLETTER = "medmesh.deadletter.router"
+INFERENCE_DEADLETTER = "medmesh.deadletter.inference"
+REPORTING_DEADLETTER = "medmesh.deadletter.reporting"
+
+_MODEL_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+
+
+def model_task_topic(model: str, version: int) -> str:
+    """The topic a model version's workers consume: one topic per deployed version."""
+    if not _MODEL_NAME.fullmatch(model):
+        raise ValueError(f"model name {model!r} must match {_MODEL_NAME.pattern}")
+    if version < 1:
+        raise ValueError(f"model version must be >= 1, got {version}")
+    return f"medmesh.model.{model}.v{version}.tasks"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """How a topic is created: medmesh never relies on broker auto-creation."""
+
+    name: str
+    partitions: int = 3
+    config: dict[str, str] = field(default_factory=dict)
+
+
+# Dead-letter and failure topics keep two weeks so ops can inspect and replay them.
+_KEEP_TWO_WEEKS = {"retention.ms": str(14 * 24 * 3600 * 1000)}
+
+STATIC_TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec(FHIR_INBOUND),
+    TopicSpec(FHIR_INVALID, config=_KEEP_TWO_WEEKS),
+    TopicSpec(INFERENCE_REQUESTS),
+    TopicSpec(INFERENCE_RESULTS),
+    TopicSpec(INFERENCE_FAILED, config=_KEEP_TWO_WEEKS),
+    TopicSpec(REPORTS_DIAGNOSTIC),
+    TopicSpec(ROUTER_DEADLETTER, config=_KEEP_TWO_WEEKS),
+    TopicSpec(INFERENCE_DEADLETTER, config=_KEEP_TWO_WEEKS),
+    TopicSpec(REPORTING_DEADLETTER, config=_KEEP_TWO_WEEKS),
+)
+
+
+def all_topics(model_versions: list[tuple[str, int]], partitions: int | None = None) -> list[TopicSpec]:
+    """Every topic the pipeline needs for the given deployed model versions."""
+    specs = [*STATIC_TOPICS, *(TopicSpec(model_task_topic(m, v)) for m, v in model_versions)]
+    if partitions is None:
+        return specs
+    return [TopicSpec(s.name, partitions, dict(s.config)) for s in specs]
