@@ -56,7 +56,9 @@ STATIC_TOPICS: tuple[TopicSpec, ...] = (
 )
 
 
-def all_topics(model_versions: list[tuple[str, int]], partitions: int | None = None) -> list[TopicSpec]:
+def all_topics(
+    model_versions: list[tuple[str, int]], partitions: int | None = None
+) -> list[TopicSpec]:
     """Every topic the pipeline needs for the given deployed model versions."""
     specs = [*STATIC_TOPICS, *(TopicSpec(model_task_topic(m, v)) for m, v in model_versions)]
     if partitions is None:

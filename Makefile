@@ -1,0 +1,55 @@
+# medmesh task runner. `make` lists the recipes; a fresh clone needs only `make run` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+UV_VERSION := 0.9.5
+TOOLS := .tools
+UV := $(TOOLS)/uv/bin/uv
+VENV := .venv
+BIN := $(VENV)/bin
+PY_SOURCES := contracts libs services cli tests deploy/triton
+
+.PHONY: help
+help: ## list the recipes
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(UV):
+	python3 -m venv $(TOOLS)/uv
+	$(TOOLS)/uv/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(VENV)/.synced: $(UV) uv.lock pyproject.toml */pyproject.toml services/*/pyproject.toml libs/*/pyproject.toml
+	$(UV) sync --frozen
+	touch $@
+
+.PHONY: venv
+venv: $(VENV)/.synced ## create .venv from the lockfile (uv sync --frozen)
+
+.PHONY: deps
+deps: venv ## fetch the Kafka broker jars (Maven) and prepare Triton's python backend
+	$(BIN)/python -m medmesh_cli.devstack.prefetch
+
+.PHONY: run
+run: deps ## start Kafka, Triton and the four services, send the demo events, stay up until Ctrl-C
+	$(BIN)/medmesh up --demo
+
+.PHONY: lint
+lint: venv ## ruff (lint and format check)
+	$(BIN)/ruff check $(PY_SOURCES)
+	$(BIN)/ruff format --check $(PY_SOURCES)
+
+.PHONY: typecheck
+typecheck: venv ## mypy --strict with the pydantic plugin (each Triton model.py on its own: all are "model")
+	$(BIN)/mypy
+	for model in deploy/triton/models/*/*/model.py; do $(BIN)/mypy "$$model" || exit 1; done
+
+.PHONY: test
+test: lint typecheck deps ## lint, type-check, then every test tier (unit, service, conformance, e2e)
+	$(BIN)/pytest
+
+.PHONY: test-fast
+test-fast: venv ## every tier but the end-to-end tests
+	$(BIN)/pytest -m "not e2e"
+
+.PHONY: clean
+clean: ## remove run state (var/) and caches; keeps .venv and the Kafka jars
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,213 @@
+"""A real Apache Kafka broker for the local stack and the end-to-end tests.
+
+The broker jars are resolved by Maven from deploy/kafka/pom.xml into ~/.cache/medmesh (outside
+the repository) once; the broker then runs as one KRaft node (broker and controller) on loopback
+with a small heap, because on a two-core machine it shares the CPU with Triton and four services.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import socket
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from medmesh_cli.devstack.paths import cache_dir, repo_root
+from medmesh_cli.devstack.process import ManagedProcess, wait_until
+
+
+def kafka_version() -> str:
+    """The Kafka version pinned in deploy/kafka/pom.xml."""
+    pom = (repo_root() / "deploy" / "kafka" / "pom.xml").read_text()
+    match = re.search(r"<kafka.version>([^<]+)</kafka.version>", pom)
+    if match is None:
+        raise RuntimeError("deploy/kafka/pom.xml has no <kafka.version>")
+    return match.group(1)
+
+
+def ensure_kafka_jars() -> Path:
+    """The folder of broker jars, resolving them with Maven on first use."""
+    version = kafka_version()
+    lib = cache_dir() / f"kafka-{version}" / "lib"
+    marker = lib / ".complete"
+    if marker.exists():
+        return lib
+    if shutil.which("mvn") is None:
+        raise RuntimeError(
+            "Kafka: 'mvn' (Apache Maven) is not on PATH; it is needed once to fetch the broker jars"
+        )
+    lib.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [
+            "mvn",
+            "-q",
+            "-B",
+            "-f",
+            str(repo_root() / "deploy" / "kafka" / "pom.xml"),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={lib}",
+            "-DincludeScope=runtime",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"Kafka: Maven could not resolve the broker jars:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+        )
+    marker.write_text(version)
+    return lib
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """Where the broker listens and keeps its data."""
+
+    data_dir: Path
+    port: int = 9092
+    controller_port: int = 9093
+    host: str = "127.0.0.1"
+    heap: str = "512m"
+    partitions: int = 3
+
+    @property
+    def bootstrap(self) -> str:
+        """The bootstrap address clients use."""
+        return f"{self.host}:{self.port}"
+
+
+def server_properties(config: KafkaConfig, log_dir: Path) -> str:
+    """The broker's server.properties: one combined KRaft node, replication factor 1."""
+    return "\n".join(
+        [
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.bootstrap.servers={config.host}:{config.controller_port}",
+            f"listeners=PLAINTEXT://{config.host}:{config.port},CONTROLLER://{config.host}:{config.controller_port}",
+            f"advertised.listeners=PLAINTEXT://{config.host}:{config.port}",
+            "controller.listener.names=CONTROLLER",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name=PLAINTEXT",
+            f"log.dirs={log_dir}",
+            f"num.partitions={config.partitions}",
+            # medmesh creates its topics from the contract; auto-creation would hide typos.
+            "auto.create.topics.enable=false",
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=4",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "transaction.state.log.num.partitions=4",
+            "share.coordinator.state.topic.replication.factor=1",
+            "share.coordinator.state.topic.min.isr=1",
+            # One node: a new consumer group need not wait for more members to join.
+            "group.initial.rebalance.delay.ms=0",
+            "",
+        ]
+    )
+
+
+class KafkaServer:
+    """One KRaft broker process with a freshly formatted data directory."""
+
+    def __init__(self, config: KafkaConfig, echo: bool = False) -> None:
+        self.config = config
+        self.echo = echo
+        self._process: ManagedProcess | None = None
+
+    def _java_argv(self, lib: Path, main: str, *args: str) -> list[str]:
+        java = shutil.which("java")
+        if java is None:
+            raise RuntimeError("Kafka: 'java' is not on PATH; the broker needs Java 17+")
+        log4j = repo_root() / "deploy" / "kafka" / "log4j2.properties"
+        return [
+            java,
+            f"-Xmx{self.config.heap}",
+            "-Xms128m",
+            "-XX:+UseSerialGC",
+            "-XX:TieredStopAtLevel=1",
+            f"-Dlog4j2.configurationFile={log4j}",
+            "-cp",
+            f"{lib}/*",
+            main,
+            *args,
+        ]
+
+    def start(self, timeout_s: float = 90.0) -> None:
+        """Format storage, start the broker and wait until it accepts connections."""
+        if _port_open(self.config.host, self.config.port):
+            raise RuntimeError(
+                f"Kafka: port {self.config.port} is already in use; is another medmesh stack running?"
+            )
+        lib = ensure_kafka_jars()
+        data = self.config.data_dir
+        shutil.rmtree(data, ignore_errors=True)
+        (data / "logs").mkdir(parents=True)
+        props = data / "server.properties"
+        props.write_text(server_properties(self.config, data / "logs"))
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        fmt = subprocess.run(
+            self._java_argv(
+                lib,
+                "kafka.tools.StorageTool",
+                "format",
+                "--standalone",
+                "-t",
+                cluster_id,
+                "-c",
+                str(props),
+            ),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if fmt.returncode != 0:
+            raise RuntimeError(f"Kafka: storage format failed:\n{fmt.stdout}{fmt.stderr}")
+        env = dict(os.environ)
+        env.pop("KAFKA_HEAP_OPTS", None)
+        self._process = ManagedProcess(
+            "kafka",
+            self._java_argv(lib, "kafka.Kafka", str(props)),
+            data / "broker.log",
+            env=env,
+            echo=self.echo,
+        )
+        self._process.start()
+        process = self._process
+
+        def ready() -> bool:
+            if not process.running():
+                raise RuntimeError(
+                    f"Kafka: the broker exited with {process.returncode()}:\n{process.log_tail()}"
+                )
+            return _port_open(
+                self.config.host, self.config.port
+            ) and "Kafka Server started" in process.log_tail(200)
+
+        try:
+            wait_until("the Kafka broker to start", ready, timeout_s)
+        except TimeoutError as exc:
+            raise RuntimeError(f"Kafka: {exc}\n{process.log_tail()}") from exc
+
+    @property
+    def process(self) -> ManagedProcess:
+        """The broker process (for fault-injection tests)."""
+        if self._process is None:
+            raise RuntimeError("Kafka is not started")
+        return self._process
+
+    def stop(self) -> None:
+        """Stop the broker (controlled shutdown on SIGTERM)."""
+        if self._process is not None:
+            self._process.stop(grace_s=20)

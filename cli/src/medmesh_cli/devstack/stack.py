@@ -1,0 +1,267 @@
+"""The whole local stack: Kafka, Triton and the four services, each its own OS process.
+
+Used by ``medmesh up`` and by the end-to-end test fixtures, so tests run exactly what users run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from medmesh_cli.devstack.kafka import KafkaConfig, KafkaServer
+from medmesh_cli.devstack.paths import repo_root, run_dir
+from medmesh_cli.devstack.process import ManagedProcess, wait_until
+from medmesh_cli.devstack.topics import create_topics
+from medmesh_cli.devstack.triton import TritonPorts, TritonServer, detect_gpu_count
+from medmesh_contracts.modelspec import load_specs
+from medmesh_contracts.topics import all_topics
+
+
+@dataclass(frozen=True)
+class StackPorts:
+    """Every port the local stack listens on (loopback only)."""
+
+    kafka: int = 9092
+    kafka_controller: int = 9093
+    triton_http: int = 8000
+    triton_grpc: int = 8001
+    triton_metrics: int = 8002
+    ingest: int = 8080
+    router: int = 8181
+    first_worker: int = 8182
+    reporting: int = 8184
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One service process: its module, health port and extra environment."""
+
+    name: str
+    module: str
+    port: int
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StackConfig:
+    """What to start and where its state goes."""
+
+    ports: StackPorts = field(default_factory=StackPorts)
+    state_dir: Path = field(default_factory=lambda: run_dir("stack"))
+    echo: bool = False
+    kafka_heap: str = "512m"
+    partitions: int = 3
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def specs_dir(self) -> Path:
+        """The model specs the services serve."""
+        return repo_root() / "deploy" / "models"
+
+    @property
+    def model_repository(self) -> Path:
+        """The Triton model repository."""
+        return repo_root() / "deploy" / "triton" / "models"
+
+    @property
+    def trace_file(self) -> Path:
+        """Where every service appends its finished spans."""
+        return self.state_dir / "spans.jsonl"
+
+    @property
+    def ingest_url(self) -> str:
+        """Base URL of ingest's FHIR endpoint."""
+        return f"http://127.0.0.1:{self.ports.ingest}"
+
+    @property
+    def bootstrap(self) -> str:
+        """Kafka bootstrap address."""
+        return f"127.0.0.1:{self.ports.kafka}"
+
+
+def service_specs(config: StackConfig) -> list[ServiceSpec]:
+    """ingest, router, one worker per deployed model version, reporting."""
+    ports = config.ports
+    services = [
+        ServiceSpec("ingest", "medmesh_ingest", ports.ingest),
+        ServiceSpec("router", "medmesh_router", ports.router),
+    ]
+    port = ports.first_worker
+    for spec in load_specs(config.specs_dir).values():
+        for version in spec.versions:
+            services.append(
+                ServiceSpec(
+                    f"{spec.name}-v{version.version}",
+                    "medmesh_inference",
+                    port,
+                    {
+                        "MEDMESH_WORKER_MODEL": spec.name,
+                        "MEDMESH_WORKER_MODEL_VERSION": str(version.version),
+                        "MEDMESH_WORKER_PORT": str(port),
+                    },
+                )
+            )
+            port += 1
+            if port == ports.reporting:
+                port += 1
+    services.append(ServiceSpec("reporting", "medmesh_reporting", ports.reporting))
+    return services
+
+
+def service_environment(config: StackConfig, service: ServiceSpec) -> dict[str, str]:
+    """The environment of one service process: the MEDMESH_ settings of this stack."""
+    ports = config.ports
+    env = dict(os.environ)
+    env.update(
+        {
+            "MEDMESH_KAFKA_BOOTSTRAP_SERVERS": config.bootstrap,
+            "MEDMESH_TRITON_GRPC_URL": f"127.0.0.1:{ports.triton_grpc}",
+            "MEDMESH_MODEL_SPECS_DIR": str(config.specs_dir),
+            "MEDMESH_TRACE_FILE": str(config.trace_file),
+            "MEDMESH_INGEST_PORT": str(ports.ingest),
+            "MEDMESH_ROUTER_PORT": str(ports.router),
+            "MEDMESH_REPORTING_PORT": str(ports.reporting),
+            "MEDMESH_INSTANCE_ID": f"{service.name}-1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(config.extra_env)
+    env.update(service.env)
+    return env
+
+
+class Stack:
+    """Start and stop the whole local stack."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.kafka = KafkaServer(
+            KafkaConfig(
+                data_dir=config.state_dir / "kafka",
+                port=config.ports.kafka,
+                controller_port=config.ports.kafka_controller,
+                heap=config.kafka_heap,
+                partitions=config.partitions,
+            ),
+            echo=config.echo,
+        )
+        self.triton = TritonServer(
+            config.model_repository,
+            ports=TritonPorts(
+                config.ports.triton_http, config.ports.triton_grpc, config.ports.triton_metrics
+            ),
+            gpu_count=detect_gpu_count(),
+            log=config.state_dir / "triton.log",
+            work_dir=config.state_dir / "triton",
+        )
+        self.services: dict[str, ManagedProcess] = {}
+        self._tailers: list[threading.Thread] = []
+        self._stopping = threading.Event()
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        """Start everything and wait until every service answers /readyz; stop all on failure."""
+        state = self.config.state_dir
+        state.mkdir(parents=True, exist_ok=True)
+        for stale in (self.config.trace_file, state / "triton.log"):
+            stale.unlink(missing_ok=True)
+        try:
+            self._start_all(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_all(self, timeout_s: float) -> None:
+        triton_error: list[BaseException] = []
+        triton_thread = threading.Thread(
+            target=self._start_triton, args=(triton_error,), name="triton-start", daemon=True
+        )
+        triton_thread.start()
+        self.kafka.start()
+        specs = load_specs(self.config.specs_dir)
+        versions = [(s.name, v.version) for s in specs.values() for v in s.versions]
+        asyncio.run(
+            create_topics(self.config.bootstrap, all_topics(versions, self.config.partitions))
+        )
+        triton_thread.join()
+        if triton_error:
+            raise RuntimeError(f"Triton did not start: {triton_error[0]}") from triton_error[0]
+        for service in service_specs(self.config):
+            self._start_service(service)
+        self._wait_ready(timeout_s)
+
+    def _start_triton(self, errors: list[BaseException]) -> None:
+        try:
+            self.triton.start()
+        except BaseException as exc:  # noqa: BLE001 -- handed to the starting thread, which raises it
+            errors.append(exc)
+            return
+        if self.config.echo:
+            self._tail(self.config.state_dir / "triton.log", "triton")
+
+    def _start_service(self, service: ServiceSpec) -> None:
+        process = ManagedProcess(
+            service.name,
+            [sys.executable, "-m", service.module],
+            self.config.state_dir / f"{service.name}.log",
+            env=service_environment(self.config, service),
+            cwd=repo_root(),
+            echo=self.config.echo,
+        )
+        process.start()
+        self.services[service.name] = process
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        pending = {s.name: s.port for s in service_specs(self.config)}
+
+        def all_ready() -> bool:
+            for name, port in list(pending.items()):
+                process = self.services[name]
+                if not process.running():
+                    raise RuntimeError(
+                        f"service {name} exited with {process.returncode()}:\n{process.log_tail()}"
+                    )
+                try:
+                    response = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2.0)
+                except httpx.HTTPError:
+                    continue
+                if response.status_code == 204:
+                    del pending[name]
+            return not pending
+
+        try:
+            wait_until("every service to be ready", all_ready, timeout_s, interval_s=0.5)
+        except TimeoutError as exc:
+            tails = "\n".join(f"--- {n}:\n{self.services[n].log_tail(15)}" for n in pending)
+            raise RuntimeError(f"{exc}; not ready: {sorted(pending)}\n{tails}") from exc
+
+    def _tail(self, path: Path, name: str) -> None:
+        def follow() -> None:
+            with path.open(errors="replace") as log:
+                while not self._stopping.is_set():
+                    line = log.readline()
+                    if line:
+                        sys.stdout.write(f"{name:>10} | {line}")
+                        sys.stdout.flush()
+                    else:
+                        time.sleep(0.2)
+
+        thread = threading.Thread(target=follow, name=f"tail-{name}", daemon=True)
+        thread.start()
+        self._tailers.append(thread)
+
+    def stop(self) -> None:
+        """Stop services first (they flush to Kafka), then Triton, then Kafka."""
+        self._stopping.set()
+        for process in reversed(list(self.services.values())):
+            process.signal(15)
+        for process in reversed(list(self.services.values())):
+            process.stop(grace_s=10)
+        self.triton.stop()
+        self.kafka.stop()

@@ -1,0 +1,38 @@
+"""Create medmesh's topics from the contract (never by broker auto-creation)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+
+from medmesh_contracts.topics import TopicSpec
+
+
+async def create_topics(bootstrap: str, specs: list[TopicSpec], timeout_s: float = 60.0) -> None:
+    """Create every topic that does not exist yet; the broker may still be starting."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            await admin.start()
+            break
+        except KafkaConnectionError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(s.name, s.partitions, 1, topic_configs=s.config)
+            for s in specs
+            if s.name not in existing
+        ]
+        if wanted:
+            # Another process may create them between list and create: the goal is met then.
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(wanted)
+    finally:
+        await admin.close()

@@ -1,0 +1,174 @@
+"""The ``medmesh`` command: run the local stack, send FHIR, watch reports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import typer
+from aiokafka import AIOKafkaConsumer
+from rich.console import Console
+from rich.table import Table
+
+from medmesh_cli.devstack.paths import repo_root, run_dir
+from medmesh_cli.devstack.stack import Stack, StackConfig
+from medmesh_cli.reports import summarize
+from medmesh_contracts import headers as h
+from medmesh_contracts import topics
+
+app = typer.Typer(
+    help="medmesh: FHIR in, AI models on Triton, FHIR DiagnosticReports out.", no_args_is_help=True
+)
+console = Console()
+PID_FILE = "medmesh-up.pid"
+DEFAULT_INGEST = "http://127.0.0.1:8080"
+
+
+def sample_events() -> list[Path]:
+    """The sample events sent by ``up --demo``: the vitals fixtures the tests also use, so the
+    demo shows exactly what is tested (tests/fixtures/fhir/EXPECTED.md has the arithmetic)."""
+    return sorted((repo_root() / "tests" / "fixtures" / "fhir").glob("vitals-bundle-*.json"))
+
+
+@app.command()
+def up(
+    demo: Annotated[
+        bool, typer.Option(help="send the sample events and print each report")
+    ] = False,
+    logs: Annotated[bool, typer.Option(help="stream every process's log with a prefix")] = True,
+) -> None:
+    """Start Kafka, Triton and the four services on loopback; Ctrl-C or `medmesh down` stops all."""
+    config = StackConfig(echo=logs)
+    pid_file = config.state_dir / PID_FILE
+    stack = Stack(config)
+    started = time.monotonic()
+    console.print("[bold]medmesh[/] starting Kafka, Triton and the services ...")
+    stack.start()
+    pid_file.write_text(str(os.getpid()))
+    console.print(
+        f"[bold green]medmesh is up[/] in {time.monotonic() - started:.1f}s: "
+        f"POST FHIR to {config.ingest_url}/fhir; state and logs in {config.state_dir}"
+    )
+
+    def request_stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        asyncio.run(_serve(config, demo))
+    except KeyboardInterrupt:
+        console.print("[bold]medmesh[/] stopping ...")
+    finally:
+        stack.stop()
+        pid_file.unlink(missing_ok=True)
+        console.print("[bold]medmesh[/] stopped")
+
+
+async def _serve(config: StackConfig, demo: bool) -> None:
+    watcher = asyncio.create_task(_watch_reports(config.bootstrap))
+    if demo:
+        await asyncio.sleep(1.0)  # let the report consumer join before the first report lands
+        await _send_files(config.ingest_url, sample_events())
+    await watcher
+
+
+SENT_AT: dict[str, float] = {}
+
+
+async def _send_files(ingest_url: str, files: list[Path]) -> None:
+    async with httpx.AsyncClient(base_url=ingest_url, timeout=30) as client:
+        for path in files:
+            sent = time.perf_counter()
+            response = await client.post(
+                "/fhir",
+                content=path.read_bytes(),
+                headers={"content-type": "application/fhir+json"},
+            )
+            ids = [i for i in response.headers.get(h.CORRELATION_ID, "").split(",") if i]
+            for correlation_id in ids:
+                SENT_AT[correlation_id] = sent
+            issues = response.json().get("issue", [])
+            summary = "; ".join(i.get("diagnostics", "") for i in issues)[:160]
+            console.print(f"[cyan]sent[/] {path.name}: HTTP {response.status_code} {summary}")
+
+
+async def _watch_reports(bootstrap: str) -> None:
+    consumer = AIOKafkaConsumer(
+        topics.REPORTS_DIAGNOSTIC,
+        bootstrap_servers=bootstrap,
+        group_id=f"medmesh-cli-{os.getpid()}",
+        auto_offset_reset="latest",
+        isolation_level="read_committed",
+    )
+    await consumer.start()
+    try:
+        async for record in consumer:
+            arrived = time.perf_counter()
+            headers = {k: bytes(v).decode() for k, v in record.headers}
+            report = summarize(record.key, record.value or b"", headers)
+            sent = SENT_AT.pop(report.correlation_id, None)
+            latency = f"{(arrived - sent) * 1000:.0f} ms" if sent is not None else "-"
+            table = Table(show_header=True, header_style="bold magenta", box=None)
+            for column in (
+                "report",
+                "patient pseudonym",
+                "model",
+                "version",
+                "score",
+                "band",
+                "end-to-end",
+            ):
+                table.add_column(column)
+            table.add_row(
+                "DiagnosticReport",
+                report.patient_pseudonym,
+                report.model,
+                report.model_version,
+                f"{report.score} {report.score_unit}",
+                report.band,
+                latency,
+            )
+            console.print(table)
+    finally:
+        await consumer.stop()
+
+
+@app.command()
+def down() -> None:
+    """Stop a stack started by `medmesh up` in another terminal."""
+    pid_file = run_dir("stack") / PID_FILE
+    if not pid_file.exists():
+        console.print("no running medmesh stack found")
+        raise typer.Exit(1)
+    pid = int(pid_file.read_text())
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pid_file.unlink(missing_ok=True)
+        console.print("the medmesh stack was not running (stale pid file removed)")
+        return
+    for _ in range(120):
+        if not pid_file.exists():
+            console.print("medmesh stopped")
+            return
+        time.sleep(0.5)
+    console.print("medmesh did not stop within 60s")
+    raise typer.Exit(1)
+
+
+@app.command()
+def send(
+    files: Annotated[list[Path], typer.Argument(help="FHIR JSON files (resources or Bundles)")],
+    url: Annotated[str, typer.Option(help="ingest base URL")] = DEFAULT_INGEST,
+) -> None:
+    """POST FHIR files to a running ingest and print its answers."""
+    asyncio.run(_send_files(url, files))
+
+
+if __name__ == "__main__":
+    app()

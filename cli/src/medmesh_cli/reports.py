@@ -1,0 +1,66 @@
+"""Reading report Bundles back from medmesh.reports.diagnostic, for the demo and for tests."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from medmesh_contracts import headers as h
+
+
+@dataclass(frozen=True)
+class ReportSummary:
+    """The facts of one report a person wants to see in a table row."""
+
+    correlation_id: str
+    patient_pseudonym: str
+    model: str
+    model_version: str
+    score: float | int | None
+    score_unit: str
+    band: str
+    trace_id: str | None
+
+
+def _first(resources: list[dict[str, Any]], resource_type: str) -> dict[str, Any]:
+    for resource in resources:
+        if resource.get("resourceType") == resource_type:
+            return resource
+    raise ValueError(f"the report bundle has no {resource_type}")
+
+
+def summarize(key: bytes | None, value: bytes, headers: dict[str, str]) -> ReportSummary:
+    """Summarize one report Bundle as published by reporting."""
+    bundle = json.loads(value)
+    resources = [entry["resource"] for entry in bundle.get("entry", [])]
+    observation = _first(resources, "Observation")
+    device = _first(resources, "Device")
+    if "valueInteger" in observation:
+        score: float | int | None = observation["valueInteger"]
+        unit = "{score}"
+    else:
+        quantity = observation.get("valueQuantity", {})
+        score, unit = quantity.get("value"), quantity.get("code", "")
+    band = next(
+        (
+            c.get("code", "")
+            for i in observation.get("interpretation", [])
+            for c in i.get("coding", [])
+            if "risk-band" in c.get("system", "")
+        ),
+        "",
+    )
+    names = device.get("deviceName", [])
+    versions = device.get("version", [])
+    traceparent = headers.get(h.TRACEPARENT)
+    return ReportSummary(
+        correlation_id=headers.get(h.CORRELATION_ID, ""),
+        patient_pseudonym=(key or b"").decode(),
+        model=names[0]["name"] if names else "",
+        model_version=versions[0]["value"] if versions else "",
+        score=score,
+        score_unit=unit,
+        band=band,
+        trace_id=traceparent.split("-")[1] if traceparent else None,
+    )

@@ -1,0 +1,92 @@
+"""OpenTelemetry tracing for one service process.
+
+A real SDK TracerProvider is always installed: without one, spans are non-recording and no
+trace context would travel in Kafka headers. Spans are exported as JSON lines to a file when
+``trace_file`` is set (used by ``medmesh up``), and nowhere otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+
+
+class JsonLinesSpanExporter(SpanExporter):
+    """Appends each finished span as one JSON object per line to a file."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        lines = [json.dumps(span_record(span), separators=(",", ":")) for span in spans]
+        with self._lock, self._path.open("a", encoding="utf-8") as out:
+            out.write("".join(line + "\n" for line in lines))
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        """Nothing to release: the file is opened per export."""
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def span_record(span: ReadableSpan) -> dict[str, Any]:
+    """One finished span as a flat JSON-able dict (W3C hex ids, nanosecond times)."""
+    context = span.get_span_context()
+    parent = span.parent
+    return {
+        "trace_id": format(context.trace_id, "032x") if context else None,
+        "span_id": format(context.span_id, "016x") if context else None,
+        "parent_span_id": format(parent.span_id, "016x") if parent else None,
+        "name": span.name,
+        "kind": span.kind.name,
+        "service": span.resource.attributes.get("service.name"),
+        "start_ns": span.start_time,
+        "end_ns": span.end_time,
+        "status": span.status.status_code.name,
+        "attributes": {k: _plain(v) for k, v in (span.attributes or {}).items()},
+        "links": [
+            {
+                "trace_id": format(link.context.trace_id, "032x"),
+                "span_id": format(link.context.span_id, "016x"),
+            }
+            for link in span.links
+        ],
+    }
+
+
+def configure_tracing(service: str, instance: str, trace_file: Path | None) -> TracerProvider:
+    """Install and return the process's TracerProvider."""
+    provider = TracerProvider(
+        resource=Resource.create(
+            {"service.name": f"medmesh-{service}", "service.instance.id": instance}
+        )
+    )
+    if trace_file is not None:
+        provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(trace_file)))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def trace_id_hex(span: trace.Span) -> str:
+    """The W3C hex trace id of a span."""
+    return format(span.get_span_context().trace_id, "032x")

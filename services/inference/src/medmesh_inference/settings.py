@@ -1,0 +1,26 @@
+"""Configuration of one inference worker (environment variables prefixed MEDMESH_)."""
+
+from __future__ import annotations
+
+from medmesh_runtime.settings import ServiceSettings
+
+
+class WorkerSettings(ServiceSettings):
+    """A worker serves exactly one model version: it consumes that version's task topic."""
+
+    worker_model: str = "deterioration"
+    worker_model_version: int = 1
+    worker_port: int = 8182
+    triton_grpc_url: str = "127.0.0.1:8001"
+    # Longest wait for more tasks to fill a batch; a lone request is never held longer.
+    batch_wait_ms: int = 20
+    # Retries of a transient Triton error before the tasks are failed.
+    triton_max_attempts: int = 4
+    triton_backoff_initial_ms: int = 100
+    # How long startup waits for the model version to be ready in Triton.
+    triton_ready_timeout_s: float = 120.0
+
+    @property
+    def group_id(self) -> str:
+        """Workers of the same version share one consumer group (they split its partitions)."""
+        return f"medmesh-worker-{self.worker_model}-v{self.worker_model_version}"

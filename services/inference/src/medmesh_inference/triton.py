@@ -1,0 +1,96 @@
+"""The worker's Triton client: gRPC asyncio, one channel, explicit model name and version."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+from tritonclient.grpc import InferenceServerException, InferInput, InferRequestedOutput
+from tritonclient.grpc.aio import InferenceServerClient
+
+# gRPC status codes after which the same call may succeed later.
+_TRANSIENT_STATUSES = frozenset(
+    {
+        "StatusCode.UNAVAILABLE",
+        "StatusCode.DEADLINE_EXCEEDED",
+        "StatusCode.RESOURCE_EXHAUSTED",
+        "StatusCode.ABORTED",
+        "StatusCode.CANCELLED",
+    }
+)
+
+
+class TritonCallError(Exception):
+    """A Triton call failed; ``transient`` says whether retrying may help."""
+
+    def __init__(self, message: str, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+def classify(exc: BaseException) -> TritonCallError:
+    """Translate a tritonclient or transport error into a TritonCallError."""
+    if isinstance(exc, InferenceServerException):
+        status = str(exc.status() or "")
+        transient = status in _TRANSIENT_STATUSES or "not ready" in str(exc.message()).lower()
+        return TritonCallError(f"{status or 'error'}: {exc.message()}", transient)
+    if isinstance(exc, TimeoutError | ConnectionError | OSError):
+        return TritonCallError(f"{type(exc).__name__}: {exc}", transient=True)
+    return TritonCallError(f"{type(exc).__name__}: {exc}", transient=False)
+
+
+class TritonModel:
+    """One model version on one Triton server."""
+
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        version: int,
+        input_tensor: str,
+        output_tensors: Sequence[str],
+        timeout_s: float,
+    ) -> None:
+        self._client = InferenceServerClient(url=url)
+        self.model = model
+        self.version = str(version)
+        self._input = input_tensor
+        self._outputs = tuple(output_tensors)
+        self._timeout_s = timeout_s
+
+    async def ready(self) -> bool:
+        """True when the server is live and this model version is ready."""
+        try:
+            return bool(await self._client.is_model_ready(self.model, model_version=self.version))
+        except Exception:  # noqa: BLE001 -- any failure to ask means "not ready"; callers retry
+            return False
+
+    async def device_kind(self) -> str:
+        """The instance kind Triton runs this version on (KIND_CPU or KIND_GPU)."""
+        config = await self._client.get_model_config(
+            self.model, model_version=self.version, as_json=True
+        )
+        groups = config.get("config", {}).get("instance_group", [])
+        kinds = sorted({g.get("kind", "KIND_AUTO") for g in groups})
+        return "+".join(kinds) or "KIND_AUTO"
+
+    async def infer(self, batch: npt.NDArray[np.float32]) -> dict[str, npt.NDArray[np.generic]]:
+        """Run one batch; raises TritonCallError."""
+        tensor = InferInput(self._input, list(batch.shape), "FP32")
+        tensor.set_data_from_numpy(batch)
+        try:
+            result = await self._client.infer(
+                self.model,
+                inputs=[tensor],
+                model_version=self.version,
+                outputs=[InferRequestedOutput(name) for name in self._outputs],
+                client_timeout=self._timeout_s,
+            )
+        except Exception as exc:
+            raise classify(exc) from exc
+        return {name: result.as_numpy(name) for name in self._outputs}
+
+    async def close(self) -> None:
+        """Close the gRPC channel."""
+        await self._client.close()

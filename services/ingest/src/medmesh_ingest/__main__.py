@@ -1,0 +1,17 @@
+"""Run the ingest service: python -m medmesh_ingest."""
+
+from __future__ import annotations
+
+from medmesh_ingest.app import create_app
+from medmesh_ingest.settings import IngestSettings
+from medmesh_runtime.serve import serve
+
+
+def main() -> None:
+    """Serve on MEDMESH_HTTP_HOST and MEDMESH_INGEST_PORT (health endpoints; FHIR for ingest)."""
+    settings = IngestSettings()
+    serve(create_app(settings), settings.http_host, settings.ingest_port)
+
+
+if __name__ == "__main__":
+    main()

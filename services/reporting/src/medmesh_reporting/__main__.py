@@ -1,0 +1,17 @@
+"""Run the reporting service: python -m medmesh_reporting."""
+
+from __future__ import annotations
+
+from medmesh_reporting.app import create_app
+from medmesh_reporting.settings import ReportingSettings
+from medmesh_runtime.serve import serve
+
+
+def main() -> None:
+    """Serve on MEDMESH_HTTP_HOST and MEDMESH_REPORTING_PORT (health endpoints; FHIR for ingest)."""
+    settings = ReportingSettings()
+    serve(create_app(settings), settings.http_host, settings.reporting_port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Our own conformance checks of a report Bundle: what fhir.resources does not check.
+
+fhir.resources validates structure and datatypes only (BRIEF.md section 5): it accepts
+``status: "bogus"``, a subject that points at an Observation and a reference to a ``urn:uuid`` that
+is nowhere in the Bundle. ``check_report_bundle`` checks those, and the rules medmesh holds its own
+reports to (AI label, Provenance, effective and issued times). Each problem is one line that starts
+with a FHIRPath-like location, e.g. ``Bundle.entry[1].resource.ofType(Observation).status``.
+
+The rules are tables (required value sets, allowed reference targets) and small functions; add a
+row or a function to add a rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from medmesh_reporting.report import V3_INTERPRETATION, V3_OBSERVATION_VALUE, JsonDict
+
+# --- tables -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CodeRule:
+    """An element whose code must come from a required (closed) value set."""
+
+    resource_type: str
+    path: str
+    value_set: str
+    codes: frozenset[str]
+
+
+@dataclass(frozen=True)
+class ReferenceRule:
+    """A Reference element and the resource types it may point at (R4B)."""
+
+    resource_type: str
+    path: str
+    targets: frozenset[str]
+
+
+def _codes(words: str) -> frozenset[str]:
+    return frozenset(words.split())
+
+
+BUNDLE_TYPE_RULE = CodeRule(
+    "Bundle",
+    "type",
+    "bundle-type",
+    _codes(
+        "document message transaction transaction-response batch batch-response history"
+        " searchset collection"
+    ),
+)
+
+CODE_RULES: tuple[CodeRule, ...] = (
+    CodeRule(
+        "DiagnosticReport",
+        "status",
+        "diagnostic-report-status",
+        _codes(
+            "registered partial preliminary final amended corrected appended cancelled"
+            " entered-in-error unknown"
+        ),
+    ),
+    CodeRule(
+        "Observation",
+        "status",
+        "observation-status",
+        _codes("registered preliminary final amended corrected cancelled entered-in-error unknown"),
+    ),
+    CodeRule(
+        "Device",
+        "status",
+        "device-status",
+        _codes("active inactive entered-in-error unknown"),
+    ),
+    CodeRule(
+        "Provenance",
+        "entity.role",
+        "provenance-entity-role",
+        _codes("derivation revision quotation source removal"),
+    ),
+)
+
+_SUBJECTS = _codes("Patient Group Device Location")
+_ORDERS = _codes(
+    "CarePlan ImmunizationRecommendation MedicationRequest NutritionOrder ServiceRequest"
+)
+_AGENTS = _codes("Practitioner PractitionerRole RelatedPerson Patient Device Organization")
+
+REFERENCE_RULES: tuple[ReferenceRule, ...] = (
+    ReferenceRule("DiagnosticReport", "subject", _SUBJECTS),
+    ReferenceRule("DiagnosticReport", "encounter", _codes("Encounter")),
+    ReferenceRule("DiagnosticReport", "basedOn", _ORDERS),
+    ReferenceRule(
+        "DiagnosticReport",
+        "performer",
+        _codes("Practitioner PractitionerRole Organization CareTeam"),
+    ),
+    ReferenceRule("DiagnosticReport", "result", _codes("Observation")),
+    ReferenceRule("Observation", "subject", _SUBJECTS),
+    ReferenceRule("Observation", "encounter", _codes("Encounter")),
+    ReferenceRule("Observation", "basedOn", _ORDERS | {"DeviceRequest"}),
+    ReferenceRule("Observation", "device", _codes("Device DeviceMetric")),
+    ReferenceRule(
+        "Observation",
+        "derivedFrom",
+        _codes(
+            "DocumentReference ImagingStudy Media QuestionnaireResponse Observation"
+            " MolecularSequence"
+        ),
+    ),
+    ReferenceRule("Device", "owner", _codes("Organization")),
+    ReferenceRule("Provenance", "agent.who", _AGENTS),
+    ReferenceRule("Provenance", "agent.onBehalfOf", _AGENTS - {"Device"}),
+)
+
+
+# --- walking the Bundle -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One Bundle entry's resource, with its location and the Bundle's fullUrl index."""
+
+    location: str
+    resource: JsonDict
+    types_by_url: dict[str, str]
+
+    @property
+    def resource_type(self) -> str:
+        """The entry's resourceType ('' when missing)."""
+        return str(self.resource.get("resourceType", ""))
+
+
+def _values(node: Any, path: str, location: str) -> Iterator[tuple[str, Any]]:
+    """Every value at a dotted path, with its location; lists are expanded with their index."""
+    head, _, rest = path.partition(".")
+    value = node.get(head) if isinstance(node, dict) else None
+    if isinstance(value, list):
+        items = [(f"{location}.{head}[{i}]", item) for i, item in enumerate(value)]
+    else:
+        items = [(f"{location}.{head}", value)]
+    for where, item in items:
+        if item is None:
+            continue
+        if rest:
+            yield from _values(item, rest, where)
+        else:
+            yield where, item
+
+
+def _target_type(reference: JsonDict, types_by_url: dict[str, str]) -> str | None:
+    """The resource type a Reference points at, when it can be told; None when it cannot."""
+    literal = reference.get("reference")
+    if isinstance(literal, str):
+        if literal.startswith("urn:"):
+            return types_by_url.get(literal)
+        parts = literal.split("/_history/")[0].rstrip("/").split("/")
+        if len(parts) >= 2:
+            return parts[-2]
+        return None
+    declared = reference.get("type")
+    return declared if isinstance(declared, str) else None
+
+
+# --- rules on one resource --------------------------------------------------------------------
+
+
+def _check_codes(entry: Entry) -> Iterator[str]:
+    for rule in CODE_RULES:
+        if rule.resource_type != entry.resource_type:
+            continue
+        for where, value in _values(entry.resource, rule.path, entry.location):
+            if value not in rule.codes:
+                yield f"{where}: {value!r} is not in the required value set {rule.value_set}"
+
+
+def _check_reference_targets(entry: Entry) -> Iterator[str]:
+    for rule in REFERENCE_RULES:
+        if rule.resource_type != entry.resource_type:
+            continue
+        for where, reference in _values(entry.resource, rule.path, entry.location):
+            if not isinstance(reference, dict):
+                yield f"{where}: is not a Reference"
+                continue
+            target = _target_type(reference, entry.types_by_url)
+            if target is not None and target not in rule.targets:
+                allowed = "|".join(sorted(rule.targets))
+                yield f"{where}: points at {target}, allowed are {allowed}"
+
+
+def _check_bundle_references_resolve(entry: Entry) -> Iterator[str]:
+    for where, literal in _references(entry.resource, entry.location):
+        if literal.startswith("urn:uuid:") and literal not in entry.types_by_url:
+            yield f"{where}: {literal} does not resolve to an entry of the Bundle"
+
+
+def _references(node: Any, location: str) -> Iterator[tuple[str, str]]:
+    """Every Reference.reference string anywhere under a node, with its location."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str):
+                yield f"{location}.reference", value
+            else:
+                yield from _references(value, f"{location}.{key}")
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from _references(item, f"{location}[{i}]")
+
+
+def _has_aiast(resource: JsonDict) -> bool:
+    meta = resource.get("meta")
+    security = meta.get("security", []) if isinstance(meta, dict) else []
+    return any(
+        isinstance(c, dict) and c.get("system") == V3_OBSERVATION_VALUE and c.get("code") == "AIAST"
+        for c in security
+    )
+
+
+def _check_ai_label(entry: Entry) -> Iterator[str]:
+    if entry.resource_type in {"DiagnosticReport", "Observation"} and not _has_aiast(
+        entry.resource
+    ):
+        yield f"{entry.location}.meta.security: AI output lacks the AIAST label"
+
+
+def _check_report_elements(entry: Entry) -> Iterator[str]:
+    if entry.resource_type != "DiagnosticReport":
+        return
+    report = entry.resource
+    if "effectiveDateTime" not in report and "effectivePeriod" not in report:
+        yield f"{entry.location}.effective: a report needs effective[x]"
+    for element in ("issued", "result", "conclusion"):
+        if not report.get(element):
+            yield f"{entry.location}.{element}: a report needs {element}"
+
+
+def _check_observation_value(entry: Entry) -> Iterator[str]:
+    if entry.resource_type != "Observation":
+        return
+    observation = entry.resource
+    has_value = any(key.startswith("value") for key in observation)
+    if not has_value and "dataAbsentReason" not in observation:
+        yield f"{entry.location}.value: an Observation needs value[x] or dataAbsentReason"
+
+
+def _check_interpretation_system(entry: Entry) -> Iterator[str]:
+    if entry.resource_type != "Observation":
+        return
+    for where, concept in _values(entry.resource, "interpretation", entry.location):
+        codings = concept.get("coding", []) if isinstance(concept, dict) else []
+        if not any(isinstance(c, dict) and c.get("system") == V3_INTERPRETATION for c in codings):
+            yield f"{where}.coding: no coding from {V3_INTERPRETATION}"
+
+
+ResourceRule = Callable[[Entry], Iterator[str]]
+
+RESOURCE_RULES: tuple[ResourceRule, ...] = (
+    _check_codes,
+    _check_reference_targets,
+    _check_bundle_references_resolve,
+    _check_ai_label,
+    _check_report_elements,
+    _check_observation_value,
+    _check_interpretation_system,
+)
+
+
+# --- rules on the whole Bundle ----------------------------------------------------------------
+
+
+def _check_bundle_type(bundle: JsonDict) -> Iterator[str]:
+    rule = BUNDLE_TYPE_RULE
+    value = bundle.get(rule.path)
+    if value not in rule.codes:
+        yield f"Bundle.type: {value!r} is not in the required value set {rule.value_set}"
+
+
+def _check_contents(entries: list[Entry]) -> Iterator[str]:
+    types = [e.resource_type for e in entries]
+    reports = types.count("DiagnosticReport")
+    if reports != 1:
+        yield f"Bundle.entry: a report Bundle holds one DiagnosticReport, found {reports}"
+    if "Provenance" not in types:
+        yield "Bundle.entry: a report Bundle needs a Provenance of the AI output"
+
+
+def check_report_bundle(bundle: dict[str, Any]) -> list[str]:
+    """Problems of a report Bundle that fhir.resources does not find; empty when conformant."""
+    if bundle.get("resourceType") != "Bundle":
+        return [f"Bundle.resourceType: expected 'Bundle', got {bundle.get('resourceType')!r}"]
+    problems = list(_check_bundle_type(bundle))
+    raw_entries = bundle.get("entry") or []
+    types_by_url: dict[str, str] = {}
+    for i, raw in enumerate(raw_entries):
+        url = raw.get("fullUrl") if isinstance(raw, dict) else None
+        if isinstance(url, str) and url in types_by_url:
+            problems.append(f"Bundle.entry[{i}].fullUrl: {url} is used by another entry")
+        resource = raw.get("resource") if isinstance(raw, dict) else None
+        if isinstance(url, str) and isinstance(resource, dict):
+            types_by_url[url] = str(resource.get("resourceType", ""))
+    entries: list[Entry] = []
+    for i, raw in enumerate(raw_entries):
+        resource = raw.get("resource") if isinstance(raw, dict) else None
+        if not isinstance(resource, dict):
+            problems.append(f"Bundle.entry[{i}].resource: missing")
+            continue
+        kind = resource.get("resourceType")
+        location = f"Bundle.entry[{i}].resource.ofType({kind})"
+        entries.append(Entry(location, resource, types_by_url))
+    problems.extend(_check_contents(entries))
+    for entry in entries:
+        for rule in RESOURCE_RULES:
+            problems.extend(rule(entry))
+    return problems

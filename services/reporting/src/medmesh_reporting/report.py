@@ -1,0 +1,453 @@
+"""Build the FHIR R4B report for one completed inference: pure, no I/O (BRIEF.md section 5).
+
+``build_report`` turns an ``InferenceCompleted`` event and the model's spec into a Bundle of type
+``collection`` holding, in order: the DiagnosticReport, the result Observation, the Device that
+stands for the AI model version, and a Provenance naming that Device as the author.
+
+Every id is derived from the correlation id (uuid5), and every value from the event, the spec and
+``issued``, so a redelivered result (with the same ``issued``) yields a byte-identical report.
+
+R4B does not let DiagnosticReport.performer be a Device: the model is recorded as a Device that
+Observation.device and Provenance.agent.who point at, and the AI output is labelled with the
+``AIAST`` security label (AI Transparency on FHIR).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.device import Device
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.observation import Observation
+from fhir.resources.R4B.provenance import Provenance
+from pydantic import ValidationError
+
+from medmesh_contracts.events import InferenceCompleted, RequestInference
+from medmesh_contracts.modelspec import UCUM, BandSpec, Coding, ModelSpec, VersionSpec
+
+JsonDict = dict[str, Any]
+
+REPORT_IDENTIFIER_SYSTEM = "https://medmesh.dev/fhir/sid/report"
+MODEL_IDENTIFIER_SYSTEM = "https://medmesh.dev/fhir/sid/model"
+MODEL_TAG_SYSTEM = "https://medmesh.dev/fhir/CodeSystem/model"
+MODEL_VERSION_TAG_SYSTEM = "https://medmesh.dev/fhir/CodeSystem/model-version"
+V3_OBSERVATION_VALUE = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
+V3_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+PROVENANCE_PARTICIPANT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+V3_DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
+
+AIAST: JsonDict = {
+    "system": V3_OBSERVATION_VALUE,
+    "code": "AIAST",
+    "display": "Artificial Intelligence asserted",
+}
+
+# Fixed namespace of every report id; changing it changes every id ever issued.
+ID_NAMESPACE = uuid.UUID("8f5b6a0e-3c1d-5b7e-9a42-6d0c1e2f7a31")
+
+# Displays of the v3 ObservationInterpretation codes a band may name.
+_INTERPRETATION_DISPLAY = {
+    "N": "Normal",
+    "A": "Abnormal",
+    "AA": "Critical abnormal",
+    "H": "High",
+    "HH": "Critical high",
+    "L": "Low",
+    "LL": "Critical low",
+}
+
+_RESOURCE_MODELS: dict[str, Any] = {
+    "DiagnosticReport": DiagnosticReport,
+    "Observation": Observation,
+    "Device": Device,
+    "Provenance": Provenance,
+}
+
+
+class ReportBuildError(ValueError):
+    """The completed inference cannot become a valid report; the message says why."""
+
+
+@dataclass(frozen=True)
+class ReportIds:
+    """The ids of one report's resources, all derived from its correlation id."""
+
+    bundle: str
+    report: str
+    observation: str
+    device: str
+    provenance: str
+
+    @staticmethod
+    def url(resource_id: str) -> str:
+        """The Bundle fullUrl (and in-Bundle reference) of a resource id."""
+        return f"urn:uuid:{resource_id}"
+
+
+def report_ids(correlation_id: str) -> ReportIds:
+    """The deterministic resource ids of the report for one correlation id."""
+
+    def derive(suffix: str) -> str:
+        return str(uuid.uuid5(ID_NAMESPACE, f"{correlation_id}/{suffix}"))
+
+    return ReportIds(
+        bundle=derive("Bundle"),
+        report=derive("DiagnosticReport"),
+        observation=derive("Observation"),
+        device=derive("Device"),
+        provenance=derive("Provenance"),
+    )
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """The model's output tensors for one request, read against its spec."""
+
+    version: VersionSpec
+    score: float | int
+    band: BandSpec
+    contributions: tuple[float, ...]
+
+
+def read_result(completed: InferenceCompleted, spec: ModelSpec) -> ModelResult:
+    """Read the version's score, band and contributions; ReportBuildError when they do not fit."""
+    version = _version_spec(completed, spec)
+    score = _first(completed, spec.triton.score_tensor)
+    band_value = _first(completed, spec.triton.band_tensor)
+    if not band_value.is_integer():
+        raise ReportBuildError(f"{spec.triton.band_tensor} {band_value} is not a band index")
+    try:
+        band = spec.band(int(band_value))
+    except KeyError as exc:
+        raise ReportBuildError(
+            f"{spec.triton.band_tensor} {int(band_value)} is not a band of model {spec.name!r}"
+        ) from exc
+    contributions = _tensor(completed, spec.triton.contributions_tensor)
+    if len(contributions) != len(spec.inputs):
+        raise ReportBuildError(
+            f"{spec.triton.contributions_tensor} has {len(contributions)} values,"
+            f" model {spec.name!r} has {len(spec.inputs)} inputs"
+        )
+    if version.score_is_integer:
+        if not score.is_integer():
+            raise ReportBuildError(f"{spec.triton.score_tensor} {score} is not an integer score")
+        return ModelResult(version, int(score), band, contributions)
+    return ModelResult(version, score, band, contributions)
+
+
+def build_report(
+    completed: InferenceCompleted,
+    spec: ModelSpec,
+    *,
+    performer_display: str | None = None,
+    issued: datetime,
+) -> JsonDict:
+    """The validated R4B collection Bundle reporting one completed inference.
+
+    Raises ReportBuildError when the event does not fit the spec or the result is not valid FHIR.
+    """
+    parts = _Parts(
+        completed=completed,
+        spec=spec,
+        result=read_result(completed, spec),
+        ids=report_ids(completed.correlation_id),
+        issued_at=_instant(issued, "issued"),
+    )
+    resources = [
+        _diagnostic_report(parts, performer_display),
+        _observation(parts),
+        _device(parts),
+        _provenance(parts),
+    ]
+    bundle: JsonDict = {
+        "resourceType": "Bundle",
+        "id": parts.ids.bundle,
+        "identifier": {"system": REPORT_IDENTIFIER_SYSTEM, "value": completed.correlation_id},
+        "type": "collection",
+        "timestamp": parts.issued_at,
+        "entry": [{"fullUrl": ReportIds.url(r["id"]), "resource": r} for r in resources],
+    }
+    _validate(bundle)
+    return bundle
+
+
+# --- resources --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """Everything one report is built from."""
+
+    completed: InferenceCompleted
+    spec: ModelSpec
+    result: ModelResult
+    ids: ReportIds
+    issued_at: str
+
+    @property
+    def version(self) -> VersionSpec:
+        return self.result.version
+
+    @property
+    def request(self) -> RequestInference:
+        return self.completed.task.request
+
+    @property
+    def effective_at(self) -> str:
+        return _instant(self.request.effective_at, "effective_at")
+
+    @property
+    def model_label(self) -> str:
+        """``deterioration v1``: the model version, as people read it."""
+        return f"{self.spec.name} v{self.version.version}"
+
+
+def _diagnostic_report(parts: _Parts, performer_display: str | None) -> JsonDict:
+    request, ids = parts.request, parts.ids
+    report: JsonDict = {
+        "resourceType": "DiagnosticReport",
+        "id": ids.report,
+        "meta": _ai_meta(parts),
+        "identifier": [
+            {"system": REPORT_IDENTIFIER_SYSTEM, "value": parts.completed.correlation_id},
+        ],
+    }
+    if request.based_on_reference:
+        report["basedOn"] = [{"reference": request.based_on_reference}]
+    report |= {
+        "status": "final",
+        "category": [{"coding": [_coding(parts.spec.report.category)]}],
+        "code": {"coding": [_coding(parts.spec.report.code)]},
+        "subject": {"reference": request.subject_reference},
+    }
+    if request.encounter_reference:
+        report["encounter"] = {"reference": request.encounter_reference}
+    report |= {"effectiveDateTime": parts.effective_at, "issued": parts.issued_at}
+    if performer_display:
+        # Display only: R4B forbids a Device here, and the Organization has no resource of ours.
+        report["performer"] = [{"type": "Organization", "display": performer_display}]
+    report |= {
+        "result": [{"reference": ids.url(ids.observation)}],
+        "conclusion": _conclusion(parts),
+    }
+    return report
+
+
+def _conclusion(parts: _Parts) -> str:
+    """One line a clinician reads: score, band and the model version that produced them."""
+    version, result = parts.version, parts.result
+    label = version.score.display or version.score.code
+    unit = "" if version.score_unit.startswith("{") else f" {version.score_unit}"
+    score = str(result.score) if isinstance(result.score, int) else f"{result.score:.1f}"
+    return f"{label} {score}{unit}: {result.band.display} (model {parts.model_label})"
+
+
+def _observation(parts: _Parts) -> JsonDict:
+    request, version, ids = parts.request, parts.version, parts.ids
+    observation: JsonDict = {
+        "resourceType": "Observation",
+        "id": ids.observation,
+        "meta": _ai_meta(parts),
+    }
+    if request.based_on_reference:
+        observation["basedOn"] = [{"reference": request.based_on_reference}]
+    observation |= {
+        "status": "final",
+        "category": [
+            {"coding": [{"system": OBSERVATION_CATEGORY, "code": "survey", "display": "Survey"}]}
+        ],
+        "code": {
+            "coding": [_coding(c) for c in (version.score, *version.extra_score_codings)],
+        },
+        "subject": {"reference": request.subject_reference},
+    }
+    if request.encounter_reference:
+        observation["encounter"] = {"reference": request.encounter_reference}
+    observation |= {
+        "effectiveDateTime": parts.effective_at,
+        "issued": parts.issued_at,
+        **_value(version, parts.result.score),
+        "interpretation": [_interpretation(parts.spec, parts.result.band)],
+        "method": {"text": version.algorithm},
+        "device": {"reference": ids.url(ids.device)},
+    }
+    derived_from = _source_references(request)
+    if derived_from:
+        observation["derivedFrom"] = [{"reference": r} for r in derived_from]
+    observation["component"] = [
+        {
+            "code": {
+                "coding": [_coding(item.sources[0].code)],
+                "text": f"Contribution of {item.display}",
+            },
+            "valueQuantity": _quantity(value, "{score}"),
+        }
+        for item, value in zip(parts.spec.inputs, parts.result.contributions, strict=True)
+    ]
+    return observation
+
+
+def _device(parts: _Parts) -> JsonDict:
+    spec, version, ids = parts.spec, parts.version, parts.ids
+    return {
+        "resourceType": "Device",
+        "id": ids.device,
+        "identifier": [
+            {"system": MODEL_IDENTIFIER_SYSTEM, "value": f"{spec.name}/v{version.version}"},
+        ],
+        "status": "active",
+        "manufacturer": "medmesh",
+        "deviceName": [
+            {"name": spec.name, "type": "model-name"},
+            {"name": spec.display, "type": "user-friendly-name"},
+        ],
+        "modelNumber": spec.name,
+        "type": {"text": "AI model"},
+        "version": [
+            {"type": {"text": "model version"}, "value": str(version.version)},
+            {"type": {"text": "Triton model version"}, "value": str(version.triton_version)},
+        ],
+        "owner": {"type": "Organization", "display": spec.owner},
+        "note": [{"text": version.algorithm}],
+    }
+
+
+def _provenance(parts: _Parts) -> JsonDict:
+    ids = parts.ids
+    provenance: JsonDict = {
+        "resourceType": "Provenance",
+        "id": ids.provenance,
+        "target": [
+            {"reference": ids.url(ids.report)},
+            {"reference": ids.url(ids.observation)},
+        ],
+        "occurredDateTime": _instant(parts.completed.completed_at, "completed_at"),
+        "recorded": parts.issued_at,
+        "activity": {
+            "coding": [{"system": V3_DATA_OPERATION, "code": "CREATE", "display": "create"}]
+        },
+        "agent": [
+            {
+                "type": {
+                    "coding": [
+                        {
+                            "system": PROVENANCE_PARTICIPANT_TYPE,
+                            "code": "author",
+                            "display": "Author",
+                        }
+                    ]
+                },
+                "who": {"reference": ids.url(ids.device), "display": parts.model_label},
+            }
+        ],
+    }
+    sources = _source_references(parts.request)
+    if sources:
+        provenance["entity"] = [{"role": "source", "what": {"reference": r}} for r in sources]
+    return provenance
+
+
+# --- parts ------------------------------------------------------------------------------------
+
+
+def _ai_meta(parts: _Parts) -> JsonDict:
+    spec, version = parts.spec, parts.version
+    return {
+        "security": [dict(AIAST)],
+        "tag": [
+            {"system": MODEL_TAG_SYSTEM, "code": spec.name, "display": spec.display},
+            {
+                "system": MODEL_VERSION_TAG_SYSTEM,
+                "code": f"{spec.name}/v{version.version}",
+                "display": version.algorithm,
+            },
+        ],
+    }
+
+
+def _value(version: VersionSpec, score: float | int) -> JsonDict:
+    if version.score_is_integer:
+        return {"valueInteger": score}
+    return {"valueQuantity": _quantity(score, version.score_unit)}
+
+
+def _quantity(value: float | int, ucum_code: str) -> JsonDict:
+    return {"value": value, "unit": ucum_code, "system": UCUM, "code": ucum_code}
+
+
+def _interpretation(spec: ModelSpec, band: BandSpec) -> JsonDict:
+    v3: JsonDict = {"system": V3_INTERPRETATION, "code": band.interpretation}
+    display = _INTERPRETATION_DISPLAY.get(band.interpretation)
+    if display:
+        v3["display"] = display
+    return {
+        "coding": [
+            v3,
+            {"system": spec.report.band_system, "code": band.code, "display": band.display},
+        ],
+        "text": band.display,
+    }
+
+
+def _coding(coding: Coding) -> JsonDict:
+    out: JsonDict = {"system": coding.system, "code": coding.code}
+    if coding.display:
+        out["display"] = coding.display
+    return out
+
+
+def _source_references(request: RequestInference) -> list[str]:
+    """The distinct source references of the request's inputs, in input order."""
+    refs = (i.source_reference for i in request.inputs if i.source_reference)
+    return list(dict.fromkeys(refs))
+
+
+def _instant(moment: datetime, what: str) -> str:
+    """An aware datetime as a FHIR instant in UTC (``...Z``); ReportBuildError when naive."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ReportBuildError(f"{what} must be timezone-aware, got {moment.isoformat()}")
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _version_spec(completed: InferenceCompleted, spec: ModelSpec) -> VersionSpec:
+    model = completed.task.request.model
+    if model != spec.name:
+        raise ReportBuildError(f"result of model {model!r} given the spec of {spec.name!r}")
+    try:
+        return spec.version(completed.task.model_version)
+    except KeyError as exc:
+        raise ReportBuildError(str(exc.args[0])) from exc
+
+
+def _tensor(completed: InferenceCompleted, name: str) -> tuple[float, ...]:
+    try:
+        values = completed.outputs[name]
+    except KeyError as exc:
+        raise ReportBuildError(f"output tensor {name} is missing") from exc
+    if not all(math.isfinite(v) for v in values):
+        raise ReportBuildError(f"output tensor {name} holds a value that is not finite")
+    return values
+
+
+def _first(completed: InferenceCompleted, name: str) -> float:
+    values = _tensor(completed, name)
+    if not values:
+        raise ReportBuildError(f"output tensor {name} is empty")
+    return float(values[0])
+
+
+def _validate(bundle: JsonDict) -> None:
+    """Validate each resource with its R4B model, then the whole Bundle."""
+    try:
+        for entry in bundle["entry"]:
+            resource = entry["resource"]
+            _RESOURCE_MODELS[resource["resourceType"]].model_validate(resource)
+        Bundle.model_validate(bundle)
+    except ValidationError as exc:
+        raise ReportBuildError(f"the report is not valid FHIR R4B: {exc}") from exc

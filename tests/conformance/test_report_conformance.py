@@ -1,0 +1,151 @@
+"""Reports conform to the FHIR rules medmesh holds itself to, beyond what fhir.resources checks."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+
+from medmesh_contracts.modelspec import load_spec
+from medmesh_reporting.conformance import check_report_bundle
+from medmesh_reporting.report import build_report
+from tests.factories import make_completed, make_request, make_task
+
+ROOT = Path(__file__).resolve().parents[2]
+ISSUED = datetime(2026, 11, 23, 8, 31, tzinfo=UTC)
+
+JsonDict = dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def report() -> JsonDict:
+    """A v1 report with every optional part (encounter, order, performer) present."""
+    spec = load_spec(ROOT / "deploy" / "models" / "deterioration.yaml")
+    request = make_request(
+        encounter_reference="Encounter/enc-1", based_on_reference="ServiceRequest/sr-1"
+    )
+    completed = make_completed(make_task(request))
+    return build_report(completed, spec, performer_display="medmesh", issued=ISSUED)
+
+
+def entry(bundle: JsonDict, kind: str) -> JsonDict:
+    """The first resource of a kind in a Bundle."""
+    return next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == kind)
+
+
+def bad_report_status(bundle: JsonDict) -> None:
+    """DiagnosticReport.status outside its required value set."""
+    entry(bundle, "DiagnosticReport")["status"] = "bogus"
+
+
+def subject_is_an_observation(bundle: JsonDict) -> None:
+    """DiagnosticReport.subject pointing at an Observation."""
+    entry(bundle, "DiagnosticReport")["subject"] = {"reference": "Observation/obs-hr-1"}
+
+
+def dangling_result(bundle: JsonDict) -> None:
+    """DiagnosticReport.result naming a urn:uuid that is not in the Bundle."""
+    entry(bundle, "DiagnosticReport")["result"] = [
+        {"reference": "urn:uuid:00000000-0000-5000-8000-000000000000"}
+    ]
+
+
+def no_ai_label(bundle: JsonDict) -> None:
+    """The Observation without its AIAST security label."""
+    del entry(bundle, "Observation")["meta"]["security"]
+
+
+def result_is_the_device(bundle: JsonDict) -> None:
+    """DiagnosticReport.result pointing at the Device entry."""
+    device = next(e for e in bundle["entry"] if e["resource"]["resourceType"] == "Device")
+    entry(bundle, "DiagnosticReport")["result"] = [{"reference": device["fullUrl"]}]
+
+
+def no_provenance(bundle: JsonDict) -> None:
+    """The Provenance entry removed (its targets stay valid)."""
+    bundle["entry"] = [e for e in bundle["entry"] if e["resource"]["resourceType"] != "Provenance"]
+
+
+def no_issued(bundle: JsonDict) -> None:
+    """DiagnosticReport without issued."""
+    del entry(bundle, "DiagnosticReport")["issued"]
+
+
+def no_value(bundle: JsonDict) -> None:
+    """Observation with neither value[x] nor dataAbsentReason."""
+    del entry(bundle, "Observation")["valueInteger"]
+
+
+def interpretation_without_v3(bundle: JsonDict) -> None:
+    """Observation.interpretation carrying only the model's own band coding."""
+    interpretation = entry(bundle, "Observation")["interpretation"][0]
+    interpretation["coding"] = interpretation["coding"][1:]
+
+
+def bad_bundle_type(bundle: JsonDict) -> None:
+    """Bundle.type outside its required value set."""
+    bundle["type"] = "pile"
+
+
+BREAKAGES: list[tuple[Callable[[JsonDict], None], str]] = [
+    (bad_report_status, "Bundle.entry[0].resource.ofType(DiagnosticReport).status"),
+    (subject_is_an_observation, "Bundle.entry[0].resource.ofType(DiagnosticReport).subject"),
+    (dangling_result, "Bundle.entry[0].resource.ofType(DiagnosticReport).result[0].reference"),
+    (no_ai_label, "Bundle.entry[1].resource.ofType(Observation).meta.security"),
+    (result_is_the_device, "Bundle.entry[0].resource.ofType(DiagnosticReport).result[0]"),
+    (no_provenance, "Bundle.entry"),
+    (no_issued, "Bundle.entry[0].resource.ofType(DiagnosticReport).issued"),
+    (no_value, "Bundle.entry[1].resource.ofType(Observation).value"),
+    (interpretation_without_v3, "Bundle.entry[1].resource.ofType(Observation).interpretation"),
+    (bad_bundle_type, "Bundle.type"),
+]
+
+
+def test_built_report_conforms(report: JsonDict) -> None:
+    """A report from the builder, with every optional part, has no conformance problem."""
+    assert check_report_bundle(report) == []
+
+
+@pytest.mark.parametrize(
+    ("breakage", "location"),
+    [pytest.param(b, loc, id=b.__name__) for b, loc in BREAKAGES],
+)
+def test_broken_copy_is_flagged_at_its_location(
+    report: JsonDict, breakage: Callable[[JsonDict], None], location: str
+) -> None:
+    """Each deliberately broken copy of a good report yields exactly one problem, located."""
+    broken = copy.deepcopy(report)
+    breakage(broken)
+
+    problems = check_report_bundle(broken)
+
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(location), problems
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [bad_report_status, subject_is_an_observation, dangling_result, no_ai_label],
+    ids=lambda b: b.__name__,
+)
+def test_fhir_resources_accepts_what_our_checks_flag(
+    report: JsonDict, breakage: Callable[[JsonDict], None]
+) -> None:
+    """fhir.resources validates these broken copies, which is why our own checks exist."""
+    broken = copy.deepcopy(report)
+    breakage(broken)
+
+    Bundle.model_validate(broken)
+    assert check_report_bundle(broken) != []
+
+
+def test_junk_is_reported_not_raised() -> None:
+    """A dict that is not a Bundle yields a problem instead of an exception."""
+    assert check_report_bundle({"resourceType": "Observation"}) == [
+        "Bundle.resourceType: expected 'Bundle', got 'Observation'"
+    ]

@@ -1,0 +1,137 @@
+"""Scoring batches: fan-out of results, retries of transient errors, splitting around poison."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from medmesh_contracts.events import (
+    InferenceCompleted,
+    InferenceFailed,
+    ModelInput,
+    Producer,
+    RunInference,
+)
+from medmesh_contracts.modelspec import load_spec
+from medmesh_inference.batching import RetryPolicy, WorkerIdentity, score_tasks
+from medmesh_inference.triton import TritonCallError
+from tests.factories import make_request, make_task
+
+SPEC = load_spec(Path(__file__).resolve().parents[2] / "deploy" / "models" / "deterioration.yaml")
+IDENTITY = WorkerIdentity(
+    Producer(service="inference", instance="t"), "deterioration", "1", "KIND_CPU"
+)
+NO_WAIT = RetryPolicy(max_attempts=3, initial_backoff_s=0.0)
+POISON_HEART_RATE = 999.0
+
+
+def _now() -> datetime:
+    return datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
+def _task(correlation_id: str, heart_rate: float = 80.0) -> RunInference:
+    request = make_request(correlation_id=correlation_id)
+    inputs = tuple(
+        i.model_copy(update={"value": heart_rate}) if i.name == "heart_rate" else i
+        for i in request.inputs
+    )
+    return make_task(request=request.model_copy(update={"inputs": inputs}))
+
+
+class FakeTriton:
+    """Scores a batch as 'heart rate x 2' and can fail in scripted ways."""
+
+    def __init__(self, transient_failures: int = 0) -> None:
+        self.transient_failures = transient_failures
+        self.batch_sizes: list[int] = []
+
+    async def infer(self, batch: npt.NDArray[np.float32]) -> Mapping[str, npt.NDArray[np.generic]]:
+        self.batch_sizes.append(batch.shape[0])
+        if self.transient_failures:
+            self.transient_failures -= 1
+            raise TritonCallError("StatusCode.UNAVAILABLE: restarting", transient=True)
+        if (batch[:, 5] == POISON_HEART_RATE).any():
+            raise TritonCallError("StatusCode.INVALID_ARGUMENT: bad row", transient=False)
+        n = batch.shape[0]
+        return {
+            "SCORE": (batch[:, 5:6] * 2).astype(np.float32),
+            "RISK_BAND": np.zeros((n, 1), dtype=np.int32),
+            "CONTRIBUTIONS": np.zeros((n, 7), dtype=np.float32),
+        }
+
+
+async def test_one_result_per_task_in_order_from_one_call() -> None:
+    """A batch of three becomes one Triton call and three results, each with its own score."""
+    triton = FakeTriton()
+    tasks = [_task("a", 60), _task("b", 70), _task("c", 80)]
+    outcomes = await score_tasks(tasks, SPEC, triton.infer, IDENTITY, NO_WAIT, _now)
+    assert triton.batch_sizes == [3]
+    assert [o.correlation_id for o in outcomes] == ["a", "b", "c"]
+    assert all(isinstance(o, InferenceCompleted) for o in outcomes)
+    assert [o.outputs["SCORE"] for o in outcomes if isinstance(o, InferenceCompleted)] == [
+        (120.0,),
+        (140.0,),
+        (160.0,),
+    ]
+
+
+async def test_transient_errors_are_retried_then_succeed() -> None:
+    """Two UNAVAILABLE answers are retried; the third attempt's results are published."""
+    triton = FakeTriton(transient_failures=2)
+    outcomes = await score_tasks([_task("a")], SPEC, triton.infer, IDENTITY, NO_WAIT, _now)
+    assert len(triton.batch_sizes) == 3
+    assert isinstance(outcomes[0], InferenceCompleted)
+
+
+async def test_retries_exhausted_fail_every_task_with_the_reason() -> None:
+    """After max_attempts transient errors, each task fails as retries-exhausted."""
+    triton = FakeTriton(transient_failures=10)
+    outcomes = await score_tasks(
+        [_task("a"), _task("b")], SPEC, triton.infer, IDENTITY, NO_WAIT, _now
+    )
+    assert all(
+        isinstance(o, InferenceFailed) and o.error_kind == "retries-exhausted" for o in outcomes
+    )
+    assert all(isinstance(o, InferenceFailed) and "UNAVAILABLE" in o.reason for o in outcomes)
+
+
+async def test_a_poison_row_fails_alone_and_its_neighbours_succeed() -> None:
+    """A batch with one bad row is split until the bad row fails alone."""
+    triton = FakeTriton()
+    tasks = [_task("a"), _task("b"), _task("bad", POISON_HEART_RATE), _task("d")]
+    outcomes = await score_tasks(tasks, SPEC, triton.infer, IDENTITY, NO_WAIT, _now)
+    kinds = {o.correlation_id: type(o).__name__ for o in outcomes}
+    assert kinds == {
+        "a": "InferenceCompleted",
+        "b": "InferenceCompleted",
+        "bad": "InferenceFailed",
+        "d": "InferenceCompleted",
+    }
+
+
+async def test_inputs_in_the_wrong_unit_fail_without_calling_triton() -> None:
+    """A task whose heart rate is not in /min is failed as invalid-input before any call."""
+    triton = FakeTriton()
+    task = _task("a")
+    wrong_unit = tuple(
+        ModelInput(name=i.name, value=i.value, unit="Hz") if i.name == "heart_rate" else i
+        for i in task.request.inputs
+    )
+    task = task.model_copy(
+        update={"request": task.request.model_copy(update={"inputs": wrong_unit})}
+    )
+    outcomes = await score_tasks([task], SPEC, triton.infer, IDENTITY, NO_WAIT, _now)
+    assert triton.batch_sizes == []
+    assert isinstance(outcomes[0], InferenceFailed)
+    assert outcomes[0].error_kind == "invalid-input"
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    """Backoff ceilings double per attempt and never exceed the cap."""
+    policy = RetryPolicy(max_attempts=10, initial_backoff_s=0.1, max_backoff_s=1.0)
+    assert all(0 <= policy.backoff(1) <= 0.1 for _ in range(50))
+    assert all(0 <= policy.backoff(8) <= 1.0 for _ in range(50))
