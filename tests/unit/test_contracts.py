@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -14,6 +15,7 @@ from medmesh_contracts.events import (
     schema_of,
     to_wire,
 )
+from medmesh_contracts.schemas import event_schemas, render
 from medmesh_contracts.topics import STATIC_TOPICS, model_task_topic
 from tests.factories import make_completed, make_request
 
@@ -70,3 +72,11 @@ def test_static_topics_are_unique_and_namespaced() -> None:
     names = [t.name for t in STATIC_TOPICS]
     assert len(names) == len(set(names))
     assert all(n.startswith("medmesh.") for n in names)
+
+
+def test_committed_json_schemas_match_the_models() -> None:
+    """contracts/schemas holds exactly the JSON Schema the models generate (no drift)."""
+    directory = Path(__file__).resolve().parents[2] / "contracts" / "schemas"
+    expected = {name: render(schema) for name, schema in event_schemas().items()}
+    committed = {p.name: p.read_text() for p in directory.glob("*.schema.json")}
+    assert committed == expected, "run: python -m medmesh_contracts.schemas contracts/schemas"

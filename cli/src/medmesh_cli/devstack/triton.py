@@ -40,7 +40,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-DEFAULT_BACKEND_CACHE = Path.home() / ".cache" / "medmesh" / "triton-backends"
+from medmesh_cli.devstack.paths import cache_dir as medmesh_cache_dir
+
 DEFAULT_STARTUP_TIMEOUT_S = 120.0
 DEFAULT_STOP_GRACE_S = 15.0
 LOG_TAIL_LINES = 60
@@ -90,7 +91,7 @@ def prepare_backend_directory(cache_dir: Path | None = None) -> Path:
     ``<cache_dir>/pytriton-<version>-py<major.minor>/python``. Reused when already complete;
     assembled in a temporary folder and renamed into place, so concurrent callers are safe.
     """
-    cache = (cache_dir or DEFAULT_BACKEND_CACHE).expanduser()
+    cache = (cache_dir or medmesh_cache_dir() / "triton-backends").expanduser()
     server = pytriton_directory() / "tritonserver"
     stub = server / "python_backend_stubs" / _python_tag() / "triton_python_backend_stub"
     if not stub.is_file():

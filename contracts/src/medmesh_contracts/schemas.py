@@ -1,0 +1,49 @@
+"""JSON Schema of every wire event, as committed under contracts/schemas/ for non-Python peers.
+
+``python -m medmesh_contracts.schemas DIR`` writes them; a unit test fails when the committed
+files and the models disagree, so the published contract never drifts from the code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from medmesh_contracts.events import ALL_EVENTS, schema_of
+
+
+def file_name(schema_id: str) -> str:
+    """``medmesh.RunInference/1`` -> ``medmesh.RunInference.v1.schema.json``."""
+    name, version = schema_id.split("/")
+    return f"{name}.v{version}.schema.json"
+
+
+def event_schemas() -> dict[str, dict[str, Any]]:
+    """File name -> JSON Schema (wire field names) for every event."""
+    schemas: dict[str, dict[str, Any]] = {}
+    for event in ALL_EVENTS:
+        schema_id = schema_of(event)
+        schema = event.model_json_schema(by_alias=True, mode="serialization")
+        schema["$id"] = f"https://medmesh.dev/schemas/{file_name(schema_id)}"
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        schemas[file_name(schema_id)] = schema
+    return schemas
+
+
+def render(schema: dict[str, Any]) -> str:
+    """The committed text of a schema file."""
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def main() -> None:
+    """Write every schema into the directory given as the only argument."""
+    target = Path(sys.argv[1])
+    target.mkdir(parents=True, exist_ok=True)
+    for name, schema in event_schemas().items():
+        (target / name).write_text(render(schema))
+
+
+if __name__ == "__main__":
+    main()
