@@ -13,7 +13,6 @@ import httpx
 import typer
 from aiokafka import AIOKafkaConsumer
 from rich.console import Console
-from rich.table import Table
 
 from medmesh_cli.devstack.paths import repo_root, run_dir
 from medmesh_cli.devstack.stack import Stack, StackConfig
@@ -59,25 +58,47 @@ def up(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGHUP, request_stop)
+    failed = False
     try:
-        asyncio.run(_serve(config, demo))
+        asyncio.run(_serve(stack, demo))
     except KeyboardInterrupt:
         console.print("[bold]medmesh[/] stopping ...")
+    except ProcessExitedError as exc:
+        console.print(f"[bold red]medmesh: {exc}[/]")
+        failed = True
     finally:
         stack.stop()
         pid_file.unlink(missing_ok=True)
         console.print("[bold]medmesh[/] stopped")
+    if failed:
+        raise typer.Exit(1)
 
 
-async def _serve(config: StackConfig, demo: bool) -> None:
+class ProcessExitedError(RuntimeError):
+    """A process of the stack exited while the stack was up."""
+
+
+async def _serve(stack: Stack, demo: bool) -> None:
+    config = stack.config
     watcher = asyncio.create_task(_watch_reports(config.bootstrap))
     if demo:
         await asyncio.sleep(1.0)  # let the report consumer join before the first report lands
         await _send_files(config.ingest_url, sample_events())
+    while not watcher.done():
+        dead = stack.exited()
+        if dead:
+            watcher.cancel()
+            raise ProcessExitedError(
+                f"{', '.join(dead)} exited; stopping the stack (logs in {config.state_dir})"
+            )
+        await asyncio.sleep(1.0)
     await watcher
 
 
 SENT_AT: dict[str, float] = {}
+REPORT_COLUMNS = ("patient", "model", "version", "score", "band", "end-to-end")
+REPORT_ROW = "{:<16} {:<14} {:<7} {:<12} {:<11} {:>10}"
 
 
 async def _send_files(ingest_url: str, files: list[Path]) -> None:
@@ -106,6 +127,7 @@ async def _watch_reports(bootstrap: str) -> None:
         isolation_level="read_committed",
     )
     await consumer.start()
+    console.print(f"[bold magenta]       {REPORT_ROW.format(*REPORT_COLUMNS)}[/]", highlight=False)
     try:
         async for record in consumer:
             arrived = time.perf_counter()
@@ -113,27 +135,15 @@ async def _watch_reports(bootstrap: str) -> None:
             report = summarize(record.key, record.value or b"", headers)
             sent = SENT_AT.pop(report.correlation_id, None)
             latency = f"{(arrived - sent) * 1000:.0f} ms" if sent is not None else "-"
-            table = Table(show_header=True, header_style="bold magenta", box=None)
-            for column in (
-                "report",
-                "patient pseudonym",
-                "model",
-                "version",
-                "score",
-                "band",
-                "end-to-end",
-            ):
-                table.add_column(column)
-            table.add_row(
-                "DiagnosticReport",
-                report.patient_pseudonym,
+            row = REPORT_ROW.format(
+                report.patient_pseudonym[:15],
                 report.model,
-                report.model_version,
+                f"v{report.model_version}",
                 f"{report.score} {report.score_unit}",
                 report.band,
                 latency,
             )
-            console.print(table)
+            console.print(f"[bold]report[/] {row}", highlight=False)
     finally:
         await consumer.stop()
 

@@ -3,6 +3,7 @@ optionally echoed with a prefix, and stopped with SIGTERM then SIGKILL."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -50,6 +51,7 @@ class ManagedProcess:
             env=self.env,
             cwd=self.cwd,
             start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 -- only prctl, safe between fork and exec
         )
         self._pump = threading.Thread(
             target=self._copy_output, name=f"log-{self.name}", daemon=True
@@ -102,6 +104,14 @@ class ManagedProcess:
             self._proc.wait(timeout=grace_s)
         if self._pump is not None:
             self._pump.join(timeout=2)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this child when the process that started it dies (even by kill -9),
+    so no broker or service outlives `medmesh up` or a crashed test session."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _echo(name: str, line: bytes, out: IO[str]) -> None:

@@ -256,6 +256,15 @@ class Stack:
         thread.start()
         self._tailers.append(thread)
 
+    def exited(self) -> list[str]:
+        """Names of the stack's processes that have exited on their own."""
+        dead = [name for name, process in self.services.items() if not process.running()]
+        if not self.kafka.process.running():
+            dead.append("kafka")
+        if not self.triton.is_running():
+            dead.append("triton")
+        return dead
+
     def stop(self) -> None:
         """Stop services first (they flush to Kafka), then Triton, then Kafka."""
         self._stopping.set()
