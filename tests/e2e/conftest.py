@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -22,17 +23,25 @@ from medmesh_cli.devstack.paths import run_dir
 from medmesh_cli.devstack.stack import Stack, StackConfig, StackPorts
 from medmesh_contracts import topics
 
-E2E_PORTS = StackPorts(
-    kafka=19092,
-    kafka_controller=19093,
-    triton_http=18000,
-    triton_grpc=18001,
-    triton_metrics=18002,
-    ingest=18080,
-    router=18181,
-    first_worker=18182,
-    reporting=18184,
-)
+
+def e2e_ports(base: int) -> StackPorts:
+    """The end-to-end stack's ports, all derived from one base (MEDMESH_E2E_PORT_BASE)."""
+    return StackPorts(
+        kafka=base + 92,
+        kafka_controller=base + 93,
+        triton_http=base,
+        triton_grpc=base + 1,
+        triton_metrics=base + 2,
+        ingest=base + 80,
+        router=base + 81,
+        first_worker=base + 82,
+        reporting=base + 90,
+    )
+
+
+# Separate from `medmesh up`'s ports, and movable so that two checkouts can test side by side.
+E2E_PORT_BASE = int(os.environ.get("MEDMESH_E2E_PORT_BASE", "19000"))
+E2E_PORTS = e2e_ports(E2E_PORT_BASE)
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "fhir"
 
 
@@ -46,7 +55,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     """The whole local stack, started once for the session and stopped at its end."""
-    config = StackConfig(ports=E2E_PORTS, state_dir=run_dir("e2e"), kafka_heap="512m", partitions=2)
+    config = StackConfig(
+        ports=E2E_PORTS, state_dir=run_dir(f"e2e-{E2E_PORT_BASE}"), kafka_heap="512m", partitions=2
+    )
     running = Stack(config)
     try:
         running.start(timeout_s=240)

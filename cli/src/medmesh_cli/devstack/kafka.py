@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,17 @@ class KafkaServer:
         )
         if fmt.returncode != 0:
             raise RuntimeError(f"Kafka: storage format failed:\n{fmt.stdout}{fmt.stderr}")
+        self.launch(timeout_s)
+
+    def launch(self, timeout_s: float = 90.0) -> None:
+        """Start the broker on its existing data directory and wait until it accepts clients."""
+        lib = ensure_kafka_jars()
+        data = self.config.data_dir
+        props = data / "server.properties"
+        log = data / "broker.log"
+        if log.exists():
+            # Readiness is read from this run's log only: keep earlier runs' logs beside it.
+            log.rename(data / f"broker-{time.time_ns()}.log")
         env = dict(os.environ)
         env.pop("KAFKA_HEAP_OPTS", None)
         self._process = ManagedProcess(
@@ -199,6 +211,12 @@ class KafkaServer:
             wait_until("the Kafka broker to start", ready, timeout_s)
         except TimeoutError as exc:
             raise RuntimeError(f"Kafka: {exc}\n{process.log_tail()}") from exc
+
+    def restart(self, down_s: float = 0.0, timeout_s: float = 90.0) -> None:
+        """Stop the broker, stay down ``down_s`` seconds, start it again with its data intact."""
+        self.stop()
+        time.sleep(down_s)
+        self.launch(timeout_s)
 
     @property
     def process(self) -> ManagedProcess:

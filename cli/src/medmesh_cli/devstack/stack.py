@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import threading
 import time
@@ -152,7 +153,14 @@ class Stack:
             ),
             echo=config.echo,
         )
-        self.triton = TritonServer(
+        self.triton = self._new_triton()
+        self.services: dict[str, ManagedProcess] = {}
+        self._tailers: list[threading.Thread] = []
+        self._stopping = threading.Event()
+
+    def _new_triton(self) -> TritonServer:
+        config = self.config
+        return TritonServer(
             config.model_repository,
             ports=TritonPorts(
                 config.ports.triton_http, config.ports.triton_grpc, config.ports.triton_metrics
@@ -161,9 +169,6 @@ class Stack:
             log=config.state_dir / "triton.log",
             work_dir=config.state_dir / "triton",
         )
-        self.services: dict[str, ManagedProcess] = {}
-        self._tailers: list[threading.Thread] = []
-        self._stopping = threading.Event()
 
     def start(self, timeout_s: float = 180.0) -> None:
         """Start everything and wait until every service answers /readyz; stop all on failure."""
@@ -217,8 +222,10 @@ class Stack:
         process.start()
         self.services[service.name] = process
 
-    def _wait_ready(self, timeout_s: float) -> None:
-        pending = {s.name: s.port for s in service_specs(self.config)}
+    def _wait_ready(self, timeout_s: float, only: dict[str, int] | None = None) -> None:
+        pending = (
+            dict(only) if only is not None else {s.name: s.port for s in service_specs(self.config)}
+        )
 
         def all_ready() -> bool:
             for name, port in list(pending.items()):
@@ -255,6 +262,28 @@ class Stack:
         thread = threading.Thread(target=follow, name=f"tail-{name}", daemon=True)
         thread.start()
         self._tailers.append(thread)
+
+    def kill_service(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send a signal (default SIGKILL) to one service, for fault-injection tests."""
+        self.services[name].signal(sig)
+
+    def restart_service(self, name: str, timeout_s: float = 60.0) -> None:
+        """Stop (if still running) and start one service again; wait until it is ready."""
+        self.services[name].stop(grace_s=10)
+        spec = next(s for s in service_specs(self.config) if s.name == name)
+        self._start_service(spec)
+        self._wait_ready(timeout_s, only={spec.name: spec.port})
+
+    def restart_kafka(self, down_s: float = 0.0) -> None:
+        """Stop the broker and start it again with its data (services reconnect by themselves)."""
+        self.kafka.restart(down_s)
+
+    def restart_triton(self, down_s: float = 0.0) -> None:
+        """Stop Triton and start it again on the same ports (workers must ride this out)."""
+        self.triton.stop()
+        time.sleep(down_s)
+        self.triton = self._new_triton()
+        self.triton.start()
 
     def exited(self) -> list[str]:
         """Names of the stack's processes that have exited on their own."""
