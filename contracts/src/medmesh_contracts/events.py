@@ -175,6 +175,30 @@ class MessageDeadLettered(Envelope):
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
 
+class WorkerHeartbeat(Envelope):
+    """Event from an inference worker, every few seconds: is this model version servable here?
+
+    Published on medmesh.models.status keyed by the worker instance. The router routes only to
+    versions with at least one ready worker whose last heartbeat is younger than
+    ``3 * interval_s``.
+    """
+
+    schema_id: Literal["medmesh.WorkerHeartbeat/1"] = Field(
+        default="medmesh.WorkerHeartbeat/1", alias="schema"
+    )
+    model: str
+    model_version: int
+    instance: str
+    state: Literal["starting", "ready", "degraded", "stopping"]
+    triton_ready: bool
+    circuit: Literal["closed", "open", "half-open"] = "closed"
+    device_kind: str = "unknown"
+    interval_s: float
+    sent_at: AwareDatetime
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+
 ALL_EVENTS: tuple[type[Envelope], ...] = (
     RequestInference,
     RunInference,
@@ -182,6 +206,7 @@ ALL_EVENTS: tuple[type[Envelope], ...] = (
     InferenceFailed,
     FhirEventRejected,
     MessageDeadLettered,
+    WorkerHeartbeat,
 )
 
 

@@ -18,6 +18,16 @@ REPORTS_DIAGNOSTIC = "medmesh.reports.diagnostic"
 ROUTER_DEADLETTER = "medmesh.deadletter.router"
 INFERENCE_DEADLETTER = "medmesh.deadletter.inference"
 REPORTING_DEADLETTER = "medmesh.deadletter.reporting"
+# Model lifecycle: deployments (compacted, key = model name), decisions, worker heartbeats.
+MODELS_REGISTRY = "medmesh.models.registry"
+MODELS_AUDIT = "medmesh.models.audit"
+MODELS_STATUS = "medmesh.models.status"
+# Results of shadow versions: measured against stable, never turned into reports.
+INFERENCE_SHADOW_RESULTS = "medmesh.inference.shadow-results"
+# Reports a FHIR server refused or that could not be delivered, with the server's answer.
+REPORTS_UNDELIVERABLE = "medmesh.reports.undeliverable"
+# Ingest's per-patient latest readings (compacted, key = pseudonym + model), rebuilt on start.
+INGEST_READINGS = "medmesh.ingest.readings"
 
 _MODEL_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 
@@ -43,6 +53,11 @@ class TopicSpec:
 # Dead-letter and failure topics keep two weeks so ops can inspect and replay them.
 _KEEP_TWO_WEEKS = {"retention.ms": str(14 * 24 * 3600 * 1000)}
 
+# Compacted topics keep the latest value per key forever: they are state, not history.
+_COMPACTED = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}
+# Heartbeats: compacted per worker instance, and old ones deleted after a day.
+_HEARTBEATS = {"cleanup.policy": "compact,delete", "retention.ms": str(24 * 3600 * 1000)}
+
 STATIC_TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(FHIR_INBOUND),
     TopicSpec(FHIR_INVALID, config=_KEEP_TWO_WEEKS),
@@ -53,6 +68,12 @@ STATIC_TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(ROUTER_DEADLETTER, config=_KEEP_TWO_WEEKS),
     TopicSpec(INFERENCE_DEADLETTER, config=_KEEP_TWO_WEEKS),
     TopicSpec(REPORTING_DEADLETTER, config=_KEEP_TWO_WEEKS),
+    TopicSpec(MODELS_REGISTRY, partitions=1, config=_COMPACTED),
+    TopicSpec(MODELS_AUDIT, partitions=1),
+    TopicSpec(MODELS_STATUS, partitions=1, config=_HEARTBEATS),
+    TopicSpec(INFERENCE_SHADOW_RESULTS),
+    TopicSpec(REPORTS_UNDELIVERABLE, config=_KEEP_TWO_WEEKS),
+    TopicSpec(INGEST_READINGS, config=_COMPACTED),
 )
 
 
