@@ -16,6 +16,7 @@ from rich.console import Console
 
 from medmesh_cli.devstack.paths import repo_root, run_dir
 from medmesh_cli.devstack.stack import Stack, StackConfig
+from medmesh_cli.ops import commands as ops
 from medmesh_cli.reports import summarize
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
@@ -178,6 +179,11 @@ def send(
 ) -> None:
     """POST FHIR files to a running ingest and print its answers."""
     asyncio.run(_send_files(url, files))
+
+
+app.command()(ops.trace)
+app.command()(ops.status)
+app.add_typer(ops.dlq_app, name="dlq")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLS
 from opentelemetry.sdk.trace import TracerProvider
 
 from medmesh_contracts import headers as h
+from medmesh_runtime.metrics import configure_metrics
 from medmesh_runtime.settings import ServiceSettings
 
 # Every consumer in medmesh acknowledges after its handler returns and rewinds on an exception.
@@ -48,14 +49,20 @@ def kafka_security(settings: ServiceSettings) -> BaseSecurity | None:
 def build_broker(
     settings: ServiceSettings, service: str, tracer_provider: TracerProvider
 ) -> KafkaBroker:
-    """A KafkaBroker with durable publishing and OpenTelemetry context in message headers."""
+    """A KafkaBroker with durable publishing, OpenTelemetry context in message headers, and
+    per-topic message metrics on the process's Prometheus endpoint."""
+    meter_provider = configure_metrics(service, settings.instance_id)
     return KafkaBroker(
         settings.kafka_bootstrap_servers,
         client_id=f"medmesh-{service}-{settings.instance_id}",
         acks="all",
         enable_idempotence=True,
         security=kafka_security(settings),
-        middlewares=(KafkaTelemetryMiddleware(tracer_provider=tracer_provider),),
+        middlewares=(
+            KafkaTelemetryMiddleware(
+                tracer_provider=tracer_provider, meter_provider=meter_provider
+            ),
+        ),
         # faststream would otherwise log through its own coloured handler, not our JSON one.
         logger=logging.getLogger(f"medmesh.{service}.faststream"),
     )

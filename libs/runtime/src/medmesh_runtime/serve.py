@@ -8,5 +8,9 @@ import uvicorn
 
 
 def serve(app: Any, host: str, port: int) -> None:
-    """Run the app with uvicorn; logging stays with medmesh's JSON configuration."""
-    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False)
+    """Run the app with uvicorn; logging stays with medmesh's JSON configuration.
+
+    lifespan="on": a failing startup hook (Kafka or Triton unreachable) ends the process with an
+    error instead of leaving a server up that consumes nothing.
+    """
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, lifespan="on")

@@ -34,4 +34,8 @@ class ServiceSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Where finished spans are appended as JSON lines (for `medmesh trace`); off when unset.
     trace_file: Path | None = None
+    # OTLP/HTTP traces endpoint (e.g. http://otel-collector:4318/v1/traces); off when unset.
+    otlp_traces_endpoint: str | None = None
+    # Share of new traces recorded; child spans follow their parent's decision (parent-based).
+    trace_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
     model_specs_dir: Path = Path("deploy/models")

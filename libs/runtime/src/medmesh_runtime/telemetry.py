@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -21,6 +22,9 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+from medmesh_runtime.settings import ServiceSettings
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -74,17 +78,38 @@ def span_record(span: ReadableSpan) -> dict[str, Any]:
     }
 
 
-def configure_tracing(service: str, instance: str, trace_file: Path | None) -> TracerProvider:
-    """Install and return the process's TracerProvider."""
+def configure_tracing(
+    service: str,
+    instance: str,
+    trace_file: Path | None,
+    *,
+    otlp_endpoint: str | None = None,
+    sample_ratio: float = 1.0,
+) -> TracerProvider:
+    """Install and return the process's TracerProvider (parent-based ratio sampling)."""
     provider = TracerProvider(
         resource=Resource.create(
             {"service.name": f"medmesh-{service}", "service.instance.id": instance}
-        )
+        ),
+        sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
     )
     if trace_file is not None:
         provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(trace_file)))
+    if otlp_endpoint:
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint)))
     trace.set_tracer_provider(provider)
     return provider
+
+
+def configure_service_tracing(service: str, settings: ServiceSettings) -> TracerProvider:
+    """configure_tracing with a service's settings (span file, OTLP endpoint, sample ratio)."""
+    return configure_tracing(
+        service,
+        settings.instance_id,
+        settings.trace_file,
+        otlp_endpoint=settings.otlp_traces_endpoint,
+        sample_ratio=settings.trace_sample_ratio,
+    )
 
 
 def trace_id_hex(span: trace.Span) -> str:

@@ -38,7 +38,7 @@ from medmesh_runtime.kafka import (
     record_headers,
 )
 from medmesh_runtime.logging import configure_logging, get_logger
-from medmesh_runtime.telemetry import configure_tracing
+from medmesh_runtime.telemetry import configure_service_tracing
 
 SERVICE = "inference"
 log = get_logger("medmesh.inference")
@@ -54,10 +54,8 @@ class WorkerState:
 def create_app(settings: WorkerSettings) -> AsgiFastStream:
     """Build the worker app for one model version; Triton and Kafka connect at startup."""
     configure_logging(SERVICE, settings.log_level)
-    tracer_provider = configure_tracing(
-        f"{SERVICE}-{settings.worker_model}-v{settings.worker_model_version}",
-        settings.instance_id,
-        settings.trace_file,
+    tracer_provider = configure_service_tracing(
+        f"{SERVICE}-{settings.worker_model}-v{settings.worker_model_version}", settings
     )
     tracer = tracer_provider.get_tracer("medmesh.inference")
     spec = load_specs(settings.model_specs_dir)[settings.worker_model]

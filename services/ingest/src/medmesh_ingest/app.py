@@ -37,7 +37,7 @@ from medmesh_ingest.settings import DEVELOPMENT_PSEUDONYM_KEY, IngestSettings
 from medmesh_ingest.transport import content_type_problem
 from medmesh_runtime.kafka import CONSUMER_ACK_POLICY, build_broker, encode_raw, message_headers
 from medmesh_runtime.logging import configure_logging, get_logger
-from medmesh_runtime.telemetry import configure_tracing, trace_id_hex
+from medmesh_runtime.telemetry import configure_service_tracing, trace_id_hex
 
 SERVICE = "ingest"
 FHIR_JSON = "application/fhir+json"
@@ -162,7 +162,7 @@ class Ingest:
 def create_app(settings: IngestSettings) -> FastAPI:
     """Build the ingest ASGI app; Kafka connects in its lifespan, not here."""
     configure_logging(SERVICE, settings.log_level)
-    tracer_provider = configure_tracing(SERVICE, settings.instance_id, settings.trace_file)
+    tracer_provider = configure_service_tracing(SERVICE, settings)
     broker = build_broker(settings, SERVICE, tracer_provider)
     ingest = Ingest(settings, broker, tracer_provider.get_tracer("medmesh.ingest"))
     broker.subscriber(

@@ -25,7 +25,7 @@ from medmesh_runtime.deadletter import DeadLetters
 from medmesh_runtime.health import health_routes
 from medmesh_runtime.kafka import CONSUMER_ACK_POLICY, build_broker, message_headers
 from medmesh_runtime.logging import configure_logging, get_logger
-from medmesh_runtime.telemetry import configure_tracing
+from medmesh_runtime.telemetry import configure_service_tracing
 
 SERVICE = "reporting"
 log = get_logger("medmesh.reporting")
@@ -34,7 +34,7 @@ log = get_logger("medmesh.reporting")
 def create_app(settings: ReportingSettings) -> AsgiFastStream:
     """Build the reporting app; Kafka connects when the app starts."""
     configure_logging(SERVICE, settings.log_level)
-    tracer_provider = configure_tracing(SERVICE, settings.instance_id, settings.trace_file)
+    tracer_provider = configure_service_tracing(SERVICE, settings)
     tracer = tracer_provider.get_tracer("medmesh.reporting")
     specs = load_specs(settings.model_specs_dir)
     producer = Producer(service=SERVICE, instance=settings.instance_id)

@@ -28,7 +28,7 @@ from medmesh_runtime.deadletter import DeadLetters
 from medmesh_runtime.health import health_routes
 from medmesh_runtime.kafka import CONSUMER_ACK_POLICY, build_broker, message_headers
 from medmesh_runtime.logging import configure_logging, get_logger
-from medmesh_runtime.telemetry import configure_tracing
+from medmesh_runtime.telemetry import configure_service_tracing
 
 SERVICE = "router"
 log = get_logger("medmesh.router")
@@ -37,7 +37,7 @@ log = get_logger("medmesh.router")
 def create_app(settings: RouterSettings) -> AsgiFastStream:
     """Build the router app; Kafka connects when the app starts."""
     configure_logging(SERVICE, settings.log_level)
-    tracer_provider = configure_tracing(SERVICE, settings.instance_id, settings.trace_file)
+    tracer_provider = configure_service_tracing(SERVICE, settings)
     specs = load_specs(settings.model_specs_dir)
     producer = Producer(service=SERVICE, instance=settings.instance_id)
     broker = build_broker(settings, SERVICE, tracer_provider)

@@ -1,0 +1,195 @@
+"""Ops commands: `medmesh trace`, `medmesh dlq list|show|replay`, `medmesh status`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import typer
+from aiokafka import TopicPartition
+from rich.console import Console
+from rich.table import Table
+
+from medmesh_cli.devstack.paths import run_dir
+from medmesh_cli.devstack.stack import StackConfig, service_specs
+from medmesh_cli.ops import kafka_io
+from medmesh_cli.ops.dlq import DEAD_LETTER_TOPICS, replay_of, summary
+from medmesh_cli.ops.waterfall import hops, read_spans, render, spans_of, trace_ids_for
+
+console = Console()
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+Bootstrap = Annotated[str, typer.Option(help="Kafka bootstrap servers")]
+
+
+def trace(
+    correlation_id: Annotated[str, typer.Argument(help="the request's medmesh-correlation-id")],
+    spans: Annotated[
+        Path | None, typer.Option(help="span file (default: var/stack/spans.jsonl)")
+    ] = None,
+) -> None:
+    """Show one clinical request's trace as a waterfall, with Kafka wait vs work per hop."""
+    path = spans or run_dir("stack") / "spans.jsonl"
+    if not path.exists():
+        console.print(f"no span file at {path}: is `medmesh up` running (or pass --spans)?")
+        raise typer.Exit(1)
+    every = read_spans(path)
+    found = trace_ids_for(every, correlation_id)
+    if not found:
+        console.print(f"no spans mention correlation id {correlation_id} (spans flush every ~5 s)")
+        raise typer.Exit(1)
+    for trace_id in found:
+        trace_spans = spans_of(every, trace_id)
+        console.print(f"[bold]trace {trace_id}[/] ({len(trace_spans)} spans)")
+        for line in render(trace_spans):
+            console.print(line, highlight=False)
+        table = Table("hop (topic)", "from", "to", "Kafka wait ms", "work ms", box=None)
+        for hop in hops(trace_spans):
+            table.add_row(
+                hop.topic, hop.producer, hop.consumer, f"{hop.wait_ms:.1f}", f"{hop.work_ms:.1f}"
+            )
+        console.print(table)
+
+
+dlq_app = typer.Typer(help="Inspect and replay dead-letter topics.", no_args_is_help=True)
+
+
+def _check_topic(topic: str) -> None:
+    if topic not in DEAD_LETTER_TOPICS:
+        console.print(f"{topic} is not a dead-letter topic; known: {', '.join(DEAD_LETTER_TOPICS)}")
+        raise typer.Exit(2)
+
+
+@dlq_app.command("list")
+def dlq_list(bootstrap: Bootstrap = DEFAULT_BOOTSTRAP) -> None:
+    """Every dead-letter topic with how many entries it holds."""
+
+    async def run() -> None:
+        table = Table("topic", "entries", "holds", box=None)
+        async with kafka_io.consumer(bootstrap) as kafka:
+            for topic, meaning in DEAD_LETTER_TOPICS.items():
+                count, _ = await kafka_io.sizes(kafka, topic)
+                table.add_row(topic, str(count), meaning)
+        console.print(table)
+
+    asyncio.run(run())
+
+
+@dlq_app.command("show")
+def dlq_show(
+    topic: Annotated[str, typer.Argument(help="a dead-letter topic")],
+    limit: Annotated[int, typer.Option(help="at most this many entries")] = 20,
+    raw: Annotated[
+        bool, typer.Option(help="also print the raw value (may hold patient data)")
+    ] = False,
+    bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
+) -> None:
+    """The entries of a dead-letter topic: where from, when, and why."""
+    _check_topic(topic)
+
+    async def run() -> None:
+        async with kafka_io.consumer(bootstrap) as kafka:
+            entries = await kafka_io.read_range(kafka, topic, limit=limit)
+        for entry in entries:
+            event = json.loads(entry.value)
+            when = datetime.fromtimestamp(entry.timestamp_ms / 1000, UTC).isoformat(
+                timespec="seconds"
+            )
+            source = event.get(
+                "source_topic", event.get("task", {}).get("request", {}).get("model", "")
+            )
+            console.print(
+                f"[bold]{entry.partition}:{entry.offset}[/] {when} {event.get('schema', '?')} "
+                f"from {source}: {summary(event)}",
+                highlight=False,
+            )
+            if raw:
+                console.print(event.get("raw_value", event.get("task", "")), highlight=False)
+        if not entries:
+            console.print(f"{topic} is empty")
+
+    asyncio.run(run())
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    topic: Annotated[str, typer.Argument(help="a dead-letter topic")],
+    entry: Annotated[
+        str | None, typer.Option(help="replay one entry, PARTITION:OFFSET (otherwise all new ones)")
+    ] = None,
+    bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
+) -> None:
+    """Send dead letters back to their source topic after a fix; each entry is replayed once."""
+    _check_topic(topic)
+    group = f"medmesh-dlq-replay.{topic}"
+
+    async def run() -> int:
+        async with kafka_io.consumer(bootstrap, group_id=group) as kafka:
+            entries = await kafka_io.read_range(kafka, topic, from_committed=entry is None)
+            if entry is not None:
+                partition, offset = (int(x) for x in entry.split(":"))
+                entries = [e for e in entries if (e.partition, e.offset) == (partition, offset)]
+                if not entries:
+                    console.print(f"no entry {entry} in {topic}")
+                    raise typer.Exit(1)
+            replayed = 0
+            async with kafka_io.producer(bootstrap) as out:
+                for item in entries:
+                    replay = replay_of(
+                        json.loads(item.value), item.key, f"{topic}/{item.partition}/{item.offset}"
+                    )
+                    await out.send_and_wait(
+                        replay.topic, replay.value, key=replay.key, headers=replay.headers
+                    )
+                    replayed += 1
+                    if entry is None:
+                        # Commit after each send: an interrupted replay resumes where it stopped.
+                        await kafka.commit({TopicPartition(topic, item.partition): item.offset + 1})
+            return replayed
+
+    count = asyncio.run(run())
+    console.print(f"replayed {count} entr{'y' if count == 1 else 'ies'} from {topic}")
+
+
+def status(bootstrap: Bootstrap = DEFAULT_BOOTSTRAP) -> None:
+    """Services, throughput, consumer lag and dead-letter sizes of the local stack at a glance."""
+    config = StackConfig()
+    services = Table("service", "port", "ready", box=None)
+    for service in service_specs(config):
+        try:
+            ready = (
+                httpx.get(f"http://127.0.0.1:{service.port}/readyz", timeout=2).status_code == 204
+            )
+        except httpx.HTTPError:
+            ready = False
+        services.add_row(
+            service.name, str(service.port), "[green]yes[/]" if ready else "[red]no[/]"
+        )
+    console.print(services)
+
+    async def kafka_figures() -> None:
+        lags = await kafka_io.group_lags(bootstrap)
+        table = Table("consumer group", "topic", "lag", box=None)
+        for group, per_topic in lags.items():
+            for topic, lag in sorted(per_topic.items()):
+                table.add_row(group, topic, str(lag))
+        console.print(table)
+        sizes = Table("topic", "messages", box=None)
+        async with kafka_io.consumer(bootstrap) as kafka:
+            for topic in (
+                "medmesh.inference.requests",
+                "medmesh.reports.diagnostic",
+                *DEAD_LETTER_TOPICS,
+            ):
+                count, _ = await kafka_io.sizes(kafka, topic)
+                sizes.add_row(topic, str(count))
+        console.print(sizes)
+
+    try:
+        asyncio.run(kafka_figures())
+    except Exception as exc:  # reported to the operator, then a non-zero exit
+        console.print(f"[red]Kafka at {bootstrap} did not answer: {type(exc).__name__}: {exc}[/]")
+        raise typer.Exit(1) from exc

@@ -1,0 +1,137 @@
+"""Small Kafka reads and writes for the ops commands (aiokafka, no consumer group unless asked)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One record read back from a topic."""
+
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes
+    headers: dict[str, str]
+
+
+@asynccontextmanager
+async def consumer(bootstrap: str, group_id: str | None = None) -> AsyncIterator[AIOKafkaConsumer]:
+    """A read_committed consumer that commits only when told to."""
+    kafka = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=group_id,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+    )
+    await kafka.start()
+    try:
+        yield kafka
+    finally:
+        await kafka.stop()
+
+
+async def partitions(kafka: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """The partitions of a topic (empty when it does not exist)."""
+    # consumer.topics() fetches metadata but does not keep it, so partitions_for_topic would
+    # still say None for an unassigned topic: read the partitions from the fetched metadata.
+    cluster = await kafka._client.fetch_all_metadata()
+    return [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or ())]
+
+
+async def sizes(kafka: AIOKafkaConsumer, topic: str) -> tuple[int, dict[TopicPartition, int]]:
+    """Messages currently in a topic, and the end offset of each partition."""
+    parts = await partitions(kafka, topic)
+    if not parts:
+        return 0, {}
+    start = await kafka.beginning_offsets(parts)
+    end = await kafka.end_offsets(parts)
+    return sum(end[p] - start[p] for p in parts), end
+
+
+async def read_range(
+    kafka: AIOKafkaConsumer, topic: str, from_committed: bool = False, limit: int | None = None
+) -> list[Entry]:
+    """Records of a topic up to its current end, from the beginning or the group's position."""
+    parts = await partitions(kafka, topic)
+    if not parts:
+        return []
+    kafka.assign(parts)
+    end = await kafka.end_offsets(parts)
+    if from_committed:
+        for part in parts:
+            committed = await kafka.committed(part)
+            if committed is None:
+                await kafka.seek_to_beginning(part)
+            else:
+                kafka.seek(part, committed)
+    else:
+        await kafka.seek_to_beginning(*parts)
+    entries: list[Entry] = []
+    pending = {p for p in parts if await kafka.position(p) < end[p]}
+    while pending and (limit is None or len(entries) < limit):
+        batch = await kafka.getmany(*pending, timeout_ms=2000)
+        if not batch:
+            break
+        for part, records in batch.items():
+            for record in records:
+                if record.offset >= end[part]:
+                    continue
+                entries.append(
+                    Entry(
+                        partition=part.partition,
+                        offset=record.offset,
+                        timestamp_ms=record.timestamp,
+                        key=record.key,
+                        value=record.value or b"",
+                        headers={k: bytes(v).decode(errors="replace") for k, v in record.headers},
+                    )
+                )
+            if await kafka.position(part) >= end[part]:
+                pending.discard(part)
+    entries.sort(key=lambda e: (e.timestamp_ms, e.partition, e.offset))
+    return entries if limit is None else entries[:limit]
+
+
+@asynccontextmanager
+async def producer(bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
+    """A durable producer (acks=all, idempotent)."""
+    kafka = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+    await kafka.start()
+    try:
+        yield kafka
+    finally:
+        await kafka.stop()
+
+
+async def group_lags(bootstrap: str, prefix: str = "medmesh-") -> dict[str, dict[str, int]]:
+    """Consumer lag per medmesh consumer group and topic (end offset minus committed offset)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        groups = [g[0] for g in await admin.list_consumer_groups() if g[0].startswith(prefix)]
+        committed = {g: await admin.list_consumer_group_offsets(g) for g in sorted(groups)}
+    finally:
+        await admin.close()
+    lags: dict[str, dict[str, int]] = {}
+    async with consumer(bootstrap) as kafka:
+        for group, offsets in committed.items():
+            parts = list(offsets)
+            if not parts:
+                continue
+            end = await kafka.end_offsets(parts)
+            per_topic: dict[str, int] = {}
+            for part, meta in offsets.items():
+                per_topic[part.topic] = per_topic.get(part.topic, 0) + max(
+                    0, end[part] - meta.offset
+                )
+            lags[group] = per_topic
+    return lags

@@ -1,0 +1,102 @@
+"""Observability on the real stack: one trace per request, no patient data in logs, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from medmesh_cli.devstack.stack import Stack
+from medmesh_contracts import headers as h
+from medmesh_contracts import topics
+from tests.e2e.conftest import FIXTURES, Record, TopicTap, fixture_with_new_patient
+
+
+def _patient_data(bundle: dict[str, Any]) -> list[str]:
+    patient = next(
+        e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"
+    )
+    values = [patient["birthDate"]]
+    values += [i["value"] for i in patient.get("identifier", [])]
+    values += [n["family"] for n in patient.get("name", [])]
+    values += [g for n in patient.get("name", []) for g in n.get("given", [])]
+    values += [t["value"] for t in patient.get("telecom", [])]
+    values += [line for a in patient.get("address", []) for line in a.get("line", [])]
+    return values
+
+
+def _service_logs(state_dir: Path) -> dict[str, str]:
+    return {p.name: p.read_text(errors="replace") for p in state_dir.glob("*.log")}
+
+
+def _for_correlation(correlation_id: str) -> Any:
+    def matches(record: Record) -> bool:
+        return record.headers.get(h.CORRELATION_ID) == correlation_id
+
+    return matches
+
+
+async def test_logs_of_every_service_carry_no_patient_data(stack: Stack, tap: TopicTap) -> None:
+    """After a Bundle full of personal data went through all services, no log line holds any."""
+    bundle = json.loads((FIXTURES / "vitals-bundle-high.json").read_text())
+    secrets = _patient_data(bundle)
+    assert len(secrets) >= 6
+    async with httpx.AsyncClient(base_url=stack.config.ingest_url, timeout=30) as client:
+        response = await client.post("/fhir", json=bundle)
+    assert response.status_code == 202
+    await tap.wait_for(
+        topics.REPORTS_DIAGNOSTIC, _for_correlation(response.headers[h.CORRELATION_ID])
+    )
+    logs = _service_logs(Path(stack.config.state_dir))
+    assert {"ingest.log", "router.log", "reporting.log"} <= set(logs)
+    for name, text in logs.items():
+        if name == "triton.log":
+            continue  # Triton never sees FHIR: only the numeric input tensor
+        for secret in secrets:
+            assert secret not in text, f"{name} contains patient data"
+        for line in text.splitlines():
+            if line.startswith("{"):
+                record = json.loads(line)
+                assert "service" in record
+
+
+async def test_one_trace_id_across_all_four_services(stack: Stack, tap: TopicTap) -> None:
+    """Every service's spans for one request share the trace id ingest answered with."""
+    payload, _ = fixture_with_new_patient("vitals-bundle-medium.json")
+    async with httpx.AsyncClient(base_url=stack.config.ingest_url, timeout=30) as client:
+        response = await client.post("/fhir", content=payload)
+    correlation_id = response.headers[h.CORRELATION_ID]
+    trace_id = response.headers["medmesh-trace-id"]
+    await tap.wait_for(topics.REPORTS_DIAGNOSTIC, _for_correlation(correlation_id))
+    stack_spans = Path(stack.config.trace_file)
+
+    def services_in_trace() -> set[str]:
+        if not stack_spans.exists():
+            return set()
+        spans = [json.loads(line) for line in stack_spans.read_text().splitlines() if line]
+        return {s["service"] for s in spans if s["trace_id"] == trace_id}
+
+    def complete() -> bool:
+        found = services_in_trace()
+        return expected <= found and any(s.startswith("medmesh-inference") for s in found)
+
+    expected = {"medmesh-ingest", "medmesh-router", "medmesh-reporting"}
+    for _ in range(60):  # spans are exported in batches every few seconds
+        if complete():
+            break
+        await asyncio.sleep(0.5)
+    found = services_in_trace()
+    assert expected <= found
+    assert any(s.startswith("medmesh-inference") for s in found)
+
+
+async def test_metrics_endpoint_counts_the_messages_a_service_processed(stack: Stack) -> None:
+    """The router's /metrics exposes per-topic message counts from the telemetry middleware."""
+    port = stack.config.ports.router
+    async with httpx.AsyncClient(timeout=10) as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    assert "messaging_process" in text
+    assert topics.INFERENCE_REQUESTS in text

@@ -1,0 +1,124 @@
+"""The ops commands against the real stack: dead letters, traces, status."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import httpx
+from aiokafka import AIOKafkaProducer
+from typer.testing import CliRunner
+
+from medmesh_cli.devstack.stack import Stack
+from medmesh_cli.main import app
+from medmesh_cli.ops import kafka_io
+from medmesh_contracts import headers as h
+from medmesh_contracts import topics
+from medmesh_contracts.events import FhirEventRejected, Producer, new_id, to_wire
+from tests.e2e.conftest import fixture_with_new_patient
+
+runner = CliRunner()
+
+
+def _send(bootstrap: str, topic: str, value: bytes) -> None:
+    async def run() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, value)
+        finally:
+            await producer.stop()
+
+    asyncio.run(run())
+
+
+def _reports_for(bootstrap: str, patient: str) -> int:
+    async def run() -> int:
+        async with kafka_io.consumer(bootstrap) as kafka:
+            entries = await kafka_io.read_range(kafka, topics.REPORTS_DIAGNOSTIC)
+        return sum(f"Patient/{patient}" in e.value.decode() for e in entries)
+
+    return asyncio.run(run())
+
+
+def _wait(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"condition not met within {timeout_s}s")
+
+
+def test_dlq_list_show_and_replay_of_an_inbound_event(stack: Stack) -> None:
+    """A dead-lettered inbound event is listed, shown without its raw value, and replayed once."""
+    bootstrap = stack.config.bootstrap
+    payload, patient = fixture_with_new_patient("vitals-bundle-medium.json")
+    parked = FhirEventRejected(
+        correlation_id=new_id(),
+        producer=Producer(service="test", instance="ops"),
+        source_topic=topics.FHIR_INBOUND,
+        source_partition=0,
+        source_offset=0,
+        raw_value=payload.decode(),
+        raw_encoding="utf-8",
+        operation_outcome={
+            "resourceType": "OperationOutcome",
+            "issue": [
+                {
+                    "severity": "error",
+                    "code": "transient",
+                    "diagnostics": f"parked by test {patient}",
+                }
+            ],
+        },
+    )
+    _send(bootstrap, topics.FHIR_INVALID, to_wire(parked))
+
+    listed = runner.invoke(app, ["dlq", "list", "--bootstrap", bootstrap])
+    assert listed.exit_code == 0, listed.output
+    assert topics.FHIR_INVALID in listed.output
+
+    shown = runner.invoke(
+        app, ["dlq", "show", topics.FHIR_INVALID, "--limit", "1000", "--bootstrap", bootstrap]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert f"parked by test {patient}" in shown.output
+    assert patient not in shown.output.replace(f"parked by test {patient}", "")
+
+    replayed = runner.invoke(app, ["dlq", "replay", topics.FHIR_INVALID, "--bootstrap", bootstrap])
+    assert replayed.exit_code == 0, replayed.output
+    _wait(lambda: _reports_for(bootstrap, patient) == 1)
+    again = runner.invoke(app, ["dlq", "replay", topics.FHIR_INVALID, "--bootstrap", bootstrap])
+    assert "replayed 0 entries" in again.output
+
+
+def test_trace_command_shows_every_hop_of_a_request(stack: Stack) -> None:
+    """`medmesh trace` finds a request by correlation id and shows its four Kafka hops."""
+    payload, _ = fixture_with_new_patient("vitals-bundle-low.json")
+    response = httpx.post(f"{stack.config.ingest_url}/fhir", content=payload, timeout=30)
+    assert response.status_code == 202
+    correlation_id = response.headers[h.CORRELATION_ID]
+    spans = str(stack.config.trace_file)
+
+    def traced() -> bool:
+        out = runner.invoke(app, ["trace", correlation_id, "--spans", spans]).output
+        return "medmesh.reports.diagnostic publish" in out
+
+    _wait(traced, timeout_s=60)
+    output = runner.invoke(app, ["trace", correlation_id, "--spans", spans]).output
+    for topic in (
+        topics.INFERENCE_REQUESTS,
+        "medmesh.model.deterioration.v1.tasks",
+        topics.INFERENCE_RESULTS,
+    ):
+        assert topic in output
+    assert "Kafka wait ms" in output
+
+
+def test_status_shows_consumer_lag_and_dead_letter_sizes(stack: Stack) -> None:
+    """`medmesh status` lists medmesh consumer groups with their lag, and dead-letter sizes."""
+    result = runner.invoke(app, ["status", "--bootstrap", stack.config.bootstrap])
+    assert "medmesh-reporting" in result.output
+    assert topics.FHIR_INVALID in result.output
