@@ -50,6 +50,10 @@ test: lint typecheck deps ## lint, type-check, then every test tier (unit, servi
 test-fast: venv ## every tier but the end-to-end tests
 	$(BIN)/pytest -m "not e2e"
 
+.PHONY: bench
+bench: deps ## measure Kafka hops and the whole pipeline side by side; results in docs/benchmarks/
+	$(BIN)/medmesh bench
+
 .PHONY: clean
 clean: ## remove run state (var/) and caches; keeps .venv and the Kafka jars
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -14,6 +14,7 @@ import typer
 from aiokafka import AIOKafkaConsumer
 from rich.console import Console
 
+from medmesh_cli.bench.command import bench
 from medmesh_cli.devstack.paths import repo_root, run_dir
 from medmesh_cli.devstack.stack import Stack, StackConfig
 from medmesh_cli.ops import commands as ops
@@ -184,6 +185,7 @@ def send(
 app.command()(ops.trace)
 app.command()(ops.status)
 app.add_typer(ops.dlq_app, name="dlq")
+app.command()(bench)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,15 @@ def kafka_security(settings: ServiceSettings) -> BaseSecurity | None:
     return mechanism(user, password, ssl_context=ssl_context, use_ssl=use_ssl)
 
 
+def _faststream_logger(service: str) -> logging.Logger:
+    # faststream would otherwise log through its own coloured handler, not our JSON one; and
+    # its per-message "Received"/"Processed" lines cost time on every hop while traces already
+    # say the same, so only its warnings and errors are kept.
+    logger = logging.getLogger(f"medmesh.{service}.faststream")
+    logger.setLevel(logging.WARNING)
+    return logger
+
+
 def build_broker(
     settings: ServiceSettings, service: str, tracer_provider: TracerProvider
 ) -> KafkaBroker:
@@ -63,8 +72,7 @@ def build_broker(
                 tracer_provider=tracer_provider, meter_provider=meter_provider
             ),
         ),
-        # faststream would otherwise log through its own coloured handler, not our JSON one.
-        logger=logging.getLogger(f"medmesh.{service}.faststream"),
+        logger=_faststream_logger(service),
     )
 
 
