@@ -50,6 +50,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/e2e/" in str(item.path):
             item.add_marker(pytest.mark.e2e)
+    # The fuzzing floods medmesh.fhir.invalid and the span file: it runs after everything else.
+    items.sort(key=lambda item: item.path.name == "test_ingest_fuzz.py")
 
 
 @pytest.fixture(scope="session")

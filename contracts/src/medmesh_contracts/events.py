@@ -54,6 +54,7 @@ class SourceContext(WireModel):
     fhir_version: Literal["R4B", "R5"] = "R4B"
     site: str | None = None
     source_system: str | None = None
+    ward: str | None = None
 
 
 class ModelInput(WireModel):
@@ -199,6 +200,64 @@ class WorkerHeartbeat(Envelope):
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
 
+class IngestedReading(WireModel):
+    """One model input's latest reading as ingest keeps it, with the FHIR version it came from."""
+
+    name: str
+    value: float
+    unit: str
+    observed_at: AwareDatetime
+    source_reference: str | None = None
+    # meta.versionId of the source resource: the same id and version is the same reading.
+    source_version: str | None = None
+
+
+class PatientReadingsUpdated(Envelope):
+    """Event from ingest: the latest readings of one patient for one model (its state).
+
+    Published on medmesh.ingest.readings (compacted) keyed by ``<pseudonym>|<model>`` and
+    partitioned by the pseudonym alone, so each patient's state sits on one partition; ingest
+    rebuilds its state from this topic on start.
+    """
+
+    schema_id: Literal["medmesh.PatientReadingsUpdated/1"] = Field(
+        default="medmesh.PatientReadingsUpdated/1", alias="schema"
+    )
+    model: str
+    patient_pseudonym: str
+    # Needed to build the request when the last missing reading arrives (see RequestInference).
+    subject_reference: str
+    encounter_reference: str | None = None
+    readings: tuple[IngestedReading, ...]
+    # Fingerprint of the inputs of the last request sent, so an unchanged set is not sent again.
+    last_request_fingerprint: str | None = None
+    # ServiceRequests (``ServiceRequest/<id>[|version]``) already answered with a request.
+    fulfilled_orders: tuple[str, ...] = ()
+    updated_at: AwareDatetime
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+
+class ReportUndeliverable(Envelope):
+    """Event from reporting: a report the hospital's FHIR server refused or never took.
+
+    Published on medmesh.reports.undeliverable keyed by the patient pseudonym, with the report
+    Bundle whole (for replay) and the server's answer (its OperationOutcome when it sent one).
+    """
+
+    schema_id: Literal["medmesh.ReportUndeliverable/1"] = Field(
+        default="medmesh.ReportUndeliverable/1", alias="schema"
+    )
+    fhir_server: str
+    report: dict[str, Any]
+    status_code: int | None = None
+    operation_outcome: dict[str, Any] | None = None
+    reason: str
+    attempts: int
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+
 ALL_EVENTS: tuple[type[Envelope], ...] = (
     RequestInference,
     RunInference,
@@ -207,6 +266,8 @@ ALL_EVENTS: tuple[type[Envelope], ...] = (
     FhirEventRejected,
     MessageDeadLettered,
     WorkerHeartbeat,
+    PatientReadingsUpdated,
+    ReportUndeliverable,
 )
 
 

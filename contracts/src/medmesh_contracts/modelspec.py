@@ -94,6 +94,14 @@ class BandSpec(SpecModel):
     interpretation: str
 
 
+class ReferenceRangeSpec(SpecModel):
+    """The score range of the lowest-risk band, reported as Observation.referenceRange."""
+
+    low: float | None = None
+    high: float | None = None
+    text: str
+
+
 class VersionSpec(SpecModel):
     """One deployed version of the model."""
 
@@ -104,6 +112,7 @@ class VersionSpec(SpecModel):
     extra_score_codings: tuple[Coding, ...] = ()
     score_unit: str
     score_is_integer: bool = False
+    reference_range: ReferenceRangeSpec | None = None
 
 
 class TritonSpec(SpecModel):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from medmesh_contracts.events import ALL_EVENTS, schema_of
+from medmesh_contracts.lifecycle import LIFECYCLE_EVENTS
 
 
 def file_name(schema_id: str) -> str:
@@ -23,7 +24,7 @@ def file_name(schema_id: str) -> str:
 def event_schemas() -> dict[str, dict[str, Any]]:
     """File name -> JSON Schema (wire field names) for every event."""
     schemas: dict[str, dict[str, Any]] = {}
-    for event in ALL_EVENTS:
+    for event in (*ALL_EVENTS, *LIFECYCLE_EVENTS):
         schema_id = schema_of(event)
         schema = event.model_json_schema(by_alias=True, mode="serialization")
         schema["$id"] = f"https://medmesh.dev/schemas/{file_name(schema_id)}"

@@ -84,4 +84,5 @@ def all_topics(
     specs = [*STATIC_TOPICS, *(TopicSpec(model_task_topic(m, v)) for m, v in model_versions)]
     if partitions is None:
         return specs
-    return [TopicSpec(s.name, partitions, dict(s.config)) for s in specs]
+    # Single-partition topics (registry, audit, status) stay single: their order is their meaning.
+    return [TopicSpec(s.name, partitions if s.partitions > 1 else 1, dict(s.config)) for s in specs]

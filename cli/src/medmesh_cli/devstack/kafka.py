@@ -164,8 +164,8 @@ class KafkaServer:
                 "kafka.tools.StorageTool",
                 "format",
                 "--standalone",
-                "-t",
-                cluster_id,
+                # One argument: an id that starts with "-" (1 in 64) would read as an option.
+                f"--cluster-id={cluster_id}",
                 "-c",
                 str(props),
             ),

@@ -22,7 +22,10 @@ def _default_instance() -> str:
 class ServiceSettings(BaseSettings):
     """Kafka connection, identity, HTTP port and observability settings of one service process."""
 
-    model_config = SettingsConfigDict(env_prefix="MEDMESH_", extra="ignore", frozen=True)
+    # env_ignore_empty: `MEDMESH_TRACE_FILE=` in an env file means "unset", not the path ".".
+    model_config = SettingsConfigDict(
+        env_prefix="MEDMESH_", extra="ignore", frozen=True, env_ignore_empty=True
+    )
 
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_security_protocol: Literal["PLAINTEXT", "SASL_SSL", "SSL", "SASL_PLAINTEXT"] = "PLAINTEXT"
