@@ -1,23 +1,67 @@
-# One image for all four services; the command picks the service (see compose.yaml).
-# Build stage: resolve the locked dependencies into a virtualenv with uv.
+# syntax=docker/dockerfile:1.7
+# One image for all four services; the command picks the service (see compose.yaml, deploy/k8s):
+#   python -m medmesh_ingest | medmesh_router | medmesh_inference | medmesh_reporting
+# A second target packs the Triton model repository for Kubernetes (docker build --target models).
+# Base images are pinned by version; pin them by digest too (image@sha256:...) in your registry.
+
+# --- build: resolve the locked dependencies into a virtualenv with uv ---------------------------
 FROM python:3.11.11-slim-bookworm AS build
 COPY --from=ghcr.io/astral-sh/uv:0.9.5 /uv /usr/local/bin/uv
+ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never
 WORKDIR /app
+# Dependencies first (cached while only the source changes), then the workspace packages.
 COPY pyproject.toml uv.lock ./
+COPY contracts/pyproject.toml contracts/pyproject.toml
+COPY libs/runtime/pyproject.toml libs/runtime/pyproject.toml
+COPY services/ingest/pyproject.toml services/ingest/pyproject.toml
+COPY services/router/pyproject.toml services/router/pyproject.toml
+COPY services/inference/pyproject.toml services/inference/pyproject.toml
+COPY services/reporting/pyproject.toml services/reporting/pyproject.toml
+COPY cli/pyproject.toml cli/pyproject.toml
+# --no-dev: the runtime image needs neither test tools nor the local Triton wheel.
+RUN uv sync --frozen --no-dev --no-install-workspace
 COPY contracts contracts
 COPY libs libs
 COPY services services
 COPY cli cli
-# --no-dev: the runtime image needs neither test tools nor the local Triton wheel.
 RUN uv sync --frozen --no-dev --no-editable
 
-FROM python:3.11.11-slim-bookworm
-RUN useradd --create-home --uid 10001 medmesh
+# --- models: the Triton model repository, copied into Triton's pod by an init container ---------
+FROM busybox:1.37.0 AS models
+COPY deploy/triton/models /models
+USER 10001
+CMD ["cp", "-R", "/models/.", "/repository/"]
+
+# --- runtime: the services (the default target: last stage) -------------------------------------
+# No compiler, no uv, no sources: only the virtualenv, the model specs and the health check.
+FROM python:3.11.11-slim-bookworm AS runtime
+RUN useradd --create-home --uid 10001 --user-group medmesh
 WORKDIR /app
 COPY --from=build /app/.venv /app/.venv
 COPY deploy/models deploy/models
-ENV PATH="/app/.venv/bin:$PATH" PYTHONUNBUFFERED=1 MEDMESH_MODEL_SPECS_DIR=/app/deploy/models
-USER medmesh
-HEALTHCHECK --interval=10s --timeout=3s --retries=6 \
-  CMD python -c "import os,urllib.request as u; p=os.environ.get('MEDMESH_HEALTH_PORT','8080'); u.urlopen(f'http://127.0.0.1:{p}/readyz', timeout=2)"
+# Docker health check: GET /readyz on this container's service port, read through the service's own
+# settings class (so MEDMESH_<SERVICE>_PORT means the same to the check as to the service).
+COPY <<'EOF' /app/healthcheck.py
+import importlib
+import urllib.request
+from pathlib import Path
+
+SERVICES = {
+    "medmesh_ingest": ("IngestSettings", "ingest_port"),
+    "medmesh_router": ("RouterSettings", "router_port"),
+    "medmesh_inference": ("WorkerSettings", "worker_port"),
+    "medmesh_reporting": ("ReportingSettings", "reporting_port"),
+}
+args = Path("/proc/1/cmdline").read_bytes().decode().split("\0")
+module = next(a for a in args if a in SERVICES)
+cls, field = SERVICES[module]
+port = getattr(getattr(importlib.import_module(f"{module}.settings"), cls)(), field)
+urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2)
+EOF
+ENV PATH="/app/.venv/bin:$PATH" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+    MEDMESH_MODEL_SPECS_DIR=/app/deploy/models MEDMESH_HTTP_HOST=0.0.0.0
+USER 10001:10001
+EXPOSE 8080 8181 8182 8184
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=6 \
+  CMD ["python", "/app/healthcheck.py"]
 CMD ["python", "-m", "medmesh_ingest"]

@@ -1,0 +1,681 @@
+"""Static checks of the deployment files (issue 8): no Docker engine or cluster is needed.
+
+compose.yaml is validated against the Compose Specification's schema (deploy/schemas), every
+Kubernetes manifest of every overlay against Kubernetes' schemas (kubernetes-validate), and the
+names that must agree (topics, ports, MEDMESH_ variables, model versions, consumer groups) are
+derived from the code: the topic contract, the model specs and the services' settings classes.
+
+The overlays are rendered by a small Kustomize subset below (resources, namespace, labels, JSON 6902
+patches), so the checks run without kubectl; where ``kustomize`` or ``kubectl`` is installed, a test
+checks that the real Kustomize renders exactly the same objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any, get_args
+
+import jsonschema
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml
+from pydantic import BaseModel, SecretStr
+from pydantic_settings import BaseSettings
+
+from medmesh_contracts.modelspec import load_specs
+from medmesh_contracts.topics import STATIC_TOPICS, all_topics, model_task_topic
+from medmesh_inference.settings import WorkerSettings
+from medmesh_ingest.settings import IngestSettings
+from medmesh_reporting.settings import ReportingSettings
+from medmesh_router.settings import RouterSettings
+from medmesh_runtime.settings import ServiceSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+OVERLAYS = ("small", "large")
+# The Kubernetes version the manifests must be valid for (the oldest one we support).
+K8S_VERSION = "1.30"
+MEDMESH_IMAGE = "medmesh:dev"
+
+Doc = dict[str, Any]
+
+# Each service: its module (the container command), its settings class and its port field.
+SERVICES: dict[str, tuple[type[ServiceSettings], str]] = {
+    "medmesh_ingest": (IngestSettings, "ingest_port"),
+    "medmesh_router": (RouterSettings, "router_port"),
+    "medmesh_inference": (WorkerSettings, "worker_port"),
+    "medmesh_reporting": (ReportingSettings, "reporting_port"),
+}
+SETTINGS_CLASSES: tuple[type[BaseSettings], ...] = (
+    ServiceSettings,
+    *tuple(cls for cls, _ in SERVICES.values()),
+)
+# Environment variables of medmesh containers that are not medmesh settings: OpenSSL's trust store
+# (the Strimzi cluster CA in the large overlay).
+FOREIGN_ENV = frozenset({"SSL_CERT_FILE"})
+
+
+# --- what the code says ------------------------------------------------------------------------
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a settings field (every class uses the MEDMESH_ prefix)."""
+    return f"MEDMESH_{field.upper()}"
+
+
+@cache
+def settings_env_names() -> frozenset[str]:
+    """Every MEDMESH_ variable some settings class reads."""
+    names = set()
+    for cls in SETTINGS_CLASSES:
+        assert cls.model_config.get("env_prefix") == "MEDMESH_", cls
+        names |= {env_name(f) for f in cls.model_fields}
+    return frozenset(names)
+
+
+def _holds_secret(annotation: Any) -> bool:
+    """Whether a type is or contains SecretStr (in unions, containers and nested models)."""
+    if annotation is SecretStr:
+        return True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return any(_holds_secret(f.annotation) for f in annotation.model_fields.values())
+    return any(_holds_secret(arg) for arg in get_args(annotation))
+
+
+@cache
+def secret_env_names() -> frozenset[str]:
+    """Settings that are secrets: fields holding a SecretStr, and the Kafka SASL credentials."""
+    names = {"MEDMESH_KAFKA_SASL_USERNAME", "MEDMESH_KAFKA_SASL_PASSWORD"}
+    for cls in SETTINGS_CLASSES:
+        for field, info in cls.model_fields.items():
+            if _holds_secret(info.annotation):
+                names.add(env_name(field))
+    return frozenset(names)
+
+
+@cache
+def model_versions() -> tuple[tuple[str, int], ...]:
+    """Every (model, version) deployed by the specs in deploy/models."""
+    specs = load_specs(ROOT / "deploy" / "models")
+    return tuple((s.name, v.version) for s in specs.values() for v in s.versions)
+
+
+def worker_name(model: str, version: int) -> str:
+    """The compose service / Kubernetes workload of one model version's workers."""
+    return f"worker-{model}-v{version}"
+
+
+# --- .env.example --------------------------------------------------------------------------------
+
+
+@cache
+def env_example() -> dict[str, str]:
+    """The variables .env.example sets (not the commented ones)."""
+    values = {}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, sep, value = line.partition("=")
+            assert sep, f"not NAME=value: {line!r}"
+            values[name.strip()] = value
+    return values
+
+
+def env_example_named() -> set[str]:
+    """Every MEDMESH_ variable .env.example names, set or in a `# MEDMESH_X=` comment."""
+    return set(re.findall(r"^#? ?(MEDMESH_[A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.M))
+
+
+# --- compose.yaml --------------------------------------------------------------------------------
+
+
+@cache
+def compose() -> Doc:
+    """compose.yaml as YAML (merge keys resolved)."""
+    doc: Doc = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    return doc
+
+
+def compose_medmesh_services() -> dict[str, Doc]:
+    """The compose services that run a medmesh service module, by name."""
+    return {
+        name: svc
+        for name, svc in compose()["services"].items()
+        if svc.get("command", [])[:2] == ["python", "-m"] and svc["command"][2] in SERVICES
+    }
+
+
+# --- Kubernetes: a Kustomize subset ------------------------------------------------------------
+
+KUSTOMIZATION_KEYS = {"apiVersion", "kind", "namespace", "labels", "resources", "patches"}
+CLUSTER_SCOPED = {"Namespace"}
+
+
+def _pointer(path: str) -> list[str]:
+    return [p.replace("~1", "/").replace("~0", "~") for p in path.lstrip("/").split("/")]
+
+
+def apply_json_patch(doc: Doc, ops: list[Doc]) -> None:
+    """Apply RFC 6902 add / replace / remove operations in place."""
+    for op in ops:
+        *parents, last = _pointer(op["path"])
+        node: Any = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if isinstance(node, list):
+            if op["op"] == "add":
+                node.insert(len(node) if last == "-" else int(last), copy.deepcopy(op["value"]))
+            elif op["op"] == "replace":
+                node[int(last)] = copy.deepcopy(op["value"])
+            elif op["op"] == "remove":
+                del node[int(last)]
+            else:
+                raise AssertionError(f"unsupported op {op['op']}")
+        elif op["op"] in ("add", "replace"):
+            assert op["op"] == "add" or last in node, f"replace of a missing {op['path']}"
+            node[last] = copy.deepcopy(op["value"])
+        elif op["op"] == "remove":
+            del node[last]
+        else:
+            raise AssertionError(f"unsupported op {op['op']}")
+
+
+def _targets(doc: Doc, target: Doc) -> bool:
+    if "kind" in target and doc["kind"] != target["kind"]:
+        return False
+    if "name" in target and not re.fullmatch(target["name"], doc["metadata"]["name"]):
+        return False
+    if "labelSelector" in target:
+        labels = doc["metadata"].get("labels", {})
+        for term in target["labelSelector"].split(","):
+            key, _, value = term.partition("=")
+            if labels.get(key.strip()) != value.strip():
+                return False
+    return True
+
+
+def render(directory: Path) -> list[Doc]:
+    """Render a kustomization the way `kustomize build` does, for the features used here."""
+    k = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    assert set(k) <= KUSTOMIZATION_KEYS, f"renderer lacks {set(k) - KUSTOMIZATION_KEYS}"
+    docs: list[Doc] = []
+    for resource in k.get("resources", []):
+        path = directory / resource
+        if path.is_dir():
+            docs += render(path)
+        else:
+            docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for patch in k.get("patches", []):
+        text = patch["patch"] if "patch" in patch else (directory / patch["path"]).read_text()
+        targets = [d for d in docs if _targets(d, patch["target"])]
+        assert targets, f"patch target matches nothing: {patch['target']}"
+        for doc in targets:
+            apply_json_patch(doc, yaml.safe_load(text))
+    for doc in docs:
+        if "namespace" in k and doc["kind"] not in CLUSTER_SCOPED:
+            doc["metadata"]["namespace"] = k["namespace"]
+        for label in k.get("labels", []):
+            assert not label.get("includeSelectors")
+            assert not label.get("includeTemplates")
+            doc["metadata"].setdefault("labels", {}).update(label["pairs"])
+    return docs
+
+
+@cache
+def _rendered(overlay: str) -> tuple[str, ...]:
+    return tuple(json.dumps(d, sort_keys=True) for d in render(K8S / "overlays" / overlay))
+
+
+def rendered(overlay: str) -> list[Doc]:
+    """A fresh copy of an overlay's rendered objects."""
+    return [json.loads(d) for d in _rendered(overlay)]
+
+
+def by_kind(docs: list[Doc], *kinds: str) -> dict[str, Doc]:
+    """The objects of the given kinds, by name."""
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] in kinds}
+
+
+def workloads(docs: list[Doc]) -> dict[str, Doc]:
+    """Deployments, StatefulSets and Jobs by name."""
+    return by_kind(docs, "Deployment", "StatefulSet", "Job")
+
+
+def medmesh_containers(docs: list[Doc]) -> Iterator[tuple[str, Doc]]:
+    """(workload name, container) for every container running the medmesh image."""
+    for name, w in workloads(docs).items():
+        for c in w["spec"]["template"]["spec"]["containers"]:
+            if c["image"] == MEDMESH_IMAGE:
+                yield name, c
+
+
+def container_module(container: Doc) -> str | None:
+    """The medmesh service module a container runs (None for other commands)."""
+    command = container.get("command", [])
+    return command[2] if command[:2] == ["python", "-m"] and command[2] in SERVICES else None
+
+
+def configmap(docs: list[Doc]) -> dict[str, str]:
+    """The data of the medmesh-config ConfigMap."""
+    data: dict[str, str] = by_kind(docs, "ConfigMap")["medmesh-config"]["data"]
+    return data
+
+
+def load_generator() -> ModuleType:
+    """deploy/k8s/generate.py as a module."""
+    spec = importlib.util.spec_from_file_location("medmesh_k8s_generate", K8S / "generate.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- Compose -------------------------------------------------------------------------------------
+
+
+def test_compose_file_is_valid_against_the_compose_specification() -> None:
+    """compose.yaml validates against the Compose Specification's JSON Schema."""
+    schema = json.loads((ROOT / "deploy" / "schemas" / "compose-spec.json").read_text())
+    errors = [
+        f"{e.json_path}: {e.message}"
+        for e in jsonschema.Draft202012Validator(schema).iter_errors(compose())
+    ]
+    assert errors == []
+
+
+def test_compose_schema_check_rejects_a_misspelt_key() -> None:
+    """The Compose schema check is not vacuous: a misspelt service key fails it."""
+    schema = json.loads((ROOT / "deploy" / "schemas" / "compose-spec.json").read_text())
+    broken = copy.deepcopy(compose())
+    broken["services"]["router"]["healtcheck"] = broken["services"]["router"]["healthcheck"]
+    assert not jsonschema.Draft202012Validator(schema).is_valid(broken)
+
+
+def test_compose_runs_one_worker_service_per_model_version() -> None:
+    """compose.yaml has exactly one worker service per model version of the specs, set to it."""
+    workers = {
+        n: s
+        for n, s in compose_medmesh_services().items()
+        if s["command"][2] == "medmesh_inference"
+    }
+    assert set(workers) == {worker_name(m, v) for m, v in model_versions()}
+    for model, version in model_versions():
+        env = workers[worker_name(model, version)]["environment"]
+        assert env == {"MEDMESH_WORKER_MODEL": model, "MEDMESH_WORKER_MODEL_VERSION": str(version)}
+        # --scale needs no fixed container name and no published host port.
+        assert "container_name" not in workers[worker_name(model, version)]
+        assert "ports" not in workers[worker_name(model, version)]
+
+
+def test_compose_services_have_healthchecks_limits_and_healthy_dependencies() -> None:
+    """Each medmesh service: the env file, a health check, a memory limit, healthy dependencies."""
+    services = compose_medmesh_services()
+    assert {s["command"][2] for s in services.values()} == set(SERVICES)
+    for name, svc in services.items():
+        assert svc["env_file"][0] == {"path": ".env.example"}, name
+        assert svc["healthcheck"]["test"], name
+        assert svc["deploy"]["resources"]["limits"]["memory"], name
+        assert svc["depends_on"]["kafka"]["condition"] == "service_healthy", name
+        assert svc["depends_on"]["topics"]["condition"] == "service_completed_successfully", name
+        if svc["command"][2] == "medmesh_inference":
+            for triton in ("triton", "triton-cpu"):
+                assert svc["depends_on"][triton]["condition"] == "service_healthy", name
+        assert set(svc.get("environment", {})) <= settings_env_names(), name
+    for infra in ("kafka", "triton", "triton-cpu"):
+        assert compose()["services"][infra]["healthcheck"]["test"]
+        assert compose()["services"][infra]["deploy"]["resources"]["limits"]["memory"]
+
+
+def test_compose_publishes_ingest_on_its_configured_port() -> None:
+    """The only published port is ingest's FHIR endpoint, on MEDMESH_INGEST_PORT inside."""
+    published = {n: s["ports"] for n, s in compose()["services"].items() if "ports" in s}
+    assert published == {"ingest": [f"8080:{env_example()['MEDMESH_INGEST_PORT']}"]}
+
+
+def test_compose_triton_reserves_the_gpu_and_has_a_cpu_profile() -> None:
+    """Triton mounts the model repository; the gpu profile reserves GPUs, the cpu profile runs without."""
+    services = compose()["services"]
+    gpu, cpu = services["triton"], services["triton-cpu"]
+    assert gpu["profiles"] == ["gpu"]
+    assert cpu["profiles"] == ["cpu"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert "reservations" not in cpu["deploy"]["resources"]
+    for triton in (gpu, cpu):
+        assert triton["volumes"] == ["./deploy/triton/models:/models:ro"]
+        assert "--model-repository=/models" in triton["command"]
+        assert triton["networks"]["default"]["aliases"] == ["triton"]
+    assert (ROOT / "deploy" / "triton" / "models").is_dir()
+    assert env_example()["MEDMESH_TRITON_GRPC_URL"] == "triton:8001"
+
+
+def test_compose_topic_job_creates_topics_from_the_contract_and_specs() -> None:
+    """The topics job builds its list with all_topics and load_specs: it spells no topic name."""
+    job = compose()["services"]["topics"]
+    script = "\n".join(job["command"])
+    assert "all_topics" in script
+    assert "load_specs" in script
+    assert "create_topics" in script
+    assert "medmesh." not in script.replace("medmesh_", "")
+    assert job["restart"] == "no"
+
+
+# --- .env.example --------------------------------------------------------------------------------
+
+
+def test_env_example_sets_only_variables_some_settings_class_reads() -> None:
+    """Every variable set in .env.example is a field of a settings class."""
+    assert set(env_example()) - settings_env_names() == set()
+
+
+def test_env_example_names_every_setting() -> None:
+    """Every settings field is named in .env.example (set, or commented when per-process/optional)."""
+    assert settings_env_names() - env_example_named() == set()
+
+
+def test_env_example_sets_no_empty_values() -> None:
+    """No variable is set to an empty value: pydantic-settings reads '' as a value, not as unset."""
+    assert [name for name, value in env_example().items() if value == ""] == []
+
+
+def test_env_example_names_every_topic_of_the_contract() -> None:
+    """.env.example lists every static topic and the per-model-version task topic pattern."""
+    text = (ROOT / ".env.example").read_text()
+    for spec in STATIC_TOPICS:
+        assert re.search(rf"^# {re.escape(spec.name)}\b", text, re.M), spec.name
+    assert model_task_topic("name", 1).replace("name", "<name>").replace("v1", "v<N>") in text
+
+
+def test_env_example_ports_are_the_settings_defaults() -> None:
+    """The ports in .env.example are the settings' defaults, so `medmesh up` and containers agree."""
+    for cls, port_field in SERVICES.values():
+        default = cls.model_fields[port_field].default
+        assert env_example()[env_name(port_field)] == str(default), port_field
+
+
+# --- Kubernetes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_manifests_are_valid_against_kubernetes_schemas(overlay: str) -> None:
+    """Every built-in object of the rendered overlay validates against Kubernetes' strict schemas."""
+    errors = []
+    for doc in rendered(overlay):
+        if "." in doc["apiVersion"].split("/")[0] and not doc["apiVersion"].startswith(
+            ("apps/", "batch/", "policy/", "networking.k8s.io/")
+        ):
+            continue  # custom resources: see the structural test below
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {e.message}")
+    assert errors == []
+
+
+def test_k8s_schema_check_rejects_a_misspelt_field() -> None:
+    """The Kubernetes schema check is not vacuous: a misspelt container field fails it."""
+    deployment = copy.deepcopy(by_kind(rendered("small"), "Deployment")["router"])
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+def test_custom_resources_have_the_structure_their_operators_need() -> None:
+    """Strimzi and KEDA objects (no schema package exists for them): required fields and types."""
+    docs = rendered("large")
+    kinds = {d["kind"] for d in docs if "strimzi" in d["apiVersion"] or "keda" in d["apiVersion"]}
+    assert kinds == {"KafkaTopic", "KafkaUser", "ScaledObject", "TriggerAuthentication"}
+    for topic in by_kind(docs, "KafkaTopic").values():
+        assert topic["apiVersion"] == "kafka.strimzi.io/v1beta2"
+        assert topic["metadata"]["labels"]["strimzi.io/cluster"]
+        spec = topic["spec"]
+        assert isinstance(spec["topicName"], str)
+        assert isinstance(spec["partitions"], int)
+        assert isinstance(spec["replicas"], int)
+        assert all(isinstance(v, str) for v in spec["config"].values())
+    for user in by_kind(docs, "KafkaUser").values():
+        assert user["apiVersion"] == "kafka.strimzi.io/v1beta2"
+        assert user["spec"]["authentication"]["type"] == "scram-sha-512"
+    auths = by_kind(docs, "TriggerAuthentication")
+    for scaled in by_kind(docs, "ScaledObject").values():
+        assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+        spec = scaled["spec"]
+        assert spec["scaleTargetRef"]["name"] in by_kind(docs, "Deployment")
+        assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+        for trigger in spec["triggers"]:
+            assert trigger["type"] == "kafka"
+            assert trigger["authenticationRef"]["name"] in auths
+            assert all(isinstance(v, str) for v in trigger["metadata"].values())
+    for auth in auths.values():
+        assert {r["parameter"] for r in auth["spec"]["secretTargetRef"]} >= {"username", "password"}
+
+
+def _real_kustomize(directory: Path) -> list[Doc] | None:
+    if shutil.which("kustomize"):
+        command = ["kustomize", "build", str(directory)]
+    elif shutil.which("kubectl"):
+        command = ["kubectl", "kustomize", str(directory)]
+    else:
+        return None
+    out = subprocess.run(command, check=True, capture_output=True, text=True, timeout=60).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_renderer_matches_real_kustomize(overlay: str) -> None:
+    """Where kustomize (or kubectl) is installed, it renders the same objects as this test's renderer."""
+    real = _real_kustomize(K8S / "overlays" / overlay)
+    if real is None:
+        pytest.skip("neither kustomize nor kubectl is installed")
+
+    def key(d: Doc) -> str:
+        return f"{d['kind']}/{d['metadata']['name']}"
+
+    assert sorted(real, key=key) == sorted(rendered(overlay), key=key)
+
+
+def test_generated_manifests_are_up_to_date() -> None:
+    """The worker Deployments, KafkaTopics and ScaledObjects equal what deploy/k8s/generate.py writes."""
+    stale = [
+        str(path.relative_to(ROOT))
+        for path, text in load_generator().outputs().items()
+        if path.read_text() != text
+    ]
+    assert stale == [], "run: .venv/bin/python deploy/k8s/generate.py"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_runs_one_worker_deployment_per_model_version(overlay: str) -> None:
+    """One worker Deployment per model version of the specs, set to that model and version."""
+    docs = rendered(overlay)
+    workers = {
+        n: c for n, c in medmesh_containers(docs) if container_module(c) == "medmesh_inference"
+    }
+    assert set(workers) == {worker_name(m, v) for m, v in model_versions()}
+    for model, version in model_versions():
+        env = {e["name"]: e.get("value") for e in workers[worker_name(model, version)]["env"]}
+        assert env["MEDMESH_WORKER_MODEL"] == model
+        assert env["MEDMESH_WORKER_MODEL_VERSION"] == str(version)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_env_names_are_settings_fields(overlay: str) -> None:
+    """Every variable a medmesh container gets (env, ConfigMap) is a settings field."""
+    docs = rendered(overlay)
+    names = set(configmap(docs))
+    for _, container in medmesh_containers(docs):
+        names |= {e["name"] for e in container.get("env", [])}
+    assert names - settings_env_names() - FOREIGN_ENV == set()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_configmap_agrees_with_env_example(overlay: str) -> None:
+    """The ConfigMap sets the non-secret variables of .env.example, with the same ports and groups."""
+    data = configmap(rendered(overlay))
+    assert set(data) == set(env_example()) - secret_env_names()
+    assert [k for k, v in data.items() if v == ""] == []
+    site_specific = {"MEDMESH_KAFKA_BOOTSTRAP_SERVERS", "MEDMESH_KAFKA_SECURITY_PROTOCOL"}
+    for name in set(data) - site_specific:
+        assert data[name] == env_example()[name], name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_secrets_come_only_from_secrets(overlay: str) -> None:
+    """Secret settings are never in the ConfigMap, always from a Secret; medmesh-secrets keys exist."""
+    docs = rendered(overlay)
+    assert set(configmap(docs)) & secret_env_names() == set()
+    example = yaml.safe_load((K8S / "secret.example.yaml").read_text())
+    kubernetes_validate.validate(example, K8S_VERSION, strict=True)
+    for name, container in medmesh_containers(docs):
+        for env in container.get("env", []):
+            if env["name"] in secret_env_names():
+                ref = env["valueFrom"]["secretKeyRef"]
+                if ref["name"] == "medmesh-secrets":
+                    assert ref["key"] in example["stringData"], (name, ref)
+    ingest = dict(medmesh_containers(docs))["ingest"]
+    pseudonym = next(e for e in ingest["env"] if e["name"] == "MEDMESH_PSEUDONYM_KEY")
+    assert pseudonym["valueFrom"]["secretKeyRef"] == {
+        "name": "medmesh-secrets",
+        "key": "MEDMESH_PSEUDONYM_KEY",
+    }
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_services_listen_and_probe_on_their_configured_port(overlay: str) -> None:
+    """Each service container exposes its MEDMESH_<SERVICE>_PORT and probes /healthz and /readyz there."""
+    docs = rendered(overlay)
+    data = configmap(docs)
+    seen = set()
+    for name, container in medmesh_containers(docs):
+        module = container_module(container)
+        if module is None:
+            continue
+        seen.add(module)
+        port = int(data[env_name(SERVICES[module][1])])
+        assert container["ports"] == [{"name": "http", "containerPort": port}], name
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+        resources = container["resources"]
+        assert set(resources["requests"]) >= {"cpu", "memory"}, name
+        assert resources["limits"]["memory"], name
+    assert seen == set(SERVICES)
+    for service in by_kind(docs, "Service").values():
+        workload = workloads(docs).get(service["spec"]["selector"]["app.kubernetes.io/name"])
+        assert workload is not None, service["metadata"]["name"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_workloads_have_disruption_budgets_and_deny_by_default(overlay: str) -> None:
+    """Every long-running workload has a PodDisruptionBudget; NetworkPolicies start from deny-all."""
+    docs = rendered(overlay)
+    budgets = {
+        d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
+        for d in by_kind(docs, "PodDisruptionBudget").values()
+    }
+    long_running = {n for n, w in workloads(docs).items() if w["kind"] != "Job" and n != "kafka"}
+    assert long_running - budgets == set()
+    deny = by_kind(docs, "NetworkPolicy")["default-deny"]["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_triton_runs_on_gpu_nodes(overlay: str) -> None:
+    """Triton asks for nvidia.com/gpu, selects GPU nodes and tolerates their taint."""
+    triton = by_kind(rendered(overlay), "Deployment")["triton"]["spec"]["template"]["spec"]
+    container = triton["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert triton["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in triton[
+        "tolerations"
+    ]
+    assert "--model-repository=/models" in container["args"]
+    assert container["image"] == compose()["x-triton"]["image"]
+
+
+def test_k8s_small_topic_job_creates_topics_from_the_contract() -> None:
+    """The small overlay's topics Job runs the same contract-driven script as compose's topics job."""
+    job = by_kind(rendered("small"), "Job")["medmesh-topics"]
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command == compose()["services"]["topics"]["command"]
+
+
+def test_k8s_large_kafka_topics_match_the_contract() -> None:
+    """The large overlay's KafkaTopics are exactly the contract's topics, with its settings."""
+    topics = {
+        t["spec"]["topicName"]: t["spec"] for t in by_kind(rendered("large"), "KafkaTopic").values()
+    }
+    contract = {s.name: s for s in all_topics(list(model_versions()))}
+    assert set(topics) == set(contract)
+    for name, spec in contract.items():
+        assert topics[name]["config"].items() >= spec.config.items(), name
+        if spec.partitions == 1:
+            assert topics[name]["partitions"] == 1, name
+        else:
+            assert topics[name]["partitions"] >= spec.partitions, name
+
+
+def test_k8s_large_scales_each_worker_group_on_its_lag() -> None:
+    """One ScaledObject per model version: its worker group and task topic, at most one pod per partition."""
+    docs = rendered("large")
+    scaled = by_kind(docs, "ScaledObject")
+    partitions = {
+        t["spec"]["topicName"]: t["spec"]["partitions"]
+        for t in by_kind(docs, "KafkaTopic").values()
+    }
+    assert set(scaled) == {worker_name(m, v) for m, v in model_versions()}
+    for model, version in model_versions():
+        spec = scaled[worker_name(model, version)]["spec"]
+        settings = WorkerSettings(worker_model=model, worker_model_version=version)
+        (trigger,) = spec["triggers"]
+        assert trigger["metadata"]["consumerGroup"] == settings.group_id
+        assert trigger["metadata"]["topic"] == model_task_topic(model, version)
+        assert spec["maxReplicaCount"] <= partitions[model_task_topic(model, version)]
+
+
+def test_k8s_large_talks_to_kafka_over_sasl_ssl_with_scram() -> None:
+    """The large overlay: SASL_SSL with SCRAM, the KafkaUser's password and the cluster CA everywhere."""
+    docs = rendered("large")
+    data = configmap(docs)
+    assert data["MEDMESH_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert data["MEDMESH_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+    user = next(iter(by_kind(docs, "KafkaUser")))
+    for name, container in medmesh_containers(docs):
+        if container_module(container) is None:
+            continue
+        env = {e["name"]: e for e in container["env"]}
+        password = env["MEDMESH_KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert password == {"name": user, "key": "password"}, name
+        assert env["SSL_CERT_FILE"]["value"].startswith("/etc/medmesh/kafka-ca/"), name
+
+
+# --- Dockerfile ----------------------------------------------------------------------------------
+
+
+def test_dockerfile_final_stage_is_pinned_non_root_and_has_a_healthcheck() -> None:
+    """Multi-stage; the final stage: pinned base, no build tools, a non-root user, a health check."""
+    text = (ROOT / "Dockerfile").read_text()
+    stages = re.split(r"^FROM ", text, flags=re.M)[1:]
+    assert len(stages) >= 2
+    for stage in stages:
+        image = stage.split()[0]
+        assert re.search(r":\d[\w.-]*$", image) or "@sha256:" in image, image
+    final = stages[-1]
+    assert final.split()[2] == "runtime"
+    user = re.findall(r"^USER (\S+)", final, re.M)
+    assert user
+    assert user[-1].split(":")[0] not in ("root", "0")
+    assert re.search(r"^HEALTHCHECK .*CMD", final, re.M | re.S)
+    for tool in ("uv ", "apt-get", "pip install", "gcc", "build-essential"):
+        assert tool not in final.replace("/uv ", ""), tool
+    # The health check reads the same settings classes as the services.
+    for module, (cls, port_field) in SERVICES.items():
+        assert f'"{module}": ("{cls.__name__}", "{port_field}")' in final
