@@ -92,6 +92,16 @@ def bad_bundle_type(bundle: JsonDict) -> None:
     bundle["type"] = "pile"
 
 
+def empty_reference_range(bundle: JsonDict) -> None:
+    """Observation.referenceRange with neither low, high nor text (obs-3)."""
+    entry(bundle, "Observation")["referenceRange"] = [{"appliesTo": [{"text": "adults"}]}]
+
+
+def value_and_data_absent_reason(bundle: JsonDict) -> None:
+    """Observation with both value[x] and dataAbsentReason (obs-6)."""
+    entry(bundle, "Observation")["dataAbsentReason"] = {"text": "not asked"}
+
+
 BREAKAGES: list[tuple[Callable[[JsonDict], None], str]] = [
     (bad_report_status, "Bundle.entry[0].resource.ofType(DiagnosticReport).status"),
     (subject_is_an_observation, "Bundle.entry[0].resource.ofType(DiagnosticReport).subject"),
@@ -103,6 +113,8 @@ BREAKAGES: list[tuple[Callable[[JsonDict], None], str]] = [
     (no_value, "Bundle.entry[1].resource.ofType(Observation).value"),
     (interpretation_without_v3, "Bundle.entry[1].resource.ofType(Observation).interpretation"),
     (bad_bundle_type, "Bundle.type"),
+    (empty_reference_range, "Bundle.entry[1].resource.ofType(Observation).referenceRange[0]"),
+    (value_and_data_absent_reason, "Bundle.entry[1].resource.ofType(Observation).dataAbsentReason"),
 ]
 
 
@@ -149,3 +161,16 @@ def test_junk_is_reported_not_raised() -> None:
     assert check_report_bundle({"resourceType": "Observation"}) == [
         "Bundle.resourceType: expected 'Bundle', got 'Observation'"
     ]
+
+
+def test_provenance_role_value_set_follows_the_fhir_version(report: JsonDict) -> None:
+    """'derivation' is a Provenance entity role in R4B but not in R5, 'instantiates' the reverse."""
+    derivation = copy.deepcopy(report)
+    entry(derivation, "Provenance")["entity"][0]["role"] = "derivation"
+    instantiates = copy.deepcopy(report)
+    entry(instantiates, "Provenance")["entity"][0]["role"] = "instantiates"
+
+    assert check_report_bundle(derivation, fhir_version="R4B") == []
+    assert len(check_report_bundle(derivation, fhir_version="R5")) == 1
+    assert check_report_bundle(instantiates, fhir_version="R5") == []
+    assert len(check_report_bundle(instantiates, fhir_version="R4B")) == 1

@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fhir.resources.bundle import Bundle as R5Bundle
+from fhir.resources.R4B.device import Device as R4BDevice
+from pydantic import ValidationError
 
+from medmesh_contracts.events import SourceContext
+from medmesh_contracts.headers import FHIR_R4B_JSON, FHIR_R5_JSON
 from medmesh_contracts.modelspec import ModelSpec, load_spec
 from medmesh_reporting.report import (
     AIAST,
@@ -16,6 +21,7 @@ from medmesh_reporting.report import (
     ReportBuildError,
     build_report,
     report_ids,
+    report_schema,
 )
 from tests.factories import make_completed, make_request, make_task
 
@@ -213,3 +219,70 @@ def test_naive_issued_time_is_rejected(spec: ModelSpec) -> None:
     """An issued time without a timezone raises ReportBuildError."""
     with pytest.raises(ReportBuildError, match="timezone-aware"):
         build_report(make_completed(), spec, issued=datetime(2026, 11, 23, 8, 31))
+
+
+def _r5(completed_version: int = 1) -> Any:
+    request = make_request()
+    source = SourceContext(channel="http", fhir_version="R5")
+    return make_completed(
+        make_task(request.model_copy(update={"source": source}), model_version=completed_version)
+    )
+
+
+def test_conclusion_code_is_the_band_of_the_model(spec: ModelSpec) -> None:
+    """conclusionCode carries the risk band in the model's band code system (no invented SNOMED)."""
+    report = resources(build_report(make_completed(), spec, issued=ISSUED))["DiagnosticReport"]
+
+    assert report["conclusionCode"] == [
+        {
+            "coding": [
+                {
+                    "system": spec.report.band_system,
+                    "code": "high",
+                    "display": "High clinical risk",
+                }
+            ],
+            "text": "High clinical risk",
+        }
+    ]
+
+
+def test_reference_range_is_the_low_risk_range_of_the_version(spec: ModelSpec) -> None:
+    """v1 gives NEWS2 0-4 in {score}; v2 gives 0-5 % as Observation.referenceRange."""
+    v1 = resources(build_report(make_completed(), spec, issued=ISSUED))["Observation"]
+    v2_completed = make_completed(make_task(model_version=2))
+    v2 = resources(build_report(v2_completed, spec, issued=ISSUED))["Observation"]
+
+    (range_v1,) = v1["referenceRange"]
+    assert (range_v1["low"]["value"], range_v1["high"]["value"]) == (0, 4)
+    assert range_v1["high"]["code"] == "{score}"
+    assert "NEWS2 0-4" in range_v1["text"]
+    (range_v2,) = v2["referenceRange"]
+    assert (range_v2["low"]["value"], range_v2["high"]["value"]) == (0.0, 5.0)
+    assert range_v2["high"]["code"] == "%"
+
+
+def test_r5_source_gets_an_r5_report(spec: ModelSpec) -> None:
+    """A request whose source spoke R5 gets a Bundle valid as R5, with R5's Device.name."""
+    completed = _r5()
+    bundle = build_report(completed, spec, issued=ISSUED)
+    device = resources(bundle)["Device"]
+
+    assert report_schema(completed) == FHIR_R5_JSON
+    assert report_schema(make_completed()) == FHIR_R4B_JSON
+    assert "deviceName" not in device
+    assert device["name"][0] == {"value": "deterioration", "type": "registered-name"}
+    assert device["type"] == [{"text": "AI model"}]
+    R5Bundle.model_validate(bundle)
+    with pytest.raises(ValidationError):
+        R4BDevice.model_validate(device)
+
+
+def test_r5_report_has_the_same_clinical_content_as_r4b(spec: ModelSpec) -> None:
+    """Only the Device differs between the R4B and the R5 report of the same result."""
+    r4b = resources(build_report(make_completed(), spec, issued=ISSUED))
+    r5 = resources(build_report(_r5(), spec, issued=ISSUED))
+
+    for kind in ("DiagnosticReport", "Observation", "Provenance"):
+        assert r4b[kind] == r5[kind]
+    assert r4b["Device"] != r5["Device"]

@@ -1,91 +1,124 @@
-"""The reporting service: medmesh.inference.results -> FHIR R4B report Bundles.
+"""The reporting service: medmesh.inference.results -> FHIR report Bundles, exactly once.
 
-Thin by design: decoding and publishing here, the FHIR in ``report.build_report``. Results of
-shadow versions never become reports (the router marks them; see the contract's RouteDecision).
+Thin by design: the FHIR is built in ``report.build_report``, one record's output decided in
+``handling.ReportHandler``, and the Kafka transactions run in ``transactional.TransactionalLoop``.
+This module wires them together when the app starts and serves /healthz and /readyz.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
-from typing import Any
+from collections.abc import Callable
 
-from faststream.asgi import AsgiFastStream
-from faststream.kafka.annotations import KafkaMessage
-from opentelemetry import trace
-from pydantic import ValidationError
+import httpx
+from faststream.asgi import AsgiFastStream, AsgiResponse, get
+from faststream.asgi.handlers import GetHandler
+from faststream.asgi.types import Scope
+from faststream.kafka import KafkaBroker
 
-from medmesh_contracts import headers as h
 from medmesh_contracts import topics
-from medmesh_contracts.events import InferenceCompleted, Producer, utc_now
+from medmesh_contracts.events import Producer
 from medmesh_contracts.modelspec import load_specs
-from medmesh_reporting.report import ReportBuildError, build_report
+from medmesh_reporting.delivery import Backoff, Deliverer, DeliveryLoop
+from medmesh_reporting.handling import ReportHandler
+from medmesh_reporting.kafka import delivery_clients, kafka_clients
 from medmesh_reporting.settings import ReportingSettings
-from medmesh_runtime.deadletter import DeadLetters
+from medmesh_reporting.transactional import ClientFactory, LoopSettings, TransactionalLoop
 from medmesh_runtime.health import health_routes
-from medmesh_runtime.kafka import CONSUMER_ACK_POLICY, build_broker, message_headers
-from medmesh_runtime.logging import configure_logging, get_logger
-from medmesh_runtime.telemetry import configure_service_tracing
+from medmesh_runtime.kafka import build_broker
+from medmesh_runtime.logging import configure_logging
+from medmesh_runtime.telemetry import configure_tracing
 
 SERVICE = "reporting"
-log = get_logger("medmesh.reporting")
+Routes = list[tuple[str, GetHandler]]
 
 
-def create_app(settings: ReportingSettings) -> AsgiFastStream:
-    """Build the reporting app; Kafka connects when the app starts."""
+def _routes(broker: KafkaBroker, loop: Callable[[], TransactionalLoop | None]) -> Routes:
+    """The shared /readyz (Kafka up and the loop consuming) and /metrics, and our own /healthz:
+    503 once the loop has stopped for good because another process took its transactional id."""
+
+    async def loop_ready() -> bool:
+        current = loop()
+        return current is not None and current.ready
+
+    @get(include_in_schema=False)
+    async def healthz(scope: Scope) -> AsgiResponse:
+        current = loop()
+        return AsgiResponse(b"", 503 if current is not None and current.fenced else 204)
+
+    shared = [r for r in health_routes(broker, loop_ready) if r[0] != "/healthz"]
+    return [("/healthz", healthz), *shared]
+
+
+def create_app(settings: ReportingSettings, clients: ClientFactory | None = None) -> AsgiFastStream:
+    """Build the reporting app; the Kafka clients are built when the app starts.
+
+    ``clients`` replaces the real aiokafka clients (tests pass in-memory fakes).
+    """
     configure_logging(SERVICE, settings.log_level)
-    tracer_provider = configure_service_tracing(SERVICE, settings)
-    tracer = tracer_provider.get_tracer("medmesh.reporting")
-    specs = load_specs(settings.model_specs_dir)
-    producer = Producer(service=SERVICE, instance=settings.instance_id)
+    tracer_provider = configure_tracing(SERVICE, settings.instance_id, settings.trace_file)
+    # Declared for the AsyncAPI document: the loop, not this broker, produces these records.
     broker = build_broker(settings, SERVICE, tracer_provider)
-    reports_out = broker.publisher(topics.REPORTS_DIAGNOSTIC, title="FHIR DiagnosticReport bundles")
-    dead_letters = DeadLetters(broker.publisher(topics.REPORTING_DEADLETTER), producer)
+    broker.publisher(topics.REPORTS_DIAGNOSTIC, title="FHIR report Bundles (transactional)")
+    broker.publisher(topics.REPORTING_DEADLETTER, title="dead letters (transactional)")
+    state: dict[str, TransactionalLoop] = {}
+    tasks: list[asyncio.Task[None]] = []
 
-    @broker.subscriber(
-        topics.INFERENCE_RESULTS,
-        group_id=settings.reporting_group_id,
-        auto_offset_reset="earliest",
-        ack_policy=CONSUMER_ACK_POLICY,
-        title="inference results",
-    )
-    async def on_result(message: KafkaMessage) -> None:
-        record: Any = message.raw_message
-        try:
-            completed = InferenceCompleted.model_validate_json(record.value)
-            spec = specs[completed.task.request.model]
-            with tracer.start_as_current_span("reporting.build-report"):
-                bundle = build_report(
-                    completed,
-                    spec,
-                    performer_display=settings.performer_display,
-                    issued=completed.completed_at,
-                )
-        except (ValidationError, KeyError, ReportBuildError) as exc:
-            await dead_letters.send(record, f"{type(exc).__name__}: {exc}")
-            return
-        await reports_out.publish(
-            json.dumps(bundle, separators=(",", ":")).encode(),
-            key=record.key,
-            headers=message_headers(completed.correlation_id, h.FHIR_R4B_JSON),
-            correlation_id=completed.correlation_id,
-        )
-        latency_ms = (utc_now() - completed.task.request.received_at).total_seconds() * 1000
-        trace.get_current_span().set_attribute("medmesh.end_to_end_ms", latency_ms)
-        log.info(
-            "report published",
-            correlation_id=completed.correlation_id,
-            model=spec.name,
-            model_version=completed.task.model_version,
-            end_to_end_ms=round(latency_ms, 1),
-        )
+    def current_loop() -> TransactionalLoop | None:
+        return state.get("loop")
 
-    async def close_tracing() -> None:
+    async def start_loop() -> None:
+        handler = ReportHandler(
+            load_specs(settings.model_specs_dir),
+            Producer(service=SERVICE, instance=settings.instance_id),
+            tracer_provider.get_tracer("medmesh.reporting"),
+            performer_display=settings.performer_display,
+        )
+        loop = TransactionalLoop(
+            clients if clients is not None else (lambda: kafka_clients(settings)),
+            handler,
+            LoopSettings(
+                group_id=settings.reporting_group_id,
+                topics=(topics.INFERENCE_RESULTS,),
+                max_records=settings.reporting_batch_max,
+                poll_timeout_ms=settings.reporting_poll_timeout_ms,
+            ),
+        )
+        state["loop"] = loop
+        tasks.append(asyncio.create_task(loop.run(), name="reporting-loop"))
+        if settings.fhir_server_url:
+            delivery = _deliver(settings, settings.fhir_server_url)
+            tasks.append(asyncio.create_task(delivery, name="reporting-delivery"))
+
+    async def stop_loop() -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         tracer_provider.shutdown()
 
     return AsgiFastStream(
         broker,
-        asgi_routes=health_routes(broker),
-        on_shutdown=[close_tracing],
+        asgi_routes=_routes(broker, current_loop),
+        on_startup=[start_loop],
+        on_shutdown=[stop_loop],
         logger=logging.getLogger(f"medmesh.{SERVICE}.app"),
     )
+
+
+async def _deliver(settings: ReportingSettings, fhir_server_url: str) -> None:
+    """Deliver committed reports to the FHIR server until cancelled."""
+    token = settings.fhir_server_token.get_secret_value() if settings.fhir_server_token else None
+    async with httpx.AsyncClient(timeout=settings.delivery_timeout_s) as client:
+        deliverer = Deliverer(
+            client,
+            fhir_server_url,
+            token=token,
+            backoff=Backoff(give_up_after_s=settings.delivery_give_up_s),
+        )
+        loop = DeliveryLoop(
+            lambda: delivery_clients(settings),
+            deliverer,
+            Producer(service=SERVICE, instance=settings.instance_id),
+        )
+        await loop.run()

@@ -84,6 +84,19 @@ CODE_RULES: tuple[CodeRule, ...] = (
     ),
 )
 
+# R5 dropped "derivation" from provenance-entity-role and added "instantiates".
+R5_CODE_RULES: tuple[CodeRule, ...] = tuple(
+    CodeRule(
+        r.resource_type,
+        r.path,
+        r.value_set,
+        _codes("revision quotation source instantiates removal"),
+    )
+    if r.value_set == "provenance-entity-role"
+    else r
+    for r in CODE_RULES
+)
+
 _SUBJECTS = _codes("Patient Group Device Location")
 _ORDERS = _codes(
     "CarePlan ImmunizationRecommendation MedicationRequest NutritionOrder ServiceRequest"
@@ -128,6 +141,7 @@ class Entry:
     location: str
     resource: JsonDict
     types_by_url: dict[str, str]
+    fhir_version: str = "R4B"
 
     @property
     def resource_type(self) -> str:
@@ -170,7 +184,7 @@ def _target_type(reference: JsonDict, types_by_url: dict[str, str]) -> str | Non
 
 
 def _check_codes(entry: Entry) -> Iterator[str]:
-    for rule in CODE_RULES:
+    for rule in R5_CODE_RULES if entry.fhir_version == "R5" else CODE_RULES:
         if rule.resource_type != entry.resource_type:
             continue
         for where, value in _values(entry.resource, rule.path, entry.location):
@@ -245,6 +259,13 @@ def _check_observation_value(entry: Entry) -> Iterator[str]:
     has_value = any(key.startswith("value") for key in observation)
     if not has_value and "dataAbsentReason" not in observation:
         yield f"{entry.location}.value: an Observation needs value[x] or dataAbsentReason"
+    if has_value and "dataAbsentReason" in observation:
+        yield f"{entry.location}.dataAbsentReason: only when value[x] is absent (obs-6)"
+    for where, reference_range in _values(observation, "referenceRange", entry.location):
+        if not isinstance(reference_range, dict) or not (
+            {"low", "high", "text"} & reference_range.keys()
+        ):
+            yield f"{where}: a reference range needs low, high or text (obs-3)"
 
 
 def _check_interpretation_system(entry: Entry) -> Iterator[str]:
@@ -288,8 +309,11 @@ def _check_contents(entries: list[Entry]) -> Iterator[str]:
         yield "Bundle.entry: a report Bundle needs a Provenance of the AI output"
 
 
-def check_report_bundle(bundle: dict[str, Any]) -> list[str]:
-    """Problems of a report Bundle that fhir.resources does not find; empty when conformant."""
+def check_report_bundle(bundle: dict[str, Any], fhir_version: str = "R4B") -> list[str]:
+    """Problems of a report Bundle that fhir.resources does not find; empty when conformant.
+
+    ``fhir_version`` ("R4B" or "R5") selects the value sets that differ between the versions.
+    """
     if bundle.get("resourceType") != "Bundle":
         return [f"Bundle.resourceType: expected 'Bundle', got {bundle.get('resourceType')!r}"]
     problems = list(_check_bundle_type(bundle))
@@ -310,7 +334,7 @@ def check_report_bundle(bundle: dict[str, Any]) -> list[str]:
             continue
         kind = resource.get("resourceType")
         location = f"Bundle.entry[{i}].resource.ofType({kind})"
-        entries.append(Entry(location, resource, types_by_url))
+        entries.append(Entry(location, resource, types_by_url, fhir_version))
     problems.extend(_check_contents(entries))
     for entry in entries:
         for rule in RESOURCE_RULES:

@@ -1,4 +1,4 @@
-"""Build the FHIR R4B report for one completed inference: pure, no I/O (BRIEF.md section 5).
+"""Build the FHIR report for one completed inference: pure, no I/O (BRIEF.md section 5).
 
 ``build_report`` turns an ``InferenceCompleted`` event and the model's spec into a Bundle of type
 ``collection`` holding, in order: the DiagnosticReport, the result Observation, the Device that
@@ -18,8 +18,13 @@ import math
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
+from fhir.resources import bundle as r5_bundle
+from fhir.resources import device as r5_device
+from fhir.resources import diagnosticreport as r5_diagnosticreport
+from fhir.resources import observation as r5_observation
+from fhir.resources import provenance as r5_provenance
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.device import Device
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
@@ -27,6 +32,7 @@ from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.provenance import Provenance
 from pydantic import ValidationError
 
+from medmesh_contracts import headers
 from medmesh_contracts.events import InferenceCompleted, RequestInference
 from medmesh_contracts.modelspec import UCUM, BandSpec, Coding, ModelSpec, VersionSpec
 
@@ -34,6 +40,9 @@ JsonDict = dict[str, Any]
 
 REPORT_IDENTIFIER_SYSTEM = "https://medmesh.dev/fhir/sid/report"
 MODEL_IDENTIFIER_SYSTEM = "https://medmesh.dev/fhir/sid/model"
+# The Observation of a report: its identifier is the report's (the correlation id), in its own
+# system, so a FHIR server can create it conditionally (see delivery.py).
+OBSERVATION_IDENTIFIER_SYSTEM = "https://medmesh.dev/fhir/sid/report-observation"
 MODEL_TAG_SYSTEM = "https://medmesh.dev/fhir/CodeSystem/model"
 MODEL_VERSION_TAG_SYSTEM = "https://medmesh.dev/fhir/CodeSystem/model-version"
 V3_OBSERVATION_VALUE = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
@@ -62,12 +71,26 @@ _INTERPRETATION_DISPLAY = {
     "LL": "Critical low",
 }
 
-_RESOURCE_MODELS: dict[str, Any] = {
-    "DiagnosticReport": DiagnosticReport,
-    "Observation": Observation,
-    "Device": Device,
-    "Provenance": Provenance,
+FhirVersion = Literal["R4B", "R5"]
+
+# The fhir.resources models each report resource is validated with, per FHIR version.
+_RESOURCE_MODELS: dict[FhirVersion, dict[str, Any]] = {
+    "R4B": {
+        "Bundle": Bundle,
+        "DiagnosticReport": DiagnosticReport,
+        "Observation": Observation,
+        "Device": Device,
+        "Provenance": Provenance,
+    },
+    "R5": {
+        "Bundle": r5_bundle.Bundle,
+        "DiagnosticReport": r5_diagnosticreport.DiagnosticReport,
+        "Observation": r5_observation.Observation,
+        "Device": r5_device.Device,
+        "Provenance": r5_provenance.Provenance,
+    },
 }
+_SCHEMAS: dict[FhirVersion, str] = {"R4B": headers.FHIR_R4B_JSON, "R5": headers.FHIR_R5_JSON}
 
 
 class ReportBuildError(ValueError):
@@ -141,6 +164,16 @@ def read_result(completed: InferenceCompleted, spec: ModelSpec) -> ModelResult:
     return ModelResult(version, score, band, contributions)
 
 
+def report_fhir_version(completed: InferenceCompleted) -> FhirVersion:
+    """The FHIR version of the report: the one the source spoke (R4B unless it opted into R5)."""
+    return completed.task.request.source.fhir_version
+
+
+def report_schema(completed: InferenceCompleted) -> str:
+    """The ``medmesh-schema`` header of the report for one result (its FHIR version)."""
+    return _SCHEMAS[report_fhir_version(completed)]
+
+
 def build_report(
     completed: InferenceCompleted,
     spec: ModelSpec,
@@ -148,10 +181,13 @@ def build_report(
     performer_display: str | None = None,
     issued: datetime,
 ) -> JsonDict:
-    """The validated R4B collection Bundle reporting one completed inference.
+    """The validated collection Bundle reporting one completed inference.
 
-    Raises ReportBuildError when the event does not fit the spec or the result is not valid FHIR.
+    The Bundle is FHIR R4B, or R5 when the request's source spoke R5 (the resources differ only in
+    the Device). Raises ReportBuildError when the event does not fit the spec or the result is not
+    valid FHIR.
     """
+    fhir_version = report_fhir_version(completed)
     parts = _Parts(
         completed=completed,
         spec=spec,
@@ -159,10 +195,11 @@ def build_report(
         ids=report_ids(completed.correlation_id),
         issued_at=_instant(issued, "issued"),
     )
+    device = _device(parts) if fhir_version == "R4B" else _device_r5(parts)
     resources = [
         _diagnostic_report(parts, performer_display),
         _observation(parts),
-        _device(parts),
+        device,
         _provenance(parts),
     ]
     bundle: JsonDict = {
@@ -173,7 +210,7 @@ def build_report(
         "timestamp": parts.issued_at,
         "entry": [{"fullUrl": ReportIds.url(r["id"]), "resource": r} for r in resources],
     }
-    _validate(bundle)
+    _validate(bundle, fhir_version)
     return bundle
 
 
@@ -235,8 +272,21 @@ def _diagnostic_report(parts: _Parts, performer_display: str | None) -> JsonDict
     report |= {
         "result": [{"reference": ids.url(ids.observation)}],
         "conclusion": _conclusion(parts),
+        "conclusionCode": [_band_concept(parts.spec, parts.result.band)],
     }
     return report
+
+
+def _band_concept(spec: ModelSpec, band: BandSpec) -> JsonDict:
+    """The risk band as a concept of the model's own band code system.
+
+    SNOMED CT has NEWS2 score concepts (1104051000000101) but we could not verify concepts for the
+    NEWS2 clinical risk categories, so none is invented here.
+    """
+    return {
+        "coding": [{"system": spec.report.band_system, "code": band.code, "display": band.display}],
+        "text": band.display,
+    }
 
 
 def _conclusion(parts: _Parts) -> str:
@@ -254,6 +304,9 @@ def _observation(parts: _Parts) -> JsonDict:
         "resourceType": "Observation",
         "id": ids.observation,
         "meta": _ai_meta(parts),
+        "identifier": [
+            {"system": OBSERVATION_IDENTIFIER_SYSTEM, "value": parts.completed.correlation_id},
+        ],
     }
     if request.based_on_reference:
         observation["basedOn"] = [{"reference": request.based_on_reference}]
@@ -274,6 +327,7 @@ def _observation(parts: _Parts) -> JsonDict:
         "issued": parts.issued_at,
         **_value(version, parts.result.score),
         "interpretation": [_interpretation(parts.spec, parts.result.band)],
+        **_reference_range(version),
         "method": {"text": version.algorithm},
         "device": {"reference": ids.url(ids.device)},
     }
@@ -316,6 +370,46 @@ def _device(parts: _Parts) -> JsonDict:
         "owner": {"type": "Organization", "display": spec.owner},
         "note": [{"text": version.algorithm}],
     }
+
+
+def _device_r5(parts: _Parts) -> JsonDict:
+    """The R5 Device: ``name`` replaces ``deviceName``, and ``type`` is a list."""
+    device = _device(parts)
+    names = device.pop("deviceName")
+    r5_types = {"model-name": "registered-name", "user-friendly-name": "user-friendly-name"}
+    device["name"] = [{"value": n["name"], "type": r5_types[n["type"]]} for n in names]
+    device["type"] = [device["type"]]
+    return {key: device[key] for key in _R5_DEVICE_ORDER if key in device}
+
+
+_R5_DEVICE_ORDER = (
+    "resourceType",
+    "id",
+    "identifier",
+    "status",
+    "manufacturer",
+    "name",
+    "modelNumber",
+    "type",
+    "version",
+    "owner",
+    "note",
+)
+
+
+def _reference_range(version: VersionSpec) -> JsonDict:
+    """Observation.referenceRange: the lowest-risk score range, when the spec gives one."""
+    spec_range = version.reference_range
+    if spec_range is None:
+        return {}
+    found: JsonDict = {}
+    for bound in ("low", "high"):
+        value = getattr(spec_range, bound)
+        if value is not None:
+            number = int(value) if version.score_is_integer else value
+            found[bound] = _quantity(number, version.score_unit)
+    found["text"] = spec_range.text
+    return {"referenceRange": [found]}
 
 
 def _provenance(parts: _Parts) -> JsonDict:
@@ -442,12 +536,13 @@ def _first(completed: InferenceCompleted, name: str) -> float:
     return float(values[0])
 
 
-def _validate(bundle: JsonDict) -> None:
-    """Validate each resource with its R4B model, then the whole Bundle."""
+def _validate(bundle: JsonDict, fhir_version: FhirVersion) -> None:
+    """Validate each resource with its model of the FHIR version, then the whole Bundle."""
+    models = _RESOURCE_MODELS[fhir_version]
     try:
         for entry in bundle["entry"]:
             resource = entry["resource"]
-            _RESOURCE_MODELS[resource["resourceType"]].model_validate(resource)
-        Bundle.model_validate(bundle)
+            models[resource["resourceType"]].model_validate(resource)
+        models["Bundle"].model_validate(bundle)
     except ValidationError as exc:
-        raise ReportBuildError(f"the report is not valid FHIR R4B: {exc}") from exc
+        raise ReportBuildError(f"the report is not valid FHIR {fhir_version}: {exc}") from exc

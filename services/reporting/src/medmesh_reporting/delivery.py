@@ -1,0 +1,281 @@
+"""Delivery of report Bundles to the hospital's FHIR server, so that a retry never duplicates.
+
+``transaction_bundle`` turns a report (a collection Bundle) into a FHIR transaction: every
+resource with an identifier is created conditionally (``ifNoneExist: identifier=system|value``),
+so the report, its Observation and the model's Device exist once however often it is sent; the
+Provenance, which has no identifier in R4B, is written with ``PUT`` to its deterministic id.
+
+``Deliverer`` posts it with backoff: connection errors, timeouts, 408, 429 and 5xx are retried
+(doubling pauses, capped) until ``give_up_after_s``; any other answer is final. A report that is
+refused or given up on becomes a ``ReportUndeliverable`` event carrying the server's
+OperationOutcome. ``DeliveryLoop`` reads committed reports from medmesh.reports.diagnostic and
+commits each offset only after the report was delivered or recorded as undeliverable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import httpx
+from aiokafka import TopicPartition
+
+from medmesh_contracts import headers as h
+from medmesh_contracts import topics
+from medmesh_contracts.events import Producer, ReportUndeliverable, new_id, schema_of, to_wire
+from medmesh_reporting.handling import ConsumedRecord
+from medmesh_reporting.report import JsonDict
+from medmesh_runtime.kafka import message_headers, record_headers
+from medmesh_runtime.logging import get_logger
+
+log = get_logger("medmesh.reporting.delivery")
+
+FHIR_JSON = "application/fhir+json"
+RETRIED_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def transaction_bundle(report: JsonDict) -> JsonDict:
+    """The transaction Bundle that writes a report's resources idempotently."""
+    entries = []
+    for entry in report["entry"]:
+        resource = entry["resource"]
+        kind = resource["resourceType"]
+        identifiers = resource.get("identifier") or []
+        if identifiers:
+            first = identifiers[0]
+            token = quote(f"{first['system']}|{first['value']}", safe=":/|")
+            request = {"method": "POST", "url": kind, "ifNoneExist": f"identifier={token}"}
+        else:
+            request = {"method": "PUT", "url": f"{kind}/{resource['id']}"}
+        entries.append({"fullUrl": entry["fullUrl"], "resource": resource, "request": request})
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Pauses between attempts: ``initial_s`` doubling up to ``max_s``, with +-20 % jitter."""
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    give_up_after_s: float = 600.0
+
+    def pause(self, attempt: int) -> float:
+        """The pause after failed attempt number ``attempt`` (1-based)."""
+        base = min(self.max_s, self.initial_s * 2.0 ** (attempt - 1))
+        return base * random.uniform(0.8, 1.2)  # noqa: S311 -- jitter, not security
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """The server committed the transaction."""
+
+    status_code: int
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The server refused the report, or it could not be delivered in time."""
+
+    reason: str
+    attempts: int
+    status_code: int | None = None
+    operation_outcome: JsonDict | None = None
+
+
+Outcome = Delivered | Refused
+
+
+class Deliverer:
+    """Posts report transactions to one FHIR server."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        base_url: str,
+        *,
+        token: str | None = None,
+        backoff: Backoff | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._client = client
+        self._base_url = base_url.rstrip("/")
+        self._headers = {"content-type": FHIR_JSON, "accept": FHIR_JSON}
+        if token:
+            self._headers["authorization"] = f"Bearer {token}"
+        self._backoff = backoff or Backoff()
+        self._sleep = sleep
+
+    @property
+    def base_url(self) -> str:
+        """The FHIR server's base URL."""
+        return self._base_url
+
+    async def deliver(self, report: JsonDict) -> Outcome:
+        """Send one report until the server answers for good, or the backoff gives up."""
+        body = json.dumps(transaction_bundle(report), separators=(",", ":")).encode()
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = await self._client.post(
+                    self._base_url, content=body, headers=self._headers
+                )
+            except httpx.TransportError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+                status = None
+            else:
+                if response.is_success:
+                    return Delivered(response.status_code, attempt)
+                status = response.status_code
+                if status not in RETRIED_STATUSES:
+                    return Refused(
+                        f"the FHIR server answered {status}",
+                        attempt,
+                        status,
+                        _operation_outcome(response),
+                    )
+                problem = f"the FHIR server answered {status}"
+            pause = self._backoff.pause(attempt)
+            if time.monotonic() - started + pause > self._backoff.give_up_after_s:
+                return Refused(f"gave up after {attempt} attempts: {problem}", attempt, status)
+            log.warning("report delivery failed: retrying", problem=problem, attempt=attempt)
+            await self._sleep(pause)
+
+
+def _operation_outcome(response: httpx.Response) -> JsonDict | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
+        return body
+    return None
+
+
+def undeliverable_event(
+    report: JsonDict, refused: Refused, fhir_server: str, producer: Producer, correlation_id: str
+) -> ReportUndeliverable:
+    """The event recording a report the server did not take, with its answer."""
+    return ReportUndeliverable(
+        correlation_id=correlation_id,
+        producer=producer,
+        fhir_server=fhir_server,
+        report=report,
+        status_code=refused.status_code,
+        operation_outcome=refused.operation_outcome,
+        reason=refused.reason,
+        attempts=refused.attempts,
+    )
+
+
+class DeliveryConsumer(Protocol):
+    """The part of an AIOKafkaConsumer (read_committed, no auto commit) used here."""
+
+    def subscribe(self, topics: Sequence[str]) -> None: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> Mapping[TopicPartition, Sequence[Any]]: ...
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None: ...
+
+
+class EventProducer(Protocol):
+    """The part of an (idempotent, acks=all) AIOKafkaProducer used here."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def send_and_wait(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        *,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> Any: ...
+
+
+class DeliveryLoop:
+    """Delivers every committed report once; refused ones go to medmesh.reports.undeliverable."""
+
+    def __init__(
+        self,
+        clients: Callable[[], tuple[DeliveryConsumer, EventProducer]],
+        deliverer: Deliverer,
+        producer: Producer,
+        restart_pause_s: float = 1.0,
+    ) -> None:
+        self._clients = clients
+        self._deliverer = deliverer
+        self._producer = producer
+        self._restart_pause_s = restart_pause_s
+        self.delivered = 0
+        self.undeliverable = 0
+
+    async def run(self) -> None:
+        """Deliver until cancelled; on a Kafka error start over from the committed offsets."""
+        while True:
+            consumer, kafka = self._clients()
+            try:
+                await kafka.start()
+                consumer.subscribe([topics.REPORTS_DIAGNOSTIC])
+                await consumer.start()
+                while True:
+                    await self.process_batch(consumer, kafka)
+            except Exception as exc:  # noqa: BLE001 -- logged, then the loop starts over
+                log.warning(
+                    "delivery loop failed: starting over", error=f"{type(exc).__name__}: {exc}"
+                )
+            finally:
+                for client in (consumer, kafka):
+                    with contextlib.suppress(Exception):
+                        await client.stop()
+            await asyncio.sleep(self._restart_pause_s)
+
+    async def process_batch(self, consumer: DeliveryConsumer, kafka: EventProducer) -> int:
+        """Deliver one batch of reports, committing each offset once its report is settled."""
+        batch = await consumer.getmany(timeout_ms=500, max_records=50)
+        count = 0
+        for tp, records in batch.items():
+            for record in records:
+                await self.settle(record, kafka)
+                await consumer.commit({tp: record.offset + 1})
+                count += 1
+        return count
+
+    async def settle(self, record: ConsumedRecord, kafka: EventProducer) -> Outcome:
+        """Deliver one report record; record it as undeliverable when the server does not take it."""
+        correlation_id = record_headers(record).get(h.CORRELATION_ID) or new_id()
+        try:
+            report = json.loads(record.value or b"")
+        except ValueError as exc:
+            outcome: Outcome = Refused(f"not a JSON report: {exc}", 0)
+            report = {"raw": (record.value or b"").decode(errors="replace")}
+        else:
+            outcome = await self._deliverer.deliver(report)
+        if isinstance(outcome, Delivered):
+            self.delivered += 1
+            log.info("report delivered", correlation_id=correlation_id, attempts=outcome.attempts)
+            return outcome
+        event = undeliverable_event(
+            report, outcome, self._deliverer.base_url, self._producer, correlation_id
+        )
+        headers = message_headers(correlation_id, schema_of(ReportUndeliverable))
+        await kafka.send_and_wait(
+            topics.REPORTS_UNDELIVERABLE,
+            to_wire(event),
+            key=record.key,
+            headers=[(k, v.encode()) for k, v in headers.items()],
+        )
+        self.undeliverable += 1
+        log.warning("report undeliverable", correlation_id=correlation_id, reason=outcome.reason)
+        return outcome

@@ -1,0 +1,181 @@
+"""One consumed inference result -> the records reporting must write for it (no Kafka I/O).
+
+``ReportHandler`` turns a record of ``medmesh.inference.results`` into the messages to produce in
+the same transaction as the record's offset: the report Bundle, or a dead letter when the result
+cannot become a valid report. Results routed as shadow traffic never become reports. The W3C
+trace context of the consumed record continues into the produced headers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Tracer
+
+from medmesh_contracts import headers as h
+from medmesh_contracts import topics
+from medmesh_contracts.events import (
+    InferenceCompleted,
+    MessageDeadLettered,
+    Producer,
+    schema_of,
+    to_wire,
+    utc_now,
+)
+from medmesh_contracts.modelspec import ModelSpec
+from medmesh_reporting.report import build_report, report_schema
+from medmesh_runtime.deadletter import dead_letter_event
+from medmesh_runtime.kafka import message_headers, record_headers
+from medmesh_runtime.logging import get_logger
+
+log = get_logger("medmesh.reporting")
+
+CONVERSATION_ID = "messaging.message.conversation_id"
+
+
+class ConsumedRecord(Protocol):
+    """The part of an aiokafka ConsumerRecord that reporting reads."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One record to produce inside the current transaction."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+
+
+def _encoded(headers: Mapping[str, str]) -> tuple[tuple[str, bytes], ...]:
+    return tuple((name, value.encode()) for name, value in headers.items())
+
+
+class ReportHandler:
+    """Builds the report (or the dead letter) for one consumed result, under a tracing span."""
+
+    def __init__(
+        self,
+        specs: Mapping[str, ModelSpec],
+        producer: Producer,
+        tracer: Tracer,
+        performer_display: str | None = None,
+    ) -> None:
+        self._specs = specs
+        self._producer = producer
+        self._tracer = tracer
+        self._performer_display = performer_display
+
+    def __call__(self, record: ConsumedRecord) -> list[Outgoing]:
+        """The records to produce for ``record``: one report, one dead letter, or none (shadow)."""
+        carrier = record_headers(record)
+        # Span names and attributes as faststream's telemetry middleware writes them on the other
+        # hops ("<topic> process", "<topic> publish"), so `medmesh trace` shows this hop too.
+        with self._tracer.start_as_current_span(
+            f"{record.topic} process",
+            context=propagate.extract(carrier),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.operation": "process",
+                "messaging.destination_publish.name": record.topic,
+                "messaging.kafka.destination.partition": record.partition,
+                "messaging.kafka.message.offset": record.offset,
+                CONVERSATION_ID: carrier.get(h.CORRELATION_ID, ""),
+            },
+        ) as span:
+            try:
+                completed = InferenceCompleted.model_validate_json(record.value or b"")
+            except ValueError as exc:
+                return [self._dead_letter(record, f"{type(exc).__name__}: {exc}")]
+            span.set_attribute(CONVERSATION_ID, completed.correlation_id)
+            span.set_attribute("medmesh.correlation_id", completed.correlation_id)
+            if completed.task.route.reason == "shadow":
+                log.warning(
+                    "shadow result on the results topic ignored",
+                    correlation_id=completed.correlation_id,
+                )
+                return []
+            try:
+                return [self._report(record, completed)]
+            except Exception as exc:  # noqa: BLE001 -- building is pure: any error is this record's
+                return [self._dead_letter(record, f"{type(exc).__name__}: {exc}")]
+
+    def _report(self, record: ConsumedRecord, completed: InferenceCompleted) -> Outgoing:
+        spec = self._specs.get(completed.task.request.model)
+        if spec is None:
+            raise KeyError(f"no model spec named {completed.task.request.model!r}")
+        bundle = build_report(
+            completed,
+            spec,
+            performer_display=self._performer_display,
+            issued=completed.completed_at,
+        )
+        latency_ms = (utc_now() - completed.task.request.received_at).total_seconds() * 1000
+        trace.get_current_span().set_attribute("medmesh.end_to_end_ms", latency_ms)
+        headers = self._publish_headers(
+            topics.REPORTS_DIAGNOSTIC, completed.correlation_id, report_schema(completed)
+        )
+        log.info(
+            "report built",
+            correlation_id=completed.correlation_id,
+            model=spec.name,
+            model_version=completed.task.model_version,
+            end_to_end_ms=round(latency_ms, 1),
+        )
+        return Outgoing(
+            topics.REPORTS_DIAGNOSTIC,
+            record.key,
+            json.dumps(bundle, separators=(",", ":")).encode(),
+            _encoded(headers),
+        )
+
+    def _dead_letter(self, record: ConsumedRecord, reason: str) -> Outgoing:
+        event = dead_letter_event(record, reason, self._producer)
+        headers = self._publish_headers(
+            topics.REPORTING_DEADLETTER, event.correlation_id, schema_of(MessageDeadLettered)
+        )
+        log.warning(
+            "result dead-lettered",
+            source_topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            reason=reason[:500],
+        )
+        return Outgoing(topics.REPORTING_DEADLETTER, record.key, to_wire(event), _encoded(headers))
+
+    def _publish_headers(self, topic: str, correlation_id: str, schema: str) -> dict[str, str]:
+        """The medmesh headers of one produced record, with the trace context of its publish span.
+
+        The record becomes visible when the transaction commits, a little after this span ends.
+        """
+        with self._tracer.start_as_current_span(
+            f"{topic} publish",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.operation": "publish",
+                "messaging.destination.name": topic,
+                CONVERSATION_ID: correlation_id,
+            },
+        ):
+            headers = message_headers(correlation_id, schema)
+            propagate.inject(headers)
+        return headers

@@ -1,0 +1,240 @@
+"""Report delivery to a FHIR server (tests/fhir_receiver.py): once, with backoff, or undeliverable."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+from aiokafka import TopicPartition
+
+from medmesh_contracts import headers as h
+from medmesh_contracts import topics
+from medmesh_contracts.events import Producer, ReportUndeliverable
+from medmesh_contracts.modelspec import ModelSpec, load_spec
+from medmesh_reporting.delivery import (
+    Backoff,
+    Delivered,
+    Deliverer,
+    DeliveryLoop,
+    Refused,
+    transaction_bundle,
+)
+from medmesh_reporting.report import build_report
+from tests.factories import make_completed, make_request, make_task
+from tests.fhir_receiver import FhirTestServer
+from tests.service.conftest import SPECS_DIR
+
+BASE = "https://fhir.hospital.test/r4"
+ISSUED = datetime(2026, 11, 23, 8, 31, tzinfo=UTC)
+NO_WAIT = Backoff(initial_s=0.01, max_s=0.05, give_up_after_s=5.0)
+
+
+@pytest.fixture(scope="module")
+def spec() -> ModelSpec:
+    """The deterioration model's spec, as deployed."""
+    return load_spec(SPECS_DIR / "deterioration.yaml")
+
+
+def _report(spec: ModelSpec, correlation_id: str = "req-1") -> dict[str, Any]:
+    completed = make_completed(make_task(make_request(correlation_id=correlation_id)))
+    return build_report(completed, spec, issued=ISSUED)
+
+
+def _deliverer(
+    server: FhirTestServer, backoff: Backoff = NO_WAIT, token: str | None = None
+) -> Deliverer:
+    client = httpx.AsyncClient(transport=httpx.MockTransport(server))
+
+    async def no_sleep(_seconds: float) -> None:
+        return None
+
+    return Deliverer(client, BASE, token=token, backoff=backoff, sleep=no_sleep)
+
+
+def test_transaction_creates_conditionally_on_identifiers(spec: ModelSpec) -> None:
+    """Report, Observation and Device are conditional creates; Provenance a PUT to its id."""
+    bundle = transaction_bundle(_report(spec))
+
+    assert bundle["type"] == "transaction"
+    requests = {e["resource"]["resourceType"]: e["request"] for e in bundle["entry"]}
+    assert requests["DiagnosticReport"] == {
+        "method": "POST",
+        "url": "DiagnosticReport",
+        "ifNoneExist": "identifier=https://medmesh.dev/fhir/sid/report|req-1",
+    }
+    assert requests["Observation"]["ifNoneExist"].endswith("report-observation|req-1")
+    assert requests["Device"]["ifNoneExist"].endswith("sid/model|deterioration/v1")
+    provenance_id = next(
+        e["resource"]["id"] for e in bundle["entry"] if e["request"]["method"] == "PUT"
+    )
+    assert requests["Provenance"] == {"method": "PUT", "url": f"Provenance/{provenance_id}"}
+
+
+async def test_server_down_then_up_gets_the_report_exactly_once(spec: ModelSpec) -> None:
+    """Three 503s, then success: one delivery after four attempts, one of each resource."""
+    server = FhirTestServer(down_for=3)
+
+    outcome = await _deliverer(server).deliver(_report(spec))
+
+    assert outcome == Delivered(200, 4)
+    assert [len(server.of_type(k)) for k in ("DiagnosticReport", "Observation", "Device")] == [
+        1,
+        1,
+        1,
+    ]
+    (report,) = server.of_type("DiagnosticReport")
+    (observation,) = server.of_type("Observation")
+    assert report["result"] == [{"reference": f"Observation/{observation['id']}"}]
+
+
+async def test_connection_errors_are_retried(spec: ModelSpec) -> None:
+    """Refused connections are retried like 503s."""
+    server = FhirTestServer(down_for=2, down_as_connection_error=True)
+
+    outcome = await _deliverer(server).deliver(_report(spec))
+
+    assert outcome == Delivered(200, 3)
+
+
+async def test_sending_a_report_again_creates_nothing_new(spec: ModelSpec) -> None:
+    """A retried delivery (response lost) matches the existing resources instead of duplicating."""
+    server = FhirTestServer()
+    deliverer = _deliverer(server)
+
+    await deliverer.deliver(_report(spec))
+    await deliverer.deliver(_report(spec))
+    await deliverer.deliver(_report(spec, "req-2"))
+
+    assert len(server.of_type("DiagnosticReport")) == 2
+    assert len(server.of_type("Observation")) == 2
+    assert len(server.of_type("Provenance")) == 2
+    assert len(server.of_type("Device")) == 1  # one model version: one Device
+
+
+async def test_rejected_report_is_refused_with_the_operation_outcome(spec: ModelSpec) -> None:
+    """A 422 is final: no retry, and the server's OperationOutcome is kept."""
+    server = FhirTestServer(reject_when=lambda _bundle: "subject Patient/example-1 is unknown")
+
+    outcome = await _deliverer(server).deliver(_report(spec))
+
+    assert isinstance(outcome, Refused)
+    assert (outcome.status_code, outcome.attempts) == (422, 1)
+    assert outcome.operation_outcome is not None
+    assert "unknown" in outcome.operation_outcome["issue"][0]["diagnostics"]
+    assert server.requests == 1
+
+
+async def test_a_server_that_stays_down_is_given_up_on(spec: ModelSpec) -> None:
+    """When the backoff runs out, the report is refused with the last problem."""
+    server = FhirTestServer(down_for=10_000)
+    backoff = Backoff(initial_s=1.0, max_s=1.0, give_up_after_s=0.0)
+
+    outcome = await _deliverer(server, backoff).deliver(_report(spec))
+
+    assert isinstance(outcome, Refused)
+    assert outcome.reason == "gave up after 1 attempts: the FHIR server answered 503"
+
+
+async def test_token_is_sent_as_bearer(spec: ModelSpec) -> None:
+    """A configured token goes in the Authorization header, with FHIR JSON content type."""
+    seen: list[httpx.Request] = []
+    server = FhirTestServer()
+
+    def record(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return server(request)
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(record))
+    token = "test-token"  # noqa: S105 -- a fake, for the header check
+    await Deliverer(client, BASE, token=token).deliver(_report(spec))
+
+    assert seen[0].headers["authorization"] == f"Bearer {token}"
+    assert seen[0].headers["content-type"] == "application/fhir+json"
+    assert str(seen[0].url) == BASE
+
+
+class _Record:
+    def __init__(self, offset: int, value: bytes, correlation_id: str) -> None:
+        self.topic = topics.REPORTS_DIAGNOSTIC
+        self.partition = 0
+        self.offset = offset
+        self.key = b"pseudo"
+        self.value = value
+        self.headers = ((h.CORRELATION_ID, correlation_id.encode()),)
+
+
+class _Consumer:
+    def __init__(self, records: list[_Record]) -> None:
+        self.records = records
+        self.commits: list[int] = []
+
+    def subscribe(self, topics: Sequence[str]) -> None:
+        return None
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> Mapping[TopicPartition, Sequence[Any]]:
+        records, self.records = self.records, []
+        return {TopicPartition(topics.REPORTS_DIAGNOSTIC, 0): records} if records else {}
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        self.commits.extend(offsets.values())
+
+
+class _Kafka:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def send_and_wait(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        *,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> Any:
+        self.sent.append((topic, value or b""))
+
+
+async def test_loop_delivers_or_records_undeliverable_then_commits(spec: ModelSpec) -> None:
+    """One report delivered, one refused (to the undeliverable topic); both offsets committed."""
+    server = FhirTestServer(
+        reject_when=lambda b: "rejected" if "req-bad" in json.dumps(b) else None
+    )
+    consumer, kafka = _Consumer([]), _Kafka()
+    consumer.records = [
+        _Record(0, json.dumps(_report(spec, "req-good")).encode(), "req-good"),
+        _Record(1, json.dumps(_report(spec, "req-bad")).encode(), "req-bad"),
+    ]
+    loop = DeliveryLoop(
+        lambda: (consumer, kafka), _deliverer(server), Producer(service="reporting", instance="t")
+    )
+
+    assert await loop.process_batch(consumer, kafka) == 2
+
+    assert consumer.commits == [1, 2]
+    assert (loop.delivered, loop.undeliverable) == (1, 1)
+    ((topic, value),) = kafka.sent
+    assert topic == topics.REPORTS_UNDELIVERABLE
+    event = ReportUndeliverable.model_validate_json(value)
+    assert event.correlation_id == "req-bad"
+    assert event.status_code == 422
+    assert event.operation_outcome is not None
+    assert event.fhir_server == BASE
+    assert event.report["identifier"]["value"] == "req-bad"
