@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 
 from medmesh_contracts.events import (
     InferenceCompleted,
@@ -17,9 +18,15 @@ from medmesh_contracts.events import (
     RunInference,
 )
 from medmesh_contracts.modelspec import load_spec
-from medmesh_inference.batching import RetryPolicy, WorkerIdentity, score_tasks
+from medmesh_inference.batching import (
+    ModelUnavailable,
+    RetryPolicy,
+    WorkerIdentity,
+    destination,
+    score_tasks,
+)
 from medmesh_inference.triton import TritonCallError
-from tests.factories import make_request, make_task
+from tests.factories import make_completed, make_request, make_task
 
 SPEC = load_spec(Path(__file__).resolve().parents[2] / "deploy" / "models" / "deterioration.yaml")
 IDENTITY = WorkerIdentity(
@@ -135,3 +142,69 @@ def test_backoff_grows_and_is_capped() -> None:
     policy = RetryPolicy(max_attempts=10, initial_backoff_s=0.1, max_backoff_s=1.0)
     assert all(0 <= policy.backoff(1) <= 0.1 for _ in range(50))
     assert all(0 <= policy.backoff(8) <= 1.0 for _ in range(50))
+
+
+async def test_transient_errors_with_the_version_gone_raise_model_unavailable() -> None:
+    """Spent retries while Triton says the version is not ready fail nothing: it is unavailable."""
+    triton = FakeTriton(transient_failures=10)
+
+    async def not_ready() -> bool:
+        return False
+
+    with pytest.raises(ModelUnavailable):
+        await score_tasks([_task("a")], SPEC, triton.infer, IDENTITY, NO_WAIT, _now, not_ready)
+    assert len(triton.batch_sizes) == NO_WAIT.max_attempts
+
+
+async def test_a_non_transient_error_while_the_version_is_gone_is_not_a_poison() -> None:
+    """A stopping server's odd error does not fail the batch as invalid input when not ready."""
+    triton = FakeTriton()
+
+    async def not_ready() -> bool:
+        return False
+
+    with pytest.raises(ModelUnavailable):
+        await score_tasks(
+            [_task("bad", POISON_HEART_RATE), _task("b")],
+            SPEC,
+            triton.infer,
+            IDENTITY,
+            NO_WAIT,
+            _now,
+            not_ready,
+        )
+    assert triton.batch_sizes == [2]
+
+
+async def test_a_poison_row_still_fails_alone_while_the_version_is_ready() -> None:
+    """With a ready version, splitting around a poison row works as without the check."""
+    triton = FakeTriton()
+
+    async def ready() -> bool:
+        return True
+
+    tasks = [_task("a"), _task("bad", POISON_HEART_RATE), _task("c")]
+    outcomes = await score_tasks(tasks, SPEC, triton.infer, IDENTITY, NO_WAIT, _now, ready)
+    assert [type(o).__name__ for o in outcomes] == [
+        "InferenceCompleted",
+        "InferenceFailed",
+        "InferenceCompleted",
+    ]
+
+
+def test_shadow_results_go_to_the_shadow_topic_and_failures_to_failed() -> None:
+    """A shadow task's result is routed to shadow-results; stable results and failures as usual."""
+    stable = make_completed()
+    shadow_task = make_task(reason="shadow")
+    shadow = make_completed(task=shadow_task)
+    failed = InferenceFailed(
+        correlation_id="x",
+        producer=IDENTITY.producer,
+        task=shadow_task,
+        error_kind="invalid-input",
+        reason="bad",
+        attempts=1,
+    )
+    assert destination(stable) == "results"
+    assert destination(shadow) == "shadow-results"
+    assert destination(failed) == "failed"

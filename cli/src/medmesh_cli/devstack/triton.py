@@ -21,6 +21,8 @@ instance per GPU where GPUs exist.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.metadata
 import importlib.util
 import os
@@ -34,11 +36,11 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any, Literal, Self
 
 from medmesh_cli.devstack.paths import cache_dir as medmesh_cache_dir
 
@@ -142,7 +144,26 @@ def triton_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def detect_gpu_count() -> int:
+def nvml_gpu_count() -> int | None:
+    """Number of GPUs NVML (nvidia-ml-py) reports; None when NVML or the driver is unavailable."""
+    try:
+        nvml: Any = importlib.import_module("pynvml")  # untyped; imported only when detecting
+    except ImportError:
+        return None
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError:  # no driver, no libnvidia-ml.so: this host has no usable GPU via NVML
+        return None
+    try:
+        return int(nvml.nvmlDeviceGetCount())
+    except nvml.NVMLError:
+        return None
+    finally:
+        with contextlib.suppress(nvml.NVMLError):
+            nvml.nvmlShutdown()
+
+
+def smi_gpu_count() -> int:
     """Number of NVIDIA GPUs ``nvidia-smi -L`` lists; 0 without the tool or a driver."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
@@ -154,6 +175,34 @@ def detect_gpu_count() -> int:
     except (OSError, subprocess.SubprocessError):
         return 0
     return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
+
+
+@dataclass(frozen=True)
+class GpuDetection:
+    """How many GPUs this host has for Triton, and who said so."""
+
+    count: int
+    source: Literal["env", "nvml", "nvidia-smi"]
+
+
+def detect_gpus(
+    env: Mapping[str, str] | None = None,
+    nvml: Callable[[], int | None] = nvml_gpu_count,
+    smi: Callable[[], int] = smi_gpu_count,
+) -> GpuDetection:
+    """GPUs for Triton: ``MEDMESH_GPU_COUNT`` when set (0 forces CPU), else NVML, else nvidia-smi."""
+    forced = (os.environ if env is None else env).get("MEDMESH_GPU_COUNT", "").strip()
+    if forced:
+        return GpuDetection(max(0, int(forced)), "env")
+    count = nvml()
+    if count is not None:
+        return GpuDetection(count, "nvml")
+    return GpuDetection(smi(), "nvidia-smi")
+
+
+def detect_gpu_count() -> int:
+    """Number of GPUs Triton should use on this host (see ``detect_gpus``)."""
+    return detect_gpus().count
 
 
 def port_in_use(host: str, port: int) -> bool:

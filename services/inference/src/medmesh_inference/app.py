@@ -1,123 +1,161 @@
 """One inference worker: medmesh.model.<name>.v<version>.tasks -> Triton -> results or failures.
 
-Micro-batching comes from the batch subscriber: it takes what Kafka has buffered, up to the
-model's max batch size, waiting at most ``batch_wait_ms``. Offsets are committed only after every
-result and failure of the batch is acknowledged by Kafka (the handler returns after publishing).
+This module only wires things together at startup (the one injection point): the consume loop is
+``worker.TaskWorker`` over a plain aiokafka consumer (it needs pause, resume and seek, which a
+framework subscriber hides), scoring is ``batching.score_tasks``, heartbeats are
+``heartbeat.HealthMonitor``. Outcomes and heartbeats are published through the faststream broker
+(acks=all, idempotent, trace context injected by its telemetry middleware).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
+import signal
+import time
+from collections.abc import Sequence
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer
 from faststream.asgi import AsgiFastStream
-from faststream.kafka.annotations import KafkaMessage
+from faststream.kafka.security import parse_security
 from opentelemetry import propagate, trace
-from pydantic import ValidationError
 
 from medmesh_contracts import topics
 from medmesh_contracts.events import (
     InferenceCompleted,
     Producer,
     RunInference,
+    WorkerHeartbeat,
     schema_of,
     to_wire,
     utc_now,
 )
-from medmesh_contracts.modelspec import ModelSpec, load_specs
-from medmesh_inference.batching import RetryPolicy, WorkerIdentity, score_tasks
+from medmesh_contracts.modelspec import ModelSpec, VersionSpec, load_specs
+from medmesh_inference.batching import (
+    Outcome,
+    RetryPolicy,
+    WorkerIdentity,
+    destination,
+    score_tasks,
+)
+from medmesh_inference.circuit import Backoff, CircuitBreaker
+from medmesh_inference.heartbeat import HealthMonitor, HeartbeatSource
 from medmesh_inference.settings import WorkerSettings
 from medmesh_inference.triton import TritonModel
-from medmesh_runtime.deadletter import DeadLetters
+from medmesh_inference.worker import LoopTiming, TaskWorker
+from medmesh_runtime.deadletter import DeadLetters, Publisher
 from medmesh_runtime.health import health_routes
-from medmesh_runtime.kafka import (
-    CONSUMER_ACK_POLICY,
-    build_broker,
-    message_headers,
-    record_headers,
-)
+from medmesh_runtime.kafka import build_broker, kafka_security, message_headers, record_headers
 from medmesh_runtime.logging import configure_logging, get_logger
-from medmesh_runtime.telemetry import configure_service_tracing
+from medmesh_runtime.telemetry import configure_tracing
 
 SERVICE = "inference"
 log = get_logger("medmesh.inference")
 
 
-class WorkerState:
-    """Clients built at startup and shared by the handler (the one injection point)."""
-
-    triton: TritonModel | None = None
-    identity: WorkerIdentity | None = None
-
-
-def create_app(settings: WorkerSettings) -> AsgiFastStream:
-    """Build the worker app for one model version; Triton and Kafka connect at startup."""
-    configure_logging(SERVICE, settings.log_level)
-    tracer_provider = configure_service_tracing(
-        f"{SERVICE}-{settings.worker_model}-v{settings.worker_model_version}", settings
-    )
-    tracer = tracer_provider.get_tracer("medmesh.inference")
-    spec = load_specs(settings.model_specs_dir)[settings.worker_model]
-    version = spec.version(settings.worker_model_version)
-    producer = Producer(service=SERVICE, instance=settings.instance_id)
-    policy = RetryPolicy(
-        max_attempts=settings.triton_max_attempts,
-        initial_backoff_s=settings.triton_backoff_initial_ms / 1000,
-    )
-    broker = build_broker(settings, SERVICE, tracer_provider)
-    results_out = broker.publisher(topics.INFERENCE_RESULTS, title="inference results")
-    failed_out = broker.publisher(topics.INFERENCE_FAILED, title="failed inference")
-    dead_letters = DeadLetters(broker.publisher(topics.INFERENCE_DEADLETTER), producer)
-    state = WorkerState()
-    task_topic = topics.model_task_topic(spec.name, version.version)
-
-    @broker.subscriber(
+def build_consumer(settings: WorkerSettings, task_topic: str) -> AIOKafkaConsumer:
+    """The task consumer: manual commits, earliest offset for a new group, committed reads."""
+    return AIOKafkaConsumer(
         task_topic,
-        batch=True,
-        max_records=spec.triton.max_batch_size,
-        batch_timeout_ms=settings.batch_wait_ms,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
         group_id=settings.group_id,
+        client_id=f"medmesh-{SERVICE}-{settings.instance_id}",
+        enable_auto_commit=False,
         auto_offset_reset="earliest",
-        ack_policy=CONSUMER_ACK_POLICY,
-        title=f"{spec.name} v{version.version} tasks",
+        isolation_level="read_committed",
+        **parse_security(kafka_security(settings)),
     )
-    async def on_tasks(message: KafkaMessage) -> None:
-        triton, identity = state.triton, state.identity
-        if triton is None or identity is None:
-            raise RuntimeError("the worker consumed before Triton was connected")
-        records: tuple[Any, ...] = tuple(
-            message.raw_message
-        )  # a batch message holds a tuple of records
-        tasks: list[RunInference] = []
-        sources: list[Any] = []
-        for record in records:
-            try:
-                tasks.append(RunInference.model_validate_json(record.value))
-                sources.append(record)
-            except ValidationError as exc:
-                await dead_letters.send(record, f"not a RunInference: {exc.error_count()} errors")
-        if not tasks:
+
+
+class BatchHandler:
+    """Scores a batch on Triton and publishes each task's outcome in the task's own trace."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        version: VersionSpec,
+        triton: TritonModel,
+        identity: WorkerIdentity,
+        policy: RetryPolicy,
+        tracer: trace.Tracer,
+        results_out: Publisher,
+        failed_out: Publisher,
+        shadow_out: Publisher,
+    ) -> None:
+        self.spec = spec
+        self.version = version
+        self.triton = triton
+        self.identity = identity
+        self.policy = policy
+        self.tracer = tracer
+        self.results_out = results_out
+        self.failed_out = failed_out
+        self.outputs = {"results": results_out, "shadow-results": shadow_out, "failed": failed_out}
+
+    async def refresh_device_kind(self) -> None:
+        """The version is (again) ready: learn the device kind Triton runs it on."""
+        try:
+            kind = await self.triton.device_kind()
+        except Exception as exc:  # noqa: BLE001 -- keep the last known kind; scoring is unaffected
+            log.warning("device kind unknown", error=f"{type(exc).__name__}: {exc}")
             return
-        with tracer.start_as_current_span(
+        if kind != self.identity.device_kind:
+            self.identity = dataclasses.replace(self.identity, device_kind=kind)
+            log.info(
+                "triton ready",
+                model=self.spec.triton.model,
+                model_version=self.version.triton_version,
+                device_kind=kind,
+            )
+
+    async def handle(self, tasks: Sequence[RunInference], sources: Sequence[Any]) -> list[Outcome]:
+        """Score ``tasks`` in one batch; publish one outcome per task; return once all are acked."""
+        received_ns = time.time_ns()
+        with self.tracer.start_as_current_span(
             "inference.batch",
             attributes={
                 "medmesh.batch_size": len(tasks),
-                "medmesh.model": spec.name,
-                "medmesh.model_version": version.version,
+                "medmesh.model": self.spec.name,
+                "medmesh.model_version": self.version.version,
             },
         ) as batch_span:
-            outcomes = await score_tasks(tasks, spec, triton.infer, identity, policy, utc_now)
+            outcomes = await score_tasks(
+                tasks,
+                self.spec,
+                self.triton.infer,
+                self.identity,
+                self.policy,
+                utc_now,
+                self.triton.ready,
+            )
         batch_link = trace.Link(batch_span.get_span_context())
         sends = []
         for outcome, record in zip(outcomes, sources, strict=True):
             # Each request keeps its own trace: continue it from the task's headers and link
             # the shared batch span, so one clinical request stays one trace end to end.
+            # The span is named like faststream's consumer spans ("<topic> process"), so that
+            # `medmesh trace` shows the task hop; it starts when the batch was handed over.
             request_context = propagate.extract(record_headers(record))
-            with tracer.start_as_current_span(
-                "inference.result", context=request_context, links=[batch_link]
+            with self.tracer.start_as_current_span(
+                f"{record.topic} process",
+                context=request_context,
+                kind=trace.SpanKind.CONSUMER,
+                links=[batch_link],
+                start_time=received_ns,
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.operation": "process",
+                    "messaging.destination.name": record.topic,
+                    "messaging.kafka.destination.partition": record.partition,
+                    "messaging.kafka.message.offset": record.offset,
+                    "messaging.message.conversation_id": outcome.correlation_id,
+                    "medmesh.batch_size": len(tasks),
+                },
             ):
-                out = results_out if isinstance(outcome, InferenceCompleted) else failed_out
+                out = self.outputs[destination(outcome)]
                 sends.append(
                     asyncio.ensure_future(
                         out.publish(
@@ -131,65 +169,124 @@ def create_app(settings: WorkerSettings) -> AsgiFastStream:
                     )
                 )
         await asyncio.gather(*sends)
-        failed = sum(not isinstance(o, InferenceCompleted) for o in outcomes)
         log.info(
             "batch scored",
             batch_size=len(tasks),
-            failed=failed,
-            model=spec.name,
-            model_version=version.version,
+            failed=sum(not isinstance(o, InferenceCompleted) for o in outcomes),
+            model=self.spec.name,
+            model_version=self.version.version,
         )
+        return outcomes
 
-    async def connect_triton() -> None:
-        state.triton, state.identity = await connect(
-            settings, spec, version.triton_version, producer
-        )
 
-    async def disconnect() -> None:
-        if state.triton is not None:
-            await state.triton.close()
-        tracer_provider.shutdown()
-
-    async def triton_ready() -> bool:
-        return state.triton is not None and await state.triton.ready()
-
-    return AsgiFastStream(
-        broker,
-        asgi_routes=health_routes(broker, triton_ready),
-        on_startup=[connect_triton],
-        on_shutdown=[disconnect],
-        logger=logging.getLogger(f"medmesh.{SERVICE}.app"),
+def create_app(settings: WorkerSettings) -> AsgiFastStream:
+    """Build the worker app for one model version; Triton and Kafka connect at startup."""
+    configure_logging(SERVICE, settings.log_level)
+    tracer_provider = configure_tracing(
+        f"{SERVICE}-{settings.worker_model}-v{settings.worker_model_version}",
+        settings.instance_id,
+        settings.trace_file,
     )
-
-
-async def connect(
-    settings: WorkerSettings, spec: ModelSpec, triton_version: int, producer: Producer
-) -> tuple[TritonModel, WorkerIdentity]:
-    """Open the Triton channel and wait until the model version is ready (bounded)."""
+    tracer = tracer_provider.get_tracer("medmesh.inference")
+    spec = load_specs(settings.model_specs_dir)[settings.worker_model]
+    version = spec.version(settings.worker_model_version)
+    producer = Producer(service=SERVICE, instance=settings.instance_id)
+    policy = RetryPolicy(
+        max_attempts=settings.triton_max_attempts,
+        initial_backoff_s=settings.triton_backoff_initial_ms / 1000,
+    )
+    broker = build_broker(settings, SERVICE, tracer_provider)
+    results_out = broker.publisher(topics.INFERENCE_RESULTS, title="inference results")
+    failed_out = broker.publisher(topics.INFERENCE_FAILED, title="failed inference")
+    shadow_out = broker.publisher(topics.INFERENCE_SHADOW_RESULTS, title="shadow results")
+    status_out = broker.publisher(topics.MODELS_STATUS, title="worker heartbeats")
+    dead_letters = DeadLetters(broker.publisher(topics.INFERENCE_DEADLETTER), producer)
+    task_topic = topics.model_task_topic(spec.name, version.version)
     triton = TritonModel(
         settings.triton_grpc_url,
         spec.triton.model,
-        triton_version,
+        version.triton_version,
         spec.triton.input_tensor,
         (spec.triton.score_tensor, spec.triton.band_tensor, spec.triton.contributions_tensor),
         timeout_s=spec.triton.timeout_ms / 1000,
     )
-    deadline = asyncio.get_running_loop().time() + settings.triton_ready_timeout_s
-    while not await triton.ready():
-        if asyncio.get_running_loop().time() > deadline:
-            await triton.close()
-            raise RuntimeError(
-                f"Triton at {settings.triton_grpc_url} has no ready {spec.triton.model} "
-                f"version {triton_version} after {settings.triton_ready_timeout_s}s"
-            )
-        await asyncio.sleep(0.5)
-    identity = WorkerIdentity(
-        producer, spec.triton.model, str(triton_version), await triton.device_kind()
+    tasks_running: list[asyncio.Task[None]] = []
+    batches = BatchHandler(
+        spec,
+        version,
+        triton,
+        WorkerIdentity(producer, spec.triton.model, str(version.triton_version), "unknown"),
+        policy,
+        tracer,
+        results_out,
+        failed_out,
+        shadow_out,
     )
-    log.info(
-        "triton ready",
-        model=spec.triton.model,
-        model_version=triton_version,
-        device_kind=identity.device_kind,
+
+    worker = TaskWorker(
+        lambda: build_consumer(settings, task_topic),
+        max_batch=spec.triton.max_batch_size,
+        handle=batches.handle,
+        dead_letter=dead_letters.send,
+        probe=triton.ready,
+        on_ready=batches.refresh_device_kind,
+        breaker=CircuitBreaker(
+            Backoff(
+                settings.circuit_backoff_initial_ms / 1000, settings.circuit_backoff_max_ms / 1000
+            ),
+            time.monotonic,
+        ),
+        timing=LoopTiming(linger_s=settings.batch_wait_ms / 1000),
+        clock=time.monotonic,
     )
-    return triton, identity
+
+    async def publish_heartbeat(heartbeat: WorkerHeartbeat) -> None:
+        await status_out.publish(
+            to_wire(heartbeat),
+            key=heartbeat.instance.encode(),
+            headers=message_headers(heartbeat.correlation_id, schema_of(WorkerHeartbeat)),
+        )
+
+    monitor = HealthMonitor(
+        HeartbeatSource(producer, spec.name, version.version, settings.heartbeat_interval_s),
+        worker,
+        triton.ready,
+        publish_heartbeat,
+        lambda: batches.identity.device_kind,
+        utc_now,
+    )
+
+    def crashed(task: asyncio.Task[None]) -> None:
+        # A bug, not a condition the loop handles: stop the process loudly so that it is
+        # restarted (and `medmesh up` notices) instead of idling with a dead loop.
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker loop crashed; stopping the process", error=repr(task.exception()))
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    async def start_loops() -> None:
+        for coroutine in (worker.run(), monitor.run()):
+            task = asyncio.create_task(coroutine)
+            task.add_done_callback(crashed)
+            tasks_running.append(task)
+
+    async def stop_loops() -> None:
+        worker.stop()
+        monitor.stop()
+        await asyncio.wait(tasks_running, timeout=10)
+        await monitor.beat()  # a last heartbeat saying "stopping"
+        for task in tasks_running:
+            task.cancel()
+        await worker.close()
+        await triton.close()
+        tracer_provider.shutdown()
+
+    async def ready() -> bool:
+        return worker.ready
+
+    return AsgiFastStream(
+        broker,
+        asgi_routes=health_routes(broker, ready),
+        after_startup=[start_loops],
+        on_shutdown=[stop_loops],
+        logger=logging.getLogger(f"medmesh.{SERVICE}.app"),
+    )

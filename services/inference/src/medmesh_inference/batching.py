@@ -1,7 +1,11 @@
 """Scoring a batch of tasks with retries and splitting; Triton is injected, Kafka is not here.
 
-A transient Triton error retries the whole batch with exponential backoff and jitter. Any other
-error splits the batch in halves, so one poison request fails alone and its neighbours succeed.
+A transient Triton error retries the whole batch with exponential backoff and jitter. Before any
+task is failed or a batch split, the worker asks whether the model version is still ready: if it
+is not (Triton down, restarting or unloading the model), ``ModelUnavailable`` is raised and no
+task is failed, so the worker can rewind, pause and wait behind its circuit breaker. Otherwise
+spent retries fail the tasks as ``retries-exhausted``, and any other error splits the batch in
+halves, so one poison request fails alone and its neighbours succeed.
 """
 
 from __future__ import annotations
@@ -28,8 +32,13 @@ from medmesh_inference.tensors import TaskInputError, input_batch, input_row, sp
 from medmesh_inference.triton import TritonCallError
 
 Infer = Callable[[npt.NDArray[np.float32]], Awaitable[Mapping[str, npt.NDArray[np.generic]]]]
+Available = Callable[[], Awaitable[bool]]
 Outcome = InferenceCompleted | InferenceFailed
 FailureKind = Literal["invalid-input", "retries-exhausted", "model-unavailable"]
+
+
+class ModelUnavailable(Exception):  # noqa: N818 -- a condition, not an error of the caller
+    """Triton kept failing transiently and the model version is not ready: nothing was scored."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +72,12 @@ async def score_tasks(
     identity: WorkerIdentity,
     policy: RetryPolicy,
     now: Callable[[], datetime],
+    available: Available | None = None,
 ) -> list[Outcome]:
-    """One outcome per task, in the order of ``tasks``."""
+    """One outcome per task, in the order of ``tasks``; ModelUnavailable when Triton is away.
+
+    ``available`` is asked once the retries of a transient error are spent (None: never away).
+    """
     outcomes: list[Outcome | None] = [None] * len(tasks)
     rows: list[list[float]] = []
     positions: list[int] = []
@@ -76,7 +89,7 @@ async def score_tasks(
             outcomes[i] = _failed(task, identity, "invalid-input", str(exc), attempts=0)
     if rows:
         scored = await _score_rows(
-            [tasks[i] for i in positions], rows, spec, infer, identity, policy, now
+            [tasks[i] for i in positions], rows, spec, infer, identity, policy, now, available
         )
         for i, outcome in zip(positions, scored, strict=True):
             outcomes[i] = outcome
@@ -91,6 +104,7 @@ async def _score_rows(
     identity: WorkerIdentity,
     policy: RetryPolicy,
     now: Callable[[], datetime],
+    available: Available | None,
 ) -> list[Outcome]:
     attempt = 0
     while True:
@@ -102,16 +116,20 @@ async def _score_rows(
             if exc.transient and attempt < policy.max_attempts:
                 await asyncio.sleep(policy.backoff(attempt))
                 continue
+            # A server going down can also answer with non-transient errors (a stopping python
+            # backend): whatever the error, tasks are failed only while the version is ready.
+            if available is not None and not await available():
+                raise ModelUnavailable(str(exc)) from exc
             if exc.transient:
                 return [_failed(t, identity, "retries-exhausted", str(exc), attempt) for t in tasks]
             if len(tasks) == 1:
                 return [_failed(tasks[0], identity, "invalid-input", str(exc), attempt)]
             middle = len(tasks) // 2
             left = await _score_rows(
-                tasks[:middle], rows[:middle], spec, infer, identity, policy, now
+                tasks[:middle], rows[:middle], spec, infer, identity, policy, now, available
             )
             right = await _score_rows(
-                tasks[middle:], rows[middle:], spec, infer, identity, policy, now
+                tasks[middle:], rows[middle:], spec, infer, identity, policy, now, available
             )
             return [*left, *right]
         elapsed_ms = (time.perf_counter() - started) * 1000
@@ -145,3 +163,10 @@ def _failed(
         reason=reason,
         attempts=attempts,
     )
+
+
+def destination(outcome: Outcome) -> Literal["results", "shadow-results", "failed"]:
+    """Where an outcome goes: a shadow version's results never reach reporting."""
+    if isinstance(outcome, InferenceFailed):
+        return "failed"
+    return "shadow-results" if outcome.task.route.reason == "shadow" else "results"

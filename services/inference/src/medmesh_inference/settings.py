@@ -17,8 +17,12 @@ class WorkerSettings(ServiceSettings):
     # Retries of a transient Triton error before the tasks are failed.
     triton_max_attempts: int = 4
     triton_backoff_initial_ms: int = 100
-    # How long startup waits for the model version to be ready in Triton.
-    triton_ready_timeout_s: float = 120.0
+    # Circuit breaker while Triton is unreachable or the version not ready: the wait before each
+    # readiness probe doubles from the initial value up to the cap (with jitter).
+    circuit_backoff_initial_ms: int = 200
+    circuit_backoff_max_ms: int = 5000
+    # Heartbeats on medmesh.models.status (and Triton readiness probes) this often.
+    heartbeat_interval_s: float = 3.0
 
     @property
     def group_id(self) -> str:

@@ -52,24 +52,36 @@ class TritonModel:
         output_tensors: Sequence[str],
         timeout_s: float,
     ) -> None:
-        self._client = InferenceServerClient(url=url)
+        self._url = url
+        self._channel: InferenceServerClient | None = None
         self.model = model
         self.version = str(version)
         self._input = input_tensor
         self._outputs = tuple(output_tensors)
         self._timeout_s = timeout_s
 
+    @property
+    def _client(self) -> InferenceServerClient:
+        """The gRPC client, opened on first use: grpc.aio binds a channel to the running loop."""
+        if self._channel is None:
+            self._channel = InferenceServerClient(url=self._url)
+        return self._channel
+
     async def ready(self) -> bool:
-        """True when the server is live and this model version is ready."""
+        """True when the server answers (within the model's timeout) that this version is ready."""
         try:
-            return bool(await self._client.is_model_ready(self.model, model_version=self.version))
+            return bool(
+                await self._client.is_model_ready(
+                    self.model, model_version=self.version, client_timeout=self._timeout_s
+                )
+            )
         except Exception:  # noqa: BLE001 -- any failure to ask means "not ready"; callers retry
             return False
 
     async def device_kind(self) -> str:
         """The instance kind Triton runs this version on (KIND_CPU or KIND_GPU)."""
         config = await self._client.get_model_config(
-            self.model, model_version=self.version, as_json=True
+            self.model, model_version=self.version, as_json=True, client_timeout=self._timeout_s
         )
         groups = config.get("config", {}).get("instance_group", [])
         kinds = sorted({g.get("kind", "KIND_AUTO") for g in groups})
@@ -92,5 +104,7 @@ class TritonModel:
         return {name: result.as_numpy(name) for name in self._outputs}
 
     async def close(self) -> None:
-        """Close the gRPC channel."""
-        await self._client.close()
+        """Close the gRPC channel (if it was opened)."""
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None

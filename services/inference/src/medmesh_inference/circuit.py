@@ -1,0 +1,89 @@
+"""A circuit breaker around one Triton model version. No I/O: the clock and randomness are injected.
+
+closed: tasks flow. open: the worker fetches nothing and waits for ``retry_at``. half-open: a
+readiness probe succeeded, the worker fetches again, and the next batch is the trial; its success
+closes the circuit, another failure opens it again with a longer wait. Waits grow exponentially
+(``initial_s * 2**(failures - 1)``, capped at ``max_s``) with "equal jitter": half the wait is
+fixed, half random, so many workers probing one restarted server do not arrive in lockstep.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+CircuitState = Literal["closed", "open", "half-open"]
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with equal jitter."""
+
+    initial_s: float = 0.2
+    max_s: float = 5.0
+
+    def ceiling(self, failures: int) -> float:
+        """The longest wait after ``failures`` consecutive failures (1-based)."""
+        return float(min(self.max_s, self.initial_s * 2.0 ** max(0, failures - 1)))
+
+    def delay(self, failures: int, rand: Callable[[], float] = random.random) -> float:
+        """A wait in ``[ceiling / 2, ceiling]`` after ``failures`` consecutive failures."""
+        ceiling = self.ceiling(failures)
+        return ceiling / 2 + rand() * ceiling / 2
+
+
+@dataclass
+class CircuitBreaker:
+    """The state of the circuit; the worker asks it before fetching and tells it outcomes."""
+
+    backoff: Backoff
+    clock: Callable[[], float]
+    rand: Callable[[], float] = random.random
+    state: CircuitState = "closed"
+    # Consecutive failures since the circuit was last closed.
+    failures: int = 0
+    retry_at: float = 0.0
+    opened_total: int = field(default=0)
+
+    @property
+    def closed(self) -> bool:
+        """Whether tasks flow freely."""
+        return self.state == "closed"
+
+    @property
+    def fetching(self) -> bool:
+        """Whether the worker may fetch tasks (closed, or half-open for the trial batch)."""
+        return self.state != "open"
+
+    def record_failure(self) -> float:
+        """Triton is unreachable or not ready: open the circuit; returns the wait before a probe."""
+        if self.state == "closed":
+            self.opened_total += 1
+        self.failures += 1
+        self.state = "open"
+        wait = self.backoff.delay(self.failures, self.rand)
+        self.retry_at = self.clock() + wait
+        return wait
+
+    def probe_due(self) -> bool:
+        """Whether the circuit is open and its wait is over (time for a readiness probe)."""
+        return self.state == "open" and self.clock() >= self.retry_at
+
+    def seconds_to_probe(self) -> float:
+        """How long until the next probe is due (0 when due or not open)."""
+        if self.state != "open":
+            return 0.0
+        return max(0.0, self.retry_at - self.clock())
+
+    def probe_succeeded(self) -> None:
+        """The readiness probe answered ready: let one trial batch through (half-open)."""
+        if self.state == "open":
+            self.state = "half-open"
+
+    def record_success(self) -> None:
+        """A batch was served: close the circuit and forget past failures."""
+        self.state = "closed"
+        self.failures = 0
+        self.retry_at = 0.0
