@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import pytest
@@ -14,7 +16,7 @@ from faststream.kafka.annotations import KafkaMessage
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
 from medmesh_contracts.events import RequestInference
-from medmesh_ingest.app import create_app
+from medmesh_ingest.app import Ingest, create_app
 from medmesh_ingest.settings import IngestSettings
 from tests.service.conftest import FIXTURES, SPECS_DIR
 
@@ -25,6 +27,7 @@ class Captured:
 
     requests: list[bytes] = field(default_factory=list)
     invalid: list[bytes] = field(default_factory=list)
+    states: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -34,12 +37,13 @@ class Harness:
     client: httpx.AsyncClient
     broker: KafkaBroker
     captured: Captured
+    ingest: Ingest
 
 
-@pytest.fixture
-async def ingest() -> AsyncIterator[Harness]:
+@asynccontextmanager
+async def running(settings: IngestSettings) -> AsyncIterator[Harness]:
     """The real ingest app with its broker replaced by faststream's in-memory broker."""
-    app = create_app(IngestSettings(model_specs_dir=SPECS_DIR))
+    app = create_app(settings)
     broker: KafkaBroker = app.state.broker
     captured = Captured()
 
@@ -51,10 +55,26 @@ async def ingest() -> AsyncIterator[Harness]:
     async def invalid(message: KafkaMessage) -> None:
         captured.invalid.append(message.body)
 
+    @broker.subscriber(topics.INGEST_READINGS)
+    async def states(message: KafkaMessage) -> None:
+        captured.states.append(message.body)
+
     async with TestKafkaBroker(broker):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://ingest") as client:
-            yield Harness(client, broker, captured)
+            yield Harness(client, broker, captured, app.state.ingest)
+
+
+def settings(**overrides: Any) -> IngestSettings:
+    """Ingest settings for the in-memory broker (no state topic to rebuild from)."""
+    return IngestSettings(model_specs_dir=SPECS_DIR, rebuild_readings_on_start=False, **overrides)
+
+
+@pytest.fixture
+async def ingest() -> AsyncIterator[Harness]:
+    """Ingest without tokens (loopback), as `medmesh up` runs it."""
+    async with running(settings()) as harness:
+        yield harness
 
 
 async def _post(harness: Harness, name: str, path: str = "/fhir") -> httpx.Response:
@@ -106,11 +126,12 @@ async def test_garbage_gets_400(ingest: Harness) -> None:
 
 
 async def test_other_fhir_versions_get_415(ingest: Harness) -> None:
-    """A content type naming fhirVersion 5.0 is answered 415."""
+    """A content type naming fhirVersion 3.0 (STU3) is answered 415 with an OperationOutcome."""
     response = await ingest.client.post(
-        "/fhir", content=b"{}", headers={"content-type": "application/fhir+json; fhirVersion=5.0"}
+        "/fhir", content=b"{}", headers={"content-type": "application/fhir+json; fhirVersion=3.0"}
     )
     assert response.status_code == 415
+    assert response.json()["resourceType"] == "OperationOutcome"
 
 
 async def test_capability_statement_names_r4b(ingest: Harness) -> None:
@@ -140,3 +161,380 @@ async def test_inbound_vitals_become_a_request(ingest: Harness) -> None:
     assert (
         RequestInference.model_validate_json(ingest.captured.requests[0]).source.channel == "kafka"
     )
+
+
+# --- helpers for the front-door tests ----------------------------------------------------------
+
+FHIR = {"content-type": "application/fhir+json"}
+R5 = {"content-type": "application/fhir+json; fhirVersion=5.0"}
+
+
+def load(name: str) -> Any:
+    return json.loads((FIXTURES / name).read_text())
+
+
+def requests_of(harness: Harness) -> list[RequestInference]:
+    return [RequestInference.model_validate_json(r) for r in harness.captured.requests]
+
+
+async def post_json(
+    harness: Harness, payload: Any, headers: dict[str, str] | None = None, path: str = "/fhir"
+) -> httpx.Response:
+    return await harness.client.post(
+        path, content=json.dumps(payload).encode(), headers=headers or FHIR
+    )
+
+
+def diagnostics(response: httpx.Response) -> str:
+    return " ".join(i.get("diagnostics", "") for i in response.json()["issue"])
+
+
+# --- security and limits -----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def secured() -> AsyncIterator[Harness]:
+    """Ingest with one default token and one named R5 source."""
+    sources = {"icu-r5": {"token": "r5-secret-token", "fhir_version": "R5", "site": "icu"}}
+    async with running(
+        settings(ingest_tokens="ward-token-1, ward-token-2", ingest_sources=sources)
+    ) as harness:
+        yield harness
+
+
+async def test_missing_token_gets_401_with_an_operation_outcome(secured: Harness) -> None:
+    """With tokens configured, a POST without Authorization is 401 with a Bearer challenge."""
+    response = await _post(secured, "vitals-bundle-high.json")
+    assert response.status_code == 401
+    assert response.json()["resourceType"] == "OperationOutcome"
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert secured.captured.requests == []
+
+
+async def test_wrong_token_gets_401(secured: Harness) -> None:
+    """An unknown bearer token (or another scheme) is 401."""
+    for value in ("Bearer nope", "Basic d2FyZDp4", "Bearer "):
+        response = await secured.client.post(
+            "/fhir",
+            content=(FIXTURES / "vitals-bundle-high.json").read_bytes(),
+            headers={**FHIR, "authorization": value},
+        )
+        assert response.status_code == 401, value
+
+
+async def test_configured_token_is_accepted(secured: Harness) -> None:
+    """Any of the comma-separated tokens is accepted."""
+    response = await secured.client.post(
+        "/fhir",
+        content=(FIXTURES / "vitals-bundle-high.json").read_bytes(),
+        headers={**FHIR, "authorization": "Bearer ward-token-2"},
+    )
+    assert response.status_code == 202
+
+
+async def test_source_token_selects_r5_and_names_the_source(secured: Harness) -> None:
+    """A named source configured for R5 has its payloads read as R5 and tagged with its name."""
+    response = await secured.client.post(
+        "/fhir",
+        content=(FIXTURES / "r5-subscription-notification.json").read_bytes(),
+        headers={**FHIR, "authorization": "Bearer r5-secret-token"},
+    )
+    assert response.status_code == 202, response.text
+    [request] = requests_of(secured)
+    assert request.source.fhir_version == "R5"
+    assert request.source.source_system == "icu-r5"
+    assert request.source.site == "icu"
+
+
+def test_public_bind_without_tokens_is_refused() -> None:
+    """create_app refuses a non-loopback listen address when no token is configured."""
+    with pytest.raises(ValueError, match="without authentication"):
+        create_app(settings(http_host="0.0.0.0"))  # noqa: S104 -- the address being refused
+
+
+def test_public_bind_with_tokens_is_allowed() -> None:
+    """With a token configured, ingest may listen on every address."""
+    create_app(settings(http_host="0.0.0.0", ingest_tokens="t"))  # noqa: S104
+
+
+async def test_body_over_the_size_limit_gets_413() -> None:
+    """A body larger than max_payload_bytes is 413 with an OperationOutcome."""
+    async with running(settings(max_payload_bytes=1000)) as harness:
+        response = await _post(harness, "vitals-bundle-high.json")
+    assert response.status_code == 413
+    assert response.json()["issue"][0]["code"] == "too-costly"
+
+
+async def test_deep_nesting_gets_413(ingest: Harness) -> None:
+    """JSON nested deeper than the limit (even 100,000 levels) is 413, never a crash."""
+    for depth in (40, 100_000):
+        body = b'{"resourceType": "Observation", "x": ' + b"[" * depth + b"]" * depth + b"}"
+        response = await ingest.client.post("/fhir", content=body, headers=FHIR)
+        assert response.status_code == 413, depth
+        assert response.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_too_many_entries_gets_413() -> None:
+    """A Bundle with more entries than max_bundle_entries is 413 naming Bundle.entry."""
+    async with running(settings(max_bundle_entries=5)) as harness:
+        response = await _post(harness, "vitals-bundle-high.json")
+    assert response.status_code == 413
+    assert response.json()["issue"][0]["expression"] == ["Bundle.entry"]
+
+
+async def test_media_type_other_than_json_gets_415(ingest: Harness) -> None:
+    """XML (or any non-JSON media type) is 415 with an OperationOutcome."""
+    response = await ingest.client.post(
+        "/fhir", content=b"<Bundle/>", headers={"content-type": "application/fhir+xml"}
+    )
+    assert response.status_code == 415
+    assert response.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_kafka_failure_gets_503_with_retry_after(
+    ingest: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When Kafka does not acknowledge, the answer is 503 with Retry-After, and a retry works."""
+
+    async def broken(*_args: Any, **_kwargs: Any) -> None:
+        raise TimeoutError
+
+    monkeypatch.setattr(ingest.ingest.requests_out, "publish", broken)
+    response = await _post(ingest, "vitals-bundle-high.json")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    assert response.json()["issue"][0]["code"] == "transient"
+    monkeypatch.undo()
+    retried = await _post(ingest, "vitals-bundle-high.json")
+    assert retried.status_code == 202  # the failed attempt left no state behind
+
+
+@pytest.mark.parametrize(
+    ("code", "value", "unit", "named"),
+    [
+        ("8867-4", -12, "/min", "-12 /min"),
+        ("59408-5", 104, "%", "104 %"),
+        ("8310-5", 120.0, "[degF]", "48.8889 Cel"),
+        ("8310-5", 21.5, "Cel", "21.5 Cel"),
+    ],
+)
+async def test_impossible_values_get_422_naming_the_value(
+    ingest: Harness, code: str, value: float, unit: str, named: str
+) -> None:
+    """Negative rates, SpO2 over 100 % and temperatures outside 25-45 Cel are 422 naming it."""
+    observation = load("observation-heart-rate.json")
+    observation["code"]["coding"][0]["code"] = code
+    observation["valueQuantity"] = {
+        "value": value,
+        "system": "http://unitsofmeasure.org",
+        "code": unit,
+    }
+    response = await post_json(ingest, observation)
+    assert response.status_code == 422
+    assert named in diagnostics(response)
+    assert response.json()["issue"][0]["expression"] == ["Observation.valueQuantity.value"]
+    assert ingest.captured.requests == []
+
+
+# --- shapes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["subscription-handshake.json", "subscription-heartbeat.json"])
+async def test_subscription_handshake_and_heartbeat_get_200(ingest: Harness, name: str) -> None:
+    """Handshake and heartbeat notifications are acknowledged with 200 and start nothing."""
+    response = await _post(ingest, name)
+    assert response.status_code == 200
+    assert "acknowledged" in diagnostics(response)
+    assert ingest.captured.requests == []
+
+
+async def test_subscription_full_resource_notification_is_processed(ingest: Harness) -> None:
+    """An R4B event-notification with full resources becomes a request."""
+    response = await _post(ingest, "subscription-event-full.json")
+    assert response.status_code == 202, response.text
+    [request] = requests_of(ingest)
+    assert request.subject_reference == "Patient/example-subscription"
+
+
+async def test_id_only_notification_without_a_source_server_gets_a_warning(
+    ingest: Harness,
+) -> None:
+    """An id-only notification with no FHIR server configured is 200 with a warning."""
+    response = await _post(ingest, "subscription-event-id-only.json")
+    assert response.status_code == 200
+    assert response.json()["issue"][0]["severity"] == "warning"
+    assert "no FHIR server is configured" in diagnostics(response)
+    assert ingest.captured.requests == []
+
+
+def _source_server(seen: list[httpx.Request]) -> httpx.MockTransport:
+    source = load("subscription-id-only-source.json")
+    by_url = {e["fullUrl"]: e["resource"] for e in source["entry"]}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        resource = by_url.get(str(request.url))
+        if resource is None:
+            return httpx.Response(404)
+        return httpx.Response(200, json=resource)
+
+    return httpx.MockTransport(answer)
+
+
+async def test_id_only_notification_is_fetched_from_the_source_server() -> None:
+    """With a source base URL and token, id-only content is fetched with the token and scored."""
+    seen: list[httpx.Request] = []
+    configured = settings(
+        source_base_url="https://ehr.st-elsewhere.example/fhir",
+        source_token="fetch-secret",  # noqa: S106 -- a test token
+    )
+    async with running(configured) as harness:
+        harness.ingest.http_client = httpx.AsyncClient(transport=_source_server(seen))
+        response = await _post(harness, "subscription-event-id-only.json")
+        [request] = requests_of(harness)
+    assert response.status_code == 202, response.text
+    assert request.subject_reference == "Patient/example-id-only"
+    assert len(seen) == 7
+    assert all(r.headers["authorization"] == "Bearer fetch-secret" for r in seen)
+
+
+async def test_id_only_fetch_failure_gets_503() -> None:
+    """When the source server fails, the notification is 503 with Retry-After (it is resent)."""
+    configured = settings(source_base_url="https://ehr.st-elsewhere.example/other")
+    async with running(configured) as harness:
+        harness.ingest.http_client = httpx.AsyncClient(transport=_source_server([]))
+        response = await _post(harness, "subscription-event-id-only.json")
+    assert response.status_code == 422  # the references are not on the configured server
+    configured = settings(source_base_url="https://ehr.st-elsewhere.example/fhir")
+    async with running(configured) as harness:
+        harness.ingest.http_client = httpx.AsyncClient(
+            transport=httpx.MockTransport(lambda _r: httpx.Response(500))
+        )
+        response = await _post(harness, "subscription-event-id-only.json")
+    assert response.status_code == 503
+    assert "retry-after" in response.headers
+
+
+async def test_r5_notification_by_content_type_is_processed(ingest: Harness) -> None:
+    """fhirVersion=5.0 reads the payload as R5: a subscription-notification is processed."""
+    response = await ingest.client.post(
+        "/fhir",
+        content=(FIXTURES / "r5-subscription-notification.json").read_bytes(),
+        headers=R5,
+    )
+    assert response.status_code == 202, response.text
+    [request] = requests_of(ingest)
+    assert request.source.fhir_version == "R5"
+    assert request.subject_reference == "Patient/example-r5"
+
+
+async def test_r5_bundle_type_is_refused_as_r4b(ingest: Harness) -> None:
+    """Without fhirVersion=5.0, a subscription-notification Bundle is not R4B: 422."""
+    response = await _post(ingest, "r5-subscription-notification.json")
+    assert response.status_code == 422
+    assert "Bundle.type" in json.dumps(response.json())
+
+
+@pytest.mark.parametrize("name", ["message-bundle.json", "transaction-bundle.json"])
+async def test_message_and_transaction_bundles_become_requests(ingest: Harness, name: str) -> None:
+    """A message Bundle (MessageHeader first) and a transaction with urn:uuid refs are scored."""
+    response = await _post(ingest, name)
+    assert response.status_code == 202, response.text
+    [request] = requests_of(ingest)
+    assert request.subject_reference.startswith("Patient/example-")
+
+
+async def test_message_bundle_without_message_header_first_gets_422(ingest: Harness) -> None:
+    """A message Bundle whose first entry is not a MessageHeader is 422 at Bundle.entry[0]."""
+    bundle = load("message-bundle.json")
+    bundle["entry"].append(bundle["entry"].pop(0))
+    response = await post_json(ingest, bundle)
+    assert response.status_code == 422
+    assert response.json()["issue"][0]["expression"] == ["Bundle.entry[0].resource"]
+
+
+# --- one reading at a time, orders, idempotency ------------------------------------------------
+
+ONE_BY_ONE = ["rr", "spo2", "o2-flow", "temp", "bp", "hr", "acvpu"]
+
+
+async def _send_one_by_one(harness: Harness, names: list[str]) -> list[httpx.Response]:
+    return [
+        await _post(harness, f"one-by-one/{name}.json", path="/fhir/Observation") for name in names
+    ]
+
+
+async def test_single_observations_are_scored_when_the_set_is_complete(ingest: Harness) -> None:
+    """Observations sent one by one give exactly one request, when the last one arrives."""
+    responses = await _send_one_by_one(ingest, ONE_BY_ONE)
+    assert [r.status_code for r in responses] == [200] * 6 + [202]
+    assert "kept" in diagnostics(responses[0])
+    [request] = requests_of(ingest)
+    assert {i.name: i.value for i in request.inputs}["heart_rate"] == 118
+    assert len(ingest.captured.states) == 7
+
+
+async def test_same_version_again_sends_nothing_new_version_does(ingest: Harness) -> None:
+    """A resent reading (same id and versionId) adds no request; a corrected version adds one."""
+    await _send_one_by_one(ingest, ONE_BY_ONE)
+    again = await _post(ingest, "one-by-one/hr.json", path="/fhir/Observation")
+    assert again.status_code == 200
+    assert "already sent" in diagnostics(again)
+    corrected = load("one-by-one/hr.json")
+    corrected["meta"]["versionId"] = "2"
+    corrected["status"] = "corrected"
+    corrected["valueQuantity"]["value"] = 84
+    response = await post_json(ingest, corrected)
+    assert response.status_code == 202, response.text
+    first, second = requests_of(ingest)
+    assert {i.name: i.value for i in second.inputs}["heart_rate"] == 84
+    assert first.correlation_id != second.correlation_id
+
+
+async def test_same_bundle_twice_gives_one_request(ingest: Harness) -> None:
+    """The same Bundle content posted twice gives one request; the second answer is 200."""
+    first = await _post(ingest, "vitals-bundle-medium.json")
+    second = await _post(ingest, "vitals-bundle-medium.json")
+    assert (first.status_code, second.status_code) == (202, 200)
+    assert len(ingest.captured.requests) == 1
+
+
+async def test_service_request_orders_a_score_with_based_on(ingest: Harness) -> None:
+    """A ServiceRequest naming the model scores the stored readings, basedOn the order, once."""
+    await _send_one_by_one(ingest, ONE_BY_ONE)
+    response = await _post(ingest, "service-request-order.json", path="/fhir/ServiceRequest")
+    assert response.status_code == 202, response.text
+    again = await _post(ingest, "service-request-order.json", path="/fhir/ServiceRequest")
+    assert again.status_code == 200
+    requests = requests_of(ingest)
+    assert len(requests) == 2
+    assert requests[1].based_on_reference == "ServiceRequest/example-order-1"
+    assert requests[0].based_on_reference is None
+
+
+async def test_order_without_readings_gets_a_warning(ingest: Harness) -> None:
+    """An order for a patient with no readings is 200 with a warning naming the missing inputs."""
+    response = await _post(ingest, "service-request-order.json")
+    assert response.status_code == 200
+    assert "respiratory_rate" in diagnostics(response)
+    assert ingest.captured.requests == []
+
+
+async def test_inbound_single_readings_share_the_state_with_http(ingest: Harness) -> None:
+    """Readings from the inbound topic and HTTP complete the same patient's set."""
+    for name in ONE_BY_ONE[:-1]:
+        payload = (FIXTURES / f"one-by-one/{name}.json").read_bytes()
+        await ingest.broker.publish(payload, topic=topics.FHIR_INBOUND)
+    assert ingest.captured.requests == []
+    response = await _post(ingest, f"one-by-one/{ONE_BY_ONE[-1]}.json")
+    assert response.status_code == 202
+    assert ingest.captured.invalid == []
+
+
+async def test_inbound_impossible_value_is_dead_lettered(ingest: Harness) -> None:
+    """An impossible value on the inbound topic lands on medmesh.fhir.invalid naming the value."""
+    observation = load("one-by-one/spo2.json")
+    observation["valueQuantity"]["value"] = 140
+    await ingest.broker.publish(json.dumps(observation).encode(), topic=topics.FHIR_INBOUND)
+    [event] = [json.loads(e) for e in ingest.captured.invalid]
+    assert "140 %" in json.dumps(event["operation_outcome"])

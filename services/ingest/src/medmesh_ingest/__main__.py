@@ -10,7 +10,11 @@ from medmesh_runtime.serve import serve
 def main() -> None:
     """Serve on MEDMESH_HTTP_HOST and MEDMESH_INGEST_PORT (health endpoints; FHIR for ingest)."""
     settings = IngestSettings()
-    serve(create_app(settings), settings.http_host, settings.ingest_port)
+    try:
+        app = create_app(settings)
+    except ValueError as refused:  # e.g. a public address without bearer tokens
+        raise SystemExit(f"medmesh ingest: {refused}") from None
+    serve(app, settings.http_host, settings.ingest_port)
 
 
 if __name__ == "__main__":

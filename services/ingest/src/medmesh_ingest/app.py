@@ -1,15 +1,19 @@
 """The ingest service: FHIR over HTTP (FastAPI) and from medmesh.fhir.inbound (faststream).
 
-Thin by design: it translates transport to ``service.decide`` and publishes what it decides.
-A 202 is sent only after every request is acknowledged by Kafka (acks=all).
+Thin by design: it authenticates, checks the transport (media type, FHIR version, size), hands
+the payload to ``service.IngestService`` and translates its ``Answer``. A 2xx is sent only after
+Kafka acknowledged every message the payload caused (acks=all); otherwise 503 with Retry-After.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from faststream.kafka import KafkaBroker
@@ -21,7 +25,9 @@ from medmesh_contracts import headers as h
 from medmesh_contracts import topics
 from medmesh_contracts.events import (
     FhirEventRejected,
+    PatientReadingsUpdated,
     Producer,
+    RequestInference,
     SourceContext,
     new_id,
     schema_of,
@@ -29,14 +35,33 @@ from medmesh_contracts.events import (
     utc_now,
 )
 from medmesh_contracts.modelspec import load_specs
+from medmesh_ingest.auth import Authenticator, Source, check_listen_address
 from medmesh_ingest.capability import capability_statement
-from medmesh_ingest.outcomes import Issue, outcome
+from medmesh_ingest.fetch import http_fetcher
+from medmesh_ingest.outcomes import TOO_LARGE, FhirRejected, Issue, outcome
 from medmesh_ingest.pseudonym import Pseudonymizer
-from medmesh_ingest.service import IngestDecision, decide
+from medmesh_ingest.readings import ReadingsStore, state_key
+from medmesh_ingest.service import (
+    Answer,
+    Context,
+    Fetch,
+    IngestService,
+    KafkaUnavailableError,
+    SourceUnavailableError,
+)
 from medmesh_ingest.settings import DEVELOPMENT_PSEUDONYM_KEY, IngestSettings
-from medmesh_ingest.transport import content_type_problem
-from medmesh_runtime.kafka import CONSUMER_ACK_POLICY, build_broker, encode_raw, message_headers
+from medmesh_ingest.state_topic import partition_of, rebuild
+from medmesh_ingest.transport import requested_version
+from medmesh_ingest.validation import FhirVersion, Limits
+from medmesh_runtime.kafka import (
+    CONSUMER_ACK_POLICY,
+    build_broker,
+    encode_raw,
+    message_headers,
+    record_headers,
+)
 from medmesh_runtime.logging import configure_logging, get_logger
+from medmesh_runtime.metrics import PROMETHEUS_CONTENT_TYPE, prometheus_text
 from medmesh_runtime.telemetry import configure_service_tracing, trace_id_hex
 
 SERVICE = "ingest"
@@ -45,57 +70,128 @@ log = get_logger("medmesh.ingest")
 
 
 class Ingest:
-    """The two entrypoints (HTTP and inbound topic) over one set of publishers and specs."""
+    """The two entrypoints (HTTP and inbound topic) over one IngestService and its publishers."""
 
     def __init__(self, settings: IngestSettings, broker: KafkaBroker, tracer: Tracer) -> None:
         self.settings = settings
         self.tracer = tracer
         self.specs = load_specs(settings.model_specs_dir)
-        self.pseudonymize = Pseudonymizer(settings.pseudonym_key.get_secret_value().encode())
+        self.auth = Authenticator(settings)
         self.producer = Producer(service=SERVICE, instance=settings.instance_id)
         self.requests_out = broker.publisher(topics.INFERENCE_REQUESTS, title="inference requests")
         self.invalid_out = broker.publisher(topics.FHIR_INVALID, title="rejected inbound FHIR")
+        self.state_out = broker.publisher(topics.INGEST_READINGS, title="per-patient readings")
+        self.store = ReadingsStore()
+        # Partitions of the state topic, known once it was read on start (None: key hashing).
+        self.state_partitions: int | None = None
+        self.ready = False
+        self.http_client: httpx.AsyncClient | None = None
+        self.service = IngestService(
+            specs=self.specs,
+            pseudonymize=Pseudonymizer(settings.pseudonym_key.get_secret_value().encode()),
+            producer=self.producer,
+            store=self.store,
+            publish_request=self.publish_request,
+            publish_state=self.publish_state,
+            limits=Limits(settings.max_json_depth, settings.max_bundle_entries),
+            lookback=timedelta(minutes=settings.readings_lookback_minutes),
+            max_fetched=settings.max_fetched_resources,
+        )
 
-    def decide(
-        self, raw: bytes, channel: SourceContext, resource_type: str | None = None
-    ) -> IngestDecision:
-        """Validate and extract one payload (no I/O)."""
-        with self.tracer.start_as_current_span("ingest.validate-and-extract"):
-            return decide(
-                raw,
-                specs=self.specs,
-                pseudonymize=self.pseudonymize,
-                producer=self.producer,
-                source=channel,
-                received_at=utc_now(),
-                resource_type_hint=resource_type,
-            )
+    async def _acknowledged(self, publishing: Awaitable[Any]) -> None:
+        await asyncio.wait_for(publishing, timeout=self.settings.publish_timeout_s)
 
-    async def publish_requests(self, decision: IngestDecision) -> None:
-        """Publish every request and wait for Kafka's acknowledgement of each."""
-        for request in decision.requests:
-            await self.requests_out.publish(
+    async def publish_request(self, request: RequestInference) -> None:
+        """Publish one request and wait for Kafka's acknowledgement."""
+        await self._acknowledged(
+            self.requests_out.publish(
                 to_wire(request),
                 key=request.patient_pseudonym.encode(),
                 headers=message_headers(request.correlation_id, schema_of(type(request))),
                 correlation_id=request.correlation_id,
             )
+        )
+
+    async def publish_state(self, state: PatientReadingsUpdated) -> None:
+        """Publish one patient's state to the compacted topic, on the pseudonym's partition."""
+        partition = (
+            partition_of(state.patient_pseudonym, self.state_partitions)
+            if self.state_partitions
+            else None
+        )
+        await self._acknowledged(
+            self.state_out.publish(
+                to_wire(state),
+                key=state_key(state.patient_pseudonym, state.model).encode(),
+                partition=partition,
+                headers=message_headers(state.correlation_id, schema_of(PatientReadingsUpdated)),
+            )
+        )
+
+    def fetcher(self, source: Source) -> Fetch | None:
+        """How to fetch id-only notification content for this source (None: not configured)."""
+        if source.base_url is None or self.http_client is None:
+            return None
+        return http_fetcher(
+            source.base_url,
+            source.fetch_token,
+            timeout_s=self.settings.fetch_timeout_s,
+            max_bytes=self.settings.max_payload_bytes,
+            client=self.http_client,
+        )
+
+    async def handle(self, raw: bytes, context: Context) -> Answer:
+        """The service's answer, inside a span."""
+        with self.tracer.start_as_current_span("ingest.handle"):
+            return await self.service.handle(raw, context, utc_now())
+
+    # --- Kafka ---------------------------------------------------------------------------------
 
     async def on_inbound_event(self, message: KafkaMessage) -> None:
-        """One event from medmesh.fhir.inbound: requests downstream, or a rejection event."""
+        """One event from medmesh.fhir.inbound: requests downstream, or a rejection event.
+
+        Kafka or source-server failures propagate, so the event is redelivered (NACK).
+        """
         record: Any = message.raw_message
         raw: bytes = record.value or b""
-        decision = self.decide(raw, SourceContext(channel="kafka"))
-        if not decision.rejected:
-            await self.publish_requests(decision)
+        source = self.auth.default_source
+        try:
+            version = self.inbound_version(record, raw, source)
+        except FhirRejected as problem:
+            answer = Answer(problem.status, problem.outcome)
+        else:
+            context = Context(
+                SourceContext(channel="kafka", fhir_version=version),
+                version,
+                fetch=self.fetcher(source),
+            )
+            answer = await self.handle(raw, context)
+        if not answer.rejected:
             log.info(
                 "inbound event processed",
-                requests=len(decision.requests),
-                issues=len(decision.issues),
+                status=answer.status,
+                requests=len(answer.requests),
                 partition=record.partition,
                 offset=record.offset,
             )
             return
+        await self.dead_letter(record, raw, answer)
+
+    def inbound_version(self, record: Any, raw: bytes, source: Source) -> FhirVersion:
+        """The FHIR version of an inbound event (its content-type header, else the default).
+
+        Raises FhirRejected for an event over the size limit or of a version not spoken.
+        """
+        if len(raw) > self.settings.max_payload_bytes:
+            raise FhirRejected(TOO_LARGE, _too_large_outcome())
+        content_type = record_headers(record).get("content-type", "")
+        if "fhirversion" not in content_type.lower():
+            # Kafka clients set content types of their own (or none): only a FHIR one counts.
+            return source.fhir_version
+        return requested_version(content_type, source.fhir_version)
+
+    async def dead_letter(self, record: Any, raw: bytes, answer: Answer) -> None:
+        """Publish the rejected event whole, with its offset and OperationOutcome."""
         value, encoding = encode_raw(raw)
         rejected = FhirEventRejected(
             correlation_id=new_id(),
@@ -105,7 +201,7 @@ class Ingest:
             source_offset=record.offset,
             raw_value=value,
             raw_encoding=encoding,
-            operation_outcome=decision.operation_outcome,
+            operation_outcome=answer.operation_outcome,
         )
         await self.invalid_out.publish(
             to_wire(rejected),
@@ -114,53 +210,105 @@ class Ingest:
         )
         log.warning(
             "inbound event rejected",
-            status=decision.status,
+            status=answer.status,
             partition=record.partition,
             offset=record.offset,
             dead_letter_topic=topics.FHIR_INVALID,
         )
 
+    # --- HTTP ----------------------------------------------------------------------------------
+
     async def on_http(self, request: Request, resource_type: str | None) -> Response:
-        """One HTTP POST: the answer is sent after Kafka acknowledged every request."""
+        """One HTTP POST: a 2xx is sent after Kafka acknowledged everything it caused."""
         incoming = propagate.extract(dict(request.headers))
         with self.tracer.start_as_current_span(
             f"POST {request.url.path}", kind=SpanKind.SERVER, context=incoming
         ) as span:
             trace_id = trace_id_hex(span)
-            problem = content_type_problem(request.headers.get("content-type"))
-            if problem is not None:
-                return fhir_response(problem.status, problem.outcome, trace_id)
-            raw = await request.body()
-            if len(raw) > self.settings.max_payload_bytes:
-                too_big = Issue("error", "too-costly", "payload exceeds the size limit")
-                return fhir_response(413, outcome((too_big,)), trace_id)
-            decision = self.decide(raw, SourceContext(channel="http"), resource_type)
+            source = self.auth.source(request.headers.get("authorization"))
+            if source is None:
+                return unauthorized(trace_id)
             try:
-                await self.publish_requests(decision)
-            except Exception as exc:  # any Kafka failure means "not accepted": the sender retries
-                log.exception("publishing to Kafka failed; answering 503")
-                unavailable = Issue(
-                    "error",
-                    "transient",
-                    f"could not store the request durably: {type(exc).__name__}",
+                version = requested_version(
+                    request.headers.get("content-type"), source.fhir_version
                 )
-                return fhir_response(503, outcome((unavailable,)), trace_id)
+                raw = await self.read_body(request)
+            except FhirRejected as problem:
+                return fhir_response(problem.status, problem.outcome, trace_id)
+            context = Context(
+                SourceContext(
+                    channel="http",
+                    fhir_version=version,
+                    site=source.site,
+                    source_system=None if source.name == "default" else source.name,
+                ),
+                version,
+                resource_type,
+                self.fetcher(source),
+            )
+            try:
+                answer = await self.handle(raw, context)
+            except (KafkaUnavailableError, SourceUnavailableError) as exc:
+                return self.unavailable(exc, trace_id)
             log.info(
                 "http payload handled",
-                status=decision.status,
-                requests=len(decision.requests),
-                issues=len(decision.issues),
+                status=answer.status,
+                requests=len(answer.requests),
+                issues=len(answer.issues),
             )
             return fhir_response(
-                decision.status,
-                decision.operation_outcome,
+                answer.status,
+                answer.operation_outcome,
                 trace_id,
-                correlation_ids=[r.correlation_id for r in decision.requests],
+                correlation_ids=[r.correlation_id for r in answer.requests],
             )
+
+    async def read_body(self, request: Request) -> bytes:
+        """The body, read no further than the size limit (413 beyond it)."""
+        limit = self.settings.max_payload_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise FhirRejected(TOO_LARGE, _too_large_outcome())
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise FhirRejected(TOO_LARGE, _too_large_outcome())
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def unavailable(self, exc: Exception, trace_id: str) -> Response:
+        """503 with Retry-After: nothing (or not all) of the payload is durably taken."""
+        if isinstance(exc, KafkaUnavailableError):
+            log.error("publishing to Kafka failed; answering 503", error=str(exc))
+            text = f"could not store the request durably ({exc}); retry later"
+        else:
+            log.warning("the source FHIR server failed; answering 503", error=str(exc))
+            text = f"could not fetch the notification's resources from the source: {exc}"
+        response = fhir_response(503, outcome((Issue("error", "transient", text),)), trace_id)
+        response.headers["retry-after"] = str(self.settings.retry_after_s)
+        return response
+
+
+def _too_large_outcome() -> dict[str, Any]:
+    return outcome((Issue("error", "too-costly", "payload exceeds the size limit"),))
+
+
+def unauthorized(trace_id: str) -> Response:
+    """401 with an OperationOutcome and the bearer challenge."""
+    issue = Issue("error", "login", "a valid bearer token is required (Authorization: Bearer ...)")
+    response = fhir_response(401, outcome((issue,)), trace_id)
+    response.headers["www-authenticate"] = 'Bearer realm="medmesh"'
+    return response
 
 
 def create_app(settings: IngestSettings) -> FastAPI:
-    """Build the ingest ASGI app; Kafka connects in its lifespan, not here."""
+    """Build the ingest ASGI app; Kafka connects in its lifespan, not here.
+
+    Raises ValueError when asked to listen beyond loopback without bearer tokens.
+    """
+    check_listen_address(settings)
     configure_logging(SERVICE, settings.log_level)
     tracer_provider = configure_service_tracing(SERVICE, settings)
     broker = build_broker(settings, SERVICE, tracer_provider)
@@ -177,12 +325,20 @@ def create_app(settings: IngestSettings) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if settings.pseudonym_key.get_secret_value() == DEVELOPMENT_PSEUDONYM_KEY:
             log.warning("development pseudonym key in use; set MEDMESH_PSEUDONYM_KEY in production")
+        if not ingest.auth.required:
+            log.warning("no bearer tokens configured: listening on loopback only")
+        if settings.rebuild_readings_on_start:
+            ingest.state_partitions = await rebuild(ingest.store, settings)
+        ingest.http_client = httpx.AsyncClient(follow_redirects=False)
         await broker.start()
+        ingest.ready = True
         log.info("ingest started", models=sorted(ingest.specs), port=settings.ingest_port)
         try:
             yield
         finally:
+            ingest.ready = False
             await broker.stop()
+            await ingest.http_client.aclose()
             tracer_provider.shutdown()
 
     app = FastAPI(title="medmesh ingest", lifespan=lifespan)
@@ -206,9 +362,15 @@ def create_app(settings: IngestSettings) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        return Response(status_code=204 if await broker.ping(timeout=2.0) else 503)
+        ready = ingest.ready and await broker.ping(timeout=2.0)
+        return Response(status_code=204 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(prometheus_text(), media_type=PROMETHEUS_CONTENT_TYPE)
 
     app.state.broker = broker
+    app.state.ingest = ingest
     return app
 
 

@@ -27,12 +27,15 @@ def capability_statement(specs: Iterable[ModelSpec], published: datetime) -> dic
             {
                 "mode": "server",
                 "documentation": (
-                    "POST a Bundle (collection, batch, transaction) to /fhir or one resource to "
-                    "/fhir/{type}. 202 means the inference request is durably in Kafka."
+                    "POST a Bundle (collection, batch, transaction, message, or a Subscription "
+                    "notification: R4B backport history Bundle, R5 subscription-notification "
+                    "with fhirVersion=5.0) to /fhir or one resource to /fhir/{type}, with "
+                    "Authorization: Bearer when tokens are configured. 202 means the inference "
+                    "request is durably in Kafka; 503 with Retry-After means retry."
                 ),
                 "resource": [
                     {"type": t, "interaction": [{"code": "create"}]}
-                    for t in ("Observation", "Patient", "Encounter", "Bundle")
+                    for t in ("Observation", "ServiceRequest", "Patient", "Encounter", "Bundle")
                 ],
                 "interaction": [{"code": "batch"}, {"code": "transaction"}],
             }

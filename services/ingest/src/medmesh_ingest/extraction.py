@@ -2,8 +2,10 @@
 
 For every patient (Observation subject) and every model spec, each spec input takes the latest
 usable reading among the Observations matching any of its sources, converted as the source says.
-Only Observations are read; Patient and Encounter entries matter only as targets of references,
-which validation has already resolved; any other resource is ignored.
+Only Observations give readings; a ServiceRequest whose code names a model is an explicit order
+to score its patient now. Patient and Encounter entries matter only as targets of references,
+which validation has already resolved; any other resource is ignored. A reading whose value is
+physiologically impossible (``units.implausible``) makes the whole payload unacceptable.
 """
 
 from __future__ import annotations
@@ -16,11 +18,17 @@ from typing import Any, Literal, TypeVar
 from medmesh_contracts.events import ModelInput
 from medmesh_contracts.modelspec import UCUM, Coding, InputSource, InputSpec, ModelSpec
 from medmesh_ingest.outcomes import Issue
-from medmesh_ingest.units import UnitConversionError, convert
+from medmesh_ingest.units import UnitConversionError, convert, implausible
 from medmesh_ingest.validation import ParsedResource
 
 # Observations with these statuses carry no reading.
 UNUSABLE_STATUSES = frozenset({"entered-in-error", "cancelled"})
+# A ServiceRequest coded with this system and a model's name orders that model (as does the code
+# of the model's report, from its spec).
+MODEL_CODE_SYSTEM = "https://medmesh.dev/fhir/CodeSystem/model"
+ORDER_INTENTS = frozenset(
+    {"order", "original-order", "reflex-order", "filler-order", "instance-order"}
+)
 
 _EARLIEST = datetime.min.replace(tzinfo=UTC)
 
@@ -48,12 +56,54 @@ class MissingInputs:
 
 
 @dataclass(frozen=True)
+class Reading:
+    """One input's reading from a payload, already converted, with its source's version."""
+
+    input: ModelInput
+    source_version: str | None = None
+
+
+@dataclass(frozen=True)
+class PatientReadings:
+    """The readings a payload gives one model for one patient (possibly not all it needs)."""
+
+    model: str
+    subject_reference: str
+    encounter_reference: str | None
+    readings: Mapping[str, Reading]
+
+
+@dataclass(frozen=True)
+class Order:
+    """A ServiceRequest asking for one model's score of one patient now."""
+
+    model: str
+    subject_reference: str
+    encounter_reference: str | None
+    # How the report refers to the order (``ServiceRequest/<id>``), and its version.
+    based_on_reference: str
+    version: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The order's identity for deduplication: reference and version."""
+        return f"{self.based_on_reference}|{self.version or ''}"
+
+
+@dataclass(frozen=True)
 class Extraction:
-    """What a payload gives each model: complete inputs, incomplete ones, and issues met."""
+    """What a payload gives each model: complete inputs, incomplete ones, and issues met.
+
+    ``readings`` holds every (patient, model) with at least one reading, for the per-patient
+    state; ``rejections`` holds errors that make the payload unacceptable (impossible values).
+    """
 
     complete: tuple[PatientInputs, ...]
     incomplete: tuple[MissingInputs, ...]
     issues: tuple[Issue, ...]
+    readings: tuple[PatientReadings, ...] = ()
+    orders: tuple[Order, ...] = ()
+    rejections: tuple[Issue, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,6 +114,7 @@ class _Reading:
     observed_at: datetime | None
     source_reference: str | None
     encounter_reference: str | None
+    version: str | None = None
 
     @property
     def recency(self) -> tuple[bool, datetime]:
@@ -74,9 +125,10 @@ class _Reading:
 class _UnusableValueError(Exception):
     """A matching Observation whose value cannot be read as the source says."""
 
-    def __init__(self, issue: Issue) -> None:
+    def __init__(self, issue: Issue, *, rejects_payload: bool = False) -> None:
         super().__init__(issue.diagnostics)
         self.issue = issue
+        self.rejects_payload = rejects_payload
 
 
 def extract(
@@ -93,15 +145,98 @@ def extract(
     by_subject, issues = _observations_by_subject(resources)
     complete: list[PatientInputs] = []
     incomplete: list[MissingInputs] = []
+    found: list[PatientReadings] = []
+    rejections: list[Issue] = []
     for subject, patient_observations in by_subject.items():
         for spec in specs.values():
-            result, problems = _inputs_for(spec, subject, patient_observations, received_at)
+            readings, problems, impossible = _readings_for(spec, patient_observations)
             issues.extend(problems)
+            rejections.extend(impossible)
+            if not readings:
+                continue
+            found.append(
+                PatientReadings(
+                    spec.name,
+                    subject,
+                    _encounter_of(list(readings.values())),
+                    {
+                        i.name: Reading(_model_input(i, readings[i.name]), readings[i.name].version)
+                        for i in spec.inputs
+                        if i.name in readings
+                    },
+                )
+            )
+            result = _inputs_for(spec, subject, readings, received_at)
             if isinstance(result, PatientInputs):
                 complete.append(result)
-            elif isinstance(result, MissingInputs):
+            else:
                 incomplete.append(result)
-    return Extraction(tuple(complete), tuple(incomplete), tuple(dict.fromkeys(issues)))
+    orders, order_issues = _orders(resources, specs)
+    return Extraction(
+        tuple(complete),
+        tuple(incomplete),
+        tuple(dict.fromkeys([*issues, *order_issues])),
+        tuple(found),
+        orders,
+        tuple(dict.fromkeys(rejections)),
+    )
+
+
+# --- orders ------------------------------------------------------------------------------------
+
+
+def _orders(
+    resources: Iterable[ParsedResource], specs: Mapping[str, ModelSpec]
+) -> tuple[tuple[Order, ...], list[Issue]]:
+    """ServiceRequests whose code names a deployed model: explicit orders to score now."""
+    orders: list[Order] = []
+    issues: list[Issue] = []
+    for resource in resources:
+        if resource.resource_type != "ServiceRequest":
+            continue
+        request = resource.resource
+        models = [s.name for s in specs.values() if _orders_model(request.code, s)]
+        if not models:
+            continue
+        path = resource.expression
+        if request.status != "active" or request.intent not in ORDER_INTENTS:
+            issues.append(
+                Issue(
+                    "information",
+                    "informational",
+                    f"{path}: not an active order (status {request.status}, intent "
+                    f"{request.intent}); no score was requested for it.",
+                    (path,),
+                )
+            )
+            continue
+        reference = resource.reference
+        if resource.subject_reference is None or reference is None:
+            where = f"{path}.subject" if resource.subject_reference is None else f"{path}.id"
+            issues.append(
+                Issue(
+                    "warning",
+                    "incomplete",
+                    f"{where}: an order needs a literal Patient subject and an id; it is ignored.",
+                    (where,),
+                )
+            )
+            continue
+        version = request.meta.versionId if request.meta is not None else None
+        orders.extend(
+            Order(m, resource.subject_reference, resource.encounter_reference, reference, version)
+            for m in models
+        )
+    return tuple(orders), issues
+
+
+def _orders_model(code: Any, spec: ModelSpec) -> bool:
+    # R4B codes a ServiceRequest with a CodeableConcept, R5 with a CodeableReference.
+    concept = getattr(code, "concept", code)
+    if concept is None:
+        return False
+    by_name = Coding(system=MODEL_CODE_SYSTEM, code=spec.name)
+    return _has_coding(concept, by_name) or _has_coding(concept, spec.report.code)
 
 
 # --- which Observations ------------------------------------------------------------------------
@@ -136,36 +271,40 @@ def _observations_by_subject(
 # --- one model, one patient --------------------------------------------------------------------
 
 
+def _readings_for(
+    spec: ModelSpec, observations: Sequence[ParsedResource]
+) -> tuple[dict[str, _Reading], list[Issue], list[Issue]]:
+    """The latest reading of each input the observations give; issues; impossible values."""
+    found: dict[str, _Reading] = {}
+    issues: list[Issue] = []
+    impossible: list[Issue] = []
+    for input_spec in spec.inputs:
+        reading, problems, rejections = _latest_reading(input_spec, observations)
+        issues.extend(problems)
+        impossible.extend(rejections)
+        if reading is not None:
+            found[input_spec.name] = reading
+    return found, issues, impossible
+
+
 def _inputs_for(
     spec: ModelSpec,
     subject: str,
-    observations: Sequence[ParsedResource],
+    found: Mapping[str, _Reading],
     received_at: datetime | None,
-) -> tuple[PatientInputs | MissingInputs | None, list[Issue]]:
-    """The model's inputs for the patient; None when the patient has no reading for any."""
-    found: dict[str, _Reading] = {}
-    issues: list[Issue] = []
-    for input_spec in spec.inputs:
-        reading, problems = _latest_reading(input_spec, observations)
-        issues.extend(problems)
-        if reading is not None:
-            found[input_spec.name] = reading
-    if not found:
-        return None, issues
+) -> PatientInputs | MissingInputs:
+    """The model's inputs for the patient, or the required inputs still missing."""
     missing = tuple(i.name for i in spec.inputs if i.required and i.name not in found)
     if missing:
-        return MissingInputs(spec.name, subject, missing), issues
+        return MissingInputs(spec.name, subject, missing)
     inputs = tuple(_model_input(i, found.get(i.name)) for i in spec.inputs)
     readings = list(found.values())
-    return (
-        PatientInputs(
-            model=spec.name,
-            subject_reference=subject,
-            encounter_reference=_encounter_of(readings),
-            inputs=inputs,
-            effective_at=_effective_at(readings, received_at),
-        ),
-        issues,
+    return PatientInputs(
+        model=spec.name,
+        subject_reference=subject,
+        encounter_reference=_encounter_of(readings),
+        inputs=inputs,
+        effective_at=_effective_at(readings, received_at),
     )
 
 
@@ -211,18 +350,19 @@ def _latest(readings: Sequence[_Reading]) -> _Reading:
 
 def _latest_reading(
     input_spec: InputSpec, observations: Sequence[ParsedResource]
-) -> tuple[_Reading | None, list[Issue]]:
+) -> tuple[_Reading | None, list[Issue], list[Issue]]:
     """The latest reading across all sources of the input (e.g. oxygen by flow or by FiO2)."""
     readings: list[_Reading] = []
     issues: list[Issue] = []
+    rejections: list[Issue] = []
     for observation in observations:
         for source in input_spec.sources:
             for value, path in _matching_values(observation, source):
                 try:
                     readings.append(_reading(observation, input_spec, source, value, path))
                 except _UnusableValueError as unusable:
-                    issues.append(unusable.issue)
-    return (_latest(readings) if readings else None), issues
+                    (rejections if unusable.rejects_payload else issues).append(unusable.issue)
+    return (_latest(readings) if readings else None), issues, rejections
 
 
 def _matching_values(observation: ParsedResource, source: InputSource) -> Iterator[tuple[Any, str]]:
@@ -252,11 +392,13 @@ def _reading(
     element: Any,
     path: str,
 ) -> _Reading:
+    meta = observation.resource.meta
     return _Reading(
         value=_value(input_spec, source, element, path),
         observed_at=observed_at(observation.resource),
         source_reference=observation.reference,
         encounter_reference=observation.encounter_reference,
+        version=meta.versionId if meta is not None else None,
     )
 
 
@@ -295,9 +437,17 @@ def _quantity_in(element: Any, unit: str, path: str) -> float:
     if from_unit is None:
         raise _unusable("error", path, where, "no unit")
     try:
-        return convert(float(quantity.value), from_unit, unit)
+        value = convert(float(quantity.value), from_unit, unit)
     except UnitConversionError as exc:
         raise _unusable("error", path, where, f"{exc}, expected {unit!r}") from None
+    except (ValueError, OverflowError):  # e.g. a value too large for a float
+        raise _unusable("error", path, "valueQuantity.value", "not a finite number") from None
+    problem = implausible(value, unit)
+    if problem is not None:
+        at = f"{path}.valueQuantity.value"
+        issue = Issue("error", "value", f"{at}: the reading {problem}.", (at,))
+        raise _UnusableValueError(issue, rejects_payload=True)
+    return value
 
 
 def _unusable(

@@ -18,6 +18,7 @@ Severity = Literal["fatal", "error", "warning", "information"]
 NOT_FHIR = int(HTTPStatus.BAD_REQUEST)  # not JSON, not a FHIR resource, wrong resource type
 INVALID_FHIR = int(HTTPStatus.UNPROCESSABLE_ENTITY)  # FHIR, but invalid or unusable content
 UNSUPPORTED_VERSION = int(HTTPStatus.UNSUPPORTED_MEDIA_TYPE)  # a FHIR version we do not speak
+TOO_LARGE = int(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)  # over the size, nesting or entry limits
 
 
 @dataclass(frozen=True)

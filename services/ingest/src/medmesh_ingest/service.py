@@ -1,74 +1,312 @@
-"""What ingest decides for one FHIR payload: plain functions, no I/O.
+"""What ingest does with one FHIR payload, whatever transport brought it.
 
-The HTTP endpoint and the inbound-topic subscriber both call ``decide``; they differ only in how
-they deliver the answer (an HTTP status with an OperationOutcome, or a dead-letter event).
+``IngestService.handle`` parses and checks the payload, fetches the content of id-only
+Subscription notifications, extracts readings and orders, merges them into each patient's state
+(``readings.merge``) and publishes the requests and the new states. Its I/O is injected at one
+bootstrap point (``app.create_app``): the two publish functions and the fetcher. The HTTP
+endpoint and the inbound-topic subscriber differ only in how they deliver the ``Answer``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import asyncio
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from medmesh_contracts.events import (
+    PatientReadingsUpdated,
     Producer,
     RequestInference,
     SourceContext,
     new_id,
 )
 from medmesh_contracts.modelspec import ModelSpec
-from medmesh_ingest.extraction import Extraction, PatientInputs, extract
-from medmesh_ingest.outcomes import FhirRejected, Issue, outcome
-from medmesh_ingest.validation import parse_payload
+from medmesh_ingest.extraction import Extraction, Order, PatientReadings, extract
+from medmesh_ingest.outcomes import INVALID_FHIR, FhirRejected, Issue, outcome
+from medmesh_ingest.readings import Merged, ReadingsStore, merge
+from medmesh_ingest.validation import FhirVersion, Limits, Payload, parse
+
+PublishRequest = Callable[[RequestInference], Awaitable[None]]
+PublishState = Callable[[PatientReadingsUpdated], Awaitable[None]]
+# Fetches resources named by an id-only notification: (references, version) -> raw JSON each.
+Fetch = Callable[[Sequence[str]], Awaitable[list[bytes]]]
+
+# Notification types that carry no clinical content: acknowledged, nothing else.
+_ACKNOWLEDGED_ONLY = frozenset({"handshake", "heartbeat", "query-status"})
+_LOCK_STRIPES = 256
+
+
+class SourceUnavailableError(Exception):
+    """The source FHIR server could not give the resources a notification named."""
+
+
+class KafkaUnavailableError(Exception):
+    """Kafka did not acknowledge a message in time: nothing may be reported as accepted."""
 
 
 @dataclass(frozen=True)
-class IngestDecision:
-    """The outcome of one payload: requests to publish, and the answer to give the sender."""
+class Context:
+    """Where a payload came from and how to read it."""
 
-    requests: tuple[RequestInference, ...]
+    source: SourceContext
+    fhir_version: FhirVersion = "R4B"
+    resource_type_hint: str | None = None
+    # How to fetch id-only notification content from the sender's FHIR server (None: cannot).
+    fetch: Fetch | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What to tell the sender: an HTTP status and an OperationOutcome, and what was sent."""
+
     status: int
     operation_outcome: dict[str, Any]
-    # Issues found while extracting (units, missing inputs), for the answer and for logs.
+    requests: tuple[RequestInference, ...] = ()
     issues: tuple[Issue, ...] = field(default=())
 
     @property
     def rejected(self) -> bool:
         """True when the payload was not acceptable FHIR (a 4xx answer)."""
-        return self.status >= 400
+        return 400 <= self.status < 500
 
 
-def decide(
-    raw: bytes,
-    *,
-    specs: Mapping[str, ModelSpec],
-    pseudonymize: Callable[[str], str],
-    producer: Producer,
-    source: SourceContext,
-    received_at: datetime,
-    resource_type_hint: str | None = None,
-) -> IngestDecision:
-    """Validate a payload, extract model inputs, and build one RequestInference per patient and model."""
-    try:
-        resources = parse_payload(raw, resource_type_hint)
-    except FhirRejected as rejected:
-        return IngestDecision((), rejected.status, rejected.outcome)
-    extraction = extract(resources, specs, received_at=received_at)
-    requests = tuple(
-        _request(candidate, pseudonymize, producer, source, received_at)
-        for candidate in extraction.complete
-    )
-    issues = (*extraction.issues, *_missing_issues(extraction))
+class IngestService:
+    """The application service: one payload in, requests and state updates out."""
+
+    def __init__(
+        self,
+        *,
+        specs: Mapping[str, ModelSpec],
+        pseudonymize: Callable[[str], str],
+        producer: Producer,
+        store: ReadingsStore,
+        publish_request: PublishRequest,
+        publish_state: PublishState,
+        limits: Limits,
+        lookback: timedelta,
+        max_fetched: int = 100,
+    ) -> None:
+        self.specs = specs
+        self.pseudonymize = pseudonymize
+        self.producer = producer
+        self.store = store
+        self.publish_request = publish_request
+        self.publish_state = publish_state
+        self.limits = limits
+        self.lookback = lookback
+        self.max_fetched = max_fetched
+        self._locks = [asyncio.Lock() for _ in range(_LOCK_STRIPES)]
+
+    async def handle(self, raw: bytes, context: Context, received_at: datetime) -> Answer:
+        """Everything ingest does with one payload; raises KafkaUnavailableError or
+        SourceUnavailableError when the payload could not be taken (the sender retries)."""
+        try:
+            payload = parse(raw, context.resource_type_hint, context.fhir_version, self.limits)
+        except FhirRejected as rejected:
+            return Answer(rejected.status, rejected.outcome)
+        notes: list[Issue] = []
+        notification = payload.notification
+        if notification is not None:
+            if notification.type in _ACKNOWLEDGED_ONLY:
+                note = Issue(
+                    "information",
+                    "informational",
+                    f"Subscription {notification.type} acknowledged; nothing to score.",
+                )
+                return Answer(200, outcome((note,)), issues=(note,))
+            if notification.id_only:
+                try:
+                    payload, fetched_notes = await self._with_fetched(payload, context)
+                except FhirRejected as rejected:
+                    return Answer(rejected.status, rejected.outcome)
+                notes.extend(fetched_notes)
+        extraction = extract(payload.resources, self.specs, received_at=received_at)
+        if extraction.rejections:
+            return Answer(INVALID_FHIR, outcome(extraction.rejections))
+        return await self._apply(extraction, context, received_at, notes)
+
+    # --- id-only notifications -----------------------------------------------------------------
+
+    async def _with_fetched(
+        self, payload: Payload, context: Context
+    ) -> tuple[Payload, list[Issue]]:
+        notification = payload.notification
+        assert notification is not None  # noqa: S101 -- the caller checked
+        named = notification.id_only[: self.max_fetched]
+        if context.fetch is None:
+            warning = Issue(
+                "warning",
+                "not-supported",
+                f"the notification names {len(notification.id_only)} resource(s) without their "
+                "content, and no FHIR server is configured for this source to fetch them from; "
+                "nothing was sent for inference for them",
+            )
+            return payload, [warning]
+        bodies = await context.fetch(named)
+        try:
+            resources = [json.loads(b) for b in bodies]
+        except ValueError as exc:
+            raise SourceUnavailableError("the source answered with something not JSON") from exc
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "collection",
+            "entry": [
+                *(_entry_json(r) for r in payload.resources),
+                *({"resource": r} for r in resources),
+            ],
+        }
+        fetched = parse(
+            json.dumps(bundle).encode(), None, context.fhir_version, self.limits
+        ).resources
+        note = Issue(
+            "information",
+            "informational",
+            f"fetched {len(bodies)} resource(s) named by the notification from the source",
+        )
+        return Payload(fetched, payload.fhir_version, payload.bundle_type, None), [note]
+
+    # --- readings, orders, requests ------------------------------------------------------------
+
+    async def _apply(
+        self,
+        extraction: Extraction,
+        context: Context,
+        received_at: datetime,
+        notes: list[Issue],
+    ) -> Answer:
+        groups: dict[tuple[str, str], tuple[PatientReadings | None, list[Order]]] = {}
+        for patient_readings in extraction.readings:
+            key = (patient_readings.subject_reference, patient_readings.model)
+            groups[key] = (patient_readings, [])
+        for order in extraction.orders:
+            found_here, orders = groups.get((order.subject_reference, order.model), (None, []))
+            groups[(order.subject_reference, order.model)] = (found_here, [*orders, order])
+        requests: list[RequestInference] = []
+        issues: list[Issue] = [*notes, *extraction.issues]
+        for (subject, model), (found, orders) in groups.items():
+            pseudonym = self.pseudonymize(subject)
+            async with self._locks[_stripe(pseudonym)]:
+                sent, problems = await self._merge_and_publish(
+                    pseudonym, self.specs[model], found, orders, context, received_at
+                )
+            requests.extend(sent)
+            issues.extend(problems)
+        return _answer(requests, issues)
+
+    async def _merge_and_publish(
+        self,
+        pseudonym: str,
+        spec: ModelSpec,
+        found: PatientReadings | None,
+        orders: Sequence[Order],
+        context: Context,
+        received_at: datetime,
+    ) -> tuple[list[RequestInference], list[Issue]]:
+        """Under the patient's lock: merge, publish requests, then the state (then keep it)."""
+        state = self.store.get(pseudonym, spec.name)
+        requests: list[RequestInference] = []
+        issues: list[Issue] = []
+        steps: list[Order | None] = list(orders) if orders else [None]
+        merged: Merged | None = None
+        for order in steps:
+            merged = merge(
+                state,
+                spec=spec,
+                pseudonym=pseudonym,
+                found=found,
+                order=order,
+                received_at=received_at,
+                lookback=self.lookback,
+                producer=self.producer,
+            )
+            state = merged.state
+            if merged.inputs is not None:
+                requests.append(self._request(merged, pseudonym, context, received_at))
+            issues.extend(_merge_issues(spec, merged, order))
+        assert merged is not None  # noqa: S101 -- steps is never empty
+        for request in requests:
+            await self._durably(self.publish_request(request))
+        if state is not None and state is not self.store.get(pseudonym, spec.name):
+            await self._durably(self.publish_state(state))
+            self.store.put(state)
+        return requests, issues
+
+    def _request(
+        self, merged: Merged, pseudonym: str, context: Context, received_at: datetime
+    ) -> RequestInference:
+        assert merged.inputs is not None  # noqa: S101 -- the caller checked
+        state = merged.state
+        return RequestInference(
+            correlation_id=new_id(),
+            producer=self.producer,
+            model=state.model,
+            patient_pseudonym=pseudonym,
+            subject_reference=state.subject_reference,
+            encounter_reference=state.encounter_reference,
+            based_on_reference=merged.based_on_reference,
+            inputs=merged.inputs,
+            effective_at=merged.effective_at or received_at,
+            received_at=received_at,
+            source=context.source,
+        )
+
+    async def _durably(self, publishing: Awaitable[None]) -> None:
+        try:
+            await publishing
+        except Exception as exc:  # any Kafka failure means "not taken": the sender retries
+            raise KafkaUnavailableError(type(exc).__name__) from exc
+
+
+def _stripe(pseudonym: str) -> int:
+    return hashlib.blake2b(pseudonym.encode(), digest_size=2).digest()[0] % _LOCK_STRIPES
+
+
+def _entry_json(resource: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {"resource": resource.resource.model_dump(mode="json")}
+    if resource.full_url:
+        entry["fullUrl"] = resource.full_url
+    return entry
+
+
+def _merge_issues(spec: ModelSpec, merged: Merged, order: Order | None) -> list[Issue]:
+    """What the sender should know about one patient's merge (no patient data in the text)."""
+    what = f"model {spec.name}" + (f", order {order.based_on_reference}" if order else "")
+    if merged.missing:
+        return [
+            Issue(
+                "warning",
+                "incomplete",
+                f"{what}: required inputs missing: {', '.join(merged.missing)}; the readings "
+                "received are kept, and a score is requested once all are in",
+            )
+        ]
+    if merged.duplicate:
+        already = "this order was already answered" if order else "these readings were already sent"
+        return [
+            Issue(
+                "information",
+                "duplicate",
+                f"{what}: {already}; nothing new was sent for inference",
+            )
+        ]
+    return []
+
+
+def _answer(requests: Sequence[RequestInference], issues: Sequence[Issue]) -> Answer:
+    unique = tuple(dict.fromkeys(issues))
     if requests:
         accepted = Issue(
             "information",
             "informational",
             "accepted: " + ", ".join(f"{r.model} request {r.correlation_id}" for r in requests),
         )
-        return IngestDecision(requests, 202, outcome((accepted, *issues)), issues)
-    if not issues:
-        issues = (
+        return Answer(202, outcome((accepted, *unique)), tuple(requests), unique)
+    if not unique:
+        unique = (
             Issue(
                 "warning",
                 "not-found",
@@ -76,38 +314,4 @@ def decide(
                 "nothing was sent for inference",
             ),
         )
-    return IngestDecision((), 200, outcome(issues), issues)
-
-
-def _missing_issues(extraction: Extraction) -> tuple[Issue, ...]:
-    # Names inputs and models only: the patient reference is patient data and stays out.
-    return tuple(
-        Issue(
-            "warning",
-            "incomplete",
-            f"model {m.model}: required inputs missing: {', '.join(m.missing)}; "
-            "nothing was sent for inference for this patient",
-        )
-        for m in extraction.incomplete
-    )
-
-
-def _request(
-    candidate: PatientInputs,
-    pseudonymize: Callable[[str], str],
-    producer: Producer,
-    source: SourceContext,
-    received_at: datetime,
-) -> RequestInference:
-    return RequestInference(
-        correlation_id=new_id(),
-        producer=producer,
-        model=candidate.model,
-        patient_pseudonym=pseudonymize(candidate.subject_reference),
-        subject_reference=candidate.subject_reference,
-        encounter_reference=candidate.encounter_reference,
-        inputs=candidate.inputs,
-        effective_at=candidate.effective_at,
-        received_at=received_at,
-        source=source,
-    )
+    return Answer(200, outcome(unique), (), unique)

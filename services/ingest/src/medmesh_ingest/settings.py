@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
-from pydantic import SecretStr
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from medmesh_runtime.settings import ServiceSettings
 
 # Only for local runs and tests; `medmesh up` warns, and deployments must set their own key.
 DEVELOPMENT_PSEUDONYM_KEY = "medmesh-development-key-not-for-production"
+
+
+class SourceSettings(BaseModel):
+    """One hospital system allowed to send FHIR, recognised by its bearer token."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    token: SecretStr
+    # The FHIR version it speaks when its content type names none.
+    fhir_version: Literal["R4B", "R5"] = "R4B"
+    site: str | None = None
+    # Its FHIR server: id-only Subscription notifications are fetched from here, with this token.
+    base_url: str | None = None
+    fetch_token: SecretStr | None = None
 
 
 class IngestSettings(ServiceSettings):
@@ -18,4 +34,39 @@ class IngestSettings(ServiceSettings):
     pseudonym_key: SecretStr = SecretStr(DEVELOPMENT_PSEUDONYM_KEY)
     # Largest accepted HTTP body or inbound event, in bytes.
     max_payload_bytes: int = 5 * 1024 * 1024
+    # Deepest JSON nesting and most Bundle entries accepted (413 beyond).
+    max_json_depth: int = Field(default=32, ge=4)
+    max_bundle_entries: int = Field(default=1000, ge=1)
     ingest_group_id: str = "medmesh-ingest"
+    # Bearer tokens accepted on /fhir, comma-separated (sources speaking the default version).
+    # Without any token (here or in ingest_sources) ingest only listens on loopback.
+    ingest_tokens: SecretStr = SecretStr("")
+    # Named sources with their own token, FHIR version, site and FHIR server (JSON object).
+    ingest_sources: dict[str, SourceSettings] = Field(default_factory=dict)
+    # FHIR version of payloads whose content type and source name none.
+    default_fhir_version: Literal["R4B", "R5"] = "R4B"
+    # FHIR server to fetch id-only notification content from, for sources without their own.
+    source_base_url: str | None = None
+    source_token: SecretStr | None = None
+    fetch_timeout_s: float = Field(default=10.0, gt=0)
+    max_fetched_resources: int = Field(default=100, ge=1)
+    # How long ingest waits for Kafka's acknowledgement before answering 503, and the
+    # Retry-After it suggests then.
+    publish_timeout_s: float = Field(default=10.0, gt=0)
+    retry_after_s: int = Field(default=5, ge=1)
+    # Readings older than this before a patient's newest reading no longer count.
+    readings_lookback_minutes: int = Field(default=240, ge=1)
+    # Read medmesh.ingest.readings to its end before serving (off only for in-memory tests).
+    rebuild_readings_on_start: bool = True
+
+    def bearer_tokens(self) -> dict[str, str]:
+        """Every accepted token, mapped to its source's name."""
+        tokens = {
+            token.strip(): "default"
+            for token in self.ingest_tokens.get_secret_value().split(",")
+            if token.strip()
+        }
+        tokens.update(
+            {source.token.get_secret_value(): name for name, source in self.ingest_sources.items()}
+        )
+        return tokens

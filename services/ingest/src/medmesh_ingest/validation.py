@@ -1,8 +1,10 @@
-"""Parsing and checking inbound FHIR R4B payloads, before anything is extracted from them.
+"""Parsing and checking inbound FHIR payloads (R4B, or R5 when asked), before extraction.
 
-``parse_payload`` turns raw bytes into the resources to consider, or raises ``FhirRejected``
+``parse`` turns raw bytes into the resources to consider (and, for Subscription notifications,
+what kind of notification it is and which resources it only names), or raises ``FhirRejected``
 with an OperationOutcome. fhir.resources checks structure and datatypes; it does not check code
 values, reference target types or Bundle types, so the rules of BRIEF.md section 5 are made here.
+Size limits (JSON nesting depth, Bundle entries) are checked before any model is built.
 """
 
 from __future__ import annotations
@@ -11,14 +13,25 @@ import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from fhir.resources.R4B import get_fhir_model_class
-from fhir.resources.R4B.resource import Resource
+from fhir.resources import get_fhir_model_class as r5_model_class
+from fhir.resources.R4B import get_fhir_model_class as r4b_model_class
+from fhir.resources.R4B.resource import Resource as R4BResource
+from fhir.resources.resource import Resource as R5Resource
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from medmesh_ingest.outcomes import INVALID_FHIR, NOT_FHIR, Issue, rejected, rejection
+from medmesh_ingest.outcomes import (
+    INVALID_FHIR,
+    NOT_FHIR,
+    TOO_LARGE,
+    Issue,
+    rejected,
+    rejection,
+)
+
+FhirVersion = Literal["R4B", "R5"]
 
 # R4B value sets of the codes we check ourselves.
 OBSERVATION_STATUSES = frozenset(
@@ -62,9 +75,16 @@ BUNDLE_TYPES = frozenset(
         "collection",
     }
 )
+# R5 adds one Bundle type: the Subscription notification.
+R5_BUNDLE_TYPES = BUNDLE_TYPES | {"subscription-notification"}
+NOTIFICATION_TYPES = frozenset(
+    {"handshake", "heartbeat", "event-notification", "query-status", "query-event"}
+)
 HTTP_VERBS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"})
 
-ACCEPTED_BUNDLE_TYPES = ("collection", "batch", "transaction")
+ACCEPTED_BUNDLE_TYPES = ("collection", "batch", "transaction", "message")
+# Bundle types accepted only as Subscription notifications (first entry a SubscriptionStatus).
+NOTIFICATION_BUNDLE_TYPES = {"R4B": "history", "R5": "subscription-notification"}
 
 # Coded elements checked per resource type: (element, allowed codes, value set name).
 _CODED_ELEMENTS: Mapping[str, tuple[tuple[str, frozenset[str], str], ...]] = {
@@ -73,10 +93,12 @@ _CODED_ELEMENTS: Mapping[str, tuple[tuple[str, frozenset[str], str], ...]] = {
         ("status", REQUEST_STATUSES, "request-status"),
         ("intent", REQUEST_INTENTS, "request-intent"),
     ),
+    "SubscriptionStatus": (("type", NOTIFICATION_TYPES, "subscription-notification-type"),),
 }
 # Reference elements checked per resource type: (element, the resource type it must target).
 _REFERENCE_ELEMENTS: Mapping[str, tuple[tuple[str, str], ...]] = {
     "Observation": (("subject", "Patient"), ("encounter", "Encounter")),
+    "ServiceRequest": (("subject", "Patient"), ("encounter", "Encounter")),
 }
 
 _RESOURCE_TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
@@ -121,65 +143,150 @@ class ParsedResource:
         return self.full_url
 
 
-def parse_payload(raw: bytes, resource_type_hint: str | None = None) -> list[ParsedResource]:
-    """The resources of a payload: the resource itself, or the entries of a Bundle.
+@dataclass(frozen=True)
+class Limits:
+    """How large a payload may be, beyond its size in bytes."""
+
+    max_depth: int = 32
+    max_entries: int = 1000
+
+
+@dataclass(frozen=True)
+class Notification:
+    """A Subscription notification: its type and the resources it names but does not carry."""
+
+    type: str
+    # References (``Type/id`` or absolute URLs) of id-only content, to fetch from the source.
+    id_only: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Payload:
+    """A parsed payload: the resources to consider, and what kind of message it was."""
+
+    resources: list[ParsedResource]
+    fhir_version: FhirVersion = "R4B"
+    bundle_type: str | None = None
+    notification: Notification | None = None
+
+
+def parse_payload(
+    raw: bytes,
+    resource_type_hint: str | None = None,
+    fhir_version: FhirVersion = "R4B",
+    limits: Limits = Limits(),
+) -> list[ParsedResource]:
+    """The resources of a payload: the resource itself, or the entries of a Bundle (see parse)."""
+    return parse(raw, resource_type_hint, fhir_version, limits).resources
+
+
+def parse(
+    raw: bytes,
+    resource_type_hint: str | None = None,
+    fhir_version: FhirVersion = "R4B",
+    limits: Limits = Limits(),
+) -> Payload:
+    """Parse and check a payload of the given FHIR version.
 
     ``resource_type_hint`` is the type named by the endpoint (``POST /fhir/{resourceType}``).
     Raises ``FhirRejected``: 400 when the payload is not JSON, not a FHIR resource, or not of
-    the hinted type; 422 when it is FHIR but invalid or not usable.
+    the hinted type; 413 when it is nested too deeply or has too many entries; 422 when it is
+    FHIR but invalid or not usable.
     """
-    data = _decode_json(raw)
-    resource_type = _resource_type_of(data)
+    data = _decode_json(raw, limits)
+    resource_type = _resource_type_of(data, fhir_version)
     _check_hint(resource_type, resource_type_hint)
-    _raise_if_errors(list(_unknown_nested_resource_types(data, resource_type)))
-    model = _validate_model(data, resource_type)
+    _raise_if_errors(list(_unknown_nested_resource_types(data, resource_type, fhir_version)))
+    model = _validate_model(data, resource_type, fhir_version)
+    notification: Notification | None = None
+    bundle_type: str | None = None
     if resource_type == "Bundle":
-        entries = _bundle_entries(model)
+        bundle_type = model.type
+        entries, notification = _bundle_entries(model, fhir_version)
     else:
         entries = [ParsedResource(model, resource_type)]
     _raise_if_errors([issue for entry in entries for issue in _coded_element_issues(entry)])
-    return _resolve_references(entries)
+    return Payload(_resolve_references(entries), fhir_version, bundle_type, notification)
 
 
 # --- decoding ----------------------------------------------------------------------------------
 
 
-def _decode_json(raw: bytes) -> dict[str, Any]:
+def _decode_json(raw: bytes, limits: Limits) -> dict[str, Any]:
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise rejected(NOT_FHIR, "structure", "The payload is not JSON.") from None
+    except RecursionError:
+        raise _too_deep(limits) from None
     if not isinstance(data, dict):
         raise rejected(NOT_FHIR, "structure", "The payload is not a JSON object.")
+    if _depth_exceeds(data, limits.max_depth):
+        raise _too_deep(limits)
+    entries = data.get("entry")
+    if isinstance(entries, list) and len(entries) > limits.max_entries:
+        raise rejected(
+            TOO_LARGE,
+            "too-costly",
+            f"The Bundle has {len(entries)} entries; at most {limits.max_entries} are accepted.",
+            ["Bundle.entry"],
+        )
     return data
 
 
-def _resource_type_of(data: Mapping[str, Any]) -> str:
+def _too_deep(limits: Limits) -> Exception:
+    return rejected(
+        TOO_LARGE,
+        "too-costly",
+        f"The JSON is nested more than {limits.max_depth} levels deep.",
+    )
+
+
+def _depth_exceeds(data: Any, max_depth: int) -> bool:
+    """Whether objects and arrays nest deeper than ``max_depth`` (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > max_depth:
+            return True
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
+    return False
+
+
+def _resource_type_of(data: Mapping[str, Any], version: FhirVersion) -> str:
     resource_type = data.get("resourceType")
     if not isinstance(resource_type, str):
         raise rejected(
             NOT_FHIR, "structure", "The payload is not a FHIR resource: no resourceType."
         )
-    if not _is_resource_type(resource_type):
+    if not _is_resource_type(resource_type, version):
         raise rejected(
             NOT_FHIR,
             "not-supported",
-            "The payload is not a FHIR resource: resourceType is not an R4B resource type.",
+            f"The payload is not a FHIR resource: resourceType is not an {version} resource type.",
             ["resourceType"],
         )
     return resource_type
 
 
-def _is_resource_type(name: object) -> bool:
+def _model_class(name: str, version: FhirVersion) -> Any:
+    return r5_model_class(name) if version == "R5" else r4b_model_class(name)
+
+
+def _is_resource_type(name: object, version: FhirVersion) -> bool:
     if not isinstance(name, str) or not _RESOURCE_TYPE_NAME.match(name):
         return False
-    if name in ("Resource", "DomainResource"):  # abstract
-        return False
+    if name in ("Resource", "DomainResource", "CanonicalResource", "MetadataResource"):
+        return False  # abstract
     try:
-        model_class = get_fhir_model_class(name)
-    except ValueError:
+        model_class = _model_class(name, version)
+    except (ValueError, KeyError, AttributeError, ImportError):
         return False
-    return issubclass(model_class, Resource)
+    base = R5Resource if version == "R5" else R4BResource
+    return isinstance(model_class, type) and issubclass(model_class, base)
 
 
 def _check_hint(resource_type: str, hint: str | None) -> None:
@@ -192,41 +299,53 @@ def _check_hint(resource_type: str, hint: str | None) -> None:
         )
 
 
-def _unknown_nested_resource_types(node: Any, path: str) -> Iterator[Issue]:
+def _unknown_nested_resource_types(node: Any, path: str, version: FhirVersion) -> Iterator[Issue]:
     """Issues for nested resources (entries, contained) of unknown type.
 
-    fhir.resources fails on them with a KeyError instead of a validation error.
+    fhir.resources fails on them with a KeyError instead of a validation error. Iterative, so
+    that no payload can exhaust the interpreter's recursion limit.
     """
-    children: Iterator[tuple[str, Any]]
-    if isinstance(node, dict):
-        children = ((f"{path}.{key}", value) for key, value in node.items())
-    elif isinstance(node, list):
-        children = ((f"{path}[{i}]", value) for i, value in enumerate(node))
-    else:
-        return
-    for child_path, child in children:
-        if _declares_unknown_resource_type(child):
-            where = f"{child_path}.resourceType"
-            yield Issue("error", "not-supported", f"{where}: not an R4B resource type.", (where,))
+    stack: list[tuple[str, Any]] = [(path, node)]
+    while stack:
+        where, current = stack.pop()
+        children: list[tuple[str, Any]]
+        if isinstance(current, dict):
+            children = [(f"{where}.{key}", value) for key, value in current.items()]
+        elif isinstance(current, list):
+            children = [(f"{where}[{i}]", value) for i, value in enumerate(current)]
         else:
-            yield from _unknown_nested_resource_types(child, child_path)
+            continue
+        for child_path, child in reversed(children):
+            if _declares_unknown_resource_type(child, version):
+                at = f"{child_path}.resourceType"
+                yield Issue(
+                    "error", "not-supported", f"{at}: not an {version} resource type.", (at,)
+                )
+            else:
+                stack.append((child_path, child))
 
 
-def _declares_unknown_resource_type(node: Any) -> bool:
+def _declares_unknown_resource_type(node: Any, version: FhirVersion) -> bool:
     return (
         isinstance(node, dict)
         and "resourceType" in node
-        and not _is_resource_type(node["resourceType"])
+        and not _is_resource_type(node["resourceType"], version)
     )
 
 
-def _validate_model(data: dict[str, Any], resource_type: str) -> Any:
-    model_class = get_fhir_model_class(resource_type)
+def _validate_model(data: dict[str, Any], resource_type: str, version: FhirVersion) -> Any:
+    model_class = _model_class(resource_type, version)
     try:
         return model_class.model_validate(data)
     except ValidationError as exc:
         issues = [_issue_from_error(error, resource_type) for error in exc.errors()]
         raise rejection(INVALID_FHIR, issues) from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        # fhir.resources raises these for some shapes pydantic does not catch (e.g. a nested
+        # resource of unknown type in an unexpected place).
+        raise rejected(
+            INVALID_FHIR, "structure", f"The resource is not valid {version}: {type(exc).__name__}."
+        ) from None
 
 
 def _issue_from_error(error: ErrorDetails, root: str) -> Issue:
@@ -274,38 +393,106 @@ def _raise_if_errors(issues: Sequence[Issue]) -> None:
 # --- Bundle ------------------------------------------------------------------------------------
 
 
-def _bundle_entries(bundle: Any) -> list[ParsedResource]:
-    _check_bundle_type(bundle.type)
-    needs_request = bundle.type in ("batch", "transaction")
+def _bundle_entries(
+    bundle: Any, version: FhirVersion
+) -> tuple[list[ParsedResource], Notification | None]:
+    bundle_type = _check_bundle_type(bundle.type, version)
+    if bundle_type == NOTIFICATION_BUNDLE_TYPES[version]:
+        return _notification_entries(bundle, version)
+    needs_request = bundle_type in ("batch", "transaction")
     entries: list[ParsedResource] = []
     issues: list[Issue] = []
+    if bundle_type == "message":
+        issues.extend(_first_entry_issues(bundle, "MessageHeader", "message"))
     for i, entry in enumerate(bundle.entry or ()):
         where = f"Bundle.entry[{i}]"
         issues.extend(_entry_issues(entry, where, needs_request=needs_request))
         if entry.resource is not None:
             entries.append(ParsedResource(entry.resource, f"{where}.resource", entry.fullUrl))
     _raise_if_errors(issues)
-    return entries
+    return entries, None
 
 
-def _check_bundle_type(bundle_type: str | None) -> None:
+def _first_entry_issues(bundle: Any, resource_type: str, bundle_type: str) -> list[Issue]:
+    first = (bundle.entry or [None])[0]
+    if (
+        first is not None
+        and first.resource is not None
+        and first.resource.get_resource_type() == resource_type
+    ):
+        return []
+    path = "Bundle.entry[0].resource"
+    return [
+        Issue(
+            "error",
+            "invalid",
+            f"{path}: the first entry of a {bundle_type} Bundle must be a {resource_type}.",
+            (path,),
+        )
+    ]
+
+
+def _notification_entries(
+    bundle: Any, version: FhirVersion
+) -> tuple[list[ParsedResource], Notification]:
+    """A Subscription notification: SubscriptionStatus first, then full or id-only content."""
+    bundle_type = NOTIFICATION_BUNDLE_TYPES[version]
+    _raise_if_errors(_first_entry_issues(bundle, "SubscriptionStatus", bundle_type))
+    status = bundle.entry[0].resource
+    status_entry = ParsedResource(status, "Bundle.entry[0].resource", bundle.entry[0].fullUrl)
+    _raise_if_errors(list(_coded_element_issues(status_entry)))
+    if status.type is None:
+        path = "Bundle.entry[0].resource.type"
+        raise rejected(INVALID_FHIR, "required", f"{path} is required.", [path])
+    entries: list[ParsedResource] = []
+    carried: set[str] = set()
+    named: list[str] = []
+    for i, entry in enumerate(bundle.entry[1:], start=1):
+        if entry.resource is not None:
+            parsed = ParsedResource(entry.resource, f"Bundle.entry[{i}].resource", entry.fullUrl)
+            entries.append(parsed)
+            carried.update(r for r in (parsed.reference, entry.fullUrl) if r)
+        elif entry.fullUrl:
+            named.append(entry.fullUrl)
+    for event in status.notificationEvent or ():
+        focus = event.focus.reference if event.focus is not None else None
+        if focus:
+            named.append(focus)
+    id_only = tuple(
+        dict.fromkeys(r for r in named if r not in carried and not _carried(r, carried))
+    )
+    return entries, Notification(str(status.type), id_only)
+
+
+def _carried(reference: str, carried: set[str]) -> bool:
+    """Whether an absolute reference names a resource carried as ``Type/id``."""
+    match = _LITERAL_REFERENCE.search(reference)
+    return match is not None and match.group(0).lstrip("/") in {
+        c.split("/_history/")[0] for c in carried
+    }
+
+
+def _check_bundle_type(bundle_type: str | None, version: FhirVersion) -> str:
     if bundle_type is None:
         raise rejected(INVALID_FHIR, "required", "Bundle.type is required.", ["Bundle.type"])
-    if bundle_type not in BUNDLE_TYPES:
+    known = R5_BUNDLE_TYPES if version == "R5" else BUNDLE_TYPES
+    if bundle_type not in known:
         raise rejected(
             INVALID_FHIR,
             "value",
-            "Bundle.type is not a code of the R4B bundle-type value set.",
+            f"Bundle.type is not a code of the {version} bundle-type value set.",
             ["Bundle.type"],
         )
-    if bundle_type not in ACCEPTED_BUNDLE_TYPES:
+    accepted = (*ACCEPTED_BUNDLE_TYPES, NOTIFICATION_BUNDLE_TYPES[version])
+    if bundle_type not in accepted:
         raise rejected(
             INVALID_FHIR,
             "not-supported",
             f"Bundle.type {bundle_type} is not accepted: ingest takes "
-            f"{', '.join(ACCEPTED_BUNDLE_TYPES)} bundles.",
+            f"{', '.join(accepted)} bundles.",
             ["Bundle.type"],
         )
+    return bundle_type
 
 
 def _entry_issues(entry: Any, where: str, *, needs_request: bool) -> Iterator[Issue]:

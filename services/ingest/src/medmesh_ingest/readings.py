@@ -1,0 +1,230 @@
+"""One reading at a time: each patient's latest readings per model, and when to ask for a score.
+
+Bedside monitors send one Observation per call. Ingest keeps, per patient and model, the latest
+reading of every input (``PatientReadingsUpdated``, the state kept in the compacted topic
+medmesh.ingest.readings) and asks for a score when the set is complete and differs from the set
+last sent. ``merge`` is the whole decision, a plain function; ``ReadingsStore`` only holds the
+latest state per key in memory (rebuilt from the topic on start).
+
+Rules:
+- a reading replaces the stored one of its input when it is at least as recent, or when it is a
+  new version of the same resource (a correction); the same resource and ``meta.versionId`` again
+  changes nothing;
+- readings older than the lookback window, counted back from the patient's newest reading, expire;
+- a complete set whose fingerprint equals the last request's is not sent again (duplicates,
+  re-sent Bundles); an order (ServiceRequest) is answered once per id and version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from medmesh_contracts.events import (
+    IngestedReading,
+    ModelInput,
+    PatientReadingsUpdated,
+    Producer,
+    new_id,
+)
+from medmesh_contracts.modelspec import ModelSpec
+from medmesh_ingest.extraction import Order, PatientReadings, Reading
+
+# How many answered orders a patient's state remembers (older ones could be answered again).
+_REMEMBERED_ORDERS = 32
+
+
+@dataclass(frozen=True)
+class Merged:
+    """The result of merging a payload's readings (and order) into a patient's state."""
+
+    state: PatientReadingsUpdated
+    # The new state must be stored (readings or answered orders changed).
+    changed: bool
+    # Inputs to send for scoring now, in spec order; None when nothing is to be sent.
+    inputs: tuple[ModelInput, ...] | None
+    effective_at: datetime | None
+    based_on_reference: str | None
+    # Required inputs the patient has no reading of (within the window).
+    missing: tuple[str, ...]
+    # The complete set was already sent (or the order already answered): nothing new to score.
+    duplicate: bool
+
+
+def state_key(pseudonym: str, model: str) -> str:
+    """The Kafka key (and store key) of one patient's state for one model."""
+    return f"{pseudonym}|{model}"
+
+
+def merge(
+    previous: PatientReadingsUpdated | None,
+    *,
+    spec: ModelSpec,
+    pseudonym: str,
+    found: PatientReadings | None,
+    order: Order | None,
+    received_at: datetime,
+    lookback: timedelta,
+    producer: Producer,
+) -> Merged:
+    """Merge new readings (and an order) into the state; decide whether to ask for a score."""
+    subject, encounter = _subject_and_encounter(previous, found, order)
+    stored = {r.name: r for r in previous.readings} if previous is not None else {}
+    readings = dict(stored)
+    for name, reading in (found.readings if found is not None else {}).items():
+        readings[name] = _newer(readings.get(name), reading, received_at)
+    readings = _unexpired(readings, lookback)
+    missing = tuple(i.name for i in spec.inputs if i.required and i.name not in readings)
+    fulfilled = previous.fulfilled_orders if previous is not None else ()
+    last_fingerprint = previous.last_request_fingerprint if previous is not None else None
+    inputs: tuple[ModelInput, ...] | None = None
+    based_on: str | None = None
+    duplicate = False
+    if not missing:
+        candidate = _inputs(spec, readings)
+        based_on = order.based_on_reference if order is not None else None
+        fingerprint = _fingerprint(candidate, based_on)
+        if (order is not None and order.key in fulfilled) or (
+            order is None and fingerprint == last_fingerprint
+        ):
+            duplicate = True
+        else:
+            inputs = candidate
+            last_fingerprint = fingerprint
+            if order is not None:
+                fulfilled = (*fulfilled, order.key)[-_REMEMBERED_ORDERS:]
+    ordered = sorted(readings.values(), key=lambda r: r.name)
+    changed = previous is None or (
+        tuple(ordered) != tuple(sorted(previous.readings, key=lambda r: r.name))
+        or inputs is not None
+        or encounter != previous.encounter_reference
+    )
+    state = PatientReadingsUpdated(
+        correlation_id=previous.correlation_id if previous is not None else new_id(),
+        producer=producer,
+        model=spec.name,
+        patient_pseudonym=pseudonym,
+        subject_reference=subject,
+        encounter_reference=encounter,
+        readings=tuple(ordered),
+        last_request_fingerprint=last_fingerprint,
+        fulfilled_orders=fulfilled,
+        updated_at=received_at,
+    )
+    effective_at = max((r.observed_at for r in readings.values()), default=None)
+    return Merged(
+        state=state if changed or previous is None else previous,
+        changed=changed,
+        inputs=inputs,
+        effective_at=effective_at,
+        based_on_reference=based_on if inputs is not None else None,
+        missing=missing,
+        duplicate=duplicate,
+    )
+
+
+def _subject_and_encounter(
+    previous: PatientReadingsUpdated | None,
+    found: PatientReadings | None,
+    order: Order | None,
+) -> tuple[str, str | None]:
+    if found is not None:
+        subject, encounter = found.subject_reference, found.encounter_reference
+    elif order is not None:
+        subject, encounter = order.subject_reference, order.encounter_reference
+    elif previous is not None:
+        subject, encounter = previous.subject_reference, previous.encounter_reference
+    else:
+        raise ValueError("merge needs readings, an order or a previous state")
+    if encounter is None and previous is not None:
+        encounter = previous.encounter_reference
+    return subject, encounter
+
+
+def _newer(
+    stored: IngestedReading | None, reading: Reading, received_at: datetime
+) -> IngestedReading:
+    """The reading to keep for an input: the stored one, or the new one."""
+    new = IngestedReading(
+        name=reading.input.name,
+        value=reading.input.value,
+        unit=reading.input.unit,
+        # An untimed reading counts as taken when it arrived.
+        observed_at=reading.input.observed_at or received_at,
+        source_reference=reading.input.source_reference,
+        source_version=reading.source_version,
+    )
+    if stored is None:
+        return new
+    same_resource = (
+        stored.source_reference is not None and stored.source_reference == new.source_reference
+    )
+    if same_resource:
+        if stored.source_version is not None and stored.source_version == new.source_version:
+            return stored  # the same version again: a duplicate
+        return new  # another version of the same resource: a correction
+    return new if new.observed_at >= stored.observed_at else stored
+
+
+def _unexpired(
+    readings: Mapping[str, IngestedReading], lookback: timedelta
+) -> dict[str, IngestedReading]:
+    """The readings within ``lookback`` of the newest one."""
+    if not readings:
+        return {}
+    newest = max(r.observed_at for r in readings.values())
+    return {name: r for name, r in readings.items() if r.observed_at >= newest - lookback}
+
+
+def _inputs(spec: ModelSpec, readings: Mapping[str, IngestedReading]) -> tuple[ModelInput, ...]:
+    inputs: list[ModelInput] = []
+    for input_spec in spec.inputs:
+        reading = readings.get(input_spec.name)
+        if reading is None:
+            default = input_spec.default if input_spec.default is not None else 0.0
+            inputs.append(ModelInput(name=input_spec.name, value=default, unit=input_spec.unit))
+        else:
+            inputs.append(
+                ModelInput(
+                    name=reading.name,
+                    value=reading.value,
+                    unit=reading.unit,
+                    observed_at=reading.observed_at,
+                    source_reference=reading.source_reference,
+                )
+            )
+    return tuple(inputs)
+
+
+def _fingerprint(inputs: Sequence[ModelInput], based_on: str | None) -> str:
+    """A digest of what a request would carry: the same digest means the same request."""
+    material = [
+        [i.name, i.value, i.unit, i.observed_at.isoformat() if i.observed_at else None]
+        for i in inputs
+    ]
+    digest = hashlib.sha256(json.dumps([material, based_on]).encode())
+    return digest.hexdigest()[:32]
+
+
+class ReadingsStore:
+    """The latest state per (patient pseudonym, model), in memory; the topic is the record."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, PatientReadingsUpdated] = {}
+
+    def get(self, pseudonym: str, model: str) -> PatientReadingsUpdated | None:
+        """The stored state, if any."""
+        return self._states.get(state_key(pseudonym, model))
+
+    def put(self, state: PatientReadingsUpdated) -> None:
+        """Store a state, unless a newer one for the same key is already here."""
+        key = state_key(state.patient_pseudonym, state.model)
+        current = self._states.get(key)
+        if current is None or state.updated_at >= current.updated_at:
+            self._states[key] = state
+
+    def __len__(self) -> int:
+        return len(self._states)

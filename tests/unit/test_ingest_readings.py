@@ -1,0 +1,177 @@
+"""Per-patient readings state and when to ask for a score (medmesh_ingest.readings)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from medmesh_contracts.events import ModelInput, PatientReadingsUpdated, Producer
+from medmesh_contracts.modelspec import load_spec
+from medmesh_ingest.extraction import Order, PatientReadings, Reading
+from medmesh_ingest.readings import Merged, ReadingsStore, merge, state_key
+
+SPEC = load_spec(Path(__file__).parents[2] / "deploy" / "models" / "deterioration.yaml")
+PRODUCER = Producer(service="ingest", instance="test")
+T0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
+UNITS = {
+    "respiratory_rate": "/min",
+    "spo2": "%",
+    "supplemental_oxygen": "1",
+    "temperature": "Cel",
+    "systolic_bp": "mm[Hg]",
+    "heart_rate": "/min",
+    "not_alert": "1",
+}
+NORMAL = {
+    "respiratory_rate": 16,
+    "spo2": 97,
+    "temperature": 37.0,
+    "systolic_bp": 120,
+    "heart_rate": 70,
+    "not_alert": 0,
+}
+
+
+def reading(
+    name: str, value: float, at: datetime = T0, source: str | None = None, version: str | None = "1"
+) -> Reading:
+    return Reading(
+        ModelInput(
+            name=name,
+            value=value,
+            unit=UNITS[name],
+            observed_at=at,
+            source_reference=source or f"Observation/{name}",
+        ),
+        version,
+    )
+
+
+def found(*readings: Reading) -> PatientReadings:
+    return PatientReadings("deterioration", "Patient/p1", None, {r.input.name: r for r in readings})
+
+
+def step(
+    previous: PatientReadingsUpdated | None,
+    *readings: Reading,
+    order: Order | None = None,
+    lookback: timedelta = timedelta(hours=4),
+) -> Merged:
+    return merge(
+        previous,
+        spec=SPEC,
+        pseudonym="pabc",
+        found=found(*readings) if readings else None,
+        order=order,
+        received_at=T0 + timedelta(hours=1),
+        lookback=lookback,
+        producer=PRODUCER,
+    )
+
+
+def complete(at: datetime = T0) -> list[Reading]:
+    return [reading(name, value, at) for name, value in NORMAL.items()]
+
+
+def test_partial_readings_are_kept_and_name_what_is_missing() -> None:
+    """A first reading is stored; nothing is sent; the missing required inputs are named."""
+    merged = step(None, reading("heart_rate", 80))
+    assert merged.inputs is None
+    assert merged.changed
+    assert "spo2" in merged.missing
+    assert [r.name for r in merged.state.readings] == ["heart_rate"]
+
+
+def test_last_missing_reading_completes_the_set() -> None:
+    """Readings arriving one by one give inputs once all required ones are in, defaults filled."""
+    state: PatientReadingsUpdated | None = None
+    sent = []
+    for r in complete():
+        merged = step(state, r)
+        state = merged.state
+        sent.append(merged.inputs is not None)
+    assert sent == [False] * 5 + [True]
+    assert merged.inputs is not None
+    values = {i.name: i.value for i in merged.inputs}
+    assert values["supplemental_oxygen"] == 0  # the spec's default: breathing air
+    assert [i.name for i in merged.inputs] == [i.name for i in SPEC.inputs]
+
+
+def test_unchanged_set_is_not_sent_twice() -> None:
+    """The same complete set again is a duplicate: no inputs, state unchanged."""
+    first = step(None, *complete())
+    again = step(first.state, *complete())
+    assert first.inputs is not None
+    assert again.inputs is None
+    assert again.duplicate
+    assert not again.changed
+
+
+def test_same_resource_version_is_ignored_new_version_replaces() -> None:
+    """Same source and versionId keeps the stored value; a new version (correction) replaces it."""
+    first = step(None, *complete())
+    same_version = step(first.state, reading("heart_rate", 999, T0))
+    assert same_version.inputs is None
+    corrected = step(first.state, reading("heart_rate", 84, T0, version="2"))
+    assert corrected.inputs is not None
+    assert {i.name: i.value for i in corrected.inputs}["heart_rate"] == 84
+
+
+def test_older_reading_of_another_source_does_not_replace_a_newer_one() -> None:
+    """The latest reading wins: an older one from another Observation changes nothing."""
+    first = step(None, *complete())
+    older = step(
+        first.state, reading("heart_rate", 130, T0 - timedelta(minutes=5), "Observation/x")
+    )
+    assert not older.changed
+    newer = step(
+        first.state, reading("heart_rate", 130, T0 + timedelta(minutes=5), "Observation/y")
+    )
+    assert newer.inputs is not None
+
+
+def test_readings_outside_the_lookback_window_expire() -> None:
+    """A reading older than the window before the newest one no longer counts."""
+    old = step(None, *complete(T0 - timedelta(hours=6)))
+    fresh = step(old.state, reading("heart_rate", 75, T0, "Observation/hr-2"))
+    assert fresh.inputs is None
+    assert set(fresh.missing) == {
+        "respiratory_rate",
+        "spo2",
+        "temperature",
+        "systolic_bp",
+        "not_alert",
+    }
+    assert [r.name for r in fresh.state.readings] == ["heart_rate"]
+
+
+def test_order_is_answered_once_with_based_on() -> None:
+    """An order sends the current set with basedOn, even when unchanged, but only once."""
+    order = Order("deterioration", "Patient/p1", None, "ServiceRequest/o1", "1")
+    scored = step(None, *complete())
+    ordered = step(scored.state, order=order)
+    assert ordered.inputs is not None
+    assert ordered.based_on_reference == "ServiceRequest/o1"
+    again = step(ordered.state, order=order)
+    assert again.inputs is None
+    assert again.duplicate
+
+
+def test_order_without_readings_names_the_missing_inputs() -> None:
+    """An order for a patient without readings sends nothing and names every required input."""
+    order = Order("deterioration", "Patient/p1", None, "ServiceRequest/o1")
+    merged = step(None, order=order)
+    assert merged.inputs is None
+    assert len(merged.missing) == 6
+
+
+def test_store_keeps_the_newest_state_per_key() -> None:
+    """ReadingsStore keeps the latest state per pseudonym and model; older updates lose."""
+    store = ReadingsStore()
+    newer = step(None, reading("heart_rate", 80)).state
+    older = newer.model_copy(update={"updated_at": newer.updated_at - timedelta(minutes=1)})
+    store.put(newer)
+    store.put(older)
+    assert store.get("pabc", "deterioration") is newer
+    assert len(store) == 1
+    assert state_key("pabc", "deterioration") == "pabc|deterioration"
