@@ -1,38 +1,91 @@
-"""The router app on the in-memory broker: requests in, tasks or dead letters out."""
+"""The router app on the in-memory broker: routing by the registry, seeding, readiness, rollback."""
 
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 from faststream.kafka import KafkaBroker, TestKafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 
 from medmesh_contracts import topics
-from medmesh_contracts.events import RunInference, to_wire
-from medmesh_router.app import create_app
+from medmesh_contracts.events import (
+    InferenceFailed,
+    Producer,
+    RunInference,
+    WorkerHeartbeat,
+    to_wire,
+    utc_now,
+)
+from medmesh_contracts.lifecycle import (
+    LifecycleDecision,
+    ModelDeployment,
+    RolloutPolicy,
+    advance,
+    deploy_version,
+    seed_deployment,
+)
+from medmesh_router.app import Consumed, Router, create_app
+from medmesh_router.routing import bucket_of
 from medmesh_router.settings import RouterSettings
-from tests.factories import make_request
+from tests.factories import make_request, make_task
 from tests.service.conftest import SPECS_DIR
 
+PRODUCER = Producer(service="test", instance="t-1")
+MODEL = "deterioration"
 
-def _broker() -> KafkaBroker:
-    app = create_app(RouterSettings(model_specs_dir=SPECS_DIR))
-    broker = app.broker
-    assert isinstance(broker, KafkaBroker)
-    return broker
+
+def _router(*records: ModelDeployment) -> Router:
+    async def read(_settings: RouterSettings, topic: str) -> list[Consumed]:
+        if topic != topics.MODELS_REGISTRY:
+            return []
+        return [Consumed(0, offset, to_wire(d)) for offset, d in enumerate(records)]
+
+    return Router(RouterSettings(model_specs_dir=SPECS_DIR, router_tick_s=3600), read)
+
+
+def _canary(min_requests: int = 50, max_error_rate: float = 0.05) -> ModelDeployment:
+    """v1 stable and v2 canary at the 50 % step of (50, 100), progressing."""
+    seeded = seed_deployment(MODEL, {1: 100}, PRODUCER, utc_now(), "test")
+    deployed = deploy_version(
+        seeded,
+        2,
+        PRODUCER,
+        utc_now(),
+        "test",
+        policy=RolloutPolicy(
+            steps=(50, 100), min_requests=min_requests, max_error_rate=max_error_rate
+        ),
+    )
+    return advance(deployed, PRODUCER, utc_now(), "test")
+
+
+def _capture(broker: KafkaBroker, topic: str) -> list[bytes]:
+    seen: list[bytes] = []
+
+    @broker.subscriber(topic)
+    async def capture(message: KafkaMessage) -> None:
+        seen.append(message.body)
+
+    return seen
+
+
+def _patient_on(version: int) -> str:
+    """A pseudonym whose bucket is in v1's half (below 5000) or v2's half of a 50/50 split."""
+    for i in range(1000):
+        pseudonym = f"pseudo-{i}"
+        if (bucket_of(MODEL, pseudonym) >= 5000) == (version == 2):
+            return pseudonym
+    raise AssertionError("no such patient")
 
 
 async def test_request_becomes_a_task_on_the_version_topic() -> None:
     """A RequestInference is published as a RunInference on medmesh.model.deterioration.v1.tasks."""
-    broker = _broker()
-    seen: list[bytes] = []
-
-    @broker.subscriber(topics.model_task_topic("deterioration", 1))
-    async def capture(message: KafkaMessage) -> None:
-        seen.append(message.body)
-
+    router = _router()
+    await router.load()
+    seen = _capture(router.broker, topics.model_task_topic(MODEL, 1))
     request = make_request()
-    async with TestKafkaBroker(broker) as test_broker:
+    async with TestKafkaBroker(router.broker) as test_broker:
         await test_broker.publish(
             to_wire(request),
             topic=topics.INFERENCE_REQUESTS,
@@ -46,13 +99,10 @@ async def test_request_becomes_a_task_on_the_version_topic() -> None:
 
 async def test_undecodable_request_is_dead_lettered_with_the_reason() -> None:
     """A value that is not a RequestInference goes to the router's dead-letter topic."""
-    broker = _broker()
-    dead: list[bytes] = []
-
-    @broker.subscriber(topics.ROUTER_DEADLETTER)
-    async def capture(message: KafkaMessage) -> None:
-        dead.append(message.body)
-
+    app = create_app(RouterSettings(model_specs_dir=SPECS_DIR))
+    broker = app.broker
+    assert isinstance(broker, KafkaBroker)
+    dead = _capture(broker, topics.ROUTER_DEADLETTER)
     async with TestKafkaBroker(broker) as test_broker:
         await test_broker.publish(b"{not json", topic=topics.INFERENCE_REQUESTS)
     assert len(dead) == 1
@@ -60,3 +110,86 @@ async def test_undecodable_request_is_dead_lettered_with_the_reason() -> None:
     assert event["schema"] == "medmesh.MessageDeadLettered/1"
     assert event["raw_value"] == "{not json"
     assert "ValidationError" in event["reason"]
+
+
+async def test_empty_registry_is_seeded_from_the_spec_and_audited() -> None:
+    """With no registry record, the spec's 100 % v1 is published to the registry with a 'seed'."""
+    router = _router()
+    registry = _capture(router.broker, topics.MODELS_REGISTRY)
+    audit = _capture(router.broker, topics.MODELS_AUDIT)
+    await router.load()
+    async with TestKafkaBroker(router.broker):
+        await router.started()
+        await router.stopping()
+    assert [ModelDeployment.model_validate_json(r).weights for r in registry] == [{1: 100}]
+    assert [LifecycleDecision.model_validate_json(a).action for a in audit] == ["seed"]
+
+
+async def test_state_is_rebuilt_from_the_registry_records() -> None:
+    """A registry holding a 50 % v2 canary routes a patient of the upper half to v2, not seeded."""
+    router = _router(_canary())
+    await router.load()
+    v2 = _capture(router.broker, topics.model_task_topic(MODEL, 2))
+    request = make_request(patient_pseudonym=_patient_on(2))
+    async with TestKafkaBroker(router.broker) as test_broker:
+        await test_broker.publish(to_wire(request), topic=topics.INFERENCE_REQUESTS)
+    assert [RunInference.model_validate_json(t).model_version for t in v2] == [2]
+    assert router.state.deployments[MODEL].revision == 3
+
+
+async def test_dead_canary_gives_its_share_to_stable_and_is_audited() -> None:
+    """v2 seen ready, then silent past 3 intervals: readiness-lost audited, patients go to v1."""
+    router = _router(_canary())
+    await router.load()
+    audit = _capture(router.broker, topics.MODELS_AUDIT)
+    v1 = _capture(router.broker, topics.model_task_topic(MODEL, 1))
+    beat = WorkerHeartbeat(
+        correlation_id="hb",
+        producer=PRODUCER,
+        model=MODEL,
+        model_version=2,
+        instance="w-v2",
+        state="ready",
+        triton_ready=True,
+        interval_s=1.0,
+        sent_at=utc_now() - timedelta(seconds=1),
+    )
+    async with TestKafkaBroker(router.broker) as test_broker:
+        await test_broker.publish(to_wire(beat), topic=topics.MODELS_STATUS)
+        assert router.state.tables[MODEL].weights == {1: 50, 2: 50}
+        await router.audit_readiness(utc_now() + timedelta(seconds=5))
+        request = make_request(patient_pseudonym=_patient_on(2))
+        await test_broker.publish(to_wire(request), topic=topics.INFERENCE_REQUESTS)
+    assert router.state.tables[MODEL].weights == {1: 100}
+    decisions = [LifecycleDecision.model_validate_json(a) for a in audit]
+    assert [(d.action, d.version) for d in decisions] == [("readiness-lost", 2)]
+    assert len(v1) == 1
+
+
+async def test_failures_of_the_canary_roll_it_back_with_figures() -> None:
+    """5 failures of v2 with min_requests 5: the controller retires v2 and audits the rollback."""
+    router = _router(_canary(min_requests=5, max_error_rate=0.1))
+    await router.load()
+    registry = _capture(router.broker, topics.MODELS_REGISTRY)
+    audit = _capture(router.broker, topics.MODELS_AUDIT)
+    async with TestKafkaBroker(router.broker) as test_broker:
+        for i in range(5):
+            task = make_task(make_request(correlation_id=f"c{i}"), model_version=2)
+            failed = InferenceFailed(
+                correlation_id=task.correlation_id,
+                producer=PRODUCER,
+                task=task,
+                error_kind="model-unavailable",
+                reason="test",
+                attempts=1,
+            )
+            await test_broker.publish(to_wire(failed), topic=topics.INFERENCE_FAILED)
+        await router.tick(utc_now())
+    assert router.state.deployments[MODEL].weights == {1: 100}
+    assert [ModelDeployment.model_validate_json(r).version(2).state for r in registry] == [
+        "retired"
+    ]
+    (rollback,) = [LifecycleDecision.model_validate_json(a) for a in audit]
+    assert rollback.action == "rollback"
+    assert rollback.figures[0].failures == 5
+    assert rollback.weights_before == {1: 50, 2: 50}

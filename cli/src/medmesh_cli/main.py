@@ -17,6 +17,7 @@ from rich.console import Console
 from medmesh_cli.bench.command import bench
 from medmesh_cli.devstack.paths import repo_root, run_dir
 from medmesh_cli.devstack.stack import Stack, StackConfig
+from medmesh_cli.models import models_app
 from medmesh_cli.ops import commands as ops
 from medmesh_cli.reports import summarize
 from medmesh_contracts import headers as h
@@ -187,6 +188,7 @@ app.command()(ops.status)
 app.add_typer(ops.dlq_app, name="dlq")
 app.command()(bench)
 
+app.add_typer(models_app, name="models")
 
 if __name__ == "__main__":
     app()

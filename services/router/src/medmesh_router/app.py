@@ -1,29 +1,59 @@
 """The router service: medmesh.inference.requests -> medmesh.model.<name>.v<version>.tasks.
 
-Thin by design: decoding and publishing here, the decision in ``routing.route``.
+Thin by design: decoding and publishing here, the decisions in ``routing`` (where a request
+goes), ``controller`` (what a rollout does next) and ``medmesh_contracts.lifecycle`` (how the
+registry record changes). On start the router reads the compacted registry topic to its end
+(seeding a model from its spec's weights when the registry has none), then follows the registry,
+worker heartbeats, results and failures, and runs the rollout controller every tick.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
-from faststream.asgi import AsgiFastStream
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from faststream.asgi import AsgiFastStream, AsgiResponse, get
+from faststream.asgi.types import Scope
 from faststream.kafka.annotations import KafkaMessage
 from pydantic import ValidationError
 
 from medmesh_contracts import topics
 from medmesh_contracts.events import (
+    InferenceCompleted,
+    InferenceFailed,
     Producer,
     RequestInference,
     RunInference,
+    WorkerHeartbeat,
     schema_of,
     to_wire,
     utc_now,
 )
+from medmesh_contracts.lifecycle import (
+    LifecycleAction,
+    LifecycleDecision,
+    ModelDeployment,
+    VersionFigures,
+    advance,
+    decision,
+    roll_back,
+    rollout_active,
+    seed_deployment,
+)
 from medmesh_contracts.modelspec import load_specs
-from medmesh_router.routing import UnknownModelError, route
+from medmesh_router.analysis import Analysis
+from medmesh_router.controller import judge
+from medmesh_router.readiness import Readiness
+from medmesh_router.routing import Routed, UnknownModelError, route
 from medmesh_router.settings import RouterSettings
+from medmesh_router.state import RouterState
 from medmesh_runtime.deadletter import DeadLetters
 from medmesh_runtime.health import health_routes
 from medmesh_runtime.kafka import CONSUMER_ACK_POLICY, build_broker, message_headers
@@ -31,60 +61,463 @@ from medmesh_runtime.logging import configure_logging, get_logger
 from medmesh_runtime.telemetry import configure_service_tracing
 
 SERVICE = "router"
+Parsed = TypeVar("Parsed", ModelDeployment, WorkerHeartbeat)
 log = get_logger("medmesh.router")
 
 
-def create_app(settings: RouterSettings) -> AsgiFastStream:
-    """Build the router app; Kafka connects when the app starts."""
-    configure_logging(SERVICE, settings.log_level)
-    tracer_provider = configure_service_tracing(SERVICE, settings)
-    specs = load_specs(settings.model_specs_dir)
-    producer = Producer(service=SERVICE, instance=settings.instance_id)
-    broker = build_broker(settings, SERVICE, tracer_provider)
-    task_out = {
-        topics.model_task_topic(spec.name, v.version): broker.publisher(
-            topics.model_task_topic(spec.name, v.version), title=f"{spec.name} v{v.version} tasks"
-        )
-        for spec in specs.values()
-        for v in spec.versions
-    }
-    dead_letters = DeadLetters(broker.publisher(topics.ROUTER_DEADLETTER), producer)
+@dataclass(frozen=True)
+class Consumed:
+    """One record read at start, with where it was in its topic."""
 
-    @broker.subscriber(
-        topics.INFERENCE_REQUESTS,
-        group_id=settings.router_group_id,
-        auto_offset_reset="earliest",
-        ack_policy=CONSUMER_ACK_POLICY,
-        title="inference requests",
+    partition: int
+    offset: int
+    value: bytes | None
+
+
+# Reads a topic from its beginning to its current end (the registry and heartbeats, at start).
+StartupReader = Callable[[RouterSettings, str], Awaitable[list[Consumed]]]
+
+
+def _aiokafka_security(settings: RouterSettings) -> dict[str, Any]:
+    protocol = settings.kafka_security_protocol
+    options: dict[str, Any] = {"security_protocol": protocol}
+    if protocol in ("SASL_SSL", "SASL_PLAINTEXT"):
+        options.update(
+            sasl_mechanism=settings.kafka_sasl_mechanism,
+            sasl_plain_username=settings.kafka_sasl_username,
+            sasl_plain_password=settings.kafka_sasl_password,
+        )
+    if protocol in ("SSL", "SASL_SSL"):
+        import ssl  # noqa: PLC0415 -- only for TLS connections
+
+        options["ssl_context"] = ssl.create_default_context()
+    return options
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    # aiokafka has no public call for the partitions of a topic not subscribed to.
+    cluster = await consumer._client.fetch_all_metadata()
+    found = cluster.partitions_for_topic(topic)
+    if not found:
+        raise RuntimeError(f"topic {topic} does not exist")
+    return [TopicPartition(topic, p) for p in sorted(found)]
+
+
+async def read_topic_to_end(settings: RouterSettings, topic: str) -> list[Consumed]:
+    """Every record of ``topic`` up to its end at the time of the call, in order per partition."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        enable_auto_commit=False,
+        client_id=f"medmesh-router-start-{settings.instance_id}",
+        **_aiokafka_security(settings),
     )
-    async def on_request(message: KafkaMessage) -> None:
-        record: Any = message.raw_message
-        try:
-            request = RequestInference.model_validate_json(record.value)
-            routed = route(request, specs, producer, utc_now())
-        except (ValidationError, UnknownModelError) as exc:
-            await dead_letters.send(record, f"{type(exc).__name__}: {exc}")
+    await consumer.start()
+    try:
+        partitions = await _partitions(consumer, topic)
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        end = await consumer.end_offsets(partitions)
+        found: list[Consumed] = []
+        async with asyncio.timeout(settings.router_registry_timeout_s):
+            while any([await consumer.position(p) < end[p] for p in partitions]):
+                batches = await consumer.getmany(*partitions, timeout_ms=500)
+                for records in batches.values():
+                    found.extend(Consumed(r.partition, r.offset, r.value) for r in records)
+        return found
+    finally:
+        await consumer.stop()
+
+
+class Router:
+    """The router's parts, built once at the bootstrap point and shared by its handlers."""
+
+    def __init__(
+        self, settings: RouterSettings, read_to_end: StartupReader = read_topic_to_end
+    ) -> None:
+        self.settings = settings
+        self._read_to_end = read_to_end
+        self.specs = load_specs(settings.model_specs_dir)
+        self.producer = Producer(service=SERVICE, instance=settings.instance_id)
+        self.actor = f"controller:{settings.instance_id}"
+        self.tracer_provider = configure_service_tracing(SERVICE, settings)
+        self.broker = build_broker(settings, SERVICE, self.tracer_provider)
+        self.state = RouterState(
+            self.specs, Readiness(require_heartbeats=settings.router_require_heartbeats)
+        )
+        self.analysis = Analysis(
+            {name: (s.triton.score_tensor, s.triton.band_tensor) for name, s in self.specs.items()}
+        )
+        # Last offset read by load(), per (topic, partition): the followers skip up to there.
+        self.loaded: dict[tuple[str, int], int] = {}
+        self._unpublished: list[tuple[ModelDeployment, LifecycleDecision]] = []
+        self._last_hold: dict[tuple[str, int, int], float] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self.task_out = {
+            topics.model_task_topic(spec.name, v.version): self.broker.publisher(
+                topics.model_task_topic(spec.name, v.version),
+                title=f"{spec.name} v{v.version} tasks",
+            )
+            for spec in self.specs.values()
+            for v in spec.versions
+        }
+        self.registry_out = self.broker.publisher(topics.MODELS_REGISTRY, title="model registry")
+        self.audit_out = self.broker.publisher(topics.MODELS_AUDIT, title="lifecycle audit")
+        self.dead_letters = DeadLetters(
+            self.broker.publisher(topics.ROUTER_DEADLETTER), self.producer
+        )
+        self._subscribe()
+
+    # --- start, stop, registry --------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Rebuild the state from the registry; seed models the registry does not know yet."""
+        now = utc_now()
+        for record in await self._read_to_end(self.settings, topics.MODELS_REGISTRY):
+            self.loaded[(topics.MODELS_REGISTRY, record.partition)] = record.offset
+            deployment = _parse(ModelDeployment, record)
+            if deployment is not None:
+                self.state.apply(deployment, now)
+        for record in await self._read_to_end(self.settings, topics.MODELS_STATUS):
+            self.loaded[(topics.MODELS_STATUS, record.partition)] = record.offset
+            beat = _parse(WorkerHeartbeat, record)
+            if beat is not None:
+                self.state.readiness.observe(beat)
+        self.state.refresh(now)  # readiness as of now: a restart audits no change
+        for name, spec in self.specs.items():
+            if name in self.state.deployments:
+                continue
+            seeded = seed_deployment(
+                name,
+                spec.routing.weights,
+                self.producer,
+                now,
+                f"router:{self.settings.instance_id}",
+            )
+            self.state.apply(seeded, now)
+            audit = decision(
+                None,
+                seeded,
+                "seed",
+                seeded.changed_by,
+                "registry empty: spec weights",
+                self.producer,
+                now,
+            )
+            self._unpublished.append((seeded, audit))
+        log.info(
+            "registry loaded",
+            models={m: d.weights for m, d in self.state.deployments.items()},
+            servable={
+                f"{m}-v{v.version}": self.state.servable(m, v.version, now)
+                for m, d in self.state.deployments.items()
+                for v in d.versions
+            },
+        )
+
+    async def started(self) -> None:
+        """After Kafka connected: publish seeds, then start the readiness and controller loop."""
+        for deployment, audit in self._unpublished:
+            await self.publish_change(deployment, audit)
+        self._unpublished.clear()
+        self._loop_task = asyncio.create_task(self._loop(), name="router-controller")
+
+    async def stopping(self) -> None:
+        """Stop the loop and flush traces."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        self.tracer_provider.shutdown()
+
+    async def publish_change(self, deployment: ModelDeployment, audit: LifecycleDecision) -> None:
+        """Write a new registry record (key = model) and its audit event."""
+        key = deployment.model.encode()
+        await self.registry_out.publish(
+            to_wire(deployment),
+            key=key,
+            headers=message_headers(deployment.correlation_id, schema_of(ModelDeployment)),
+        )
+        await self.publish_audit(audit)
+
+    async def publish_audit(self, audit: LifecycleDecision) -> None:
+        """Write one audit event (key = model) and log it."""
+        await self.audit_out.publish(
+            to_wire(audit),
+            key=audit.model.encode(),
+            headers=message_headers(audit.correlation_id, schema_of(LifecycleDecision)),
+        )
+        log.info(
+            "lifecycle decision",
+            model=audit.model,
+            action=audit.action,
+            version=audit.version,
+            reason=audit.reason,
+            weights=audit.weights_after,
+            actor=audit.actor,
+        )
+
+    # --- the loop: readiness and the rollout controller -------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.tick(utc_now())
+            except Exception:  # the loop must outlive one bad tick; the error is logged
+                log.exception("controller tick failed")
+            await asyncio.sleep(self.settings.router_tick_s)
+
+    def figures(self, deployment: ModelDeployment, version: int, now: datetime) -> VersionFigures:
+        """A version's figures: since its step started when under rollout, else one interval."""
+        rollout = deployment.rollout
+        since = None
+        if rollout.version == version and rollout_active(deployment):
+            since = rollout.step_started_at
+        if since is None:
+            since = now - timedelta(seconds=deployment.policy.interval_s)
+        return self.analysis.figures(deployment.model, version, since, now)
+
+    async def tick(self, now: datetime) -> None:
+        """Audit readiness changes; let the controller judge every progressing rollout."""
+        await self.audit_readiness(now)
+        if not self.settings.router_controller:
             return
-        await task_out[routed.topic].publish(
+        for deployment in list(self.state.deployments.values()):
+            await self._judge(deployment, now)
+
+    async def audit_readiness(self, now: datetime) -> None:
+        """Re-evaluate which versions can serve; audit each change (routing follows at once)."""
+        for change in self.state.refresh(now):
+            deployment = self.state.deployments[change.model]
+            action: LifecycleAction = "readiness-restored" if change.servable else "readiness-lost"
+            effective = self.state.tables[change.model].weights
+            reason = (
+                f"v{change.version} has live ready workers again"
+                if change.servable
+                else f"v{change.version} has no live ready worker: its share goes to stable"
+            )
+            audit = decision(
+                deployment,
+                deployment,
+                action,
+                self.actor,
+                f"{reason}; routing {effective}",
+                self.producer,
+                now,
+                version=change.version,
+                figures=(self.figures(deployment, change.version, now),),
+            )
+            await self.publish_audit(audit)
+
+    async def _judge(self, deployment: ModelDeployment, now: datetime) -> None:
+        version = deployment.rollout.version
+        if version is None or deployment.rollout.phase != "progressing":
+            return
+        figures = self.figures(deployment, version, now)
+        verdict = judge(deployment, figures, now)
+        if verdict is None:
+            return
+        if verdict.action == "hold":
+            key = (deployment.model, deployment.revision, deployment.rollout.step)
+            last = self._last_hold.get(key)
+            if last is not None and now.timestamp() - last < deployment.policy.interval_s:
+                return
+            self._last_hold[key] = now.timestamp()
+            await self.publish_audit(
+                decision(
+                    deployment,
+                    deployment,
+                    "hold",
+                    self.actor,
+                    verdict.reason,
+                    self.producer,
+                    now,
+                    figures=(figures,),
+                )
+            )
+            return
+        if verdict.action == "rollback":
+            changed = roll_back(deployment, self.producer, now, self.actor)
+        else:
+            changed = advance(deployment, self.producer, now, self.actor)
+        audit = decision(
+            deployment,
+            changed,
+            verdict.action,
+            self.actor,
+            verdict.reason,
+            self.producer,
+            now,
+            version=version,
+            figures=(figures,),
+        )
+        self.state.apply(changed, now)
+        await self.publish_change(changed, audit)
+
+    # --- status -----------------------------------------------------------------------------
+
+    def status(self, now: datetime) -> dict[str, Any]:
+        """Every model's registry record, effective routing and per-version figures (JSON)."""
+        models: dict[str, Any] = {}
+        for name, deployment in self.state.deployments.items():
+            table = self.state.tables[name]
+            rollout, policy = deployment.rollout, deployment.policy
+            next_in = None
+            if rollout.phase == "progressing" and rollout.step_started_at is not None:
+                elapsed = (now - rollout.step_started_at).total_seconds()
+                next_in = max(0.0, policy.interval_s - elapsed)
+            models[name] = {
+                "deployment": json.loads(to_wire(deployment)),
+                "effective_weights": table.weights,
+                "next_judgement_in_s": next_in,
+                "versions": {
+                    str(v.version): {
+                        "servable": self.state.servable(name, v.version, now),
+                        "live_workers": self.state.readiness.live_workers(name, v.version, now),
+                        "heartbeats_seen": self.state.readiness.seen(name, v.version),
+                        "figures": self.figures(deployment, v.version, now).model_dump(mode="json"),
+                    }
+                    for v in deployment.versions
+                },
+            }
+        return {"at": now.isoformat(), "models": models}
+
+    # --- handlers ---------------------------------------------------------------------------
+
+    def _subscribe(self) -> None:
+        broker = self.broker
+
+        @broker.subscriber(
+            topics.INFERENCE_REQUESTS,
+            group_id=self.settings.router_group_id,
+            auto_offset_reset="earliest",
+            ack_policy=CONSUMER_ACK_POLICY,
+            title="inference requests",
+        )
+        async def on_request(message: KafkaMessage) -> None:
+            record: Any = message.raw_message
+            try:
+                request = RequestInference.model_validate_json(record.value)
+                routed = route(request, self.state.tables, self.producer, utc_now())
+            except (ValidationError, UnknownModelError) as exc:
+                await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
+                return
+            sends = [self._send(routed.primary, record.key)]
+            sends += [self._send(copy, record.key) for copy in routed.shadows]
+            await asyncio.gather(*sends)
+            log.info(
+                "request routed",
+                correlation_id=request.correlation_id,
+                model=request.model,
+                model_version=routed.primary.task.model_version,
+                route=routed.primary.task.route.detail,
+                shadows=[s.task.model_version for s in routed.shadows],
+            )
+
+        @broker.subscriber(
+            topics.MODELS_REGISTRY, auto_offset_reset="earliest", title="model registry (follow)"
+        )
+        async def on_registry(message: KafkaMessage) -> None:
+            record: Any = message.raw_message
+            if self._seen_at_start(record) or not record.value:
+                return  # read at start already (or a tombstone)
+            try:
+                deployment = ModelDeployment.model_validate_json(record.value)
+            except ValidationError as exc:
+                await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
+                return
+            if self.state.apply(deployment, utc_now()):
+                log.info(
+                    "registry changed",
+                    model=deployment.model,
+                    revision=deployment.revision,
+                    weights=deployment.weights,
+                    by=deployment.changed_by,
+                )
+
+        @broker.subscriber(
+            topics.MODELS_STATUS, auto_offset_reset="earliest", title="worker heartbeats"
+        )
+        async def on_heartbeat(message: KafkaMessage) -> None:
+            record: Any = message.raw_message
+            if self._seen_at_start(record) or not record.value:
+                return
+            try:
+                beat = WorkerHeartbeat.model_validate_json(record.value)
+            except ValidationError as exc:
+                await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
+                return
+            self.state.readiness.observe(beat)
+            now = utc_now()
+            if (now - beat.sent_at).total_seconds() <= beat.interval_s:
+                # A fresh beat takes effect now; old ones replayed at start wait for the tick,
+                # so the replay does not audit every intermediate state.
+                await self.audit_readiness(now)
+
+        # Results and failures are only observed here (reporting owns them): a record that does
+        # not parse is reporting's dead letter, so it is skipped without a second one.
+        @broker.subscriber(topics.INFERENCE_RESULTS, title="results (observed)")
+        async def on_result(message: KafkaMessage) -> None:
+            with contextlib.suppress(ValidationError):
+                self.analysis.completed(
+                    InferenceCompleted.model_validate_json(message.raw_message.value)  # type: ignore[union-attr]
+                )
+
+        @broker.subscriber(topics.INFERENCE_SHADOW_RESULTS, title="shadow results (observed)")
+        async def on_shadow_result(message: KafkaMessage) -> None:
+            with contextlib.suppress(ValidationError):
+                self.analysis.completed(
+                    InferenceCompleted.model_validate_json(message.raw_message.value)  # type: ignore[union-attr]
+                )
+
+        @broker.subscriber(topics.INFERENCE_FAILED, title="failures (observed)")
+        async def on_failed(message: KafkaMessage) -> None:
+            with contextlib.suppress(ValidationError):
+                self.analysis.failed(
+                    InferenceFailed.model_validate_json(message.raw_message.value)  # type: ignore[union-attr]
+                )
+
+    def _seen_at_start(self, record: Any) -> bool:
+        loaded = self.loaded.get((record.topic, record.partition), -1)
+        return bool(record.offset <= loaded)
+
+    async def _send(self, routed: Routed, key: bytes | None) -> None:
+        await self.task_out[routed.topic].publish(
             to_wire(routed.task),
-            key=record.key,
+            key=key,
             headers=message_headers(routed.task.correlation_id, schema_of(RunInference)),
             correlation_id=routed.task.correlation_id,
         )
-        log.info(
-            "request routed",
-            correlation_id=request.correlation_id,
-            model=request.model,
-            model_version=routed.task.model_version,
-            route=routed.task.route.detail,
-        )
 
-    async def close_tracing() -> None:
-        tracer_provider.shutdown()
 
-    return AsgiFastStream(
-        broker,
-        asgi_routes=health_routes(broker),
-        on_shutdown=[close_tracing],
+def create_app(
+    settings: RouterSettings, read_to_end: StartupReader = read_topic_to_end
+) -> AsgiFastStream:
+    """Build the router app; Kafka connects (and the registry is read) when the app starts."""
+    configure_logging(SERVICE, settings.log_level)
+    router = Router(settings, read_to_end)
+
+    @get(include_in_schema=False)
+    async def models(scope: Scope) -> AsgiResponse:
+        body = json.dumps(router.status(utc_now())).encode()
+        return AsgiResponse(body, 200, headers={"content-type": "application/json"})
+
+    app = AsgiFastStream(
+        router.broker,
+        asgi_routes=[*health_routes(router.broker), ("/models", models)],
+        on_startup=[router.load],
+        after_startup=[router.started],
+        on_shutdown=[router.stopping],
         logger=logging.getLogger(f"medmesh.{SERVICE}.app"),
     )
+    return app
+
+
+def _parse(model: type[Parsed], record: Consumed) -> Parsed | None:
+    """A record read at start as ``model``; None (logged) for tombstones and bad records."""
+    if not record.value:
+        return None
+    try:
+        return model.model_validate_json(record.value)
+    except ValidationError as exc:
+        log.warning("record ignored at start", offset=record.offset, error=str(exc))
+        return None
