@@ -12,7 +12,7 @@ import httpx
 from medmesh_cli.devstack.stack import Stack
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
-from tests.e2e.conftest import FIXTURES, Record, TopicTap, fixture_with_new_patient
+from tests.e2e.conftest import Record, TopicTap, fixture_with_new_patient
 
 
 def _patient_data(bundle: dict[str, Any]) -> list[str]:
@@ -41,11 +41,11 @@ def _for_correlation(correlation_id: str) -> Any:
 
 async def test_logs_of_every_service_carry_no_patient_data(stack: Stack, tap: TopicTap) -> None:
     """After a Bundle full of personal data went through all services, no log line holds any."""
-    bundle = json.loads((FIXTURES / "vitals-bundle-high.json").read_text())
-    secrets = _patient_data(bundle)
+    payload, _ = fixture_with_new_patient("vitals-bundle-high.json")  # fresh: ingest dedupes
+    secrets = _patient_data(json.loads(payload))
     assert len(secrets) >= 6
     async with httpx.AsyncClient(base_url=stack.config.ingest_url, timeout=30) as client:
-        response = await client.post("/fhir", json=bundle)
+        response = await client.post("/fhir", content=payload)
     assert response.status_code == 202
     await tap.wait_for(
         topics.REPORTS_DIAGNOSTIC, _for_correlation(response.headers[h.CORRELATION_ID])
