@@ -100,3 +100,26 @@ async def test_metrics_endpoint_counts_the_messages_a_service_processed(stack: S
         text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
     assert "messaging_process" in text
     assert topics.INFERENCE_REQUESTS in text
+
+
+async def test_worker_metrics_show_per_version_requests_and_consumer_lag(
+    stack: Stack, tap: TopicTap
+) -> None:
+    """A worker's /metrics has per-version request counts and its group's lag per partition."""
+    payload, _ = fixture_with_new_patient("vitals-bundle-low.json")
+    async with httpx.AsyncClient(base_url=stack.config.ingest_url, timeout=30) as client:
+        response = await client.post("/fhir", content=payload)
+    await tap.wait_for(
+        topics.REPORTS_DIAGNOSTIC, _for_correlation(response.headers[h.CORRELATION_ID])
+    )
+    worker = f"http://127.0.0.1:{stack.config.ports.first_worker}/metrics"
+    text = ""
+    async with httpx.AsyncClient(timeout=10) as client:
+        for _ in range(30):  # lag is sampled every 5 s
+            text = (await client.get(worker)).text
+            if "medmesh_consumer_lag" in text:
+                break
+            await asyncio.sleep(0.5)
+    assert 'medmesh_inference_requests_total{model="deterioration",model_version="1"' in text
+    assert "medmesh_inference_triton_duration_milliseconds_bucket" in text
+    assert 'consumer_group="medmesh-worker-deterioration-v1"' in text

@@ -57,12 +57,12 @@ def test_trace_is_found_by_correlation_id(span_file: Path) -> None:
 
 
 def test_hops_split_kafka_wait_from_work(span_file: Path) -> None:
-    """Each hop's wait runs from the publish's end to the process span's start."""
+    """Each hop's time in Kafka runs from the publish's start to the process span's start."""
     trace = spans_of(read_spans(span_file), "t1")
     found = {h.topic: h for h in hops(trace)}
-    assert found["medmesh.inference.requests"].wait_ms == pytest.approx(3.0)
+    assert found["medmesh.inference.requests"].wait_ms == pytest.approx(6.0)
     assert found["medmesh.inference.requests"].work_ms == pytest.approx(3.0)
-    assert found["medmesh.model.m.v1.tasks"].wait_ms == pytest.approx(20.0)
+    assert found["medmesh.model.m.v1.tasks"].wait_ms == pytest.approx(21.0)
     assert found["medmesh.model.m.v1.tasks"].consumer == "inference-m-v1"
 
 

@@ -46,12 +46,15 @@ def trace(
         console.print(f"[bold]trace {trace_id}[/] ({len(trace_spans)} spans)")
         for line in render(trace_spans):
             console.print(line, highlight=False)
-        table = Table("hop (topic)", "from", "to", "Kafka wait ms", "work ms", box=None)
+        # Plain lines, not a table: topic names must never be truncated to the terminal width.
+        console.print("hops (topic: from -> to, time in Kafka, work in the consumer):")
         for hop in hops(trace_spans):
-            table.add_row(
-                hop.topic, hop.producer, hop.consumer, f"{hop.wait_ms:.1f}", f"{hop.work_ms:.1f}"
+            console.print(
+                f"  {hop.topic}: {hop.producer} -> {hop.consumer}, "
+                f"Kafka {hop.wait_ms:.1f} ms, work {hop.work_ms:.1f} ms",
+                highlight=False,
+                soft_wrap=True,
             )
-        console.print(table)
 
 
 dlq_app = typer.Typer(help="Inspect and replay dead-letter topics.", no_args_is_help=True)

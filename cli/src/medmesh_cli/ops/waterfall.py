@@ -1,8 +1,10 @@
 """A trace as a terminal waterfall: pure functions over span records (the JSON-lines file).
 
-Per hop it separates work (a service's process span) from Kafka wait (from the end of the
-upstream publish to the start of the downstream process span), the figure the seeds' "a network
-hop costs 5-20 ms" debate is about.
+Per hop it separates work (a service's process span) from time in Kafka (from the start of the
+upstream publish, which includes the acks=all round trip, to the start of the downstream process
+span), the figure the seeds' "a network hop costs 5-20 ms" debate is about. Measuring from the
+publish's end would go negative: a consumer can fetch a record before its producer has read the
+acknowledgement.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def hops(trace: Sequence[Span]) -> list[Hop]:
                 topic=topic,
                 producer=published.service,
                 consumer=span.service,
-                wait_ms=(span.start_ns - published.end_ns) / 1e6,
+                wait_ms=(span.start_ns - published.start_ns) / 1e6,
                 work_ms=span.duration_ms,
             )
         )

@@ -43,12 +43,14 @@ from medmesh_inference.batching import (
 )
 from medmesh_inference.circuit import Backoff, CircuitBreaker
 from medmesh_inference.heartbeat import HealthMonitor, HeartbeatSource
+from medmesh_inference.metrics import VersionMetrics
 from medmesh_inference.settings import WorkerSettings
 from medmesh_inference.triton import TritonModel
 from medmesh_inference.worker import LoopTiming, TaskWorker
 from medmesh_runtime.deadletter import DeadLetters, Publisher
 from medmesh_runtime.health import health_routes
 from medmesh_runtime.kafka import build_broker, kafka_security, message_headers, record_headers
+from medmesh_runtime.lag import LagMonitor
 from medmesh_runtime.logging import configure_logging, get_logger
 from medmesh_runtime.telemetry import configure_tracing
 
@@ -94,6 +96,7 @@ class BatchHandler:
         self.results_out = results_out
         self.failed_out = failed_out
         self.outputs = {"results": results_out, "shadow-results": shadow_out, "failed": failed_out}
+        self.metrics = VersionMetrics(spec.name, version.version)
 
     async def refresh_device_kind(self) -> None:
         """The version is (again) ready: learn the device kind Triton runs it on."""
@@ -131,6 +134,7 @@ class BatchHandler:
                 utc_now,
                 self.triton.ready,
             )
+        self.metrics.record(outcomes, utc_now())
         batch_link = trace.Link(batch_span.get_span_context())
         sends = []
         for outcome, record in zip(outcomes, sources, strict=True):
@@ -225,7 +229,7 @@ def create_app(settings: WorkerSettings) -> AsgiFastStream:
 
     worker = TaskWorker(
         lambda: build_consumer(settings, task_topic),
-        max_batch=spec.triton.max_batch_size,
+        max_batch=settings.worker_max_batch or spec.triton.max_batch_size,
         handle=batches.handle,
         dead_letter=dead_letters.send,
         probe=triton.ready,
@@ -283,10 +287,11 @@ def create_app(settings: WorkerSettings) -> AsgiFastStream:
     async def ready() -> bool:
         return worker.ready
 
+    lag = LagMonitor(settings, settings.group_id)
     return AsgiFastStream(
         broker,
         asgi_routes=health_routes(broker, ready),
-        after_startup=[start_loops],
-        on_shutdown=[stop_loops],
+        after_startup=[start_loops, lag.start],
+        on_shutdown=[lag.stop, stop_loops],
         logger=logging.getLogger(f"medmesh.{SERVICE}.app"),
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from medmesh_runtime.settings import ServiceSettings
 
 
@@ -14,6 +16,9 @@ class WorkerSettings(ServiceSettings):
     triton_grpc_url: str = "127.0.0.1:8001"
     # Longest wait for more tasks to fill a batch; a lone request is never held longer.
     batch_wait_ms: int = 20
+    # Most tasks scored in one Triton call; 0 means the model spec's max_batch_size (1 = no
+    # consumer micro-batching, as the benchmark's batching-off series runs it).
+    worker_max_batch: int = Field(default=0, ge=0)
     # Retries of a transient Triton error before the tasks are failed.
     triton_max_attempts: int = 4
     triton_backoff_initial_ms: int = 100

@@ -60,6 +60,7 @@ from medmesh_runtime.kafka import (
     message_headers,
     record_headers,
 )
+from medmesh_runtime.lag import LagMonitor
 from medmesh_runtime.logging import configure_logging, get_logger
 from medmesh_runtime.metrics import PROMETHEUS_CONTENT_TYPE, prometheus_text
 from medmesh_runtime.telemetry import configure_service_tracing, trace_id_hex
@@ -321,6 +322,8 @@ def create_app(settings: IngestSettings) -> FastAPI:
         title="inbound FHIR events",
     )(ingest.on_inbound_event)
 
+    lag = LagMonitor(settings, settings.ingest_group_id)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if settings.pseudonym_key.get_secret_value() == DEVELOPMENT_PSEUDONYM_KEY:
@@ -331,12 +334,14 @@ def create_app(settings: IngestSettings) -> FastAPI:
             ingest.state_partitions = await rebuild(ingest.store, settings)
         ingest.http_client = httpx.AsyncClient(follow_redirects=False)
         await broker.start()
+        await lag.start()
         ingest.ready = True
         log.info("ingest started", models=sorted(ingest.specs), port=settings.ingest_port)
         try:
             yield
         finally:
             ingest.ready = False
+            await lag.stop()
             await broker.stop()
             await ingest.http_client.aclose()
             tracer_provider.shutdown()

@@ -27,6 +27,7 @@ from medmesh_reporting.settings import ReportingSettings
 from medmesh_reporting.transactional import ClientFactory, LoopSettings, TransactionalLoop
 from medmesh_runtime.health import health_routes
 from medmesh_runtime.kafka import build_broker
+from medmesh_runtime.lag import LagMonitor
 from medmesh_runtime.logging import configure_logging
 from medmesh_runtime.telemetry import configure_tracing
 
@@ -97,11 +98,13 @@ def create_app(settings: ReportingSettings, clients: ClientFactory | None = None
         await asyncio.gather(*tasks, return_exceptions=True)
         tracer_provider.shutdown()
 
+    lag = LagMonitor(settings, settings.reporting_group_id)
     return AsgiFastStream(
         broker,
         asgi_routes=_routes(broker, current_loop),
         on_startup=[start_loop],
-        on_shutdown=[stop_loop],
+        after_startup=[lag.start],
+        on_shutdown=[lag.stop, stop_loop],
         logger=logging.getLogger(f"medmesh.{SERVICE}.app"),
     )
 

@@ -57,6 +57,7 @@ from medmesh_router.state import RouterState
 from medmesh_runtime.deadletter import DeadLetters
 from medmesh_runtime.health import health_routes
 from medmesh_runtime.kafka import CONSUMER_ACK_POLICY, build_broker, message_headers
+from medmesh_runtime.lag import LagMonitor
 from medmesh_runtime.logging import configure_logging, get_logger
 from medmesh_runtime.telemetry import configure_service_tracing
 
@@ -501,12 +502,13 @@ def create_app(
         body = json.dumps(router.status(utc_now())).encode()
         return AsgiResponse(body, 200, headers={"content-type": "application/json"})
 
+    lag = LagMonitor(settings, settings.router_group_id)
     app = AsgiFastStream(
         router.broker,
         asgi_routes=[*health_routes(router.broker), ("/models", models)],
         on_startup=[router.load],
-        after_startup=[router.started],
-        on_shutdown=[router.stopping],
+        after_startup=[router.started, lag.start],
+        on_shutdown=[lag.stop, router.stopping],
         logger=logging.getLogger(f"medmesh.{SERVICE}.app"),
     )
     return app
