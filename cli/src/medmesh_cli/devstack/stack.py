@@ -60,15 +60,22 @@ class StackConfig:
     kafka_heap: str = "512m"
     partitions: int = 3
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Other model specs / another Triton model repository (tests that add a model); None: deploy/.
+    specs_dir_override: Path | None = None
+    model_repository_override: Path | None = None
 
     @property
     def specs_dir(self) -> Path:
         """The model specs the services serve."""
+        if self.specs_dir_override is not None:
+            return self.specs_dir_override
         return repo_root() / "deploy" / "models"
 
     @property
     def model_repository(self) -> Path:
         """The Triton model repository."""
+        if self.model_repository_override is not None:
+            return self.model_repository_override
         return repo_root() / "deploy" / "triton" / "models"
 
     @property

@@ -398,7 +398,14 @@ class Router:
             record: Any = message.raw_message
             try:
                 request = RequestInference.model_validate_json(record.value)
-                routed = route(request, self.state.tables, self.producer, utc_now())
+                with self.tracer_provider.get_tracer("medmesh.router").start_as_current_span(
+                    "router.route", attributes={"medmesh.model": request.model}
+                ) as span:
+                    routed = route(request, self.state.tables, self.producer, utc_now())
+                    span.set_attribute("medmesh.model_version", routed.primary.task.model_version)
+                    span.set_attribute("medmesh.route", routed.primary.task.route.reason)
+                    span.set_attribute("medmesh.route_detail", routed.primary.task.route.detail)
+                    span.set_attribute("medmesh.shadow_copies", len(routed.shadows))
             except (ValidationError, UnknownModelError) as exc:
                 await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
                 return
