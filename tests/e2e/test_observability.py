@@ -91,6 +91,26 @@ async def test_one_trace_id_across_all_four_services(stack: Stack, tap: TopicTap
     found = services_in_trace()
     assert expected <= found
     assert any(s.startswith("medmesh-inference") for s in found)
+    _assert_trace_structure(stack_spans, trace_id)
+
+
+def _assert_trace_structure(span_file: Path, trace_id: str) -> None:
+    """One root (ingest's HTTP span); validation, routing and report building have spans; every
+    other span's parent is in the trace; the worker's per-request span links to its batch span."""
+    every = [json.loads(line) for line in span_file.read_text().splitlines() if line]
+    trace = [s for s in every if s["trace_id"] == trace_id]
+    ids = {s["span_id"] for s in trace}
+    roots = [s for s in trace if s["parent_span_id"] not in ids]
+    assert [r["name"] for r in roots] == ["POST /fhir"]
+    assert roots[0]["service"] == "medmesh-ingest"
+    names = {s["name"] for s in trace}
+    for step in ("ingest.handle", "router.route", "reporting.build-report"):
+        assert step in names, step
+    worker_spans = [s for s in trace if s["name"].endswith(".tasks process")]
+    assert worker_spans
+    batch_ids = {s["span_id"] for s in every if s["name"] == "inference.batch"}
+    for span in worker_spans:
+        assert any(link["span_id"] in batch_ids for link in span["links"])
 
 
 async def test_metrics_endpoint_counts_the_messages_a_service_processed(stack: Stack) -> None:

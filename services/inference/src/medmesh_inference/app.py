@@ -52,7 +52,7 @@ from medmesh_runtime.health import health_routes
 from medmesh_runtime.kafka import build_broker, kafka_security, message_headers, record_headers
 from medmesh_runtime.lag import LagMonitor
 from medmesh_runtime.logging import configure_logging, get_logger
-from medmesh_runtime.telemetry import configure_tracing
+from medmesh_runtime.telemetry import configure_service_tracing
 
 SERVICE = "inference"
 log = get_logger("medmesh.inference")
@@ -186,10 +186,8 @@ class BatchHandler:
 def create_app(settings: WorkerSettings) -> AsgiFastStream:
     """Build the worker app for one model version; Triton and Kafka connect at startup."""
     configure_logging(SERVICE, settings.log_level)
-    tracer_provider = configure_tracing(
-        f"{SERVICE}-{settings.worker_model}-v{settings.worker_model_version}",
-        settings.instance_id,
-        settings.trace_file,
+    tracer_provider = configure_service_tracing(
+        f"{SERVICE}-{settings.worker_model}-v{settings.worker_model_version}", settings
     )
     tracer = tracer_provider.get_tracer("medmesh.inference")
     spec = load_specs(settings.model_specs_dir)[settings.worker_model]

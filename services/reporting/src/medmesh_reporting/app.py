@@ -29,7 +29,7 @@ from medmesh_runtime.health import health_routes
 from medmesh_runtime.kafka import build_broker
 from medmesh_runtime.lag import LagMonitor
 from medmesh_runtime.logging import configure_logging
-from medmesh_runtime.telemetry import configure_tracing
+from medmesh_runtime.telemetry import configure_service_tracing
 
 SERVICE = "reporting"
 Routes = list[tuple[str, GetHandler]]
@@ -58,7 +58,7 @@ def create_app(settings: ReportingSettings, clients: ClientFactory | None = None
     ``clients`` replaces the real aiokafka clients (tests pass in-memory fakes).
     """
     configure_logging(SERVICE, settings.log_level)
-    tracer_provider = configure_tracing(SERVICE, settings.instance_id, settings.trace_file)
+    tracer_provider = configure_service_tracing(SERVICE, settings)
     # Declared for the AsyncAPI document: the loop, not this broker, produces these records.
     broker = build_broker(settings, SERVICE, tracer_provider)
     broker.publisher(topics.REPORTS_DIAGNOSTIC, title="FHIR report Bundles (transactional)")

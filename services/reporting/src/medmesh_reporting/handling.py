@@ -122,12 +122,19 @@ class ReportHandler:
         spec = self._specs.get(completed.task.request.model)
         if spec is None:
             raise KeyError(f"no model spec named {completed.task.request.model!r}")
-        bundle = build_report(
-            completed,
-            spec,
-            performer_display=self._performer_display,
-            issued=completed.completed_at,
-        )
+        with self._tracer.start_as_current_span(
+            "reporting.build-report",
+            attributes={
+                "medmesh.model": spec.name,
+                "medmesh.model_version": completed.task.model_version,
+            },
+        ):
+            bundle = build_report(
+                completed,
+                spec,
+                performer_display=self._performer_display,
+                issued=completed.completed_at,
+            )
         latency_ms = (utc_now() - completed.task.request.received_at).total_seconds() * 1000
         trace.get_current_span().set_attribute("medmesh.end_to_end_ms", latency_ms)
         headers = self._publish_headers(
