@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from medmesh_contracts.events import SourceContext
 from medmesh_contracts.headers import FHIR_R4B_JSON, FHIR_R5_JSON
 from medmesh_contracts.modelspec import ModelSpec, load_spec
+from medmesh_reporting.conformance import check_report_bundle
 from medmesh_reporting.report import (
     AIAST,
     REPORT_IDENTIFIER_SYSTEM,
@@ -286,3 +287,20 @@ def test_r5_report_has_the_same_clinical_content_as_r4b(spec: ModelSpec) -> None
     for kind in ("DiagnosticReport", "Observation", "Provenance"):
         assert r4b[kind] == r5[kind]
     assert r4b["Device"] != r5["Device"]
+
+
+def test_sender_bundle_local_urn_references_are_not_copied_into_the_report(
+    spec: ModelSpec,
+) -> None:
+    """Inputs known only by a urn:uuid of the sender's Bundle give no derivedFrom or entity."""
+    request = make_request()
+    inputs = tuple(
+        i.model_copy(update={"source_reference": f"urn:uuid:{n:08d}-0000-4000-8000-000000000000"})
+        for n, i in enumerate(request.inputs)
+    )
+    completed = make_completed(
+        task=make_task(request=request.model_copy(update={"inputs": inputs}))
+    )
+    bundle = build_report(completed, spec, issued=ISSUED)
+    assert check_report_bundle(bundle) == []
+    assert "derivedFrom" not in resources(bundle)["Observation"]

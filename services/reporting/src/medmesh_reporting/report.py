@@ -497,8 +497,16 @@ def _coding(coding: Coding) -> JsonDict:
 
 
 def _source_references(request: RequestInference) -> list[str]:
-    """The distinct source references of the request's inputs, in input order."""
-    refs = (i.source_reference for i in request.inputs if i.source_reference)
+    """The distinct source references of the request's inputs, in input order.
+
+    A ``urn:uuid:`` reference named a resource inside the sender's Bundle only: outside it (in
+    our report Bundle, or on the hospital's server) it resolves to nothing, so it is left out.
+    """
+    refs = (
+        i.source_reference
+        for i in request.inputs
+        if i.source_reference and not i.source_reference.startswith("urn:")
+    )
     return list(dict.fromkeys(refs))
 
 
