@@ -51,8 +51,8 @@ test-fast: venv ## every tier but the end-to-end tests
 	$(BIN)/pytest -m "not e2e"
 
 .PHONY: bench
-bench: deps ## measure Kafka hops and the whole pipeline side by side; results in docs/benchmarks/
-	$(BIN)/medmesh bench
+bench: deps ## hops, pipeline, batching, router, ingest, tracing side by side (SERIES=...); docs/benchmarks/
+	$(BIN)/medmesh bench $(if $(SERIES),--series $(SERIES))
 
 .PHONY: clean
 clean: ## remove run state (var/) and caches; keeps .venv and the Kafka jars

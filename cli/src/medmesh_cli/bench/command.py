@@ -6,6 +6,8 @@ import asyncio
 import json
 import platform
 import time
+import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,9 +15,14 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from medmesh_cli.bench.batching import batching_markdown, run_batching
 from medmesh_cli.bench.hop import cpu_count, run_hops
+from medmesh_cli.bench.ingest import ingest_markdown, run_ingest
 from medmesh_cli.bench.pipeline import load_template, run_load, vitals_events
+from medmesh_cli.bench.router import router_markdown, run_router
+from medmesh_cli.bench.series import ALL_SERIES, parse_series
 from medmesh_cli.bench.stats import Summary, markdown_table
+from medmesh_cli.bench.tracing import run_tracing, tracing_markdown
 from medmesh_cli.devstack.paths import repo_root, run_dir
 from medmesh_cli.devstack.stack import Stack, StackConfig, StackPorts
 
@@ -40,11 +47,25 @@ def bench(
     seconds: Annotated[float, typer.Option(help="how long each load level lasts")] = 10.0,
     patients: Annotated[int, typer.Option(help="distinct patients in the generated events")] = 500,
     hop_messages: Annotated[int, typer.Option(help="messages per hop-throughput series")] = 2000,
+    series: Annotated[
+        str, typer.Option(help=f"series to run, comma-separated: {','.join(ALL_SERIES)}")
+    ] = ",".join(ALL_SERIES),
+    batch_tasks: Annotated[int, typer.Option(help="tasks per worker batching burst")] = 2000,
+    router_messages: Annotated[int, typer.Option(help="requests per router burst")] = 2000,
+    ingest_events: Annotated[int, typer.Option(help="Bundles per ingest burst")] = 500,
+    tracing_rate: Annotated[
+        float, typer.Option(help="offered load per tracing series, events per second")
+    ] = 60.0,
     out: Annotated[
         Path | None, typer.Option(help="output folder (default docs/benchmarks)")
     ] = None,
 ) -> None:
-    """Start a private stack, measure Kafka hops (raw vs faststream) and the whole pipeline."""
+    """Start a private stack and measure the selected series side by side (ratios)."""
+    try:
+        selected = parse_series(series)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--series") from exc
+    sizes = Sizes(hop_messages, batch_tasks, router_messages, ingest_events, tracing_rate)
     target = out or repo_root() / "docs" / "benchmarks"
     target.mkdir(parents=True, exist_ok=True)
     stack = Stack(StackConfig(ports=BENCH_PORTS, state_dir=run_dir("bench"), partitions=3))
@@ -53,7 +74,7 @@ def bench(
     try:
         report = asyncio.run(
             _measure_all(
-                stack, [float(r) for r in rates.split(",")], seconds, patients, hop_messages
+                stack, [float(r) for r in rates.split(",")], seconds, patients, sizes, selected
             )
         )
     finally:
@@ -66,22 +87,65 @@ def bench(
     console.print(f"written to {target}/bench-{stamp}.json and .md")
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """How much each series sends."""
+
+    hop_messages: int
+    batch_tasks: int
+    router_messages: int
+    ingest_events: int
+    tracing_rate: float
+
+
 async def _measure_all(
-    stack: Stack, rates: list[float], seconds: float, patients: int, hop_messages: int
+    stack: Stack,
+    rates: list[float],
+    seconds: float,
+    patients: int,
+    sizes: Sizes,
+    selected: list[str],
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    hops = await run_hops(stack.config.bootstrap, messages=hop_messages)
+    run = uuid.uuid4().hex[:6]  # fresh patients per run and series: ingest dedupes repeats
+    hops = (
+        await run_hops(stack.config.bootstrap, messages=sizes.hop_messages)
+        if "hop" in selected
+        else []
+    )
     template = load_template(
         repo_root() / "tests" / "fixtures" / "fhir" / "vitals-bundle-high.json"
     )
+    extra: dict[str, Any] = {}
+    # Order matters: the ingest series stops the router for a while and the tracing series
+    # restarts every service with another sampling, so they run last.
+    if "batching" in selected:
+        console.print("batching: direct Triton vs worker vs worker with max batch 1 ...")
+        extra["batching"] = await run_batching(stack, tasks=sizes.batch_tasks)
+    if "router" in selected:
+        console.print("router vs pass-through ...")
+        extra["router"] = await run_router(stack, messages=sizes.router_messages)
+    if "ingest" in selected:
+        console.print("ingest vs plain fhir.resources loop ...")
+        extra["ingest"] = await run_ingest(stack, template, events=sizes.ingest_events)
     levels = []
-    for rate in rates:
-        events = vitals_events(template, patients, max(1, int(rate * seconds)))
+    for rate in rates if "pipeline" in selected else []:
+        events = vitals_events(
+            template, patients, max(1, int(rate * seconds)), prefix=f"bench-{run}-load{rate:g}"
+        )
         result = await run_load(stack.config.ingest_url, stack.config.bootstrap, events, rate)
         levels.append(result)
         console.print(
             f"load {rate:g}/s: p50 {result.end_to_end.p50_ms:.1f} ms, "
             f"p99 {result.end_to_end.p99_ms:.1f} ms, missing {result.missing}"
+        )
+    if "tracing" in selected:
+        console.print("tracing at 100%, 10% parent-based and off ...")
+        count = max(1, int(sizes.tracing_rate * seconds))
+        extra["tracing"] = await run_tracing(
+            stack,
+            lambda label: vitals_events(template, patients, count, prefix=f"bench-{run}-{label}"),
+            sizes.tracing_rate,
         )
     return {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -102,19 +166,47 @@ async def _measure_all(
             }
             for r in levels
         ],
+        **extra,
     }
 
 
 def _markdown(report: dict[str, Any]) -> str:
+    title = (
+        f"# medmesh benchmark, {report['when']} ({report['machine']['cpus']} CPUs, "
+        "broker, Triton and services on the same cores)\n\n"
+    )
+    sections = [title]
+    if report["hops"]:
+        sections.append(_hops_markdown(report))
+    if report["pipeline"]:
+        sections.append(_pipeline_markdown(report))
+    for key, heading, render in (
+        ("batching", "Batching gain on Triton (issue 5)", batching_markdown),
+        ("router", "Router vs a pass-through relay (issue 4, burst)", router_markdown),
+        (
+            "ingest",
+            "Ingest alone vs a plain parse-and-produce loop (issue 3, burst)",
+            ingest_markdown,
+        ),
+        ("tracing", "Pipeline throughput by trace sampling (issue 7)", tracing_markdown),
+    ):
+        if key in report:
+            sections.append(f"## {heading}\n\n" + render(report[key]))
+    return "\n".join(sections)
+
+
+def _hops_markdown(report: dict[str, Any]) -> str:
     hops = [Summary(**h) for h in report["hops"]]
+    return "## One Kafka hop (acks=all, 1.5 kB messages)\n\n" + markdown_table(
+        hops, baseline=hops[1].name if len(hops) > 1 else None
+    )
+
+
+def _pipeline_markdown(report: dict[str, Any]) -> str:
     pipeline = [Summary(**p["end_to_end"]) for p in report["pipeline"]]
     http = [Summary(**p["http"]) for p in report["pipeline"]]
     return (
-        f"# medmesh benchmark, {report['when']} ({report['machine']['cpus']} CPUs, "
-        "broker, Triton and services on the same cores)\n\n"
-        "## One Kafka hop (acks=all, 1.5 kB messages)\n\n"
-        + markdown_table(hops, baseline=hops[1].name if len(hops) > 1 else None)
-        + "\n## Whole pipeline, open-loop HTTP load (latency from the planned send time)\n\n"
+        "## Whole pipeline, open-loop HTTP load (latency from the planned send time)\n\n"
         + markdown_table(pipeline)
         + "\n### HTTP answer (202 = durably in Kafka)\n\n"
         + markdown_table(http)

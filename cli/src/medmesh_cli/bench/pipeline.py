@@ -44,14 +44,14 @@ class PipelineResult:
 
 
 def vitals_events(
-    template: dict[str, Any], patients: int, count: int, seed: int = 7
+    template: dict[str, Any], patients: int, count: int, seed: int = 7, prefix: str = "bench"
 ) -> list[bytes]:
     """``count`` Bundles over ``patients`` patients, with vital values varied per event."""
     rng = random.Random(seed)  # noqa: S311 -- reproducible test data, not secrets
     events = []
     for i in range(count):
         bundle = copy.deepcopy(template)
-        patient = f"bench-{i % patients}"
+        patient = f"{prefix}-{i % patients}"
         for entry in bundle["entry"]:
             resource = entry["resource"]
             if resource["resourceType"] == "Patient":

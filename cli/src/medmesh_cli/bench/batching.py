@@ -1,0 +1,290 @@
+"""Issue 5: the batching gain, on the bench stack's Triton, side by side in one run.
+
+- (a) direct: a tritonclient gRPC loop, one call at a time, at the worker's batch sizes (the floor
+  of what any worker can reach);
+- (b) worker: the deterioration v1 worker fed a burst of RunInference tasks from Kafka, timed
+  until every result is on medmesh.inference.results;
+- (c) batching off: the same burst through a worker started with MEDMESH_WORKER_MAX_BATCH=1.
+
+Triton's own queue and compute times (get_inference_statistics, deltas over each series) are
+reported beside them. Targets: (b) >= 80% of (a) at the spec's max batch, (b) >= 5x (c).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+from aiokafka import AIOKafkaProducer
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc.aio import InferenceServerClient
+
+from medmesh_cli.bench.common import (
+    Message,
+    Ratio,
+    Sink,
+    bench_task,
+    burst_summary,
+    header_value,
+    publish_burst,
+    ratio,
+    ratios_markdown,
+    run_id,
+    with_count,
+)
+from medmesh_cli.bench.stats import Summary, summarize
+from medmesh_cli.devstack.paths import repo_root
+from medmesh_cli.devstack.process import ManagedProcess, wait_until
+from medmesh_cli.devstack.stack import ServiceSpec, Stack, service_environment, service_specs
+from medmesh_contracts import headers as h
+from medmesh_contracts import topics
+from medmesh_contracts.events import RunInference, schema_of, to_wire
+from medmesh_contracts.modelspec import load_specs
+
+MODEL = "deterioration"
+VERSION = 1
+WORKER = f"{MODEL}-v{VERSION}"
+
+
+@dataclass(frozen=True)
+class TritonTimes:
+    """Triton's statistics over one series: requests, executions and mean times per request."""
+
+    requests: int
+    executions: int
+    rows_per_execution: float
+    queue_us: float
+    compute_us: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def _model_stats(statistics: dict[str, Any], model: str, version: str) -> dict[str, Any]:
+    for entry in statistics.get("model_stats", []):
+        if entry.get("name") == model and str(entry.get("version")) == version:
+            found: dict[str, Any] = entry
+            return found
+    return {}
+
+
+def triton_times(
+    before: dict[str, Any], after: dict[str, Any], model: str, version: str
+) -> TritonTimes:
+    """What happened between two get_inference_statistics(as_json=True) answers (pure).
+
+    Counts arrive as strings (protobuf JSON int64) or ints; times are nanoseconds summed over
+    requests, so the means are per request.
+    """
+    b, a = _model_stats(before, model, version), _model_stats(after, model, version)
+
+    def count(stats: dict[str, Any], *path: str) -> int:
+        value: Any = stats
+        for key in path:
+            value = value.get(key, {}) if isinstance(value, dict) else {}
+        return int(value) if isinstance(value, int | str) and str(value) else 0
+
+    def delta(*path: str) -> int:
+        return count(a, *path) - count(b, *path)
+
+    rows = delta("inference_count")
+    executions = delta("execution_count")
+    requests = delta("inference_stats", "success", "count")
+    return TritonTimes(
+        requests=requests,
+        executions=executions,
+        rows_per_execution=rows / executions if executions else 0.0,
+        queue_us=delta("inference_stats", "queue", "ns") / requests / 1000 if requests else 0.0,
+        compute_us=(
+            delta("inference_stats", "compute_infer", "ns") / requests / 1000 if requests else 0.0
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Series:
+    """One batching series: throughput in rows per second, with Triton's view of it."""
+
+    summary: Summary
+    triton: TritonTimes
+    missing: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "summary": self.summary.as_dict(),
+            "triton": self.triton.as_dict(),
+            "missing": self.missing,
+        }
+
+
+class _Statistics:
+    def __init__(self, client: InferenceServerClient) -> None:
+        self.client = client
+
+    async def snapshot(self) -> dict[str, Any]:
+        answer: dict[str, Any] = await self.client.get_inference_statistics(
+            MODEL, str(VERSION), as_json=True
+        )
+        return answer
+
+
+async def direct_loop(client: InferenceServerClient, batch: int, rows: int) -> Summary:
+    """Sequential tritonclient calls of ``batch`` rows until ``rows`` rows are scored."""
+    data = np.tile(
+        np.array([[22.0, 95.0, 0.0, 38.4, 105.0, 112.0, 0.0]], dtype=np.float32), (batch, 1)
+    )
+    outputs = [InferRequestedOutput(n) for n in ("SCORE", "RISK_BAND", "CONTRIBUTIONS")]
+
+    async def call() -> None:
+        tensor = InferInput("VITALS", list(data.shape), "FP32")
+        tensor.set_data_from_numpy(data)
+        await client.infer(MODEL, [tensor], model_version=str(VERSION), outputs=outputs)
+
+    for _ in range(5):  # warm-up
+        await call()
+    calls = max(1, rows // batch)
+    latencies = []
+    started = time.perf_counter()
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        await call()
+        latencies.append((time.perf_counter() - t0) * 1000)
+    summary = summarize(f"(a) direct gRPC, batch {batch}", latencies, time.perf_counter() - started)
+    return with_count(summary, calls * batch)
+
+
+async def worker_burst(bootstrap: str, tasks: int, label: str) -> tuple[Summary, int]:
+    """Publish ``tasks`` RunInference to v1's task topic; time until all results are out."""
+    run = run_id()
+    messages: list[Message] = []
+    for i in range(tasks):
+        task = bench_task(i, run, VERSION)
+        headers = [
+            (h.CORRELATION_ID, task.correlation_id.encode()),
+            (h.SCHEMA, schema_of(RunInference).encode()),
+        ]
+        messages.append(
+            (task.correlation_id, to_wire(task), task.request.patient_pseudonym.encode(), headers)
+        )
+    sink = Sink(
+        bootstrap,
+        [topics.INFERENCE_RESULTS, topics.INFERENCE_FAILED],
+        lambda r: header_value(r, h.CORRELATION_ID),
+    )
+    await sink.start()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        sent = await publish_burst(producer, topics.model_task_topic(MODEL, VERSION), messages)
+        missing = await sink.wait_for(sent, timeout_s=60 + tasks / 20)
+    finally:
+        await producer.stop()
+        await sink.stop()
+    return burst_summary(label, sent, sink.arrived), missing
+
+
+def _start_unbatched_worker(stack: Stack) -> tuple[ManagedProcess, int]:
+    """A v1 worker with MEDMESH_WORKER_MAX_BATCH=1, on a free port past the stack's workers."""
+    spec = next(s for s in service_specs(stack.config) if s.name == WORKER)
+    port = max(s.port for s in service_specs(stack.config)) + 1
+    unbatched = ServiceSpec(
+        f"{WORKER}-unbatched",
+        spec.module,
+        port,
+        {**spec.env, "MEDMESH_WORKER_PORT": str(port), "MEDMESH_WORKER_MAX_BATCH": "1"},
+    )
+    process = ManagedProcess(
+        unbatched.name,
+        [sys.executable, "-m", unbatched.module],
+        stack.config.state_dir / f"{unbatched.name}.log",
+        env=service_environment(stack.config, unbatched),
+        cwd=repo_root(),
+    )
+    process.start()
+    return process, port
+
+
+def _ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2.0).status_code == 204
+    except httpx.HTTPError:
+        return False
+
+
+async def run_batching(stack: Stack, tasks: int = 2000, direct_rows: int = 4000) -> dict[str, Any]:
+    """The three series and Triton's times, in one run on the stack's Triton."""
+    max_batch = load_specs(stack.config.specs_dir)[MODEL].triton.max_batch_size
+    client = InferenceServerClient(url=f"127.0.0.1:{stack.config.ports.triton_grpc}")
+    stats = _Statistics(client)
+    series: dict[str, Series] = {}
+    try:
+        for batch in sorted({1, 8, max_batch}):
+            before = await stats.snapshot()
+            rows = direct_rows if batch > 1 else max(50, direct_rows // 8)
+            summary = await direct_loop(client, batch, rows)
+            series[f"direct-{batch}"] = Series(
+                summary, triton_times(before, await stats.snapshot(), MODEL, str(VERSION))
+            )
+        before = await stats.snapshot()
+        summary, missing = await worker_burst(
+            stack.config.bootstrap, tasks, f"(b) worker from Kafka, max batch {max_batch}"
+        )
+        series["worker"] = Series(
+            summary, triton_times(before, await stats.snapshot(), MODEL, str(VERSION)), missing
+        )
+        # (c): the stack's v1 worker steps aside; an unbatched one takes its consumer group.
+        stack.services[WORKER].stop(grace_s=10)
+        process, port = _start_unbatched_worker(stack)
+        try:
+            wait_until("the unbatched worker to be ready", lambda: _ready(port), 60, 0.5)
+            before = await stats.snapshot()
+            summary, missing = await worker_burst(
+                stack.config.bootstrap,
+                max(50, tasks // 4),
+                "(c) worker from Kafka, max batch 1",
+            )
+            series["unbatched"] = Series(
+                summary, triton_times(before, await stats.snapshot(), MODEL, str(VERSION)), missing
+            )
+        finally:
+            process.stop(grace_s=10)
+            stack.restart_service(WORKER)
+    finally:
+        await client.close()
+    direct = series[f"direct-{max_batch}"].summary.per_second
+    worker = series["worker"].summary.per_second
+    ratios: list[Ratio] = [
+        ratio("(b) worker / (a) direct at max batch", worker, direct, 0.8),
+        ratio("(b) worker / (c) batching off", worker, series["unbatched"].summary.per_second, 5),
+    ]
+    return {
+        "series": {name: s.as_dict() for name, s in series.items()},
+        "ratios": [r.as_dict() for r in ratios],
+    }
+
+
+def batching_markdown(report: dict[str, Any]) -> str:
+    """The batching section: rows/s per series, Triton's times beside them, the ratios."""
+    lines = [
+        "| series | rows | rows/s | p50 ms | p99 ms | Triton requests | rows/exec "
+        "| queue us/req | compute us/req | missing |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in report["series"].values():
+        m, t = s["summary"], s["triton"]
+        lines.append(
+            f"| {m['name']} | {m['count']} | {m['per_second']:.1f} | {m['p50_ms']:.2f} "
+            f"| {m['p99_ms']:.2f} | {t['requests']} | {t['rows_per_execution']:.1f} "
+            f"| {t['queue_us']:.0f} | {t['compute_us']:.0f} | {s['missing']} |"
+        )
+    return (
+        "\n".join(lines)
+        + "\n\nLatency: (a) per gRPC call; (b), (c) per task, from its send in a burst "
+        "to its result.\n\n" + ratios_markdown(report["ratios"])
+    )
