@@ -50,8 +50,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/e2e/" in str(item.path):
             item.add_marker(pytest.mark.e2e)
-    # The fuzzing floods medmesh.fhir.invalid and the span file: it runs after everything else.
-    items.sort(key=lambda item: item.path.name == "test_ingest_fuzz.py")
+    # The fuzzing floods medmesh.fhir.invalid and the span file: it runs after everything else,
+    # and the audit of every report the session produced runs last of all.
+    last = {"test_ingest_fuzz.py": 1, "test_zz_session_reports.py": 2}
+    items.sort(key=lambda item: last.get(item.path.name, 0))
 
 
 @pytest.fixture(scope="session")
