@@ -87,11 +87,17 @@ def test_dlq_list_show_and_replay_of_an_inbound_event(stack: Stack) -> None:
     assert f"parked by test {patient}" in shown.output
     assert patient not in shown.output.replace(f"parked by test {patient}", "")
 
+    ours = next(line for line in shown.output.splitlines() if f"parked by test {patient}" in line)
+    position = ours.split()[0]  # PARTITION:OFFSET
     replayed = runner.invoke(app, ["dlq", "replay", topics.FHIR_INVALID, "--bootstrap", bootstrap])
     assert replayed.exit_code == 0, replayed.output
+    assert f"replayed {position} -> {topics.FHIR_INBOUND}" in replayed.output
     _wait(lambda: _reports_for(bootstrap, patient) == 1)
+    # Entries other tests left that are still broken come back as new dead letters and are
+    # replayed again; ours, now fixed, is not replayed a second time.
     again = runner.invoke(app, ["dlq", "replay", topics.FHIR_INVALID, "--bootstrap", bootstrap])
-    assert "replayed 0 entries" in again.output
+    assert again.exit_code == 0, again.output
+    assert f"replayed {position} " not in again.output
 
 
 def test_trace_command_shows_every_hop_of_a_request(stack: Stack) -> None:

@@ -108,6 +108,7 @@ def dlq_show(
                 f"[bold]{entry.partition}:{entry.offset}[/] {when} {event.get('schema', '?')} "
                 f"from {source}: {summary(event)}",
                 highlight=False,
+                soft_wrap=True,  # one entry per line, whatever the terminal width
             )
             if raw:
                 console.print(event.get("raw_value", event.get("task", "")), highlight=False)
@@ -148,6 +149,10 @@ def dlq_replay(
                         replay.topic, replay.value, key=replay.key, headers=replay.headers
                     )
                     replayed += 1
+                    console.print(
+                        f"replayed {item.partition}:{item.offset} -> {replay.topic}",
+                        highlight=False,
+                    )
                     if entry is None:
                         # Commit after each send: an interrupted replay resumes where it stopped.
                         await kafka.commit({TopicPartition(topic, item.partition): item.offset + 1})
