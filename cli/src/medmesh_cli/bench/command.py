@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import platform
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -144,7 +145,13 @@ async def _measure_all(
         count = max(1, int(sizes.tracing_rate * seconds))
         extra["tracing"] = await run_tracing(
             stack,
-            lambda label: vitals_events(template, patients, count, prefix=f"bench-{run}-{label}"),
+            # FHIR ids allow [A-Za-z0-9-.]: the series label ("10% parent-based") is not one.
+            lambda label: vitals_events(
+                template,
+                patients,
+                count,
+                prefix=f"bench-{run}-{re.sub('[^A-Za-z0-9]+', '-', label)}",
+            ),
             sizes.tracing_rate,
         )
     return {

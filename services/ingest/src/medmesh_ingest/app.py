@@ -148,12 +148,32 @@ class Ingest:
 
     # --- Kafka ---------------------------------------------------------------------------------
 
-    async def on_inbound_event(self, message: KafkaMessage) -> None:
-        """One event from medmesh.fhir.inbound: requests downstream, or a rejection event.
+    async def on_inbound_events(self, message: KafkaMessage) -> None:
+        """A poll of medmesh.fhir.inbound: each event in turn (so one patient's readings keep
+        their order), and one offset commit for the whole poll once all are handled.
 
-        Kafka or source-server failures propagate, so the event is redelivered (NACK).
+        Kafka or source-server failures propagate, so the poll is redelivered (NACK); events
+        already handled then come again and are recognised as duplicates.
         """
-        record: Any = message.raw_message
+        for record in tuple(message.raw_message):  # a batch message holds a tuple of records
+            carrier = record_headers(record)
+            with self.tracer.start_as_current_span(
+                f"{record.topic} process",
+                context=propagate.extract(carrier),
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.operation": "process",
+                    "messaging.destination_publish.name": record.topic,
+                    "messaging.consumer.group.name": self.settings.ingest_group_id,
+                    "messaging.kafka.destination.partition": record.partition,
+                    "messaging.kafka.message.offset": record.offset,
+                },
+            ):
+                await self.on_inbound_event(record)
+
+    async def on_inbound_event(self, record: Any) -> None:
+        """One event from medmesh.fhir.inbound: requests downstream, or a rejection event."""
         raw: bytes = record.value or b""
         source = self.auth.default_source
         try:
@@ -314,13 +334,17 @@ def create_app(settings: IngestSettings) -> FastAPI:
     tracer_provider = configure_service_tracing(SERVICE, settings)
     broker = build_broker(settings, SERVICE, tracer_provider)
     ingest = Ingest(settings, broker, tracer_provider.get_tracer("medmesh.ingest"))
+    # Batches: one synchronous offset commit per poll instead of one per event.
     broker.subscriber(
         topics.FHIR_INBOUND,
+        batch=True,
+        max_records=settings.inbound_max_batch,
+        batch_timeout_ms=settings.inbound_batch_wait_ms,
         group_id=settings.ingest_group_id,
         auto_offset_reset="earliest",
         ack_policy=CONSUMER_ACK_POLICY,
         title="inbound FHIR events",
-    )(ingest.on_inbound_event)
+    )(ingest.on_inbound_events)
 
     lag = LagMonitor(settings, settings.ingest_group_id)
 

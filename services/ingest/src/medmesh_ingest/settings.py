@@ -38,6 +38,9 @@ class IngestSettings(ServiceSettings):
     max_json_depth: int = Field(default=32, ge=4)
     max_bundle_entries: int = Field(default=1000, ge=1)
     ingest_group_id: str = "medmesh-ingest"
+    # Inbound events handled per poll (one offset commit each) and the longest wait to fill one.
+    inbound_max_batch: int = 200
+    inbound_batch_wait_ms: int = 5
     # Bearer tokens accepted on /fhir, comma-separated (sources speaking the default version).
     # Without any token (here or in ingest_sources) ingest only listens on loopback.
     ingest_tokens: SecretStr = SecretStr("")
