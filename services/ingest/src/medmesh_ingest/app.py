@@ -63,7 +63,7 @@ from medmesh_runtime.kafka import (
 from medmesh_runtime.lag import LagMonitor
 from medmesh_runtime.logging import configure_logging, get_logger
 from medmesh_runtime.metrics import PROMETHEUS_CONTENT_TYPE, prometheus_text
-from medmesh_runtime.telemetry import configure_service_tracing, trace_id_hex
+from medmesh_runtime.telemetry import configure_service_tracing, consumer_span, trace_id_hex
 
 SERVICE = "ingest"
 FHIR_JSON = "application/fhir+json"
@@ -156,20 +156,7 @@ class Ingest:
         already handled then come again and are recognised as duplicates.
         """
         for record in tuple(message.raw_message):  # a batch message holds a tuple of records
-            carrier = record_headers(record)
-            with self.tracer.start_as_current_span(
-                f"{record.topic} process",
-                context=propagate.extract(carrier),
-                kind=SpanKind.CONSUMER,
-                attributes={
-                    "messaging.system": "kafka",
-                    "messaging.operation": "process",
-                    "messaging.destination_publish.name": record.topic,
-                    "messaging.consumer.group.name": self.settings.ingest_group_id,
-                    "messaging.kafka.destination.partition": record.partition,
-                    "messaging.kafka.message.offset": record.offset,
-                },
-            ):
+            with consumer_span(self.tracer, record, self.settings.ingest_group_id):
                 await self.on_inbound_event(record)
 
     async def on_inbound_event(self, record: Any) -> None:

@@ -16,7 +16,6 @@ from typing import Protocol
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Tracer
 
-from medmesh_contracts import headers as h
 from medmesh_contracts import topics
 from medmesh_contracts.events import (
     InferenceCompleted,
@@ -29,8 +28,9 @@ from medmesh_contracts.events import (
 from medmesh_contracts.modelspec import ModelSpec
 from medmesh_reporting.report import build_report, report_schema
 from medmesh_runtime.deadletter import dead_letter_event
-from medmesh_runtime.kafka import message_headers, record_headers
+from medmesh_runtime.kafka import message_headers
 from medmesh_runtime.logging import get_logger
+from medmesh_runtime.telemetry import consumer_span
 
 log = get_logger("medmesh.reporting")
 
@@ -85,22 +85,7 @@ class ReportHandler:
 
     def __call__(self, record: ConsumedRecord) -> list[Outgoing]:
         """The records to produce for ``record``: one report, one dead letter, or none (shadow)."""
-        carrier = record_headers(record)
-        # Span names and attributes as faststream's telemetry middleware writes them on the other
-        # hops ("<topic> process", "<topic> publish"), so `medmesh trace` shows this hop too.
-        with self._tracer.start_as_current_span(
-            f"{record.topic} process",
-            context=propagate.extract(carrier),
-            kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.operation": "process",
-                "messaging.destination_publish.name": record.topic,
-                "messaging.kafka.destination.partition": record.partition,
-                "messaging.kafka.message.offset": record.offset,
-                CONVERSATION_ID: carrier.get(h.CORRELATION_ID, ""),
-            },
-        ) as span:
+        with consumer_span(self._tracer, record) as span:
             try:
                 completed = InferenceCompleted.model_validate_json(record.value or b"")
             except ValueError as exc:

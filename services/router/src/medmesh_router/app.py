@@ -22,11 +22,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from faststream.asgi import AsgiFastStream, AsgiResponse, get
 from faststream.asgi.types import Scope
 from faststream.kafka.annotations import KafkaMessage
-from opentelemetry import propagate
-from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
-from medmesh_contracts import headers as h
 from medmesh_contracts import topics
 from medmesh_contracts.events import (
     InferenceCompleted,
@@ -63,11 +60,10 @@ from medmesh_runtime.kafka import (
     CONSUMER_ACK_POLICY,
     build_broker,
     message_headers,
-    record_headers,
 )
 from medmesh_runtime.lag import LagMonitor
 from medmesh_runtime.logging import configure_logging, get_logger
-from medmesh_runtime.telemetry import configure_service_tracing
+from medmesh_runtime.telemetry import configure_service_tracing, consumer_span
 
 SERVICE = "router"
 Parsed = TypeVar("Parsed", ModelDeployment, WorkerHeartbeat)
@@ -483,23 +479,8 @@ class Router:
         """Route one request; the returned sends are started in its own trace and awaited by
         the caller together with the rest of the batch."""
         tracer = self.tracer_provider.get_tracer("medmesh.router")
-        carrier = record_headers(record)
-        # Each request keeps its own trace (the batch's consumer span starts a new one), under
-        # the span name faststream gives a consumer, so `medmesh trace` shows this hop.
-        with tracer.start_as_current_span(
-            f"{record.topic} process",
-            context=propagate.extract(carrier),
-            kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.operation": "process",
-                "messaging.destination_publish.name": record.topic,
-                "messaging.consumer.group.name": self.settings.router_group_id,
-                "messaging.kafka.destination.partition": record.partition,
-                "messaging.kafka.message.offset": record.offset,
-                "messaging.message.conversation_id": carrier.get(h.CORRELATION_ID, ""),
-            },
-        ):
+        # Each request keeps its own trace (the batch's consumer span starts a new one).
+        with consumer_span(tracer, record, self.settings.router_group_id):
             try:
                 request = RequestInference.model_validate_json(record.value)
                 with tracer.start_as_current_span(
