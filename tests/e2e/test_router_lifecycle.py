@@ -14,12 +14,11 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
-import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from medmesh_cli.devstack.stack import Stack
-from medmesh_cli.models import read_registry, write_change
+from medmesh_cli.models import write_change
 from medmesh_contracts import topics
 from medmesh_contracts.events import (
     InferenceFailed,
@@ -41,6 +40,7 @@ from medmesh_contracts.lifecycle import (
 )
 from medmesh_router.routing import bucket_of
 from tests.e2e.conftest import Record, TopicTap
+from tests.e2e.router_view import current_deployment, router_view, wait_for_view
 from tests.factories import make_request
 
 MODEL = "deterioration"
@@ -58,42 +58,18 @@ async def lifecycle_tap(stack: Stack) -> AsyncIterator[TopicTap]:
     await reader.stop()
 
 
-async def _router_view(stack: Stack) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=5) as client:
-        answer = await client.get(f"http://127.0.0.1:{stack.config.ports.router}/models")
-    model: dict[str, Any] = answer.json()["models"][MODEL]
-    return model
-
-
 async def _wait_view(
     stack: Stack, check: Callable[[dict[str, Any]], bool], what: str, timeout_s: float = 30
 ) -> float:
-    """Poll the router's /models until ``check`` holds; returns the seconds it took."""
+    """Wait for the router's view to satisfy ``check``; returns the seconds it took."""
     started = time.monotonic()
-    last: dict[str, Any] = {}
-    while time.monotonic() - started < timeout_s:
-        with contextlib.suppress(httpx.HTTPError, KeyError):
-            last = await _router_view(stack)
-            if check(last):
-                return time.monotonic() - started
-        await asyncio.sleep(0.2)
-    pytest.fail(
-        f"router never showed {what} within {timeout_s}s; last: {last.get('effective_weights')}"
-    )
+    await wait_for_view(stack, MODEL, check, what, timeout_s)
+    return time.monotonic() - started
 
 
 def _weights(expected: dict[int, int]) -> Callable[[dict[str, Any]], bool]:
     as_json = {str(v): w for v, w in expected.items()}
     return lambda view: bool(view["effective_weights"] == as_json)
-
-
-async def _current(stack: Stack) -> ModelDeployment:
-    for _ in range(100):
-        found = (await read_registry(stack.config.bootstrap)).get(MODEL)
-        if found is not None:
-            return found
-        await asyncio.sleep(0.2)
-    pytest.fail("the router never seeded the registry")
 
 
 async def _write(
@@ -105,7 +81,7 @@ async def _write(
 
 
 async def _canary_at_50(stack: Stack, policy: RolloutPolicy, *, start: bool) -> ModelDeployment:
-    current = await _current(stack)
+    current = await current_deployment(stack, MODEL)
     deployed = deploy_version(current, 2, PRODUCER, utc_now(), "e2e", start=start, policy=policy)
     if not start:
         deployed = advance(deployed, PRODUCER, utc_now(), "e2e")
@@ -114,7 +90,7 @@ async def _canary_at_50(stack: Stack, policy: RolloutPolicy, *, start: bool) -> 
 
 async def _restore_default(stack: Stack) -> None:
     """Roll back whatever is being rolled out; the router must show 100 % v1 again."""
-    current = await _current(stack)
+    current = await current_deployment(stack, MODEL)
     with contextlib.suppress(LifecycleError):
         await _write(stack, current, roll_back(current, PRODUCER, utc_now(), "e2e"), "rollback")
     await _wait_view(stack, _weights({1: 100}), "100 % v1")
@@ -189,7 +165,7 @@ async def test_router_restart_rebuilds_its_state_from_the_registry(
             await _wait_view(stack, _weights({1: 50, 2: 50}), "the 50 % canary")
             # In a thread: the stand-in worker's heartbeats must go on during the restart.
             await asyncio.to_thread(stack.restart_service, "router")
-            view = await _router_view(stack)
+            view = await router_view(stack, MODEL)
             assert view["deployment"]["revision"] == written.revision
             assert view["deployment"]["rollout"]["phase"] == "paused"
             assert view["effective_weights"] == {"1": 50, "2": 50}

@@ -16,12 +16,11 @@ import httpx
 import pytest
 
 from medmesh_cli.devstack.stack import Stack
-from medmesh_cli.models import read_registry, write_change
+from medmesh_cli.models import write_change
 from medmesh_contracts import topics
 from medmesh_contracts.events import InferenceCompleted, Producer, utc_now
 from medmesh_contracts.lifecycle import (
     LifecycleError,
-    ModelDeployment,
     RolloutPolicy,
     decision,
     deploy_version,
@@ -30,11 +29,10 @@ from medmesh_contracts.lifecycle import (
 from medmesh_reporting.conformance import check_report_bundle
 from medmesh_reporting.report import MODEL_VERSION_TAG_SYSTEM
 from tests.e2e.conftest import Record, TopicTap, fixture_with_new_patient
+from tests.e2e.router_view import current_deployment, wait_for_view
 
 MODEL = "deterioration"
 PRODUCER = Producer(service="e2e", instance="shadow-test")
-# Not vitals-bundle-low.json: its urn:uuid fullUrls end up as unresolvable derivedFrom
-# references in the report, which check_report_bundle flags (a reporting issue of its own).
 BUNDLES = ("vitals-bundle-medium.json", "vitals-bundle-high.json")
 PATIENTS_PER_BUNDLE = 6
 
@@ -51,43 +49,16 @@ async def shadow_tap(stack: Stack) -> AsyncIterator[TopicTap]:
     await reader.stop()
 
 
-async def _router_view(stack: Stack) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=5) as client:
-        answer = await client.get(f"http://127.0.0.1:{stack.config.ports.router}/models")
-    model: dict[str, Any] = answer.json()["models"][MODEL]
-    return model
-
-
-async def _current(stack: Stack) -> ModelDeployment:
-    for _ in range(100):
-        found = (await read_registry(stack.config.bootstrap)).get(MODEL)
-        if found is not None:
-            return found
-        await asyncio.sleep(0.2)
-    pytest.fail("the router never seeded the registry")
-
-
-async def _wait_for_view(stack: Stack, check: Any, what: str, timeout_s: float = 30) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError, KeyError):
-            last = await _router_view(stack)
-            if check(last):
-                return last
-        await asyncio.sleep(0.2)
-    pytest.fail(f"router never showed {what} within {timeout_s:.0f}s; last: {last}")
-
-
 async def _restore_default(stack: Stack) -> None:
     """Retire the shadow (or whatever is rolled out): the router shows 100 % v1 and no shadow."""
-    current = await _current(stack)
+    current = await current_deployment(stack, MODEL)
     with contextlib.suppress(LifecycleError):
         after = roll_back(current, PRODUCER, utc_now(), "e2e")
         audit = decision(current, after, "rollback", "e2e", "e2e shadow done", PRODUCER, utc_now())
         await write_change(stack.config.bootstrap, after, audit)
-    await _wait_for_view(
+    await wait_for_view(
         stack,
+        MODEL,
         lambda view: (
             view["effective_weights"] == {"1": 100}
             and all(v["state"] != "shadow" for v in view["deployment"]["versions"])
@@ -130,7 +101,7 @@ async def test_shadow_v2_is_never_reported_and_its_agreement_is_right(
 ) -> None:
     """v2 in 100 % shadow: one v1 report per request, v2 only on shadow-results, agreement right."""
     try:
-        current = await _current(stack)
+        current = await current_deployment(stack, MODEL)
         deployed = deploy_version(
             current,
             2,
@@ -144,8 +115,9 @@ async def test_shadow_v2_is_never_reported_and_its_agreement_is_right(
         audit = decision(current, deployed, "deploy", "e2e", "e2e shadow", PRODUCER, utc_now())
         await write_change(stack.config.bootstrap, deployed, audit)
         since = deployed.changed_at
-        await _wait_for_view(
+        await wait_for_view(
             stack,
+            MODEL,
             lambda view: (
                 view["deployment"]["revision"] == deployed.revision
                 and view["versions"]["2"]["servable"]
@@ -232,8 +204,9 @@ async def test_shadow_v2_is_never_reported_and_its_agreement_is_right(
         expected_diff = sum(abs(p.outputs["SCORE"][0] - s.outputs["SCORE"][0]) for p, s in pairs)
         expected_diff /= len(pairs)
 
-        view = await _wait_for_view(
+        view = await wait_for_view(
             stack,
+            MODEL,
             lambda view: view["versions"]["2"]["figures"]["shadow_compared"] == len(pairs),
             f"{len(pairs)} shadow comparisons for v2",
         )

@@ -167,7 +167,6 @@ def test_served_versions_follow_the_version_policy(tmp_path: Path) -> None:
 
 def test_backend_directory_is_assembled_outside_site_packages(tmp_path: Path) -> None:
     """The python backend and the stub for this Python are copied to the cache, then reused."""
-    pytest.importorskip("pytriton", reason="nvidia-pytriton (dev group) ships the backend")
     backends = prepare_backend_directory(tmp_path / "cache")
     python = backends / "python"
     assert (python / "libtriton_python.so").is_file()
@@ -180,7 +179,6 @@ def test_backend_directory_is_assembled_outside_site_packages(tmp_path: Path) ->
 
 def test_environment_puts_this_python_first() -> None:
     """LD_LIBRARY_PATH starts with this interpreter's LIBDIR; PATH with this environment's bin."""
-    pytest.importorskip("pytriton", reason="nvidia-pytriton (dev group) ships the backend")
     env = triton_environment({"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/x"})
     libdirs = env["LD_LIBRARY_PATH"].split(os.pathsep)
     assert libdirs[0] == sysconfig.get_config_var("LIBDIR")

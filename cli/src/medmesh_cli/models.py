@@ -14,7 +14,7 @@ import getpass
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -132,11 +132,7 @@ def _change(
         )
         return changed
 
-    try:
-        changed = asyncio.run(run())
-    except LifecycleError as exc:
-        console.print(f"[bold red]{exc}[/]")
-        raise typer.Exit(1) from exc
+    changed = _run_change(run())
     console.print(
         f"{name}: {action} -> revision {changed.revision}, weights {changed.weights}, "
         f"rollout {changed.rollout.phase}"
@@ -253,11 +249,7 @@ def deploy(
         )
         return changed
 
-    try:
-        changed = asyncio.run(run())
-    except LifecycleError as exc:
-        console.print(f"[bold red]{exc}[/]")
-        raise typer.Exit(1) from exc
+    changed = _run_change(run())
     console.print(
         f"{spec.name} v{version} registered ({changed.version(version).state}, revision "
         f"{changed.revision}); rollout {changed.rollout.phase}, steps {list(policy.steps)}"
@@ -369,3 +361,12 @@ def pause_rollout(name: str, bootstrap: Bootstrap = DEFAULT_BOOTSTRAP) -> None:
 def resume_rollout(name: str, bootstrap: Bootstrap = DEFAULT_BOOTSTRAP) -> None:
     """Let the controller judge the rollout again (the step's window starts now)."""
     _change(bootstrap, name, resume, "resume", "manual resume")
+
+
+def _run_change(change: Coroutine[Any, Any, ModelDeployment]) -> ModelDeployment:
+    """Run a registry change; a refused one (LifecycleError) is printed and exits 1."""
+    try:
+        return asyncio.run(change)
+    except LifecycleError as exc:
+        console.print(f"[bold red]{exc}[/]")
+        raise typer.Exit(1) from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Protocol
 
 from opentelemetry.metrics import Counter
@@ -29,7 +30,9 @@ def correlation_of(record: Any) -> str:
     return new_id()
 
 
+@functools.cache
 def _dead_letters() -> Counter:
+    # Built once: OpenTelemetry's proxy meter binds it to the provider once metrics are set up.
     return meter("medmesh.deadletter").create_counter(
         "medmesh.dead_letters", unit="{message}", description="Messages sent to a dead-letter topic"
     )

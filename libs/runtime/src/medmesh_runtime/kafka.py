@@ -15,6 +15,7 @@ from typing import Any, Literal
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
+from faststream.kafka.security import parse_security
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -53,6 +54,12 @@ def _faststream_logger(service: str) -> logging.Logger:
     logger = logging.getLogger(f"medmesh.{service}.faststream")
     logger.setLevel(logging.WARNING)
     return logger
+
+
+def aiokafka_security(settings: ServiceSettings) -> dict[str, Any]:
+    """The same security as keyword arguments of a plain aiokafka client (consumers and
+    producers that services build themselves: batches, transactions, lag sampling)."""
+    return dict(parse_security(kafka_security(settings)))
 
 
 def build_broker(

@@ -20,7 +20,6 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from faststream.asgi import AsgiFastStream
-from faststream.kafka.security import parse_security
 from opentelemetry import propagate, trace
 
 from medmesh_contracts import topics
@@ -49,7 +48,12 @@ from medmesh_inference.triton import TritonModel
 from medmesh_inference.worker import LoopTiming, TaskWorker
 from medmesh_runtime.deadletter import DeadLetters, Publisher
 from medmesh_runtime.health import health_routes
-from medmesh_runtime.kafka import build_broker, kafka_security, message_headers, record_headers
+from medmesh_runtime.kafka import (
+    aiokafka_security,
+    build_broker,
+    message_headers,
+    record_headers,
+)
 from medmesh_runtime.lag import LagMonitor
 from medmesh_runtime.logging import configure_logging, get_logger
 from medmesh_runtime.telemetry import configure_service_tracing
@@ -68,7 +72,7 @@ def build_consumer(settings: WorkerSettings, task_topic: str) -> AIOKafkaConsume
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level="read_committed",
-        **parse_security(kafka_security(settings)),
+        **aiokafka_security(settings),
     )
 
 

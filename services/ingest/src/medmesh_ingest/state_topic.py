@@ -7,14 +7,13 @@ import time
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import murmur2
-from faststream.kafka.security import parse_security
 from pydantic import ValidationError
 
 from medmesh_contracts import topics
 from medmesh_contracts.events import PatientReadingsUpdated
 from medmesh_ingest.readings import ReadingsStore
 from medmesh_ingest.settings import IngestSettings
-from medmesh_runtime.kafka import kafka_security
+from medmesh_runtime.kafka import aiokafka_security
 from medmesh_runtime.logging import get_logger
 
 log = get_logger("medmesh.ingest.state")
@@ -35,7 +34,7 @@ async def rebuild(store: ReadingsStore, settings: IngestSettings, timeout_s: flo
         bootstrap_servers=settings.kafka_bootstrap_servers,
         enable_auto_commit=False,
         isolation_level="read_committed",
-        **parse_security(kafka_security(settings)),
+        **aiokafka_security(settings),
     )
     await consumer.start()
     try:

@@ -6,36 +6,15 @@ aiokafka directly. Clients are built by ``kafka_clients`` when the loop starts, 
 
 from __future__ import annotations
 
-import ssl
-from typing import Any
-
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from medmesh_reporting.settings import ReportingSettings
-from medmesh_runtime.settings import ServiceSettings
-
-
-def security_options(settings: ServiceSettings) -> dict[str, Any]:
-    """aiokafka keyword arguments for the configured security protocol."""
-    protocol = settings.kafka_security_protocol
-    options: dict[str, Any] = {"security_protocol": protocol}
-    if protocol in ("SSL", "SASL_SSL"):
-        options["ssl_context"] = ssl.create_default_context()
-    if protocol.startswith("SASL"):
-        user, password = settings.kafka_sasl_username, settings.kafka_sasl_password
-        if user is None or password is None:
-            raise ValueError(f"{protocol} needs MEDMESH_KAFKA_SASL_USERNAME and _PASSWORD")
-        options |= {
-            "sasl_mechanism": settings.kafka_sasl_mechanism,
-            "sasl_plain_username": user,
-            "sasl_plain_password": password,
-        }
-    return options
+from medmesh_runtime.kafka import aiokafka_security
 
 
 def kafka_clients(settings: ReportingSettings) -> tuple[AIOKafkaConsumer, AIOKafkaProducer]:
     """A fresh (unstarted) consumer and transactional producer for one run of the loop."""
-    security = security_options(settings)
+    security = aiokafka_security(settings)
     client_id = f"medmesh-reporting-{settings.instance_id}"
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
@@ -62,7 +41,7 @@ def kafka_clients(settings: ReportingSettings) -> tuple[AIOKafkaConsumer, AIOKaf
 
 def delivery_clients(settings: ReportingSettings) -> tuple[AIOKafkaConsumer, AIOKafkaProducer]:
     """A consumer of committed reports and a durable producer of undeliverable events."""
-    security = security_options(settings)
+    security = aiokafka_security(settings)
     client_id = f"medmesh-reporting-delivery-{settings.instance_id}"
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers,

@@ -58,6 +58,7 @@ from medmesh_runtime.deadletter import DeadLetters
 from medmesh_runtime.health import health_routes
 from medmesh_runtime.kafka import (
     CONSUMER_ACK_POLICY,
+    aiokafka_security,
     build_broker,
     message_headers,
 )
@@ -83,22 +84,6 @@ class Consumed:
 StartupReader = Callable[[RouterSettings, str], Awaitable[list[Consumed]]]
 
 
-def _aiokafka_security(settings: RouterSettings) -> dict[str, Any]:
-    protocol = settings.kafka_security_protocol
-    options: dict[str, Any] = {"security_protocol": protocol}
-    if protocol in ("SASL_SSL", "SASL_PLAINTEXT"):
-        options.update(
-            sasl_mechanism=settings.kafka_sasl_mechanism,
-            sasl_plain_username=settings.kafka_sasl_username,
-            sasl_plain_password=settings.kafka_sasl_password,
-        )
-    if protocol in ("SSL", "SASL_SSL"):
-        import ssl  # noqa: PLC0415 -- only for TLS connections
-
-        options["ssl_context"] = ssl.create_default_context()
-    return options
-
-
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
     # aiokafka has no public call for the partitions of a topic not subscribed to.
     cluster = await consumer._client.fetch_all_metadata()
@@ -114,7 +99,7 @@ async def read_topic_to_end(settings: RouterSettings, topic: str) -> list[Consum
         bootstrap_servers=settings.kafka_bootstrap_servers,
         enable_auto_commit=False,
         client_id=f"medmesh-router-start-{settings.instance_id}",
-        **_aiokafka_security(settings),
+        **aiokafka_security(settings),
     )
     await consumer.start()
     try:
