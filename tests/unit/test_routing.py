@@ -8,8 +8,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from medmesh_contracts.events import Producer, SourceContext
+from medmesh_contracts import headers as h
+from medmesh_contracts.events import (
+    Producer,
+    RequestInference,
+    RunInference,
+    SourceContext,
+    routing_headers,
+    schema_of,
+    to_wire,
+)
 from medmesh_contracts.lifecycle import (
     ModelDeployment,
     RoutingRule,
@@ -21,11 +31,15 @@ from medmesh_contracts.lifecycle import (
 from medmesh_contracts.modelspec import load_spec
 from medmesh_router.routing import (
     BUCKETS,
+    NotARequestError,
+    RouteKey,
     RoutingTable,
     UnknownModelError,
     bucket_of,
     build_table,
     route,
+    route_key,
+    route_wire,
 )
 from tests.factories import make_request
 
@@ -171,3 +185,64 @@ def test_shadow_versions_get_a_mirrored_copy_of_their_share() -> None:
     assert routed.shadows[0].task.route.reason == "shadow"
     assert routed.shadows[0].topic == "medmesh.model.deterioration.v2.tasks"
     assert build_table(deployment, lambda v: v != 2).shadows == ()
+
+
+def _wire_headers(request: RequestInference) -> dict[str, str]:
+    """The headers ingest writes beside a request."""
+    return {
+        h.CORRELATION_ID: request.correlation_id,
+        h.SCHEMA: schema_of(RequestInference),
+        **routing_headers(request),
+    }
+
+
+def test_routing_headers_carry_model_and_source_but_no_patient() -> None:
+    """Ingest's routing headers name the model, site, ward and source system, nothing else."""
+    request = make_request().model_copy(
+        update={"source": SourceContext(channel="http", site="s1", ward="icu")}
+    )
+    assert routing_headers(request) == {h.MODEL: MODEL, h.SITE: "s1", h.WARD: "icu"}
+
+
+def test_route_key_from_headers_equals_the_parsed_request() -> None:
+    """Key and headers give the same routing attributes as parsing the value."""
+    request = make_request().model_copy(
+        update={"source": SourceContext(channel="kafka", site="s1", source_system="epic")}
+    )
+    from_headers = route_key(
+        request.patient_pseudonym.encode(), _wire_headers(request), to_wire(request)
+    )
+    assert from_headers == RouteKey.from_request(request)
+
+
+def test_route_key_parses_the_value_when_headers_are_missing() -> None:
+    """A producer without routing headers is routed from its parsed value; garbage raises."""
+    request = make_request()
+    assert route_key(None, {}, to_wire(request)) == RouteKey.from_request(request)
+    with pytest.raises(ValidationError):
+        route_key(None, {}, b"not json")
+    with pytest.raises(NotARequestError):
+        route_key(b"p1", _wire_headers(request), b"[1, 2]")
+
+
+def test_wire_tasks_parse_to_what_route_builds() -> None:
+    """route_wire's bytes are a valid RunInference equal to route()'s task, ids aside."""
+    rule = RoutingRule(version=2, ward="icu")
+    deployment = _deployment({1: 90, 2: 10}, rules=(rule,))
+    tables = {MODEL: build_table(deployment, _all_up)}
+    for index in range(50):
+        ward = "icu" if index % 3 == 0 else "ward-7"
+        request = make_request(patient_pseudonym=f"p{index}").model_copy(
+            update={"source": SourceContext(channel="http", ward=ward)}
+        )
+        key = route_key(
+            request.patient_pseudonym.encode(), _wire_headers(request), to_wire(request)
+        )
+        wire = route_wire(key, to_wire(request), tables, PRODUCER, NOW)
+        parsed = route(request, tables, PRODUCER, NOW)
+        expected = [parsed.primary, *parsed.shadows]
+        assert [w.topic for w in wire] == [e.topic for e in expected]
+        for task_wire, routed in zip(wire, expected, strict=True):
+            task = RunInference.model_validate_json(task_wire.value)
+            ignore = {"event_id", "occurred_at"}
+            assert task.model_dump(exclude=ignore) == routed.task.model_dump(exclude=ignore)

@@ -8,11 +8,14 @@ Commands are imperative (``RequestInference``, ``RunInference``), events past te
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from medmesh_contracts import headers as h
 
 
 def utc_now() -> datetime:
@@ -89,6 +92,18 @@ class RequestInference(Envelope):
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
 
+def routing_headers(request: RequestInference) -> dict[str, str]:
+    """The routing attributes of a request as headers (model, and site, ward, source system
+    where the source gave them); the key carries the pseudonym. They name no patient."""
+    found = {
+        h.MODEL: request.model,
+        h.SITE: request.source.site,
+        h.WARD: request.source.ward,
+        h.SOURCE_SYSTEM: request.source.source_system,
+    }
+    return {name: value for name, value in found.items() if value is not None}
+
+
 class RouteDecision(WireModel):
     """Why the router sent a request to the version it chose."""
 
@@ -108,6 +123,35 @@ class RunInference(Envelope):
     request: RequestInference
 
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+
+def run_inference_wire(
+    request_wire: bytes,
+    correlation_id: str,
+    model_version: int,
+    route: RouteDecision,
+    producer: Producer,
+    routed_at: datetime,
+) -> bytes:
+    """A RunInference as wire bytes around a RequestInference that is already wire bytes.
+
+    The router routes on headers and never parses the request: its bytes are embedded as the
+    ``request`` member verbatim, so the result is exactly what ``to_wire(RunInference(...))``
+    would carry, without a parse and a re-serialization per request.
+    """
+    head = {
+        "event_id": new_id(),
+        "correlation_id": correlation_id,
+        "occurred_at": routed_at.isoformat(),
+        "producer": producer.model_dump(),
+        "schema": "medmesh.RunInference/1",
+        "model_version": model_version,
+        "route": route.model_dump(),
+        "routed_at": routed_at.isoformat(),
+    }
+    return b"".join(
+        (json.dumps(head, separators=(",", ":")).encode()[:-1], b',"request":', request_wire, b"}")
+    )
 
 
 class InferenceCompleted(Envelope):

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import AwareDatetime, ConfigDict, Field, model_validator
 
-from medmesh_contracts.events import Envelope, Producer, SourceContext, WireModel, new_id
+from medmesh_contracts.events import Envelope, Producer, WireModel, new_id
 
 VersionState = Literal["shadow", "canary", "stable", "retired"]
 RolloutPhase = Literal["idle", "progressing", "paused", "succeeded", "rolled-back"]
@@ -40,6 +40,19 @@ LifecycleAction = Literal[
 PERCENT = 100
 
 
+class RoutingAttributes(Protocol):
+    """Where a request came from, as rules see it: a SourceContext, or the router's headers."""
+
+    @property
+    def site(self) -> str | None: ...
+
+    @property
+    def ward(self) -> str | None: ...
+
+    @property
+    def source_system(self) -> str | None: ...
+
+
 class RoutingRule(WireModel):
     """Pins requests whose source matches every attribute given here to one version."""
 
@@ -48,12 +61,11 @@ class RoutingRule(WireModel):
     ward: str | None = None
     source_system: str | None = None
 
-    def matches(self, source: SourceContext) -> bool:
+    def matches(self, source: RoutingAttributes) -> bool:
         """True when each attribute the rule sets equals the request's (unset ones match all)."""
-        ward = getattr(source, "ward", None)  # SourceContext gains ``ward`` additively
         return (
             (self.site is None or self.site == source.site)
-            and (self.ward is None or self.ward == ward)
+            and (self.ward is None or self.ward == source.ward)
             and (self.source_system is None or self.source_system == source.source_system)
         )
 

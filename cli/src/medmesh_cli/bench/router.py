@@ -3,13 +3,17 @@
 - pass-through: a raw aiokafka consumer -> producer relay of the same RequestInference bytes,
   one send acknowledged at a time (what the router's handler does), 3 partitions in and out;
 - router: the same burst published to medmesh.inference.requests, timed until each request's
-  RunInference is on a deterioration task topic (first copy per correlation id; shadows ignored).
+  RunInference is on a deterioration task topic (first copy per correlation id; shadows ignored),
+  with the workers and reporting paused meanwhile (see ``downstream_paused``).
 
 Target: the router reaches at least 80% of the pass-through's throughput.
 """
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -32,9 +36,28 @@ from medmesh_cli.devstack.stack import Stack
 from medmesh_cli.devstack.topics import create_topics
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
-from medmesh_contracts.events import RequestInference, schema_of, to_wire
+from medmesh_contracts.events import RequestInference, routing_headers, schema_of, to_wire
 from medmesh_contracts.modelspec import load_specs
 from medmesh_contracts.topics import TopicSpec
+
+
+@contextmanager
+def downstream_paused(stack: Stack) -> Iterator[None]:
+    """Workers and reporting stopped (SIGSTOP) for the router's burst, continued afterwards.
+
+    The pass-through's burst has nothing downstream of it; the router's tasks would otherwise be
+    scored and reported on the same two cores while the router is timed, so the ratio would
+    measure the whole pipeline's CPU rather than the router's. Stable keeps its bucket range
+    while its workers miss heartbeats (routing.build_table), so routing itself is unchanged.
+    """
+    paused = [name for name in stack.services if name not in ("ingest", "router")]
+    for name in paused:
+        stack.services[name].signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for name in paused:
+            stack.services[name].signal(signal.SIGCONT)
 
 
 def request_messages(count: int, run: str) -> list[Message]:
@@ -45,6 +68,7 @@ def request_messages(count: int, run: str) -> list[Message]:
         headers = [
             (h.CORRELATION_ID, request.correlation_id.encode()),
             (h.SCHEMA, schema_of(RequestInference).encode()),
+            *((name, value.encode()) for name, value in routing_headers(request).items()),
         ]
         messages.append(
             (
@@ -93,9 +117,10 @@ async def run_router(stack: Stack, messages: int = 2000) -> dict[str, Any]:
         for spec in load_specs(stack.config.specs_dir).values()
         for v in spec.versions
     ]
-    router, missing = await _burst(
-        bootstrap, topics.INFERENCE_REQUESTS, task_topics, messages, "router"
-    )
+    with downstream_paused(stack):
+        router, missing = await _burst(
+            bootstrap, topics.INFERENCE_REQUESTS, task_topics, messages, "router"
+        )
     ratios: list[Ratio] = [
         ratio("router / pass-through", router.per_second, passthrough.per_second, 0.8)
     ]

@@ -30,6 +30,7 @@ from medmesh_contracts.events import (
     RequestInference,
     SourceContext,
     new_id,
+    routing_headers,
     schema_of,
     to_wire,
     utc_now,
@@ -108,7 +109,8 @@ class Ingest:
             self.requests_out.publish(
                 to_wire(request),
                 key=request.patient_pseudonym.encode(),
-                headers=message_headers(request.correlation_id, schema_of(type(request))),
+                headers=message_headers(request.correlation_id, schema_of(type(request)))
+                | routing_headers(request),
                 correlation_id=request.correlation_id,
             )
         )

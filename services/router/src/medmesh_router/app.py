@@ -29,7 +29,6 @@ from medmesh_contracts.events import (
     InferenceCompleted,
     InferenceFailed,
     Producer,
-    RequestInference,
     RunInference,
     WorkerHeartbeat,
     schema_of,
@@ -51,7 +50,13 @@ from medmesh_contracts.modelspec import load_specs
 from medmesh_router.analysis import Analysis
 from medmesh_router.controller import judge
 from medmesh_router.readiness import Readiness
-from medmesh_router.routing import Routed, UnknownModelError, route
+from medmesh_router.routing import (
+    NotARequestError,
+    RoutedWire,
+    UnknownModelError,
+    route_key,
+    route_wire,
+)
 from medmesh_router.settings import RouterSettings
 from medmesh_router.state import RouterState
 from medmesh_runtime.deadletter import DeadLetters
@@ -61,6 +66,7 @@ from medmesh_runtime.kafka import (
     aiokafka_security,
     build_broker,
     message_headers,
+    record_headers,
 )
 from medmesh_runtime.lag import LagMonitor
 from medmesh_runtime.logging import configure_logging, get_logger
@@ -396,6 +402,7 @@ class Router:
             for record in records:
                 sends += await self._route_record(record)
             await asyncio.gather(*sends)
+            log.info("requests routed", records=len(records), tasks=len(sends))
 
         @broker.subscriber(
             topics.MODELS_REGISTRY, auto_offset_reset="earliest", title="model registry (follow)"
@@ -461,38 +468,39 @@ class Router:
                 )
 
     async def _route_record(self, record: Any) -> list[Awaitable[None]]:
-        """Route one request; the returned sends are started in its own trace and awaited by
-        the caller together with the rest of the batch."""
+        """Route one request on its key and headers; the returned sends are started in its own
+        trace and awaited by the caller together with the rest of the batch."""
         tracer = self.tracer_provider.get_tracer("medmesh.router")
         # Each request keeps its own trace (the batch's consumer span starts a new one).
         with consumer_span(tracer, record, self.settings.router_group_id):
             try:
-                request = RequestInference.model_validate_json(record.value)
+                key = route_key(record.key, record_headers(record), record.value)
                 with tracer.start_as_current_span(
-                    "router.route", attributes={"medmesh.model": request.model}
+                    "router.route", attributes={"medmesh.model": key.model}
                 ) as span:
-                    routed = route(request, self.state.tables, self.producer, utc_now())
-                    span.set_attribute("medmesh.model_version", routed.primary.task.model_version)
-                    span.set_attribute("medmesh.route", routed.primary.task.route.reason)
-                    span.set_attribute("medmesh.route_detail", routed.primary.task.route.detail)
-                    span.set_attribute("medmesh.shadow_copies", len(routed.shadows))
-            except (ValidationError, UnknownModelError) as exc:
+                    tasks = route_wire(
+                        key, record.value, self.state.tables, self.producer, utc_now()
+                    )
+                    span.set_attribute("medmesh.model_version", tasks[0].version)
+                    span.set_attribute("medmesh.route", tasks[0].decision.reason)
+                    span.set_attribute("medmesh.route_detail", tasks[0].decision.detail)
+                    span.set_attribute("medmesh.shadow_copies", len(tasks) - 1)
+            except (ValidationError, UnknownModelError, NotARequestError) as exc:
                 await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
                 return []
             # ensure_future inside the span: each send keeps this request's trace context.
             sends: list[Awaitable[None]] = [
-                asyncio.ensure_future(self._send(routed.primary, record.key))
+                asyncio.ensure_future(self._send(task, record.key, key.correlation_id))
+                for task in tasks
             ]
-            sends += [
-                asyncio.ensure_future(self._send(copy, record.key)) for copy in routed.shadows
-            ]
-            log.info(
+            # DEBUG: per request at the router's rate, the batch summary is logged at INFO.
+            log.debug(
                 "request routed",
-                correlation_id=request.correlation_id,
-                model=request.model,
-                model_version=routed.primary.task.model_version,
-                route=routed.primary.task.route.detail,
-                shadows=[s.task.model_version for s in routed.shadows],
+                correlation_id=key.correlation_id,
+                model=key.model,
+                model_version=tasks[0].version,
+                route=tasks[0].decision.detail,
+                shadows=[t.version for t in tasks[1:]],
             )
             return sends
 
@@ -500,12 +508,12 @@ class Router:
         loaded = self.loaded.get((record.topic, record.partition), -1)
         return bool(record.offset <= loaded)
 
-    async def _send(self, routed: Routed, key: bytes | None) -> None:
-        await self.task_out[routed.topic].publish(
-            to_wire(routed.task),
+    async def _send(self, task: RoutedWire, key: bytes | None, correlation_id: str) -> None:
+        await self.task_out[task.topic].publish(
+            task.value,
             key=key,
-            headers=message_headers(routed.task.correlation_id, schema_of(RunInference)),
-            correlation_id=routed.task.correlation_id,
+            headers=message_headers(correlation_id, schema_of(RunInference)),
+            correlation_id=correlation_id,
         )
 
 

@@ -18,7 +18,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from medmesh_contracts.events import Producer, RequestInference, RouteDecision, RunInference
+from medmesh_contracts import headers as h
+from medmesh_contracts.events import (
+    Producer,
+    RequestInference,
+    RouteDecision,
+    RunInference,
+    run_inference_wire,
+    schema_of,
+)
 from medmesh_contracts.lifecycle import PERCENT, ModelDeployment, RoutingRule
 from medmesh_contracts.topics import model_task_topic
 
@@ -95,6 +103,114 @@ class UnknownModelError(Exception):
 
 
 @dataclass(frozen=True)
+class RouteKey:
+    """What routing looks at: the model, the patient's pseudonym and where the request came from.
+
+    Read from the record's key and headers (``RouteKey.from_headers``), so the router never
+    parses a request's value; ``from_request`` gives the same for a parsed request.
+    """
+
+    model: str
+    patient_pseudonym: str
+    correlation_id: str
+    site: str | None = None
+    ward: str | None = None
+    source_system: str | None = None
+
+    @classmethod
+    def from_request(cls, request: RequestInference) -> RouteKey:
+        """The routing attributes of a parsed request."""
+        return cls(
+            request.model,
+            request.patient_pseudonym,
+            request.correlation_id,
+            request.source.site,
+            request.source.ward,
+            request.source.source_system,
+        )
+
+    @classmethod
+    def from_headers(cls, key: bytes | None, headers: Mapping[str, str]) -> RouteKey | None:
+        """The routing attributes ingest wrote beside a request; None when any is missing."""
+        model = headers.get(h.MODEL)
+        correlation_id = headers.get(h.CORRELATION_ID)
+        if (
+            not key
+            or not model
+            or not correlation_id
+            or headers.get(h.SCHEMA) != schema_of(RequestInference)
+        ):
+            return None
+        return cls(
+            model,
+            key.decode(errors="replace"),
+            correlation_id,
+            headers.get(h.SITE),
+            headers.get(h.WARD),
+            headers.get(h.SOURCE_SYSTEM),
+        )
+
+
+class NotARequestError(Exception):
+    """A record on the requests topic whose value cannot be a RequestInference."""
+
+
+def route_key(key: bytes | None, headers: Mapping[str, str], value: bytes | None) -> RouteKey:
+    """A record's routing attributes: from its key and headers, or (for a producer that does not
+    write the routing headers) from its value parsed once. Raises pydantic's ValidationError or
+    NotARequestError for a value that cannot be a request."""
+    found = RouteKey.from_headers(key, headers)
+    if found is None:
+        return RouteKey.from_request(RequestInference.model_validate_json(value or b""))
+    if not value or value.lstrip()[:1] != b"{":
+        raise NotARequestError("the value is not a JSON object")
+    return found
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The version a request goes to and why, and the shadow versions that get a copy."""
+
+    model: str
+    version: int
+    decision: RouteDecision
+    shadows: tuple[tuple[int, RouteDecision], ...] = ()
+
+    def targets(self) -> tuple[tuple[int, RouteDecision], ...]:
+        """(version, decision) of the primary task first, then of each shadow copy."""
+        return ((self.version, self.decision), *self.shadows)
+
+
+def choose(key: RouteKey, tables: Mapping[str, RoutingTable]) -> Choice:
+    """Choose the version for a request (rules first, then buckets) and its shadow copies."""
+    table = tables.get(key.model)
+    if table is None:
+        raise UnknownModelError(f"model {key.model!r} is not deployed (known: {sorted(tables)})")
+    bucket = bucket_of(table.model, key.patient_pseudonym)
+    for index, rule in enumerate(table.rules):
+        if rule.matches(key):
+            version = rule.version
+            decision = RouteDecision(
+                reason="rule", detail=f"rule {index} (revision {table.revision})"
+            )
+            break
+    else:
+        version = table.version_for_bucket(bucket)
+        decision = RouteDecision(
+            reason="bucket", detail=f"bucket {bucket} (revision {table.revision})"
+        )
+    shadows = tuple(
+        (
+            shadow_version,
+            RouteDecision(reason="shadow", detail=f"bucket {bucket} mirrors v{version}"),
+        )
+        for shadow_version, limit in table.shadows
+        if bucket < limit and shadow_version != version
+    )
+    return Choice(key.model, version, decision, shadows)
+
+
+@dataclass(frozen=True)
 class Routed:
     """A task for one model version and the topic it goes to."""
 
@@ -110,61 +226,59 @@ class RoutedRequest:
     shadows: tuple[Routed, ...] = ()
 
 
-def _task(
-    request: RequestInference,
-    version: int,
-    decision: RouteDecision,
-    producer: Producer,
-    now: datetime,
-) -> Routed:
-    task = RunInference(
-        correlation_id=request.correlation_id,
-        producer=producer,
-        model_version=version,
-        route=decision,
-        routed_at=now,
-        request=request,
-    )
-    return Routed(task=task, topic=model_task_topic(request.model, version))
-
-
 def route(
     request: RequestInference,
     tables: Mapping[str, RoutingTable],
     producer: Producer,
     now: datetime,
 ) -> RoutedRequest:
-    """Choose the version for a request (rules first, then buckets) and its shadow copies."""
-    table = tables.get(request.model)
-    if table is None:
-        raise UnknownModelError(
-            f"model {request.model!r} is not deployed (known: {sorted(tables)})"
+    """Route a parsed request: its RunInference tasks (the primary, then shadow copies)."""
+    choice = choose(RouteKey.from_request(request), tables)
+    tasks = [
+        Routed(
+            task=RunInference(
+                correlation_id=request.correlation_id,
+                producer=producer,
+                model_version=version,
+                route=decision,
+                routed_at=now,
+                request=request,
+            ),
+            topic=model_task_topic(request.model, version),
         )
-    bucket = bucket_of(table.model, request.patient_pseudonym)
-    decision: RouteDecision | None = None
-    version = 0
-    for index, rule in enumerate(table.rules):
-        if rule.matches(request.source):
-            version = rule.version
-            decision = RouteDecision(
-                reason="rule", detail=f"rule {index} (revision {table.revision})"
-            )
-            break
-    if decision is None:
-        version = table.version_for_bucket(bucket)
-        decision = RouteDecision(
-            reason="bucket", detail=f"bucket {bucket} (revision {table.revision})"
+        for version, decision in choice.targets()
+    ]
+    return RoutedRequest(tasks[0], tuple(tasks[1:]))
+
+
+@dataclass(frozen=True)
+class RoutedWire:
+    """A task as wire bytes for one model version, and the topic it goes to."""
+
+    topic: str
+    value: bytes
+    version: int
+    decision: RouteDecision
+
+
+def route_wire(
+    key: RouteKey,
+    request_wire: bytes,
+    tables: Mapping[str, RoutingTable],
+    producer: Producer,
+    now: datetime,
+) -> list[RoutedWire]:
+    """Route a request known by its key and headers: its tasks around the request's bytes as
+    they arrived (the primary first, then shadow copies); nothing is parsed."""
+    choice = choose(key, tables)
+    return [
+        RoutedWire(
+            topic=model_task_topic(key.model, version),
+            value=run_inference_wire(
+                request_wire, key.correlation_id, version, decision, producer, now
+            ),
+            version=version,
+            decision=decision,
         )
-    primary = _task(request, version, decision, producer, now)
-    shadows = tuple(
-        _task(
-            request,
-            shadow_version,
-            RouteDecision(reason="shadow", detail=f"bucket {bucket} mirrors v{version}"),
-            producer,
-            now,
-        )
-        for shadow_version, limit in table.shadows
-        if bucket < limit and shadow_version != version
-    )
-    return RoutedRequest(primary, shadows)
+        for version, decision in choice.targets()
+    ]
