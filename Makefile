@@ -7,7 +7,7 @@ TOOLS := .tools
 UV := $(TOOLS)/uv/bin/uv
 VENV := .venv
 BIN := $(VENV)/bin
-PY_SOURCES := contracts libs services cli tests deploy/triton
+PY_SOURCES := contracts libs services cli tests deploy/triton deploy/drills
 
 .PHONY: help
 help: ## list the recipes
@@ -40,7 +40,8 @@ lint: venv ## ruff (lint and format check)
 .PHONY: typecheck
 typecheck: venv ## mypy --strict with the pydantic plugin (each Triton model.py on its own: all are "model")
 	$(BIN)/mypy
-	for model in deploy/triton/models/*/*/model.py; do $(BIN)/mypy "$$model" || exit 1; done
+	for model in deploy/triton/models/*/*/model.py deploy/drills/*/triton/*/*/model.py; do \
+		$(BIN)/mypy "$$model" || exit 1; done
 
 .PHONY: test
 test: lint typecheck deps ## lint, type-check, then every test tier (unit, service, conformance, e2e)

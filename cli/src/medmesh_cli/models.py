@@ -17,7 +17,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import httpx
 import typer
@@ -49,6 +49,7 @@ models_app = typer.Typer(
     no_args_is_help=True,
 )
 console = Console()
+T = TypeVar("T")
 
 Bootstrap = Annotated[
     str, typer.Option(envvar="MEDMESH_KAFKA_BOOTSTRAP_SERVERS", help="Kafka bootstrap servers")
@@ -70,31 +71,46 @@ def actor() -> str:
 # --- registry I/O ------------------------------------------------------------------------------
 
 
-async def read_registry(bootstrap: str) -> dict[str, ModelDeployment]:
-    """The latest deployment of every model in the registry topic."""
+async def read_topic(bootstrap: str, topic: str) -> list[bytes]:
+    """Every non-empty value of ``topic`` up to its current end, in order per partition."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
         # aiokafka has no public call for the partitions of a topic not subscribed to.
         cluster = await consumer._client.fetch_all_metadata()
-        found = cluster.partitions_for_topic(topics.MODELS_REGISTRY) or set()
-        partitions = [TopicPartition(topics.MODELS_REGISTRY, p) for p in sorted(found)]
+        found = cluster.partitions_for_topic(topic) or set()
+        partitions = [TopicPartition(topic, p) for p in sorted(found)]
         if not partitions:
-            raise LifecycleError(f"topic {topics.MODELS_REGISTRY} does not exist (is Kafka up?)")
+            raise LifecycleError(f"topic {topic} does not exist (is Kafka up?)")
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         end = await consumer.end_offsets(partitions)
-        latest: dict[str, ModelDeployment] = {}
+        values: list[bytes] = []
         while any([await consumer.position(p) < end[p] for p in partitions]):
             batches = await consumer.getmany(*partitions, timeout_ms=1000)
             for records in batches.values():
-                for record in records:
-                    if record.value:
-                        deployment = ModelDeployment.model_validate_json(record.value)
-                        latest[deployment.model] = deployment
-        return latest
+                values.extend(record.value for record in records if record.value)
+        return values
     finally:
         await consumer.stop()
+
+
+async def read_registry(bootstrap: str) -> dict[str, ModelDeployment]:
+    """The latest deployment of every model in the registry topic."""
+    latest: dict[str, ModelDeployment] = {}
+    for value in await read_topic(bootstrap, topics.MODELS_REGISTRY):
+        deployment = ModelDeployment.model_validate_json(value)
+        latest[deployment.model] = deployment
+    return latest
+
+
+async def read_audit(bootstrap: str, model: str) -> list[LifecycleDecision]:
+    """Every lifecycle decision about ``model``, oldest first."""
+    decisions = [
+        LifecycleDecision.model_validate_json(value)
+        for value in await read_topic(bootstrap, topics.MODELS_AUDIT)
+    ]
+    return sorted((d for d in decisions if d.model == model), key=lambda d: d.decided_at)
 
 
 async def write_change(
@@ -146,17 +162,17 @@ def _change(
 def check_triton_metadata(spec: ModelSpec, metadata: dict[str, Any]) -> list[str]:
     """Problems between a spec and Triton's model metadata (``GET /v2/models/<m>/versions/<v>``).
 
-    The input tensor must take one column per spec input; score and band must exist; the
-    contributions tensor must have one value per input.
+    The input tensor must take the spec's input width (one column per scalar input, the samples
+    of a waveform input); score and band must exist; the contributions tensor must have the
+    spec's contributions (one per input unless the spec lists them).
     """
     problems: list[str] = []
     tensors = {t["name"]: t for t in [*metadata.get("inputs", []), *metadata.get("outputs", [])]}
-    columns = len(spec.inputs)
     expected = {
-        spec.triton.input_tensor: columns,
+        spec.triton.input_tensor: spec.input_width,
         spec.triton.score_tensor: 1,
         spec.triton.band_tensor: 1,
-        spec.triton.contributions_tensor: columns,
+        spec.triton.contributions_tensor: spec.contributions_width,
     }
     for name, width in expected.items():
         tensor = tensors.get(name)
@@ -275,6 +291,23 @@ def list_models(bootstrap: Bootstrap = DEFAULT_BOOTSTRAP) -> None:
     console.print(table)
 
 
+@models_app.command()
+def history(
+    name: Annotated[str, typer.Argument(help="model name")],
+    last: Annotated[int, typer.Option(help="how many decisions, newest last")] = 20,
+    bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
+) -> None:
+    """The audit trail of a model: who decided what, when, why, on which figures."""
+    decisions = _run_change(read_audit(bootstrap, name))[-last:]
+    table = Table("at", "action", "version", "weights", "by", "why")
+    for d in decisions:
+        weights = f"{d.weights_before or '-'} -> {d.weights_after}"
+        version = "-" if d.version is None else f"v{d.version}"
+        at = d.decided_at.strftime("%H:%M:%S")
+        table.add_row(at, d.action, version, weights, d.actor, d.reason)
+    console.print(table)
+
+
 def _ms(value: Any) -> str:
     return "-" if value is None else f"{float(value):.1f}"
 
@@ -363,8 +396,8 @@ def resume_rollout(name: str, bootstrap: Bootstrap = DEFAULT_BOOTSTRAP) -> None:
     _change(bootstrap, name, resume, "resume", "manual resume")
 
 
-def _run_change(change: Coroutine[Any, Any, ModelDeployment]) -> ModelDeployment:
-    """Run a registry change; a refused one (LifecycleError) is printed and exits 1."""
+def _run_change(change: Coroutine[Any, Any, T]) -> T:
+    """Run a registry read or change; a refused one (LifecycleError) is printed and exits 1."""
     try:
         return asyncio.run(change)
     except LifecycleError as exc:

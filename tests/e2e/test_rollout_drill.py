@@ -1,0 +1,189 @@
+"""The model owner's walkthrough (README, "roll out a new version") on a real stack.
+
+A separate stack serves the early-warning model with the broken-v3 drill overlay
+(deploy/drills/broken-v3). Through the same `medmesh models deploy` command the README shows,
+a healthy v2 is rolled out 5 -> 10 -> 25 -> 50 -> 100 % and promoted with no manual step, then
+the broken v3 (its real Triton version fails every request) is rolled back by the controller.
+Traffic is steady RequestInference on the requests topic, with the headers ingest writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from typer.testing import CliRunner
+
+from medmesh_cli.devstack.overlay import with_overlay
+from medmesh_cli.devstack.paths import repo_root, run_dir
+from medmesh_cli.devstack.stack import Stack, StackConfig
+from medmesh_cli.main import app
+from medmesh_contracts import headers as h
+from medmesh_contracts import topics
+from medmesh_contracts.events import RequestInference, routing_headers, schema_of, to_wire
+from tests.e2e.conftest import E2E_PORT_BASE, Record, TopicTap, e2e_ports
+from tests.e2e.router_view import wait_for_view
+from tests.factories import make_request
+
+DRILL_PORT_BASE = E2E_PORT_BASE + 600
+MODEL = "deterioration"
+RATE_PER_S = 40
+
+
+@pytest.fixture(scope="module")
+async def drill_stack() -> AsyncIterator[Stack]:
+    """A stack serving v1, v2 and the broken v3 of the early-warning model."""
+    state = run_dir("e2e-rollout-drill")
+    shutil.rmtree(state / "kafka", ignore_errors=True)  # a fresh registry for the walkthrough
+    config = with_overlay(
+        StackConfig(ports=e2e_ports(DRILL_PORT_BASE), state_dir=state, partitions=1),
+        repo_root() / "deploy" / "drills" / "broken-v3",
+    )
+    stack = Stack(config)
+    try:
+        await asyncio.to_thread(stack.start, 120)
+    except Exception as exc:  # noqa: BLE001 -- re-raised as a failure that names the broken part
+        pytest.fail(f"the drill stack did not start: {exc}", pytrace=False)
+    try:
+        yield stack
+    finally:
+        await asyncio.to_thread(stack.stop)
+
+
+@contextlib.asynccontextmanager
+async def _steady_traffic(stack: Stack) -> AsyncIterator[None]:
+    """RATE_PER_S requests per second over ever new patients while open."""
+    producer = AIOKafkaProducer(bootstrap_servers=stack.config.bootstrap, acks="all")
+    await producer.start()
+
+    async def send() -> None:
+        while True:
+            request = make_request(
+                patient_pseudonym=f"drill-{uuid.uuid4().hex[:12]}",
+                correlation_id=str(uuid.uuid4()),
+            )
+            headers = {
+                h.CORRELATION_ID: request.correlation_id,
+                h.SCHEMA: schema_of(RequestInference),
+                **routing_headers(request),
+            }
+            await producer.send(
+                topics.INFERENCE_REQUESTS,
+                to_wire(request),
+                key=request.patient_pseudonym.encode(),
+                headers=[(k, v.encode()) for k, v in headers.items()],
+            )
+            await asyncio.sleep(1 / RATE_PER_S)
+
+    task = asyncio.create_task(send())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await producer.stop()
+
+
+async def _deploy(stack: Stack, version: int) -> None:
+    """`medmesh models deploy` as the README shows it, with short steps for the test."""
+    ports = stack.config.ports
+    arguments = [
+        "models",
+        "deploy",
+        str(stack.config.specs_dir / f"{MODEL}.yaml"),
+        "--version",
+        str(version),
+        "--steps",
+        "5,10,25,50,100",
+        "--interval",
+        "1.5",
+        "--min-requests",
+        "5",
+        "--max-error-rate",
+        "0.05",
+        "--max-p99-ms",
+        "10000",
+        "--triton-url",
+        f"http://127.0.0.1:{ports.triton_http}",
+        "--bootstrap",
+        stack.config.bootstrap,
+    ]
+    result = await asyncio.to_thread(CliRunner().invoke, app, arguments)
+    assert result.exit_code == 0, result.output
+
+
+def _audit_of(version: int, action: str) -> Callable[[Record], bool]:
+    return lambda r: r.json()["version"] == version and r.json()["action"] == action
+
+
+async def test_a_healthy_version_is_promoted_through_every_step(drill_stack: Stack) -> None:
+    """v2 goes 5 -> 10 -> 25 -> 50 -> 100 % by itself and becomes stable, each step audited."""
+    tap = TopicTap(drill_stack.config.bootstrap, (topics.MODELS_AUDIT,))
+    await tap.start()
+    try:
+        async with _steady_traffic(drill_stack):
+            await _deploy(drill_stack, 2)
+            promoted = await tap.wait_for(
+                topics.MODELS_AUDIT, _audit_of(2, "promote"), timeout_s=150
+            )
+        await wait_for_view(
+            drill_stack,
+            MODEL,
+            lambda view: view["effective_weights"] == {"2": 100},
+            "100 % v2",
+        )
+        steps = [
+            r.json()["weights_after"]["2"]
+            for r in tap.matching(topics.MODELS_AUDIT, _audit_of(2, "step"))
+        ]
+        assert steps == [5, 10, 25, 50]  # the last step, 100 %, is the promotion itself
+        assert promoted.json()["weights_after"] == {"2": 100}
+        assert promoted.json()["figures"][0]["requests"] >= 5
+        assert promoted.json()["figures"][0]["error_rate"] == 0.0
+    finally:
+        await tap.stop()
+
+
+async def test_a_broken_version_rolls_itself_back(drill_stack: Stack) -> None:
+    """v3 fails every request in Triton: the controller rolls it back, v2 keeps 100 %, and
+    `medmesh models history` shows why."""
+    tap = TopicTap(drill_stack.config.bootstrap, (topics.MODELS_AUDIT, topics.INFERENCE_FAILED))
+    await tap.start()
+    try:
+        async with _steady_traffic(drill_stack):
+            await _deploy(drill_stack, 3)
+            rollback = await tap.wait_for(
+                topics.MODELS_AUDIT, _audit_of(3, "rollback"), timeout_s=120
+            )
+            await wait_for_view(
+                drill_stack,
+                MODEL,
+                lambda view: view["effective_weights"] == {"2": 100},
+                "100 % v2 after the rollback",
+            )
+        audit = rollback.json()
+        assert audit["actor"].startswith("controller:")
+        assert "error rate" in audit["reason"]
+        assert audit["weights_after"] == {"2": 100}
+        failed = tap.matching(
+            topics.INFERENCE_FAILED, lambda r: r.json()["task"]["model_version"] == 3
+        )
+        assert failed
+        assert "8" in failed[0].json()["reason"]  # Triton's error names v3's expected shape
+        history = await asyncio.to_thread(
+            CliRunner().invoke,
+            app,
+            ["models", "history", MODEL, "--bootstrap", drill_stack.config.bootstrap],
+            env={"COLUMNS": "200"},
+        )
+        assert history.exit_code == 0, history.output
+        assert "rollback" in history.output
+        assert "error rate 100.0 %" in history.output
+    finally:
+        await tap.stop()
