@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sys
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pytest
 from aiokafka import AIOKafkaProducer
 
-from medmesh_cli.devstack.stack import Stack
+from medmesh_cli.devstack.paths import repo_root
+from medmesh_cli.devstack.process import ManagedProcess
+from medmesh_cli.devstack.stack import ServiceSpec, Stack, service_environment
 from medmesh_contracts import topics
 from medmesh_contracts.events import RequestInference
 from tests.e2e.conftest import FIXTURES, Record, TopicTap, fixture_with_new_patient
@@ -82,5 +88,75 @@ async def test_subscription_rest_hook_gets_reports(stack: Stack, tap: TopicTap) 
     assert report.json()["resourceType"] == "Bundle"
     resent = await _post(stack, payload)
     assert resent.status_code == 200
+    await asyncio.sleep(2.0)
+    assert len(_requests_for(tap, patient)) == 1
+
+
+@contextlib.asynccontextmanager
+async def _second_ingest(stack: Stack) -> AsyncIterator[str]:
+    """Another ingest instance on the same stack (same group, own port) while open: its URL."""
+    port = stack.config.ports.ingest + 50
+    spec = ServiceSpec(
+        "ingest-2",
+        "medmesh_ingest",
+        port,
+        {"MEDMESH_INGEST_PORT": str(port), "MEDMESH_INSTANCE_ID": "ingest-2"},
+    )
+    process = ManagedProcess(
+        spec.name,
+        [sys.executable, "-m", spec.module],
+        stack.config.state_dir / "ingest-2.log",
+        env=service_environment(stack.config, spec),
+        cwd=repo_root(),
+    )
+    process.start()
+    try:
+        async with httpx.AsyncClient(timeout=2) as client:
+            for _ in range(150):
+                assert process.running(), process.log_tail()
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 204:
+                        break
+                await asyncio.sleep(0.2)
+            else:
+                pytest.fail(f"the second ingest never got ready:\n{process.log_tail()}")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await asyncio.to_thread(process.stop)
+
+
+async def test_two_ingest_instances_share_one_patients_readings(
+    stack: Stack, tap: TopicTap
+) -> None:
+    """Readings of one patient sent to two ingest instances one after the other merge into
+    exactly one complete request: each instance follows the other's state writes."""
+    patient = f"e2e-two-{uuid.uuid4().hex[:12]}"
+    async with _second_ingest(stack) as second_url, httpx.AsyncClient(timeout=30) as client:
+        for name in ONE_BY_ONE[:4]:
+            response = await client.post(
+                f"{second_url}/fhir", content=_reading(name, patient), headers=FHIR
+            )
+            assert response.status_code == 200, response.text
+        await asyncio.sleep(1.0)  # one after the other, not at the same moment
+        answers = []
+        for name in ONE_BY_ONE[4:]:
+            response = await client.post(
+                f"{stack.config.ingest_url}/fhir", content=_reading(name, patient), headers=FHIR
+            )
+            answers.append(response.status_code)
+        assert answers == [200, 200, 202], answers  # complete with the last reading
+    record = await tap.wait_for(
+        topics.INFERENCE_REQUESTS, lambda r: f'"Patient/{patient}"' in r.value.decode()
+    )
+    request = RequestInference.model_validate_json(record.value)
+    assert {i.name for i in request.inputs} >= {
+        "respiratory_rate",
+        "spo2",
+        "supplemental_oxygen",
+        "temperature",
+        "systolic_bp",
+        "heart_rate",
+        "not_alert",
+    }
     await asyncio.sleep(2.0)
     assert len(_requests_for(tap, patient)) == 1

@@ -1,7 +1,8 @@
 """Issue 3: ingest alone, against a plain parse-and-produce loop on the same broker.
 
 - plain loop: its own process (``python -m medmesh_cli.bench.ingest``): an aiokafka consumer that
-  parses each event with fhir.resources (R4B Bundle) and produces it with aiokafka (acks=all);
+  parses each event with fhir.resources (R4B Bundle) and produces it with aiokafka (acks=all),
+  awaiting the acknowledgements of each poll together (as ingest does with its poll's events);
 - ingest: the same burst of vitals Bundles published to medmesh.fhir.inbound, timed until each
   event's RequestInference is on medmesh.inference.requests.
 
@@ -84,15 +85,22 @@ async def plain_loop(bootstrap: str, source: str, sink: str) -> None:
     print("ready", flush=True)
 
     async def loop() -> None:
-        async for record in consumer:
-            bundle = Bundle.model_validate_json(record.value or b"")
-            patient = next(
-                e.resource.id
-                for e in bundle.entry or []
-                if e.resource is not None and e.resource.get_resource_type() == "Patient"
-            )
-            out = json.dumps({"subject_reference": f"Patient/{patient}"}).encode()
-            await producer.send_and_wait(sink, out, key=record.key)
+        # Per poll: parse each event, send each result, then await every acknowledgement
+        # together (as ingest does), so that both sides are bound by CPU, not by round trips.
+        while True:
+            polled = await consumer.getmany(timeout_ms=100, max_records=500)
+            acknowledgements = []
+            for records in polled.values():
+                for record in records:
+                    bundle = Bundle.model_validate_json(record.value or b"")
+                    patient = next(
+                        e.resource.id
+                        for e in bundle.entry or []
+                        if e.resource is not None and e.resource.get_resource_type() == "Patient"
+                    )
+                    out = json.dumps({"subject_reference": f"Patient/{patient}"}).encode()
+                    acknowledgements.append(await producer.send(sink, out, key=record.key))
+            await asyncio.gather(*acknowledgements)
 
     task = asyncio.create_task(loop())
     await stopping.wait()

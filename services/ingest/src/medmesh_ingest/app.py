@@ -51,7 +51,7 @@ from medmesh_ingest.service import (
     SourceUnavailableError,
 )
 from medmesh_ingest.settings import DEVELOPMENT_PSEUDONYM_KEY, IngestSettings
-from medmesh_ingest.state_topic import partition_of, rebuild
+from medmesh_ingest.state_topic import ReadingsFollower, partition_of
 from medmesh_ingest.transport import requested_version
 from medmesh_ingest.validation import FhirVersion, Limits
 from medmesh_runtime.kafka import (
@@ -151,15 +151,25 @@ class Ingest:
     # --- Kafka ---------------------------------------------------------------------------------
 
     async def on_inbound_events(self, message: KafkaMessage) -> None:
-        """A poll of medmesh.fhir.inbound: each event in turn (so one patient's readings keep
-        their order), and one offset commit for the whole poll once all are handled.
+        """A poll of medmesh.fhir.inbound: its events handled concurrently, and one offset
+        commit for the whole poll once all are handled.
 
-        Kafka or source-server failures propagate, so the poll is redelivered (NACK); events
-        already handled then come again and are recognised as duplicates.
+        Concurrently, so the acknowledgements of their requests and states are awaited together
+        rather than one round trip after another (the poll's throughput was bound by Kafka's
+        latency, not by CPU: medmesh bench --series ingest). One patient's events still merge
+        in arrival order: each task parses synchronously up to the patient's lock, and the locks
+        are FIFO; merging keeps the newest reading by its observation time in any case.
+        Kafka or source-server failures propagate (the other tasks are cancelled), so the poll
+        is redelivered (NACK); events already handled then come again as duplicates.
         """
-        for record in tuple(message.raw_message):  # a batch message holds a tuple of records
-            with consumer_span(self.tracer, record, self.settings.ingest_group_id):
-                await self.on_inbound_event(record)
+        records: tuple[Any, ...] = tuple(message.raw_message)  # a batch holds a tuple
+        async with asyncio.TaskGroup() as group:
+            for record in records:
+                group.create_task(self._traced_inbound_event(record))
+
+    async def _traced_inbound_event(self, record: Any) -> None:
+        with consumer_span(self.tracer, record, self.settings.ingest_group_id):
+            await self.on_inbound_event(record)
 
     async def on_inbound_event(self, record: Any) -> None:
         """One event from medmesh.fhir.inbound: requests downstream, or a rejection event."""
@@ -343,8 +353,9 @@ def create_app(settings: IngestSettings) -> FastAPI:
             log.warning("development pseudonym key in use; set MEDMESH_PSEUDONYM_KEY in production")
         if not ingest.auth.required:
             log.warning("no bearer tokens configured: listening on loopback only")
+        follower = ReadingsFollower(ingest.store, settings)
         if settings.rebuild_readings_on_start:
-            ingest.state_partitions = await rebuild(ingest.store, settings)
+            ingest.state_partitions = await follower.start()
         ingest.http_client = httpx.AsyncClient(follow_redirects=False)
         await broker.start()
         await lag.start()
@@ -356,6 +367,7 @@ def create_app(settings: IngestSettings) -> FastAPI:
             ingest.ready = False
             await lag.stop()
             await broker.stop()
+            await follower.stop()
             await ingest.http_client.aclose()
             tracer_provider.shutdown()
 

@@ -1,8 +1,11 @@
-"""The readings state on Kafka: rebuilt from medmesh.ingest.readings on start, partitioned by
-patient pseudonym (the same partition a RequestInference keyed by that pseudonym goes to)."""
+"""The readings state on Kafka: rebuilt from medmesh.ingest.readings on start and followed
+afterwards, partitioned by patient pseudonym (the same partition a RequestInference keyed by
+that pseudonym goes to)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -25,42 +28,85 @@ def partition_of(pseudonym: str, partitions: int) -> int:
     return (digest & 0x7FFFFFFF) % partitions
 
 
-async def rebuild(store: ReadingsStore, settings: IngestSettings, timeout_s: float = 60.0) -> int:
-    """Read medmesh.ingest.readings from the beginning to its end into ``store``.
+class ReadingsFollower:
+    """The readings state of every patient, rebuilt from medmesh.ingest.readings on start and
+    then kept following it, so that an instance sees what the other instances merged.
 
-    Returns the topic's partition count (for partitioning what ingest writes there).
+    Without following, an instance knew only the states of the start and its own writes, and a
+    patient whose readings reached two instances one after the other was never complete on
+    either. Following leaves only readings that two instances merge at the same moment (within
+    the topic's replication delay) to race; ``ReadingsStore.put`` keeps the newer state.
     """
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        **aiokafka_security(settings),
-    )
-    await consumer.start()
-    try:
+
+    def __init__(self, store: ReadingsStore, settings: IngestSettings) -> None:
+        self.store = store
+        self.settings = settings
+        self.applied = 0
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, timeout_s: float = 60.0) -> int:
+        """Read the topic from the beginning to its end into the store, then follow it.
+
+        Returns the topic's partition count (for partitioning what ingest writes there).
+        """
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            client_id=f"medmesh-ingest-state-{self.settings.instance_id}",
+            **aiokafka_security(self.settings),
+        )
+        await consumer.start()
+        self._consumer = consumer
         # aiokafka has no public call for the partitions of a topic not subscribed to.
         cluster = await consumer._client.fetch_all_metadata()
         found = cluster.partitions_for_topic(topics.INGEST_READINGS)
         if not found:
+            await self.stop()
             raise RuntimeError(f"topic {topics.INGEST_READINGS} does not exist")
         parts = [TopicPartition(topics.INGEST_READINGS, p) for p in sorted(found)]
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         end = await consumer.end_offsets(parts)
         deadline = time.monotonic() + timeout_s
-        read = 0
         while await _behind(consumer, parts, end):
             if time.monotonic() > deadline:
+                await self.stop()
                 raise TimeoutError(f"reading {topics.INGEST_READINGS} took over {timeout_s}s")
-            batches = await consumer.getmany(*parts, timeout_ms=500)
-            for records in batches.values():
-                for record in records:
-                    read += 1
-                    _apply(store, record.value)
-        log.info("readings state rebuilt", records=read, states=len(store), partitions=len(parts))
+            await self._apply_next(consumer, timeout_ms=500)
+        log.info(
+            "readings state rebuilt",
+            records=self.applied,
+            states=len(self.store),
+            partitions=len(parts),
+        )
+        self._task = asyncio.create_task(self._follow(consumer), name="readings-follower")
         return len(parts)
-    finally:
-        await consumer.stop()
+
+    async def _apply_next(self, consumer: AIOKafkaConsumer, timeout_ms: int) -> None:
+        batches = await consumer.getmany(timeout_ms=timeout_ms)
+        for records in batches.values():
+            for record in records:
+                self.applied += 1
+                _apply(self.store, record.value)
+
+    async def _follow(self, consumer: AIOKafkaConsumer) -> None:
+        while True:
+            try:
+                await self._apply_next(consumer, timeout_ms=1000)
+            except Exception:  # the follower must outlive a broker outage; the error is logged
+                log.exception("following the readings state failed; retrying in 1 s")
+                await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        """Stop following."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
 
 
 async def _behind(
