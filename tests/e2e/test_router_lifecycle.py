@@ -176,6 +176,29 @@ async def test_router_restart_rebuilds_its_state_from_the_registry(
         await _restore_default(stack)
 
 
+def _v2_requests_at_least(count: int) -> Callable[[dict[str, Any]], bool]:
+    return lambda view: bool(view["versions"]["2"]["figures"]["requests"] >= count)
+
+
+async def test_a_restarted_router_keeps_the_current_steps_figures(
+    stack: Stack, producer: AIOKafkaProducer
+) -> None:
+    """Mid-step, v2 has served 6 requests; after a router restart its figures still count
+    them (read back from the results topic), so the step does not start counting again."""
+    try:
+        policy = RolloutPolicy(steps=(50, 100), interval_s=600, min_requests=1000)
+        await _canary_at_50(stack, policy, start=True)
+        await _wait_view(stack, _weights({1: 50, 2: 50}), "the controller's first step")
+        await _send_requests(producer, _patients_on_upper_half(6))
+        await _wait_view(stack, _v2_requests_at_least(6), "6 v2 results before the restart")
+        await asyncio.to_thread(stack.restart_service, "router")
+        view = await router_view(stack, MODEL)
+        assert view["deployment"]["rollout"]["phase"] == "progressing"
+        assert view["versions"]["2"]["figures"]["requests"] >= 6
+    finally:
+        await _restore_default(stack)
+
+
 async def test_a_failing_canary_is_rolled_back_automatically(
     stack: Stack, lifecycle_tap: TopicTap, producer: AIOKafkaProducer
 ) -> None:

@@ -28,7 +28,7 @@ from medmesh_contracts.lifecycle import (
 from medmesh_router.app import Consumed, Router, create_app
 from medmesh_router.routing import bucket_of
 from medmesh_router.settings import RouterSettings
-from tests.factories import make_request, make_task
+from tests.factories import make_completed, make_request, make_task
 from tests.service.conftest import SPECS_DIR
 
 PRODUCER = Producer(service="test", instance="t-1")
@@ -36,7 +36,9 @@ MODEL = "deterioration"
 
 
 def _router(*records: ModelDeployment) -> Router:
-    async def read(_settings: RouterSettings, topic: str) -> list[Consumed]:
+    async def read(
+        _settings: RouterSettings, topic: str, since: datetime | None = None
+    ) -> list[Consumed]:
         if topic != topics.MODELS_REGISTRY:
             return []
         return [Consumed(0, offset, to_wire(d)) for offset, d in enumerate(records)]
@@ -193,3 +195,45 @@ async def test_failures_of_the_canary_roll_it_back_with_figures() -> None:
     assert rollback.action == "rollback"
     assert rollback.figures[0].failures == 5
     assert rollback.weights_before == {1: 50, 2: 50}
+
+
+async def test_a_restart_reads_back_the_current_steps_results_and_failures() -> None:
+    """At start the router reads results and failures since the step began: a restarted
+    router judges the step on the evidence gathered before it went down."""
+    canary = _canary()
+    asked_since: list[datetime | None] = []
+
+    def completed(i: int) -> bytes:
+        task = make_task(make_request(correlation_id=f"r{i}"), model_version=2)
+        return to_wire(make_completed(task).model_copy(update={"completed_at": utc_now()}))
+
+    def failed(i: int) -> bytes:
+        task = make_task(make_request(correlation_id=f"f{i}"), model_version=2)
+        return to_wire(
+            InferenceFailed(
+                correlation_id=task.correlation_id,
+                producer=PRODUCER,
+                task=task,
+                error_kind="invalid-input",
+                reason="test",
+                attempts=1,
+            )
+        )
+
+    async def read(
+        _settings: RouterSettings, topic: str, since: datetime | None = None
+    ) -> list[Consumed]:
+        if topic == topics.MODELS_REGISTRY:
+            return [Consumed(0, 0, to_wire(canary))]
+        if topic == topics.INFERENCE_RESULTS:
+            asked_since.append(since)
+            return [Consumed(0, i, completed(i)) for i in range(3)] + [Consumed(0, 3, b"{")]
+        if topic == topics.INFERENCE_FAILED:
+            return [Consumed(0, 0, failed(0))]
+        return []
+
+    router = Router(RouterSettings(model_specs_dir=SPECS_DIR, router_tick_s=3600), read)
+    await router.load()
+    figures = router.figures(router.state.deployments[MODEL], 2, utc_now())
+    assert (figures.requests, figures.failures) == (4, 1)
+    assert asked_since == [canary.rollout.step_started_at]

@@ -13,10 +13,10 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faststream.asgi import AsgiFastStream, AsgiResponse, get
@@ -74,6 +74,7 @@ from medmesh_runtime.telemetry import configure_service_tracing, consumer_span
 
 SERVICE = "router"
 Parsed = TypeVar("Parsed", ModelDeployment, WorkerHeartbeat)
+Observed = TypeVar("Observed", InferenceCompleted, InferenceFailed)
 log = get_logger("medmesh.router")
 
 
@@ -86,8 +87,18 @@ class Consumed:
     value: bytes | None
 
 
-# Reads a topic from its beginning to its current end (the registry and heartbeats, at start).
-StartupReader = Callable[[RouterSettings, str], Awaitable[list[Consumed]]]
+class StartupReader(Protocol):
+    """Reads a topic to its current end at start: from its beginning (the registry, heartbeats)
+    or from the first record at or after ``since`` (results and failures of a rollout step)."""
+
+    def __call__(
+        self, settings: RouterSettings, topic: str, /, since: datetime | None = None
+    ) -> Awaitable[list[Consumed]]: ...
+
+
+# How far back a restarted router reads results and failures to rebuild a rollout step's
+# figures: bounds its start time on a busy pipeline (a step longer than this restarts counting).
+FIGURES_REBUILD_MAX = timedelta(hours=1)
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
@@ -99,8 +110,11 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicParti
     return [TopicPartition(topic, p) for p in sorted(found)]
 
 
-async def read_topic_to_end(settings: RouterSettings, topic: str) -> list[Consumed]:
-    """Every record of ``topic`` up to its end at the time of the call, in order per partition."""
+async def read_topic_to_end(
+    settings: RouterSettings, topic: str, since: datetime | None = None
+) -> list[Consumed]:
+    """Every record of ``topic`` (from ``since`` when given) up to its end at the time of the
+    call, in order per partition."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         enable_auto_commit=False,
@@ -110,9 +124,20 @@ async def read_topic_to_end(settings: RouterSettings, topic: str) -> list[Consum
     await consumer.start()
     try:
         partitions = await _partitions(consumer, topic)
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
+        # The offsets are looked up before the partitions are assigned: an await between
+        # assign() and the seek lets the fetcher reset the positions to the end first.
         end = await consumer.end_offsets(partitions)
+        starts = {}
+        if since is not None:
+            at_ms = int(since.timestamp() * 1000)
+            starts = await consumer.offsets_for_times(dict.fromkeys(partitions, at_ms))
+        consumer.assign(partitions)
+        if since is None:
+            await consumer.seek_to_beginning(*partitions)
+        else:
+            for partition in partitions:
+                found_at = starts.get(partition)
+                consumer.seek(partition, end[partition] if found_at is None else found_at.offset)
         found: list[Consumed] = []
         async with asyncio.timeout(settings.router_registry_timeout_s):
             while any([await consumer.position(p) < end[p] for p in partitions]):
@@ -179,6 +204,7 @@ class Router:
             if beat is not None:
                 self.state.readiness.observe(beat)
         self.state.refresh(now)  # readiness as of now: a restart audits no change
+        await self._rebuild_figures(now)
         for name, spec in self.specs.items():
             if name in self.state.deployments:
                 continue
@@ -209,6 +235,31 @@ class Router:
                 for v in d.versions
             },
         )
+
+    async def _rebuild_figures(self, now: datetime) -> None:
+        """Results and failures since the earliest step of a progressing rollout began, so a
+        restart neither forgets a step's evidence nor makes it start counting again."""
+        starts = [
+            d.rollout.step_started_at
+            for d in self.state.deployments.values()
+            if rollout_active(d) and d.rollout.step_started_at is not None
+        ]
+        if not starts:
+            return
+        since = max(min(starts), now - FIGURES_REBUILD_MAX)
+        read = 0
+        for topic in (topics.INFERENCE_RESULTS, topics.INFERENCE_SHADOW_RESULTS):
+            for record in await self._read_to_end(self.settings, topic, since=since):
+                completed = _parse_value(InferenceCompleted, record)
+                if completed is not None:
+                    self.analysis.completed(completed)
+                    read += 1
+        for record in await self._read_to_end(self.settings, topics.INFERENCE_FAILED, since=since):
+            failed = _parse_value(InferenceFailed, record)
+            if failed is not None:
+                self.analysis.failed(failed)
+                read += 1
+        log.info("rollout figures rebuilt", since=since.isoformat(), records=read)
 
     async def started(self) -> None:
         """After Kafka connected: publish seeds, then start the readiness and controller loop."""
@@ -539,6 +590,17 @@ def create_app(
         logger=logging.getLogger(f"medmesh.{SERVICE}.app"),
     )
     return app
+
+
+def _parse_value(model: type[Observed], record: Consumed) -> Observed | None:
+    """A result or failure read at start; None for tombstones and records that do not parse
+    (those are reporting's dead letters, as for the followers)."""
+    if not record.value:
+        return None
+    try:
+        return model.model_validate_json(record.value)
+    except ValidationError:
+        return None
 
 
 def _parse(model: type[Parsed], record: Consumed) -> Parsed | None:
