@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 
 from faststream.kafka import KafkaBroker, TestKafkaBroker
 from faststream.kafka.annotations import KafkaMessage
@@ -37,7 +38,10 @@ MODEL = "deterioration"
 
 def _router(*records: ModelDeployment) -> Router:
     async def read(
-        _settings: RouterSettings, topic: str, since: datetime | None = None
+        _settings: RouterSettings,
+        topic: str,
+        since: datetime | None = None,
+        apply: Callable[[Consumed], None] | None = None,
     ) -> list[Consumed]:
         if topic != topics.MODELS_REGISTRY:
             return []
@@ -221,15 +225,23 @@ async def test_a_restart_reads_back_the_current_steps_results_and_failures() -> 
         )
 
     async def read(
-        _settings: RouterSettings, topic: str, since: datetime | None = None
+        _settings: RouterSettings,
+        topic: str,
+        since: datetime | None = None,
+        apply: Callable[[Consumed], None] | None = None,
     ) -> list[Consumed]:
+        records: list[Consumed] = []
         if topic == topics.MODELS_REGISTRY:
-            return [Consumed(0, 0, to_wire(canary))]
-        if topic == topics.INFERENCE_RESULTS:
+            records = [Consumed(0, 0, to_wire(canary))]
+        elif topic == topics.INFERENCE_RESULTS:
             asked_since.append(since)
-            return [Consumed(0, i, completed(i)) for i in range(3)] + [Consumed(0, 3, b"{")]
-        if topic == topics.INFERENCE_FAILED:
-            return [Consumed(0, 0, failed(0))]
+            records = [Consumed(0, i, completed(i)) for i in range(3)] + [Consumed(0, 3, b"{")]
+        elif topic == topics.INFERENCE_FAILED:
+            records = [Consumed(0, 0, failed(0))]
+        if apply is None:
+            return records
+        for record in records:
+            apply(record)
         return []
 
     router = Router(RouterSettings(model_specs_dir=SPECS_DIR, router_tick_s=3600), read)

@@ -225,6 +225,31 @@ def test_route_key_parses_the_value_when_headers_are_missing() -> None:
         route_key(b"p1", _wire_headers(request), b"[1, 2]")
 
 
+@pytest.mark.parametrize(
+    "value",
+    [b"{ truncated", b'{"a": 1} trailing', b""],
+    ids=["truncated", "trailing-garbage", "empty"],
+)
+def test_route_key_refuses_a_value_that_is_not_one_json_object(value: bytes) -> None:
+    """With routing headers, a value that is not exactly one JSON object is not a request."""
+    request = make_request()
+    with pytest.raises(NotARequestError):
+        route_key(request.patient_pseudonym.encode(), _wire_headers(request), value)
+
+
+def test_route_key_refuses_headers_that_disagree_with_the_value() -> None:
+    """A model, correlation id or key that differs from the value's is not routed on trust."""
+    request = make_request()
+    wire = to_wire(request)
+    headers = _wire_headers(request)
+    with pytest.raises(NotARequestError, match="model"):
+        route_key(request.patient_pseudonym.encode(), {**headers, h.MODEL: "other"}, wire)
+    with pytest.raises(NotARequestError, match="correlation_id"):
+        route_key(request.patient_pseudonym.encode(), {**headers, h.CORRELATION_ID: "x"}, wire)
+    with pytest.raises(NotARequestError, match="patient_pseudonym"):
+        route_key(b"someone-else", headers, wire)
+
+
 def test_wire_tasks_parse_to_what_route_builds() -> None:
     """route_wire's bytes are a valid RunInference equal to route()'s task, ids aside."""
     rule = RoutingRule(version=2, ward="icu")

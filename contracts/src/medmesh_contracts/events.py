@@ -135,10 +135,14 @@ def run_inference_wire(
 ) -> bytes:
     """A RunInference as wire bytes around a RequestInference that is already wire bytes.
 
-    The router routes on headers and never parses the request: its bytes are embedded as the
-    ``request`` member verbatim, so the result is exactly what ``to_wire(RunInference(...))``
-    would carry, without a parse and a re-serialization per request.
+    The router routes on headers and does not validate the request as a model: its bytes
+    (checked by the caller to be one JSON object agreeing with the headers) are embedded as
+    the ``request`` member verbatim. The result parses to the same RunInference as
+    ``to_wire(RunInference(...))`` would (field order, the UTC offset's spelling and fields
+    unknown to this version may differ), without a validation and re-serialization per request.
     """
+    if routed_at.tzinfo is None:
+        raise ValueError("routed_at must be timezone-aware")
     head = {
         "event_id": new_id(),
         "correlation_id": correlation_id,

@@ -151,25 +151,18 @@ class Ingest:
     # --- Kafka ---------------------------------------------------------------------------------
 
     async def on_inbound_events(self, message: KafkaMessage) -> None:
-        """A poll of medmesh.fhir.inbound: its events handled concurrently, and one offset
-        commit for the whole poll once all are handled.
+        """A poll of medmesh.fhir.inbound: each event in turn, and one offset commit for the
+        whole poll once all are handled.
 
-        Concurrently, so the acknowledgements of their requests and states are awaited together
-        rather than one round trip after another (the poll's throughput was bound by Kafka's
-        latency, not by CPU: medmesh bench --series ingest). One patient's events still merge
-        in arrival order: each task parses synchronously up to the patient's lock, and the locks
-        are FIFO; merging keeps the newest reading by its observation time in any case.
-        Kafka or source-server failures propagate (the other tasks are cancelled), so the poll
-        is redelivered (NACK); events already handled then come again as duplicates.
+        In turn, not concurrently: one patient's events must merge in arrival order (a Bundle
+        for two models releases the patient's lock between them), and a merge must not be
+        cancelled between its request's acknowledgement and its state update; concurrent tasks
+        break both. Kafka or source-server failures propagate, so the poll is redelivered (NACK);
+        events already handled then come again and are recognised as duplicates.
         """
-        records: tuple[Any, ...] = tuple(message.raw_message)  # a batch holds a tuple
-        async with asyncio.TaskGroup() as group:
-            for record in records:
-                group.create_task(self._traced_inbound_event(record))
-
-    async def _traced_inbound_event(self, record: Any) -> None:
-        with consumer_span(self.tracer, record, self.settings.ingest_group_id):
-            await self.on_inbound_event(record)
+        for record in tuple(message.raw_message):  # a batch message holds a tuple of records
+            with consumer_span(self.tracer, record, self.settings.ingest_group_id):
+                await self.on_inbound_event(record)
 
     async def on_inbound_event(self, record: Any) -> None:
         """One event from medmesh.fhir.inbound: requests downstream, or a rejection event."""

@@ -59,11 +59,19 @@ class ReadingsFollower:
         )
         await consumer.start()
         self._consumer = consumer
+        try:
+            partitions = await self._rebuild(consumer, timeout_s)
+        except BaseException:
+            await self.stop()  # no consumer left behind when the start fails
+            raise
+        self._task = asyncio.create_task(self._follow(consumer), name="readings-follower")
+        return partitions
+
+    async def _rebuild(self, consumer: AIOKafkaConsumer, timeout_s: float) -> int:
         # aiokafka has no public call for the partitions of a topic not subscribed to.
         cluster = await consumer._client.fetch_all_metadata()
         found = cluster.partitions_for_topic(topics.INGEST_READINGS)
         if not found:
-            await self.stop()
             raise RuntimeError(f"topic {topics.INGEST_READINGS} does not exist")
         parts = [TopicPartition(topics.INGEST_READINGS, p) for p in sorted(found)]
         consumer.assign(parts)
@@ -72,7 +80,6 @@ class ReadingsFollower:
         deadline = time.monotonic() + timeout_s
         while await _behind(consumer, parts, end):
             if time.monotonic() > deadline:
-                await self.stop()
                 raise TimeoutError(f"reading {topics.INGEST_READINGS} took over {timeout_s}s")
             await self._apply_next(consumer, timeout_ms=500)
         log.info(
@@ -81,7 +88,6 @@ class ReadingsFollower:
             states=len(self.store),
             partitions=len(parts),
         )
-        self._task = asyncio.create_task(self._follow(consumer), name="readings-follower")
         return len(parts)
 
     async def _apply_next(self, consumer: AIOKafkaConsumer, timeout_ms: int) -> None:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -89,10 +89,17 @@ class Consumed:
 
 class StartupReader(Protocol):
     """Reads a topic to its current end at start: from its beginning (the registry, heartbeats)
-    or from the first record at or after ``since`` (results and failures of a rollout step)."""
+    or from the first record at or after ``since`` (results and failures of a rollout step).
+    With ``apply``, each record is handed to it as it arrives and none is kept (the list is
+    empty): results embed whole requests, an hour of them must not sit in memory."""
 
     def __call__(
-        self, settings: RouterSettings, topic: str, /, since: datetime | None = None
+        self,
+        settings: RouterSettings,
+        topic: str,
+        /,
+        since: datetime | None = None,
+        apply: Callable[[Consumed], None] | None = None,
     ) -> Awaitable[list[Consumed]]: ...
 
 
@@ -111,7 +118,10 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicParti
 
 
 async def read_topic_to_end(
-    settings: RouterSettings, topic: str, since: datetime | None = None
+    settings: RouterSettings,
+    topic: str,
+    since: datetime | None = None,
+    apply: Callable[[Consumed], None] | None = None,
 ) -> list[Consumed]:
     """Every record of ``topic`` (from ``since`` when given) up to its end at the time of the
     call, in order per partition."""
@@ -143,7 +153,12 @@ async def read_topic_to_end(
             while any([await consumer.position(p) < end[p] for p in partitions]):
                 batches = await consumer.getmany(*partitions, timeout_ms=500)
                 for records in batches.values():
-                    found.extend(Consumed(r.partition, r.offset, r.value) for r in records)
+                    consumed = (Consumed(r.partition, r.offset, r.value) for r in records)
+                    if apply is None:
+                        found.extend(consumed)
+                    else:
+                        for record in consumed:
+                            apply(record)
         return found
     finally:
         await consumer.stop()
@@ -238,7 +253,9 @@ class Router:
 
     async def _rebuild_figures(self, now: datetime) -> None:
         """Results and failures since the earliest step of a progressing rollout began, so a
-        restart neither forgets a step's evidence nor makes it start counting again."""
+        restart neither forgets a step's evidence nor makes it start counting again. Best
+        effort: a read that runs out of time leaves the figures partial (logged), it does not
+        stop the router from starting."""
         starts = [
             d.rollout.step_started_at
             for d in self.state.deployments.values()
@@ -247,19 +264,36 @@ class Router:
         if not starts:
             return
         since = max(min(starts), now - FIGURES_REBUILD_MAX)
-        read = 0
-        for topic in (topics.INFERENCE_RESULTS, topics.INFERENCE_SHADOW_RESULTS):
-            for record in await self._read_to_end(self.settings, topic, since=since):
-                completed = _parse_value(InferenceCompleted, record)
-                if completed is not None:
-                    self.analysis.completed(completed)
-                    read += 1
-        for record in await self._read_to_end(self.settings, topics.INFERENCE_FAILED, since=since):
-            failed = _parse_value(InferenceFailed, record)
-            if failed is not None:
-                self.analysis.failed(failed)
-                read += 1
-        log.info("rollout figures rebuilt", since=since.isoformat(), records=read)
+        read = [0]
+
+        def completed(record: Consumed) -> None:
+            event = _parse_value(InferenceCompleted, record)
+            if event is not None:
+                self.analysis.completed(event)
+                read[0] += 1
+
+        def failed(record: Consumed) -> None:
+            event = _parse_value(InferenceFailed, record)
+            if event is not None:
+                self.analysis.failed(event)
+                read[0] += 1
+
+        sources = (
+            (topics.INFERENCE_RESULTS, completed),
+            (topics.INFERENCE_SHADOW_RESULTS, completed),
+            (topics.INFERENCE_FAILED, failed),
+        )
+        try:
+            for topic, apply in sources:
+                await self._read_to_end(self.settings, topic, since=since, apply=apply)
+        except TimeoutError:
+            log.warning(
+                "rollout figures only partly rebuilt: reading them took too long",
+                since=since.isoformat(),
+                records=read[0],
+            )
+            return
+        log.info("rollout figures rebuilt", since=since.isoformat(), records=read[0])
 
     async def started(self) -> None:
         """After Kafka connected: publish seeds, then start the readiness and controller loop."""
