@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
+from medmesh_contracts.events import ModelInput
 from medmesh_contracts.modelspec import load_spec
 from medmesh_reporting.conformance import check_report_bundle
 from medmesh_reporting.report import build_report
@@ -18,6 +19,10 @@ from tests.factories import make_completed, make_request, make_task
 
 ROOT = Path(__file__).resolve().parents[2]
 ISSUED = datetime(2026, 11, 23, 8, 31, tzinfo=UTC)
+ABSENT_ERROR = {
+    "system": "http://terminology.hl7.org/CodeSystem/data-absent-reason",
+    "code": "error",
+}
 
 JsonDict = dict[str, Any]
 
@@ -99,7 +104,25 @@ def empty_reference_range(bundle: JsonDict) -> None:
 
 def value_and_data_absent_reason(bundle: JsonDict) -> None:
     """Observation with both value[x] and dataAbsentReason (obs-6)."""
-    entry(bundle, "Observation")["dataAbsentReason"] = {"text": "not asked"}
+    entry(bundle, "Observation")["dataAbsentReason"] = {"coding": [dict(ABSENT_ERROR)]}
+
+
+def uncoded_data_absent_reason(bundle: JsonDict) -> None:
+    """Observation whose value is replaced by a dataAbsentReason with text only."""
+    observation = entry(bundle, "Observation")
+    del observation["valueInteger"]
+    observation["dataAbsentReason"] = {"text": "could not be read"}
+
+
+def component_without_value(bundle: JsonDict) -> None:
+    """Observation component with neither value[x] nor dataAbsentReason."""
+    del entry(bundle, "Observation")["component"][0]["valueQuantity"]
+
+
+def component_value_and_data_absent_reason(bundle: JsonDict) -> None:
+    """Observation component with both value[x] and dataAbsentReason."""
+    component = entry(bundle, "Observation")["component"][2]
+    component["dataAbsentReason"] = {"coding": [dict(ABSENT_ERROR)]}
 
 
 BREAKAGES: list[tuple[Callable[[JsonDict], None], str]] = [
@@ -115,6 +138,15 @@ BREAKAGES: list[tuple[Callable[[JsonDict], None], str]] = [
     (bad_bundle_type, "Bundle.type"),
     (empty_reference_range, "Bundle.entry[1].resource.ofType(Observation).referenceRange[0]"),
     (value_and_data_absent_reason, "Bundle.entry[1].resource.ofType(Observation).dataAbsentReason"),
+    (
+        uncoded_data_absent_reason,
+        "Bundle.entry[1].resource.ofType(Observation).dataAbsentReason.coding",
+    ),
+    (component_without_value, "Bundle.entry[1].resource.ofType(Observation).component[0].value"),
+    (
+        component_value_and_data_absent_reason,
+        "Bundle.entry[1].resource.ofType(Observation).component[2].dataAbsentReason",
+    ),
 ]
 
 
@@ -174,3 +206,41 @@ def test_provenance_role_value_set_follows_the_fhir_version(report: JsonDict) ->
     assert len(check_report_bundle(derivation, fhir_version="R5")) == 1
     assert check_report_bundle(instantiates, fhir_version="R5") == []
     assert len(check_report_bundle(instantiates, fhir_version="R4B")) == 1
+
+
+@pytest.fixture(scope="module")
+def unreadable_ecg_report() -> JsonDict:
+    """An ecg-rhythm report of an unreadable ECG (band 2: no value, dataAbsentReason)."""
+    spec = load_spec(ROOT / "deploy" / "models" / "ecg-rhythm.yaml")
+    lead = ModelInput(
+        name="ecg_lead_ii",
+        value=0.0,
+        unit="mV",
+        source_reference="Observation/ecg-1",
+        samples=(0.0,) * 2500,
+        period_ms=4.0,
+        duration_s=9.996,
+    )
+    outputs = {"SCORE": (0.0,), "RHYTHM_BAND": (2.0,), "FEATURES": (0.0,) * 5}
+    completed = make_completed(
+        make_task(make_request(model="ecg-rhythm", inputs=(lead,))), outputs=outputs
+    )
+    return build_report(completed, spec, issued=ISSUED)
+
+
+def test_report_without_a_value_conforms(unreadable_ecg_report: JsonDict) -> None:
+    """A report whose Observation has dataAbsentReason instead of value[x] has no problem."""
+    observation = entry(unreadable_ecg_report, "Observation")
+    assert "dataAbsentReason" in observation
+    assert check_report_bundle(unreadable_ecg_report) == []
+
+
+def test_report_without_a_value_given_one_is_flagged(unreadable_ecg_report: JsonDict) -> None:
+    """The unreadable ECG's Observation given back a value has both: one obs-6 problem."""
+    broken = copy.deepcopy(unreadable_ecg_report)
+    entry(broken, "Observation")["valueQuantity"] = {"value": 0.0, "unit": "%"}
+
+    assert check_report_bundle(broken) == [
+        "Bundle.entry[1].resource.ofType(Observation).dataAbsentReason:"
+        " only when value[x] is absent (obs-6)"
+    ]

@@ -119,7 +119,7 @@ async def test_undecodable_request_is_dead_lettered_with_the_reason() -> None:
 
 
 async def test_empty_registry_is_seeded_from_the_spec_and_audited() -> None:
-    """With no registry record, the spec's 100 % v1 is published to the registry with a 'seed'."""
+    """With no registry record, each spec's 100 % v1 is published to the registry with a 'seed'."""
     router = _router()
     registry = _capture(router.broker, topics.MODELS_REGISTRY)
     audit = _capture(router.broker, topics.MODELS_AUDIT)
@@ -127,8 +127,9 @@ async def test_empty_registry_is_seeded_from_the_spec_and_audited() -> None:
     async with TestKafkaBroker(router.broker):
         await router.started()
         await router.stopping()
-    assert [ModelDeployment.model_validate_json(r).weights for r in registry] == [{1: 100}]
-    assert [LifecycleDecision.model_validate_json(a).action for a in audit] == ["seed"]
+    seeded = {d.model: d.weights for d in map(ModelDeployment.model_validate_json, registry)}
+    assert seeded == {"deterioration": {1: 100}, "ecg-rhythm": {1: 100}}
+    assert [LifecycleDecision.model_validate_json(a).action for a in audit] == ["seed", "seed"]
 
 
 async def test_state_is_rebuilt_from_the_registry_records() -> None:

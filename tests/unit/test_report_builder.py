@@ -304,3 +304,59 @@ def test_sender_bundle_local_urn_references_are_not_copied_into_the_report(
     bundle = build_report(completed, spec, issued=ISSUED)
     assert check_report_bundle(bundle) == []
     assert "derivedFrom" not in resources(bundle)["Observation"]
+
+
+def _with_band_absent(spec: ModelSpec, index: int, reason: str) -> ModelSpec:
+    """The spec with one band turned into a "no result" band (data_absent_reason set)."""
+    bands = tuple(
+        b.model_copy(update={"data_absent_reason": reason}) if b.index == index else b
+        for b in spec.bands
+    )
+    return spec.model_copy(update={"bands": bands})
+
+
+@pytest.mark.parametrize("r5", [False, True], ids=["R4B", "R5"])
+def test_band_with_a_data_absent_reason_reports_no_value(spec: ModelSpec, r5: bool) -> None:
+    """Any spec's band with data_absent_reason gives dataAbsentReason, no value or components."""
+    absent = _with_band_absent(spec, 3, "not-a-number")
+    bundle = build_report(_r5() if r5 else make_completed(), absent, issued=ISSUED)
+    assert check_report_bundle(bundle, fhir_version="R5" if r5 else "R4B") == []
+    observation = resources(bundle)["Observation"]
+    assert not [key for key in observation if key.startswith("value")]
+    assert observation["dataAbsentReason"] == {
+        "coding": [
+            {
+                "system": "http://terminology.hl7.org/CodeSystem/data-absent-reason",
+                "code": "not-a-number",
+                "display": "Not a Number (NaN)",
+            }
+        ]
+    }
+    assert "component" not in observation
+    assert "referenceRange" not in observation
+    assert observation["interpretation"][0]["coding"][1]["code"] == "high"
+    report = resources(bundle)["DiagnosticReport"]
+    assert report["conclusion"] == "High clinical risk: no result (model deterioration v1)"
+    assert report["conclusionCode"][0]["coding"][0]["code"] == "high"
+
+
+def test_bands_without_a_data_absent_reason_keep_their_value(spec: ModelSpec) -> None:
+    """A no-result band elsewhere in the spec changes nothing for a result in another band."""
+    absent = _with_band_absent(spec, 0, "error")
+    assert build_report(make_completed(), absent, issued=ISSUED) == build_report(
+        make_completed(), spec, issued=ISSUED
+    )
+
+
+def test_observation_category_comes_from_the_spec(spec: ModelSpec) -> None:
+    """Without report.observation_category the Observation is a "survey"; a spec can name another."""
+    category = "http://terminology.hl7.org/CodeSystem/observation-category"
+    survey = resources(build_report(make_completed(), spec, issued=ISSUED))["Observation"]
+    assert survey["category"] == [
+        {"coding": [{"system": category, "code": "survey", "display": "Survey"}]}
+    ]
+    raw = spec.model_dump(by_alias=True)
+    raw["report"]["observation_category"] = {"system": category, "code": "exam"}
+    exam_spec = ModelSpec.model_validate(raw)
+    exam = resources(build_report(make_completed(), exam_spec, issued=ISSUED))["Observation"]
+    assert exam["category"] == [{"coding": [{"system": category, "code": "exam"}]}]

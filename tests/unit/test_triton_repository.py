@@ -28,7 +28,7 @@ from medmesh_cli.devstack.triton import (
     served_versions,
     triton_environment,
 )
-from medmesh_contracts.modelspec import ModelSpec, load_spec
+from medmesh_contracts.modelspec import ModelSpec, load_specs
 
 ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY = ROOT / "deploy" / "triton" / "models"
@@ -37,7 +37,17 @@ MODEL_DIR = REPOSITORY / "deterioration"
 text_format: Any = importlib.import_module("google.protobuf.text_format")
 model_config_pb2: Any = importlib.import_module("tritonclient.grpc.model_config_pb2")
 # What a model.py may import to load unchanged in NVIDIA's Triton container.
-ALLOWED_IMPORTS = {"__future__", "numpy", "numpy.typing", "json", "pathlib", "importlib", "typing"}
+ALLOWED_IMPORTS = {
+    "__future__",
+    "numpy",
+    "numpy.typing",
+    "json",
+    "pathlib",
+    "importlib",
+    "typing",
+}
+SPECS = load_specs(ROOT / "deploy" / "models")
+MODEL_FILES = sorted(REPOSITORY.glob("*/*/model.py"))
 
 
 def parse(text: str) -> Any:
@@ -45,55 +55,61 @@ def parse(text: str) -> Any:
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
-@pytest.fixture(scope="module")
-def spec() -> ModelSpec:
-    """The deterioration model's spec."""
-    return load_spec(ROOT / "deploy" / "models" / "deterioration.yaml")
+@pytest.fixture(scope="module", params=sorted(SPECS))
+def spec(request: pytest.FixtureRequest) -> ModelSpec:
+    """Each deployed model's spec (deploy/models/*.yaml)."""
+    return SPECS[request.param]
 
 
 @pytest.fixture(scope="module")
-def config() -> Any:
-    """The deterioration model's config.pbtxt, parsed."""
-    return parse((MODEL_DIR / "config.pbtxt").read_text())
+def config(spec: ModelSpec) -> Any:
+    """The config.pbtxt of the spec's Triton model, parsed."""
+    return parse((REPOSITORY / spec.triton.model / "config.pbtxt").read_text())
 
 
 def test_config_tensors_agree_with_the_model_spec(spec: ModelSpec, config: Any) -> None:
-    """Model name, batch size, tensor names, types and dims match deterioration.yaml."""
-    n_inputs = len(spec.inputs)
+    """Model name, batch size, tensor names, types and dims match the model's spec (a waveform
+    input fills as many columns as its samples; contributions as the spec lists them)."""
     assert config.name == spec.triton.model
     assert config.backend == "python"
     assert config.max_batch_size == spec.triton.max_batch_size
     inputs = {t.name: (t.data_type, list(t.dims)) for t in config.input}
-    assert inputs == {spec.triton.input_tensor: (model_config_pb2.TYPE_FP32, [n_inputs])}
+    assert inputs == {spec.triton.input_tensor: (model_config_pb2.TYPE_FP32, [spec.input_width])}
     outputs = {t.name: (t.data_type, list(t.dims)) for t in config.output}
     assert outputs == {
         spec.triton.score_tensor: (model_config_pb2.TYPE_FP32, [1]),
         spec.triton.band_tensor: (model_config_pb2.TYPE_INT32, [1]),
-        spec.triton.contributions_tensor: (model_config_pb2.TYPE_FP32, [n_inputs]),
+        spec.triton.contributions_tensor: (
+            model_config_pb2.TYPE_FP32,
+            [spec.contributions_width],
+        ),
     }
 
 
 def test_config_serves_every_spec_version_on_cpu(spec: ModelSpec, config: Any) -> None:
     """All versions are served, each spec version has a folder, batching is dynamic, on CPU."""
+    model_dir = REPOSITORY / spec.triton.model
     assert config.version_policy.WhichOneof("policy_choice") == "all"
-    assert served_versions(MODEL_DIR) == sorted(v.triton_version for v in spec.versions)
+    assert served_versions(model_dir) == sorted(v.triton_version for v in spec.versions)
     for version in spec.versions:
-        assert (MODEL_DIR / str(version.triton_version) / "model.py").is_file()
+        assert (model_dir / str(version.triton_version) / "model.py").is_file()
     assert config.dynamic_batching.max_queue_delay_microseconds == 2000
     assert [(g.kind, g.count) for g in config.instance_group] == [
         (model_config_pb2.ModelInstanceGroup.KIND_CPU, 1)
     ]
 
 
-def test_bands_of_the_models_are_the_spec_bands(spec: ModelSpec) -> None:
-    """The spec declares exactly the four RISK_BAND values the models emit (0-3)."""
-    assert sorted(b.index for b in spec.bands) == [0, 1, 2, 3]
+def test_bands_of_the_models_are_the_spec_bands() -> None:
+    """The specs declare exactly the band values the models emit: deterioration 0-3 (RISK_BAND),
+    ecg-rhythm 0-2 (RHYTHM_BAND: regular, irregular, unreadable)."""
+    bands = {name: sorted(b.index for b in spec.bands) for name, spec in SPECS.items()}
+    assert bands == {"deterioration": [0, 1, 2, 3], "ecg-rhythm": [0, 1, 2]}
 
 
-@pytest.mark.parametrize("version", ["1", "2"])
-def test_model_files_import_only_what_the_triton_container_has(version: str) -> None:
+@pytest.mark.parametrize("model_file", MODEL_FILES, ids=lambda p: "/".join(p.parts[-3:-1]))
+def test_model_files_import_only_what_the_triton_container_has(model_file: Path) -> None:
     """model.py imports numpy and the standard library only (Triton's utils lazily)."""
-    tree = ast.parse((MODEL_DIR / version / "model.py").read_text())
+    tree = ast.parse(model_file.read_text())
     imported: set[str] = set()
     for node in tree.body:
         if isinstance(node, ast.Import):
@@ -126,7 +142,7 @@ def test_render_without_gpus_keeps_cpu(tmp_path: Path) -> None:
     assert text == (MODEL_DIR / "config.pbtxt").read_text()
     kinds = [g.kind for g in parse(text).instance_group]
     assert kinds == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
-    assert repository_models(rendered) == {"deterioration": [1, 2]}
+    assert repository_models(rendered) == {"deterioration": [1, 2], "ecg-rhythm": [1]}
 
 
 def test_render_refuses_a_non_empty_destination(tmp_path: Path) -> None:

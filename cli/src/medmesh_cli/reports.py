@@ -8,6 +8,8 @@ from typing import Any
 
 from medmesh_contracts import headers as h
 
+V3_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+
 
 @dataclass(frozen=True)
 class ReportSummary:
@@ -39,6 +41,8 @@ def summarize(key: bytes | None, value: bytes, headers: dict[str, str]) -> Repor
     if "valueInteger" in observation:
         score: float | int | None = observation["valueInteger"]
         unit = "{score}"
+    elif "dataAbsentReason" in observation:
+        score, unit = None, ""  # no result (e.g. an unreadable ECG): the band says why
     else:
         quantity = observation.get("valueQuantity", {})
         score, unit = quantity.get("value"), quantity.get("code", "")
@@ -47,7 +51,8 @@ def summarize(key: bytes | None, value: bytes, headers: dict[str, str]) -> Repor
             c.get("code", "")
             for i in observation.get("interpretation", [])
             for c in i.get("coding", [])
-            if "risk-band" in c.get("system", "")
+            # The model's own band coding, beside the v3 ObservationInterpretation one.
+            if c.get("system") not in (None, V3_INTERPRETATION)
         ),
         "",
     )

@@ -61,7 +61,14 @@ class SourceContext(WireModel):
 
 
 class ModelInput(WireModel):
-    """One model input value, already converted to the unit the model spec expects."""
+    """One model input value, already converted to the unit the model spec expects.
+
+    A waveform input (a spec input with ``waveform``) also carries its ``samples`` in ``unit``,
+    already resampled to the spec's rate and length, ``period_ms`` apart, and ``duration_s``, how
+    long the signal received lasted (before cropping or padding). Its ``value`` stays a value in
+    ``unit``: the last sample, the signal's most recent value, so a reader that knows only
+    scalar inputs still reads a true (if partial) value of the signal.
+    """
 
     name: str
     value: float
@@ -69,6 +76,9 @@ class ModelInput(WireModel):
     observed_at: AwareDatetime | None = None
     # Reference to the FHIR resource the value came from (for derivedFrom / Provenance.entity).
     source_reference: str | None = None
+    samples: tuple[float, ...] | None = None
+    period_ms: float | None = None
+    duration_s: float | None = None
 
 
 class RequestInference(Envelope):
@@ -258,6 +268,10 @@ class IngestedReading(WireModel):
     source_reference: str | None = None
     # meta.versionId of the source resource: the same id and version is the same reading.
     source_version: str | None = None
+    # A waveform reading's samples, their spacing and its duration (see ModelInput).
+    samples: tuple[float, ...] | None = None
+    period_ms: float | None = None
+    duration_s: float | None = None
 
 
 class PatientReadingsUpdated(Envelope):

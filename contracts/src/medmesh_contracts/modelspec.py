@@ -17,6 +17,31 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 LOINC = "http://loinc.org"
 SNOMED = "http://snomed.info/sct"
 UCUM = "http://unitsofmeasure.org"
+OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+DATA_ABSENT_REASON = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
+# The most input tensor columns a spec may ask for (a waveform input is one column per sample):
+# 100 000 FP32 values are 400 kB a row, far above today's widest model (2500) and far below what
+# would make one Kafka message or one Triton batch unreasonable.
+MAX_INPUT_WIDTH = 100_000
+
+# Codes of http://terminology.hl7.org/CodeSystem/data-absent-reason (FHIR R4B and R5).
+DataAbsentReason = Literal[
+    "unknown",
+    "asked-unknown",
+    "temp-unknown",
+    "not-asked",
+    "asked-declined",
+    "masked",
+    "not-applicable",
+    "unsupported",
+    "as-text",
+    "error",
+    "not-a-number",
+    "negative-infinity",
+    "positive-infinity",
+    "not-performed",
+    "not-permitted",
+]
 
 
 class SpecModel(BaseModel):
@@ -44,14 +69,16 @@ class InputSource(SpecModel):
     ``kind`` says how the value is read:
     - ``quantity``: valueQuantity converted to the input's unit;
     - ``indicator``: 1.0 when valueQuantity (in ``unit``) exceeds ``above``, else 0.0;
-    - ``coded``: valueCodeableConcept mapped through ``answers``; any other answer is ``otherwise``.
+    - ``coded``: valueCodeableConcept mapped through ``answers``; any other answer is ``otherwise``;
+    - ``waveform``: valueSampledData (one lead), for an input with ``waveform`` set: its values
+      (origin + factor * data, converted to the input's unit) resampled as the input says.
     With ``component`` set, the value is read from the Observation component with that code
     (e.g. systolic pressure inside a blood-pressure panel).
     """
 
     code: Coding
     component: Coding | None = None
-    kind: Literal["quantity", "indicator", "coded"] = "quantity"
+    kind: Literal["quantity", "indicator", "coded", "waveform"] = "quantity"
     unit: str | None = None
     above: float | None = None
     answers: dict[str, float] = Field(default_factory=dict)
@@ -66,8 +93,40 @@ class InputSource(SpecModel):
         return self
 
 
+class WaveformSpec(SpecModel):
+    """How a sampled signal (FHIR SampledData) becomes a fixed number of tensor columns.
+
+    Ingest resamples the signal (linear interpolation) to ``sample_rate_hz`` and keeps its last
+    ``samples`` values (the most recent stretch). A shorter signal is padded at its end with its
+    last value when it has at least ``min_samples`` values at that rate, else the reading is
+    unusable (too short to read). Points marked ``E`` (no valid data) are interpolated from their
+    neighbours; more than ``max_gap_fraction`` of them makes the reading unusable.
+    """
+
+    sample_rate_hz: float = Field(gt=0)
+    samples: int = Field(ge=2)
+    min_samples: int | None = Field(default=None, ge=2)
+    max_gap_fraction: float = Field(default=0.05, ge=0, le=1)
+
+    @property
+    def shortest(self) -> int:
+        """The fewest samples (at ``sample_rate_hz``) a usable signal has."""
+        return self.min_samples if self.min_samples is not None else self.samples
+
+    @property
+    def period_ms(self) -> float:
+        """Milliseconds between two samples of the tensor row."""
+        return 1000.0 / self.sample_rate_hz
+
+    @model_validator(mode="after")
+    def _shortest_fits(self) -> WaveformSpec:
+        if self.shortest > self.samples:
+            raise ValueError("a waveform's min_samples cannot exceed its samples")
+        return self
+
+
 class InputSpec(SpecModel):
-    """One position of the model's input tensor."""
+    """One input of the model: one column of its input tensor, or ``waveform.samples`` columns."""
 
     name: str
     display: str
@@ -75,13 +134,38 @@ class InputSpec(SpecModel):
     required: bool = True
     # Value used when an optional input has no reading (e.g. "breathing air" for oxygen).
     default: float | None = None
+    # Set for a sampled signal (e.g. one ECG lead): its sources are all of kind ``waveform``.
+    waveform: WaveformSpec | None = None
     sources: tuple[InputSource, ...]
+
+    @property
+    def width(self) -> int:
+        """How many tensor columns the input fills."""
+        return self.waveform.samples if self.waveform is not None else 1
 
     @model_validator(mode="after")
     def _optional_inputs_have_a_default(self) -> InputSpec:
         if not self.required and self.default is None:
             raise ValueError(f"optional input {self.name!r} needs a default")
         return self
+
+    @model_validator(mode="after")
+    def _waveforms_are_read_as_waveforms(self) -> InputSpec:
+        waveform_sources = [s.kind == "waveform" for s in self.sources]
+        if self.waveform is not None and not (all(waveform_sources) and self.required):
+            raise ValueError(f"waveform input {self.name!r}: required, with waveform sources only")
+        if self.waveform is None and any(waveform_sources):
+            raise ValueError(f"input {self.name!r} has a waveform source but no 'waveform'")
+        return self
+
+
+class ContributionSpec(SpecModel):
+    """One value of the contributions tensor, as reporting codes it (an Observation component)."""
+
+    name: str
+    display: str
+    code: Coding
+    unit: str = "{score}"
 
 
 class BandSpec(SpecModel):
@@ -90,8 +174,12 @@ class BandSpec(SpecModel):
     index: int
     code: str
     display: str
-    # v3 ObservationInterpretation code that best expresses the band (N, A, H, HH).
+    # v3 ObservationInterpretation code that best expresses the band (N, A, H, HH, IND).
     interpretation: str
+    # Set for a band that means "no result" (e.g. an unreadable input): the model's score and
+    # contributions are then not reported; the Observation carries this data-absent-reason code
+    # instead of a value, and no components. None: the band has a real score.
+    data_absent_reason: DataAbsentReason | None = None
 
 
 class ReferenceRangeSpec(SpecModel):
@@ -134,6 +222,10 @@ class ReportSpec(SpecModel):
     category: Coding
     # Code system of the risk bands (the Observation's interpretation carries both codings).
     band_system: str
+    # The result Observation's category (observation-category, e.g. "procedure" for an ECG).
+    observation_category: Coding = Coding(
+        system=OBSERVATION_CATEGORY, code="survey", display="Survey"
+    )
 
 
 class RoutingSpec(SpecModel):
@@ -161,6 +253,9 @@ class ModelSpec(SpecModel):
     versions: tuple[VersionSpec, ...]
     report: ReportSpec
     routing: RoutingSpec
+    # What each value of the contributions tensor is; none given: one per input, in input order
+    # (the input's contribution to the score).
+    contributions: tuple[ContributionSpec, ...] = ()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -171,6 +266,24 @@ class ModelSpec(SpecModel):
         if unknown:
             raise ValueError(f"routing names versions that are not deployed: {sorted(unknown)}")
         return self
+
+    @model_validator(mode="after")
+    def _input_width_is_bounded(self) -> ModelSpec:
+        if self.input_width > MAX_INPUT_WIDTH:
+            raise ValueError(
+                f"the inputs fill {self.input_width} tensor columns, at most {MAX_INPUT_WIDTH}"
+            )
+        return self
+
+    @property
+    def input_width(self) -> int:
+        """Columns of the input tensor: the inputs' widths, in input order."""
+        return sum(i.width for i in self.inputs)
+
+    @property
+    def contributions_width(self) -> int:
+        """Values of the contributions tensor per request."""
+        return len(self.contributions) if self.contributions else len(self.inputs)
 
     def version(self, number: int) -> VersionSpec:
         """The spec of one version; KeyError when it is not deployed."""

@@ -95,7 +95,11 @@ class Ingest:
             store=self.store,
             publish_request=self.publish_request,
             publish_state=self.publish_state,
-            limits=Limits(settings.max_json_depth, settings.max_bundle_entries),
+            limits=Limits(
+                settings.max_json_depth,
+                settings.max_bundle_entries,
+                settings.max_waveform_samples,
+            ),
             lookback=timedelta(minutes=settings.readings_lookback_minutes),
             max_fetched=settings.max_fetched_resources,
         )

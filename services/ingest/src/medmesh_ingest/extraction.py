@@ -5,7 +5,8 @@ usable reading among the Observations matching any of its sources, converted as 
 Only Observations give readings; a ServiceRequest whose code names a model is an explicit order
 to score its patient now. Patient and Encounter entries matter only as targets of references,
 which validation has already resolved; any other resource is ignored. A reading whose value is
-physiologically impossible (``units.implausible``) makes the whole payload unacceptable.
+physiologically impossible (``units.implausible``) makes the whole payload unacceptable. A
+waveform input reads valueSampledData as ``waveforms.read_waveform`` says (R4B and R5 alike).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from medmesh_contracts.modelspec import UCUM, Coding, InputSource, InputSpec, Mo
 from medmesh_ingest.outcomes import Issue
 from medmesh_ingest.units import UnitConversionError, convert, implausible
 from medmesh_ingest.validation import ParsedResource
+from medmesh_ingest.waveforms import Waveform, WaveformError, read_waveform
 
 # Observations with these statuses carry no reading.
 UNUSABLE_STATUSES = frozenset({"entered-in-error", "cancelled"})
@@ -115,6 +117,10 @@ class _Reading:
     source_reference: str | None
     encounter_reference: str | None
     version: str | None = None
+    # A waveform reading's samples (``value`` is then its last sample; see ModelInput).
+    samples: tuple[float, ...] | None = None
+    period_ms: float | None = None
+    duration_s: float | None = None
 
     @property
     def recency(self) -> tuple[bool, datetime]:
@@ -318,6 +324,9 @@ def _model_input(input_spec: InputSpec, reading: _Reading | None) -> ModelInput:
         unit=input_spec.unit,
         observed_at=reading.observed_at,
         source_reference=reading.source_reference,
+        samples=reading.samples,
+        period_ms=reading.period_ms,
+        duration_s=reading.duration_s,
     )
 
 
@@ -393,13 +402,38 @@ def _reading(
     path: str,
 ) -> _Reading:
     meta = observation.resource.meta
+    samples: tuple[float, ...] | None = None
+    period_ms: float | None = None
+    duration_s: float | None = None
+    if source.kind == "waveform":
+        waveform = _waveform(input_spec, element, path)
+        samples, period_ms, duration_s = waveform.samples, waveform.period_ms, waveform.duration_s
+        value = samples[-1]
+    else:
+        value = _value(input_spec, source, element, path)
     return _Reading(
-        value=_value(input_spec, source, element, path),
+        value=value,
         observed_at=observed_at(observation.resource),
         source_reference=observation.reference,
         encounter_reference=observation.encounter_reference,
         version=meta.versionId if meta is not None else None,
+        samples=samples,
+        period_ms=period_ms,
+        duration_s=duration_s,
     )
+
+
+def _waveform(input_spec: InputSpec, element: Any, path: str) -> Waveform:
+    """The element's valueSampledData read as the waveform input says."""
+    sampled = element.valueSampledData
+    if sampled is None:
+        raise _unusable("warning", path, "valueSampledData", "no sampled data")
+    try:
+        return read_waveform(
+            sampled, input_spec.unit, _given(input_spec.waveform, "a waveform spec")
+        )
+    except WaveformError as exc:
+        raise _unusable("error", path, f"valueSampledData.{exc.element}", exc.problem) from None
 
 
 def _value(input_spec: InputSpec, source: InputSource, element: Any, path: str) -> float:

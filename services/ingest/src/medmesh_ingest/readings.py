@@ -156,6 +156,9 @@ def _newer(
         observed_at=reading.input.observed_at or received_at,
         source_reference=reading.input.source_reference,
         source_version=reading.source_version,
+        samples=reading.input.samples,
+        period_ms=reading.input.period_ms,
+        duration_s=reading.input.duration_s,
     )
     if stored is None:
         return new
@@ -194,6 +197,9 @@ def _inputs(spec: ModelSpec, readings: Mapping[str, IngestedReading]) -> tuple[M
                     unit=reading.unit,
                     observed_at=reading.observed_at,
                     source_reference=reading.source_reference,
+                    samples=reading.samples,
+                    period_ms=reading.period_ms,
+                    duration_s=reading.duration_s,
                 )
             )
     return tuple(inputs)
@@ -203,6 +209,12 @@ def _fingerprint(inputs: Sequence[ModelInput], based_on: str | None) -> str:
     """A digest of what a request would carry: the same digest means the same request."""
     material = [
         [i.name, i.value, i.unit, i.observed_at.isoformat() if i.observed_at else None]
+        # A waveform counts by a digest of its samples, and by its duration.
+        + (
+            [hashlib.sha256(json.dumps(i.samples).encode()).hexdigest(), i.duration_s]
+            if i.samples
+            else []
+        )
         for i in inputs
     ]
     digest = hashlib.sha256(json.dumps([material, based_on]).encode())

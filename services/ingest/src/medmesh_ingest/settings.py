@@ -37,6 +37,8 @@ class IngestSettings(ServiceSettings):
     # Deepest JSON nesting and most Bundle entries accepted (413 beyond).
     max_json_depth: int = Field(default=32, ge=4)
     max_bundle_entries: int = Field(default=1000, ge=1)
+    # Most points one waveform (SampledData, e.g. an ECG lead) may hold (413 beyond).
+    max_waveform_samples: int = Field(default=60_000, ge=2)
     ingest_group_id: str = "medmesh-ingest"
     # Inbound events handled per poll (one offset commit each) and the longest wait to fill one.
     inbound_max_batch: int = 200

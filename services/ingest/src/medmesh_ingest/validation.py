@@ -4,7 +4,8 @@
 what kind of notification it is and which resources it only names), or raises ``FhirRejected``
 with an OperationOutcome. fhir.resources checks structure and datatypes; it does not check code
 values, reference target types or Bundle types, so the rules of BRIEF.md section 5 are made here.
-Size limits (JSON nesting depth, Bundle entries) are checked before any model is built.
+Size limits (JSON nesting depth, Bundle entries) are checked before any model is built, the
+number of points of each waveform (SampledData) right after.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from medmesh_ingest.outcomes import (
     rejected,
     rejection,
 )
+from medmesh_ingest.waveforms import sample_count
 
 FhirVersion = Literal["R4B", "R5"]
 
@@ -150,6 +152,8 @@ class Limits:
 
     max_depth: int = 32
     max_entries: int = 1000
+    # Most points one SampledData (a waveform, e.g. an ECG lead) may hold.
+    max_waveform_samples: int = 60_000
 
 
 @dataclass(frozen=True)
@@ -191,8 +195,8 @@ def parse(
 
     ``resource_type_hint`` is the type named by the endpoint (``POST /fhir/{resourceType}``).
     Raises ``FhirRejected``: 400 when the payload is not JSON, not a FHIR resource, or not of
-    the hinted type; 413 when it is nested too deeply or has too many entries; 422 when it is
-    FHIR but invalid or not usable.
+    the hinted type; 413 when it is nested too deeply, has too many entries or a waveform with
+    too many points; 422 when it is FHIR but invalid or not usable.
     """
     data = _decode_json(raw, limits)
     resource_type = _resource_type_of(data, fhir_version)
@@ -206,6 +210,7 @@ def parse(
         entries, notification = _bundle_entries(model, fhir_version)
     else:
         entries = [ParsedResource(model, resource_type)]
+    _check_waveform_sizes(entries, limits)
     _raise_if_errors([issue for entry in entries for issue in _coded_element_issues(entry)])
     return Payload(_resolve_references(entries), fhir_version, bundle_type, notification)
 
@@ -233,6 +238,28 @@ def _decode_json(raw: bytes, limits: Limits) -> dict[str, Any]:
             ["Bundle.entry"],
         )
     return data
+
+
+def _check_waveform_sizes(entries: Sequence[ParsedResource], limits: Limits) -> None:
+    """413 when an Observation's (or component's) SampledData holds more points than allowed."""
+    for entry in entries:
+        if entry.resource_type != "Observation":
+            continue
+        elements = [
+            ("", entry.resource),
+            *((f".component[{i}]", c) for i, c in enumerate(entry.resource.component or ())),
+        ]
+        for where, element in elements:
+            count = sample_count(element.valueSampledData)
+            if count > limits.max_waveform_samples:
+                path = f"{entry.expression}{where}.valueSampledData.data"
+                raise rejected(
+                    TOO_LARGE,
+                    "too-costly",
+                    f"{path}: the waveform has {count} points; at most "
+                    f"{limits.max_waveform_samples} are accepted.",
+                    [path],
+                )
 
 
 def _too_deep(limits: Limits) -> Exception:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
+from medmesh_contracts.modelspec import DATA_ABSENT_REASON, DataAbsentReason
 from medmesh_reporting.report import V3_INTERPRETATION, V3_OBSERVATION_VALUE, JsonDict
 
 # --- tables -----------------------------------------------------------------------------------
@@ -252,15 +253,37 @@ def _check_report_elements(entry: Entry) -> Iterator[str]:
             yield f"{entry.location}.{element}: a report needs {element}"
 
 
+_DATA_ABSENT_CODES = frozenset(get_args(DataAbsentReason))
+
+
+def _value_or_absent_reason(element: JsonDict, location: str, what: str) -> Iterator[str]:
+    """An Observation (or component) has value[x] or dataAbsentReason, never both (obs-6); the
+    reason carries a code of the data-absent-reason code system."""
+    has_value = any(key.startswith("value") for key in element)
+    reason = element.get("dataAbsentReason")
+    if not has_value and reason is None:
+        yield f"{location}.value: {what} needs value[x] or dataAbsentReason"
+    if has_value and reason is not None:
+        yield f"{location}.dataAbsentReason: only when value[x] is absent (obs-6)"
+    elif reason is not None:
+        codings = reason.get("coding", []) if isinstance(reason, dict) else []
+        if not any(
+            isinstance(c, dict)
+            and c.get("system") == DATA_ABSENT_REASON
+            and c.get("code") in _DATA_ABSENT_CODES
+            for c in codings
+        ):
+            yield f"{location}.dataAbsentReason.coding: no code from {DATA_ABSENT_REASON}"
+
+
 def _check_observation_value(entry: Entry) -> Iterator[str]:
     if entry.resource_type != "Observation":
         return
     observation = entry.resource
-    has_value = any(key.startswith("value") for key in observation)
-    if not has_value and "dataAbsentReason" not in observation:
-        yield f"{entry.location}.value: an Observation needs value[x] or dataAbsentReason"
-    if has_value and "dataAbsentReason" in observation:
-        yield f"{entry.location}.dataAbsentReason: only when value[x] is absent (obs-6)"
+    yield from _value_or_absent_reason(observation, entry.location, "an Observation")
+    for where, component in _values(observation, "component", entry.location):
+        if isinstance(component, dict):
+            yield from _value_or_absent_reason(component, where, "a component")
     for where, reference_range in _values(observation, "referenceRange", entry.location):
         if not isinstance(reference_range, dict) or not (
             {"low", "high", "text"} & reference_range.keys()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from medmesh_reporting.settings import ReportingSettings
-from medmesh_runtime.kafka import aiokafka_security
+from medmesh_runtime.kafka import aiokafka_security, compression_type
 
 
 def kafka_clients(settings: ReportingSettings) -> tuple[AIOKafkaConsumer, AIOKafkaProducer]:
@@ -34,6 +34,7 @@ def kafka_clients(settings: ReportingSettings) -> tuple[AIOKafkaConsumer, AIOKaf
         transaction_timeout_ms=settings.reporting_transaction_timeout_ms,
         enable_idempotence=True,
         acks="all",
+        compression_type=compression_type(settings),
         **security,
     )
     return consumer, producer
@@ -57,6 +58,7 @@ def delivery_clients(settings: ReportingSettings) -> tuple[AIOKafkaConsumer, AIO
         client_id=client_id,
         enable_idempotence=True,
         acks="all",
+        compression_type=compression_type(settings),
         **security,
     )
     return consumer, producer

@@ -34,7 +34,14 @@ from pydantic import ValidationError
 
 from medmesh_contracts import headers
 from medmesh_contracts.events import InferenceCompleted, RequestInference
-from medmesh_contracts.modelspec import UCUM, BandSpec, Coding, ModelSpec, VersionSpec
+from medmesh_contracts.modelspec import (
+    DATA_ABSENT_REASON,
+    UCUM,
+    BandSpec,
+    Coding,
+    ModelSpec,
+    VersionSpec,
+)
 
 JsonDict = dict[str, Any]
 
@@ -47,7 +54,6 @@ MODEL_TAG_SYSTEM = "https://medmesh.dev/fhir/CodeSystem/model"
 MODEL_VERSION_TAG_SYSTEM = "https://medmesh.dev/fhir/CodeSystem/model-version"
 V3_OBSERVATION_VALUE = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
 V3_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
-OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 PROVENANCE_PARTICIPANT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 V3_DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
 
@@ -69,6 +75,26 @@ _INTERPRETATION_DISPLAY = {
     "HH": "Critical high",
     "L": "Low",
     "LL": "Critical low",
+    "IND": "Indeterminate",
+}
+
+# Displays of the data-absent-reason codes a band may name (BandSpec.data_absent_reason).
+_DATA_ABSENT_DISPLAY = {
+    "unknown": "Unknown",
+    "asked-unknown": "Asked But Unknown",
+    "temp-unknown": "Temporarily Unknown",
+    "not-asked": "Not Asked",
+    "asked-declined": "Asked But Declined",
+    "masked": "Masked",
+    "not-applicable": "Not Applicable",
+    "unsupported": "Unsupported",
+    "as-text": "As Text",
+    "error": "Error",
+    "not-a-number": "Not a Number (NaN)",
+    "negative-infinity": "Negative Infinity (NINF)",
+    "positive-infinity": "Positive Infinity (PINF)",
+    "not-performed": "Not Performed",
+    "not-permitted": "Not Permitted",
 }
 
 FhirVersion = Literal["R4B", "R5"]
@@ -152,10 +178,10 @@ def read_result(completed: InferenceCompleted, spec: ModelSpec) -> ModelResult:
             f"{spec.triton.band_tensor} {int(band_value)} is not a band of model {spec.name!r}"
         ) from exc
     contributions = _tensor(completed, spec.triton.contributions_tensor)
-    if len(contributions) != len(spec.inputs):
+    if len(contributions) != spec.contributions_width:
         raise ReportBuildError(
             f"{spec.triton.contributions_tensor} has {len(contributions)} values,"
-            f" model {spec.name!r} has {len(spec.inputs)} inputs"
+            f" model {spec.name!r} has {spec.contributions_width}"
         )
     if version.score_is_integer:
         if not score.is_integer():
@@ -290,8 +316,14 @@ def _band_concept(spec: ModelSpec, band: BandSpec) -> JsonDict:
 
 
 def _conclusion(parts: _Parts) -> str:
-    """One line a clinician reads: score, band and the model version that produced them."""
+    """One line a clinician reads: score, band and the model version that produced them.
+
+    A band with a data-absent reason has no score to read: the line says so, after the band
+    (e.g. the ECG could not be interpreted).
+    """
     version, result = parts.version, parts.result
+    if result.band.data_absent_reason is not None:
+        return f"{result.band.display}: no result (model {parts.model_label})"
     label = version.score.display or version.score.code
     unit = "" if version.score_unit.startswith("{") else f" {version.score_unit}"
     score = str(result.score) if isinstance(result.score, int) else f"{result.score:.1f}"
@@ -312,9 +344,7 @@ def _observation(parts: _Parts) -> JsonDict:
         observation["basedOn"] = [{"reference": request.based_on_reference}]
     observation |= {
         "status": "final",
-        "category": [
-            {"coding": [{"system": OBSERVATION_CATEGORY, "code": "survey", "display": "Survey"}]}
-        ],
+        "category": [{"coding": [_coding(parts.spec.report.observation_category)]}],
         "code": {
             "coding": [_coding(c) for c in (version.score, *version.extra_score_codings)],
         },
@@ -322,29 +352,39 @@ def _observation(parts: _Parts) -> JsonDict:
     }
     if request.encounter_reference:
         observation["encounter"] = {"reference": request.encounter_reference}
+    absent = parts.result.band.data_absent_reason
     observation |= {
         "effectiveDateTime": parts.effective_at,
         "issued": parts.issued_at,
-        **_value(version, parts.result.score),
+        # A "no result" band (e.g. unreadable input): no value, and no range to read it against.
+        **(_data_absent(absent) if absent else _value(version, parts.result.score)),
         "interpretation": [_interpretation(parts.spec, parts.result.band)],
-        **_reference_range(version),
+        **({} if absent else _reference_range(version)),
         "method": {"text": version.algorithm},
         "device": {"reference": ids.url(ids.device)},
     }
     derived_from = _source_references(request)
     if derived_from:
         observation["derivedFrom"] = [{"reference": r} for r in derived_from]
+    if absent:
+        return observation  # the contributions of no result are not findings either
     observation["component"] = [
         {
-            "code": {
-                "coding": [_coding(item.sources[0].code)],
-                "text": f"Contribution of {item.display}",
-            },
-            "valueQuantity": _quantity(value, "{score}"),
+            "code": {"coding": [_coding(code)], "text": text},
+            "valueQuantity": _quantity(value, unit),
         }
-        for item, value in zip(parts.spec.inputs, parts.result.contributions, strict=True)
+        for (code, text, unit), value in zip(
+            _contribution_items(parts.spec), parts.result.contributions, strict=True
+        )
     ]
     return observation
+
+
+def _contribution_items(spec: ModelSpec) -> list[tuple[Coding, str, str]]:
+    """(code, text, unit) of each contributions value: the spec's list, else one per input."""
+    if spec.contributions:
+        return [(c.code, c.display, c.unit) for c in spec.contributions]
+    return [(i.sources[0].code, f"Contribution of {i.display}", "{score}") for i in spec.inputs]
 
 
 def _device(parts: _Parts) -> JsonDict:
@@ -469,6 +509,15 @@ def _value(version: VersionSpec, score: float | int) -> JsonDict:
     if version.score_is_integer:
         return {"valueInteger": score}
     return {"valueQuantity": _quantity(score, version.score_unit)}
+
+
+def _data_absent(code: str) -> JsonDict:
+    """Observation.dataAbsentReason, in place of value[x], for a band with no result."""
+    coding: JsonDict = {"system": DATA_ABSENT_REASON, "code": code}
+    display = _DATA_ABSENT_DISPLAY.get(code)
+    if display:
+        coding["display"] = display
+    return {"dataAbsentReason": {"coding": [coding]}}
 
 
 def _quantity(value: float | int, ucum_code: str) -> JsonDict:
