@@ -15,6 +15,9 @@ from aiokafka import AIOKafkaConsumer
 from rich.console import Console
 
 from medmesh_cli.bench.command import bench
+from medmesh_cli.bench.pipeline import load_template, run_load, vitals_events
+from medmesh_cli.bench.stats import markdown_table
+from medmesh_cli.devstack.overlay import with_overlay
 from medmesh_cli.devstack.paths import repo_root, run_dir
 from medmesh_cli.devstack.stack import Stack, StackConfig
 from medmesh_cli.models import models_app
@@ -33,8 +36,11 @@ DEFAULT_INGEST = "http://127.0.0.1:8080"
 
 def sample_events() -> list[Path]:
     """The sample events sent by ``up --demo``: the vitals fixtures the tests also use, so the
-    demo shows exactly what is tested (tests/fixtures/fhir/EXPECTED.md has the arithmetic)."""
-    return sorted((repo_root() / "tests" / "fixtures" / "fhir").glob("vitals-bundle-*.json"))
+    demo shows exactly what is tested (tests/fixtures/fhir/EXPECTED.md has the arithmetic), then
+    the two R4B ECG fixtures (sinus rhythm, AF-like; tests/fixtures/fhir/make_ecg_fixtures.py)."""
+    fixtures = repo_root() / "tests" / "fixtures" / "fhir"
+    vitals = sorted(fixtures.glob("vitals-bundle-*.json"))
+    return [*vitals, fixtures / "ecg-sinus.json", fixtures / "ecg-af.json"]
 
 
 @app.command()
@@ -43,9 +49,24 @@ def up(
         bool, typer.Option(help="send the sample events and print each report")
     ] = False,
     logs: Annotated[bool, typer.Option(help="stream every process's log with a prefix")] = True,
+    topology: Annotated[
+        str,
+        typer.Option(
+            help="services: one process per service; monolith: the four stages in one process "
+            "(Kafka only at the edges), for comparison"
+        ),
+    ] = "services",
+    overlay: Annotated[
+        Path | None,
+        typer.Option(help="also serve the model versions of an overlay (deploy/drills/...)"),
+    ] = None,
 ) -> None:
     """Start Kafka, Triton and the four services on loopback; Ctrl-C or `medmesh down` stops all."""
-    config = StackConfig(echo=logs)
+    if topology not in ("services", "monolith"):
+        raise typer.BadParameter("choose services or monolith", param_hint="--topology")
+    config = StackConfig(echo=logs, topology="monolith" if topology == "monolith" else "services")
+    if overlay is not None:
+        config = with_overlay(config, overlay)
     pid_file = config.state_dir / PID_FILE
     stack = Stack(config)
     started = time.monotonic()
@@ -142,7 +163,7 @@ async def _watch_reports(bootstrap: str) -> None:
                 report.patient_pseudonym[:15],
                 report.model,
                 f"v{report.model_version}",
-                f"{report.score} {report.score_unit}",
+                f"{report.score} {report.score_unit}" if report.score is not None else "-",
                 report.band,
                 latency,
             )
@@ -181,6 +202,30 @@ def send(
 ) -> None:
     """POST FHIR files to a running ingest and print its answers."""
     asyncio.run(_send_files(url, files))
+
+
+@app.command()
+def load(
+    rate: Annotated[float, typer.Option(help="vital-sign Bundles per second (open loop)")] = 10.0,
+    seconds: Annotated[float, typer.Option(help="how long to send")] = 60.0,
+    patients: Annotated[int, typer.Option(help="distinct patients")] = 500,
+    url: Annotated[str, typer.Option(help="ingest base URL")] = DEFAULT_INGEST,
+    bootstrap: Annotated[str, typer.Option(help="Kafka bootstrap")] = "127.0.0.1:9092",
+) -> None:
+    """Send steady vital-sign traffic (new patients each run) and summarise its reports."""
+    template = load_template(sample_events()[0])
+    count = max(1, int(rate * seconds))
+    events = vitals_events(
+        template,
+        patients,
+        count,
+        seed=time.time_ns(),
+        prefix=f"load-{os.getpid()}-{time.time_ns() % 10**6}",
+    )
+    console.print(f"sending {count} Bundles over {patients} patients at {rate:g}/s ...")
+    result = asyncio.run(run_load(url, bootstrap, events, rate))
+    console.print(markdown_table([result.http, result.end_to_end]))
+    console.print(f"non-2xx answers: {result.non_2xx}; reports missing: {result.missing}")
 
 
 app.command()(ops.trace)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from medmesh_cli.bench.stats import Summary, summarize
 from medmesh_contracts import headers as h
@@ -41,6 +41,8 @@ class PipelineResult:
     http: Summary
     missing: int
     non_2xx: int
+    # The correlation ids ingest answered with (for per-hop figures from the level's traces).
+    correlation_ids: tuple[str, ...] = ()
 
 
 def vitals_events(
@@ -75,15 +77,7 @@ async def run_load(
     arrived: dict[str, float] = {}
     http_ms: list[float] = []
     non_2xx = 0
-    consumer = AIOKafkaConsumer(
-        topics.REPORTS_DIAGNOSTIC,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="latest",
-        isolation_level="read_committed",
-        group_id=f"bench-{time.time_ns()}",
-    )
-    await consumer.start()
-    await asyncio.sleep(1.0)  # the group must own its partitions before the first report
+    consumer = await _reports_at_end(bootstrap)
 
     async def collect() -> None:
         async for record in consumer:
@@ -125,7 +119,33 @@ async def run_load(
         http=summarize(f"HTTP 202 @ {rate_per_s:g}/s", http_ms, duration),
         missing=len(set(planned) - set(arrived)),
         non_2xx=non_2xx,
+        correlation_ids=tuple(planned),
     )
+
+
+async def _reports_at_end(bootstrap: str) -> AIOKafkaConsumer:
+    """A reader of every partition of the reports topic from its current end.
+
+    No consumer group: a loaded benchmark client that misses heartbeats would be thrown out of
+    its group and see reports late after re-joining, which reads as pipeline latency.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
+    )
+    await consumer.start()
+    found: set[int] = set()
+    for _ in range(50):
+        await consumer._client.force_metadata_update()  # aiokafka has no public metadata refresh
+        found = consumer.partitions_for_topic(topics.REPORTS_DIAGNOSTIC) or set()
+        if found:
+            break
+        await asyncio.sleep(0.1)
+    partitions = [TopicPartition(topics.REPORTS_DIAGNOSTIC, p) for p in sorted(found)]
+    consumer.assign(partitions)
+    await consumer.seek_to_end(*partitions)
+    for partition in partitions:
+        await consumer.position(partition)  # resolve "end" now, before the first send
+    return consumer
 
 
 def load_template(path: Path) -> dict[str, Any]:

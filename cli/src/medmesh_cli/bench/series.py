@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-ALL_SERIES = ("hop", "pipeline", "batching", "router", "ingest", "tracing")
+ALL_SERIES = ("hop", "pipeline", "batching", "router", "ingest", "topology", "tracing")
 
 
 def parse_series(text: str) -> list[str]:

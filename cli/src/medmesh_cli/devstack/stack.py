@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import httpx
 
@@ -23,6 +24,8 @@ from medmesh_cli.devstack.topics import create_topics
 from medmesh_cli.devstack.triton import TritonPorts, TritonServer, detect_gpu_count
 from medmesh_contracts.modelspec import load_specs
 from medmesh_contracts.topics import all_topics
+
+Topology = Literal["services", "monolith"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ class StackConfig:
     # Other model specs / another Triton model repository (tests that add a model); None: deploy/.
     specs_dir_override: Path | None = None
     model_repository_override: Path | None = None
+    # "services": one process per service; "monolith": the four stages in one process
+    # (medmesh_cli.monolith) on ingest's port, with Kafka only at the edges.
+    topology: Topology = "services"
 
     @property
     def specs_dir(self) -> Path:
@@ -95,8 +101,10 @@ class StackConfig:
 
 
 def service_specs(config: StackConfig) -> list[ServiceSpec]:
-    """ingest, router, one worker per deployed model version, reporting."""
+    """ingest, router, one worker per deployed model version, reporting (or the monolith)."""
     ports = config.ports
+    if config.topology == "monolith":
+        return [ServiceSpec("monolith", "medmesh_cli.monolith", ports.ingest)]
     services = [
         ServiceSpec("ingest", "medmesh_ingest", ports.ingest),
         ServiceSpec("router", "medmesh_router", ports.router),
@@ -280,6 +288,17 @@ class Stack:
         spec = next(s for s in service_specs(self.config) if s.name == name)
         self._start_service(spec)
         self._wait_ready(timeout_s, only={spec.name: spec.port})
+
+    def switch_topology(self, topology: Topology, timeout_s: float = 120.0) -> None:
+        """Stop the running service processes and start the other topology's on the same
+        broker, Triton and ports (the benchmark compares both on one stack)."""
+        for process in reversed(list(self.services.values())):
+            process.stop(grace_s=10)
+        self.services.clear()
+        self.config.topology = topology
+        for service in service_specs(self.config):
+            self._start_service(service)
+        self._wait_ready(timeout_s)
 
     def restart_kafka(self, down_s: float = 0.0) -> None:
         """Stop the broker and start it again with its data (services reconnect by themselves)."""

@@ -51,8 +51,13 @@ class Hop:
 
 def read_spans(path: Path) -> list[Span]:
     """Every span in a JSON-lines span file (as written by medmesh_runtime.telemetry)."""
+    return parse_spans(path.read_text().splitlines())
+
+
+def parse_spans(lines: Iterable[str]) -> list[Span]:
+    """The spans of JSON lines (blank lines skipped)."""
     spans = []
-    for line in path.read_text().splitlines():
+    for line in lines:
         if not line.strip():
             continue
         record = json.loads(line)

@@ -320,15 +320,17 @@ def unauthorized(trace_id: str) -> Response:
     return response
 
 
-def create_app(settings: IngestSettings) -> FastAPI:
+def create_app(settings: IngestSettings, *, service: str = SERVICE) -> FastAPI:
     """Build the ingest ASGI app; Kafka connects in its lifespan, not here.
 
-    Raises ValueError when asked to listen beyond loopback without bearer tokens.
+    ``service`` names the process in logs, spans and metrics (the monolith topology serves this
+    same app as "monolith"). Raises ValueError when asked to listen beyond loopback without
+    bearer tokens.
     """
     check_listen_address(settings)
-    configure_logging(SERVICE, settings.log_level)
-    tracer_provider = configure_service_tracing(SERVICE, settings)
-    broker = build_broker(settings, SERVICE, tracer_provider)
+    configure_logging(service, settings.log_level)
+    tracer_provider = configure_service_tracing(service, settings)
+    broker = build_broker(settings, service, tracer_provider)
     ingest = Ingest(settings, broker, tracer_provider.get_tracer("medmesh.ingest"))
     # Batches: one synchronous offset commit per poll instead of one per event.
     broker.subscriber(

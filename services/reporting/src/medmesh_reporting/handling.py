@@ -85,23 +85,30 @@ class ReportHandler:
 
     def __call__(self, record: ConsumedRecord) -> list[Outgoing]:
         """The records to produce for ``record``: one report, one dead letter, or none (shadow)."""
-        with consumer_span(self._tracer, record) as span:
+        with consumer_span(self._tracer, record):
             try:
                 completed = InferenceCompleted.model_validate_json(record.value or b"")
             except ValueError as exc:
                 return [self._dead_letter(record, f"{type(exc).__name__}: {exc}")]
-            span.set_attribute(CONVERSATION_ID, completed.correlation_id)
-            span.set_attribute("medmesh.correlation_id", completed.correlation_id)
-            if completed.task.route.reason == "shadow":
-                log.warning(
-                    "shadow result on the results topic ignored",
-                    correlation_id=completed.correlation_id,
-                )
-                return []
-            try:
-                return [self._report(record, completed)]
-            except Exception as exc:  # noqa: BLE001 -- building is pure: any error is this record's
-                return [self._dead_letter(record, f"{type(exc).__name__}: {exc}")]
+            return self.for_result(record, completed)
+
+    def for_result(self, record: ConsumedRecord, completed: InferenceCompleted) -> list[Outgoing]:
+        """The records to produce for a decoded result (in the current span): its report, a dead
+        letter when it cannot become one, or none (shadow). The monolith topology calls this
+        in-process, with a stand-in record whose value is the result's wire form."""
+        span = trace.get_current_span()
+        span.set_attribute(CONVERSATION_ID, completed.correlation_id)
+        span.set_attribute("medmesh.correlation_id", completed.correlation_id)
+        if completed.task.route.reason == "shadow":
+            log.warning(
+                "shadow result on the results topic ignored",
+                correlation_id=completed.correlation_id,
+            )
+            return []
+        try:
+            return [self._report(record, completed)]
+        except Exception as exc:  # noqa: BLE001 -- building is pure: any error is this record's
+            return [self._dead_letter(record, f"{type(exc).__name__}: {exc}")]
 
     def _report(self, record: ConsumedRecord, completed: InferenceCompleted) -> Outgoing:
         spec = self._specs.get(completed.task.request.model)

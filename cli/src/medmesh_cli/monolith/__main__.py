@@ -1,0 +1,21 @@
+"""Run the monolith topology: python -m medmesh_cli.monolith."""
+
+from __future__ import annotations
+
+from medmesh_cli.monolith.app import create_app
+from medmesh_cli.monolith.settings import MonolithSettings
+from medmesh_runtime.serve import serve
+
+
+def main() -> None:
+    """Serve ingest's endpoints on MEDMESH_HTTP_HOST and MEDMESH_INGEST_PORT, all stages inside."""
+    settings = MonolithSettings()
+    try:
+        app = create_app(settings)
+    except ValueError as refused:  # e.g. a public address without bearer tokens
+        raise SystemExit(f"medmesh monolith: {refused}") from None
+    serve(app, settings.http_host, settings.ingest_port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""The monolith topology: ingest, router, one worker per model version and reporting, in one
+process, calling each other in-process. HTTP and Kafka only at the edges.
+
+The app *is* ingest's app (``medmesh_ingest.app.create_app``: the same POST /fhir, the same
+medmesh.fhir.inbound consumer and dead letters, the same readings state topic), with one
+change made at this bootstrap point: ingest's ``publish_request`` hands the request to the
+``InProcessPipeline`` instead of producing it to medmesh.inference.requests. So the
+differences from the services topology are exactly the three Kafka hops in the middle.
+
+Routing state: read once at start from the compacted registry topic, as the router does
+(seeded from the spec's weights for a model the registry does not know; not written back).
+Registry changes made later, worker heartbeats and the rollout controller are the router
+service's: the monolith does not follow them. Tasks of every version in the specs are scored.
+
+What the monolith promises less than the services: a 202 means the request is queued in this
+process, not stored in Kafka, so a crash loses what was queued; reports are produced with an
+idempotent acks=all producer, not in consume-produce transactions (there is no consumed
+results offset to commit with them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from opentelemetry import trace
+from pydantic import ValidationError
+
+from medmesh_cli.monolith.pipeline import InProcessPipeline, VersionStage
+from medmesh_cli.monolith.settings import MonolithSettings
+from medmesh_contracts import headers as h
+from medmesh_contracts import topics
+from medmesh_contracts.events import Producer, utc_now
+from medmesh_contracts.lifecycle import ModelDeployment, seed_deployment
+from medmesh_contracts.modelspec import ModelSpec
+from medmesh_inference.batching import RetryPolicy, WorkerIdentity
+from medmesh_inference.triton import TritonModel
+from medmesh_ingest.app import create_app as create_ingest_app
+from medmesh_reporting.handling import ReportHandler
+from medmesh_router.app import StartupReader, read_topic_to_end
+from medmesh_router.readiness import Readiness
+from medmesh_router.state import RouterState
+from medmesh_runtime.logging import get_logger
+
+SERVICE = "monolith"
+EDGE_TOPICS = (
+    topics.REPORTS_DIAGNOSTIC,
+    topics.REPORTING_DEADLETTER,
+    topics.INFERENCE_FAILED,
+    topics.INFERENCE_SHADOW_RESULTS,
+)
+log = get_logger("medmesh.monolith")
+
+
+async def load_routing(
+    state: RouterState,
+    settings: MonolithSettings,
+    specs: Mapping[str, ModelSpec],
+    producer: Producer,
+    read_to_end: StartupReader = read_topic_to_end,
+) -> None:
+    """The router's start: every registry record in order, then spec weights for the rest."""
+    now = utc_now()
+    for record in await read_to_end(settings, topics.MODELS_REGISTRY):
+        if not record.value:
+            continue
+        try:
+            state.apply(ModelDeployment.model_validate_json(record.value), now)
+        except ValidationError as exc:
+            log.warning("registry record ignored", offset=record.offset, error=str(exc))
+    for name, spec in specs.items():
+        if name not in state.deployments:
+            seeded = seed_deployment(name, spec.routing.weights, producer, now, SERVICE)
+            state.apply(seeded, now)
+    log.info("routing loaded", models={m: t.weights for m, t in state.tables.items()})
+
+
+def triton_models(settings: MonolithSettings, specs: Mapping[str, ModelSpec]) -> list[TritonModel]:
+    """One Triton client per model version, built as a worker builds its own."""
+    return [
+        TritonModel(
+            settings.triton_grpc_url,
+            spec.triton.model,
+            version.triton_version,
+            spec.triton.input_tensor,
+            (spec.triton.score_tensor, spec.triton.band_tensor, spec.triton.contributions_tensor),
+            timeout_s=spec.triton.timeout_ms / 1000,
+        )
+        for spec in specs.values()
+        for version in spec.versions
+    ]
+
+
+async def _ready_stages(
+    settings: MonolithSettings,
+    specs: Mapping[str, ModelSpec],
+    tritons: list[TritonModel],
+    producer: Producer,
+) -> list[VersionStage]:
+    """Wait until Triton serves every version (as each worker does before consuming)."""
+    stages = []
+    models = iter(tritons)
+    for spec in specs.values():
+        for version in spec.versions:
+            triton = next(models)
+            pause = settings.circuit_backoff_initial_ms / 1000
+            while not await triton.ready():
+                log.info("waiting for the model version", model=spec.name, version=version.version)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, settings.circuit_backoff_max_ms / 1000)
+            identity = WorkerIdentity(
+                producer, spec.triton.model, str(version.triton_version), await triton.device_kind()
+            )
+            stages.append(
+                VersionStage(
+                    spec,
+                    version.version,
+                    triton.infer,
+                    triton.ready,
+                    identity,
+                    settings.worker_max_batch or spec.triton.max_batch_size,
+                )
+            )
+    return stages
+
+
+def _stop_process(error: BaseException) -> None:
+    """A batcher died of a bug: stop loudly (so `medmesh up` notices) instead of idling."""
+    log.error("batcher crashed; stopping the process", error=repr(error))
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def create_app(
+    settings: MonolithSettings, read_to_end: StartupReader = read_topic_to_end
+) -> FastAPI:
+    """Ingest's app with the later stages in-process; Kafka and Triton connect at startup."""
+    app = create_ingest_app(settings, service=SERVICE)
+    ingest: Any = app.state.ingest
+    broker: Any = app.state.broker
+    specs: Mapping[str, ModelSpec] = ingest.specs
+    producer = Producer(service=SERVICE, instance=settings.instance_id)
+    tracer = trace.get_tracer_provider().get_tracer("medmesh.monolith")
+    edge = {
+        topic: broker.publisher(topic, title=f"{topic} (monolith edge)") for topic in EDGE_TOPICS
+    }
+
+    async def publish(
+        topic: str, key: bytes | None, value: bytes, headers: Mapping[str, str]
+    ) -> None:
+        await edge[topic].publish(
+            value, key=key, headers=dict(headers), correlation_id=headers.get(h.CORRELATION_ID)
+        )
+
+    state = RouterState(specs, Readiness(require_heartbeats=False))
+    reports = ReportHandler(specs, producer, tracer, performer_display=settings.performer_display)
+    tritons = triton_models(settings, specs)
+    holder: dict[str, InProcessPipeline] = {}
+    inner = app.router.lifespan_context
+
+    async def accept(request: Any) -> None:
+        await holder["pipeline"].accept(request)
+
+    # The one change to ingest: its requests go to the in-process router, not to Kafka.
+    ingest.service.publish_request = accept
+
+    @asynccontextmanager
+    async def lifespan(application: FastAPI) -> AsyncIterator[None]:
+        started = time.monotonic()
+        await load_routing(state, settings, specs, producer, read_to_end)
+        pipeline = InProcessPipeline(
+            state=state,
+            stages=await _ready_stages(settings, specs, tritons, producer),
+            reports=reports,
+            publish=publish,
+            router_producer=producer,
+            policy=RetryPolicy(
+                max_attempts=settings.triton_max_attempts,
+                initial_backoff_s=settings.triton_backoff_initial_ms / 1000,
+            ),
+            tracer=tracer,
+            linger_s=settings.batch_wait_ms / 1000,
+        )
+        holder["pipeline"] = pipeline
+        pipeline.start(on_crash=_stop_process)
+        try:
+            async with inner(application):
+                log.info("monolith started", seconds=round(time.monotonic() - started, 1))
+                yield
+                await pipeline.drain(timeout_s=10.0)
+        finally:
+            await pipeline.stop()
+            for triton in tritons:
+                await triton.close()
+
+    app.router.lifespan_context = lifespan
+    app.state.monolith = holder
+    return app
