@@ -2,12 +2,17 @@
 
 - (a) direct: a tritonclient gRPC loop, one call at a time, at the worker's batch sizes (the floor
   of what any worker can reach);
-- (b) worker: the deterioration v1 worker fed a burst of RunInference tasks from Kafka, timed
-  until every result is on medmesh.inference.results;
+- (b) worker: the model's v1 worker fed a burst of RunInference tasks from Kafka, timed until
+  every result is on medmesh.inference.results;
 - (c) batching off: the same burst through a worker started with MEDMESH_WORKER_MAX_BATCH=1.
 
 Triton's own queue and compute times (get_inference_statistics, deltas over each series) are
 reported beside them. Targets: (b) >= 80% of (a) at the spec's max batch, (b) >= 5x (c).
+
+Any model of the specs can be measured (``model``): the tasks' inputs come from the spec, a
+waveform input gets a synthetic ECG, and (a) sends exactly the rows the worker builds
+(``medmesh_inference.tensors``). NEWS2 costs microseconds per row in Triton, so its (b)/(a)
+measures the worker's per-message cost; the ECG screen costs about a millisecond per row.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import numpy.typing as npt
 from aiokafka import AIOKafkaProducer
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
@@ -42,12 +48,63 @@ from medmesh_cli.devstack.process import ManagedProcess, wait_until
 from medmesh_cli.devstack.stack import ServiceSpec, Stack, service_environment, service_specs
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
-from medmesh_contracts.events import RunInference, schema_of, to_wire
-from medmesh_contracts.modelspec import load_specs
+from medmesh_contracts.events import ModelInput, RunInference, schema_of, to_wire
+from medmesh_contracts.modelspec import ModelSpec, load_specs
+from medmesh_inference.tensors import input_batch, input_row
 
-MODEL = "deterioration"
 VERSION = 1
-WORKER = f"{MODEL}-v{VERSION}"
+ECG_RR_S = (0.8, 0.45, 1.1)  # regular RR interval; range of an irregular one (seconds)
+
+
+def synthetic_ecg(
+    samples: int, period_ms: float, *, irregular: bool, seed: int
+) -> npt.NDArray[np.float64]:
+    """A one-lead ECG in mV: Gaussian QRS spikes, a T wave and noise; RR regular or random."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(samples) * period_ms / 1000
+    signal = rng.normal(0.0, 0.02, samples)
+    beat = 0.3
+    while beat < t[-1]:
+        signal += 1.2 * np.exp(-(((t - beat) / 0.012) ** 2))
+        signal += 0.25 * np.exp(-(((t - beat - 0.25) / 0.05) ** 2))
+        beat += rng.uniform(ECG_RR_S[1], ECG_RR_S[2]) if irregular else ECG_RR_S[0]
+    return signal
+
+
+def bench_model_task(spec: ModelSpec, index: int, run: str) -> RunInference:
+    """A task for ``spec``'s v1 with inputs from the spec: the vital signs the other series
+    send for scalar inputs (the default where a spec names another), a synthetic ECG (every
+    other one irregular) for a waveform input."""
+    task = bench_task(index, run, VERSION)
+    known = {i.name: i for i in task.request.inputs}
+    inputs = []
+    for column in spec.inputs:
+        if column.waveform is not None:
+            samples = synthetic_ecg(
+                column.waveform.samples,
+                column.waveform.period_ms,
+                irregular=index % 2 == 1,
+                seed=index,
+            )
+            rounded = tuple(round(float(v), 4) for v in samples)
+            inputs.append(
+                ModelInput(
+                    name=column.name,
+                    value=rounded[-1],  # a waveform's value is its last sample (see ModelInput)
+                    unit=column.unit,
+                    samples=rounded,
+                    period_ms=column.waveform.period_ms,
+                    duration_s=(column.waveform.samples - 1) * column.waveform.period_ms / 1000,
+                )
+            )
+        elif column.name in known:
+            inputs.append(known[column.name])
+        else:
+            inputs.append(
+                ModelInput(name=column.name, value=column.default or 1.0, unit=column.unit)
+            )
+    request = task.request.model_copy(update={"model": spec.name, "inputs": tuple(inputs)})
+    return task.model_copy(update={"request": request})
 
 
 @dataclass(frozen=True)
@@ -124,27 +181,30 @@ class Series:
 
 
 class _Statistics:
-    def __init__(self, client: InferenceServerClient) -> None:
+    def __init__(self, client: InferenceServerClient, triton_model: str) -> None:
         self.client = client
+        self.triton_model = triton_model
 
     async def snapshot(self) -> dict[str, Any]:
         answer: dict[str, Any] = await self.client.get_inference_statistics(
-            MODEL, str(VERSION), as_json=True
+            self.triton_model, str(VERSION), as_json=True
         )
         return answer
 
 
-async def direct_loop(client: InferenceServerClient, batch: int, rows: int) -> Summary:
+async def direct_loop(
+    client: InferenceServerClient, spec: ModelSpec, batch: int, rows: int
+) -> Summary:
     """Sequential tritonclient calls of ``batch`` rows until ``rows`` rows are scored."""
-    data = np.tile(
-        np.array([[22.0, 95.0, 0.0, 38.4, 105.0, 112.0, 0.0]], dtype=np.float32), (batch, 1)
-    )
-    outputs = [InferRequestedOutput(n) for n in ("SCORE", "RISK_BAND", "CONTRIBUTIONS")]
+    run = run_id()
+    data = input_batch([input_row(bench_model_task(spec, i, run), spec) for i in range(batch)])
+    names = (spec.triton.score_tensor, spec.triton.band_tensor, spec.triton.contributions_tensor)
+    outputs = [InferRequestedOutput(n) for n in names]
 
     async def call() -> None:
-        tensor = InferInput("VITALS", list(data.shape), "FP32")
+        tensor = InferInput(spec.triton.input_tensor, list(data.shape), "FP32")
         tensor.set_data_from_numpy(data)
-        await client.infer(MODEL, [tensor], model_version=str(VERSION), outputs=outputs)
+        await client.infer(spec.triton.model, [tensor], model_version=str(VERSION), outputs=outputs)
 
     for _ in range(5):  # warm-up
         await call()
@@ -159,12 +219,14 @@ async def direct_loop(client: InferenceServerClient, batch: int, rows: int) -> S
     return with_count(summary, calls * batch)
 
 
-async def worker_burst(bootstrap: str, tasks: int, label: str) -> tuple[Summary, int]:
+async def worker_burst(
+    bootstrap: str, spec: ModelSpec, tasks: int, label: str
+) -> tuple[Summary, int]:
     """Publish ``tasks`` RunInference to v1's task topic; time until all results are out."""
     run = run_id()
     messages: list[Message] = []
     for i in range(tasks):
-        task = bench_task(i, run, VERSION)
+        task = bench_model_task(spec, i, run)
         headers = [
             (h.CORRELATION_ID, task.correlation_id.encode()),
             (h.SCHEMA, schema_of(RunInference).encode()),
@@ -181,7 +243,7 @@ async def worker_burst(bootstrap: str, tasks: int, label: str) -> tuple[Summary,
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
     await producer.start()
     try:
-        sent = await publish_burst(producer, topics.model_task_topic(MODEL, VERSION), messages)
+        sent = await publish_burst(producer, topics.model_task_topic(spec.name, VERSION), messages)
         missing = await sink.wait_for(sent, timeout_s=60 + tasks / 20)
     finally:
         await producer.stop()
@@ -189,12 +251,12 @@ async def worker_burst(bootstrap: str, tasks: int, label: str) -> tuple[Summary,
     return burst_summary(label, sent, sink.arrived), missing
 
 
-def _start_unbatched_worker(stack: Stack) -> tuple[ManagedProcess, int]:
+def _start_unbatched_worker(stack: Stack, worker: str) -> tuple[ManagedProcess, int]:
     """A v1 worker with MEDMESH_WORKER_MAX_BATCH=1, on a free port past the stack's workers."""
-    spec = next(s for s in service_specs(stack.config) if s.name == WORKER)
+    spec = next(s for s in service_specs(stack.config) if s.name == worker)
     port = max(s.port for s in service_specs(stack.config)) + 1
     unbatched = ServiceSpec(
-        f"{WORKER}-unbatched",
+        f"{worker}-unbatched",
         spec.module,
         port,
         {**spec.env, "MEDMESH_WORKER_PORT": str(port), "MEDMESH_WORKER_MAX_BATCH": "1"},
@@ -217,53 +279,63 @@ def _ready(port: int) -> bool:
         return False
 
 
-async def run_batching(stack: Stack, tasks: int = 2000, direct_rows: int = 4000) -> dict[str, Any]:
-    """The three series and Triton's times, in one run on the stack's Triton."""
-    max_batch = load_specs(stack.config.specs_dir)[MODEL].triton.max_batch_size
+async def run_batching(
+    stack: Stack, tasks: int = 2000, direct_rows: int = 4000, model: str = "deterioration"
+) -> dict[str, Any]:
+    """The three series and Triton's times for ``model``, in one run on the stack's Triton."""
+    spec = load_specs(stack.config.specs_dir)[model]
+    max_batch = spec.triton.max_batch_size
+    triton_model, worker = spec.triton.model, f"{model}-v{VERSION}"
     client = InferenceServerClient(url=f"127.0.0.1:{stack.config.ports.triton_grpc}")
-    stats = _Statistics(client)
+    stats = _Statistics(client, triton_model)
     series: dict[str, Series] = {}
     try:
         for batch in sorted({1, 8, max_batch}):
             before = await stats.snapshot()
             rows = direct_rows if batch > 1 else max(50, direct_rows // 8)
-            summary = await direct_loop(client, batch, rows)
+            summary = await direct_loop(client, spec, batch, rows)
             series[f"direct-{batch}"] = Series(
-                summary, triton_times(before, await stats.snapshot(), MODEL, str(VERSION))
+                summary, triton_times(before, await stats.snapshot(), triton_model, str(VERSION))
             )
         before = await stats.snapshot()
         summary, missing = await worker_burst(
-            stack.config.bootstrap, tasks, f"(b) worker from Kafka, max batch {max_batch}"
+            stack.config.bootstrap, spec, tasks, f"(b) worker from Kafka, max batch {max_batch}"
         )
         series["worker"] = Series(
-            summary, triton_times(before, await stats.snapshot(), MODEL, str(VERSION)), missing
+            summary,
+            triton_times(before, await stats.snapshot(), triton_model, str(VERSION)),
+            missing,
         )
         # (c): the stack's v1 worker steps aside; an unbatched one takes its consumer group.
-        stack.services[WORKER].stop(grace_s=10)
-        process, port = _start_unbatched_worker(stack)
+        stack.services[worker].stop(grace_s=10)
+        process, port = _start_unbatched_worker(stack, worker)
         try:
             wait_until("the unbatched worker to be ready", lambda: _ready(port), 60, 0.5)
             before = await stats.snapshot()
             summary, missing = await worker_burst(
                 stack.config.bootstrap,
+                spec,
                 max(50, tasks // 4),
                 "(c) worker from Kafka, max batch 1",
             )
             series["unbatched"] = Series(
-                summary, triton_times(before, await stats.snapshot(), MODEL, str(VERSION)), missing
+                summary,
+                triton_times(before, await stats.snapshot(), triton_model, str(VERSION)),
+                missing,
             )
         finally:
             process.stop(grace_s=10)
-            stack.restart_service(WORKER)
+            stack.restart_service(worker)
     finally:
         await client.close()
     direct = series[f"direct-{max_batch}"].summary.per_second
-    worker = series["worker"].summary.per_second
+    served = series["worker"].summary.per_second
     ratios: list[Ratio] = [
-        ratio("(b) worker / (a) direct at max batch", worker, direct, 0.8),
-        ratio("(b) worker / (c) batching off", worker, series["unbatched"].summary.per_second, 5),
+        ratio("(b) worker / (a) direct at max batch", served, direct, 0.8),
+        ratio("(b) worker / (c) batching off", served, series["unbatched"].summary.per_second, 5),
     ]
     return {
+        "model": model,
         "series": {name: s.as_dict() for name, s in series.items()},
         "ratios": [r.as_dict() for r in ratios],
     }
@@ -287,4 +359,11 @@ def batching_markdown(report: dict[str, Any]) -> str:
         "\n".join(lines)
         + "\n\nLatency: (a) per gRPC call; (b), (c) per task, from its send in a burst "
         "to its result.\n\n" + ratios_markdown(report["ratios"])
+    )
+
+
+def batching_models_markdown(report: dict[str, Any]) -> str:
+    """One batching section per model measured."""
+    return "\n".join(
+        f"### {model['model']}\n\n" + batching_markdown(model) for model in report["models"]
     )

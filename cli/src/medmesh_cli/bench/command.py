@@ -16,29 +16,36 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from medmesh_cli.bench.batching import batching_markdown, run_batching
+from medmesh_cli.bench.batching import batching_models_markdown, run_batching
 from medmesh_cli.bench.hop import cpu_count, run_hops
 from medmesh_cli.bench.ingest import ingest_markdown, run_ingest
 from medmesh_cli.bench.pipeline import load_template, run_load, vitals_events
+from medmesh_cli.bench.plots import hops_plot, latency_plot
 from medmesh_cli.bench.router import router_markdown, run_router
 from medmesh_cli.bench.series import ALL_SERIES, parse_series
 from medmesh_cli.bench.stats import Summary, markdown_table
+from medmesh_cli.bench.topology import machine_details, run_topology, topology_markdown
 from medmesh_cli.bench.tracing import run_tracing, tracing_markdown
 from medmesh_cli.devstack.paths import repo_root, run_dir
 from medmesh_cli.devstack.stack import Stack, StackConfig, StackPorts
+from medmesh_contracts.modelspec import load_specs
 
 console = Console()
-BENCH_PORTS = StackPorts(
-    kafka=26092,
-    kafka_controller=26093,
-    triton_http=26000,
-    triton_grpc=26001,
-    triton_metrics=26002,
-    ingest=26080,
-    router=26081,
-    first_worker=26082,
-    reporting=26090,
-)
+
+
+def bench_ports(base: int) -> StackPorts:
+    """The benchmark stack's ports, all derived from one base (26000 unless --port-base)."""
+    return StackPorts(
+        kafka=base + 92,
+        kafka_controller=base + 93,
+        triton_http=base,
+        triton_grpc=base + 1,
+        triton_metrics=base + 2,
+        ingest=base + 80,
+        router=base + 81,
+        first_worker=base + 82,
+        reporting=base + 90,
+    )
 
 
 def bench(
@@ -60,6 +67,9 @@ def bench(
     out: Annotated[
         Path | None, typer.Option(help="output folder (default docs/benchmarks)")
     ] = None,
+    port_base: Annotated[
+        int, typer.Option(help="first port of the private stack (two benches side by side)")
+    ] = 26000,
 ) -> None:
     """Start a private stack and measure the selected series side by side (ratios)."""
     try:
@@ -69,7 +79,8 @@ def bench(
     sizes = Sizes(hop_messages, batch_tasks, router_messages, ingest_events, tracing_rate)
     target = out or repo_root() / "docs" / "benchmarks"
     target.mkdir(parents=True, exist_ok=True)
-    stack = Stack(StackConfig(ports=BENCH_PORTS, state_dir=run_dir("bench"), partitions=3))
+    state = run_dir("bench" if port_base == 26000 else f"bench-{port_base}")
+    stack = Stack(StackConfig(ports=bench_ports(port_base), state_dir=state, partitions=3))
     console.print("starting the benchmark stack ...")
     stack.start()
     try:
@@ -82,6 +93,14 @@ def bench(
         stack.stop()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     (target / f"bench-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
+    if "topology" in report:
+        load = report["machine"].get("load_average_1_5_15_min", ["?"] * 3)
+        note = (
+            f"{report['machine']['cpus']} CPUs shared by Kafka, Triton, the pipeline and any "
+            f"other job; load avg 15 min {load[2]}"
+        )
+        latency_plot(report["topology"], target / f"bench-{stamp}-topology-latency.png", note)
+        hops_plot(report["topology"], target / f"bench-{stamp}-topology-hops.png", note)
     markdown = _markdown(report)
     (target / f"bench-{stamp}.md").write_text(markdown)
     console.print(markdown, highlight=False)
@@ -122,7 +141,14 @@ async def _measure_all(
     # restarts every service with another sampling, so they run last.
     if "batching" in selected:
         console.print("batching: direct Triton vs worker vs worker with max batch 1 ...")
-        extra["batching"] = await run_batching(stack, tasks=sizes.batch_tasks)
+        # Every model of the specs: NEWS2 costs microseconds per row, the ECG screen about a
+        # millisecond, so the two show the worker's cost against cheap and costly models.
+        extra["batching"] = {
+            "models": [
+                await run_batching(stack, tasks=sizes.batch_tasks, model=name)
+                for name in load_specs(stack.config.specs_dir)
+            ]
+        }
     if "router" in selected:
         console.print("router vs pass-through ...")
         extra["router"] = await run_router(stack, messages=sizes.router_messages)
@@ -139,6 +165,18 @@ async def _measure_all(
         console.print(
             f"load {rate:g}/s: p50 {result.end_to_end.p50_ms:.1f} ms, "
             f"p99 {result.end_to_end.p99_ms:.1f} ms, missing {result.missing}"
+        )
+    if "topology" in selected:
+        console.print("topology: the same loads against services, then the monolith ...")
+        extra["topology"] = await run_topology(
+            stack,
+            rates,
+            lambda label, rate: vitals_events(
+                template,
+                patients,
+                max(1, int(rate * seconds)),
+                prefix=f"bench-{run}-{label}-{rate:g}",
+            ),
         )
     if "tracing" in selected:
         console.print("tracing at 100%, 10% parent-based and off ...")
@@ -158,6 +196,7 @@ async def _measure_all(
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
             "cpus": cpu_count(),
+            **machine_details(),
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
@@ -182,13 +221,19 @@ def _markdown(report: dict[str, Any]) -> str:
         f"# medmesh benchmark, {report['when']} ({report['machine']['cpus']} CPUs, "
         "broker, Triton and services on the same cores)\n\n"
     )
+    machine = report["machine"]
+    if "cpu_model" in machine:
+        title += (
+            f"Machine: {machine['cpu_model']}, {machine.get('memory_gib', '?')} GiB; load average "
+            f"(1, 5, 15 min) at the end: {machine.get('load_average_1_5_15_min', '?')}.\n\n"
+        )
     sections = [title]
     if report["hops"]:
         sections.append(_hops_markdown(report))
     if report["pipeline"]:
         sections.append(_pipeline_markdown(report))
     for key, heading, render in (
-        ("batching", "Batching gain on Triton (issue 5)", batching_markdown),
+        ("batching", "Batching gain on Triton (issue 5)", batching_models_markdown),
         ("router", "Router vs a pass-through relay (issue 4, burst)", router_markdown),
         (
             "ingest",
@@ -196,6 +241,7 @@ def _markdown(report: dict[str, Any]) -> str:
             ingest_markdown,
         ),
         ("tracing", "Pipeline throughput by trace sampling (issue 7)", tracing_markdown),
+        ("topology", "Services vs monolith, same loads (issue 9)", topology_markdown),
     ):
         if key in report:
             sections.append(f"## {heading}\n\n" + render(report[key]))
