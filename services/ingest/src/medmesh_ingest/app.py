@@ -7,7 +7,6 @@ Kafka acknowledged every message the payload caused (acks=all); otherwise 503 wi
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -102,10 +101,13 @@ class Ingest:
             ),
             lookback=timedelta(minutes=settings.readings_lookback_minutes),
             max_fetched=settings.max_fetched_resources,
+            publish_timeout_s=settings.publish_timeout_s,
         )
 
     async def _acknowledged(self, publishing: Awaitable[Any]) -> None:
-        await asyncio.wait_for(publishing, timeout=self.settings.publish_timeout_s)
+        # No timeout here: the service times the publish out and keeps it in doubt (a producer
+        # does not withdraw a message whose wait was given up).
+        await publishing
 
     async def publish_request(self, request: RequestInference) -> None:
         """Publish one request and wait for Kafka's acknowledgement."""

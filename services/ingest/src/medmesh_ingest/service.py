@@ -10,6 +10,7 @@ endpoint and the inbound-topic subscriber differ only in how they deliver the ``
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -27,8 +28,9 @@ from medmesh_contracts.events import (
 from medmesh_contracts.modelspec import ModelSpec
 from medmesh_ingest.extraction import Extraction, Order, PatientReadings, extract
 from medmesh_ingest.outcomes import INVALID_FHIR, FhirRejected, Issue, outcome
-from medmesh_ingest.readings import Merged, ReadingsStore, merge
+from medmesh_ingest.readings import Merged, ReadingsStore, merge, state_key
 from medmesh_ingest.validation import FhirVersion, Limits, Payload, parse
+from medmesh_runtime.logging import get_logger
 
 PublishRequest = Callable[[RequestInference], Awaitable[None]]
 PublishState = Callable[[PatientReadingsUpdated], Awaitable[None]]
@@ -38,6 +40,7 @@ Fetch = Callable[[Sequence[str]], Awaitable[list[bytes]]]
 # Notification types that carry no clinical content: acknowledged, nothing else.
 _ACKNOWLEDGED_ONLY = frozenset({"handshake", "heartbeat", "query-status"})
 _LOCK_STRIPES = 256
+log = get_logger("medmesh.ingest.service")
 
 
 class SourceUnavailableError(Exception):
@@ -89,6 +92,7 @@ class IngestService:
         limits: Limits,
         lookback: timedelta,
         max_fetched: int = 100,
+        publish_timeout_s: float = 10.0,
     ) -> None:
         self.specs = specs
         self.pseudonymize = pseudonymize
@@ -99,7 +103,11 @@ class IngestService:
         self.limits = limits
         self.lookback = lookback
         self.max_fetched = max_fetched
+        self.publish_timeout_s = publish_timeout_s
         self._locks = [asyncio.Lock() for _ in range(_LOCK_STRIPES)]
+        # Publishes that outlived their timeout (the sender was answered 503) but may still be
+        # acknowledged when Kafka is back, per state key; see ``_publish_durably``.
+        self._in_doubt: dict[str, asyncio.Task[None]] = {}
 
     async def handle(self, raw: bytes, context: Context, received_at: datetime) -> Answer:
         """Everything ingest does with one payload; raises KafkaUnavailableError or
@@ -190,6 +198,7 @@ class IngestService:
         for (subject, model), (found, orders) in groups.items():
             pseudonym = self.pseudonymize(subject)
             async with self._locks[_stripe(pseudonym)]:
+                self._raise_if_in_doubt(state_key(pseudonym, model))
                 sent, problems = await self._merge_and_publish(
                     pseudonym, self.specs[model], found, orders, context, received_at
                 )
@@ -228,12 +237,66 @@ class IngestService:
                 requests.append(self._request(merged, pseudonym, context, received_at))
             issues.extend(_merge_issues(spec, merged, order))
         assert merged is not None  # noqa: S101 -- steps is never empty
-        for request in requests:
-            await self._durably(self.publish_request(request))
-        if state is not None and state is not self.store.get(pseudonym, spec.name):
-            await self._durably(self.publish_state(state))
-            self.store.put(state)
+        changed = (
+            state
+            if state is not None and state is not self.store.get(pseudonym, spec.name)
+            else None
+        )
+        if requests or changed is not None:
+            await self._publish_durably(state_key(pseudonym, spec.name), requests, changed)
         return requests, issues
+
+    async def _publish_all(
+        self, requests: Sequence[RequestInference], state: PatientReadingsUpdated | None
+    ) -> None:
+        for request in requests:
+            await self.publish_request(request)
+        if state is not None:
+            await self.publish_state(state)
+            self.store.put(state)
+
+    async def _publish_durably(
+        self,
+        key: str,
+        requests: Sequence[RequestInference],
+        state: PatientReadingsUpdated | None,
+    ) -> None:
+        """Publish the requests, then the state, and keep the state once both are acknowledged;
+        KafkaUnavailableError when that did not happen within the publish timeout.
+
+        A timed-out publish is not withdrawn: the producer still holds the messages and
+        delivers them once the broker is back. So it goes on in the background, in doubt: the
+        state (with the fingerprint of what was sent) is kept if it completes, and until it
+        has, this patient's new payloads are answered 503 too. The sender's retry then finds
+        the readings already sent instead of making a second request (found by tests/chaos:
+        Kafka stopped longer than the timeout duplicated reports).
+        """
+        publishing = asyncio.ensure_future(self._publish_all(requests, state))
+        try:
+            await asyncio.wait_for(asyncio.shield(publishing), timeout=self.publish_timeout_s)
+        except TimeoutError:
+            self._in_doubt[key] = publishing
+            publishing.add_done_callback(functools.partial(self._resolved, key))
+            raise KafkaUnavailableError("Kafka did not acknowledge in time") from None
+        except Exception as exc:  # any Kafka failure means "not taken": the sender retries
+            raise KafkaUnavailableError(type(exc).__name__) from exc
+
+    def _raise_if_in_doubt(self, key: str) -> None:
+        publishing = self._in_doubt.get(key)
+        if publishing is not None and not publishing.done():
+            raise KafkaUnavailableError(
+                "an earlier message of this patient is not yet acknowledged by Kafka"
+            )
+
+    def _resolved(self, key: str, publishing: asyncio.Task[None]) -> None:
+        if self._in_doubt.get(key) is publishing:
+            del self._in_doubt[key]
+        if not publishing.cancelled() and publishing.exception() is not None:
+            # The sender was answered 503 and sends again; nothing was kept, nothing is lost.
+            log.warning(
+                "a publish in doubt failed",
+                error=type(publishing.exception()).__name__,
+            )
 
     def _request(
         self, merged: Merged, pseudonym: str, context: Context, received_at: datetime
@@ -253,12 +316,6 @@ class IngestService:
             received_at=received_at,
             source=context.source,
         )
-
-    async def _durably(self, publishing: Awaitable[None]) -> None:
-        try:
-            await publishing
-        except Exception as exc:  # any Kafka failure means "not taken": the sender retries
-            raise KafkaUnavailableError(type(exc).__name__) from exc
 
 
 def _stripe(pseudonym: str) -> int:
