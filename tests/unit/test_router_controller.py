@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime, timedelta
 
 from medmesh_contracts.events import InferenceFailed, Producer, WorkerHeartbeat
@@ -197,3 +198,24 @@ def test_readiness_follows_heartbeats_and_trusts_unseen_versions() -> None:
     readiness.observe(_beat(2, NOW + timedelta(seconds=8), state="stopping"))
     assert not readiness.servable("deterioration", 2, NOW + timedelta(seconds=8))
     assert not Readiness(require_heartbeats=True).servable("deterioration", 1, NOW)
+
+
+def _always(answer: bool, _model: str) -> bool:
+    return answer
+
+
+def test_primary_results_wait_for_a_shadow_only_while_the_model_has_one() -> None:
+    """A primary result first: paired with its later shadow result when the model is mirrored;
+    without a shadow version it is not kept (unpaired results grew the router's memory)."""
+    outputs = {"SCORE": (3.0,), "RISK_BAND": (1.0,), "CONTRIBUTIONS": (0.0,)}
+    start = make_task().routed_at
+    for mirrored, compared in ((True, 1), (False, 0)):
+        analysis = Analysis(
+            {"deterioration": ("SCORE", "RISK_BAND")}, mirrored=functools.partial(_always, mirrored)
+        )
+        request = make_request(correlation_id="c-pair")
+        analysis.completed(make_completed(make_task(request), outputs=outputs))
+        mirror = make_task(request, model_version=2, reason="shadow")
+        analysis.completed(make_completed(mirror, outputs=outputs))
+        figures = analysis.figures("deterioration", 2, start, start + timedelta(1))
+        assert figures.shadow_compared == compared

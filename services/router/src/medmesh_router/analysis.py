@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
@@ -63,9 +63,16 @@ def percentile(values: list[float], fraction: float) -> float | None:
 class Analysis:
     """Per-version samples and shadow comparisons, bounded in memory."""
 
-    def __init__(self, tensors: Mapping[str, tuple[str, str]]) -> None:
+    def __init__(
+        self,
+        tensors: Mapping[str, tuple[str, str]],
+        mirrored: Callable[[str], bool] = lambda _model: True,
+    ) -> None:
         # model -> (score tensor, band tensor)
         self._tensors = dict(tensors)
+        # Whether a model has a shadow version now: only then is a primary result kept until
+        # its shadow's arrives (else 20,000 unpaired ones grew the router's memory in the soak).
+        self._mirrored = mirrored
         self._samples: dict[tuple[str, int], deque[Sample]] = {}
         self._comparisons: dict[tuple[str, int], deque[Comparison]] = {}
         self._primary: OrderedDict[str, Output] = OrderedDict()
@@ -104,7 +111,8 @@ class Analysis:
         else:
             pending = self._shadow.pop(event.correlation_id, None)
             if pending is None:
-                _bounded_put(self._primary, event.correlation_id, output)
+                if self._mirrored(task.request.model):
+                    _bounded_put(self._primary, event.correlation_id, output)
             else:
                 self._compare(pending[0], output, pending[1], at)
 

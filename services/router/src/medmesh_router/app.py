@@ -181,7 +181,8 @@ class Router:
             self.specs, Readiness(require_heartbeats=settings.router_require_heartbeats)
         )
         self.analysis = Analysis(
-            {name: (s.triton.score_tensor, s.triton.band_tensor) for name, s in self.specs.items()}
+            {name: (s.triton.score_tensor, s.triton.band_tensor) for name, s in self.specs.items()},
+            mirrored=self._mirrored,
         )
         # Last offset read by load(), per (topic, partition): the followers skip up to there.
         self.loaded: dict[tuple[str, int], int] = {}
@@ -202,6 +203,10 @@ class Router:
             self.broker.publisher(topics.ROUTER_DEADLETTER), self.producer
         )
         self._subscribe()
+
+    def _mirrored(self, model: str) -> bool:
+        table = self.state.tables.get(model)
+        return table is not None and bool(table.shadows)
 
     # --- start, stop, registry --------------------------------------------------------------
 
