@@ -44,7 +44,7 @@ typecheck: venv ## mypy --strict with the pydantic plugin (each Triton model.py 
 		$(BIN)/mypy "$$model" || exit 1; done
 
 .PHONY: test
-test: lint typecheck deps ## lint, type-check, then every test tier (unit, service, conformance, e2e)
+test: lint typecheck deps ## lint, type-check, then every test tier (unit, service, conformance, e2e, chaos short form)
 	$(BIN)/pytest
 
 .PHONY: test-fast
@@ -54,6 +54,15 @@ test-fast: venv ## every tier but the end-to-end tests
 .PHONY: bench
 bench: deps ## hops, pipeline, batching, router, ingest, tracing side by side (SERIES=...); docs/benchmarks/
 	$(BIN)/medmesh bench $(if $(SERIES),--series $(SERIES))
+
+.PHONY: chaos
+chaos: deps ## fault suite, full form: kill -9 each service, restart Triton and Kafka under load (EVENTS=, RATE=); docs/benchmarks/chaos.md
+	MEDMESH_CHAOS_EVENTS=$(or $(EVENTS),400) MEDMESH_CHAOS_RATE=$(or $(RATE),10) \
+		MEDMESH_CHAOS_DOC=docs/benchmarks/chaos.md $(BIN)/pytest tests/chaos -m chaos -s
+
+.PHONY: soak
+soak: deps ## soak at half the measured capacity, memory growth of every process (DURATION=600, RATE=); docs/benchmarks/soak.md
+	$(BIN)/python -m medmesh_cli.bench.soak $(if $(DURATION),--duration $(DURATION)) $(if $(RATE),--rate $(RATE))
 
 .PHONY: clean
 clean: ## remove run state (var/) and caches; keeps .venv and the Kafka jars

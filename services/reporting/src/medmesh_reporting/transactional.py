@@ -118,6 +118,15 @@ class TransactionalLoop:
                 self.fenced = True
                 log.exception("another instance took over this transactional id: stopping")
                 return
+            except asyncio.CancelledError:
+                if _cancelled_from_outside():
+                    raise
+                # aiokafka internals can raise CancelledError into the caller; it must not end
+                # the loop silently while the process stays up (found by tests/chaos).
+                log.warning(
+                    "reporting loop failed: starting over from the committed offsets",
+                    error="CancelledError raised inside the Kafka client",
+                )
             except Exception as exc:  # noqa: BLE001 -- logged, then the loop starts over
                 log.warning(
                     "reporting loop failed: starting over from the committed offsets",
@@ -181,8 +190,25 @@ class TransactionalLoop:
 
 
 async def _stop_quietly(consumer: BatchConsumer, producer: TransactionalProducer) -> None:
+    """Stop both clients, whatever state a failure left them in.
+
+    aiokafka's ``stop()`` can raise CancelledError although nobody cancelled this task (0.14's
+    Fetcher.close awaits the fetch tasks it has just cancelled). Let through, a stray one ended
+    the loop for good while the process stayed up and never reported again (found by
+    tests/chaos, Kafka restart). It is swallowed unless this task itself is being cancelled.
+    """
     for client in (consumer, producer):
         try:
             await client.stop()
+        except asyncio.CancelledError:
+            if _cancelled_from_outside():
+                raise
+            log.info("client did not stop cleanly", error="CancelledError from inside aiokafka")
         except Exception as exc:  # noqa: BLE001 -- closing a broken client: nothing left to do
             log.info("client did not stop cleanly", error=f"{type(exc).__name__}: {exc}")
+
+
+def _cancelled_from_outside() -> bool:
+    """True when this task itself is being cancelled (not a CancelledError from a client)."""
+    current = asyncio.current_task()
+    return current is not None and current.cancelling() > 0
