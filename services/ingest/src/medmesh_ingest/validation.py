@@ -639,6 +639,17 @@ def _resolve_reference(
                 (path,),
             )
             return None, [issue]
+        if not target.resource.id:
+            # The server names such a resource when it stores it; a report could only repeat
+            # the urn, which means nothing outside this Bundle (found by the e2e fuzzing).
+            issue = Issue(
+                "error",
+                "invalid",
+                f"{path}: the urn reference resolves to an entry without an id, which a report "
+                f"could not name; give the {target.resource_type} an id.",
+                (path,),
+            )
+            return None, [issue]
         found_type, usable = target.resource_type, target.reference
     elif literal.startswith("#"):
         found_type, usable = _contained_type(entry.resource, literal[1:]), None
