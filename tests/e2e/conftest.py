@@ -26,17 +26,7 @@ from medmesh_contracts import topics
 
 def e2e_ports(base: int) -> StackPorts:
     """The end-to-end stack's ports, all derived from one base (MEDMESH_E2E_PORT_BASE)."""
-    return StackPorts(
-        kafka=base + 92,
-        kafka_controller=base + 93,
-        triton_http=base,
-        triton_grpc=base + 1,
-        triton_metrics=base + 2,
-        ingest=base + 80,
-        router=base + 81,
-        first_worker=base + 82,
-        reporting=base + 90,
-    )
+    return StackPorts.from_base(base)
 
 
 # Separate from `medmesh up`'s ports, and movable so that two checkouts can test side by side.

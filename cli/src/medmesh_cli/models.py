@@ -21,7 +21,7 @@ from typing import Annotated, Any, TypeVar
 
 import httpx
 import typer
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from rich.console import Console
 from rich.table import Table
 
@@ -43,6 +43,7 @@ from medmesh_contracts.lifecycle import (
     seed_deployment,
 )
 from medmesh_contracts.modelspec import ModelSpec, load_spec
+from medmesh_runtime.kafka import topic_partitions
 
 models_app = typer.Typer(
     help="Deploy model versions and steer their rollout (registry: medmesh.models.registry).",
@@ -76,10 +77,7 @@ async def read_topic(bootstrap: str, topic: str) -> list[bytes]:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
-        # aiokafka has no public call for the partitions of a topic not subscribed to.
-        cluster = await consumer._client.fetch_all_metadata()
-        found = cluster.partitions_for_topic(topic) or set()
-        partitions = [TopicPartition(topic, p) for p in sorted(found)]
+        partitions = await topic_partitions(consumer, topic)
         if not partitions:
             raise LifecycleError(f"topic {topic} does not exist (is Kafka up?)")
         consumer.assign(partitions)

@@ -33,21 +33,6 @@ from medmesh_contracts.modelspec import load_specs
 console = Console()
 
 
-def bench_ports(base: int) -> StackPorts:
-    """The benchmark stack's ports, all derived from one base (26000 unless --port-base)."""
-    return StackPorts(
-        kafka=base + 92,
-        kafka_controller=base + 93,
-        triton_http=base,
-        triton_grpc=base + 1,
-        triton_metrics=base + 2,
-        ingest=base + 80,
-        router=base + 81,
-        first_worker=base + 82,
-        reporting=base + 90,
-    )
-
-
 def bench(
     rates: Annotated[
         str, typer.Option(help="offered loads, events per second, comma-separated")
@@ -80,7 +65,7 @@ def bench(
     target = out or repo_root() / "docs" / "benchmarks"
     target.mkdir(parents=True, exist_ok=True)
     state = run_dir("bench" if port_base == 26000 else f"bench-{port_base}")
-    stack = Stack(StackConfig(ports=bench_ports(port_base), state_dir=state, partitions=3))
+    stack = Stack(StackConfig(ports=StackPorts.from_base(port_base), state_dir=state, partitions=3))
     console.print("starting the benchmark stack ...")
     stack.start()
     try:

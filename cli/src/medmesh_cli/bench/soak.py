@@ -30,22 +30,13 @@ import typer
 from aiokafka import AIOKafkaConsumer
 
 from medmesh_cli.bench.pipeline import load_template, vitals_events
+from medmesh_cli.bench.topology import stack_pids
 from medmesh_cli.devstack.paths import repo_root, run_dir
 from medmesh_cli.devstack.stack import Stack, StackConfig, StackPorts
 from medmesh_contracts import topics
 
 GROWTH_LIMIT_PCT = 5.0
-SOAK_PORTS = StackPorts(
-    kafka=27092,
-    kafka_controller=27093,
-    triton_http=27000,
-    triton_grpc=27001,
-    triton_metrics=27002,
-    ingest=27080,
-    router=27081,
-    first_worker=27082,
-    reporting=27090,
-)
+SOAK_PORTS = StackPorts.from_base(27000)
 FHIR_JSON = {"content-type": "application/fhir+json"}
 
 
@@ -96,16 +87,6 @@ def tree_rss_kib(root: int, parents: Mapping[int, int]) -> int:
         except OSError:
             continue
     return total
-
-
-def stack_pids(stack: Stack) -> dict[str, int]:
-    """The pid of every part of the stack that runs now."""
-    pids = {name: p.pid for name, p in stack.services.items() if p.running() and p.pid}
-    if stack.triton.pid is not None:
-        pids["triton"] = stack.triton.pid
-    if stack.kafka.process.pid is not None:
-        pids["kafka"] = stack.kafka.process.pid
-    return pids
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,21 @@ class StackPorts:
     first_worker: int = 8182
     reporting: int = 8184
 
+    @classmethod
+    def from_base(cls, base: int) -> StackPorts:
+        """Every port derived from one base, so that stacks (tests, benchmarks) sit side by side."""
+        return cls(
+            kafka=base + 92,
+            kafka_controller=base + 93,
+            triton_http=base,
+            triton_grpc=base + 1,
+            triton_metrics=base + 2,
+            ingest=base + 80,
+            router=base + 81,
+            first_worker=base + 82,
+            reporting=base + 90,
+        )
+
 
 @dataclass(frozen=True)
 class ServiceSpec:

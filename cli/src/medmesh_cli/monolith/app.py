@@ -84,14 +84,7 @@ async def load_routing(
 def triton_models(settings: MonolithSettings, specs: Mapping[str, ModelSpec]) -> list[TritonModel]:
     """One Triton client per model version, built as a worker builds its own."""
     return [
-        TritonModel(
-            settings.triton_grpc_url,
-            spec.triton.model,
-            version.triton_version,
-            spec.triton.input_tensor,
-            (spec.triton.score_tensor, spec.triton.band_tensor, spec.triton.contributions_tensor),
-            timeout_s=spec.triton.timeout_ms / 1000,
-        )
+        TritonModel.for_version(settings.triton_grpc_url, spec, version)
         for spec in specs.values()
         for version in spec.versions
     ]

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from medmesh_runtime.kafka import topic_partitions
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -39,17 +41,9 @@ async def consumer(bootstrap: str, group_id: str | None = None) -> AsyncIterator
         await kafka.stop()
 
 
-async def partitions(kafka: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    """The partitions of a topic (empty when it does not exist)."""
-    # consumer.topics() fetches metadata but does not keep it, so partitions_for_topic would
-    # still say None for an unassigned topic: read the partitions from the fetched metadata.
-    cluster = await kafka._client.fetch_all_metadata()
-    return [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or ())]
-
-
 async def sizes(kafka: AIOKafkaConsumer, topic: str) -> tuple[int, dict[TopicPartition, int]]:
     """Messages currently in a topic, and the end offset of each partition."""
-    parts = await partitions(kafka, topic)
+    parts = await topic_partitions(kafka, topic)
     if not parts:
         return 0, {}
     start = await kafka.beginning_offsets(parts)
@@ -61,7 +55,7 @@ async def read_range(
     kafka: AIOKafkaConsumer, topic: str, from_committed: bool = False, limit: int | None = None
 ) -> list[Entry]:
     """Records of a topic up to its current end, from the beginning or the group's position."""
-    parts = await partitions(kafka, topic)
+    parts = await topic_partitions(kafka, topic)
     if not parts:
         return []
     kafka.assign(parts)

@@ -12,6 +12,7 @@ import logging
 import ssl
 from typing import Any, Literal
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
@@ -107,3 +108,11 @@ def encode_raw(value: bytes) -> tuple[str, Literal["utf-8", "base64"]]:
 def record_headers(record: Any) -> dict[str, str]:
     """A consumed record's headers as text (for trace-context extraction and correlation ids)."""
     return {key: bytes(value).decode(errors="replace") for key, value in (record.headers or ())}
+
+
+async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """The partitions of a topic the consumer is not subscribed to (empty: no such topic)."""
+    # aiokafka has no public call for them: consumer.topics() fetches metadata but does not keep
+    # it, so partitions_for_topic would still say None; read them from the fetched metadata.
+    cluster = await consumer._client.fetch_all_metadata()
+    return [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or ())]

@@ -208,14 +208,7 @@ def create_app(settings: WorkerSettings) -> AsgiFastStream:
     status_out = broker.publisher(topics.MODELS_STATUS, title="worker heartbeats")
     dead_letters = DeadLetters(broker.publisher(topics.INFERENCE_DEADLETTER), producer)
     task_topic = topics.model_task_topic(spec.name, version.version)
-    triton = TritonModel(
-        settings.triton_grpc_url,
-        spec.triton.model,
-        version.triton_version,
-        spec.triton.input_tensor,
-        (spec.triton.score_tensor, spec.triton.band_tensor, spec.triton.contributions_tensor),
-        timeout_s=spec.triton.timeout_ms / 1000,
-    )
+    triton = TritonModel.for_version(settings.triton_grpc_url, spec, version)
     tasks_running: list[asyncio.Task[None]] = []
     batches = BatchHandler(
         spec,

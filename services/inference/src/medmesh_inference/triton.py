@@ -9,6 +9,8 @@ import numpy.typing as npt
 from tritonclient.grpc import InferenceServerException, InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 
+from medmesh_contracts.modelspec import ModelSpec, VersionSpec
+
 # gRPC status codes after which the same call may succeed later.
 _TRANSIENT_STATUSES = frozenset(
     {
@@ -59,6 +61,18 @@ class TritonModel:
         self._input = input_tensor
         self._outputs = tuple(output_tensors)
         self._timeout_s = timeout_s
+
+    @classmethod
+    def for_version(cls, url: str, spec: ModelSpec, version: VersionSpec) -> TritonModel:
+        """The Triton model version a spec version names, with the spec's tensors and timeout."""
+        return cls(
+            url,
+            spec.triton.model,
+            version.triton_version,
+            spec.triton.input_tensor,
+            (spec.triton.score_tensor, spec.triton.band_tensor, spec.triton.contributions_tensor),
+            timeout_s=spec.triton.timeout_ms / 1000,
+        )
 
     @property
     def _client(self) -> InferenceServerClient:

@@ -16,7 +16,7 @@ from medmesh_contracts import topics
 from medmesh_contracts.events import PatientReadingsUpdated
 from medmesh_ingest.readings import ReadingsStore
 from medmesh_ingest.settings import IngestSettings
-from medmesh_runtime.kafka import aiokafka_security
+from medmesh_runtime.kafka import aiokafka_security, topic_partitions
 from medmesh_runtime.logging import get_logger
 
 log = get_logger("medmesh.ingest.state")
@@ -68,12 +68,9 @@ class ReadingsFollower:
         return partitions
 
     async def _rebuild(self, consumer: AIOKafkaConsumer, timeout_s: float) -> int:
-        # aiokafka has no public call for the partitions of a topic not subscribed to.
-        cluster = await consumer._client.fetch_all_metadata()
-        found = cluster.partitions_for_topic(topics.INGEST_READINGS)
-        if not found:
+        parts = await topic_partitions(consumer, topics.INGEST_READINGS)
+        if not parts:
             raise RuntimeError(f"topic {topics.INGEST_READINGS} does not exist")
-        parts = [TopicPartition(topics.INGEST_READINGS, p) for p in sorted(found)]
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         end = await consumer.end_offsets(parts)

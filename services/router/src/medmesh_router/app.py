@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from faststream.asgi import AsgiFastStream, AsgiResponse, get
 from faststream.asgi.types import Scope
 from faststream.kafka.annotations import KafkaMessage
@@ -67,14 +67,14 @@ from medmesh_runtime.kafka import (
     build_broker,
     message_headers,
     record_headers,
+    topic_partitions,
 )
 from medmesh_runtime.lag import LagMonitor
 from medmesh_runtime.logging import configure_logging, get_logger
 from medmesh_runtime.telemetry import configure_service_tracing, consumer_span
 
 SERVICE = "router"
-Parsed = TypeVar("Parsed", ModelDeployment, WorkerHeartbeat)
-Observed = TypeVar("Observed", InferenceCompleted, InferenceFailed)
+Parsed = TypeVar("Parsed", ModelDeployment, WorkerHeartbeat, InferenceCompleted, InferenceFailed)
 log = get_logger("medmesh.router")
 
 
@@ -108,15 +108,6 @@ class StartupReader(Protocol):
 FIGURES_REBUILD_MAX = timedelta(hours=1)
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    # aiokafka has no public call for the partitions of a topic not subscribed to.
-    cluster = await consumer._client.fetch_all_metadata()
-    found = cluster.partitions_for_topic(topic)
-    if not found:
-        raise RuntimeError(f"topic {topic} does not exist")
-    return [TopicPartition(topic, p) for p in sorted(found)]
-
-
 async def read_topic_to_end(
     settings: RouterSettings,
     topic: str,
@@ -133,7 +124,9 @@ async def read_topic_to_end(
     )
     await consumer.start()
     try:
-        partitions = await _partitions(consumer, topic)
+        partitions = await topic_partitions(consumer, topic)
+        if not partitions:
+            raise RuntimeError(f"topic {topic} does not exist")
         # The offsets are looked up before the partitions are assigned: an await between
         # assign() and the seek lets the fetcher reset the positions to the end first.
         end = await consumer.end_offsets(partitions)
@@ -272,13 +265,13 @@ class Router:
         read = [0]
 
         def completed(record: Consumed) -> None:
-            event = _parse_value(InferenceCompleted, record)
+            event = _parse(InferenceCompleted, record, owned=False)
             if event is not None:
                 self.analysis.completed(event)
                 read[0] += 1
 
         def failed(record: Consumed) -> None:
-            event = _parse_value(InferenceFailed, record)
+            event = _parse(InferenceFailed, record, owned=False)
             if event is not None:
                 self.analysis.failed(event)
                 read[0] += 1
@@ -631,23 +624,15 @@ def create_app(
     return app
 
 
-def _parse_value(model: type[Observed], record: Consumed) -> Observed | None:
-    """A result or failure read at start; None for tombstones and records that do not parse
-    (those are reporting's dead letters, as for the followers)."""
-    if not record.value:
-        return None
-    try:
-        return model.model_validate_json(record.value)
-    except ValidationError:
-        return None
-
-
-def _parse(model: type[Parsed], record: Consumed) -> Parsed | None:
-    """A record read at start as ``model``; None (logged) for tombstones and bad records."""
+def _parse(model: type[Parsed], record: Consumed, *, owned: bool = True) -> Parsed | None:
+    """A record read at start as ``model``; None for tombstones and bad records. A bad record of
+    a topic the router owns is logged; results and failures (``owned=False``) are reporting's,
+    whose dead letter already names them, as for the followers."""
     if not record.value:
         return None
     try:
         return model.model_validate_json(record.value)
     except ValidationError as exc:
-        log.warning("record ignored at start", offset=record.offset, error=str(exc))
+        if owned:
+            log.warning("record ignored at start", offset=record.offset, error=str(exc))
         return None
