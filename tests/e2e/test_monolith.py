@@ -60,7 +60,14 @@ async def monolith(stack: Stack) -> AsyncIterator[str]:
         "monolith",
         "medmesh_cli.monolith",
         MONOLITH_PORT,
-        {"MEDMESH_INGEST_PORT": str(MONOLITH_PORT), "MEDMESH_INGEST_GROUP_ID": group_id},
+        {
+            "MEDMESH_INGEST_PORT": str(MONOLITH_PORT),
+            "MEDMESH_INGEST_GROUP_ID": group_id,
+            # Its own deployment on the same broker: ingest instances sharing a pseudonym key
+            # share each patient's readings state (medmesh.ingest.readings), so with the
+            # services' key the second topology to see an event found it already sent.
+            "MEDMESH_PSEUDONYM_KEY": "monolith-e2e-deployment-pseudonym-key-0123456789",
+        },
     )
     process = ManagedProcess(
         "monolith",
