@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,12 @@ from hypothesis import strategies as st
 from medmesh_contracts.events import (
     PatientReadingsUpdated,
     Producer,
-    RequestInference,
     SourceContext,
 )
 from medmesh_contracts.modelspec import load_specs
 from medmesh_ingest.pseudonym import Pseudonymizer
 from medmesh_ingest.readings import ReadingsStore
-from medmesh_ingest.service import Context, IngestService
+from medmesh_ingest.service import Context, IngestService, Outgoing
 from medmesh_ingest.validation import FhirVersion, Limits
 
 SPECS = load_specs(Path(__file__).parents[2] / "deploy" / "models")
@@ -132,7 +132,7 @@ payloads = st.one_of(
 
 
 def _service() -> IngestService:
-    async def ignore(_event: RequestInference | PatientReadingsUpdated) -> None:
+    async def ignore(_events: Sequence[Outgoing] | Sequence[PatientReadingsUpdated]) -> None:
         return None
 
     return IngestService(
@@ -140,8 +140,8 @@ def _service() -> IngestService:
         pseudonymize=Pseudonymizer(b"0123456789abcdef0123"),
         producer=Producer(service="ingest", instance="fuzz"),
         store=ReadingsStore(),
-        publish_request=ignore,
-        publish_state=ignore,
+        publish_requests=ignore,
+        publish_states=ignore,
         limits=Limits(),
         lookback=timedelta(hours=4),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from medmesh_contracts.events import (
 from medmesh_contracts.modelspec import load_specs
 from medmesh_ingest.pseudonym import Pseudonymizer
 from medmesh_ingest.readings import ReadingsStore
-from medmesh_ingest.service import Context, IngestService, KafkaUnavailableError
+from medmesh_ingest.service import Context, IngestService, KafkaUnavailableError, Outgoing
 from medmesh_ingest.validation import Limits
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,17 +37,17 @@ class SlowKafka:
         self.requests: list[RequestInference] = []
         self.states: list[PatientReadingsUpdated] = []
 
-    async def publish_request(self, request: RequestInference) -> None:
+    async def publish_requests(self, outgoing: Sequence[Outgoing]) -> None:
         await self.back.wait()
         if self.fail:
             raise ConnectionError("broker gone")
-        self.requests.append(request)
+        self.requests.extend(item.request for item in outgoing)
 
-    async def publish_state(self, state: PatientReadingsUpdated) -> None:
+    async def publish_states(self, states: Sequence[PatientReadingsUpdated]) -> None:
         await self.back.wait()
         if self.fail:
             raise ConnectionError("broker gone")
-        self.states.append(state)
+        self.states.extend(states)
 
 
 def _service(kafka: SlowKafka) -> IngestService:
@@ -55,8 +56,8 @@ def _service(kafka: SlowKafka) -> IngestService:
         pseudonymize=Pseudonymizer(b"0123456789abcdef0123"),
         producer=Producer(service="ingest", instance="test"),
         store=ReadingsStore(),
-        publish_request=kafka.publish_request,
-        publish_state=kafka.publish_state,
+        publish_requests=kafka.publish_requests,
+        publish_states=kafka.publish_states,
         limits=Limits(),
         lookback=timedelta(hours=4),
         publish_timeout_s=0.05,

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
-from medmesh_contracts.events import ModelInput, PatientReadingsUpdated, Producer
+from medmesh_contracts.events import ModelInput, PatientReadingsUpdated, Producer, to_wire
 from medmesh_contracts.modelspec import load_spec
 from medmesh_ingest.extraction import Order, PatientReadings, Reading
 from medmesh_ingest.readings import Merged, ReadingsStore, merge, state_key
+from medmesh_ingest.settings import IngestSettings
+from medmesh_ingest.state_topic import ReadingsFollower
 
 SPEC = load_spec(Path(__file__).parents[2] / "deploy" / "models" / "deterioration.yaml")
 PRODUCER = Producer(service="ingest", instance="test")
@@ -175,3 +178,29 @@ def test_store_keeps_the_newest_state_per_key() -> None:
     assert store.get("pabc", "deterioration") is newer
     assert len(store) == 1
     assert state_key("pabc", "deterioration") == "pabc|deterioration"
+
+
+async def test_follower_skips_its_own_acknowledged_write_and_applies_the_others() -> None:
+    """The follower does not parse back this instance's acknowledged write (same key and
+    offset); another instance's record of the same key, at a later offset, is applied."""
+    store = ReadingsStore()
+    mine = step(None, reading("heart_rate", 80)).state
+    theirs = mine.model_copy(update={"updated_at": mine.updated_at + timedelta(minutes=1)})
+    # Stands for the bytes at the own write's offset: newest of all, so parsing it would show.
+    unread = mine.model_copy(update={"updated_at": mine.updated_at + timedelta(minutes=2)})
+    key = state_key("pabc", "deterioration")
+    store.put(mine)
+    store.written(key, 41)
+    records = [
+        SimpleNamespace(key=key.encode(), offset=41, value=to_wire(unread)),
+        SimpleNamespace(key=key.encode(), offset=42, value=to_wire(theirs)),
+    ]
+
+    class OnePoll:
+        async def getmany(self, timeout_ms: int) -> dict[str, list[SimpleNamespace]]:
+            return {"medmesh.ingest.readings-0": records}
+
+    follower = ReadingsFollower(store, IngestSettings())
+    await follower._apply_next(OnePoll(), timeout_ms=0)
+    assert store.get("pabc", "deterioration") == theirs
+    assert follower.applied == 2

@@ -24,7 +24,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -42,6 +42,7 @@ from medmesh_contracts.modelspec import ModelSpec
 from medmesh_inference.batching import RetryPolicy, WorkerIdentity
 from medmesh_inference.triton import TritonModel
 from medmesh_ingest.app import create_app as create_ingest_app
+from medmesh_ingest.service import Outgoing
 from medmesh_reporting.handling import ReportHandler
 from medmesh_router.app import StartupReader, read_topic_to_end
 from medmesh_router.readiness import Readiness
@@ -156,11 +157,12 @@ def create_app(
     holder: dict[str, InProcessPipeline] = {}
     inner = app.router.lifespan_context
 
-    async def accept(request: Any) -> None:
-        await holder["pipeline"].accept(request)
+    async def accept(outgoing: Sequence[Outgoing]) -> None:
+        for item in outgoing:
+            await holder["pipeline"].accept(item.request)
 
     # The one change to ingest: its requests go to the in-process router, not to Kafka.
-    ingest.service.publish_request = accept
+    ingest.service.publish_requests = accept
 
     @asynccontextmanager
     async def lifespan(application: FastAPI) -> AsyncIterator[None]:

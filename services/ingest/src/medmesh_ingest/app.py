@@ -7,16 +7,19 @@ Kafka acknowledged every message the payload caused (acks=all); otherwise 503 wi
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable
+import asyncio
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
 import httpx
+from aiokafka.structs import RecordMetadata
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
+from opentelemetry import context as otel_context
 from opentelemetry import propagate
 from opentelemetry.trace import SpanKind, Tracer
 
@@ -26,7 +29,6 @@ from medmesh_contracts.events import (
     FhirEventRejected,
     PatientReadingsUpdated,
     Producer,
-    RequestInference,
     SourceContext,
     new_id,
     routing_headers,
@@ -47,6 +49,8 @@ from medmesh_ingest.service import (
     Fetch,
     IngestService,
     KafkaUnavailableError,
+    Outgoing,
+    Prepared,
     SourceUnavailableError,
 )
 from medmesh_ingest.settings import DEVELOPMENT_PSEUDONYM_KEY, IngestSettings
@@ -92,8 +96,8 @@ class Ingest:
             pseudonymize=Pseudonymizer(settings.pseudonym_key.get_secret_value().encode()),
             producer=self.producer,
             store=self.store,
-            publish_request=self.publish_request,
-            publish_state=self.publish_state,
+            publish_requests=self.publish_requests,
+            publish_states=self.publish_states,
             limits=Limits(
                 settings.max_json_depth,
                 settings.max_bundle_entries,
@@ -104,38 +108,55 @@ class Ingest:
             publish_timeout_s=settings.publish_timeout_s,
         )
 
-    async def _acknowledged(self, publishing: Awaitable[Any]) -> None:
-        # No timeout here: the service times the publish out and keeps it in doubt (a producer
-        # does not withdraw a message whose wait was given up).
-        await publishing
+    async def publish_requests(self, outgoing: Sequence[Outgoing]) -> None:
+        """Publish requests, each in the trace of the payload that caused it, and wait until
+        Kafka acknowledged them all."""
+        sent = []
+        for item in outgoing:
+            request = item.request
+            trace = item.trace if isinstance(item.trace, otel_context.Context) else None
+            token = otel_context.attach(trace) if trace is not None else None
+            try:
+                sent.append(
+                    await self.requests_out.publish(
+                        to_wire(request),
+                        key=request.patient_pseudonym.encode(),
+                        headers=message_headers(request.correlation_id, schema_of(type(request)))
+                        | routing_headers(request),
+                        correlation_id=request.correlation_id,
+                        no_confirm=True,
+                    )
+                )
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
+        await _acknowledged(sent)
 
-    async def publish_request(self, request: RequestInference) -> None:
-        """Publish one request and wait for Kafka's acknowledgement."""
-        await self._acknowledged(
-            self.requests_out.publish(
-                to_wire(request),
-                key=request.patient_pseudonym.encode(),
-                headers=message_headers(request.correlation_id, schema_of(type(request)))
-                | routing_headers(request),
-                correlation_id=request.correlation_id,
+    async def publish_states(self, states: Sequence[PatientReadingsUpdated]) -> None:
+        """Publish patients' states to the compacted topic, each on its pseudonym's partition,
+        and wait until Kafka acknowledged them all."""
+        sent = []
+        for state in states:
+            partition = (
+                partition_of(state.patient_pseudonym, self.state_partitions)
+                if self.state_partitions
+                else None
             )
-        )
-
-    async def publish_state(self, state: PatientReadingsUpdated) -> None:
-        """Publish one patient's state to the compacted topic, on the pseudonym's partition."""
-        partition = (
-            partition_of(state.patient_pseudonym, self.state_partitions)
-            if self.state_partitions
-            else None
-        )
-        await self._acknowledged(
-            self.state_out.publish(
-                to_wire(state),
-                key=state_key(state.patient_pseudonym, state.model).encode(),
-                partition=partition,
-                headers=message_headers(state.correlation_id, schema_of(PatientReadingsUpdated)),
+            sent.append(
+                await self.state_out.publish(
+                    to_wire(state),
+                    key=state_key(state.patient_pseudonym, state.model).encode(),
+                    partition=partition,
+                    headers=message_headers(
+                        state.correlation_id, schema_of(PatientReadingsUpdated)
+                    ),
+                    no_confirm=True,
+                )
             )
-        )
+        acknowledged = await _acknowledged(sent)
+        if len(acknowledged) == len(states):  # the in-memory test broker gives no metadata
+            for state, metadata in zip(states, acknowledged, strict=True):
+                self.store.written(state_key(state.patient_pseudonym, state.model), metadata.offset)
 
     def fetcher(self, source: Source) -> Fetch | None:
         """How to fetch id-only notification content for this source (None: not configured)."""
@@ -157,44 +178,58 @@ class Ingest:
     # --- Kafka ---------------------------------------------------------------------------------
 
     async def on_inbound_events(self, message: KafkaMessage) -> None:
-        """A poll of medmesh.fhir.inbound: each event in turn, and one offset commit for the
-        whole poll once all are handled.
+        """A poll of medmesh.fhir.inbound: each event prepared in turn, then all applied at once
+        (their requests and states published together), and one offset commit for the poll.
 
-        In turn, not concurrently: one patient's events must merge in arrival order (a Bundle
-        for two models releases the patient's lock between them), and a merge must not be
-        cancelled between its request's acknowledgement and its state update; concurrent tasks
-        break both. Kafka or source-server failures propagate, so the poll is redelivered (NACK);
-        events already handled then come again and are recognised as duplicates.
+        In turn, not concurrently: one patient's events must merge in arrival order, and
+        ``apply`` keeps that order. Kafka or source-server failures propagate once the events
+        before the failure are applied, so the poll is redelivered (NACK); the events already
+        applied then come again and are recognised as duplicates.
         """
-        for record in tuple(message.raw_message):  # a batch message holds a tuple of records
+        records = tuple(message.raw_message)  # a batch message holds a tuple of records
+        ready: list[Prepared] = []
+        rejected = 0
+        failure: SourceUnavailableError | None = None
+        for record in records:
             with consumer_span(self.tracer, record, self.settings.ingest_group_id):
-                await self.on_inbound_event(record)
+                try:
+                    prepared = await self.prepare_inbound(record)
+                except SourceUnavailableError as exc:
+                    failure = exc
+                    break
+                if isinstance(prepared, Prepared):
+                    ready.append(prepared)
+                elif prepared.rejected:
+                    rejected += 1
+                    await self.dead_letter(record, record.value or b"", prepared)
+        answers = await self.service.apply(ready) if ready else []
+        log.info(
+            "inbound poll processed",
+            events=len(records),
+            applied=len(answers),
+            requests=sum(len(a.requests) for a in answers),
+            rejected=rejected,
+            first_offset=records[0].offset if records else None,
+        )
+        if failure is not None:
+            raise failure
 
-    async def on_inbound_event(self, record: Any) -> None:
-        """One event from medmesh.fhir.inbound: requests downstream, or a rejection event."""
+    async def prepare_inbound(self, record: Any) -> Prepared | Answer:
+        """One event from medmesh.fhir.inbound, parsed and checked (an Answer: not to merge)."""
         raw: bytes = record.value or b""
         source = self.auth.default_source
         try:
             version = self.inbound_version(record, raw, source)
         except FhirRejected as problem:
-            answer = Answer(problem.status, problem.outcome)
-        else:
-            context = Context(
-                SourceContext(channel="kafka", fhir_version=version),
-                version,
-                fetch=self.fetcher(source),
-            )
-            answer = await self.handle(raw, context)
-        if not answer.rejected:
-            log.info(
-                "inbound event processed",
-                status=answer.status,
-                requests=len(answer.requests),
-                partition=record.partition,
-                offset=record.offset,
-            )
-            return
-        await self.dead_letter(record, raw, answer)
+            return Answer(problem.status, problem.outcome)
+        context = Context(
+            SourceContext(channel="kafka", fhir_version=version),
+            version,
+            fetch=self.fetcher(source),
+            trace=otel_context.get_current(),
+        )
+        with self.tracer.start_as_current_span("ingest.handle"):
+            return await self.service.prepare(raw, context, utc_now())
 
     def inbound_version(self, record: Any, raw: bytes, source: Source) -> FhirVersion:
         """The FHIR version of an inbound event (its content-type header, else the default).
@@ -310,6 +345,27 @@ class Ingest:
         return response
 
 
+async def _acknowledged(sent: Sequence[object]) -> list[RecordMetadata]:
+    """Wait for every acknowledgement; raise the first failure once all are settled.
+
+    No timeout here: the service times the publish out and keeps it in doubt (a producer does
+    not withdraw a message whose wait was given up).
+    """
+    # faststream's in-memory test broker returns None instead of a future (nothing to await).
+    futures = [f for f in sent if isinstance(f, asyncio.Future)]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return [r for r in results if isinstance(r, RecordMetadata)]
+
+
+async def _records_undecoded(_message: Any) -> None:
+    """The inbound handler reads the records' bytes itself (``message.raw_message``): this
+    spares faststream's decoding of every record as JSON, which nothing uses."""
+    return None
+
+
 def _too_large_outcome() -> dict[str, Any]:
     return outcome((Issue("error", "too-costly", "payload exceeds the size limit"),))
 
@@ -343,6 +399,7 @@ def create_app(settings: IngestSettings, *, service: str = SERVICE) -> FastAPI:
         group_id=settings.ingest_group_id,
         auto_offset_reset="earliest",
         ack_policy=CONSUMER_ACK_POLICY,
+        decoder=_records_undecoded,
         title="inbound FHIR events",
     )(ingest.on_inbound_events)
 

@@ -1,15 +1,18 @@
-"""What ingest does with one FHIR payload, whatever transport brought it.
+"""What ingest does with FHIR payloads, whatever transport brought them.
 
-``IngestService.handle`` parses and checks the payload, fetches the content of id-only
-Subscription notifications, extracts readings and orders, merges them into each patient's state
-(``readings.merge``) and publishes the requests and the new states. Its I/O is injected at one
-bootstrap point (``app.create_app``): the two publish functions and the fetcher. The HTTP
-endpoint and the inbound-topic subscriber differ only in how they deliver the ``Answer``.
+``IngestService.prepare`` parses and checks a payload, fetches the content of id-only
+Subscription notifications and extracts readings and orders; ``apply`` merges prepared payloads
+into each patient's state (``readings.merge``) and publishes the requests and the new states.
+``handle`` does both for one payload (an HTTP call); the inbound-topic subscriber prepares a
+whole poll and applies it at once, so a poll's messages go to Kafka together and are
+acknowledged together instead of one round trip per event. Its I/O is injected at one bootstrap
+point (``app.create_app``): the two publish functions and the fetcher.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
@@ -32,8 +35,9 @@ from medmesh_ingest.readings import Merged, ReadingsStore, merge, state_key
 from medmesh_ingest.validation import FhirVersion, Limits, Payload, parse
 from medmesh_runtime.logging import get_logger
 
-PublishRequest = Callable[[RequestInference], Awaitable[None]]
-PublishState = Callable[[PatientReadingsUpdated], Awaitable[None]]
+# Publish every message given and return once Kafka acknowledged them all (raise otherwise).
+PublishRequests = Callable[[Sequence["Outgoing"]], Awaitable[None]]
+PublishStates = Callable[[Sequence[PatientReadingsUpdated]], Awaitable[None]]
 # Fetches resources named by an id-only notification: (references, version) -> raw JSON each.
 Fetch = Callable[[Sequence[str]], Awaitable[list[bytes]]]
 
@@ -60,6 +64,9 @@ class Context:
     resource_type_hint: str | None = None
     # How to fetch id-only notification content from the sender's FHIR server (None: cannot).
     fetch: Fetch | None = None
+    # The caller's tracing context, handed back with each request the payload causes (the
+    # requests of a poll are published after its events were handled, each in its own trace).
+    trace: object | None = None
 
 
 @dataclass(frozen=True)
@@ -77,8 +84,50 @@ class Answer:
         return 400 <= self.status < 500
 
 
+@dataclass(frozen=True)
+class Outgoing:
+    """A request to publish, with the tracing context of the payload that caused it."""
+
+    request: RequestInference
+    trace: object | None
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One patient's readings and orders for one model, within one payload."""
+
+    pseudonym: str
+    spec: ModelSpec
+    found: PatientReadings | None
+    orders: tuple[Order, ...]
+
+    @property
+    def key(self) -> str:
+        return state_key(self.pseudonym, self.spec.name)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A payload parsed, checked and extracted: what is left is to merge it (``apply``)."""
+
+    context: Context
+    received_at: datetime
+    groups: tuple[_Group, ...]
+    issues: tuple[Issue, ...]
+
+
+@dataclass
+class _Pending:
+    """What payloads merged under their patients' locks caused, not yet published: the
+    requests, and each touched patient's newest state (seen by the next payload's merge)."""
+
+    requests: list[Outgoing] = field(default_factory=list)
+    states: dict[str, PatientReadingsUpdated] = field(default_factory=dict)
+    keys: set[str] = field(default_factory=set)
+
+
 class IngestService:
-    """The application service: one payload in, requests and state updates out."""
+    """The application service: payloads in, requests and state updates out."""
 
     def __init__(
         self,
@@ -87,8 +136,8 @@ class IngestService:
         pseudonymize: Callable[[str], str],
         producer: Producer,
         store: ReadingsStore,
-        publish_request: PublishRequest,
-        publish_state: PublishState,
+        publish_requests: PublishRequests,
+        publish_states: PublishStates,
         limits: Limits,
         lookback: timedelta,
         max_fetched: int = 100,
@@ -98,8 +147,8 @@ class IngestService:
         self.pseudonymize = pseudonymize
         self.producer = producer
         self.store = store
-        self.publish_request = publish_request
-        self.publish_state = publish_state
+        self.publish_requests = publish_requests
+        self.publish_states = publish_states
         self.limits = limits
         self.lookback = lookback
         self.max_fetched = max_fetched
@@ -107,11 +156,25 @@ class IngestService:
         self._locks = [asyncio.Lock() for _ in range(_LOCK_STRIPES)]
         # Publishes that outlived their timeout (the sender was answered 503) but may still be
         # acknowledged when Kafka is back, per state key; see ``_publish_durably``.
-        self._in_doubt: dict[str, asyncio.Task[None]] = {}
+        self._in_doubt: dict[str, asyncio.Future[None]] = {}
 
     async def handle(self, raw: bytes, context: Context, received_at: datetime) -> Answer:
         """Everything ingest does with one payload; raises KafkaUnavailableError or
         SourceUnavailableError when the payload could not be taken (the sender retries)."""
+        prepared = await self.prepare(raw, context, received_at)
+        if isinstance(prepared, Answer):
+            return prepared
+        (answer,) = await self.apply([prepared])
+        return answer
+
+    async def prepare(
+        self, raw: bytes, context: Context, received_at: datetime
+    ) -> Prepared | Answer:
+        """Parse, check and extract one payload (fetching id-only notification content): the
+        final Answer when there is nothing to merge (rejected, or only acknowledged).
+
+        Takes no lock and publishes nothing. Raises SourceUnavailableError.
+        """
         try:
             payload = parse(raw, context.resource_type_hint, context.fhir_version, self.limits)
         except FhirRejected as rejected:
@@ -135,7 +198,41 @@ class IngestService:
         extraction = extract(payload.resources, self.specs, received_at=received_at)
         if extraction.rejections:
             return Answer(INVALID_FHIR, outcome(extraction.rejections))
-        return await self._apply(extraction, context, received_at, notes)
+        return Prepared(
+            context, received_at, self._groups(extraction), (*notes, *extraction.issues)
+        )
+
+    async def apply(self, prepared: Sequence[Prepared]) -> list[Answer]:
+        """Merge the payloads, in order, into their patients' states and publish what they
+        caused together: every request, then every new state, each set awaited as one; the
+        states are kept once both are acknowledged. One answer per payload.
+
+        Raises KafkaUnavailableError when that did not happen within the publish timeout, or
+        when a payload concerns a patient whose earlier publish is still in doubt: the payloads
+        before that one are published first (an inbound poll is redelivered from there and
+        finds them already sent).
+        """
+        stripes = sorted({_stripe(g.pseudonym) for p in prepared for g in p.groups})
+        blocked: KafkaUnavailableError | None = None
+        answers: list[Answer] = []
+        async with contextlib.AsyncExitStack() as held:
+            # In one order for everyone (an HTTP Bundle and a poll may share patients).
+            for stripe in stripes:
+                await held.enter_async_context(self._locks[stripe])
+            pending = _Pending()
+            for payload in prepared:
+                try:
+                    for group in payload.groups:
+                        self._raise_if_in_doubt(group.key)
+                except KafkaUnavailableError as exc:
+                    blocked = exc
+                    break
+                answers.append(self._merge_payload(payload, pending))
+            if pending.requests or pending.states:
+                await self._publish_durably(pending)
+        if blocked is not None:
+            raise blocked
+        return answers
 
     # --- id-only notifications -----------------------------------------------------------------
 
@@ -179,104 +276,92 @@ class IngestService:
 
     # --- readings, orders, requests ------------------------------------------------------------
 
-    async def _apply(
-        self,
-        extraction: Extraction,
-        context: Context,
-        received_at: datetime,
-        notes: list[Issue],
-    ) -> Answer:
-        groups: dict[tuple[str, str], tuple[PatientReadings | None, list[Order]]] = {}
+    def _groups(self, extraction: Extraction) -> tuple[_Group, ...]:
+        found: dict[tuple[str, str], PatientReadings] = {}
+        orders: dict[tuple[str, str], list[Order]] = {}
         for patient_readings in extraction.readings:
             key = (patient_readings.subject_reference, patient_readings.model)
-            groups[key] = (patient_readings, [])
+            found[key] = patient_readings
+            orders[key] = []
         for order in extraction.orders:
-            found_here, orders = groups.get((order.subject_reference, order.model), (None, []))
-            groups[(order.subject_reference, order.model)] = (found_here, [*orders, order])
+            orders.setdefault((order.subject_reference, order.model), []).append(order)
+        return tuple(
+            _Group(
+                self.pseudonymize(subject), self.specs[model], found.get((subject, model)), (*o,)
+            )
+            for (subject, model), o in orders.items()
+        )
+
+    def _merge_payload(self, payload: Prepared, pending: _Pending) -> Answer:
         requests: list[RequestInference] = []
-        issues: list[Issue] = [*notes, *extraction.issues]
-        for (subject, model), (found, orders) in groups.items():
-            pseudonym = self.pseudonymize(subject)
-            async with self._locks[_stripe(pseudonym)]:
-                self._raise_if_in_doubt(state_key(pseudonym, model))
-                sent, problems = await self._merge_and_publish(
-                    pseudonym, self.specs[model], found, orders, context, received_at
-                )
+        issues: list[Issue] = list(payload.issues)
+        for group in payload.groups:
+            sent, problems = self._merge_group(group, payload, pending)
             requests.extend(sent)
             issues.extend(problems)
         return _answer(requests, issues)
 
-    async def _merge_and_publish(
-        self,
-        pseudonym: str,
-        spec: ModelSpec,
-        found: PatientReadings | None,
-        orders: Sequence[Order],
-        context: Context,
-        received_at: datetime,
+    def _merge_group(
+        self, group: _Group, payload: Prepared, pending: _Pending
     ) -> tuple[list[RequestInference], list[Issue]]:
-        """Under the patient's lock: merge, publish requests, then the state (then keep it)."""
-        state = self.store.get(pseudonym, spec.name)
+        """Merge one group into the patient's newest state (pending, else stored)."""
+        spec = group.spec
+        before = pending.states.get(group.key) or self.store.get(group.pseudonym, spec.name)
+        state = before
         requests: list[RequestInference] = []
         issues: list[Issue] = []
-        steps: list[Order | None] = list(orders) if orders else [None]
-        merged: Merged | None = None
+        steps: list[Order | None] = list(group.orders) if group.orders else [None]
         for order in steps:
             merged = merge(
                 state,
                 spec=spec,
-                pseudonym=pseudonym,
-                found=found,
+                pseudonym=group.pseudonym,
+                found=group.found,
                 order=order,
-                received_at=received_at,
+                received_at=payload.received_at,
                 lookback=self.lookback,
                 producer=self.producer,
             )
             state = merged.state
             if merged.inputs is not None:
-                requests.append(self._request(merged, pseudonym, context, received_at))
+                requests.append(self._request(merged, group.pseudonym, payload))
             issues.extend(_merge_issues(spec, merged, order))
-        assert merged is not None  # noqa: S101 -- steps is never empty
-        changed = (
-            state
-            if state is not None and state is not self.store.get(pseudonym, spec.name)
-            else None
-        )
-        if requests or changed is not None:
-            await self._publish_durably(state_key(pseudonym, spec.name), requests, changed)
+        pending.requests.extend(Outgoing(r, payload.context.trace) for r in requests)
+        if state is not None and state is not before:
+            pending.states[group.key] = state
+        if requests or group.key in pending.states:
+            pending.keys.add(group.key)
         return requests, issues
 
-    async def _publish_all(
-        self, requests: Sequence[RequestInference], state: PatientReadingsUpdated | None
-    ) -> None:
-        for request in requests:
-            await self.publish_request(request)
-        if state is not None:
-            await self.publish_state(state)
-            self.store.put(state)
+    async def _publish_all(self, pending: _Pending) -> None:
+        # Requests first: a state on the topic says its readings were sent, so it must never be
+        # there without them (the follower and a restart would believe it).
+        if pending.requests:
+            await self.publish_requests(pending.requests)
+        if pending.states:
+            states = list(pending.states.values())
+            await self.publish_states(states)
+            for state in states:
+                self.store.put(state)
 
-    async def _publish_durably(
-        self,
-        key: str,
-        requests: Sequence[RequestInference],
-        state: PatientReadingsUpdated | None,
-    ) -> None:
-        """Publish the requests, then the state, and keep the state once both are acknowledged;
-        KafkaUnavailableError when that did not happen within the publish timeout.
+    async def _publish_durably(self, pending: _Pending) -> None:
+        """Publish the requests, then the states, and keep the states once both are
+        acknowledged; KafkaUnavailableError when that did not happen within the publish timeout.
 
         A timed-out publish is not withdrawn: the producer still holds the messages and
         delivers them once the broker is back. So it goes on in the background, in doubt: the
-        state (with the fingerprint of what was sent) is kept if it completes, and until it
-        has, this patient's new payloads are answered 503 too. The sender's retry then finds
+        states (with the fingerprint of what was sent) are kept if it completes, and until it
+        has, these patients' new payloads are answered 503 too. The sender's retry then finds
         the readings already sent instead of making a second request (found by tests/chaos:
         Kafka stopped longer than the timeout duplicated reports).
         """
-        publishing = asyncio.ensure_future(self._publish_all(requests, state))
+        publishing = asyncio.ensure_future(self._publish_all(pending))
         try:
             await asyncio.wait_for(asyncio.shield(publishing), timeout=self.publish_timeout_s)
         except TimeoutError:
-            self._in_doubt[key] = publishing
-            publishing.add_done_callback(functools.partial(self._resolved, key))
+            for key in pending.keys:
+                self._in_doubt[key] = publishing
+                publishing.add_done_callback(functools.partial(self._resolved, key))
             raise KafkaUnavailableError("Kafka did not acknowledge in time") from None
         except Exception as exc:  # any Kafka failure means "not taken": the sender retries
             raise KafkaUnavailableError(type(exc).__name__) from exc
@@ -288,7 +373,7 @@ class IngestService:
                 "an earlier message of this patient is not yet acknowledged by Kafka"
             )
 
-    def _resolved(self, key: str, publishing: asyncio.Task[None]) -> None:
+    def _resolved(self, key: str, publishing: asyncio.Future[None]) -> None:
         if self._in_doubt.get(key) is publishing:
             del self._in_doubt[key]
         if not publishing.cancelled() and publishing.exception() is not None:
@@ -298,9 +383,7 @@ class IngestService:
                 error=type(publishing.exception()).__name__,
             )
 
-    def _request(
-        self, merged: Merged, pseudonym: str, context: Context, received_at: datetime
-    ) -> RequestInference:
+    def _request(self, merged: Merged, pseudonym: str, payload: Prepared) -> RequestInference:
         assert merged.inputs is not None  # noqa: S101 -- the caller checked
         state = merged.state
         return RequestInference(
@@ -312,9 +395,9 @@ class IngestService:
             encounter_reference=state.encounter_reference,
             based_on_reference=merged.based_on_reference,
             inputs=merged.inputs,
-            effective_at=merged.effective_at or received_at,
-            received_at=received_at,
-            source=context.source,
+            effective_at=merged.effective_at or payload.received_at,
+            received_at=payload.received_at,
+            source=payload.context.source,
         )
 
 

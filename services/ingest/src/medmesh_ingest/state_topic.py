@@ -92,6 +92,10 @@ class ReadingsFollower:
         for records in batches.values():
             for record in records:
                 self.applied += 1
+                if record.key is not None and self.store.wrote(
+                    bytes(record.key).decode(errors="replace"), record.offset
+                ):
+                    continue  # this instance's own write, stored when Kafka acknowledged it
                 _apply(self.store, record.value)
 
     async def _follow(self, consumer: AIOKafkaConsumer) -> None:

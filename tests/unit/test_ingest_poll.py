@@ -1,0 +1,126 @@
+"""A poll's payloads are merged in order and published together: requests first, then states."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from medmesh_contracts.events import PatientReadingsUpdated, Producer, SourceContext
+from medmesh_contracts.modelspec import load_specs
+from medmesh_ingest.pseudonym import Pseudonymizer
+from medmesh_ingest.readings import ReadingsStore
+from medmesh_ingest.service import (
+    Context,
+    IngestService,
+    KafkaUnavailableError,
+    Outgoing,
+    Prepared,
+)
+from medmesh_ingest.validation import Limits
+
+ROOT = Path(__file__).resolve().parents[2]
+SPECS = load_specs(ROOT / "deploy" / "models")
+ONE_BY_ONE = ROOT / "tests" / "fixtures" / "fhir" / "one-by-one"
+READINGS = ["rr", "spo2", "o2-flow", "temp", "bp", "hr", "acvpu"]
+CONTEXT = Context(SourceContext(channel="kafka"))
+RECEIVED = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
+
+
+def _reading(name: str, patient: str) -> bytes:
+    observation = json.loads((ONE_BY_ONE / f"{name}.json").read_text())
+    observation["subject"] = {"reference": f"Patient/{patient}"}
+    observation["id"] = f"{patient}-{name}"
+    return json.dumps(observation).encode()
+
+
+class RecordingKafka:
+    """Records every publish call, in order; acknowledges at once, except that request
+    publishes made while ``stalled`` wait until ``released``."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.requests: list[Outgoing] = []
+        self.states: list[PatientReadingsUpdated] = []
+        self.stalled = False
+        self.released = asyncio.Event()
+
+    async def publish_requests(self, outgoing: Sequence[Outgoing]) -> None:
+        if self.stalled:
+            await self.released.wait()
+        self.calls.append(("requests", len(outgoing)))
+        self.requests.extend(outgoing)
+
+    async def publish_states(self, states: Sequence[PatientReadingsUpdated]) -> None:
+        self.calls.append(("states", len(states)))
+        self.states.extend(states)
+
+
+def _service(kafka: RecordingKafka, store: ReadingsStore | None = None) -> IngestService:
+    return IngestService(
+        specs=SPECS,
+        pseudonymize=Pseudonymizer(b"0123456789abcdef0123"),
+        producer=Producer(service="ingest", instance="test"),
+        store=ReadingsStore() if store is None else store,
+        publish_requests=kafka.publish_requests,
+        publish_states=kafka.publish_states,
+        limits=Limits(),
+        lookback=timedelta(hours=4),
+        publish_timeout_s=0.05,
+    )
+
+
+async def _prepared(service: IngestService, payloads: Sequence[bytes]) -> list[Prepared]:
+    prepared = [await service.prepare(p, CONTEXT, RECEIVED) for p in payloads]
+    assert all(isinstance(p, Prepared) for p in prepared)
+    return [p for p in prepared if isinstance(p, Prepared)]
+
+
+async def test_one_patients_readings_in_one_poll_merge_in_order_into_one_request() -> None:
+    """Seven single readings of one patient in one poll: six incomplete answers, then one 202,
+    one publish of one request and then one publish of the patient's final state."""
+    kafka = RecordingKafka()
+    service = _service(kafka)
+    poll = await _prepared(service, [_reading(name, "poll-a") for name in READINGS])
+    answers = await service.apply(poll)
+    assert [a.status for a in answers] == [200] * 6 + [202]
+    assert kafka.calls == [("requests", 1), ("states", 1)]
+    assert {r.name for r in kafka.states[0].readings} >= {"respiratory_rate", "heart_rate"}
+    assert kafka.requests[0].request.correlation_id == answers[-1].requests[0].correlation_id
+
+
+async def test_a_poll_of_two_patients_publishes_each_once_and_keeps_both_states() -> None:
+    """Two patients interleaved in one poll: two requests, two states, both kept in the store."""
+    kafka = RecordingKafka()
+    store = ReadingsStore()
+    service = _service(kafka, store)
+    payloads = [_reading(name, patient) for name in READINGS for patient in ("poll-b", "poll-c")]
+    answers = await service.apply(await _prepared(service, payloads))
+    assert sum(len(a.requests) for a in answers) == 2
+    assert kafka.calls == [("requests", 2), ("states", 2)]
+    assert len(store) == 2
+
+
+async def test_a_poll_stops_before_a_patient_in_doubt_after_publishing_the_rest() -> None:
+    """A payload of a patient whose publish is in doubt stops the poll there: the payloads
+    before it are published and kept, then KafkaUnavailableError (the poll is redelivered)."""
+    kafka = RecordingKafka()
+    service = _service(kafka)
+    kafka.stalled = True
+    with pytest.raises(KafkaUnavailableError, match="in time"):
+        await service.apply(await _prepared(service, [_reading(n, "poll-d") for n in READINGS]))
+    kafka.stalled = False  # poll-d's publish stays in doubt; later ones are acknowledged
+    before = await _prepared(service, [_reading(n, "poll-e") for n in READINGS])
+    in_doubt = await _prepared(service, [_reading("rr", "poll-d")])
+    with pytest.raises(KafkaUnavailableError, match="not yet acknowledged"):
+        await service.apply([*before, *in_doubt])
+    assert kafka.calls == [("requests", 1), ("states", 1)]  # poll-e's, before the error
+    answer = await service.handle(_reading("rr", "poll-e"), CONTEXT, RECEIVED)
+    assert answer.requests == ()  # poll-e's state was kept: nothing new to send
+    kafka.released.set()
+    await asyncio.sleep(0.01)
+    assert kafka.calls[-2:] == [("requests", 1), ("states", 1)]  # poll-d's, once back
