@@ -160,3 +160,45 @@ async def test_two_ingest_instances_share_one_patients_readings(
     }
     await asyncio.sleep(2.0)
     assert len(_requests_for(tap, patient)) == 1
+
+
+def _bundle_of(names: list[str], patient: str) -> bytes:
+    entries = [{"resource": json.loads(_reading(name, patient))} for name in names]
+    return json.dumps({"resourceType": "Bundle", "type": "collection", "entry": entries}).encode()
+
+
+async def test_two_ingest_instances_merging_one_patient_at_once_lose_no_reading(
+    stack: Stack, tap: TopicTap
+) -> None:
+    """Readings of one patient reaching two instances at the same moment (each merging before
+    it saw the other's write) are combined by both: the last reading completes the set."""
+    patient = f"e2e-race-{uuid.uuid4().hex[:12]}"
+    async with _second_ingest(stack) as second_url, httpx.AsyncClient(timeout=30) as client:
+        at_once = await asyncio.gather(
+            client.post(
+                f"{second_url}/fhir", content=_bundle_of(ONE_BY_ONE[:3], patient), headers=FHIR
+            ),
+            client.post(
+                f"{stack.config.ingest_url}/fhir",
+                content=_bundle_of(ONE_BY_ONE[3:6], patient),
+                headers=FHIR,
+            ),
+        )
+        assert [r.status_code for r in at_once] == [200, 200], [r.text for r in at_once]
+        await asyncio.sleep(1.0)  # each instance follows the other's write
+        last = await client.post(
+            f"{second_url}/fhir", content=_reading(ONE_BY_ONE[6], patient), headers=FHIR
+        )
+        assert last.status_code == 202, last.text
+    record = await tap.wait_for(
+        topics.INFERENCE_REQUESTS, lambda r: f'"Patient/{patient}"' in r.value.decode()
+    )
+    request = RequestInference.model_validate_json(record.value)
+    assert {i.name for i in request.inputs if i.observed_at is not None} >= {
+        "respiratory_rate",
+        "spo2",
+        "temperature",
+        "systolic_bp",
+        "heart_rate",
+        "not_alert",
+    }

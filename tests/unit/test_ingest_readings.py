@@ -6,10 +6,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+from pydantic import ValidationError
+
 from medmesh_contracts.events import ModelInput, PatientReadingsUpdated, Producer, to_wire
 from medmesh_contracts.modelspec import load_spec
 from medmesh_ingest.extraction import Order, PatientReadings, Reading
-from medmesh_ingest.readings import Merged, ReadingsStore, merge, state_key
+from medmesh_ingest.readings import Merged, ReadingsStore, combine, merge, state_key
 from medmesh_ingest.settings import IngestSettings
 from medmesh_ingest.state_topic import ReadingsFollower
 
@@ -204,3 +207,75 @@ async def test_follower_skips_its_own_acknowledged_write_and_applies_the_others(
     await follower._apply_next(OnePoll(), timeout_ms=0)
     assert store.get("pabc", "deterioration") == theirs
     assert follower.applied == 2
+
+
+def _merged_at(
+    previous: PatientReadingsUpdated | None, at: datetime, instance: str, *readings: Reading
+) -> PatientReadingsUpdated:
+    return merge(
+        previous,
+        spec=SPEC,
+        pseudonym="pabc",
+        found=found(*readings),
+        order=None,
+        received_at=at,
+        lookback=timedelta(hours=4),
+        producer=Producer(service="ingest", instance=instance),
+    ).state
+
+
+def test_states_two_instances_merged_at_once_combine_to_both_readings_either_way() -> None:
+    """Two instances add different readings to the same state at once: combining keeps both,
+    and gives the same readings whichever state is held (every follower converges)."""
+    base = _merged_at(None, T0, "a", reading("respiratory_rate", 16))
+    on_a = _merged_at(base, T0 + timedelta(seconds=1), "a", reading("spo2", 97))
+    on_b = _merged_at(base, T0 + timedelta(seconds=1), "b", reading("heart_rate", 70))
+    held_a, held_b = combine(on_a, on_b), combine(on_b, on_a)
+    assert {r.name for r in held_a.readings} == {"respiratory_rate", "spo2", "heart_rate"}
+    assert held_a.readings == held_b.readings
+
+
+def test_combining_with_a_successor_state_keeps_its_correction() -> None:
+    """A state merged on top of the held one wins, a corrected version of the same resource
+    included, even when the correction is dated earlier than the version it replaces."""
+    first = _merged_at(None, T0, "a", reading("heart_rate", 70, at=T0, version="1"))
+    corrected = _merged_at(
+        first,
+        T0 + timedelta(minutes=5),
+        "b",
+        reading("heart_rate", 75, at=T0 - timedelta(minutes=1), version="2"),
+    )
+    assert combine(first, corrected) is corrected
+    assert combine(corrected, first).readings == corrected.readings
+
+
+def test_combining_keeps_the_answered_orders_of_both_states() -> None:
+    """Orders answered on either instance stay answered in the combined state."""
+    base = _merged_at(None, T0, "a", reading("heart_rate", 70))
+    one = base.model_copy(update={"fulfilled_orders": ("ServiceRequest/1",)})
+    two = base.model_copy(
+        update={"fulfilled_orders": ("ServiceRequest/2",), "updated_at": T0 + timedelta(seconds=1)}
+    )
+    assert set(combine(one, two).fulfilled_orders) == {"ServiceRequest/1", "ServiceRequest/2"}
+
+
+def test_follower_forgets_states_not_updated_within_the_retention() -> None:
+    """States last updated before now - MEDMESH_READINGS_RETENTION_HOURS are dropped, the
+    others kept (memory follows the patients seen lately, not every patient ever seen)."""
+    store = ReadingsStore()
+    recent = _merged_at(None, T0, "a", reading("heart_rate", 70))
+    stale = recent.model_copy(
+        update={"patient_pseudonym": "pold", "updated_at": T0 - timedelta(hours=169)}
+    )
+    store.put(recent)
+    store.put(stale)
+    follower = ReadingsFollower(store, IngestSettings(readings_retention_hours=168))
+    assert follower.forget_stale(now=T0) == 1
+    assert store.get("pabc", "deterioration") is not None
+    assert store.get("pold", "deterioration") is None
+
+
+def test_a_retention_shorter_than_the_lookback_is_refused() -> None:
+    """Forgetting states sooner than readings expire would lose readings still in the window."""
+    with pytest.raises(ValidationError, match="RETENTION_HOURS must cover"):
+        IngestSettings(readings_retention_hours=1, readings_lookback_minutes=240)

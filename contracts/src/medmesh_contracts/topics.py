@@ -26,7 +26,8 @@ MODELS_STATUS = "medmesh.models.status"
 INFERENCE_SHADOW_RESULTS = "medmesh.inference.shadow-results"
 # Reports a FHIR server refused or that could not be delivered, with the server's answer.
 REPORTS_UNDELIVERABLE = "medmesh.reports.undeliverable"
-# Ingest's per-patient latest readings (compacted, key = pseudonym + model), rebuilt on start.
+# Ingest's per-patient latest readings (compacted, key = pseudonym + model), rebuilt on start;
+# states not updated within READINGS_RETENTION_HOURS are deleted.
 INGEST_READINGS = "medmesh.ingest.readings"
 
 _MODEL_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
@@ -55,6 +56,15 @@ _KEEP_TWO_WEEKS = {"retention.ms": str(14 * 24 * 3600 * 1000)}
 
 # Compacted topics keep the latest value per key forever: they are state, not history.
 _COMPACTED = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}
+# Ingest's readings state: compacted per patient and model, and a state not updated for a week
+# deleted (ingest forgets it then too: MEDMESH_READINGS_RETENTION_HOURS), so the topic and
+# ingest's memory follow the patients seen lately, not every patient ever seen.
+READINGS_RETENTION_HOURS = 7 * 24
+_READINGS_STATE = {
+    "cleanup.policy": "compact,delete",
+    "min.compaction.lag.ms": "0",
+    "retention.ms": str(READINGS_RETENTION_HOURS * 3600 * 1000),
+}
 # Heartbeats: compacted per worker instance, and old ones deleted after a day.
 _HEARTBEATS = {"cleanup.policy": "compact,delete", "retention.ms": str(24 * 3600 * 1000)}
 
@@ -73,7 +83,7 @@ STATIC_TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(MODELS_STATUS, partitions=1, config=_HEARTBEATS),
     TopicSpec(INFERENCE_SHADOW_RESULTS),
     TopicSpec(REPORTS_UNDELIVERABLE, config=_KEEP_TWO_WEEKS),
-    TopicSpec(INGEST_READINGS, config=_COMPACTED),
+    TopicSpec(INGEST_READINGS, config=_READINGS_STATE),
 )
 
 

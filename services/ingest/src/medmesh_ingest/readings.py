@@ -12,7 +12,9 @@ Rules:
   changes nothing;
 - readings older than the lookback window, counted back from the patient's newest reading, expire;
 - a complete set whose fingerprint equals the last request's is not sent again (duplicates,
-  re-sent Bundles); an order (ServiceRequest) is answered once per id and version.
+  re-sent Bundles); an order (ServiceRequest) is answered once per id and version;
+- a stored state is combined with each newer one (``combine``), so two instances that merged
+  readings of one patient at the same moment lose neither's readings.
 """
 
 from __future__ import annotations
@@ -221,6 +223,66 @@ def _fingerprint(inputs: Sequence[ModelInput], based_on: str | None) -> str:
     return digest.hexdigest()[:32]
 
 
+def combine(
+    held: PatientReadingsUpdated | None, incoming: PatientReadingsUpdated
+) -> PatientReadingsUpdated:
+    """The state that keeps what both states know: per input the later reading, the answered
+    orders of both, and the rest from the more recently updated state.
+
+    Two ingest instances that merge readings of one patient at the same moment each write a
+    state without the other's readings; keeping only the newer state lost the other's readings
+    for good (the set then never completed). Combining is the same from either side
+    (``combine(a, b)`` and ``combine(b, a)`` hold the same readings), so every instance that
+    follows the topic converges. Without such a race, ``incoming`` was merged on top of
+    ``held`` and combining gives ``incoming``'s readings (plus any it let expire, which the
+    next merge expires again).
+    """
+    if held is None:
+        return incoming
+    newer, older = (incoming, held) if _later_state(incoming, held) else (held, incoming)
+    readings = {r.name: (r, older.updated_at) for r in older.readings}
+    for reading in newer.readings:
+        kept = readings.get(reading.name)
+        if kept is None or _prefer((reading, newer.updated_at), kept):
+            readings[reading.name] = (reading, newer.updated_at)
+    combined = tuple(r for r, _ in sorted(readings.values(), key=lambda item: item[0].name))
+    orders = tuple(dict.fromkeys((*older.fulfilled_orders, *newer.fulfilled_orders)))
+    if combined == newer.readings and orders == newer.fulfilled_orders:
+        return newer
+    return newer.model_copy(
+        update={"readings": combined, "fulfilled_orders": orders[-_REMEMBERED_ORDERS:]}
+    )
+
+
+def _later_state(a: PatientReadingsUpdated, b: PatientReadingsUpdated) -> bool:
+    """Whether ``a`` is the later state (ties broken the same way from either side)."""
+    return (a.updated_at, a.correlation_id, a.producer.instance) >= (
+        b.updated_at,
+        b.correlation_id,
+        b.producer.instance,
+    )
+
+
+def _prefer(
+    candidate: tuple[IngestedReading, datetime], kept: tuple[IngestedReading, datetime]
+) -> bool:
+    """Whether to keep ``candidate`` over ``kept`` (each a reading and its state's update time):
+    another version of the same resource from the later state (a correction, whatever its
+    time); otherwise the later observation. Ties are broken by content, the same from either
+    side."""
+    (new, new_at), (old, old_at) = candidate, kept
+    if new == old:
+        return False
+    same_resource = (
+        new.source_reference is not None and new.source_reference == old.source_reference
+    )
+    first = (new_at, new.observed_at) if same_resource else (new.observed_at, new_at)
+    second = (old_at, old.observed_at) if same_resource else (old.observed_at, old_at)
+    if first != second:
+        return first > second
+    return new.model_dump_json() > old.model_dump_json()
+
+
 class ReadingsStore:
     """The latest state per (patient pseudonym, model), in memory; the topic is the record."""
 
@@ -235,11 +297,17 @@ class ReadingsStore:
         return self._states.get(state_key(pseudonym, model))
 
     def put(self, state: PatientReadingsUpdated) -> None:
-        """Store a state, unless a newer one for the same key is already here."""
+        """Store a state, combined with the one already here (see ``combine``)."""
         key = state_key(state.patient_pseudonym, state.model)
-        current = self._states.get(key)
-        if current is None or state.updated_at >= current.updated_at:
-            self._states[key] = state
+        self._states[key] = combine(self._states.get(key), state)
+
+    def forget_older_than(self, cutoff: datetime) -> int:
+        """Drop the states last updated before ``cutoff``; how many were dropped."""
+        stale = [key for key, state in self._states.items() if state.updated_at < cutoff]
+        for key in stale:
+            del self._states[key]
+            self._written.pop(key, None)
+        return len(stale)
 
     def written(self, key: str, offset: int) -> None:
         """Note that this instance's write of ``key`` was acknowledged at ``offset``."""

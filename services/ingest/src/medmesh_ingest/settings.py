@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from medmesh_contracts.topics import READINGS_RETENTION_HOURS
 from medmesh_runtime.settings import ServiceSettings
 
 # Only for local runs and tests; `medmesh up` warns, and deployments must set their own key.
@@ -61,8 +62,20 @@ class IngestSettings(ServiceSettings):
     retry_after_s: int = Field(default=5, ge=1)
     # Readings older than this before a patient's newest reading no longer count.
     readings_lookback_minutes: int = Field(default=240, ge=1)
+    # A patient's state not updated for this long is forgotten (memory and, through the topic's
+    # retention.ms, medmesh.ingest.readings); at least the lookback. Raise the topic's
+    # retention with it.
+    readings_retention_hours: float = Field(default=READINGS_RETENTION_HOURS, gt=0)
     # Read medmesh.ingest.readings to its end before serving (off only for in-memory tests).
     rebuild_readings_on_start: bool = True
+
+    @model_validator(mode="after")
+    def _retention_covers_the_lookback(self) -> IngestSettings:
+        if self.readings_retention_hours * 60 < self.readings_lookback_minutes:
+            raise ValueError(
+                "MEDMESH_READINGS_RETENTION_HOURS must cover MEDMESH_READINGS_LOOKBACK_MINUTES"
+            )
+        return self
 
     def bearer_tokens(self) -> dict[str, str]:
         """Every accepted token, mapped to its source's name."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from datetime import UTC, datetime, timedelta
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import murmur2
@@ -20,6 +21,8 @@ from medmesh_runtime.kafka import aiokafka_security, topic_partitions
 from medmesh_runtime.logging import get_logger
 
 log = get_logger("medmesh.ingest.state")
+# How often the follower forgets states older than the retention.
+_SWEEP_INTERVAL_S = 60.0
 
 
 def partition_of(pseudonym: str, partitions: int) -> int:
@@ -79,6 +82,7 @@ class ReadingsFollower:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"reading {topics.INGEST_READINGS} took over {timeout_s}s")
             await self._apply_next(consumer, timeout_ms=500)
+        self.forget_stale()  # the topic deletes whole segments, so older states may remain
         log.info(
             "readings state rebuilt",
             records=self.applied,
@@ -99,12 +103,24 @@ class ReadingsFollower:
                 _apply(self.store, record.value)
 
     async def _follow(self, consumer: AIOKafkaConsumer) -> None:
+        swept = time.monotonic()
         while True:
             try:
                 await self._apply_next(consumer, timeout_ms=1000)
             except Exception:  # the follower must outlive a broker outage; the error is logged
                 log.exception("following the readings state failed; retrying in 1 s")
                 await asyncio.sleep(1.0)
+            if time.monotonic() - swept >= _SWEEP_INTERVAL_S:
+                swept = time.monotonic()
+                self.forget_stale()
+
+    def forget_stale(self, now: datetime | None = None) -> int:
+        """Forget the states not updated within the retention (the topic deletes them too)."""
+        retention = timedelta(hours=self.settings.readings_retention_hours)
+        forgotten = self.store.forget_older_than((now or datetime.now(UTC)) - retention)
+        if forgotten:
+            log.info("stale readings states forgotten", states=forgotten, kept=len(self.store))
+        return forgotten
 
     async def stop(self) -> None:
         """Stop following."""
