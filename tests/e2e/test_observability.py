@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from pathlib import Path
 from typing import Any
 
 import httpx
+from aiokafka import AIOKafkaProducer
 
 from medmesh_cli.devstack.stack import Stack
 from medmesh_contracts import headers as h
@@ -30,6 +32,13 @@ def _patient_data(bundle: dict[str, Any]) -> list[str]:
 
 def _service_logs(state_dir: Path) -> dict[str, str]:
     return {p.name: p.read_text(errors="replace") for p in state_dir.glob("*.log")}
+
+
+def _with_bytes(text: bytes) -> Any:
+    def matches(record: Record) -> bool:
+        return text in record.value
+
+    return matches
 
 
 def _for_correlation(correlation_id: str) -> Any:
@@ -143,3 +152,31 @@ async def test_worker_metrics_show_per_version_requests_and_consumer_lag(
     assert 'medmesh_inference_requests_total{model="deterioration",model_version="1"' in text
     assert "medmesh_inference_triton_duration_milliseconds_bucket" in text
     assert 'consumer_group="medmesh-worker-deterioration-v1"' in text
+
+
+async def test_each_inbound_event_of_a_poll_keeps_its_own_trace(
+    stack: Stack, tap: TopicTap, producer: AIOKafkaProducer
+) -> None:
+    """Events that arrive on medmesh.fhir.inbound together (one poll) each carry their own
+    trace: the RequestInference of every event continues the trace in that event's headers."""
+    sent: dict[str, str] = {}  # patient id -> trace id of the event
+    partition = min(await producer.partitions_for(topics.FHIR_INBOUND))
+    acknowledgements = []
+    for _ in range(5):  # sent together to one partition: ingest reads them in one poll
+        payload, patient = fixture_with_new_patient("vitals-bundle-high.json")
+        trace_id = secrets.token_hex(16)
+        sent[patient] = trace_id
+        traceparent = f"00-{trace_id}-{secrets.token_hex(8)}-01".encode()
+        acknowledgements.append(
+            await producer.send(
+                topics.FHIR_INBOUND,
+                payload,
+                partition=partition,
+                headers=[("traceparent", traceparent)],
+            )
+        )
+    await asyncio.gather(*acknowledgements)
+    for patient, trace_id in sent.items():
+        subject = f'"Patient/{patient}"'.encode()
+        record = await tap.wait_for(topics.INFERENCE_REQUESTS, _with_bytes(subject))
+        assert record.headers["traceparent"].split("-")[1] == trace_id, patient
