@@ -7,13 +7,15 @@ trace context would travel in Kafka headers. Spans are exported as JSON lines to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
@@ -145,3 +147,27 @@ def consumer_span(
 def trace_id_hex(span: trace.Span) -> str:
     """The W3C hex trace id of a span."""
     return format(span.get_span_context().trace_id, "032x")
+
+
+# A valid parent that is not sampled: under it, the ParentBased sampler every medmesh process
+# uses (configure_tracing) records no span, so instrumented code costs next to nothing.
+_NOT_SAMPLED = trace.NonRecordingSpan(
+    trace.SpanContext(
+        trace_id=1,
+        span_id=1,
+        is_remote=False,
+        trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT),
+    )
+)
+
+
+@contextlib.contextmanager
+def untraced() -> Iterator[None]:
+    """Run a block whose spans are not recorded: for internal writes that belong to no
+    request's trace (faststream's telemetry middleware otherwise records two spans for every
+    publish)."""
+    token = otel_context.attach(trace.set_span_in_context(_NOT_SAMPLED))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
