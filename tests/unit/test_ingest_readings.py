@@ -279,3 +279,26 @@ def test_a_retention_shorter_than_the_lookback_is_refused() -> None:
     """Forgetting states sooner than readings expire would lose readings still in the window."""
     with pytest.raises(ValidationError, match="RETENTION_HOURS must cover"):
         IngestSettings(readings_retention_hours=1, readings_lookback_minutes=240)
+
+
+def test_a_state_merged_on_the_held_one_replaces_it_and_otherwise_is_combined() -> None:
+    """put(state, based_on=held) stores the state itself; if another instance's state was
+    taken in meanwhile, the two are combined so that neither's readings are lost."""
+    store = ReadingsStore()
+    base = _merged_at(None, T0, "a", reading("respiratory_rate", 16))
+    store.put(base)
+    mine = _merged_at(base, T0 + timedelta(seconds=1), "a", reading("spo2", 97))
+    store.put(mine, based_on=base)
+    assert store.get("pabc", "deterioration") is mine
+    theirs = _merged_at(base, T0 + timedelta(seconds=1), "b", reading("heart_rate", 70))
+    store.put(theirs)  # followed while "later" below was being merged on top of "mine"
+    later = _merged_at(mine, T0 + timedelta(seconds=2), "a", reading("temperature", 37.0))
+    store.put(later, based_on=mine)
+    held = store.get("pabc", "deterioration")
+    assert held is not None
+    assert {r.name for r in held.readings} == {
+        "respiratory_rate",
+        "spo2",
+        "heart_rate",
+        "temperature",
+    }

@@ -296,10 +296,14 @@ class ReadingsStore:
         """The stored state, if any."""
         return self._states.get(state_key(pseudonym, model))
 
-    def put(self, state: PatientReadingsUpdated) -> None:
-        """Store a state, combined with the one already here (see ``combine``)."""
+    def put(
+        self, state: PatientReadingsUpdated, based_on: PatientReadingsUpdated | None = None
+    ) -> None:
+        """Store a state, combined with the one already here (see ``combine``); a state merged
+        on top of the one still here (``based_on``) simply replaces it."""
         key = state_key(state.patient_pseudonym, state.model)
-        self._states[key] = combine(self._states.get(key), state)
+        held = self._states.get(key)
+        self._states[key] = state if held is not None and held is based_on else combine(held, state)
 
     def forget_older_than(self, cutoff: datetime) -> int:
         """Drop the states last updated before ``cutoff``; how many were dropped."""

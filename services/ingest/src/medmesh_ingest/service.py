@@ -123,6 +123,8 @@ class _Pending:
 
     requests: list[Outgoing] = field(default_factory=list)
     states: dict[str, PatientReadingsUpdated] = field(default_factory=dict)
+    # The stored state each new state was merged on top of (None: there was none).
+    bases: dict[str, PatientReadingsUpdated | None] = field(default_factory=dict)
     keys: set[str] = field(default_factory=set)
 
 
@@ -306,7 +308,9 @@ class IngestService:
     ) -> tuple[list[RequestInference], list[Issue]]:
         """Merge one group into the patient's newest state (pending, else stored)."""
         spec = group.spec
-        before = pending.states.get(group.key) or self.store.get(group.pseudonym, spec.name)
+        stored = self.store.get(group.pseudonym, spec.name)
+        before = pending.states.get(group.key) or stored
+        pending.bases.setdefault(group.key, stored)
         state = before
         requests: list[RequestInference] = []
         issues: list[Issue] = []
@@ -339,10 +343,9 @@ class IngestService:
         if pending.requests:
             await self.publish_requests(pending.requests)
         if pending.states:
-            states = list(pending.states.values())
-            await self.publish_states(states)
-            for state in states:
-                self.store.put(state)
+            await self.publish_states(list(pending.states.values()))
+            for key, state in pending.states.items():
+                self.store.put(state, based_on=pending.bases[key])
 
     async def _publish_durably(self, pending: _Pending) -> None:
         """Publish the requests, then the states, and keep the states once both are
