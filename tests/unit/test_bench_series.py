@@ -18,7 +18,7 @@ from medmesh_cli.bench.common import (
     ratios_markdown,
     with_count,
 )
-from medmesh_cli.bench.ingest import subject_of
+from medmesh_cli.bench.ingest import ingest_markdown, subject_of
 from medmesh_cli.bench.series import ALL_SERIES, parse_series
 from medmesh_cli.bench.stats import summarize
 from medmesh_contracts.events import RunInference
@@ -129,3 +129,41 @@ def test_record_helpers_read_headers_and_subjects() -> None:
     assert subject_of(record) == "Patient/x"
     assert subject_of(SimpleNamespace(value=b"[1]")) is None
     assert subject_of(SimpleNamespace(value=b"not json")) is None
+
+
+def test_ingest_markdown_shows_the_in_process_logic_split() -> None:
+    """The ingest section names validation alone and ingest's logic without Kafka, per event."""
+    report = {
+        "series": [
+            {
+                "name": "plain loop",
+                "count": 10,
+                "seconds": 0.1,
+                "per_second": 100.0,
+                "p50_ms": 1.0,
+                "p90_ms": 2.0,
+                "p99_ms": 3.0,
+                "max_ms": 4.0,
+            },
+            {
+                "name": "ingest",
+                "count": 10,
+                "seconds": 0.2,
+                "per_second": 50.0,
+                "p50_ms": 1.0,
+                "p90_ms": 2.0,
+                "p99_ms": 3.0,
+                "max_ms": 4.0,
+            },
+        ],
+        "cpu_ms_per_event": {"plain loop": 2.0, "ingest": 4.0},
+        "logic_cpu_ms_per_event": {
+            "fhir.resources validation alone": 1.25,
+            "ingest logic without Kafka": 2.5,
+        },
+        "missing": {"plain loop": 0, "ingest": 0},
+        "ratios": [{"name": "ingest / plain loop", "value": 0.5, "target": 0.7}],
+    }
+    text = ingest_markdown(report)
+    assert "fhir.resources validation alone: 1.25 ms, ingest logic without Kafka: 2.50 ms" in text
+    assert "| ingest / plain loop | 50% | >= 70% | no |" in text

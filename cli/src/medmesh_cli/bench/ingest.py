@@ -19,6 +19,9 @@ import math
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -37,10 +40,23 @@ from medmesh_cli.bench.common import (
 )
 from medmesh_cli.bench.pipeline import vitals_events
 from medmesh_cli.bench.stats import Summary, markdown_table
+from medmesh_cli.devstack.paths import repo_root
 from medmesh_cli.devstack.stack import Stack
 from medmesh_cli.devstack.topics import create_topics
 from medmesh_contracts import topics
+from medmesh_contracts.events import (
+    PatientReadingsUpdated,
+    Producer,
+    SourceContext,
+    to_wire,
+    utc_now,
+)
+from medmesh_contracts.modelspec import load_specs
 from medmesh_contracts.topics import TopicSpec
+from medmesh_ingest.pseudonym import Pseudonymizer
+from medmesh_ingest.readings import ReadingsStore
+from medmesh_ingest.service import Context, IngestService, Outgoing
+from medmesh_ingest.validation import Limits
 
 ROUTER = "router"
 ROUTER_GROUP = "medmesh-router"
@@ -152,6 +168,44 @@ async def _skip_router_backlog(bootstrap: str) -> None:
         await consumer.stop()
 
 
+async def logic_cpu_split(template: dict[str, Any], events: int) -> dict[str, float]:
+    """CPU ms per event, in this process and without Kafka, of fhir.resources validation alone
+    and of ingest's whole logic (``IngestService.handle`` with publishers that only serialise):
+    the part of ingest's cost that no transport change can remove."""
+    messages = [value for _, value, _, _ in bench_events(template, events + 20, f"c{run_id()}")]
+
+    async def serialise(items: Sequence[Outgoing] | Sequence[PatientReadingsUpdated]) -> None:
+        for item in items:
+            to_wire(item.request if isinstance(item, Outgoing) else item)
+
+    service = IngestService(
+        specs=load_specs(repo_root() / "deploy" / "models"),
+        pseudonymize=Pseudonymizer(b"bench-pseudonym-key"),
+        producer=Producer(service="bench", instance="logic"),
+        store=ReadingsStore(),
+        publish_requests=serialise,
+        publish_states=serialise,
+        limits=Limits(),
+        lookback=timedelta(hours=4),
+    )
+    context = Context(SourceContext(channel="kafka"))
+    for value in messages[:20]:  # warm: unit registry, model classes
+        Bundle.model_validate_json(value)
+        await service.handle(value, context, utc_now())
+    started = time.process_time()
+    for value in messages[20:]:
+        Bundle.model_validate_json(value)
+    validation = time.process_time() - started
+    started = time.process_time()
+    for value in messages[20:]:
+        await service.handle(value, context, utc_now())
+    logic = time.process_time() - started
+    return {
+        "fhir.resources validation alone": validation / events * 1000,
+        "ingest logic without Kafka": logic / events * 1000,
+    }
+
+
 async def run_ingest(stack: Stack, template: dict[str, Any], events: int = 500) -> dict[str, Any]:
     """Plain loop first, then ingest alone, with bursts of the same Bundles."""
     bootstrap = stack.config.bootstrap
@@ -196,6 +250,7 @@ async def run_ingest(stack: Stack, template: dict[str, Any], events: int = 500) 
     return {
         "series": [loop.as_dict(), result.as_dict()],
         "cpu_ms_per_event": {loop.name: loop_cpu * 1000, result.name: cpu * 1000},
+        "logic_cpu_ms_per_event": await logic_cpu_split(template, min(events, 1000)),
         "missing": {loop.name: loop_missing, result.name: missing},
         "ratios": [r.as_dict() for r in ratios],
     }
@@ -205,9 +260,13 @@ def ingest_markdown(report: dict[str, Any]) -> str:
     """The ingest section."""
     rows = [Summary(**s) for s in report["series"]]
     cpu = ", ".join(f"{name}: {ms:.2f} ms" for name, ms in report["cpu_ms_per_event"].items())
+    split = report.get("logic_cpu_ms_per_event", {})
+    logic = ", ".join(f"{name}: {ms:.2f} ms" for name, ms in split.items())
     return (
         markdown_table(rows, baseline=rows[0].name)
-        + f"\nCPU per event (process user + system): {cpu}. Missing: {report['missing']}.\n\n"
+        + f"\nCPU per event (process user + system): {cpu}. Missing: {report['missing']}.\n"
+        + (f"\nIn one process, without Kafka, CPU per event: {logic}.\n" if split else "")
+        + "\n"
         + ratios_markdown(report["ratios"])
     )
 

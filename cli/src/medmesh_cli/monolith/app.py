@@ -3,8 +3,8 @@ process, calling each other in-process. HTTP and Kafka only at the edges.
 
 The app *is* ingest's app (``medmesh_ingest.app.create_app``: the same POST /fhir, the same
 medmesh.fhir.inbound consumer and dead letters, the same readings state topic), with one
-change made at this bootstrap point: ingest's ``publish_request`` hands the request to the
-``InProcessPipeline`` instead of producing it to medmesh.inference.requests. So the
+change made at this bootstrap point: ingest's ``publish_requests`` hands the requests to the
+``InProcessPipeline`` instead of producing them to medmesh.inference.requests. So the
 differences from the services topology are exactly the three Kafka hops in the middle.
 
 Routing state: read once at start from the compacted registry topic, as the router does
