@@ -538,3 +538,23 @@ async def test_inbound_impossible_value_is_dead_lettered(ingest: Harness) -> Non
     await ingest.broker.publish(json.dumps(observation).encode(), topic=topics.FHIR_INBOUND)
     [event] = [json.loads(e) for e in ingest.captured.invalid]
     assert "140 %" in json.dumps(event["operation_outcome"])
+
+
+async def test_an_inbound_poll_with_garbage_between_readings_publishes_one_request(
+    ingest: Harness,
+) -> None:
+    """One poll holding a patient's seven readings with garbage among them: the garbage is
+    dead-lettered, the readings merge in order into one request, then one state."""
+    payloads = [(FIXTURES / f"one-by-one/{name}.json").read_bytes() for name in ONE_BY_ONE]
+    await ingest.broker.publish_batch(
+        *payloads[:3], b"not json", *payloads[3:], topic=topics.FHIR_INBOUND
+    )
+    assert len(ingest.captured.invalid) == 1
+    assert len(ingest.captured.requests) == 1
+    assert len(ingest.captured.states) == 1
+    request = RequestInference.model_validate_json(ingest.captured.requests[0])
+    assert {i.name for i in request.inputs if i.observed_at is not None} >= {
+        "respiratory_rate",
+        "heart_rate",
+        "not_alert",
+    }
