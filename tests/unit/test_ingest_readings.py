@@ -302,3 +302,16 @@ def test_a_state_merged_on_the_held_one_replaces_it_and_otherwise_is_combined() 
         "heart_rate",
         "temperature",
     }
+
+
+def test_a_state_merged_from_an_earlier_received_payload_is_still_the_later_state() -> None:
+    """A correction received earlier (another instance's clock, or a poll prepared before an
+    HTTP payload) but merged on top of a state is stamped no earlier than it, so every instance
+    combining the two keeps the correction."""
+    first = _merged_at(None, T0 + timedelta(seconds=5), "a", reading("heart_rate", 80))
+    corrected = _merged_at(
+        first, T0 + timedelta(seconds=1), "b", reading("heart_rate", 90, version="2")
+    )
+    assert corrected.updated_at == first.updated_at
+    assert [r.value for r in combine(first, corrected).readings] == [90]
+    assert [r.value for r in combine(corrected, first).readings] == [90]

@@ -114,7 +114,10 @@ def merge(
         readings=tuple(ordered),
         last_request_fingerprint=last_fingerprint,
         fulfilled_orders=fulfilled,
-        updated_at=received_at,
+        # Never earlier than the state it was merged on: a payload received earlier but
+        # applied later (a poll prepared before an HTTP payload of the same patient, or another
+        # instance's clock) must not make its successor look older to ``combine``.
+        updated_at=max(received_at, previous.updated_at) if previous is not None else received_at,
     )
     effective_at = max((r.observed_at for r in readings.values()), default=None)
     return Merged(
@@ -255,12 +258,11 @@ def combine(
 
 
 def _later_state(a: PatientReadingsUpdated, b: PatientReadingsUpdated) -> bool:
-    """Whether ``a`` is the later state (ties broken the same way from either side)."""
-    return (a.updated_at, a.correlation_id, a.producer.instance) >= (
-        b.updated_at,
-        b.correlation_id,
-        b.producer.instance,
-    )
+    """Whether ``a`` is the later state; ties are broken by the writer, then by content, so
+    that both sides agree on which one is later."""
+    if (a.updated_at, a.producer.instance) != (b.updated_at, b.producer.instance):
+        return (a.updated_at, a.producer.instance) > (b.updated_at, b.producer.instance)
+    return a.model_dump_json() >= b.model_dump_json()
 
 
 def _prefer(
