@@ -132,8 +132,8 @@ payloads = st.one_of(
 
 
 def _service() -> IngestService:
-    async def ignore(_events: Sequence[Outgoing] | Sequence[PatientReadingsUpdated]) -> None:
-        return None
+    async def ignore(events: Sequence[Outgoing] | Sequence[PatientReadingsUpdated]) -> list[None]:
+        return [None] * len(events)
 
     return IngestService(
         specs=SPECS,

@@ -37,17 +37,19 @@ class SlowKafka:
         self.requests: list[RequestInference] = []
         self.states: list[PatientReadingsUpdated] = []
 
-    async def publish_requests(self, outgoing: Sequence[Outgoing]) -> None:
+    async def publish_requests(self, outgoing: Sequence[Outgoing]) -> list[None]:
         await self.back.wait()
         if self.fail:
             raise ConnectionError("broker gone")
         self.requests.extend(item.request for item in outgoing)
+        return [None] * len(outgoing)
 
-    async def publish_states(self, states: Sequence[PatientReadingsUpdated]) -> None:
+    async def publish_states(self, states: Sequence[PatientReadingsUpdated]) -> list[None]:
         await self.back.wait()
         if self.fail:
             raise ConnectionError("broker gone")
         self.states.extend(states)
+        return [None] * len(states)
 
 
 def _service(kafka: SlowKafka) -> IngestService:

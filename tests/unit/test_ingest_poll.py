@@ -48,16 +48,23 @@ class RecordingKafka:
         self.states: list[PatientReadingsUpdated] = []
         self.stalled = False
         self.released = asyncio.Event()
+        # Pseudonyms whose requests the broker refuses (a partial failure).
+        self.refused: set[str] = set()
 
-    async def publish_requests(self, outgoing: Sequence[Outgoing]) -> None:
+    async def publish_requests(self, outgoing: Sequence[Outgoing]) -> list[BaseException | None]:
         if self.stalled:
             await self.released.wait()
         self.calls.append(("requests", len(outgoing)))
         self.requests.extend(outgoing)
+        return [
+            ConnectionError("refused") if o.request.patient_pseudonym in self.refused else None
+            for o in outgoing
+        ]
 
-    async def publish_states(self, states: Sequence[PatientReadingsUpdated]) -> None:
+    async def publish_states(self, states: Sequence[PatientReadingsUpdated]) -> list[None]:
         self.calls.append(("states", len(states)))
         self.states.extend(states)
+        return [None] * len(states)
 
 
 def _service(kafka: RecordingKafka, store: ReadingsStore | None = None) -> IngestService:
@@ -124,3 +131,27 @@ async def test_a_poll_stops_before_a_patient_in_doubt_after_publishing_the_rest(
     kafka.released.set()
     await asyncio.sleep(0.01)
     assert kafka.calls[-2:] == [("requests", 1), ("states", 1)]  # poll-d's, once back
+
+
+async def test_a_partly_refused_poll_keeps_the_acknowledged_patients_and_resends_only_the_rest() -> (
+    None
+):
+    """One patient's request refused, another's acknowledged: the error is raised, only the
+    acknowledged patient's state is written and kept, and the redelivered poll sends the
+    refused patient's request again, not the other's."""
+    kafka = RecordingKafka()
+    service = _service(kafka)
+    payloads = [_reading(name, patient) for name in READINGS for patient in ("poll-f", "poll-g")]
+    poll = await _prepared(service, payloads)
+    refused = poll[0].groups[0].pseudonym  # poll-f's
+    kafka.refused.add(refused)
+    with pytest.raises(KafkaUnavailableError, match="ConnectionError"):
+        await service.apply(poll)
+    assert [s.patient_pseudonym for s in kafka.states] == [
+        p for p in {g.pseudonym for p in poll for g in p.groups} if p != refused
+    ]
+    kafka.refused.clear()
+    kafka.requests.clear()
+    answers = await service.apply(await _prepared(service, payloads))
+    assert [o.request.patient_pseudonym for o in kafka.requests] == [refused]
+    assert sum(len(a.requests) for a in answers) == 1

@@ -174,9 +174,12 @@ async def logic_cpu_split(template: dict[str, Any], events: int) -> dict[str, fl
     the part of ingest's cost that no transport change can remove."""
     messages = [value for _, value, _, _ in bench_events(template, events + 20, f"c{run_id()}")]
 
-    async def serialise(items: Sequence[Outgoing] | Sequence[PatientReadingsUpdated]) -> None:
+    async def serialise(
+        items: Sequence[Outgoing] | Sequence[PatientReadingsUpdated],
+    ) -> list[None]:
         for item in items:
             to_wire(item.request if isinstance(item, Outgoing) else item)
+        return [None] * len(items)
 
     service = IngestService(
         specs=load_specs(repo_root() / "deploy" / "models"),

@@ -29,6 +29,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from pydantic import ValidationError
 
@@ -157,9 +158,17 @@ def create_app(
     holder: dict[str, InProcessPipeline] = {}
     inner = app.router.lifespan_context
 
-    async def accept(outgoing: Sequence[Outgoing]) -> None:
+    async def accept(outgoing: Sequence[Outgoing]) -> list[BaseException | None]:
         for item in outgoing:
-            await holder["pipeline"].accept(item.request)
+            # In the trace of the payload that caused it (a poll's requests come together).
+            trace = item.trace if isinstance(item.trace, otel_context.Context) else None
+            token = otel_context.attach(trace) if trace is not None else None
+            try:
+                await holder["pipeline"].accept(item.request)
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
+        return [None] * len(outgoing)
 
     # The one change to ingest: its requests go to the in-process router, not to Kafka.
     ingest.service.publish_requests = accept

@@ -29,6 +29,7 @@ from medmesh_contracts.events import (
     FhirEventRejected,
     PatientReadingsUpdated,
     Producer,
+    RequestInference,
     SourceContext,
     new_id,
     routing_headers,
@@ -113,43 +114,55 @@ class Ingest:
             publish_timeout_s=settings.publish_timeout_s,
         )
 
-    async def publish_requests(self, outgoing: Sequence[Outgoing]) -> None:
-        """Publish requests, each in the trace of the payload that caused it, and wait until
-        Kafka acknowledged them all."""
-        sent = []
+    async def publish_requests(self, outgoing: Sequence[Outgoing]) -> list[BaseException | None]:
+        """Publish requests, each in the trace of the payload that caused it; once every one
+        is settled, None for each acknowledged and the error of each other."""
+        sent: list[object] = []
         for item in outgoing:
-            request = item.request
             trace = item.trace if isinstance(item.trace, otel_context.Context) else None
             token = otel_context.attach(trace) if trace is not None else None
             try:
-                sent.append(
-                    await self.requests_out.publish(
-                        to_wire(request),
-                        key=request.patient_pseudonym.encode(),
-                        headers=message_headers(request.correlation_id, schema_of(type(request)))
-                        | routing_headers(request),
-                        correlation_id=request.correlation_id,
-                        no_confirm=True,
-                    )
-                )
+                sent.append(await self._send_request(item.request))
+            except Exception as exc:  # noqa: BLE001 -- any failure to hand it over: not taken; the service raises it
+                sent.append(exc)
             finally:
                 if token is not None:
                     otel_context.detach(token)
-        await _acknowledged(sent)
+        return [_error_of(settled) for settled in await _settled(sent)]
 
-    async def publish_states(self, states: Sequence[PatientReadingsUpdated]) -> None:
-        """Publish patients' states to the compacted topic, each on its pseudonym's partition,
-        and wait until Kafka acknowledged them all.
+    async def _send_request(self, request: RequestInference) -> object:
+        """Hand one request to the producer: its acknowledgement."""
+        return await self.requests_out.publish(
+            to_wire(request),
+            key=request.patient_pseudonym.encode(),
+            headers=message_headers(request.correlation_id, schema_of(type(request)))
+            | routing_headers(request),
+            correlation_id=request.correlation_id,
+            no_confirm=True,
+        )
+
+    async def publish_states(
+        self, states: Sequence[PatientReadingsUpdated]
+    ) -> list[BaseException | None]:
+        """Publish patients' states to the compacted topic, each on its pseudonym's partition;
+        once every one is settled, None for each acknowledged and the error of each other.
 
         Untraced: a state is ingest's own bookkeeping, not a hop of the request's trace, and
         its two publish spans per event cost more CPU than the rest of the publish.
         """
+        sent: list[object] = []
         with untraced():
-            sent = [await self._send_state(state) for state in states]
-        acknowledged = await _acknowledged(sent)
-        if len(acknowledged) == len(states):  # the in-memory test broker gives no metadata
-            for state, metadata in zip(states, acknowledged, strict=True):
-                self.store.written(state_key(state.patient_pseudonym, state.model), metadata.offset)
+            for state in states:
+                try:
+                    sent.append(await self._send_state(state))
+                except Exception as exc:  # noqa: BLE001 -- any failure to hand it over: not taken; the service raises it
+                    sent.append(exc)
+        outcomes = await _settled(sent)
+        for state, settled in zip(states, outcomes, strict=True):
+            if isinstance(settled, RecordMetadata):  # the in-memory test broker gives none
+                key = state_key(state.patient_pseudonym, state.model)
+                self.store.written(key, settled.offset)
+        return [_error_of(settled) for settled in outcomes]
 
     async def _send_state(self, state: PatientReadingsUpdated) -> object:
         """Hand one state to the producer (on its pseudonym's partition): its acknowledgement."""
@@ -187,16 +200,19 @@ class Ingest:
 
     async def on_inbound_events(self, message: KafkaMessage) -> None:
         """A poll of medmesh.fhir.inbound: each event prepared in turn, then all applied at once
-        (their requests and states published together), and one offset commit for the poll.
+        (their requests and states published together), then the rejected events
+        dead-lettered, and one offset commit for the poll.
 
         In turn, not concurrently: one patient's events must merge in arrival order, and
         ``apply`` keeps that order. Kafka or source-server failures propagate once the events
         before the failure are applied, so the poll is redelivered (NACK); the events already
-        applied then come again and are recognised as duplicates.
+        applied then come again and are recognised as duplicates. Rejected events are
+        dead-lettered only once the poll went through, so a redelivered poll does not
+        dead-letter them again.
         """
         records = tuple(message.raw_message)  # a batch message holds a tuple of records
         ready: list[Prepared] = []
-        rejected = 0
+        rejections: list[tuple[Any, Answer, otel_context.Context]] = []
         failure: SourceUnavailableError | None = None
         for record in records:
             with consumer_span(self.tracer, record, self.settings.ingest_group_id):
@@ -208,19 +224,24 @@ class Ingest:
                 if isinstance(prepared, Prepared):
                     ready.append(prepared)
                 elif prepared.rejected:
-                    rejected += 1
-                    await self.dead_letter(record, record.value or b"", prepared)
+                    rejections.append((record, prepared, otel_context.get_current()))
         answers = await self.service.apply(ready) if ready else []
         log.info(
             "inbound poll processed",
             events=len(records),
             applied=len(answers),
             requests=sum(len(a.requests) for a in answers),
-            rejected=rejected,
+            rejected=len(rejections),
             first_offset=records[0].offset if records else None,
         )
         if failure is not None:
             raise failure
+        for record, answer, trace in rejections:
+            token = otel_context.attach(trace)  # in the rejected event's own trace
+            try:
+                await self.dead_letter(record, record.value or b"", answer)
+            finally:
+                otel_context.detach(token)
 
     async def prepare_inbound(self, record: Any) -> Prepared | Answer:
         """One event from medmesh.fhir.inbound, parsed and checked (an Answer: not to merge)."""
@@ -230,13 +251,13 @@ class Ingest:
             version = self.inbound_version(record, raw, source)
         except FhirRejected as problem:
             return Answer(problem.status, problem.outcome)
-        context = Context(
-            SourceContext(channel="kafka", fhir_version=version),
-            version,
-            fetch=self.fetcher(source),
-            trace=otel_context.get_current(),
-        )
         with self.tracer.start_as_current_span("ingest.handle"):
+            context = Context(
+                SourceContext(channel="kafka", fhir_version=version),
+                version,
+                fetch=self.fetcher(source),
+                trace=otel_context.get_current(),  # its requests are published in this span
+            )
             return await self.service.prepare(raw, context, utc_now())
 
     def inbound_version(self, record: Any, raw: bytes, source: Source) -> FhirVersion:
@@ -353,19 +374,21 @@ class Ingest:
         return response
 
 
-async def _acknowledged(sent: Sequence[object]) -> list[RecordMetadata]:
-    """Wait for every acknowledgement; raise the first failure once all are settled.
+async def _settled(sent: Sequence[object]) -> list[object]:
+    """Each send's outcome once all are settled: its RecordMetadata or its error (an error
+    already raised when handing it over stays as it is).
 
     No timeout here: the service times the publish out and keeps it in doubt (a producer does
     not withdraw a message whose wait was given up).
     """
     # faststream's in-memory test broker returns None instead of a future (nothing to await).
     futures = [f for f in sent if isinstance(f, asyncio.Future)]
-    results = await asyncio.gather(*futures, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return [r for r in results if isinstance(r, RecordMetadata)]
+    settled = iter(await asyncio.gather(*futures, return_exceptions=True))
+    return [next(settled) if isinstance(f, asyncio.Future) else f for f in sent]
+
+
+def _error_of(settled: object) -> BaseException | None:
+    return settled if isinstance(settled, BaseException) else None
 
 
 async def _records_undecoded(_message: Any) -> None:

@@ -35,9 +35,12 @@ from medmesh_ingest.readings import Merged, ReadingsStore, merge, state_key
 from medmesh_ingest.validation import FhirVersion, Limits, Payload, parse
 from medmesh_runtime.logging import get_logger
 
-# Publish every message given and return once Kafka acknowledged them all (raise otherwise).
-PublishRequests = Callable[[Sequence["Outgoing"]], Awaitable[None]]
-PublishStates = Callable[[Sequence[PatientReadingsUpdated]], Awaitable[None]]
+# Publish every message given and return once each is settled: one entry per message, None
+# when Kafka acknowledged it, its error otherwise (raising counts as every message failed).
+PublishRequests = Callable[[Sequence["Outgoing"]], Awaitable[Sequence[BaseException | None]]]
+PublishStates = Callable[
+    [Sequence[PatientReadingsUpdated]], Awaitable[Sequence[BaseException | None]]
+]
 # Fetches resources named by an id-only notification: (references, version) -> raw JSON each.
 Fetch = Callable[[Sequence[str]], Awaitable[list[bytes]]]
 
@@ -338,14 +341,29 @@ class IngestService:
         return requests, issues
 
     async def _publish_all(self, pending: _Pending) -> None:
-        # Requests first: a state on the topic says its readings were sent, so it must never be
-        # there without them (the follower and a restart would believe it).
+        """Requests first: a state on the topic says its readings were sent, so it must never
+        be there without them (the follower and a restart would believe it). A patient whose
+        request failed gets no state; the states of the others are written and kept even so,
+        so that a redelivered poll re-sends the failed patients' requests only. Raises the
+        first failure."""
+        failures: list[BaseException] = []
+        failed: set[str] = set()
         if pending.requests:
-            await self.publish_requests(pending.requests)
-        if pending.states:
-            await self.publish_states(list(pending.states.values()))
-            for key, state in pending.states.items():
-                self.store.put(state, based_on=pending.bases[key])
+            outcomes = await self.publish_requests(pending.requests)
+            for item, error in zip(pending.requests, outcomes, strict=True):
+                if error is not None:
+                    failures.append(error)
+                    failed.add(state_key(item.request.patient_pseudonym, item.request.model))
+        states = {key: state for key, state in pending.states.items() if key not in failed}
+        if states:
+            outcomes = await self.publish_states(list(states.values()))
+            for (key, state), error in zip(states.items(), outcomes, strict=True):
+                if error is None:
+                    self.store.put(state, based_on=pending.bases[key])
+                else:
+                    failures.append(error)
+        if failures:
+            raise failures[0]
 
     async def _publish_durably(self, pending: _Pending) -> None:
         """Publish the requests, then the states, and keep the states once both are
