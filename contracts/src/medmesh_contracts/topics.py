@@ -58,7 +58,8 @@ _KEEP_TWO_WEEKS = {"retention.ms": str(14 * 24 * 3600 * 1000)}
 _COMPACTED = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}
 # Ingest's readings state: compacted per patient and model, and a state not updated for a week
 # deleted (ingest forgets it then too: MEDMESH_READINGS_RETENTION_HOURS), so the topic and
-# ingest's memory follow the patients seen lately, not every patient ever seen.
+# ingest's memory follow the patients seen lately, not every patient ever seen. A topic created
+# before this config keeps its own until altered; ingest still forgets after each rebuild.
 READINGS_RETENTION_HOURS = 7 * 24
 _READINGS_STATE = {
     "cleanup.policy": "compact,delete",
