@@ -6,7 +6,8 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from medmesh_cli.bench.soak import Growth, descendants, event_maker, growth, parse_vm_rss_kib
+from medmesh_cli.bench.soak import Growth, event_maker, growth, parse_vm_rss_kib
+from medmesh_cli.bench.topology import descendants
 
 
 def test_vm_rss_is_read_in_kib_and_a_zombie_has_none() -> None:

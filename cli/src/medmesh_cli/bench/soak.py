@@ -30,7 +30,7 @@ import typer
 from aiokafka import AIOKafkaConsumer
 
 from medmesh_cli.bench.pipeline import load_template, vitals_events
-from medmesh_cli.bench.topology import stack_pids
+from medmesh_cli.bench.topology import descendants, parent_pids, stack_pids
 from medmesh_cli.devstack.paths import repo_root, run_dir
 from medmesh_cli.devstack.stack import Stack, StackConfig, StackPorts
 from medmesh_contracts import topics
@@ -49,33 +49,6 @@ def parse_vm_rss_kib(status_text: str) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-
-def descendants(root: int, parents: Mapping[int, int]) -> list[int]:
-    """``root`` and every process below it, given each pid's parent pid."""
-    children: dict[int, list[int]] = {}
-    for pid, parent in parents.items():
-        children.setdefault(parent, []).append(pid)
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
-
-
-def _parent_pids() -> dict[int, int]:
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...: comm may hold spaces and parentheses, so split after ")".
-        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    return parents
 
 
 def tree_rss_kib(root: int, parents: Mapping[int, int]) -> int:
@@ -299,7 +272,7 @@ async def soak_load(
 
         async def sample() -> None:
             while True:
-                parents = await asyncio.to_thread(_parent_pids)
+                parents = await asyncio.to_thread(parent_pids)
                 rss = {name: tree_rss_kib(pid, parents) for name, pid in stack_pids(stack).items()}
                 samples.append((time.monotonic() - started, rss))
                 await asyncio.sleep(sample_every_s)

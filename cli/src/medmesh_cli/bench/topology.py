@@ -27,7 +27,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,8 +53,9 @@ EventsFor = Callable[[str], list[bytes]]
 # --- processes: CPU and peak memory from /proc ------------------------------------------------
 
 
-def _children(proc: Path = PROC) -> dict[int, list[int]]:
-    found: dict[int, list[int]] = {}
+def parent_pids(proc: Path = PROC) -> dict[int, int]:
+    """Every process's parent pid, read from /proc."""
+    parents = {}
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
@@ -62,20 +63,27 @@ def _children(proc: Path = PROC) -> dict[int, list[int]]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        parent = int(stat[stat.rindex(")") + 2 :].split()[1])
-        found.setdefault(parent, []).append(int(entry.name))
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses, so split after ")".
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return parents
+
+
+def descendants(root: int, parents: Mapping[int, int]) -> list[int]:
+    """``root`` and every process below it, given each pid's parent pid."""
+    children: dict[int, list[int]] = {}
+    for pid, parent in parents.items():
+        children.setdefault(parent, []).append(pid)
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
     return found
 
 
 def process_tree(pid: int, proc: Path = PROC) -> list[int]:
     """``pid`` and all its descendants (Triton's python-backend stubs, say)."""
-    children = _children(proc)
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        todo.extend(children.get(current, ()))
-    return tree
+    return descendants(pid, parent_pids(proc))
 
 
 def tree_cpu_s(pids: Iterable[int], proc: Path = PROC) -> float:
