@@ -29,7 +29,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from pydantic import ValidationError
 
@@ -49,6 +48,7 @@ from medmesh_router.app import StartupReader, read_topic_to_end
 from medmesh_router.readiness import Readiness
 from medmesh_router.state import RouterState
 from medmesh_runtime.logging import get_logger
+from medmesh_runtime.telemetry import within
 
 SERVICE = "monolith"
 EDGE_TOPICS = (
@@ -161,13 +161,8 @@ def create_app(
     async def accept(outgoing: Sequence[Outgoing]) -> list[BaseException | None]:
         for item in outgoing:
             # In the trace of the payload that caused it (a poll's requests come together).
-            trace = item.trace if isinstance(item.trace, otel_context.Context) else None
-            token = otel_context.attach(trace) if trace is not None else None
-            try:
+            with within(item.trace):
                 await holder["pipeline"].accept(item.request)
-            finally:
-                if token is not None:
-                    otel_context.detach(token)
         return [None] * len(outgoing)
 
     # The one change to ingest: its requests go to the in-process router, not to Kafka.

@@ -162,12 +162,24 @@ _NOT_SAMPLED = trace.NonRecordingSpan(
 
 
 @contextlib.contextmanager
-def untraced() -> Iterator[None]:
-    """Run a block whose spans are not recorded: for internal writes that belong to no
-    request's trace (faststream's telemetry middleware otherwise records two spans for every
-    publish)."""
-    token = otel_context.attach(trace.set_span_in_context(_NOT_SAMPLED))
+def within(context: object | None) -> Iterator[None]:
+    """Run a block in a tracing context kept from earlier (``otel_context.get_current()``),
+    so its spans and published headers join that trace; anything else leaves the current one.
+
+    Typed ``object`` so that code without OpenTelemetry (ingest's service) can carry it.
+    """
+    if not isinstance(context, otel_context.Context):
+        yield
+        return
+    token = otel_context.attach(context)
     try:
         yield
     finally:
         otel_context.detach(token)
+
+
+def untraced() -> AbstractContextManager[None]:
+    """Run a block whose spans are not recorded: for internal writes that belong to no
+    request's trace (faststream's telemetry middleware otherwise records two spans for every
+    publish)."""
+    return within(trace.set_span_in_context(_NOT_SAMPLED))

@@ -8,7 +8,7 @@ Kafka acknowledged every message the payload caused (acks=all); otherwise 503 wi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
@@ -73,6 +73,7 @@ from medmesh_runtime.telemetry import (
     consumer_span,
     trace_id_hex,
     untraced,
+    within,
 )
 
 SERVICE = "ingest"
@@ -119,15 +120,8 @@ class Ingest:
         is settled, None for each acknowledged and the error of each other."""
         sent: list[object] = []
         for item in outgoing:
-            trace = item.trace if isinstance(item.trace, otel_context.Context) else None
-            token = otel_context.attach(trace) if trace is not None else None
-            try:
-                sent.append(await self._send_request(item.request))
-            except Exception as exc:  # noqa: BLE001 -- any failure to hand it over: not taken; the service raises it
-                sent.append(exc)
-            finally:
-                if token is not None:
-                    otel_context.detach(token)
+            with within(item.trace):
+                sent.append(await _handed_over(self._send_request(item.request)))
         return [_error_of(settled) for settled in await _settled(sent)]
 
     async def _send_request(self, request: RequestInference) -> object:
@@ -150,13 +144,8 @@ class Ingest:
         Untraced: a state is ingest's own bookkeeping, not a hop of the request's trace, and
         its two publish spans per event cost more CPU than the rest of the publish.
         """
-        sent: list[object] = []
         with untraced():
-            for state in states:
-                try:
-                    sent.append(await self._send_state(state))
-                except Exception as exc:  # noqa: BLE001 -- any failure to hand it over: not taken; the service raises it
-                    sent.append(exc)
+            sent = [await _handed_over(self._send_state(state)) for state in states]
         outcomes = await _settled(sent)
         for state, settled in zip(states, outcomes, strict=True):
             if isinstance(settled, RecordMetadata):  # the in-memory test broker gives none
@@ -237,11 +226,8 @@ class Ingest:
         if failure is not None:
             raise failure
         for record, answer, trace in rejections:
-            token = otel_context.attach(trace)  # in the rejected event's own trace
-            try:
+            with within(trace):  # in the rejected event's own trace
                 await self.dead_letter(record, record.value or b"", answer)
-            finally:
-                otel_context.detach(token)
 
     async def prepare_inbound(self, record: Any) -> Prepared | Answer:
         """One event from medmesh.fhir.inbound, parsed and checked (an Answer: not to merge)."""
@@ -385,6 +371,15 @@ async def _settled(sent: Sequence[object]) -> list[object]:
     futures = [f for f in sent if isinstance(f, asyncio.Future)]
     settled = iter(await asyncio.gather(*futures, return_exceptions=True))
     return [next(settled) if isinstance(f, asyncio.Future) else f for f in sent]
+
+
+async def _handed_over(send: Awaitable[object]) -> object:
+    """What handing one message to the producer gave: its acknowledgement future, or the
+    error raised on the way (that message is not taken; the service raises it)."""
+    try:
+        return await send
+    except Exception as exc:  # noqa: BLE001 -- kept as that message's outcome, raised by the service
+        return exc
 
 
 def _error_of(settled: object) -> BaseException | None:
