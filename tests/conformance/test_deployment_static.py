@@ -13,7 +13,6 @@ checks that the real Kustomize renders exactly the same objects.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import re
 import shutil
@@ -38,6 +37,7 @@ from medmesh_ingest.settings import IngestSettings
 from medmesh_reporting.settings import ReportingSettings
 from medmesh_router.settings import RouterSettings
 from medmesh_runtime.settings import ServiceSettings
+from tests.modules import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -271,12 +271,7 @@ def configmap(docs: list[Doc]) -> dict[str, str]:
 
 def load_generator() -> ModuleType:
     """deploy/k8s/generate.py as a module."""
-    spec = importlib.util.spec_from_file_location("medmesh_k8s_generate", K8S / "generate.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file(K8S / "generate.py", "medmesh_k8s_generate")
 
 
 # --- Compose -------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ rows screened here are exactly the tensors the worker would send.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -19,6 +18,7 @@ import pytest
 from medmesh_contracts.modelspec import ModelSpec, load_spec
 from medmesh_ingest.extraction import extract
 from medmesh_ingest.validation import FhirVersion, parse
+from tests.modules import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "deploy" / "triton" / "models" / "ecg-rhythm" / "1" / "model.py"
@@ -27,25 +27,16 @@ FIXTURES = ROOT / "tests" / "fixtures" / "fhir"
 REGULAR, IRREGULAR, UNREADABLE = 0, 1, 2
 
 
-def _load(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def ecg() -> ModuleType:
     """The ecg-rhythm version 1 model module."""
-    return _load(MODEL, "ecg_rhythm_v1_model_under_test")
+    return load_file(MODEL, "ecg_rhythm_v1_model_under_test")
 
 
 @pytest.fixture(scope="module")
 def gen() -> ModuleType:
     """The synthetic ECG generator that wrote the fixtures."""
-    return _load(GENERATOR, "make_ecg_fixtures_under_test")
+    return load_file(GENERATOR, "make_ecg_fixtures_under_test")
 
 
 @pytest.fixture(scope="module")

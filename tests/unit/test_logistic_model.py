@@ -6,7 +6,6 @@ heart rate /min, not alert (1 = CVPU). Modules are loaded by path; Triton is not
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -17,25 +16,18 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.modules import load_file
+
 ROOT = Path(__file__).resolve().parents[2]
 TRITON = ROOT / "deploy" / "triton"
 VERSION_DIR = TRITON / "models" / "deterioration" / "2"
 NORMAL = [16.0, 98.0, 0.0, 37.0, 120.0, 70.0, 0.0]
 
 
-def _load(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def v2() -> ModuleType:
     """The version 2 model module."""
-    return _load(VERSION_DIR / "model.py", "deterioration_v2_model_under_test")
+    return load_file(VERSION_DIR / "model.py", "deterioration_v2_model_under_test")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +43,7 @@ def _score(v2: ModuleType, weights: tuple[np.ndarray[Any, Any], float], rows: An
 
 def test_weights_json_is_reproduced_by_the_fit() -> None:
     """Re-running fit() with the recorded seed and size gives exactly the shipped weights.json."""
-    fit_logistic = _load(TRITON / "fit_logistic.py", "fit_logistic_under_test")
+    fit_logistic = load_file(TRITON / "fit_logistic.py", "fit_logistic_under_test")
     shipped = json.loads((VERSION_DIR / "weights.json").read_text())
 
     refit = fit_logistic.fit(seed=shipped["seed"], n=shipped["n"])

@@ -7,7 +7,6 @@ a package) and without Triton: the backend utilities are faked where ``execute``
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -16,25 +15,18 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.modules import load_file
+
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "deploy" / "triton" / "models" / "deterioration" / "1" / "model.py"
 
 LOW, LOW_MEDIUM, MEDIUM, HIGH = 0, 1, 2, 3
 
 
-def _load(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def v1() -> ModuleType:
     """The version 1 model module."""
-    return _load(MODEL, "deterioration_v1_model_under_test")
+    return load_file(MODEL, "deterioration_v1_model_under_test")
 
 
 # (row, expected points per column, total, band); arithmetic in the comments.
