@@ -25,7 +25,7 @@ from medmesh_contracts import headers as h
 from medmesh_contracts import topics
 from medmesh_contracts.events import RunInference, schema_of, to_wire
 from medmesh_contracts.modelspec import ModelSpec, load_specs
-from medmesh_inference.tensors import input_batch, input_row
+from medmesh_inference.tensors import Rows, input_batch, input_rows
 from tests.e2e.conftest import Record, TopicTap
 from tests.factories import make_inputs, make_request, make_task
 
@@ -139,15 +139,17 @@ def _model_stats(stack: Stack) -> dict[str, int]:
     }
 
 
-def _one_by_one(stack: Stack, rows: list[list[float]]) -> list[dict[str, tuple[float, ...]]]:
+def _one_by_one(
+    stack: Stack, spec: ModelSpec, rows: list[Rows]
+) -> list[dict[str, tuple[float, ...]]]:
     """Each row scored in its own Triton call, as the reference for batched results."""
     client = triton_grpc.InferenceServerClient(stack.triton.grpc_url)
     names = ("SCORE", "RISK_BAND", "CONTRIBUTIONS")
     try:
         answers = []
         for row in rows:
-            tensor = triton_grpc.InferInput("VITALS", [1, len(row)], "FP32")
-            tensor.set_data_from_numpy(input_batch([row]))
+            tensor = triton_grpc.InferInput("VITALS", [1, len(row["VITALS"])], "FP32")
+            tensor.set_data_from_numpy(input_batch(spec.version(1), [row])["VITALS"])
             result = client.infer(
                 "deterioration",
                 [tensor],
@@ -197,7 +199,7 @@ async def test_500_tasks_published_at_once_take_far_fewer_triton_calls(
     sizes = [r.json()["batch_size"] for r in results]
     assert max(sizes) > 1
     by_id = {_correlation(r): r.json()["outputs"] for r in results}
-    reference = _one_by_one(stack, [input_row(t, spec) for t in tasks])
+    reference = _one_by_one(stack, spec, [input_rows(t, spec, spec.version(1)) for t in tasks])
     for task, expected in zip(tasks, reference, strict=True):
         got = {k: tuple(v) for k, v in by_id[task.correlation_id].items()}
         assert got == expected, task.correlation_id

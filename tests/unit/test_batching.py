@@ -56,7 +56,10 @@ class FakeTriton:
         self.transient_failures = transient_failures
         self.batch_sizes: list[int] = []
 
-    async def infer(self, batch: npt.NDArray[np.float32]) -> Mapping[str, npt.NDArray[np.generic]]:
+    async def infer(
+        self, inputs: Mapping[str, npt.NDArray[np.generic]]
+    ) -> Mapping[str, npt.NDArray[np.generic]]:
+        batch = inputs["VITALS"]
         self.batch_sizes.append(batch.shape[0])
         if self.transient_failures:
             self.transient_failures -= 1

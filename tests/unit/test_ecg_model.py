@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from medmesh_contracts.modelspec import ModelSpec, load_spec
+from medmesh_contracts.modelspec import ModelSpec, RiskScoreOutput, load_spec
 from medmesh_ingest.extraction import extract
 from medmesh_ingest.validation import FhirVersion, parse
 from tests.modules import load_file
@@ -55,10 +55,13 @@ def test_model_constants_match_the_spec(ecg: ModuleType, spec: ModelSpec) -> Non
     assert lead.waveform is not None
     assert lead.waveform.sample_rate_hz == ecg.SAMPLE_RATE_HZ
     assert lead.waveform.samples == ecg.N_SAMPLES
-    assert spec.triton.input_tensor == ecg.INPUT
-    triton = spec.triton
-    assert (triton.score_tensor, triton.band_tensor, triton.contributions_tensor) == ecg.OUTPUTS
-    names = [c.name for c in spec.contributions]
+    version = spec.version(1)
+    assert [t.name for t in version.triton.inputs] == [ecg.INPUT]
+    headline, explanation = version.headline, version.explanation
+    assert isinstance(headline, RiskScoreOutput)
+    assert explanation is not None
+    assert (headline.score_tensor, headline.band_tensor, explanation.tensor) == ecg.OUTPUTS
+    names = [c.name for c in explanation.items]
     assert names == ["heart_rate", "beats", "rr_cv", "rr_nrmssd", "turning_point_ratio"]
     assert len(names) == ecg.N_FEATURES
 

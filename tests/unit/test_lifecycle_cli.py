@@ -29,14 +29,14 @@ def _metadata(vitals: int = 7, contributions: int = 7) -> dict[str, Any]:
 
 def test_matching_triton_metadata_has_no_problems() -> None:
     """Tensors named in the spec with one column per input pass the check."""
-    assert check_triton_metadata(SPEC, _metadata()) == []
+    assert check_triton_metadata(SPEC.version(1), _metadata()) == []
 
 
 def test_shape_mismatch_and_missing_tensor_are_reported() -> None:
     """A 6-column input and a missing band tensor are both named."""
     metadata = _metadata(vitals=6)
     metadata["outputs"] = [o for o in metadata["outputs"] if o["name"] != "RISK_BAND"]
-    problems = check_triton_metadata(SPEC, metadata)
+    problems = check_triton_metadata(SPEC.version(1), metadata)
     assert any("'VITALS' has shape [-1, 6]" in p for p in problems)
     assert any("no tensor 'RISK_BAND'" in p for p in problems)
 

@@ -42,7 +42,10 @@ class FakeTriton:
     def __init__(self) -> None:
         self.batch_sizes: list[int] = []
 
-    async def infer(self, batch: npt.NDArray[np.float32]) -> Mapping[str, npt.NDArray[np.generic]]:
+    async def infer(
+        self, inputs: Mapping[str, npt.NDArray[np.generic]]
+    ) -> Mapping[str, npt.NDArray[np.generic]]:
+        batch = inputs["VITALS"]
         self.batch_sizes.append(batch.shape[0])
         if (batch == POISON_HEART_RATE).any():
             raise TritonCallError("StatusCode.INVALID_ARGUMENT: bad row", transient=False)
@@ -78,8 +81,8 @@ def _pipeline(triton: FakeTriton, published: Published) -> InProcessPipeline:
             v.version,
             triton.infer,
             triton.ready,
-            WorkerIdentity(PRODUCER, SPEC.triton.model, str(v.triton_version), "KIND_CPU"),
-            SPEC.triton.max_batch_size,
+            WorkerIdentity(PRODUCER, v.triton.model, str(v.triton.version), "KIND_CPU"),
+            v.triton.max_batch_size,
         )
         for v in SPEC.versions
     ]

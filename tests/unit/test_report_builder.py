@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from medmesh_contracts.events import SourceContext
 from medmesh_contracts.headers import FHIR_R4B_JSON, FHIR_R5_JSON
-from medmesh_contracts.modelspec import ModelSpec, load_spec
+from medmesh_contracts.modelspec import ModelSpec, RiskScoreOutput, load_spec
 from medmesh_reporting.conformance import check_report_bundle
 from medmesh_reporting.report import (
     AIAST,
@@ -73,7 +73,7 @@ def test_v1_reports_integer_news2_with_band_interpretation(spec: ModelSpec) -> N
         "code": "HH",
         "display": "Critical high",
     }
-    assert interpretation["coding"][1]["system"] == spec.report.band_system
+    assert interpretation["coding"][1]["system"] == _risk_score(spec, 1).band_system
     assert interpretation["coding"][1]["code"] == "high"
     contributions = [c["valueQuantity"]["value"] for c in observation["component"]]
     assert contributions == [2.0, 1.0, 0.0, 1.0, 1.0, 2.0, 0.0]
@@ -222,6 +222,13 @@ def test_naive_issued_time_is_rejected(spec: ModelSpec) -> None:
         build_report(make_completed(), spec, issued=datetime(2026, 11, 23, 8, 31))
 
 
+def _risk_score(spec: ModelSpec, version: int) -> RiskScoreOutput:
+    """The version's risk-score output (its bands and band code system)."""
+    headline = spec.version(version).headline
+    assert isinstance(headline, RiskScoreOutput)
+    return headline
+
+
 def _r5(completed_version: int = 1) -> Any:
     request = make_request()
     source = SourceContext(channel="http", fhir_version="R5")
@@ -238,7 +245,7 @@ def test_conclusion_code_is_the_band_of_the_model(spec: ModelSpec) -> None:
         {
             "coding": [
                 {
-                    "system": spec.report.band_system,
+                    "system": _risk_score(spec, 1).band_system,
                     "code": "high",
                     "display": "High clinical risk",
                 }
@@ -310,9 +317,20 @@ def _with_band_absent(spec: ModelSpec, index: int, reason: str) -> ModelSpec:
     """The spec with one band turned into a "no result" band (data_absent_reason set)."""
     bands = tuple(
         b.model_copy(update={"data_absent_reason": reason}) if b.index == index else b
-        for b in spec.bands
+        for b in _risk_score(spec, 1).bands
     )
-    return spec.model_copy(update={"bands": bands})
+    versions = tuple(
+        v.model_copy(
+            update={
+                "outputs": tuple(
+                    o.model_copy(update={"bands": bands}) if isinstance(o, RiskScoreOutput) else o
+                    for o in v.outputs
+                )
+            }
+        )
+        for v in spec.versions
+    )
+    return spec.model_copy(update={"versions": versions})
 
 
 @pytest.mark.parametrize("r5", [False, True], ids=["R4B", "R5"])

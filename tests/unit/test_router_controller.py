@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from medmesh_contracts.events import InferenceFailed, Producer, WorkerHeartbeat
 from medmesh_contracts.lifecycle import (
@@ -14,13 +15,15 @@ from medmesh_contracts.lifecycle import (
     deploy_version,
     seed_deployment,
 )
-from medmesh_router.analysis import Analysis, percentile
+from medmesh_contracts.modelspec import load_specs
+from medmesh_router.analysis import Analysis, headlines, percentile
 from medmesh_router.controller import judge
 from medmesh_router.readiness import Readiness
 from tests.factories import make_completed, make_request, make_task
 
 PRODUCER = Producer(service="test", instance="t-1")
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+SPECS = load_specs(Path(__file__).resolve().parents[2] / "deploy" / "models")
 POLICY = RolloutPolicy(interval_s=10, min_requests=20, max_error_rate=0.1, max_p99_ms=500)
 
 
@@ -128,7 +131,7 @@ def test_shadow_disagreement_rolls_back_and_agreement_enters_the_first_step() ->
 
 def test_figures_count_results_failures_and_latency_per_version() -> None:
     """Two results and one failure of v1 give 3 requests, 1/3 errors and p99 from the results."""
-    analysis = Analysis({"deterioration": ("SCORE", "RISK_BAND")})
+    analysis = Analysis(headlines(SPECS))
     task = make_task()
     analysis.completed(make_completed(task))
     analysis.completed(make_completed(task))
@@ -153,7 +156,7 @@ def test_figures_count_results_failures_and_latency_per_version() -> None:
 
 def test_shadow_agreement_on_a_constructed_case() -> None:
     """Of 4 mirrored requests, 3 share stable's band: agreement 75 %, mean |diff| as computed."""
-    analysis = Analysis({"deterioration": ("SCORE", "RISK_BAND")})
+    analysis = Analysis(headlines(SPECS))
     cases = [((7.0, 3.0), (6.0, 3.0)), ((2.0, 0.0), (2.5, 0.0)), ((5, 2), (5, 2)), ((1, 0), (4, 2))]
     for i, ((s1, b1), (s2, b2)) in enumerate(cases):
         request = make_request(correlation_id=f"c{i}")
@@ -210,9 +213,7 @@ def test_primary_results_wait_for_a_shadow_only_while_the_model_has_one() -> Non
     outputs = {"SCORE": (3.0,), "RISK_BAND": (1.0,), "CONTRIBUTIONS": (0.0,)}
     start = make_task().routed_at
     for mirrored, compared in ((True, 1), (False, 0)):
-        analysis = Analysis(
-            {"deterioration": ("SCORE", "RISK_BAND")}, mirrored=functools.partial(_always, mirrored)
-        )
+        analysis = Analysis(headlines(SPECS), mirrored=functools.partial(_always, mirrored))
         request = make_request(correlation_id="c-pair")
         analysis.completed(make_completed(make_task(request), outputs=outputs))
         mirror = make_task(request, model_version=2, reason="shadow")

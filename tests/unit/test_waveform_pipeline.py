@@ -15,8 +15,8 @@ from aiokafka import codec
 
 from medmesh_cli.reports import summarize
 from medmesh_contracts.events import ModelInput, SourceContext
-from medmesh_contracts.modelspec import ModelSpec, load_spec
-from medmesh_inference.tensors import TaskInputError, input_batch, input_row
+from medmesh_contracts.modelspec import BandSpec, ModelSpec, RiskScoreOutput, load_spec
+from medmesh_inference.tensors import TaskInputError, input_batch, input_rows
 from medmesh_reporting.conformance import check_report_bundle
 from medmesh_reporting.report import ReportBuildError, build_report
 from medmesh_runtime.kafka import compression_type
@@ -65,10 +65,12 @@ def _task(lead: ModelInput, r5: bool = False) -> Any:
 def test_waveform_input_fills_the_row_with_its_samples(spec: ModelSpec) -> None:
     """A waveform input gives a 2500-column row; three tasks stack to an FP32 [3, 2500] tensor."""
     lead = _lead()
-    row = input_row(_task(lead), spec)
-    assert len(row) == spec.input_width == 2500
+    version = spec.version(1)
+    rows = input_rows(_task(lead), spec, version)
+    row = rows["ECG"]
+    assert len(row) == version.triton.inputs[0].elements == 2500
     assert row[:3] == list(lead.samples or ())[:3]
-    batch = input_batch([row, row, row])
+    batch = input_batch(version, [rows, rows, rows])["ECG"]
     assert batch.shape == (3, 2500)
     assert batch.dtype == np.float32
 
@@ -88,7 +90,7 @@ def test_waveform_that_does_not_fit_is_a_task_input_error(
 ) -> None:
     """A waveform of another length, rate or unit, or without samples, is never sent to Triton."""
     with pytest.raises(TaskInputError, match=message):
-        input_row(_task(lead), spec)
+        input_rows(_task(lead), spec, spec.version(1))
 
 
 def test_non_finite_sample_is_a_task_input_error(spec: ModelSpec) -> None:
@@ -96,7 +98,14 @@ def test_non_finite_sample_is_a_task_input_error(spec: ModelSpec) -> None:
     samples = list(_lead().samples or ())
     samples[7] = float("nan")
     with pytest.raises(TaskInputError, match="not a finite number"):
-        input_row(_task(_lead(samples=tuple(samples))), spec)
+        input_rows(_task(_lead(samples=tuple(samples))), spec, spec.version(1))
+
+
+def _bands(spec: ModelSpec) -> dict[int, BandSpec]:
+    """The v1 risk score's bands by index."""
+    headline = spec.version(1).headline
+    assert isinstance(headline, RiskScoreOutput)
+    return {b.index: b for b in headline.bands}
 
 
 @pytest.mark.parametrize("r5", [False, True], ids=["R4B", "R5"])
@@ -143,7 +152,7 @@ def test_unreadable_ecg_is_reported_without_a_value(spec: ModelSpec, r5: bool) -
     codings = observation["interpretation"][0]["coding"]
     assert [(c["code"], c.get("display")) for c in codings] == [
         ("IND", "Indeterminate"),
-        ("unreadable", spec.band(2).display),
+        ("unreadable", _bands(spec)[2].display),
     ]
     assert not [key for key in observation if key.startswith("value")]
     (reason,) = observation["dataAbsentReason"]["coding"]
@@ -163,7 +172,7 @@ def test_unreadable_ecg_is_reported_without_a_value(spec: ModelSpec, r5: bool) -
 def test_contributions_of_another_width_are_refused(spec: ModelSpec) -> None:
     """FEATURES with one value per input (1) instead of the 5 the spec lists is refused."""
     outputs = AF_OUTPUTS | {"FEATURES": (1.0,)}
-    with pytest.raises(ReportBuildError, match="FEATURES has 1 values, model 'ecg-rhythm' has 5"):
+    with pytest.raises(ReportBuildError, match="FEATURES has 1 values a row, the spec declares 5"):
         build_report(make_completed(_task(_lead()), outputs=outputs), spec, issued=ISSUED)
 
 

@@ -20,6 +20,7 @@ from medmesh_contracts.modelspec import (
     ModelSpec,
     WaveformSpec,
     load_spec,
+    parse_spec,
 )
 from medmesh_ingest.extraction import PatientReadings, Reading, extract
 from medmesh_ingest.outcomes import TOO_LARGE, FhirRejected
@@ -270,8 +271,11 @@ def test_spec_input_width_is_bounded() -> None:
     waveform = raw["inputs"][0]["waveform"]
     at_limit = deepcopy(raw)
     at_limit["inputs"][0]["waveform"] = waveform | {"samples": MAX_INPUT_WIDTH}
-    assert ModelSpec.model_validate(at_limit).input_width == MAX_INPUT_WIDTH
+    at_limit["versions"][0]["triton"]["inputs"][0]["shape"] = [MAX_INPUT_WIDTH]
+    accepted = parse_spec(at_limit).version(1)
+    assert sum(t.elements for t in accepted.triton.inputs) == MAX_INPUT_WIDTH
     over = deepcopy(raw)
     over["inputs"][0]["waveform"] = waveform | {"samples": MAX_INPUT_WIDTH + 1}
+    over["versions"][0]["triton"]["inputs"][0]["shape"] = [MAX_INPUT_WIDTH + 1]
     with pytest.raises(ValueError, match=f"at most {MAX_INPUT_WIDTH}"):
-        ModelSpec.model_validate(over)
+        parse_spec(over)

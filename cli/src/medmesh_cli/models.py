@@ -42,7 +42,13 @@ from medmesh_contracts.lifecycle import (
     roll_back,
     seed_deployment,
 )
-from medmesh_contracts.modelspec import ModelSpec, load_spec
+from medmesh_contracts.modelspec import (
+    InputTensor,
+    ModelSpec,
+    OutputTensor,
+    VersionSpec,
+    load_spec,
+)
 from medmesh_runtime.kafka import topic_partitions
 
 models_app = typer.Typer(
@@ -157,45 +163,46 @@ def _change(
 # --- Triton check ------------------------------------------------------------------------------
 
 
-def check_triton_metadata(spec: ModelSpec, metadata: dict[str, Any]) -> list[str]:
-    """Problems between a spec and Triton's model metadata (``GET /v2/models/<m>/versions/<v>``).
-
-    The input tensor must take the spec's input width (one column per scalar input, the samples
-    of a waveform input); score and band must exist; the contributions tensor must have the
-    spec's contributions (one per input unless the spec lists them).
-    """
+def check_triton_metadata(version: VersionSpec, metadata: dict[str, Any]) -> list[str]:
+    """Problems between a spec version and Triton's model metadata
+    (``GET /v2/models/<m>/versions/<v>``): every tensor the spec declares must exist with the
+    same datatype and shape (Triton's shape leads with -1, the batch dimension)."""
     problems: list[str] = []
-    tensors = {t["name"]: t for t in [*metadata.get("inputs", []), *metadata.get("outputs", [])]}
-    expected = {
-        spec.triton.input_tensor: spec.input_width,
-        spec.triton.score_tensor: 1,
-        spec.triton.band_tensor: 1,
-        spec.triton.contributions_tensor: spec.contributions_width,
-    }
-    for name, width in expected.items():
-        tensor = tensors.get(name)
+    served = {t["name"]: t for t in [*metadata.get("inputs", []), *metadata.get("outputs", [])]}
+    target = version.triton
+    declarations: list[InputTensor | OutputTensor] = [*target.inputs, *target.outputs]
+    for declared in declarations:
+        tensor = served.get(declared.name)
         if tensor is None:
-            problems.append(f"Triton model has no tensor {name!r}")
-        elif int(tensor["shape"][-1]) != width:
+            problems.append(f"Triton model has no tensor {declared.name!r}")
+            continue
+        if tensor.get("datatype") != declared.datatype:
             problems.append(
-                f"tensor {name!r} has shape {tensor['shape']}, the spec needs {width} per row"
+                f"tensor {declared.name!r} is {tensor.get('datatype')} in Triton,"
+                f" the spec declares {declared.datatype}"
+            )
+        shape = [int(d) for d in tensor.get("shape", [])]
+        if shape != [-1, *declared.shape]:
+            problems.append(
+                f"tensor {declared.name!r} has shape {shape} in Triton, the spec declares"
+                f" {[-1, *declared.shape]} (batch first)"
             )
     return problems
 
 
 def check_triton(spec: ModelSpec, version: int, triton_url: str) -> list[str]:
     """Is the spec's Triton model version ready, with tensors that match the spec?"""
-    triton_version = spec.version(version).triton_version
-    base = f"{triton_url}/v2/models/{spec.triton.model}/versions/{triton_version}"
+    target = spec.version(version).triton
+    base = f"{triton_url}/v2/models/{target.model}/versions/{target.version}"
     try:
         with httpx.Client(timeout=10) as client:
             ready = client.get(f"{base}/ready")
             if ready.status_code != 200:
-                return [f"Triton model {spec.triton.model} v{triton_version} is not ready"]
+                return [f"Triton model {target.model} v{target.version} is not ready"]
             metadata = client.get(base).json()
     except httpx.HTTPError as exc:
         return [f"Triton at {triton_url} did not answer: {exc}"]
-    return check_triton_metadata(spec, metadata)
+    return check_triton_metadata(spec.version(version), metadata)
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -240,7 +247,8 @@ def deploy(
             for problem in problems:
                 console.print(f"[bold red]triton:[/] {problem}")
             raise typer.Exit(1)
-        console.print(f"triton: {spec.triton.model} v{version} ready, tensors match the spec")
+        target = spec.version(version).triton
+        console.print(f"triton: {target.model} v{target.version} ready, tensors match the spec")
 
     async def run() -> ModelDeployment:
         now, who = utc_now(), actor()

@@ -194,7 +194,9 @@ class InferenceFailed(Envelope):
         default="medmesh.InferenceFailed/1", alias="schema"
     )
     task: RunInference
-    error_kind: Literal["invalid-input", "retries-exhausted", "model-unavailable"]
+    # invalid-output: the model answered, but with values its spec's outputs cannot read (NaN, a
+    # wrong shape, an unknown band); added within version 1 with the model spec version 2.
+    error_kind: Literal["invalid-input", "invalid-output", "retries-exhausted", "model-unavailable"]
     reason: str
     attempts: int
 

@@ -1,15 +1,29 @@
-"""The model spec: the plugin contract between a model owner and medmesh (BRIEF.md section 3).
+"""The model spec, version 2: the plugin contract between a model owner and medmesh (BRIEF.md §3).
 
-A model owner adds a model with a Triton model folder plus one spec file. The spec says which FHIR
-readings feed which position of the input tensor and in which unit, how the output tensors become
-FHIR, and which version is routed. Every service reads the same spec: ingest to know what to
-extract, the router what may be routed, the worker how to build tensors, reporting how to build FHIR.
+A model owner adds a model with a Triton model folder plus one spec file, and no service's code
+names the model. The spec speaks in tensors and declared kinds:
+
+- ``inputs``: the FHIR readings the model may use (LOINC code, UCUM unit, required or not). Ingest
+  extracts them; they are the model's, shared by all of its versions.
+- per version, ``triton``: which Triton model and version serves it, and its input and output
+  tensors by name, datatype and shape. Each input tensor says how it is fed from FHIR (``feed``):
+  ``features`` (one column per scalar input) or ``waveform`` (the samples of one SampledData).
+- per version, ``outputs``: how output tensors become FHIR, by kind: ``risk-score`` (a score and
+  its band), ``classification`` (probabilities over named classes), ``findings`` (multi-label,
+  each label above its threshold), ``quantity`` (a regression value in a UCUM unit), and
+  ``explanation`` (per-input contributions, reported with the headline output).
+
+Versions of one model may be served by different Triton models (a python-backend version and an
+ONNX version cannot share one Triton model). Version 1 specs (``medmesh.ModelSpec/1``) are still
+accepted: ``load_spec`` upgrades them (``medmesh_contracts.modelspec_v1``), and
+``medmesh models migrate`` writes the upgraded file.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -19,9 +33,10 @@ SNOMED = "http://snomed.info/sct"
 UCUM = "http://unitsofmeasure.org"
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 DATA_ABSENT_REASON = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
-# The most input tensor columns a spec may ask for (a waveform input is one column per sample):
-# 100 000 FP32 values are 400 kB a row, far above today's widest model (2500) and far below what
-# would make one Kafka message or one Triton batch unreasonable.
+SPEC_SCHEMA = "medmesh.ModelSpec/2"
+# The most input tensor values a version may ask for per row (a waveform input is one value per
+# sample): 100 000 FP32 values are 400 kB a row, far above today's widest model (2500) and far
+# below what would make one Kafka message or one Triton batch unreasonable.
 MAX_INPUT_WIDTH = 100_000
 
 # Codes of http://terminology.hl7.org/CodeSystem/data-absent-reason (FHIR R4B and R5).
@@ -43,6 +58,13 @@ DataAbsentReason = Literal[
     "not-permitted",
 ]
 
+# Triton's datatype names (the KServe v2 protocol) that a medmesh tensor may have. Inputs are
+# built from FHIR numbers, so they are floating point; outputs become FHIR numbers or indices.
+InputDatatype = Literal["FP16", "FP32", "FP64"]
+OutputDatatype = Literal[
+    "FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "BOOL"
+]
+
 
 class SpecModel(BaseModel):
     """Base of spec models: immutable, and strict about unknown keys (typos in specs fail loudly)."""
@@ -61,6 +83,9 @@ class Coding(SpecModel):
     def token(self) -> str:
         """``system|code``, the FHIR search token form."""
         return f"{self.system}|{self.code}"
+
+
+# --- FHIR inputs (what ingest extracts) ---------------------------------------------------------
 
 
 class InputSource(SpecModel):
@@ -94,7 +119,7 @@ class InputSource(SpecModel):
 
 
 class WaveformSpec(SpecModel):
-    """How a sampled signal (FHIR SampledData) becomes a fixed number of tensor columns.
+    """How a sampled signal (FHIR SampledData) becomes a fixed number of tensor values.
 
     Ingest resamples the signal (linear interpolation) to ``sample_rate_hz`` and keeps its last
     ``samples`` values (the most recent stretch). A shorter signal is padded at its end with its
@@ -126,7 +151,7 @@ class WaveformSpec(SpecModel):
 
 
 class InputSpec(SpecModel):
-    """One input of the model: one column of its input tensor, or ``waveform.samples`` columns."""
+    """One FHIR input of the model: one scalar, or one signal of ``waveform.samples`` values."""
 
     name: str
     display: str
@@ -140,7 +165,7 @@ class InputSpec(SpecModel):
 
     @property
     def width(self) -> int:
-        """How many tensor columns the input fills."""
+        """How many tensor values the input fills."""
         return self.waveform.samples if self.waveform is not None else 1
 
     @model_validator(mode="after")
@@ -159,13 +184,82 @@ class InputSpec(SpecModel):
         return self
 
 
-class ContributionSpec(SpecModel):
-    """One value of the contributions tensor, as reporting codes it (an Observation component)."""
+# --- Triton tensors -----------------------------------------------------------------------------
+
+
+def _elements(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+class OutputTensor(SpecModel):
+    """One output tensor of the Triton model: name, datatype, shape without the batch dimension."""
 
     name: str
-    display: str
-    code: Coding
-    unit: str = "{score}"
+    datatype: OutputDatatype = "FP32"
+    shape: tuple[Annotated[int, Field(ge=1)], ...] = (1,)
+
+    @property
+    def elements(self) -> int:
+        """Values per row."""
+        return _elements(self.shape)
+
+
+class InputTensor(SpecModel):
+    """One input tensor of the Triton model, and how it is fed from the model's FHIR inputs.
+
+    - ``feed: features``: one value per named scalar input, in the order of ``inputs``
+      (a missing optional input takes its default);
+    - ``feed: waveform``: the samples of the one named waveform input.
+    ``shape`` (without the batch dimension) holds exactly those values; a row is reshaped to it
+    (e.g. ``[1, 2500]`` for a channels-first 1-D CNN).
+    """
+
+    name: str
+    datatype: InputDatatype = "FP32"
+    shape: tuple[Annotated[int, Field(ge=1)], ...]
+    feed: Literal["features", "waveform"]
+    inputs: tuple[str, ...] = Field(min_length=1)
+
+    @property
+    def elements(self) -> int:
+        """Values per row."""
+        return _elements(self.shape)
+
+
+class TritonTarget(SpecModel):
+    """The Triton model version that serves a spec version, and its tensors."""
+
+    model: str
+    version: int = Field(ge=1)
+    inputs: tuple[InputTensor, ...] = Field(min_length=1)
+    outputs: tuple[OutputTensor, ...] = Field(min_length=1)
+    max_batch_size: int = Field(default=64, ge=1)
+    timeout_ms: int = Field(default=2000, ge=1)
+
+    def output(self, name: str) -> OutputTensor:
+        """The declared output tensor ``name``; KeyError when there is none."""
+        for tensor in self.outputs:
+            if tensor.name == name:
+                return tensor
+        raise KeyError(f"Triton model {self.model!r} declares no output {name!r}")
+
+    @model_validator(mode="after")
+    def _tensor_names_are_unique(self) -> TritonTarget:
+        names = [t.name for t in self.inputs] + [t.name for t in self.outputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Triton model {self.model!r}: tensor names repeat: {names}")
+        return self
+
+
+# --- outputs: how tensors become FHIR -----------------------------------------------------------
+
+
+class ReferenceRangeSpec(SpecModel):
+    """The score range of the lowest-risk band, reported as Observation.referenceRange."""
+
+    low: float | None = None
+    high: float | None = None
+    text: str
 
 
 class BandSpec(SpecModel):
@@ -180,39 +274,193 @@ class BandSpec(SpecModel):
     # contributions are then not reported; the Observation carries this data-absent-reason code
     # instead of a value, and no components. None: the band has a real score.
     data_absent_reason: DataAbsentReason | None = None
+    # For a model with no band tensor: the band holds scores from this value up to the next
+    # band's (bands in index order, the first from minus infinity).
+    min_score: float | None = None
 
 
-class ReferenceRangeSpec(SpecModel):
-    """The score range of the lowest-risk band, reported as Observation.referenceRange."""
+class RiskScoreOutput(SpecModel):
+    """A score and its risk band: one Observation with the score, the band as interpretation.
 
-    low: float | None = None
-    high: float | None = None
-    text: str
+    The score is value ``score_index`` of ``score_tensor`` times ``score_scale`` (e.g. the second
+    column of a classifier's probabilities times 100, in percent). The band is read from
+    ``band_tensor``, or, without one, from the bands' ``min_score`` thresholds.
+    """
+
+    kind: Literal["risk-score"] = "risk-score"
+    score_tensor: str
+    score_index: int = Field(default=0, ge=0)
+    score_scale: float = 1.0
+    band_tensor: str | None = None
+    score: Coding
+    extra_score_codings: tuple[Coding, ...] = ()
+    unit: str
+    integer: bool = False
+    reference_range: ReferenceRangeSpec | None = None
+    # Code system of the bands (the Observation's interpretation carries both codings).
+    band_system: str
+    bands: tuple[BandSpec, ...] = Field(min_length=1)
+
+    def band(self, index: int) -> BandSpec:
+        """The band with this index; KeyError when there is none."""
+        for b in self.bands:
+            if b.index == index:
+                return b
+        raise KeyError(f"no band {index}")
+
+    def band_for(self, score: float) -> BandSpec:
+        """The band whose ``min_score`` threshold ``score`` last reaches (no band tensor)."""
+        ordered = sorted(self.bands, key=lambda b: b.index)
+        found = ordered[0]
+        for b in ordered[1:]:
+            if b.min_score is not None and score >= b.min_score:
+                found = b
+        return found
+
+    @model_validator(mode="after")
+    def _bands_can_be_read(self) -> RiskScoreOutput:
+        if self.band_tensor is None:
+            ordered = sorted(self.bands, key=lambda b: b.index)
+            thresholds = [b.min_score for b in ordered[1:]]
+            given = [t for t in thresholds if t is not None]
+            if len(given) != len(thresholds) or given != sorted(given):
+                raise ValueError(
+                    "a risk score without 'band_tensor' needs ascending 'min_score' on every band"
+                    " but the first"
+                )
+        return self
+
+
+class ClassSpec(SpecModel):
+    """One class of a classifier: its code, and how the report reads it."""
+
+    code: Coding
+    # v3 ObservationInterpretation code for this class (e.g. N for normal), if any.
+    interpretation: str | None = None
+
+
+class ClassificationOutput(SpecModel):
+    """Probabilities over named classes (one value per class, in order, each in 0-1).
+
+    One Observation (``code``) whose valueCodeableConcept is the most probable class, with every
+    class's probability as a component; the class is the report's conclusionCode.
+    """
+
+    kind: Literal["classification"] = "classification"
+    tensor: str
+    code: Coding
+    classes: tuple[ClassSpec, ...] = Field(min_length=2)
+    # Code of the components that carry each class's probability.
+    probability_code: Coding = Coding(
+        system="https://medmesh.dev/fhir/CodeSystem/model-output",
+        code="class-probability",
+        display="Class probability",
+    )
+
+
+class FindingSpec(SpecModel):
+    """One label of a multi-label model: reported when its probability reaches ``threshold``."""
+
+    code: Coding
+    threshold: float = Field(ge=0, le=1)
+
+
+class FindingsOutput(SpecModel):
+    """Multi-label findings: one probability per label (0-1); each at or above its threshold
+    becomes a finding Observation (the label's code, the probability in %)."""
+
+    kind: Literal["findings"] = "findings"
+    tensor: str
+    labels: tuple[FindingSpec, ...] = Field(min_length=1)
+
+
+class QuantityOutput(SpecModel):
+    """A regression value: value ``index`` of ``tensor``, an Observation in a UCUM unit."""
+
+    kind: Literal["quantity"] = "quantity"
+    tensor: str
+    index: int = Field(default=0, ge=0)
+    code: Coding
+    unit: str
+
+
+class ContributionSpec(SpecModel):
+    """One value of an explanation tensor, as reporting codes it (an Observation component)."""
+
+    name: str
+    display: str
+    code: Coding
+    unit: str = "{score}"
+
+
+class ExplanationOutput(SpecModel):
+    """Per-input contributions, reported as components of the headline output's Observation.
+
+    ``items`` names each value of ``tensor``; none given: one per FHIR input of the model, in
+    input order (the input's contribution to the score).
+    """
+
+    kind: Literal["explanation"] = "explanation"
+    tensor: str
+    items: tuple[ContributionSpec, ...] = ()
+
+
+OutputSpec = Annotated[
+    RiskScoreOutput | ClassificationOutput | FindingsOutput | QuantityOutput | ExplanationOutput,
+    Field(discriminator="kind"),
+]
+HeadlineOutput = RiskScoreOutput | ClassificationOutput | FindingsOutput | QuantityOutput
+
+
+def output_tensors(output: OutputSpec) -> tuple[str, ...]:
+    """The tensors an output reads."""
+    if isinstance(output, RiskScoreOutput):
+        return (output.score_tensor,) + ((output.band_tensor,) if output.band_tensor else ())
+    return (output.tensor,)
+
+
+class ModelCard(SpecModel):
+    """What a model is for and how it was made; reported on the report's Device."""
+
+    intended_use: str
+    training_data: str
+    limitations: str
+    # Held-out metrics, name -> value (e.g. auroc: 0.91), as the training script measured them.
+    metrics: dict[str, float] = Field(default_factory=dict)
+    # Where the full card is (a path in the repository, or a URL).
+    document: str | None = None
 
 
 class VersionSpec(SpecModel):
-    """One deployed version of the model."""
+    """One version of the model: the Triton model version serving it and how its outputs read."""
 
-    version: int
-    triton_version: int
+    version: int = Field(ge=1)
     algorithm: str
-    score: Coding
-    extra_score_codings: tuple[Coding, ...] = ()
-    score_unit: str
-    score_is_integer: bool = False
-    reference_range: ReferenceRangeSpec | None = None
+    triton: TritonTarget
+    outputs: tuple[OutputSpec, ...] = Field(min_length=1)
+    card: ModelCard | None = None
 
+    @property
+    def headline(self) -> HeadlineOutput:
+        """The output the report's conclusion and shadow agreement are about: the first one that
+        is not an explanation (a version has one; see ModelSpec's checks)."""
+        for output in self.outputs:
+            if not isinstance(output, ExplanationOutput):
+                return output
+        raise ValueError(f"version {self.version} has no output but explanations")
 
-class TritonSpec(SpecModel):
-    """Where the model lives in Triton and the names of its tensors."""
+    @property
+    def explanation(self) -> ExplanationOutput | None:
+        """The version's explanation output, if it has one."""
+        for output in self.outputs:
+            if isinstance(output, ExplanationOutput):
+                return output
+        return None
 
-    model: str
-    input_tensor: str
-    score_tensor: str
-    band_tensor: str
-    contributions_tensor: str
-    max_batch_size: int = 64
-    timeout_ms: int = 2000
+    @property
+    def output_tensor_names(self) -> tuple[str, ...]:
+        """Every output tensor the outputs read, in declaration order, once each."""
+        return tuple(dict.fromkeys(n for o in self.outputs for n in output_tensors(o)))
 
 
 class ReportSpec(SpecModel):
@@ -220,16 +468,14 @@ class ReportSpec(SpecModel):
 
     code: Coding
     category: Coding
-    # Code system of the risk bands (the Observation's interpretation carries both codings).
-    band_system: str
-    # The result Observation's category (observation-category, e.g. "procedure" for an ECG).
+    # The result Observations' category (observation-category, e.g. "procedure" for an ECG).
     observation_category: Coding = Coding(
         system=OBSERVATION_CATEGORY, code="survey", display="Survey"
     )
 
 
 class RoutingSpec(SpecModel):
-    """The skeleton's static routing table: percentage of traffic per version."""
+    """The starting routing table: percentage of traffic per version."""
 
     weights: dict[int, int]
 
@@ -241,49 +487,18 @@ class RoutingSpec(SpecModel):
 
 
 class ModelSpec(SpecModel):
-    """A model: inputs, Triton location, versions, outputs and routing."""
+    """A model: its FHIR inputs, its versions (Triton tensors and outputs), report and routing."""
 
-    schema_id: Literal["medmesh.ModelSpec/1"] = Field(alias="schema")
+    schema_id: Literal["medmesh.ModelSpec/2"] = Field(default="medmesh.ModelSpec/2", alias="schema")
     name: str
     display: str
     owner: str
-    triton: TritonSpec
     inputs: tuple[InputSpec, ...]
-    bands: tuple[BandSpec, ...]
-    versions: tuple[VersionSpec, ...]
+    versions: tuple[VersionSpec, ...] = Field(min_length=1)
     report: ReportSpec
     routing: RoutingSpec
-    # What each value of the contributions tensor is; none given: one per input, in input order
-    # (the input's contribution to the score).
-    contributions: tuple[ContributionSpec, ...] = ()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
-
-    @model_validator(mode="after")
-    def _routing_names_deployed_versions(self) -> ModelSpec:
-        deployed = {v.version for v in self.versions}
-        unknown = set(self.routing.weights) - deployed
-        if unknown:
-            raise ValueError(f"routing names versions that are not deployed: {sorted(unknown)}")
-        return self
-
-    @model_validator(mode="after")
-    def _input_width_is_bounded(self) -> ModelSpec:
-        if self.input_width > MAX_INPUT_WIDTH:
-            raise ValueError(
-                f"the inputs fill {self.input_width} tensor columns, at most {MAX_INPUT_WIDTH}"
-            )
-        return self
-
-    @property
-    def input_width(self) -> int:
-        """Columns of the input tensor: the inputs' widths, in input order."""
-        return sum(i.width for i in self.inputs)
-
-    @property
-    def contributions_width(self) -> int:
-        """Values of the contributions tensor per request."""
-        return len(self.contributions) if self.contributions else len(self.inputs)
 
     def version(self, number: int) -> VersionSpec:
         """The spec of one version; KeyError when it is not deployed."""
@@ -292,17 +507,129 @@ class ModelSpec(SpecModel):
                 return v
         raise KeyError(f"model {self.name!r} has no version {number}")
 
-    def band(self, index: int) -> BandSpec:
-        """The band with this index; KeyError when the model has none."""
-        for b in self.bands:
-            if b.index == index:
-                return b
-        raise KeyError(f"model {self.name!r} has no band {index}")
+    def input(self, name: str) -> InputSpec:
+        """The FHIR input ``name``; KeyError when the model has none."""
+        for i in self.inputs:
+            if i.name == name:
+                return i
+        raise KeyError(f"model {self.name!r} has no input {name!r}")
+
+    def explanation_items(self, explanation: ExplanationOutput) -> tuple[ContributionSpec, ...]:
+        """What each explanation value is: the output's items, else one per FHIR input."""
+        if explanation.items:
+            return explanation.items
+        return tuple(
+            ContributionSpec(
+                name=i.name, display=f"Contribution of {i.display}", code=i.sources[0].code
+            )
+            for i in self.inputs
+        )
+
+    @model_validator(mode="after")
+    def _routing_names_deployed_versions(self) -> ModelSpec:
+        deployed = [v.version for v in self.versions]
+        if len(set(deployed)) != len(deployed):
+            raise ValueError(f"versions repeat: {deployed}")
+        unknown = set(self.routing.weights) - set(deployed)
+        if unknown:
+            raise ValueError(f"routing names versions that are not deployed: {sorted(unknown)}")
+        return self
+
+    @model_validator(mode="after")
+    def _versions_fit_their_tensors(self) -> ModelSpec:
+        for v in self.versions:
+            for problem in version_problems(self, v):
+                raise ValueError(f"version {v.version}: {problem}")
+        return self
+
+
+def version_problems(spec: ModelSpec, version: VersionSpec) -> list[str]:
+    """What makes a version's tensors, feeds and outputs disagree with each other (empty: none).
+
+    These are the checks a spec can make on its own; ``medmesh models validate`` adds those
+    against the Triton config and the ONNX graph.
+    """
+    problems: list[str] = []
+    names = {i.name for i in spec.inputs}
+    width = 0
+    for tensor in version.triton.inputs:
+        unknown = [n for n in tensor.inputs if n not in names]
+        if unknown:
+            problems.append(f"input tensor {tensor.name} is fed from unknown inputs {unknown}")
+            continue
+        fed = [spec.input(n) for n in tensor.inputs]
+        if tensor.feed == "features":
+            signals = [i.name for i in fed if i.waveform is not None]
+            if signals:
+                problems.append(f"features tensor {tensor.name} names waveform inputs {signals}")
+            expected = len(fed)
+        else:
+            if len(fed) != 1 or fed[0].waveform is None:
+                problems.append(f"waveform tensor {tensor.name} must name one waveform input")
+                continue
+            expected = fed[0].width
+        if tensor.elements != expected:
+            problems.append(
+                f"input tensor {tensor.name} has shape {list(tensor.shape)} ({tensor.elements}"
+                f" values) but is fed {expected} values"
+            )
+        width += tensor.elements
+    if width > MAX_INPUT_WIDTH:
+        problems.append(f"the input tensors hold {width} values a row, at most {MAX_INPUT_WIDTH}")
+    declared = {t.name for t in version.triton.outputs}
+    for output in version.outputs:
+        missing = [n for n in output_tensors(output) if n not in declared]
+        if missing:
+            problems.append(f"{output.kind} output reads undeclared tensors {missing}")
+            continue
+        problems.extend(_output_fits(spec, version.triton, output))
+    if all(isinstance(o, ExplanationOutput) for o in version.outputs):
+        problems.append("a version needs an output that is not an explanation")
+    if sum(isinstance(o, ExplanationOutput) for o in version.outputs) > 1:
+        problems.append("a version has at most one explanation output")
+    return problems
+
+
+def _output_fits(spec: ModelSpec, triton: TritonTarget, output: OutputSpec) -> list[str]:
+    if isinstance(output, RiskScoreOutput):
+        size = triton.output(output.score_tensor).elements
+        if output.score_index >= size:
+            return [f"score_index {output.score_index} is outside {output.score_tensor} ({size})"]
+        return []
+    if isinstance(output, QuantityOutput):
+        size = triton.output(output.tensor).elements
+        if output.index >= size:
+            return [f"index {output.index} is outside {output.tensor} ({size} values)"]
+        return []
+    expected = {
+        ClassificationOutput: lambda o: len(o.classes),
+        FindingsOutput: lambda o: len(o.labels),
+        ExplanationOutput: lambda o: len(spec.explanation_items(o)),
+    }[type(output)](output)
+    size = triton.output(output.tensor).elements
+    if size != expected:
+        return [f"{output.kind} output names {expected} values, tensor {output.tensor} has {size}"]
+    return []
+
+
+def parse_spec(document: Any) -> ModelSpec:
+    """A spec from its parsed YAML/JSON document; a version 1 spec is upgraded to version 2.
+
+    Top-level keys starting with ``x-`` are extension fields, as in compose files: a place for
+    YAML anchors that versions share (bands, tensors); they are dropped before validation.
+    """
+    if isinstance(document, dict):
+        document = {k: v for k, v in document.items() if not str(k).startswith("x-")}
+    if isinstance(document, dict) and document.get("schema") == "medmesh.ModelSpec/1":
+        from medmesh_contracts.modelspec_v1 import upgrade  # noqa: PLC0415 -- v1 needs v2 first
+
+        return upgrade(document)
+    return ModelSpec.model_validate(document)
 
 
 def load_spec(path: Path) -> ModelSpec:
-    """Read and validate one model spec file (YAML)."""
-    return ModelSpec.model_validate(yaml.safe_load(path.read_text()))
+    """Read and validate one model spec file (YAML, version 1 or 2)."""
+    return parse_spec(yaml.safe_load(path.read_text()))
 
 
 def load_specs(directory: Path) -> dict[str, ModelSpec]:

@@ -1,4 +1,4 @@
-"""JSON Schema of every wire event, as committed under contracts/schemas/ for non-Python peers.
+"""JSON Schema of every wire event (and of the model spec), as committed under contracts/schemas/ for non-Python peers.
 
 ``python -m medmesh_contracts.schemas DIR`` writes them; a unit test fails when the committed
 files and the models disagree, so the published contract never drifts from the code.
@@ -13,6 +13,7 @@ from typing import Any
 
 from medmesh_contracts.events import ALL_EVENTS, schema_of
 from medmesh_contracts.lifecycle import LIFECYCLE_EVENTS
+from medmesh_contracts.modelspec import SPEC_SCHEMA, ModelSpec
 
 
 def file_name(schema_id: str) -> str:
@@ -30,6 +31,12 @@ def event_schemas() -> dict[str, dict[str, Any]]:
         schema["$id"] = f"https://medmesh.dev/schemas/{file_name(schema_id)}"
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         schemas[file_name(schema_id)] = schema
+    # The model spec is a document model owners write (YAML), not an event: its schema is the
+    # validation form, for editors (yaml-language-server) and other tools.
+    spec_schema = ModelSpec.model_json_schema(by_alias=True, mode="validation")
+    spec_schema["$id"] = f"https://medmesh.dev/schemas/{file_name(SPEC_SCHEMA)}"
+    spec_schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schemas[file_name(SPEC_SCHEMA)] = spec_schema
     return schemas
 
 

@@ -26,8 +26,10 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 from aiokafka import AIOKafkaProducer
+from google.protobuf import text_format
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
+from tritonclient.grpc.model_config_pb2 import ModelConfig
 
 from medmesh_cli.bench.common import (
     Message,
@@ -50,7 +52,7 @@ from medmesh_contracts import headers as h
 from medmesh_contracts import topics
 from medmesh_contracts.events import ModelInput, RunInference, schema_of, to_wire
 from medmesh_contracts.modelspec import ModelSpec, load_specs
-from medmesh_inference.tensors import input_batch, input_row
+from medmesh_inference.tensors import input_batch, input_rows
 
 VERSION = 1
 ECG_RR_S = (0.8, 0.45, 1.1)  # regular RR interval; range of an irregular one (seconds)
@@ -71,11 +73,11 @@ def synthetic_ecg(
     return signal
 
 
-def bench_model_task(spec: ModelSpec, index: int, run: str) -> RunInference:
-    """A task for ``spec``'s v1 with inputs from the spec: the vital signs the other series
+def bench_model_task(spec: ModelSpec, index: int, run: str, version: int = VERSION) -> RunInference:
+    """A task for ``spec``'s ``version`` with inputs from the spec: the vital signs the other series
     send for scalar inputs (the default where a spec names another), a synthetic ECG (every
     other one irregular) for a waveform input."""
-    task = bench_task(index, run, VERSION)
+    task = bench_task(index, run, version)
     known = {i.name: i for i in task.request.inputs}
     inputs = []
     for column in spec.inputs:
@@ -181,30 +183,40 @@ class Series:
 
 
 class _Statistics:
-    def __init__(self, client: InferenceServerClient, triton_model: str) -> None:
+    def __init__(self, client: InferenceServerClient, triton_model: str, version: str) -> None:
         self.client = client
         self.triton_model = triton_model
+        self.version = version
 
     async def snapshot(self) -> dict[str, Any]:
         answer: dict[str, Any] = await self.client.get_inference_statistics(
-            self.triton_model, str(VERSION), as_json=True
+            self.triton_model, self.version, as_json=True
         )
         return answer
 
 
 async def direct_loop(
-    client: InferenceServerClient, spec: ModelSpec, batch: int, rows: int
+    client: InferenceServerClient, spec: ModelSpec, batch: int, rows: int, version: int = VERSION
 ) -> Summary:
     """Sequential tritonclient calls of ``batch`` rows until ``rows`` rows are scored."""
     run = run_id()
-    data = input_batch([input_row(bench_model_task(spec, i, run), spec) for i in range(batch)])
-    names = (spec.triton.score_tensor, spec.triton.band_tensor, spec.triton.contributions_tensor)
-    outputs = [InferRequestedOutput(n) for n in names]
+    served = spec.version(version)
+    data = input_batch(
+        served,
+        [input_rows(bench_model_task(spec, i, run, version), spec, served) for i in range(batch)],
+    )
+    outputs = [InferRequestedOutput(n) for n in served.output_tensor_names]
+    target = served.triton
 
     async def call() -> None:
-        tensor = InferInput(spec.triton.input_tensor, list(data.shape), "FP32")
-        tensor.set_data_from_numpy(data)
-        await client.infer(spec.triton.model, [tensor], model_version=str(VERSION), outputs=outputs)
+        tensors = []
+        for declared in target.inputs:
+            tensor = InferInput(declared.name, list(data[declared.name].shape), declared.datatype)
+            tensor.set_data_from_numpy(data[declared.name])
+            tensors.append(tensor)
+        await client.infer(
+            target.model, tensors, model_version=str(target.version), outputs=outputs
+        )
 
     for _ in range(5):  # warm-up
         await call()
@@ -220,13 +232,14 @@ async def direct_loop(
 
 
 async def worker_burst(
-    bootstrap: str, spec: ModelSpec, tasks: int, label: str
+    bootstrap: str, spec: ModelSpec, tasks: int, label: str, version: int = VERSION
 ) -> tuple[Summary, int]:
-    """Publish ``tasks`` RunInference to v1's task topic; time until all results are out."""
+    """Publish ``tasks`` RunInference to the version's task topic; time until all results are
+    out."""
     run = run_id()
     messages: list[Message] = []
     for i in range(tasks):
-        task = bench_model_task(spec, i, run)
+        task = bench_model_task(spec, i, run, version)
         headers = [
             (h.CORRELATION_ID, task.correlation_id.encode()),
             (h.SCHEMA, schema_of(RunInference).encode()),
@@ -243,7 +256,7 @@ async def worker_burst(
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
     await producer.start()
     try:
-        sent = await publish_burst(producer, topics.model_task_topic(spec.name, VERSION), messages)
+        sent = await publish_burst(producer, topics.model_task_topic(spec.name, version), messages)
         missing = await sink.wait_for(sent, timeout_s=60 + tasks / 20)
     finally:
         await producer.stop()
@@ -252,7 +265,7 @@ async def worker_burst(
 
 
 def _start_unbatched_worker(stack: Stack, worker: str) -> tuple[ManagedProcess, int]:
-    """A v1 worker with MEDMESH_WORKER_MAX_BATCH=1, on a free port past the stack's workers."""
+    """The version's worker with MEDMESH_WORKER_MAX_BATCH=1, on a free port past the stack's workers."""
     spec = next(s for s in service_specs(stack.config) if s.name == worker)
     port = max(s.port for s in service_specs(stack.config)) + 1
     unbatched = ServiceSpec(
@@ -272,6 +285,15 @@ def _start_unbatched_worker(stack: Stack, worker: str) -> tuple[ManagedProcess, 
     return process, port
 
 
+def backend_of(stack: Stack, triton_model: str) -> str:
+    """How the model folder says it runs: its platform (e.g. onnxruntime_onnx) or backend."""
+    config = ModelConfig()
+    text_format.Parse(
+        (stack.config.model_repository / triton_model / "config.pbtxt").read_text(), config
+    )
+    return str(config.platform or config.backend)
+
+
 def _ready(port: int) -> bool:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2.0).status_code == 204
@@ -280,33 +302,44 @@ def _ready(port: int) -> bool:
 
 
 async def run_batching(
-    stack: Stack, tasks: int = 2000, direct_rows: int = 4000, model: str = "deterioration"
+    stack: Stack,
+    tasks: int = 2000,
+    direct_rows: int = 4000,
+    model: str = "deterioration",
+    version: int = VERSION,
 ) -> dict[str, Any]:
-    """The three series and Triton's times for ``model``, in one run on the stack's Triton."""
+    """The three series and Triton's times for one model version, in one run on the stack's
+    Triton."""
     spec = load_specs(stack.config.specs_dir)[model]
-    max_batch = spec.triton.max_batch_size
-    triton_model, worker = spec.triton.model, f"{model}-v{VERSION}"
+    target = spec.version(version).triton
+    max_batch = target.max_batch_size
+    triton_model, triton_version = target.model, str(target.version)
+    worker = f"{model}-v{version}"
     client = InferenceServerClient(url=f"127.0.0.1:{stack.config.ports.triton_grpc}")
-    stats = _Statistics(client, triton_model)
+    stats = _Statistics(client, triton_model, triton_version)
     series: dict[str, Series] = {}
     try:
         for batch in sorted({1, 8, max_batch}):
             before = await stats.snapshot()
             rows = direct_rows if batch > 1 else max(50, direct_rows // 8)
-            summary = await direct_loop(client, spec, batch, rows)
+            summary = await direct_loop(client, spec, batch, rows, version)
             series[f"direct-{batch}"] = Series(
-                summary, triton_times(before, await stats.snapshot(), triton_model, str(VERSION))
+                summary, triton_times(before, await stats.snapshot(), triton_model, triton_version)
             )
         before = await stats.snapshot()
         summary, missing = await worker_burst(
-            stack.config.bootstrap, spec, tasks, f"(b) worker from Kafka, max batch {max_batch}"
+            stack.config.bootstrap,
+            spec,
+            tasks,
+            f"(b) worker from Kafka, max batch {max_batch}",
+            version,
         )
         series["worker"] = Series(
             summary,
-            triton_times(before, await stats.snapshot(), triton_model, str(VERSION)),
+            triton_times(before, await stats.snapshot(), triton_model, triton_version),
             missing,
         )
-        # (c): the stack's v1 worker steps aside; an unbatched one takes its consumer group.
+        # (c): the stack's worker of the version steps aside; an unbatched one takes its consumer group.
         stack.services[worker].stop(grace_s=10)
         process, port = _start_unbatched_worker(stack, worker)
         try:
@@ -317,10 +350,11 @@ async def run_batching(
                 spec,
                 max(50, tasks // 4),
                 "(c) worker from Kafka, max batch 1",
+                version,
             )
             series["unbatched"] = Series(
                 summary,
-                triton_times(before, await stats.snapshot(), triton_model, str(VERSION)),
+                triton_times(before, await stats.snapshot(), triton_model, triton_version),
                 missing,
             )
         finally:
@@ -335,7 +369,7 @@ async def run_batching(
         ratio("(b) worker / (c) batching off", served, series["unbatched"].summary.per_second, 5),
     ]
     return {
-        "model": model,
+        "model": f"{model} v{version} ({triton_model}, {backend_of(stack, triton_model)})",
         "series": {name: s.as_dict() for name, s in series.items()},
         "ratios": [r.as_dict() for r in ratios],
     }

@@ -126,12 +126,16 @@ async def _measure_all(
     # restarts every service with another sampling, so they run last.
     if "batching" in selected:
         console.print("batching: direct Triton vs worker vs worker with max batch 1 ...")
-        # Every model of the specs: NEWS2 costs microseconds per row, the ECG screen about a
-        # millisecond, so the two show the worker's cost against cheap and costly models.
+        # Every version of every spec: NEWS2 costs microseconds per row, the ECG screen about a
+        # millisecond, the ONNX versions run in onnxruntime; so the series show the worker's
+        # cost against cheap and costly models, python and ONNX.
         extra["batching"] = {
             "models": [
-                await run_batching(stack, tasks=sizes.batch_tasks, model=name)
-                for name in load_specs(stack.config.specs_dir)
+                await run_batching(
+                    stack, tasks=sizes.batch_tasks, model=spec.name, version=version.version
+                )
+                for spec in load_specs(stack.config.specs_dir).values()
+                for version in spec.versions
             ]
         }
     if "router" in selected:

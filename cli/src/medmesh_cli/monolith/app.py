@@ -86,7 +86,7 @@ async def load_routing(
 def triton_models(settings: MonolithSettings, specs: Mapping[str, ModelSpec]) -> list[TritonModel]:
     """One Triton client per model version, built as a worker builds its own."""
     return [
-        TritonModel.for_version(settings.triton_grpc_url, spec, version)
+        TritonModel.for_version(settings.triton_grpc_url, version)
         for spec in specs.values()
         for version in spec.versions
     ]
@@ -110,7 +110,10 @@ async def _ready_stages(
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, settings.circuit_backoff_max_ms / 1000)
             identity = WorkerIdentity(
-                producer, spec.triton.model, str(version.triton_version), await triton.device_kind()
+                producer,
+                version.triton.model,
+                str(version.triton.version),
+                await triton.device_kind(),
             )
             stages.append(
                 VersionStage(
@@ -119,7 +122,7 @@ async def _ready_stages(
                     triton.infer,
                     triton.ready,
                     identity,
-                    settings.worker_max_batch or spec.triton.max_batch_size,
+                    settings.worker_max_batch or version.triton.max_batch_size,
                 )
             )
     return stages

@@ -113,8 +113,8 @@ class BatchHandler:
             self.identity = dataclasses.replace(self.identity, device_kind=kind)
             log.info(
                 "triton ready",
-                model=self.spec.triton.model,
-                model_version=self.version.triton_version,
+                model=self.version.triton.model,
+                model_version=self.version.triton.version,
                 device_kind=kind,
             )
 
@@ -208,13 +208,13 @@ def create_app(settings: WorkerSettings) -> AsgiFastStream:
     status_out = broker.publisher(topics.MODELS_STATUS, title="worker heartbeats")
     dead_letters = DeadLetters(broker.publisher(topics.INFERENCE_DEADLETTER), producer)
     task_topic = topics.model_task_topic(spec.name, version.version)
-    triton = TritonModel.for_version(settings.triton_grpc_url, spec, version)
+    triton = TritonModel.for_version(settings.triton_grpc_url, version)
     tasks_running: list[asyncio.Task[None]] = []
     batches = BatchHandler(
         spec,
         version,
         triton,
-        WorkerIdentity(producer, spec.triton.model, str(version.triton_version), "unknown"),
+        WorkerIdentity(producer, version.triton.model, str(version.triton.version), "unknown"),
         policy,
         tracer,
         results_out,
@@ -224,7 +224,7 @@ def create_app(settings: WorkerSettings) -> AsgiFastStream:
 
     worker = TaskWorker(
         lambda: build_consumer(settings, task_topic),
-        max_batch=settings.worker_max_batch or spec.triton.max_batch_size,
+        max_batch=settings.worker_max_batch or version.triton.max_batch_size,
         handle=batches.handle,
         dead_letter=dead_letters.send,
         probe=triton.ready,

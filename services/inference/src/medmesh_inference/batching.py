@@ -6,6 +6,10 @@ is not (Triton down, restarting or unloading the model), ``ModelUnavailable`` is
 task is failed, so the worker can rewind, pause and wait behind its circuit breaker. Otherwise
 spent retries fail the tasks as ``retries-exhausted``, and any other error splits the batch in
 halves, so one poison request fails alone and its neighbours succeed.
+
+Outputs are read against the version's output kinds (``medmesh_contracts.results``) before
+anything is published: a row with NaN, a wrong shape or a band the spec does not know fails as
+``invalid-output`` with the reason, and never reaches reporting.
 """
 
 from __future__ import annotations
@@ -27,14 +31,17 @@ from medmesh_contracts.events import (
     Producer,
     RunInference,
 )
-from medmesh_contracts.modelspec import ModelSpec
-from medmesh_inference.tensors import TaskInputError, input_batch, input_row, split_outputs
+from medmesh_contracts.modelspec import ModelSpec, VersionSpec
+from medmesh_contracts.results import OutputError, read_outputs
+from medmesh_inference.tensors import Rows, TaskInputError, input_batch, input_rows, split_outputs
 from medmesh_inference.triton import TritonCallError
 
-Infer = Callable[[npt.NDArray[np.float32]], Awaitable[Mapping[str, npt.NDArray[np.generic]]]]
+Infer = Callable[
+    [Mapping[str, npt.NDArray[np.generic]]], Awaitable[Mapping[str, npt.NDArray[np.generic]]]
+]
 Available = Callable[[], Awaitable[bool]]
 Outcome = InferenceCompleted | InferenceFailed
-FailureKind = Literal["invalid-input", "retries-exhausted", "model-unavailable"]
+FailureKind = Literal["invalid-input", "invalid-output", "retries-exhausted", "model-unavailable"]
 
 
 class ModelUnavailable(Exception):  # noqa: N818 -- a condition, not an error of the caller
@@ -79,77 +86,111 @@ async def score_tasks(
     ``available`` is asked once the retries of a transient error are spent (None: never away).
     """
     outcomes: list[Outcome | None] = [None] * len(tasks)
-    rows: list[list[float]] = []
-    positions: list[int] = []
+    # A worker serves one version; a batch is grouped by version all the same, so that a task
+    # routed elsewhere is scored with its own version's tensors (or failed when it has none).
+    groups: dict[int, tuple[VersionSpec, list[int], list[Rows]]] = {}
     for i, task in enumerate(tasks):
         try:
-            rows.append(input_row(task, spec))
-            positions.append(i)
+            version = spec.version(task.model_version)
+        except KeyError as exc:
+            outcomes[i] = _failed(task, identity, "invalid-input", str(exc), attempts=0)
+            continue
+        try:
+            rows = input_rows(task, spec, version)
         except TaskInputError as exc:
             outcomes[i] = _failed(task, identity, "invalid-input", str(exc), attempts=0)
-    if rows:
+            continue
+        group = groups.setdefault(version.version, (version, [], []))
+        group[1].append(i)
+        group[2].append(rows)
+    for version, positions, rows_of in groups.values():
         scored = await _score_rows(
-            [tasks[i] for i in positions], rows, spec, infer, identity, policy, now, available
+            [tasks[i] for i in positions],
+            rows_of,
+            _Scoring(spec, version, infer, identity, policy, now, available),
         )
         for i, outcome in zip(positions, scored, strict=True):
             outcomes[i] = outcome
     return [o for o in outcomes if o is not None]
 
 
+@dataclass(frozen=True)
+class _Scoring:
+    """What every (recursive) scoring call of one version's rows shares."""
+
+    spec: ModelSpec
+    version: VersionSpec
+    infer: Infer
+    identity: WorkerIdentity
+    policy: RetryPolicy
+    now: Callable[[], datetime]
+    available: Available | None
+
+
 async def _score_rows(
-    tasks: Sequence[RunInference],
-    rows: Sequence[list[float]],
-    spec: ModelSpec,
-    infer: Infer,
-    identity: WorkerIdentity,
-    policy: RetryPolicy,
-    now: Callable[[], datetime],
-    available: Available | None,
+    tasks: Sequence[RunInference], rows: Sequence[Rows], how: _Scoring
 ) -> list[Outcome]:
+    identity, policy = how.identity, how.policy
     attempt = 0
     while True:
         attempt += 1
         started = time.perf_counter()
         try:
-            outputs = await infer(input_batch(rows))
+            outputs = await how.infer(input_batch(how.version, rows))
         except TritonCallError as exc:
             if exc.transient and attempt < policy.max_attempts:
                 await asyncio.sleep(policy.backoff(attempt))
                 continue
             # A server going down can also answer with non-transient errors (a stopping python
             # backend): whatever the error, tasks are failed only while the version is ready.
-            if available is not None and not await available():
+            if how.available is not None and not await how.available():
                 raise ModelUnavailable(str(exc)) from exc
             if exc.transient:
                 return [_failed(t, identity, "retries-exhausted", str(exc), attempt) for t in tasks]
             if len(tasks) == 1:
                 return [_failed(tasks[0], identity, "invalid-input", str(exc), attempt)]
             middle = len(tasks) // 2
-            left = await _score_rows(
-                tasks[:middle], rows[:middle], spec, infer, identity, policy, now, available
-            )
-            right = await _score_rows(
-                tasks[middle:], rows[middle:], spec, infer, identity, policy, now, available
-            )
+            left = await _score_rows(tasks[:middle], rows[:middle], how)
+            right = await _score_rows(tasks[middle:], rows[middle:], how)
             return [*left, *right]
         elapsed_ms = (time.perf_counter() - started) * 1000
-        per_row = split_outputs(outputs, len(tasks))
-        done = now()
+        try:
+            per_row = split_outputs(outputs, len(tasks))
+        except ValueError as exc:
+            return [_failed(t, identity, "invalid-output", str(exc), attempt) for t in tasks]
+        done = how.now()
         return [
-            InferenceCompleted(
-                correlation_id=task.correlation_id,
-                producer=identity.producer,
-                task=task,
-                triton_model=identity.triton_model,
-                triton_version=identity.triton_version,
-                outputs=values,
-                device_kind=identity.device_kind,
-                batch_size=len(tasks),
-                inference_ms=elapsed_ms,
-                completed_at=done,
-            )
+            _completed(task, values, how, len(tasks), elapsed_ms, done, attempt)
             for task, values in zip(tasks, per_row, strict=True)
         ]
+
+
+def _completed(
+    task: RunInference,
+    values: dict[str, tuple[float, ...]],
+    how: _Scoring,
+    batch_size: int,
+    elapsed_ms: float,
+    done: datetime,
+    attempts: int,
+) -> Outcome:
+    """The result of one row, or its failure when its outputs do not fit the version's spec."""
+    try:
+        read_outputs(how.spec, how.version, values)
+    except OutputError as exc:
+        return _failed(task, how.identity, "invalid-output", str(exc), attempts)
+    return InferenceCompleted(
+        correlation_id=task.correlation_id,
+        producer=how.identity.producer,
+        task=task,
+        triton_model=how.identity.triton_model,
+        triton_version=how.identity.triton_version,
+        outputs=values,
+        device_kind=how.identity.device_kind,
+        batch_size=batch_size,
+        inference_ms=elapsed_ms,
+        completed_at=done,
+    )
 
 
 def _failed(

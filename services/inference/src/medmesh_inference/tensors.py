@@ -1,47 +1,71 @@
-"""Turning tasks into an input tensor and output tensors back into per-task results. No I/O."""
+"""Turning tasks into input tensors and output tensors back into per-task results. No I/O.
+
+A version's spec names its input tensors and how each is fed (``InputTensor.feed``): a
+``features`` tensor holds one value per named scalar input, a ``waveform`` tensor the samples of
+one signal. Each tensor of a batch is ``[rows, *shape]`` in its declared datatype.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from medmesh_contracts.events import ModelInput, RunInference
-from medmesh_contracts.modelspec import ModelSpec, WaveformSpec
+from medmesh_contracts.modelspec import InputSpec, InputTensor, ModelSpec, VersionSpec, WaveformSpec
+
+# numpy's type for each Triton datatype an input tensor may have.
+INPUT_DTYPES: dict[str, type[np.floating[Any]]] = {
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
+
+Rows = dict[str, list[float]]
 
 
 class TaskInputError(ValueError):
-    """A task's inputs do not fit the model's input tensor (a poison message, never retried)."""
+    """A task's inputs do not fit the model's input tensors (a poison message, never retried)."""
 
 
-def input_row(task: RunInference, spec: ModelSpec) -> list[float]:
-    """One tensor row: the task's inputs in the spec's column order, in the spec's units.
-
-    A scalar input fills one column; a waveform input fills ``waveform.samples`` columns with
-    its samples, which must already be at the spec's rate and length (ingest made them so).
-    """
+def input_rows(task: RunInference, spec: ModelSpec, version: VersionSpec) -> Rows:
+    """One row per input tensor of ``version``: the task's inputs in the tensor's order, in the
+    spec's units. A waveform's samples must already be at the spec's rate and length (ingest
+    made them so)."""
     by_name = {i.name: i for i in task.request.inputs}
+    return {tensor.name: _tensor_row(tensor, spec, by_name) for tensor in version.triton.inputs}
+
+
+def _tensor_row(
+    tensor: InputTensor, spec: ModelSpec, given: Mapping[str, ModelInput]
+) -> list[float]:
     row: list[float] = []
-    for column in spec.inputs:
-        given = by_name.get(column.name)
-        if given is None:
+    for name in tensor.inputs:
+        column = spec.input(name)
+        found = given.get(name)
+        if found is None:
             if column.required or column.default is None:
-                raise TaskInputError(f"input {column.name!r} is missing")
+                raise TaskInputError(f"input {name!r} is missing")
             row.append(column.default)
             continue
-        if given.unit != column.unit:
-            raise TaskInputError(
-                f"input {column.name!r} is in {given.unit!r}, the model expects {column.unit!r}"
-            )
+        _check_unit(found, column)
         if column.waveform is not None:
-            row.extend(_waveform_columns(given, column.waveform))
+            row.extend(_waveform_columns(found, column.waveform))
             continue
-        if not np.isfinite(given.value):
-            raise TaskInputError(f"input {column.name!r} is not a finite number")
-        row.append(given.value)
+        if not np.isfinite(found.value):
+            raise TaskInputError(f"input {name!r} is not a finite number")
+        row.append(found.value)
     return row
+
+
+def _check_unit(given: ModelInput, column: InputSpec) -> None:
+    if given.unit != column.unit:
+        raise TaskInputError(
+            f"input {column.name!r} is in {given.unit!r}, the model expects {column.unit!r}"
+        )
 
 
 def _waveform_columns(given: ModelInput, waveform: WaveformSpec) -> tuple[float, ...]:
@@ -65,9 +89,14 @@ def _waveform_columns(given: ModelInput, waveform: WaveformSpec) -> tuple[float,
     return samples
 
 
-def input_batch(rows: Sequence[Sequence[float]]) -> npt.NDArray[np.float32]:
-    """Rows stacked as the FP32 [n, k] tensor Triton expects (k: the spec's input width)."""
-    return np.asarray(rows, dtype=np.float32)
+def input_batch(version: VersionSpec, rows: Sequence[Rows]) -> dict[str, npt.NDArray[np.generic]]:
+    """Rows stacked per input tensor as ``[n, *shape]`` in the tensor's declared datatype."""
+    return {
+        tensor.name: np.asarray(
+            [row[tensor.name] for row in rows], dtype=INPUT_DTYPES[tensor.datatype]
+        ).reshape(len(rows), *tensor.shape)
+        for tensor in version.triton.inputs
+    }
 
 
 def split_outputs(
@@ -76,8 +105,8 @@ def split_outputs(
     """Per-row output values, flattened, for each output tensor of a batch of ``rows`` rows."""
     per_row: list[dict[str, tuple[float, ...]]] = [{} for _ in range(rows)]
     for name, tensor in outputs.items():
-        if tensor.shape[0] != rows:
-            raise ValueError(f"output {name} has {tensor.shape[0]} rows for a batch of {rows}")
+        if tensor.ndim == 0 or tensor.shape[0] != rows:
+            raise ValueError(f"output {name} has shape {list(tensor.shape)} for a batch of {rows}")
         flat = tensor.reshape(rows, -1).astype(np.float64)
         for i in range(rows):
             per_row[i][name] = tuple(float(x) for x in flat[i])

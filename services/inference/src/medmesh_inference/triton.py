@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
 from tritonclient.grpc import InferenceServerException, InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 
-from medmesh_contracts.modelspec import ModelSpec, VersionSpec
+from medmesh_contracts.modelspec import VersionSpec
 
 # gRPC status codes after which the same call may succeed later.
 _TRANSIENT_STATUSES = frozenset(
@@ -50,7 +50,7 @@ class TritonModel:
         url: str,
         model: str,
         version: int,
-        input_tensor: str,
+        input_datatypes: Mapping[str, str],
         output_tensors: Sequence[str],
         timeout_s: float,
     ) -> None:
@@ -58,20 +58,21 @@ class TritonModel:
         self._channel: InferenceServerClient | None = None
         self.model = model
         self.version = str(version)
-        self._input = input_tensor
+        self._inputs = dict(input_datatypes)
         self._outputs = tuple(output_tensors)
         self._timeout_s = timeout_s
 
     @classmethod
-    def for_version(cls, url: str, spec: ModelSpec, version: VersionSpec) -> TritonModel:
-        """The Triton model version a spec version names, with the spec's tensors and timeout."""
+    def for_version(cls, url: str, version: VersionSpec) -> TritonModel:
+        """The Triton model version a spec version names, with its tensors and timeout."""
+        target = version.triton
         return cls(
             url,
-            spec.triton.model,
-            version.triton_version,
-            spec.triton.input_tensor,
-            (spec.triton.score_tensor, spec.triton.band_tensor, spec.triton.contributions_tensor),
-            timeout_s=spec.triton.timeout_ms / 1000,
+            target.model,
+            target.version,
+            {t.name: t.datatype for t in target.inputs},
+            version.output_tensor_names,
+            timeout_s=target.timeout_ms / 1000,
         )
 
     @property
@@ -101,14 +102,19 @@ class TritonModel:
         kinds = sorted({g.get("kind", "KIND_AUTO") for g in groups})
         return "+".join(kinds) or "KIND_AUTO"
 
-    async def infer(self, batch: npt.NDArray[np.float32]) -> dict[str, npt.NDArray[np.generic]]:
-        """Run one batch; raises TritonCallError."""
-        tensor = InferInput(self._input, list(batch.shape), "FP32")
-        tensor.set_data_from_numpy(batch)
+    async def infer(
+        self, batch: Mapping[str, npt.NDArray[np.generic]]
+    ) -> dict[str, npt.NDArray[np.generic]]:
+        """Run one batch (a tensor per input name); raises TritonCallError."""
+        tensors = []
+        for name, datatype in self._inputs.items():
+            tensor = InferInput(name, list(batch[name].shape), datatype)
+            tensor.set_data_from_numpy(batch[name])
+            tensors.append(tensor)
         try:
             result = await self._client.infer(
                 self.model,
-                inputs=[tensor],
+                inputs=tensors,
                 model_version=self.version,
                 outputs=[InferRequestedOutput(name) for name in self._outputs],
                 client_timeout=self._timeout_s,

@@ -1,8 +1,15 @@
 """Build the FHIR report for one completed inference: pure, no I/O (BRIEF.md section 5).
 
 ``build_report`` turns an ``InferenceCompleted`` event and the model's spec into a Bundle of type
-``collection`` holding, in order: the DiagnosticReport, the result Observation, the Device that
+``collection`` holding, in order: the DiagnosticReport, its result Observations, the Device that
 stands for the AI model version, and a Provenance naming that Device as the author.
+
+Each output of the version (``medmesh_contracts.results`` reads them by kind) gives Observations:
+a risk score one (score, band as interpretation), a classification one (the most probable class
+as valueCodeableConcept, every class's probability as a component), findings one per label at
+or above its threshold (its probability), a quantity one (the value in its UCUM unit). An
+explanation becomes components of the headline Observation (the first). The headline decides the
+conclusion and conclusionCode.
 
 Every id is derived from the correlation id (uuid5), and every value from the event, the spec and
 ``issued``, so a redelivered result (with the same ``issued``) yields a byte-identical report.
@@ -14,10 +21,10 @@ Observation.device and Provenance.agent.who point at, and the AI output is label
 
 from __future__ import annotations
 
-import math
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any, Literal
 
 from fhir.resources import bundle as r5_bundle
@@ -40,7 +47,17 @@ from medmesh_contracts.modelspec import (
     BandSpec,
     Coding,
     ModelSpec,
+    RiskScoreOutput,
     VersionSpec,
+)
+from medmesh_contracts.results import (
+    ClassReading,
+    FindingsReading,
+    OutputError,
+    Reading,
+    ScoreReading,
+    VersionReading,
+    read_outputs,
 )
 
 JsonDict = dict[str, Any]
@@ -76,6 +93,7 @@ _INTERPRETATION_DISPLAY = {
     "L": "Low",
     "LL": "Critical low",
     "IND": "Indeterminate",
+    "POS": "Positive",
 }
 
 # Displays of the data-absent-reason codes a band may name (BandSpec.data_absent_reason).
@@ -138,6 +156,19 @@ class ReportIds:
         """The Bundle fullUrl (and in-Bundle reference) of a resource id."""
         return f"urn:uuid:{resource_id}"
 
+    def number(self, observation: JsonDict, position: int, correlation_id: str) -> None:
+        """Give the report's ``position``-th Observation its id and identifier: the first keeps
+        ``observation`` and the correlation id; later ones derive theirs from the position."""
+        if position == 0:
+            observation["id"] = self.observation
+            value = correlation_id
+        else:
+            observation["id"] = str(
+                uuid.uuid5(ID_NAMESPACE, f"{correlation_id}/Observation/{position}")
+            )
+            value = f"{correlation_id}/{position}"
+        observation["identifier"] = [{"system": OBSERVATION_IDENTIFIER_SYSTEM, "value": value}]
+
 
 def report_ids(correlation_id: str) -> ReportIds:
     """The deterministic resource ids of the report for one correlation id."""
@@ -154,40 +185,13 @@ def report_ids(correlation_id: str) -> ReportIds:
     )
 
 
-@dataclass(frozen=True)
-class ModelResult:
-    """The model's output tensors for one request, read against its spec."""
-
-    version: VersionSpec
-    score: float | int
-    band: BandSpec
-    contributions: tuple[float, ...]
-
-
-def read_result(completed: InferenceCompleted, spec: ModelSpec) -> ModelResult:
-    """Read the version's score, band and contributions; ReportBuildError when they do not fit."""
+def read_result(completed: InferenceCompleted, spec: ModelSpec) -> VersionReading:
+    """Read the version's outputs by kind; ReportBuildError when they do not fit its spec."""
     version = _version_spec(completed, spec)
-    score = _first(completed, spec.triton.score_tensor)
-    band_value = _first(completed, spec.triton.band_tensor)
-    if not band_value.is_integer():
-        raise ReportBuildError(f"{spec.triton.band_tensor} {band_value} is not a band index")
     try:
-        band = spec.band(int(band_value))
-    except KeyError as exc:
-        raise ReportBuildError(
-            f"{spec.triton.band_tensor} {int(band_value)} is not a band of model {spec.name!r}"
-        ) from exc
-    contributions = _tensor(completed, spec.triton.contributions_tensor)
-    if len(contributions) != spec.contributions_width:
-        raise ReportBuildError(
-            f"{spec.triton.contributions_tensor} has {len(contributions)} values,"
-            f" model {spec.name!r} has {spec.contributions_width}"
-        )
-    if version.score_is_integer:
-        if not score.is_integer():
-            raise ReportBuildError(f"{spec.triton.score_tensor} {score} is not an integer score")
-        return ModelResult(version, int(score), band, contributions)
-    return ModelResult(version, score, band, contributions)
+        return read_outputs(spec, version, completed.outputs)
+    except OutputError as exc:
+        raise ReportBuildError(f"model {spec.name!r} v{version.version}: {exc}") from exc
 
 
 def report_fhir_version(completed: InferenceCompleted) -> FhirVersion:
@@ -224,7 +228,7 @@ def build_report(
     device = _device(parts) if fhir_version == "R4B" else _device_r5(parts)
     resources = [
         _diagnostic_report(parts, performer_display),
-        _observation(parts),
+        *parts.observations,
         device,
         _provenance(parts),
     ]
@@ -249,13 +253,23 @@ class _Parts:
 
     completed: InferenceCompleted
     spec: ModelSpec
-    result: ModelResult
+    result: VersionReading
     ids: ReportIds
     issued_at: str
 
     @property
     def version(self) -> VersionSpec:
         return self.result.version
+
+    @cached_property
+    def observations(self) -> list[JsonDict]:
+        """The result Observations: the headline's first (its id is ``ids.observation``)."""
+        found: list[JsonDict] = []
+        for index, reading in enumerate(self.result.readings):
+            found.extend(_observations(self, reading, headline=index == 0))
+        for position, observation in enumerate(found):
+            self.ids.number(observation, position, self.completed.correlation_id)
+        return found
 
     @property
     def request(self) -> RequestInference:
@@ -296,95 +310,198 @@ def _diagnostic_report(parts: _Parts, performer_display: str | None) -> JsonDict
         # Display only: R4B forbids a Device here, and the Organization has no resource of ours.
         report["performer"] = [{"type": "Organization", "display": performer_display}]
     report |= {
-        "result": [{"reference": ids.url(ids.observation)}],
+        "result": [{"reference": ids.url(o["id"])} for o in parts.observations],
         "conclusion": _conclusion(parts),
-        "conclusionCode": [_band_concept(parts.spec, parts.result.band)],
     }
+    concepts = _conclusion_codes(parts.result.headline)
+    if concepts:
+        report["conclusionCode"] = concepts
+    if not report["result"]:
+        del report["result"]
     return report
 
 
-def _band_concept(spec: ModelSpec, band: BandSpec) -> JsonDict:
+def _conclusion_codes(headline: Reading) -> list[JsonDict]:
+    """DiagnosticReport.conclusionCode: the band, the class, or the findings present."""
+    if isinstance(headline, ScoreReading):
+        return [_band_concept(headline.output, headline.band)]
+    if isinstance(headline, ClassReading):
+        return [_concept(headline.chosen.code)]
+    if isinstance(headline, FindingsReading):
+        return [_concept(finding.code) for finding, _ in headline.present]
+    return []
+
+
+def _concept(coding: Coding) -> JsonDict:
+    concept: JsonDict = {"coding": [_coding(coding)]}
+    if coding.display:
+        concept["text"] = coding.display
+    return concept
+
+
+def _band_concept(output: RiskScoreOutput, band: BandSpec) -> JsonDict:
     """The risk band as a concept of the model's own band code system.
 
     SNOMED CT has NEWS2 score concepts (1104051000000101) but we could not verify concepts for the
     NEWS2 clinical risk categories, so none is invented here.
     """
     return {
-        "coding": [{"system": spec.report.band_system, "code": band.code, "display": band.display}],
+        "coding": [{"system": output.band_system, "code": band.code, "display": band.display}],
         "text": band.display,
     }
 
 
 def _conclusion(parts: _Parts) -> str:
-    """One line a clinician reads: score, band and the model version that produced them.
+    """One line a clinician reads: the headline result and the model version that produced it.
 
     A band with a data-absent reason has no score to read: the line says so, after the band
     (e.g. the ECG could not be interpreted).
     """
-    version, result = parts.version, parts.result
-    if result.band.data_absent_reason is not None:
-        return f"{result.band.display}: no result (model {parts.model_label})"
-    label = version.score.display or version.score.code
-    unit = "" if version.score_unit.startswith("{") else f" {version.score_unit}"
-    score = str(result.score) if isinstance(result.score, int) else f"{result.score:.1f}"
-    return f"{label} {score}{unit}: {result.band.display} (model {parts.model_label})"
+    headline, model = parts.result.headline, f"(model {parts.model_label})"
+    if isinstance(headline, ScoreReading):
+        output, band = headline.output, headline.band
+        if band.data_absent_reason is not None:
+            return f"{band.display}: no result {model}"
+        label = output.score.display or output.score.code
+        unit = "" if output.unit.startswith("{") else f" {output.unit}"
+        score = headline.score
+        shown = str(score) if isinstance(score, int) else f"{score:.1f}"
+        return f"{label} {shown}{unit}: {band.display} {model}"
+    if isinstance(headline, ClassReading):
+        chosen = headline.chosen.code
+        return f"{chosen.display or chosen.code} (probability {_percent(headline.probabilities[headline.top]):.1f} %) {model}"
+    if isinstance(headline, FindingsReading):
+        present = [
+            f"{f.code.display or f.code.code} ({_percent(p):.1f} %)" for f, p in headline.present
+        ]
+        if not present:
+            return f"No finding reached its threshold {model}"
+        return f"Findings: {', '.join(present)} {model}"
+    code = headline.output.code
+    return f"{code.display or code.code} {headline.quantity:.4g} {headline.output.unit} {model}"
 
 
-def _observation(parts: _Parts) -> JsonDict:
-    request, version, ids = parts.request, parts.version, parts.ids
+def _percent(probability: float) -> float:
+    return round(probability * 100, 4)
+
+
+def _observations(parts: _Parts, reading: Reading, *, headline: bool) -> list[JsonDict]:
+    """The Observations of one output (ids and identifiers are numbered by the caller)."""
+    if isinstance(reading, FindingsReading):
+        return [
+            _observation(
+                parts,
+                code=[finding.code],
+                value={"valueQuantity": _quantity(_percent(p), "%")},
+                interpretation=_v3_interpretation("POS"),
+                components=[],
+            )
+            for finding, p in reading.present
+        ]
+    components = _explanation(parts) if headline else []
+    if isinstance(reading, ScoreReading):
+        output, band = reading.output, reading.band
+        absent = band.data_absent_reason
+        return [
+            _observation(
+                parts,
+                code=[output.score, *output.extra_score_codings],
+                # A "no result" band (e.g. unreadable input): no value, and no range to read it
+                # against; and the contributions of no result are not findings either.
+                value=_data_absent(absent) if absent else _value(output, reading.score),
+                interpretation=_interpretation(output, band),
+                reference_range={} if absent else _reference_range(output),
+                components=[] if absent else components,
+            )
+        ]
+    if isinstance(reading, ClassReading):
+        chosen = reading.chosen
+        classes = [
+            {
+                "code": {
+                    "coding": [_coding(c.code)],
+                    "text": f"Probability of {c.code.display or c.code.code}",
+                },
+                "valueQuantity": _quantity(_percent(p), "%"),
+            }
+            for c, p in zip(reading.output.classes, reading.probabilities, strict=True)
+        ]
+        return [
+            _observation(
+                parts,
+                code=[reading.output.code],
+                value={"valueCodeableConcept": _concept(chosen.code)},
+                interpretation=(
+                    _v3_interpretation(chosen.interpretation) if chosen.interpretation else None
+                ),
+                components=classes + components,
+            )
+        ]
+    return [
+        _observation(
+            parts,
+            code=[reading.output.code],
+            value={"valueQuantity": _quantity(reading.quantity, reading.output.unit)},
+            interpretation=None,
+            components=components,
+        )
+    ]
+
+
+def _observation(
+    parts: _Parts,
+    *,
+    code: list[Coding],
+    value: JsonDict,
+    interpretation: JsonDict | None,
+    components: list[JsonDict],
+    reference_range: JsonDict | None = None,
+) -> JsonDict:
+    request, ids = parts.request, parts.ids
     observation: JsonDict = {
         "resourceType": "Observation",
-        "id": ids.observation,
+        "id": "",
         "meta": _ai_meta(parts),
-        "identifier": [
-            {"system": OBSERVATION_IDENTIFIER_SYSTEM, "value": parts.completed.correlation_id},
-        ],
+        "identifier": [],
     }
     if request.based_on_reference:
         observation["basedOn"] = [{"reference": request.based_on_reference}]
     observation |= {
         "status": "final",
         "category": [{"coding": [_coding(parts.spec.report.observation_category)]}],
-        "code": {
-            "coding": [_coding(c) for c in (version.score, *version.extra_score_codings)],
-        },
+        "code": {"coding": [_coding(c) for c in code]},
         "subject": {"reference": request.subject_reference},
     }
     if request.encounter_reference:
         observation["encounter"] = {"reference": request.encounter_reference}
-    absent = parts.result.band.data_absent_reason
+    observation |= {"effectiveDateTime": parts.effective_at, "issued": parts.issued_at, **value}
+    if interpretation is not None:
+        observation["interpretation"] = [interpretation]
     observation |= {
-        "effectiveDateTime": parts.effective_at,
-        "issued": parts.issued_at,
-        # A "no result" band (e.g. unreadable input): no value, and no range to read it against.
-        **(_data_absent(absent) if absent else _value(version, parts.result.score)),
-        "interpretation": [_interpretation(parts.spec, parts.result.band)],
-        **({} if absent else _reference_range(version)),
-        "method": {"text": version.algorithm},
+        **(reference_range or {}),
+        "method": {"text": parts.version.algorithm},
         "device": {"reference": ids.url(ids.device)},
     }
     derived_from = _source_references(request)
     if derived_from:
         observation["derivedFrom"] = [{"reference": r} for r in derived_from]
-    if absent:
-        return observation  # the contributions of no result are not findings either
-    observation["component"] = [
-        {
-            "code": {"coding": [_coding(code)], "text": text},
-            "valueQuantity": _quantity(value, unit),
-        }
-        for (code, text, unit), value in zip(
-            _contribution_items(parts.spec), parts.result.contributions, strict=True
-        )
-    ]
+    if components:
+        observation["component"] = components
     return observation
 
 
-def _contribution_items(spec: ModelSpec) -> list[tuple[Coding, str, str]]:
-    """(code, text, unit) of each contributions value: the spec's list, else one per input."""
-    if spec.contributions:
-        return [(c.code, c.display, c.unit) for c in spec.contributions]
-    return [(i.sources[0].code, f"Contribution of {i.display}", "{score}") for i in spec.inputs]
+def _explanation(parts: _Parts) -> list[JsonDict]:
+    """The explanation's values as Observation components, each coded by its item."""
+    explanation = parts.result.explanation
+    if explanation is None:
+        return []
+    return [
+        {
+            "code": {"coding": [_coding(item.code)], "text": item.display},
+            "valueQuantity": _quantity(value, item.unit),
+        }
+        for item, value in zip(explanation.items, explanation.values, strict=True)
+    ]
 
 
 def _device(parts: _Parts) -> JsonDict:
@@ -405,11 +522,29 @@ def _device(parts: _Parts) -> JsonDict:
         "type": {"text": "AI model"},
         "version": [
             {"type": {"text": "model version"}, "value": str(version.version)},
-            {"type": {"text": "Triton model version"}, "value": str(version.triton_version)},
+            {"type": {"text": "Triton model version"}, "value": str(version.triton.version)},
         ],
         "owner": {"type": "Organization", "display": spec.owner},
-        "note": [{"text": version.algorithm}],
+        "note": [{"text": version.algorithm}, *_card_notes(version)],
     }
+
+
+def _card_notes(version: VersionSpec) -> list[JsonDict]:
+    """The model card (intended use, training data, held-out metrics, limitations) as notes."""
+    card = version.card
+    if card is None:
+        return []
+    notes = [
+        f"Intended use: {card.intended_use}",
+        f"Training data: {card.training_data}",
+        f"Limitations: {card.limitations}",
+    ]
+    if card.metrics:
+        figures = ", ".join(f"{name} {value:g}" for name, value in card.metrics.items())
+        notes.append(f"Held-out metrics: {figures}")
+    if card.document:
+        notes.append(f"Model card: {card.document}")
+    return [{"text": n} for n in notes]
 
 
 def _device_r5(parts: _Parts) -> JsonDict:
@@ -437,17 +572,17 @@ _R5_DEVICE_ORDER = (
 )
 
 
-def _reference_range(version: VersionSpec) -> JsonDict:
+def _reference_range(output: RiskScoreOutput) -> JsonDict:
     """Observation.referenceRange: the lowest-risk score range, when the spec gives one."""
-    spec_range = version.reference_range
+    spec_range = output.reference_range
     if spec_range is None:
         return {}
     found: JsonDict = {}
     for bound in ("low", "high"):
         value = getattr(spec_range, bound)
         if value is not None:
-            number = int(value) if version.score_is_integer else value
-            found[bound] = _quantity(number, version.score_unit)
+            number = int(value) if output.integer else value
+            found[bound] = _quantity(number, output.unit)
     found["text"] = spec_range.text
     return {"referenceRange": [found]}
 
@@ -459,7 +594,7 @@ def _provenance(parts: _Parts) -> JsonDict:
         "id": ids.provenance,
         "target": [
             {"reference": ids.url(ids.report)},
-            {"reference": ids.url(ids.observation)},
+            *({"reference": ids.url(o["id"])} for o in parts.observations),
         ],
         "occurredDateTime": _instant(parts.completed.completed_at, "completed_at"),
         "recorded": parts.issued_at,
@@ -505,10 +640,10 @@ def _ai_meta(parts: _Parts) -> JsonDict:
     }
 
 
-def _value(version: VersionSpec, score: float | int) -> JsonDict:
-    if version.score_is_integer:
+def _value(output: RiskScoreOutput, score: float | int) -> JsonDict:
+    if output.integer:
         return {"valueInteger": score}
-    return {"valueQuantity": _quantity(score, version.score_unit)}
+    return {"valueQuantity": _quantity(score, output.unit)}
 
 
 def _data_absent(code: str) -> JsonDict:
@@ -524,15 +659,27 @@ def _quantity(value: float | int, ucum_code: str) -> JsonDict:
     return {"value": value, "unit": ucum_code, "system": UCUM, "code": ucum_code}
 
 
-def _interpretation(spec: ModelSpec, band: BandSpec) -> JsonDict:
-    v3: JsonDict = {"system": V3_INTERPRETATION, "code": band.interpretation}
-    display = _INTERPRETATION_DISPLAY.get(band.interpretation)
+def _v3_coding(code: str) -> JsonDict:
+    v3: JsonDict = {"system": V3_INTERPRETATION, "code": code}
+    display = _INTERPRETATION_DISPLAY.get(code)
     if display:
         v3["display"] = display
+    return v3
+
+
+def _v3_interpretation(code: str) -> JsonDict:
+    concept: JsonDict = {"coding": [_v3_coding(code)]}
+    display = _INTERPRETATION_DISPLAY.get(code)
+    if display:
+        concept["text"] = display
+    return concept
+
+
+def _interpretation(output: RiskScoreOutput, band: BandSpec) -> JsonDict:
     return {
         "coding": [
-            v3,
-            {"system": spec.report.band_system, "code": band.code, "display": band.display},
+            _v3_coding(band.interpretation),
+            {"system": output.band_system, "code": band.code, "display": band.display},
         ],
         "text": band.display,
     }
@@ -574,23 +721,6 @@ def _version_spec(completed: InferenceCompleted, spec: ModelSpec) -> VersionSpec
         return spec.version(completed.task.model_version)
     except KeyError as exc:
         raise ReportBuildError(str(exc.args[0])) from exc
-
-
-def _tensor(completed: InferenceCompleted, name: str) -> tuple[float, ...]:
-    try:
-        values = completed.outputs[name]
-    except KeyError as exc:
-        raise ReportBuildError(f"output tensor {name} is missing") from exc
-    if not all(math.isfinite(v) for v in values):
-        raise ReportBuildError(f"output tensor {name} holds a value that is not finite")
-    return values
-
-
-def _first(completed: InferenceCompleted, name: str) -> float:
-    values = _tensor(completed, name)
-    if not values:
-        raise ReportBuildError(f"output tensor {name} is empty")
-    return float(values[0])
 
 
 def _validate(bundle: JsonDict, fhir_version: FhirVersion) -> None:

@@ -4,7 +4,8 @@ Fed from medmesh.inference.results, medmesh.inference.failed and
 medmesh.inference.shadow-results; read by the rollout controller and by ``GET /models``.
 Latency is from the router's ``routed_at`` to the worker's ``completed_at`` (queueing included).
 A shadow result is paired with the primary result of the same correlation id: they agree when
-their risk bands are equal; the mean absolute difference of their scores is reported beside.
+their headline outputs say the same (the same risk band, the same most probable class, the same
+findings); the mean absolute difference of their headline values (scores) is reported beside.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import TypeVar
 
 from medmesh_contracts.events import InferenceCompleted, InferenceFailed
 from medmesh_contracts.lifecycle import VersionFigures
+from medmesh_contracts.modelspec import ModelSpec
+from medmesh_contracts.results import OutputError, read_headline
 
 MAX_SAMPLES = 100_000
 MAX_PENDING = 20_000
@@ -39,16 +42,37 @@ class Comparison:
 
     at: float
     same_band: bool
-    abs_diff: float
+    abs_diff: float | None
 
 
 @dataclass(frozen=True)
 class Output:
-    """A version's score and band for one correlation id."""
+    """A version's headline for one correlation id: what it says, and its value if it has one."""
 
     version: int
-    score: float
-    band: float
+    label: str
+    value: float | None
+
+
+# What a result's headline says, or None when it cannot be read.
+Headline = Callable[[InferenceCompleted], Output | None]
+
+
+def headlines(specs: Mapping[str, ModelSpec]) -> Headline:
+    """Read a result's headline with its model version's spec (None: unknown or unreadable)."""
+
+    def read(completed: InferenceCompleted) -> Output | None:
+        spec = specs.get(completed.task.request.model)
+        if spec is None:
+            return None
+        try:
+            version = spec.version(completed.task.model_version)
+            reading = read_headline(version, completed.outputs)
+        except (KeyError, OutputError):
+            return None
+        return Output(version.version, reading.label, reading.value)
+
+    return read
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
@@ -65,11 +89,10 @@ class Analysis:
 
     def __init__(
         self,
-        tensors: Mapping[str, tuple[str, str]],
+        headline: Headline,
         mirrored: Callable[[str], bool] = lambda _model: True,
     ) -> None:
-        # model -> (score tensor, band tensor)
-        self._tensors = dict(tensors)
+        self._headline = headline
         # Whether a model has a shadow version now: only then is a primary result kept until
         # its shadow's arrives (else 20,000 unpaired ones grew the router's memory in the soak).
         self._mirrored = mirrored
@@ -84,22 +107,13 @@ class Analysis:
             self._samples[key] = deque(maxlen=MAX_SAMPLES)
         self._samples[key].append(sample)
 
-    def _output(self, completed: InferenceCompleted) -> Output | None:
-        names = self._tensors.get(completed.task.request.model)
-        if names is None:
-            return None
-        score, band = (completed.outputs.get(n) for n in names)
-        if not score or not band:
-            return None
-        return Output(completed.task.model_version, score[0], band[0])
-
     def completed(self, event: InferenceCompleted) -> None:
         """A result: a sample for its version; a shadow copy is paired with its primary."""
         task = event.task
         latency = (event.completed_at - task.routed_at).total_seconds() * 1000
         at = event.completed_at.timestamp()
         self._add(task.request.model, task.model_version, Sample(at, latency, failed=False))
-        output = self._output(event)
+        output = self._headline(event)
         if output is None:
             return
         if task.route.reason == "shadow":
@@ -121,7 +135,13 @@ class Analysis:
         if key not in self._comparisons:
             self._comparisons[key] = deque(maxlen=MAX_SAMPLES)
         self._comparisons[key].append(
-            Comparison(at, primary.band == shadow.band, abs(primary.score - shadow.score))
+            Comparison(
+                at,
+                primary.label == shadow.label,
+                None
+                if primary.value is None or shadow.value is None
+                else abs(primary.value - shadow.value),
+            )
         )
 
     def failed(self, event: InferenceFailed) -> None:
@@ -137,6 +157,7 @@ class Analysis:
         failures = sum(s.failed for s in samples)
         latencies = [s.latency_ms for s in samples if s.latency_ms is not None]
         compared = [c for c in self._comparisons.get((model, version), ()) if c.at >= start]
+        diffs = [c.abs_diff for c in compared if c.abs_diff is not None]
         return VersionFigures(
             version=version,
             window_s=round(max(0.0, (now - since).total_seconds()), 3),
@@ -149,9 +170,7 @@ class Analysis:
             shadow_agreement=(
                 sum(c.same_band for c in compared) / len(compared) if compared else None
             ),
-            shadow_mean_abs_diff=(
-                sum(c.abs_diff for c in compared) / len(compared) if compared else None
-            ),
+            shadow_mean_abs_diff=sum(diffs) / len(diffs) if diffs else None,
         )
 
 

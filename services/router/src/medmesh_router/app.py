@@ -47,7 +47,7 @@ from medmesh_contracts.lifecycle import (
     seed_deployment,
 )
 from medmesh_contracts.modelspec import load_specs
-from medmesh_router.analysis import Analysis
+from medmesh_router.analysis import Analysis, headlines
 from medmesh_router.controller import judge
 from medmesh_router.readiness import Readiness
 from medmesh_router.routing import (
@@ -173,10 +173,7 @@ class Router:
         self.state = RouterState(
             self.specs, Readiness(require_heartbeats=settings.router_require_heartbeats)
         )
-        self.analysis = Analysis(
-            {name: (s.triton.score_tensor, s.triton.band_tensor) for name, s in self.specs.items()},
-            mirrored=self._mirrored,
-        )
+        self.analysis = Analysis(headlines(self.specs), mirrored=self._mirrored)
         # Last offset read by load(), per (topic, partition): the followers skip up to there.
         self.loaded: dict[tuple[str, int], int] = {}
         self._unpublished: list[tuple[ModelDeployment, LifecycleDecision]] = []
