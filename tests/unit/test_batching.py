@@ -59,7 +59,7 @@ class FakeTriton:
     async def infer(
         self, inputs: Mapping[str, npt.NDArray[np.generic]]
     ) -> Mapping[str, npt.NDArray[np.generic]]:
-        batch = inputs["VITALS"]
+        batch = inputs["VITALS"].astype(np.float32)
         self.batch_sizes.append(batch.shape[0])
         if self.transient_failures:
             self.transient_failures -= 1
