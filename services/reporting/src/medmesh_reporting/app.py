@@ -18,8 +18,8 @@ from faststream.asgi.types import Scope
 from faststream.kafka import KafkaBroker
 
 from medmesh_contracts import topics
+from medmesh_contracts.catalog import SpecCatalog
 from medmesh_contracts.events import Producer
-from medmesh_contracts.modelspec import load_specs
 from medmesh_reporting.delivery import Backoff, Deliverer, DeliveryLoop
 from medmesh_reporting.handling import ReportHandler
 from medmesh_reporting.kafka import delivery_clients, kafka_clients
@@ -71,7 +71,7 @@ def create_app(settings: ReportingSettings, clients: ClientFactory | None = None
 
     async def start_loop() -> None:
         handler = ReportHandler(
-            load_specs(settings.model_specs_dir),
+            SpecCatalog(settings.model_specs_dir),
             Producer(service=SERVICE, instance=settings.instance_id),
             tracer_provider.get_tracer("medmesh.reporting"),
             performer_display=settings.performer_display,

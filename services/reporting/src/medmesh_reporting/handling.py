@@ -17,6 +17,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Tracer
 
 from medmesh_contracts import topics
+from medmesh_contracts.catalog import SpecCatalog
 from medmesh_contracts.events import (
     InferenceCompleted,
     MessageDeadLettered,
@@ -73,12 +74,14 @@ class ReportHandler:
 
     def __init__(
         self,
-        specs: Mapping[str, ModelSpec],
+        specs: Mapping[str, ModelSpec] | SpecCatalog,
         producer: Producer,
         tracer: Tracer,
         performer_display: str | None = None,
     ) -> None:
-        self._specs = specs
+        # A catalog is read again when a result names a version it does not know (hot deploy).
+        self._catalog = specs if isinstance(specs, SpecCatalog) else None
+        self._specs = specs.specs if isinstance(specs, SpecCatalog) else specs
         self._producer = producer
         self._tracer = tracer
         self._performer_display = performer_display
@@ -111,6 +114,15 @@ class ReportHandler:
             return [self._dead_letter(record, f"{type(exc).__name__}: {exc}")]
 
     def _report(self, record: ConsumedRecord, completed: InferenceCompleted) -> Outgoing:
+        if self._catalog is not None and not self._catalog.learn(
+            completed.task.request.model, completed.task.model_version
+        ):
+            log.warning(
+                "result of a model version the specs do not declare",
+                model=completed.task.request.model,
+                model_version=completed.task.model_version,
+                spec_error=self._catalog.last_error,
+            )
         spec = self._specs.get(completed.task.request.model)
         if spec is None:
             raise KeyError(f"no model spec named {completed.task.request.model!r}")

@@ -25,6 +25,7 @@ from faststream.kafka.annotations import KafkaMessage
 from pydantic import ValidationError
 
 from medmesh_contracts import topics
+from medmesh_contracts.catalog import SpecCatalog
 from medmesh_contracts.events import (
     InferenceCompleted,
     InferenceFailed,
@@ -46,7 +47,6 @@ from medmesh_contracts.lifecycle import (
     rollout_active,
     seed_deployment,
 )
-from medmesh_contracts.modelspec import load_specs
 from medmesh_router.analysis import Analysis, headlines
 from medmesh_router.controller import judge
 from medmesh_router.readiness import Readiness
@@ -165,7 +165,8 @@ class Router:
     ) -> None:
         self.settings = settings
         self._read_to_end = read_to_end
-        self.specs = load_specs(settings.model_specs_dir)
+        self.catalog = SpecCatalog(settings.model_specs_dir)
+        self.specs = self.catalog.specs
         self.producer = Producer(service=SERVICE, instance=settings.instance_id)
         self.actor = f"controller:{settings.instance_id}"
         self.tracer_provider = configure_service_tracing(SERVICE, settings)
@@ -194,6 +195,18 @@ class Router:
         )
         self._subscribe()
 
+    def _learn_versions(self, deployment: ModelDeployment) -> None:
+        """A registry record naming a version the specs lack: read the specs again (a hot
+        deploy added it), so the version can be routed without a restart."""
+        for v in deployment.versions:
+            if not self.catalog.learn(deployment.model, v.version):
+                log.warning(
+                    "registry names a model version the specs do not declare; not routed",
+                    model=deployment.model,
+                    model_version=v.version,
+                    spec_error=self.catalog.last_error,
+                )
+
     def _mirrored(self, model: str) -> bool:
         table = self.state.tables.get(model)
         return table is not None and bool(table.shadows)
@@ -207,6 +220,7 @@ class Router:
             self.loaded[(topics.MODELS_REGISTRY, record.partition)] = record.offset
             deployment = _parse(ModelDeployment, record)
             if deployment is not None:
+                self._learn_versions(deployment)
                 self.state.apply(deployment, now)
         for record in await self._read_to_end(self.settings, topics.MODELS_STATUS):
             self.loaded[(topics.MODELS_STATUS, record.partition)] = record.offset
@@ -496,6 +510,7 @@ class Router:
             except ValidationError as exc:
                 await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
                 return
+            self._learn_versions(deployment)
             if self.state.apply(deployment, utc_now()):
                 log.info(
                     "registry changed",
@@ -589,12 +604,18 @@ class Router:
         return bool(record.offset <= loaded)
 
     async def _send(self, task: RoutedWire, key: bytes | None, correlation_id: str) -> None:
-        await self.task_out[task.topic].publish(
-            task.value,
-            key=key,
-            headers=message_headers(correlation_id, schema_of(RunInference)),
-            correlation_id=correlation_id,
-        )
+        headers = message_headers(correlation_id, schema_of(RunInference))
+        out = self.task_out.get(task.topic)
+        if out is None:  # a version deployed after start (hot deploy): no publisher object yet
+            await self.broker.publish(
+                task.value,
+                topic=task.topic,
+                key=key,
+                headers=headers,
+                correlation_id=correlation_id,
+            )
+            return
+        await out.publish(task.value, key=key, headers=headers, correlation_id=correlation_id)
 
 
 def create_app(

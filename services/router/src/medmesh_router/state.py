@@ -29,7 +29,8 @@ class RouterState:
     """Deployments by model, readiness, and the routing tables that follow from both."""
 
     def __init__(self, specs: Mapping[str, ModelSpec], readiness: Readiness) -> None:
-        self.specs = dict(specs)
+        # Held, not copied: the router's SpecCatalog updates it in place on a hot deploy.
+        self.specs = specs
         self.readiness = readiness
         self.deployments: dict[str, ModelDeployment] = {}
         self.tables: dict[str, RoutingTable] = {}
