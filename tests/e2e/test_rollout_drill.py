@@ -1,9 +1,9 @@
 """The model owner's walkthrough (README, "roll out a new version") on a real stack.
 
-A separate stack serves the early-warning model with the broken-v3 drill overlay
-(deploy/drills/broken-v3). Through the same `medmesh models deploy` command the README shows,
+A separate stack serves the early-warning model with the broken-v4 drill overlay
+(deploy/drills/broken-v4). Through the same `medmesh models deploy` command the README shows,
 a healthy v2 is rolled out 5 -> 10 -> 25 -> 50 -> 100 % and promoted with no manual step, then
-the broken v3 (its real Triton version fails every request) is rolled back by the controller.
+the broken v4 (its real Triton version fails every request) is rolled back by the controller.
 Traffic is steady RequestInference on the requests topic, with the headers ingest writes.
 """
 
@@ -37,12 +37,12 @@ RATE_PER_S = 40
 
 @pytest.fixture(scope="module")
 async def drill_stack() -> AsyncIterator[Stack]:
-    """A stack serving v1, v2 and the broken v3 of the early-warning model."""
+    """A stack serving the spec's versions of the early-warning model and the broken v4."""
     state = run_dir("e2e-rollout-drill")
     shutil.rmtree(state / "kafka", ignore_errors=True)  # a fresh registry for the walkthrough
     config = with_overlay(
         StackConfig(ports=e2e_ports(DRILL_PORT_BASE), state_dir=state, partitions=1),
-        repo_root() / "deploy" / "drills" / "broken-v3",
+        repo_root() / "deploy" / "drills" / "broken-v4",
     )
     stack = Stack(config)
     try:
@@ -151,15 +151,15 @@ async def test_a_healthy_version_is_promoted_through_every_step(drill_stack: Sta
 
 
 async def test_a_broken_version_rolls_itself_back(drill_stack: Stack) -> None:
-    """v3 fails every request in Triton: the controller rolls it back, v2 keeps 100 %, and
+    """v4 fails every request in Triton: the controller rolls it back, v2 keeps 100 %, and
     `medmesh models history` shows why."""
     tap = TopicTap(drill_stack.config.bootstrap, (topics.MODELS_AUDIT, topics.INFERENCE_FAILED))
     await tap.start()
     try:
         async with _steady_traffic(drill_stack):
-            await _deploy(drill_stack, 3)
+            await _deploy(drill_stack, 4)
             rollback = await tap.wait_for(
-                topics.MODELS_AUDIT, _audit_of(3, "rollback"), timeout_s=120
+                topics.MODELS_AUDIT, _audit_of(4, "rollback"), timeout_s=120
             )
             await wait_for_view(
                 drill_stack,
@@ -172,10 +172,10 @@ async def test_a_broken_version_rolls_itself_back(drill_stack: Stack) -> None:
         assert "error rate" in audit["reason"]
         assert audit["weights_after"] == {"2": 100}
         failed = tap.matching(
-            topics.INFERENCE_FAILED, lambda r: r.json()["task"]["model_version"] == 3
+            topics.INFERENCE_FAILED, lambda r: r.json()["task"]["model_version"] == 4
         )
         assert failed
-        assert "8" in failed[0].json()["reason"]  # Triton's error names v3's expected shape
+        assert "8" in failed[0].json()["reason"]  # Triton's error names v4's expected shape
         history = await asyncio.to_thread(
             CliRunner().invoke,
             app,

@@ -1,10 +1,13 @@
 """Overlays: extra model versions served by a local stack without touching deploy/.
 
 An overlay folder holds ``versions.yaml`` (per model name, version entries in the model spec's
-``versions`` format) and ``triton/<model>/<n>/`` version folders. ``with_overlay`` writes the
-merged specs and model repository under the stack's state folder and points the stack at them,
-so a drill (deploy/drills/broken-v3: a version that fails every request) runs through the same
-plugin contract as any version: a spec entry and a Triton version folder.
+``versions`` format, medmesh.ModelSpec/2) and ``triton/<model>/<n>/`` version folders.
+``with_overlay`` writes the merged specs and model repository under the stack's state folder and
+points the stack at them, so a drill (deploy/drills/broken-v4: a version that fails every
+request) runs through the same plugin contract as any version: a spec entry and a Triton version
+folder. A merged spec is validated as ``load_spec`` reads it (``parse_spec``: top-level ``x-``
+anchor keys dropped, a version 1 spec upgraded), so an overlay entry must match the base spec's
+format.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 import yaml
 
 from medmesh_cli.devstack.stack import StackConfig
-from medmesh_contracts.modelspec import ModelSpec
+from medmesh_contracts.modelspec import parse_spec
 
 
 def merged_spec(spec: dict[str, Any], extra_versions: list[dict[str, Any]]) -> dict[str, Any]:
@@ -27,7 +30,7 @@ def merged_spec(spec: dict[str, Any], extra_versions: list[dict[str, Any]]) -> d
     if clash:
         raise ValueError(f"overlay redefines versions {sorted(clash)} of {spec['name']!r}")
     merged = {**spec, "versions": [*spec["versions"], *extra_versions]}
-    ModelSpec.model_validate(merged)  # fails loudly, naming the field, before anything starts
+    parse_spec(merged)  # fails loudly, naming the field, before anything starts
     return merged
 
 

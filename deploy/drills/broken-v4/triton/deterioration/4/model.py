@@ -1,4 +1,4 @@
-"""deterioration v3 (DRILL, deploy/drills/broken-v3): a version with a deployment defect.
+"""deterioration v4 (DRILL, deploy/drills/broken-v4): a version with a deployment defect.
 
 Built for a batch ``VITALS`` of 8 columns (the seven NEWS2 vital signs plus lactate), while the
 model spec feeds 7: every request is answered with an error naming the shape, as a model whose
@@ -39,7 +39,7 @@ class TritonPythonModel:
         self.pb = importlib.import_module("triton_python_backend_utils")
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        """One error response per request: the spec's 7 columns are never what v3 expects."""
+        """One error response per request: the spec's 7 columns are never what v4 expects."""
         pb = self.pb
         responses: list[Any] = []
         for request in requests:
