@@ -49,6 +49,8 @@ DETERIORATION_OUTPUTS: dict[int, dict[str, tuple[float, ...]]] = {
         "RISK_BAND": (2.0,),
         "CONTRIBUTIONS": (0.41, 0.22, 0.0, 0.18, 0.15, 0.37, 0.0),
     },
+    # v3, the ONNX gradient-boosted trees: the classifier's probabilities (no, yes).
+    3: {"PROBABILITIES": (0.766, 0.234)},
 }
 
 

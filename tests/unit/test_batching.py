@@ -211,3 +211,47 @@ def test_shadow_results_go_to_the_shadow_topic_and_failures_to_failed() -> None:
     assert destination(stable) == "results"
     assert destination(shadow) == "shadow-results"
     assert destination(failed) == "failed"
+
+
+class NanTriton(FakeTriton):
+    """Answers NaN as the score of a row whose heart rate is 0 (a model bug at run time)."""
+
+    async def infer(
+        self, inputs: Mapping[str, npt.NDArray[np.generic]]
+    ) -> Mapping[str, npt.NDArray[np.generic]]:
+        outputs = dict(await super().infer(inputs))
+        rows = inputs["VITALS"].astype(np.float32)[:, 5] == 0.0
+        outputs["SCORE"] = np.where(rows[:, None], np.nan, outputs["SCORE"]).astype(np.float32)
+        return outputs
+
+
+async def test_a_row_whose_outputs_do_not_fit_the_spec_fails_as_invalid_output() -> None:
+    """A NaN score fails that task as invalid-output with the reason; its neighbours succeed."""
+    tasks = [_task("a"), _task("b", heart_rate=0.0), _task("c")]
+    outcomes = await score_tasks(tasks, SPEC, NanTriton().infer, IDENTITY, NO_WAIT, _now)
+    kinds = [type(o).__name__ for o in outcomes]
+    assert kinds == ["InferenceCompleted", "InferenceFailed", "InferenceCompleted"]
+    failed = outcomes[1]
+    assert isinstance(failed, InferenceFailed)
+    assert failed.error_kind == "invalid-output"
+    assert "SCORE holds a value that is not a finite number" in failed.reason
+    assert destination(failed) == "failed"
+
+
+class WrongShapeTriton(FakeTriton):
+    """Answers one row fewer than it was asked (a broken model)."""
+
+    async def infer(
+        self, inputs: Mapping[str, npt.NDArray[np.generic]]
+    ) -> Mapping[str, npt.NDArray[np.generic]]:
+        outputs = await super().infer(inputs)
+        return {name: tensor[:-1] for name, tensor in outputs.items()}
+
+
+async def test_outputs_of_the_wrong_batch_shape_fail_every_task_of_the_batch() -> None:
+    """Fewer output rows than tasks: every task fails as invalid-output, nothing crashes."""
+    tasks = [_task("a"), _task("b")]
+    outcomes = await score_tasks(tasks, SPEC, WrongShapeTriton().infer, IDENTITY, NO_WAIT, _now)
+    failures = [o for o in outcomes if isinstance(o, InferenceFailed)]
+    assert [f.error_kind for f in failures] == ["invalid-output", "invalid-output"]
+    assert "for a batch of 2" in failures[0].reason

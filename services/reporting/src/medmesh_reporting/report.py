@@ -73,6 +73,15 @@ V3_OBSERVATION_VALUE = "http://terminology.hl7.org/CodeSystem/v3-ObservationValu
 V3_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 PROVENANCE_PARTICIPANT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 V3_DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
+MODEL_OUTPUT_SYSTEM = "https://medmesh.dev/fhir/CodeSystem/model-output"
+# A findings model's negative result: no label reached its threshold (medmesh's own codes: we
+# could not verify a SNOMED CT concept for it offline, so none is invented).
+FINDINGS_CODE = Coding(system=MODEL_OUTPUT_SYSTEM, code="findings", display="Model findings")
+NO_FINDING = Coding(
+    system=MODEL_OUTPUT_SYSTEM,
+    code="no-finding",
+    display="No finding reached its threshold",
+)
 
 AIAST: JsonDict = {
     "system": V3_OBSERVATION_VALUE,
@@ -388,6 +397,26 @@ def _percent(probability: float) -> float:
 def _observations(parts: _Parts, reading: Reading, *, headline: bool) -> list[JsonDict]:
     """The Observations of one output (ids and identifiers are numbered by the caller)."""
     if isinstance(reading, FindingsReading):
+        if not reading.present:
+            # A negative result is a result too: one Observation saying no label reached its
+            # threshold, with every label's probability as a component.
+            return [
+                _observation(
+                    parts,
+                    code=[FINDINGS_CODE],
+                    value={"valueCodeableConcept": _concept(NO_FINDING)},
+                    interpretation=None,
+                    components=[
+                        {
+                            "code": {"coding": [_coding(label.code)]},
+                            "valueQuantity": _quantity(_percent(p), "%"),
+                        }
+                        for label, p in zip(
+                            reading.output.labels, reading.probabilities, strict=True
+                        )
+                    ],
+                )
+            ]
         return [
             _observation(
                 parts,
