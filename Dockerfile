@@ -3,6 +3,13 @@
 #   python -m medmesh_ingest | medmesh_router | medmesh_inference | medmesh_reporting
 # A second target packs the Triton model repository for Kubernetes (docker build --target models).
 # Base images are pinned by version; pin them by digest too (image@sha256:...) in your registry.
+#
+# onnxruntime-gpu: no image built here needs it. The services never run a model (Triton does), and
+# NVIDIA's Triton container runs ONNX models (platform onnxruntime_onnx) on the GPU with its own
+# onnxruntime backend. This image holds the CPU onnxruntime only through medmesh-cli's model tooling.
+# The one place onnxruntime-gpu belongs instead of onnxruntime is the virtualenv of a Triton started
+# from the nvidia-pytriton wheel on a GPU host (`medmesh up`): its python backend runs ONNX models
+# with medmesh_cli.devstack.onnx_runner, which uses CUDA only when onnxruntime-gpu provides it.
 
 # --- build: resolve the locked dependencies into a virtualenv with uv ---------------------------
 FROM python:3.11.11-slim-bookworm AS build
@@ -25,17 +32,26 @@ COPY libs libs
 COPY services services
 COPY cli cli
 RUN uv sync --frozen --no-dev --no-editable
+# The Triton model repository rendered for one GPU, the GPU each Triton pod gets (nvidia.com/gpu: 1
+# in deploy/k8s/base/triton.yaml): every instance_group one KIND_GPU instance on GPU 0, ONNX models
+# as they are (NVIDIA's container loads them). Same code as `medmesh up` and compose's gpu profile.
+COPY deploy/triton/models deploy/triton/models
+RUN .venv/bin/python -m medmesh_cli.devstack.model_repository --source=deploy/triton/models \
+      --target=/app/triton-models-gpu --gpus=1 --onnx=native
 
 # --- models: the Triton model repository, copied into Triton's pod by an init container ---------
 FROM busybox:1.37.0 AS models
-COPY deploy/triton/models /models
+COPY --from=build /app/triton-models-gpu /models
 USER 10001
 CMD ["cp", "-R", "/models/.", "/repository/"]
 
 # --- runtime: the services (the default target: last stage) -------------------------------------
 # No compiler, no uv, no sources: only the virtualenv, the model specs and the health check.
 FROM python:3.11.11-slim-bookworm AS runtime
-RUN useradd --create-home --uid 10001 --user-group medmesh
+# /app/triton-models: where compose's triton-models job renders the repository (a volume that
+# takes this folder's owner when first mounted, so the non-root user can write it).
+RUN useradd --create-home --uid 10001 --user-group medmesh \
+ && install -d -o medmesh -g medmesh /app/triton-models
 WORKDIR /app
 COPY --from=build /app/.venv /app/.venv
 COPY deploy/models deploy/models

@@ -13,6 +13,7 @@ checks that the real Kustomize renders exactly the same objects.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import re
 import shutil
@@ -30,6 +31,7 @@ import yaml
 from pydantic import BaseModel, SecretStr
 from pydantic_settings import BaseSettings
 
+from medmesh_cli.devstack.model_repository import main as render_main
 from medmesh_contracts.modelspec import load_specs
 from medmesh_contracts.topics import STATIC_TOPICS, all_topics, model_task_topic
 from medmesh_inference.settings import WorkerSettings
@@ -41,6 +43,12 @@ from tests.modules import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
+MODEL_REPOSITORY = ROOT / "deploy" / "triton" / "models"
+# The module that renders a Triton model repository (compose's gpu profile, the models image).
+RENDER_MODULE = "medmesh_cli.devstack.model_repository"
+# protobuf and tritonclient ship no type information: loaded untyped.
+text_format: Any = importlib.import_module("google.protobuf.text_format")
+model_config_pb2: Any = importlib.import_module("tritonclient.grpc.model_config_pb2")
 OVERLAYS = ("small", "large")
 # The Kubernetes version the manifests must be valid for (the oldest one we support).
 K8S_VERSION = "1.30"
@@ -345,12 +353,106 @@ def test_compose_triton_reserves_the_gpu_and_has_a_cpu_profile() -> None:
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
     assert "reservations" not in cpu["deploy"]["resources"]
+    # The gpu profile serves the repository rendered for its GPUs (see the test below).
+    assert gpu["volumes"] == ["triton-models:/models:ro"]
+    assert cpu["volumes"] == ["./deploy/triton/models:/models:ro"]
     for triton in (gpu, cpu):
-        assert triton["volumes"] == ["./deploy/triton/models:/models:ro"]
         assert "--model-repository=/models" in triton["command"]
         assert triton["networks"]["default"]["aliases"] == ["triton"]
     assert (ROOT / "deploy" / "triton" / "models").is_dir()
     assert env_example()["MEDMESH_TRITON_GRPC_URL"] == "triton:8001"
+
+
+def render_command_args(command: list[str], source: Path, target: Path) -> list[str]:
+    """The arguments of a ``python -m medmesh_cli.devstack.model_repository`` command line, with
+    its source and target folders replaced by ``source`` and ``target``."""
+    start = command.index(RENDER_MODULE) + 1
+    args = []
+    for arg in command[start:]:
+        if arg.startswith("--source="):
+            args.append(f"--source={source}")
+        elif arg.startswith("--target="):
+            args.append(f"--target={target}")
+        else:
+            args.append(arg)
+    return args
+
+
+def option(args: list[str], name: str) -> str:
+    """The value of ``--name=value`` in a command line."""
+    values = [a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")]
+    assert len(values) == 1, (name, args)
+    return values[0]
+
+
+def assert_rendered_for_gpus(target: Path, gpus: int) -> None:
+    """Every model of a rendered repository: one KIND_GPU instance on each of ``gpus`` GPUs, and
+    its platform or backend as committed (ONNX stays ONNX for NVIDIA's container)."""
+    models = sorted(p.parent.name for p in MODEL_REPOSITORY.glob("*/config.pbtxt"))
+    assert sorted(p.parent.name for p in target.glob("*/config.pbtxt")) == models
+    gpu = model_config_pb2.ModelInstanceGroup.KIND_GPU
+    for model in models:
+        config = text_format.Parse(
+            (target / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+        )
+        source = text_format.Parse(
+            (MODEL_REPOSITORY / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+        )
+        groups = [(g.kind, g.count, list(g.gpus)) for g in config.instance_group]
+        assert groups == [(gpu, 1, [i]) for i in range(gpus)], model
+        assert (config.platform, config.backend) == (source.platform, source.backend), model
+
+
+def test_compose_gpu_profile_renders_kind_gpu_instances_for_triton(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gpu profile's triton-models job renders the repository with the launcher's code for
+    the host's GPUs (run here with 2) into the volume Triton serves, before Triton starts."""
+    services = compose()["services"]
+    job, triton = services["triton-models"], services["triton"]
+    assert job["profiles"] == triton["profiles"] == ["gpu"]
+    assert job["image"] == MEDMESH_IMAGE
+    assert job["restart"] == "no"
+    # An entrypoint, not a service's `python -m medmesh_...` command: this job is no service.
+    assert job["entrypoint"] == ["python", "-m", RENDER_MODULE]
+    command = job["entrypoint"] + job["command"]
+    assert option(command, "gpus") == "auto"
+    assert option(command, "onnx") == "native"
+    # short syntax SOURCE:TARGET[:MODE], by TARGET
+    volumes = {v.split(":")[1]: v.split(":")[0] for v in job["volumes"]}
+    assert volumes[option(command, "source")] == "./deploy/triton/models"
+    assert volumes[option(command, "target")] == "triton-models"
+    assert "triton-models" in compose()["volumes"]
+    assert triton["depends_on"]["triton-models"] == {"condition": "service_completed_successfully"}
+    devices = job["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == triton["deploy"]["resources"]["reservations"]["devices"]
+    # The Docker image's folder the volume is mounted on belongs to the image's non-root user.
+    assert re.search(r"install -d -o medmesh -g medmesh /app/triton-models\b", dockerfile())
+    assert option(command, "target") == "/app/triton-models"
+    monkeypatch.setenv("MEDMESH_GPU_COUNT", "2")
+    target = tmp_path / "models"
+    assert render_main(render_command_args(command, MODEL_REPOSITORY, target)) == 0
+    assert_rendered_for_gpus(target, 2)
+
+
+def test_triton_loads_every_model_at_start_under_explicit_control() -> None:
+    """compose's and Kubernetes' Triton: explicit model control, every model loaded at start
+    (new versions are loaded through the repository API, as their comments say)."""
+    commands = [compose()["x-triton"]["command"]]
+    commands += [
+        by_kind(rendered(overlay), "Deployment")["triton"]["spec"]["template"]["spec"][
+            "containers"
+        ][0]["args"]
+        for overlay in OVERLAYS
+    ]
+    for command in commands:
+        assert "--model-control-mode=explicit" in command
+        assert "--load-model=*" in command
+        assert not [
+            a for a in command if a.startswith("--model-control-mode=") and "explicit" not in a
+        ]
+    assert "/v2/repository/models/<name>/load" in (ROOT / "compose.yaml").read_text()
+    assert "/v2/repository/models/<name>/load" in (K8S / "base" / "triton.yaml").read_text()
 
 
 def test_compose_topic_job_creates_topics_from_the_contract_and_specs() -> None:
@@ -594,6 +696,37 @@ def test_k8s_triton_runs_on_gpu_nodes(overlay: str) -> None:
     ]
     assert "--model-repository=/models" in container["args"]
     assert container["image"] == compose()["x-triton"]["image"]
+
+
+def dockerfile() -> str:
+    """The Dockerfile, with continued lines joined."""
+    return (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_triton_serves_a_repository_rendered_for_its_gpu(overlay: str, tmp_path: Path) -> None:
+    """Triton's pods get the models image's repository, which the Dockerfile renders with the
+    launcher's code for as many GPUs as each pod is given: KIND_GPU instances (run here)."""
+    spec = by_kind(rendered(overlay), "Deployment")["triton"]["spec"]["template"]["spec"]
+    gpus = spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    (init,) = spec["initContainers"]
+    assert init["image"] == "medmesh-models:dev"
+    assert init["command"] == ["cp", "-R", "/models/.", "/repository/"]
+    mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    assert {m["name"]: m["mountPath"] for m in init["volumeMounts"]} == {"models": "/repository"}
+    assert mounts["models"] == "/models"
+    text = dockerfile()
+    (run,) = [
+        line for line in text.splitlines() if RENDER_MODULE in line and line.startswith("RUN")
+    ]
+    command = run.split()[1:]
+    assert option(command, "gpus") == str(gpus)
+    assert option(command, "onnx") == "native"
+    assert f"COPY --from=build {option(command, 'target')} /models" in text
+    assert option(command, "source") == "deploy/triton/models"
+    target = tmp_path / "models"
+    assert render_main(render_command_args(command, MODEL_REPOSITORY, target)) == 0
+    assert_rendered_for_gpus(target, int(gpus))
 
 
 def test_k8s_small_topic_job_creates_topics_from_the_contract() -> None:

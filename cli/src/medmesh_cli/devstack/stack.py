@@ -320,10 +320,14 @@ class Stack:
         self.kafka.restart(down_s)
 
     def restart_triton(self, down_s: float = 0.0) -> None:
-        """Stop Triton and start it again on the same ports (workers must ride this out)."""
+        """Stop Triton and start it again on the same ports (workers must ride this out); models
+        it was given from folders outside the repository (``render_model(source=...)``) come back
+        with it."""
+        added = dict(self.triton.added_models)
         self.triton.stop()
         time.sleep(down_s)
         self.triton = self._new_triton()
+        self.triton.added_models.update(added)
         self.triton.start()
 
     def exited(self) -> list[str]:

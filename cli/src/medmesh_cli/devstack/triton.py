@@ -14,9 +14,17 @@ Two traps make it fail when started naively (BRIEF.md section 6), both handled h
 
 The running virtualenv's ``bin`` goes first on ``PATH``, so python models import its packages.
 
-The server serves a rendered copy of the repository (``render_model_repository``): the same
-repository as in NVIDIA's container, with ``instance_group`` rewritten to one ``KIND_GPU``
-instance per GPU where GPUs exist.
+The server serves a rendered copy of the repository (``render_model_repository``, in
+medmesh_cli.devstack.model_repository): the same repository as in NVIDIA's container, with
+``instance_group`` rewritten to one ``KIND_GPU`` instance per GPU where GPUs exist, and each ONNX
+model (platform ``onnxruntime_onnx``, which this tritonserver cannot load) written as a
+python-backend model running ``medmesh_cli.devstack.onnx_runner`` on the same ``model.onnx``.
+
+Models are under explicit control (``--model-control-mode=explicit --load-model=*``): all are
+loaded at start, and ``load_model`` / ``unload_model`` (Triton's repository API,
+``POST /v2/repository/models/<name>/load|unload``) add, reload and remove models while the server
+runs; ``TritonServer.render_model`` first renders a new or changed model folder into the served
+repository.
 """
 
 from __future__ import annotations
@@ -26,7 +34,6 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -41,11 +48,49 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal, Self
+from urllib.parse import quote
 
+import httpx
+
+from medmesh_cli.devstack.model_repository import (
+    render_config,
+    render_model_repository,
+    repository_models,
+    served_versions,
+)
+from medmesh_cli.devstack.model_repository import render_model as render_model_folder
 from medmesh_cli.devstack.paths import cache_dir as medmesh_cache_dir
+
+__all__ = [
+    "DEFAULT_LOAD_TIMEOUT_S",
+    "DEFAULT_STARTUP_TIMEOUT_S",
+    "DEFAULT_STOP_GRACE_S",
+    "DEFAULT_UNLOAD_TIMEOUT_S",
+    "GpuDetection",
+    "TritonPorts",
+    "TritonServer",
+    "detect_gpu_count",
+    "detect_gpus",
+    "is_model_ready",
+    "load_model",
+    "nvml_gpu_count",
+    "port_in_use",
+    "prepare_backend_directory",
+    "pytriton_directory",
+    "render_config",  # the repository helpers, re-exported from model_repository
+    "render_model_repository",
+    "repository_models",
+    "served_versions",
+    "smi_gpu_count",
+    "triton_environment",
+    "tritonserver_binary",
+    "unload_model",
+]
 
 DEFAULT_STARTUP_TIMEOUT_S = 120.0
 DEFAULT_STOP_GRACE_S = 15.0
+DEFAULT_LOAD_TIMEOUT_S = 120.0
+DEFAULT_UNLOAD_TIMEOUT_S = 60.0
 LOG_TAIL_LINES = 60
 _COMPLETE_MARKER = ".complete"
 
@@ -221,146 +266,70 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-# --- the model repository ----------------------------------------------------------------------
+# --- the repository API (explicit model control) ----------------------------------------------
 
 
-def _skip_string(text: str, i: int) -> int:
-    """Index after the quoted string starting at ``text[i]``."""
-    quote = text[i]
-    i += 1
-    while i < len(text) and text[i] != quote:
-        i += 2 if text[i] == "\\" else 1
-    return i + 1
+def _triton_error(response: httpx.Response) -> str:
+    """Triton's error message in a failed answer (its JSON ``error``, else the body)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip() or f"HTTP {response.status_code}"
+    return str(body.get("error", body)) if isinstance(body, dict) else str(body)
 
 
-def _skip_comment(text: str, i: int) -> int:
-    """Index of the end of the line of the comment starting at ``text[i]``."""
-    end = text.find("\n", i)
-    return len(text) if end < 0 else end
+def is_model_ready(http_url: str, name: str, version: int | None = None) -> bool:
+    """Whether Triton at ``http_url`` (``host:port``) has ``name`` (that version) ready."""
+    path = f"/v2/models/{quote(name, safe='')}"
+    if version is not None:
+        path += f"/versions/{version}"
+    try:
+        return httpx.get(f"http://{http_url}{path}/ready", timeout=5.0).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
-def _matching_close(text: str, i: int) -> int:
-    """Index after the bracket that closes the one at ``text[i]`` (strings and comments skipped)."""
-    depth = 0
-    while i < len(text):
-        c = text[i]
-        if c in "\"'":
-            i = _skip_string(text, i)
-            continue
-        if c == "#":
-            i = _skip_comment(text, i)
-            continue
-        if c in "[{<":
-            depth += 1
-        elif c in "]}>":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        i += 1
-    raise ValueError("unbalanced brackets in config.pbtxt")
+def load_model(http_url: str, name: str, *, timeout_s: float = DEFAULT_LOAD_TIMEOUT_S) -> None:
+    """Load, or load again, the model ``name`` of the repository Triton at ``http_url`` serves.
 
-
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def _top_level_fields(text: str, field: str) -> list[tuple[int, int]]:
-    """Spans of every top-level ``field [..]`` / ``field {..}`` / ``field: {..}`` in a pbtxt."""
-    spans: list[tuple[int, int]] = []
-    i = 0
-    while i < len(text):
-        c = text[i]
-        if c in "\"'":
-            i = _skip_string(text, i)
-        elif c == "#":
-            i = _skip_comment(text, i)
-        elif c in "[{<":
-            i = _matching_close(text, i)
-        elif match := _IDENT.match(text, i):
-            i = match.end()
-            if match.group() != field:
-                continue
-            j = i
-            while j < len(text) and (text[j].isspace() or text[j] == ":"):
-                j += 1
-            if j < len(text) and text[j] in "[{<":
-                i = _matching_close(text, j)
-                spans.append((match.start(), i))
-        else:
-            i += 1
-    return spans
-
-
-def gpu_instance_group(gpu_count: int) -> str:
-    """pbtxt ``instance_group`` with one KIND_GPU instance on each of ``gpu_count`` GPUs."""
-    groups = ",\n".join(
-        f"  {{\n    kind: KIND_GPU\n    count: 1\n    gpus: [ {i} ]\n  }}" for i in range(gpu_count)
-    )
-    return f"instance_group [\n{groups}\n]"
-
-
-def render_config(text: str, gpu_count: int) -> str:
-    """config.pbtxt text for a host with ``gpu_count`` GPUs (unchanged when there are none)."""
-    if gpu_count <= 0:
-        return text
-    spans = _top_level_fields(text, "instance_group")
-    block = gpu_instance_group(gpu_count)
-    if not spans:
-        return text.rstrip() + "\n\n" + block + "\n"
-    parts: list[str] = []
-    previous = 0
-    for n, (start, end) in enumerate(spans):
-        parts.append(text[previous:start])
-        if n == 0:
-            parts.append(block)
-        previous = end
-    parts.append(text[previous:])
-    return "".join(parts)
-
-
-def render_model_repository(src: Path, dst: Path, gpu_count: int) -> Path:
-    """Copy the model repository ``src`` to ``dst`` (new or empty) for ``gpu_count`` GPUs.
-
-    With GPUs, every model's ``instance_group`` becomes one ``KIND_GPU`` instance per GPU
-    (``gpus: [ i ]``); without, the configuration is copied as it is (``KIND_CPU``).
+    ``POST /v2/repository/models/<name>/load`` (Triton started with
+    ``--model-control-mode=explicit``): Triton reads the model's config.pbtxt and version
+    folders again, so a model loaded before serves a version folder added since, and stops
+    serving versions its policy no longer names; other models are untouched. Triton answers once
+    the load is done; RuntimeError with Triton's reason when it failed.
     """
-    if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"{dst} is not empty; render into a new folder")
-    shutil.copytree(
-        src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True
-    )
-    for config in sorted(dst.glob("*/config.pbtxt")):
-        config.write_text(render_config(config.read_text(), gpu_count))
-    return dst
+    url = f"http://{http_url}/v2/repository/models/{quote(name, safe='')}/load"
+    try:
+        response = httpx.post(url, json={}, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise RuntimeError(
+            f"Triton at {http_url} did not answer the load of {name}: {exc}"
+        ) from exc
+    if response.status_code != 200:
+        raise RuntimeError(f"Triton could not load model {name}: {_triton_error(response)}")
 
 
-def _strip_comments(text: str) -> str:
-    return re.sub(r"#[^\n]*", "", text)
+def unload_model(http_url: str, name: str, *, timeout_s: float = DEFAULT_UNLOAD_TIMEOUT_S) -> None:
+    """Unload the model ``name`` (every version) from Triton at ``http_url``.
 
-
-def served_versions(model_dir: Path) -> list[int]:
-    """The versions Triton serves from a model folder, by its ``version_policy``.
-
-    Numeric subfolders; ``all`` serves every one, ``specific`` the listed ones, ``latest``
-    (Triton's default, ``num_versions`` 1 unless set) the highest.
+    ``POST /v2/repository/models/<name>/unload``; returns once Triton no longer reports the model
+    ready (in-flight requests finish first), RuntimeError when Triton refuses or takes longer
+    than ``timeout_s``. The server keeps running, and the model can be loaded again.
     """
-    present = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-    config = _strip_comments((model_dir / "config.pbtxt").read_text())
-    policy = re.search(r"version_policy\s*:?\s*\{\s*(all|latest|specific)\b([^}]*)", config)
-    if policy is None or policy.group(1) == "latest":
-        num = re.search(r"num_versions\s*:\s*(\d+)", policy.group(2)) if policy else None
-        return present[-(int(num.group(1)) if num else 1) :]
-    if policy.group(1) == "specific":
-        listed = {int(v) for v in re.findall(r"\d+", policy.group(2))}
-        return [v for v in present if v in listed]
-    return present
-
-
-def repository_models(repository: Path) -> dict[str, list[int]]:
-    """Every model of a repository (folders with config.pbtxt) and the versions it serves."""
-    return {
-        config.parent.name: served_versions(config.parent)
-        for config in sorted(repository.glob("*/config.pbtxt"))
-    }
+    url = f"http://{http_url}/v2/repository/models/{quote(name, safe='')}/unload"
+    deadline = time.monotonic() + timeout_s
+    try:
+        response = httpx.post(url, json={}, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise RuntimeError(
+            f"Triton at {http_url} did not answer the unload of {name}: {exc}"
+        ) from exc
+    if response.status_code != 200:
+        raise RuntimeError(f"Triton could not unload model {name}: {_triton_error(response)}")
+    while is_model_ready(http_url, name):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"model {name} was still ready {timeout_s:.0f} s after its unload")
+        time.sleep(0.1)
 
 
 # --- the server --------------------------------------------------------------------------------
@@ -407,6 +376,9 @@ class TritonServer:
         self._pipe_lines: deque[str] = deque(maxlen=2000)
         self._pipe_reader: threading.Thread | None = None
         self.served_repository: Path | None = None
+        # Models rendered from folders outside model_repository (render_model's source): rendered
+        # again, with the repository, whenever this server starts.
+        self.added_models: dict[str, Path] = {}
 
     # addresses
 
@@ -444,7 +416,10 @@ class TritonServer:
             f"--grpc-port={self.ports.grpc}",
             f"--metrics-address={self.host}",
             f"--metrics-port={self.ports.metrics}",
-            "--model-control-mode=none",
+            # Explicit model control: every model of the repository is loaded at start (as with
+            # "none"), and models are loaded and unloaded later through the repository API.
+            "--model-control-mode=explicit",
+            "--load-model=*",
             "--exit-on-error=true",
             *self.extra_args,
         ]
@@ -472,6 +447,8 @@ class TritonServer:
         self.served_repository = render_model_repository(
             self.model_repository, rendered, self.gpu_count
         )
+        for source in self.added_models.values():
+            render_model_folder(source, rendered, self.gpu_count)
         stdout = self._open_log()
         try:
             self._process = subprocess.Popen(
@@ -541,6 +518,53 @@ class TritonServer:
                 if not client.is_model_ready(model, str(version)):
                     return f"model {model} version {version}"
         return ""
+
+    # models at run time (explicit model control)
+
+    def render_model(self, name: str, *, source: Path | None = None) -> Path:
+        """Render one model folder into the repository this server serves, for a later load.
+
+        ``source`` is the model folder (default ``<model_repository>/<name>``): a new model, or a
+        model with a new version folder or config. It replaces the rendered folder of ``name``
+        (models served now keep running); ``load_model(name)`` then serves it. A ``source``
+        outside the model repository is remembered and rendered again when the server restarts.
+        """
+        if self.served_repository is None:
+            raise RuntimeError("TritonServer.start() was not called")
+        folder = Path(source) if source is not None else self.model_repository / name
+        if folder.name != name:
+            raise ValueError(f"the folder of model {name} must be named {name}, not {folder.name}")
+        rendered = render_model_folder(folder, self.served_repository, self.gpu_count)
+        if source is not None:
+            self.added_models[name] = folder
+        return rendered
+
+    def load_model(self, name: str, *, timeout_s: float = DEFAULT_LOAD_TIMEOUT_S) -> list[int]:
+        """Load (or load again) ``name`` from the served repository; the versions it serves.
+
+        Raises RuntimeError, with the end of Triton's log, when the load fails or a version the
+        model's policy serves is not ready after it.
+        """
+        if not self.is_running() or self.served_repository is None:
+            raise RuntimeError("tritonserver is not running")
+        try:
+            load_model(self.http_url, name, timeout_s=timeout_s)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n--- end of Triton's log ---\n{self.log_tail()}") from exc
+        versions = served_versions(self.served_repository / name)
+        missing = [v for v in versions if not is_model_ready(self.http_url, name, v)]
+        if missing:
+            raise RuntimeError(
+                f"model {name} loaded, but versions {missing} are not ready.\n"
+                f"--- end of Triton's log ---\n{self.log_tail()}"
+            )
+        return versions
+
+    def unload_model(self, name: str, *, timeout_s: float = DEFAULT_UNLOAD_TIMEOUT_S) -> None:
+        """Unload every version of ``name``; the server and the other models keep running."""
+        if not self.is_running():
+            raise RuntimeError("tritonserver is not running")
+        unload_model(self.http_url, name, timeout_s=timeout_s)
 
     def is_running(self) -> bool:
         """Whether the tritonserver process is alive."""
