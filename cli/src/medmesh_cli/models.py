@@ -1,4 +1,5 @@
-"""``medmesh models``: deploy a model version and steer its rollout through the registry.
+"""``medmesh models``: deploy a model version and steer its rollout through the registry; check,
+scaffold and migrate model specs offline (``validate``, ``new``, ``migrate``: medmesh_cli.modelkit).
 
 Every command reads the latest record of the model from the compacted topic
 ``medmesh.models.registry``, applies one lifecycle transition (the same pure functions the
@@ -13,6 +14,7 @@ import asyncio
 import getpass
 import json
 import os
+import shutil
 import socket
 from collections.abc import Callable, Coroutine
 from datetime import datetime
@@ -21,10 +23,14 @@ from typing import Annotated, Any, TypeVar
 
 import httpx
 import typer
+import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from medmesh_cli import modelkit
+from medmesh_cli.devstack.paths import repo_root
 from medmesh_contracts import topics
 from medmesh_contracts.events import Producer, schema_of, to_wire, utc_now
 from medmesh_contracts.headers import CORRELATION_ID, SCHEMA
@@ -43,16 +49,19 @@ from medmesh_contracts.lifecycle import (
     seed_deployment,
 )
 from medmesh_contracts.modelspec import (
+    SPEC_SCHEMA,
     InputTensor,
     ModelSpec,
     OutputTensor,
     VersionSpec,
     load_spec,
+    parse_spec,
 )
 from medmesh_runtime.kafka import topic_partitions
 
 models_app = typer.Typer(
-    help="Deploy model versions and steer their rollout (registry: medmesh.models.registry).",
+    help="Deploy model versions and steer their rollout (registry: medmesh.models.registry);"
+    " check, scaffold and migrate model specs offline.",
     no_args_is_help=True,
 )
 console = Console()
@@ -67,6 +76,14 @@ RouterUrl = Annotated[
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 DEFAULT_ROUTER = "http://127.0.0.1:8181"
 DEFAULT_TRITON = "http://127.0.0.1:8000"
+Repository = Annotated[
+    Path | None,
+    typer.Option(
+        help="the Triton model repository (default: models/ beside the spec's specs/ folder, as"
+        " an overlay has, else deploy/triton/models of the checkout)",
+        file_okay=False,
+    ),
+]
 PRODUCER = Producer(service="cli", instance=f"{socket.gethostname()}-{os.getpid()}")
 
 
@@ -223,9 +240,15 @@ def deploy(
     shadow_percent: Annotated[int, typer.Option(help="shadow: share mirrored (%)")] = 100,
     triton_url: Annotated[str, typer.Option(envvar="MEDMESH_TRITON_HTTP_URL")] = DEFAULT_TRITON,
     check: Annotated[bool, typer.Option(help="check the version is ready in Triton")] = True,
+    repository: Repository = None,
     bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
 ) -> None:
-    """Validate SPEC, check Triton serves the version, register it at 0 % and start its rollout."""
+    """Validate SPEC, check Triton serves the version, register it at 0 % and start its rollout.
+
+    The version is first checked offline against its Triton model folder in the repository
+    (config.pbtxt, ONNX graph, the spec's placeholders), as `validate` does; skipped, saying so,
+    when the repository has no folder for its Triton model.
+    """
     try:
         spec = load_spec(spec_file)
         spec.version(version)
@@ -241,6 +264,7 @@ def deploy(
     except (ValueError, KeyError) as exc:
         console.print(f"[bold red]invalid spec or policy:[/] {exc}")
         raise typer.Exit(2) from exc
+    offline_check(spec, spec_file, version, repository)
     if check:
         problems = check_triton(spec, version, triton_url)
         if problems:
@@ -276,6 +300,192 @@ def deploy(
         f"{spec.name} v{version} registered ({changed.version(version).state}, revision "
         f"{changed.revision}); rollout {changed.rollout.phase}, steps {list(policy.steps)}"
     )
+
+
+def _say(text: str, style: str = "") -> None:
+    """Print a line as it is (no markup, no wrapping), in ``style``."""
+    console.print(escape(text), style=style or None, soft_wrap=True)
+
+
+def _repository(spec_file: Path, given: Path | None) -> Path | None:
+    """The repository to check ``spec_file`` against (``--repository``, else the default); None
+    when there is no checkout to take the default from."""
+    if given is not None:
+        return given
+    try:
+        checkout = repo_root()
+    except RuntimeError:
+        return None
+    return modelkit.default_repository(spec_file, checkout)
+
+
+def offline_check(spec: ModelSpec, spec_file: Path, version: int, given: Path | None) -> None:
+    """``deploy``'s offline check: the version against its Triton model folder (config.pbtxt,
+    ONNX graph) and the spec's placeholders, before Triton and Kafka; exit 1 on a problem.
+    Skipped, saying so, when the repository has no folder for the version's Triton model."""
+    target = spec.version(version).triton
+    repository = _repository(spec_file, given)
+    model_dir = None if repository is None else repository / target.model
+    if repository is None or model_dir is None or not model_dir.is_dir():
+        where = "no checkout to find it in" if model_dir is None else f"no {model_dir}"
+        _say(
+            f"offline check skipped: no Triton model folder for {target.model} ({where});"
+            " pass --repository to check one"
+        )
+        return
+    problems = modelkit.validate_spec_against_repository(
+        spec, repository, versions=[version], source=str(spec_file)
+    )
+    if problems:
+        for problem in problems:
+            _say(f"offline check: {problem}", "bold red")
+        raise typer.Exit(1)
+    _say(f"offline check: {spec_file} v{version} agrees with {modelkit.show_path(model_dir)}")
+
+
+@models_app.command()
+def validate(
+    spec_file: Annotated[Path, typer.Argument(help="the model spec (YAML)", exists=True)],
+    repository: Repository = None,
+    version: Annotated[int | None, typer.Option(help="check this version only")] = None,
+) -> None:
+    """Check offline that SPEC agrees with its Triton config.pbtxt and ONNX graphs.
+
+    Tensor names, datatypes and shapes, batching, platform/backend, version folders, element
+    types medmesh or Triton cannot use, the spec's own checks and placeholders left by `new`.
+    Exit 0 with one OK line per version, 1 listing the problems (each with its file and fix).
+    """
+    source = str(spec_file)
+    try:
+        document = yaml.safe_load(spec_file.read_text())
+        spec = parse_spec(document)
+    except (yaml.YAMLError, ValueError) as exc:
+        _say(f"{source} is not a valid model spec: {exc}", "bold red")
+        raise typer.Exit(1) from exc
+    if isinstance(document, dict) and document.get("schema") == modelkit.V1_SCHEMA:
+        _say(f"{source} is a {modelkit.V1_SCHEMA} spec: `medmesh models migrate` writes it as v2")
+    checked = _repository(spec_file, repository)
+    if checked is None:
+        _say("no medmesh checkout to find deploy/triton/models in: pass --repository", "bold red")
+        raise typer.Exit(1)
+    try:
+        result = modelkit.check_spec(
+            spec, checked, versions=None if version is None else [version], source=source
+        )
+    except KeyError as exc:
+        _say(f"{source} declares no version {version}", "bold red")
+        raise typer.Exit(1) from exc
+    problems = result.all_problems
+    if problems:
+        for problem in problems:
+            _say(problem, "red")
+        _say(
+            f"{len(problems)} problem(s) in {source} (checked against"
+            f" {modelkit.show_path(checked)}); nothing was deployed or changed",
+            "bold red",
+        )
+        raise typer.Exit(1)
+    for checked_version in result.versions:
+        _say(f"OK {source} version {checked_version.version}: {checked_version.summary}")
+
+
+@models_app.command()
+def new(
+    name: Annotated[str, typer.Argument(help="the model's name: its Triton folder and spec")],
+    onnx_file: Annotated[
+        Path, typer.Option("--onnx", help="the ONNX model file", exists=True, dir_okay=False)
+    ],
+    repository: Annotated[
+        Path | None,
+        typer.Option(help="the Triton model repository (default: deploy/triton/models)"),
+    ] = None,
+    specs: Annotated[
+        Path | None, typer.Option(help="the model spec folder (default: deploy/models)")
+    ] = None,
+    max_batch_size: Annotated[int, typer.Option(help="rows per Triton batch")] = 64,
+    waveform: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="an input tensor holding a sampled signal (e.g. an ECG lead): fed by one"
+            " waveform input instead of one input per value (repeatable)"
+        ),
+    ] = None,
+) -> None:
+    """Scaffold a Triton folder and a model spec from an ONNX file.
+
+    Writes REPOSITORY/NAME/config.pbtxt, REPOSITORY/NAME/1/model.onnx and SPECS/NAME.yaml (v2),
+    whose TODO placeholders the owner completes before `validate` passes. Never overwrites.
+    """
+    if repository is None or specs is None:
+        checkout = repo_root()
+        repository = repository or checkout / "deploy" / "triton" / "models"
+        specs = specs or checkout / "deploy" / "models"
+    model_dir = repository / name
+    config_file = model_dir / modelkit.CONFIG_FILE
+    onnx_target = model_dir / "1" / modelkit.DEFAULT_ONNX_FILE
+    spec_file = specs / f"{name}.yaml"
+    existing = [modelkit.show_path(p) for p in (config_file, onnx_target, spec_file) if p.exists()]
+    if existing:
+        _say(
+            f"refusing to overwrite {', '.join(existing)}: remove them or pick another name",
+            "bold red",
+        )
+        raise typer.Exit(1)
+    try:
+        graph = modelkit.read_graph(onnx_file)
+        scaffold = modelkit.scaffold(
+            name,
+            graph,
+            max_batch_size=max_batch_size,
+            waveforms=waveform or (),
+            onnx_source=modelkit.show_path(onnx_file),
+            model_folder=modelkit.show_path(model_dir),
+            spec_file=modelkit.show_path(spec_file),
+        )
+    except ValueError as exc:
+        for line in str(exc).splitlines():
+            _say(line, "bold red")
+        raise typer.Exit(1) from exc
+    onnx_target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(onnx_file, onnx_target)
+    with config_file.open("x") as out:
+        out.write(scaffold.config_text)
+    specs.mkdir(parents=True, exist_ok=True)
+    with spec_file.open("x") as out:
+        out.write(scaffold.spec_text)
+    for path in (config_file, onnx_target, spec_file):
+        _say(f"created {modelkit.show_path(path)}")
+    for wide in modelkit.wide_features(graph, waveform or ()):
+        _say(
+            f"note: input {wide} is scaffolded with one FHIR input per value; if it holds a signal,"
+            " delete the files and rerun with --waveform " + wide,
+            "yellow",
+        )
+    left = len(modelkit.placeholders(scaffold.spec))
+    _say(
+        f"next: complete the {left} {modelkit.PLACEHOLDER} placeholders of"
+        f" {modelkit.show_path(spec_file)}, then `medmesh models validate"
+        f" {modelkit.show_path(spec_file)}`"
+    )
+
+
+@models_app.command()
+def migrate(
+    spec_file: Annotated[Path, typer.Argument(help="a version 1 model spec", exists=True)],
+    write: Annotated[bool, typer.Option(help="rewrite SPEC_FILE in place")] = False,
+) -> None:
+    """Print (or --write in place) the version 2 YAML of a version 1 model spec."""
+    original = spec_file.read_text()
+    try:
+        migrated = modelkit.migrated_text(original, str(spec_file))
+    except (yaml.YAMLError, modelkit.MigrationError) as exc:
+        _say(str(exc), "bold red")
+        raise typer.Exit(1) from exc
+    if write:
+        spec_file.write_text(migrated)
+        _say(f"wrote {spec_file} ({SPEC_SCHEMA})")
+    else:
+        typer.echo(migrated, nl=False)
 
 
 @models_app.command("list")
