@@ -44,6 +44,8 @@ CASES = {
     "deterioration-v2-r4b": (2, "R4B"),
     "deterioration-v1-r5": (1, "R5"),
     "deterioration-v2-r5": (2, "R5"),
+    "deterioration-v3-r4b": (3, "R4B"),
+    "deterioration-v3-r5": (3, "R5"),
 }
 
 
@@ -96,7 +98,7 @@ def test_report_matches_its_golden_field_by_field(spec: ModelSpec, name: str) ->
 
 
 def test_goldens_hold_the_clinical_facts() -> None:
-    """The goldens themselves say NEWS2 7 / high for v1 and 23.4 % / medium for v2."""
+    """The goldens themselves say NEWS2 7 / high for v1 and 23.4 % / medium for v2 and v3."""
     for name, (model_version, _) in CASES.items():
         bundle = json.loads((GOLDEN / f"{name}.json").read_text())
         resources = {e["resource"]["resourceType"]: e["resource"] for e in bundle["entry"]}

@@ -195,7 +195,11 @@ def _read(output: OutputSpec, outputs: Mapping[str, Sequence[float]]) -> Reading
 
 
 def _score(output: RiskScoreOutput, outputs: Mapping[str, Sequence[float]]) -> ScoreReading:
-    raw = outputs[output.score_tensor][output.score_index] * output.score_scale
+    raw = outputs[output.score_tensor][output.score_index]
+    if output.score_scale != 1.0:
+        # FP32 outputs carry about 7 significant digits: a scaled score is rounded to 6
+        # decimals, so 0.234 reads 23.4 and not 23.400000000000002.
+        raw = round(raw * output.score_scale, 6)
     score: float | int = raw
     if output.integer:
         if not float(raw).is_integer():
