@@ -109,6 +109,8 @@ async def _serve(stack: Stack, demo: bool) -> None:
     if demo:
         await asyncio.sleep(1.0)  # let the report consumer join before the first report lands
         await _send_files(config.ingest_url, sample_events())
+    refused = ""
+    tick = 0
     while not watcher.done():
         dead = stack.exited()
         if dead:
@@ -116,8 +118,29 @@ async def _serve(stack: Stack, demo: bool) -> None:
             raise ProcessExitedError(
                 f"{', '.join(dead)} exited; stopping the stack (logs in {config.state_dir})"
             )
+        tick += 1
+        if tick % RECONCILE_EVERY_TICKS == 0:
+            refused = _reconcile(stack, refused)
         await asyncio.sleep(1.0)
     await watcher
+
+
+# Every 3 s the stack takes in model versions added to the specs and model folders (hot deploy).
+RECONCILE_EVERY_TICKS = 3
+
+
+def _reconcile(stack: Stack, refused: str) -> str:
+    """One reconcile of the running stack; a spec or model folder that does not read (an edit in
+    progress) is reported once and tried again on the next turn. The problem now shown."""
+    try:
+        for change in stack.reconcile():
+            console.print(f"[bold]medmesh[/] {change}")
+    except Exception as exc:  # noqa: BLE001 -- a half-written spec, YAML or pbtxt is reported, not fatal
+        problem = f"{type(exc).__name__}: {exc}"
+        if problem != refused:
+            console.print(f"[yellow]medmesh: new model versions not taken in yet:[/] {problem}")
+        return problem
+    return ""
 
 
 SENT_AT: dict[str, float] = {}

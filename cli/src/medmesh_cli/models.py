@@ -31,6 +31,8 @@ from rich.table import Table
 
 from medmesh_cli import modelkit
 from medmesh_cli.devstack.paths import repo_root
+from medmesh_cli.devstack.topics import create_topics
+from medmesh_cli.devstack.triton import is_model_ready, load_model, unload_model
 from medmesh_contracts import topics
 from medmesh_contracts.events import Producer, schema_of, to_wire, utc_now
 from medmesh_contracts.headers import CORRELATION_ID, SCHEMA
@@ -55,6 +57,7 @@ from medmesh_contracts.modelspec import (
     OutputTensor,
     VersionSpec,
     load_spec,
+    load_specs,
     parse_spec,
 )
 from medmesh_runtime.kafka import topic_partitions
@@ -240,10 +243,14 @@ def deploy(
     shadow_percent: Annotated[int, typer.Option(help="shadow: share mirrored (%)")] = 100,
     triton_url: Annotated[str, typer.Option(envvar="MEDMESH_TRITON_HTTP_URL")] = DEFAULT_TRITON,
     check: Annotated[bool, typer.Option(help="check the version is ready in Triton")] = True,
+    load: Annotated[
+        bool, typer.Option(help="load the version's Triton model (repository API) if not ready")
+    ] = True,
     repository: Repository = None,
     bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
 ) -> None:
-    """Validate SPEC, check Triton serves the version, register it at 0 % and start its rollout.
+    """Validate SPEC, load and check the version in Triton, register it at 0 % and start its
+    rollout, without restarting Triton or any service (hot deploy).
 
     The version is first checked offline against its Triton model folder in the repository
     (config.pbtxt, ONNX graph, the spec's placeholders), as `validate` does; skipped, saying so,
@@ -265,6 +272,8 @@ def deploy(
         console.print(f"[bold red]invalid spec or policy:[/] {exc}")
         raise typer.Exit(2) from exc
     offline_check(spec, spec_file, version, repository)
+    if load:
+        load_in_triton(spec.version(version), triton_url)
     if check:
         problems = check_triton(spec, version, triton_url)
         if problems:
@@ -275,6 +284,7 @@ def deploy(
         console.print(f"triton: {target.model} v{target.version} ready, tensors match the spec")
 
     async def run() -> ModelDeployment:
+        await ensure_task_topic(bootstrap, spec.name, version)
         now, who = utc_now(), actor()
         current = (await read_registry(bootstrap)).get(spec.name)
         if current is None:
@@ -595,9 +605,97 @@ def promote(name: str, bootstrap: Bootstrap = DEFAULT_BOOTSTRAP) -> None:
 
 
 @models_app.command()
-def rollback(name: str, bootstrap: Bootstrap = DEFAULT_BOOTSTRAP) -> None:
-    """Retire the version under rollout; stable takes all its traffic back."""
-    _change(bootstrap, name, roll_back, "rollback", "manual rollback")
+def rollback(
+    name: str,
+    unload: Annotated[
+        bool,
+        typer.Option(help="unload the retired version's Triton model when nothing else uses it"),
+    ] = True,
+    specs: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="MEDMESH_MODEL_SPECS_DIR", help="the model specs folder (default deploy/models)"
+        ),
+    ] = None,
+    triton_url: Annotated[str, typer.Option(envvar="MEDMESH_TRITON_HTTP_URL")] = DEFAULT_TRITON,
+    bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
+) -> None:
+    """Retire the version under rollout; stable takes all its traffic back, and the retired
+    version's Triton model is unloaded (repository API) unless a live version still uses it."""
+    changed = _change(bootstrap, name, roll_back, "rollback", "manual rollback")
+    if unload:
+        folder = specs if specs is not None else repo_root() / "deploy" / "models"
+        unload_retired(changed, load_specs(folder).get(name), triton_url)
+
+
+# --- hot deploy: Triton's repository API and the task topic -------------------------------------
+
+
+def _host(url: str) -> str:
+    """``http://host:port`` -> ``host:port`` (the form the Triton repository calls take)."""
+    return url.split("://", 1)[-1].rstrip("/")
+
+
+def load_in_triton(version: VersionSpec, triton_url: str) -> None:
+    """Load the version's Triton model through the repository API unless the version is ready.
+
+    Triton must run in explicit model-control mode; loading reads the model folder again, so a
+    new version folder of a served model is picked up, and models served now keep serving.
+    """
+    target = version.triton
+    if is_model_ready(_host(triton_url), target.model, target.version):
+        return
+    console.print(f"triton: loading {target.model} (POST /v2/repository/models/.../load) ...")
+    try:
+        load_model(_host(triton_url), target.model)
+    except RuntimeError as exc:
+        console.print(f"[bold red]triton:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from exc
+
+
+def triton_models_in_use(deployment: ModelDeployment, spec: ModelSpec) -> set[str]:
+    """The Triton models that the deployment's live (not retired) versions are served by."""
+    return {
+        spec.version(v.version).triton.model
+        for v in deployment.versions
+        if v.state != "retired" and v.version in {s.version for s in spec.versions}
+    }
+
+
+def unload_retired(deployment: ModelDeployment, spec: ModelSpec | None, triton_url: str) -> None:
+    """Unload the Triton model of the version just rolled back, when no live version uses it."""
+    retired = deployment.rollout.version
+    if spec is None or retired is None:
+        console.print("triton: no spec for the retired version; nothing unloaded")
+        return
+    try:
+        model = spec.version(retired).triton.model
+    except KeyError:
+        console.print(f"triton: the spec has no version {retired}; nothing unloaded")
+        return
+    if model in triton_models_in_use(deployment, spec):
+        console.print(f"triton: {model} still serves a live version; kept loaded")
+        return
+    try:
+        unload_model(_host(triton_url), model)
+    except RuntimeError as exc:
+        console.print(f"[bold red]triton:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from exc
+    console.print(f"triton: {model} unloaded")
+
+
+async def ensure_task_topic(bootstrap: str, model: str, version: int) -> None:
+    """Create the version's task topic (auto-creation is off) with the requests topic's
+    partition count, unless it exists."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = len(await topic_partitions(consumer, topics.INFERENCE_REQUESTS)) or 1
+    finally:
+        await consumer.stop()
+    await create_topics(
+        bootstrap, [topics.TopicSpec(topics.model_task_topic(model, version), partitions)]
+    )
 
 
 @models_app.command("pause")

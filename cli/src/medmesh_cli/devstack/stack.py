@@ -139,11 +139,30 @@ def service_specs(config: StackConfig) -> list[ServiceSpec]:
                     },
                 )
             )
-            port += 1
-            if port == ports.reporting:
-                port += 1
+            port = next_free_port(port + 1, stack_ports(ports))
     services.append(ServiceSpec("reporting", "medmesh_reporting", ports.reporting))
     return services
+
+
+def stack_ports(ports: StackPorts) -> set[int]:
+    """The ports of the stack's fixed parts (a worker's port is never one of them)."""
+    return {
+        ports.kafka,
+        ports.kafka_controller,
+        ports.triton_http,
+        ports.triton_grpc,
+        ports.triton_metrics,
+        ports.ingest,
+        ports.router,
+        ports.reporting,
+    }
+
+
+def next_free_port(candidate: int, taken: set[int]) -> int:
+    """``candidate``, or the first port after it that is not ``taken``."""
+    while candidate in taken:
+        candidate += 1
+    return candidate
 
 
 def service_environment(config: StackConfig, service: ServiceSpec) -> dict[str, str]:
@@ -185,6 +204,9 @@ class Stack:
         )
         self.triton = self._new_triton()
         self.services: dict[str, ManagedProcess] = {}
+        # How each service was started (its port may differ from service_specs' for a worker
+        # added while the stack runs).
+        self.running: dict[str, ServiceSpec] = {}
         self._tailers: list[threading.Thread] = []
         self._stopping = threading.Event()
 
@@ -240,6 +262,41 @@ class Stack:
         if self.config.echo:
             self._tail(self.config.state_dir / "triton.log", "triton")
 
+    def reconcile(self) -> list[str]:
+        """Take in what was added while the stack runs (a hot deploy, locally): render every
+        Triton model folder new to the served repository (a later `load` serves it; nothing is
+        loaded here) and start a worker for every spec version that has none. What it did.
+
+        `medmesh up` calls this every few seconds; compose and Kubernetes do the same with a
+        new worker service / Deployment per version (deploy/k8s/generate.py).
+        """
+        done: list[str] = []
+        served = self.triton.served_repository
+        if served is not None:
+            for config in sorted(self.config.model_repository.glob("*/config.pbtxt")):
+                name = config.parent.name
+                if not (served / name).is_dir() and name not in self.triton.added_models:
+                    self.triton.render_model(name)
+                    done.append(f"rendered Triton model {name}")
+        if self.config.topology != "services":
+            return done
+        taken = stack_ports(self.config.ports) | {s.port for s in self.running.values()}
+        for service in service_specs(self.config):
+            if service.name in self.services:
+                continue
+            port = next_free_port(service.port, taken)
+            taken.add(port)
+            self._start_service(
+                ServiceSpec(
+                    service.name,
+                    service.module,
+                    port,
+                    {**service.env, "MEDMESH_WORKER_PORT": str(port)},
+                )
+            )
+            done.append(f"started {service.name} on port {port}")
+        return done
+
     def _start_service(self, service: ServiceSpec) -> None:
         process = ManagedProcess(
             service.name,
@@ -251,6 +308,7 @@ class Stack:
         )
         process.start()
         self.services[service.name] = process
+        self.running[service.name] = service
 
     def _wait_ready(self, timeout_s: float, only: dict[str, int] | None = None) -> None:
         pending = (
@@ -300,7 +358,7 @@ class Stack:
     def restart_service(self, name: str, timeout_s: float = 60.0) -> None:
         """Stop (if still running) and start one service again; wait until it is ready."""
         self.services[name].stop(grace_s=10)
-        spec = next(s for s in service_specs(self.config) if s.name == name)
+        spec = self.running[name]
         self._start_service(spec)
         self._wait_ready(timeout_s, only={spec.name: spec.port})
 
@@ -310,6 +368,7 @@ class Stack:
         for process in reversed(list(self.services.values())):
             process.stop(grace_s=10)
         self.services.clear()
+        self.running.clear()
         self.config.topology = topology
         for service in service_specs(self.config):
             self._start_service(service)
