@@ -11,9 +11,7 @@ service keep their process ids throughout: nothing is restarted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -22,16 +20,13 @@ import numpy as np
 import onnxruntime
 import pytest
 import yaml
-from aiokafka import AIOKafkaProducer
 from typer.testing import CliRunner
 
 from medmesh_cli.devstack.paths import repo_root, run_dir
 from medmesh_cli.devstack.stack import Stack, StackConfig
 from medmesh_cli.devstack.triton import is_model_ready
 from medmesh_cli.main import app
-from medmesh_contracts import headers as h
 from medmesh_contracts import topics
-from medmesh_contracts.events import RequestInference, routing_headers, schema_of, to_wire
 from medmesh_reporting.conformance import check_report_bundle
 from tests.e2e.conftest import (
     E2E_PORT_BASE,
@@ -41,7 +36,7 @@ from tests.e2e.conftest import (
     fixture_with_new_patient,
 )
 from tests.e2e.router_view import wait_for_view
-from tests.factories import make_request
+from tests.e2e.traffic import steady_traffic
 
 BYOM_PORT_BASE = E2E_PORT_BASE + 800
 SPECS = repo_root() / "deploy" / "models"
@@ -153,41 +148,6 @@ def _deploy(stack: Stack, model: str, steps: str, interval: str, min_requests: s
     )
 
 
-@contextlib.asynccontextmanager
-async def _steady_traffic(stack: Stack) -> AsyncIterator[None]:
-    """RATE_PER_S deterioration requests per second over ever new patients while open."""
-    producer = AIOKafkaProducer(bootstrap_servers=stack.config.bootstrap, acks="all")
-    await producer.start()
-
-    async def send() -> None:
-        while True:
-            request = make_request(
-                patient_pseudonym=f"byom-{uuid.uuid4().hex[:12]}",
-                correlation_id=str(uuid.uuid4()),
-            )
-            headers = {
-                h.CORRELATION_ID: request.correlation_id,
-                h.SCHEMA: schema_of(RequestInference),
-                **routing_headers(request),
-            }
-            await producer.send(
-                topics.INFERENCE_REQUESTS,
-                to_wire(request),
-                key=request.patient_pseudonym.encode(),
-                headers=[(k, v.encode()) for k, v in headers.items()],
-            )
-            await asyncio.sleep(1 / RATE_PER_S)
-
-    task = asyncio.create_task(send())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await producer.stop()
-
-
 def _resources(record: Record) -> dict[str, dict[str, Any]]:
     return {e["resource"]["resourceType"]: e["resource"] for e in record.json()["entry"]}
 
@@ -236,7 +196,7 @@ async def test_an_onnx_version_is_hot_deployed_and_canaried_to_100_percent(
         assert not is_model_ready(
             f"127.0.0.1:{stack.config.ports.triton_http}", "deterioration-gbt"
         )
-        async with _steady_traffic(stack):
+        async with steady_traffic(stack, RATE_PER_S, "byom"):
             output = await asyncio.to_thread(
                 _deploy, stack, "deterioration", "5,10,25,50,100", "1.5", "5"
             )

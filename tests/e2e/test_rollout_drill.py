@@ -10,25 +10,20 @@ Traffic is steady RequestInference on the requests topic, with the headers inges
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
-import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from aiokafka import AIOKafkaProducer
 from typer.testing import CliRunner
 
 from medmesh_cli.devstack.overlay import with_overlay
 from medmesh_cli.devstack.paths import repo_root, run_dir
 from medmesh_cli.devstack.stack import Stack, StackConfig
 from medmesh_cli.main import app
-from medmesh_contracts import headers as h
 from medmesh_contracts import topics
-from medmesh_contracts.events import RequestInference, routing_headers, schema_of, to_wire
 from tests.e2e.conftest import E2E_PORT_BASE, Record, TopicTap, e2e_ports
 from tests.e2e.router_view import wait_for_view
-from tests.factories import make_request
+from tests.e2e.traffic import steady_traffic
 
 DRILL_PORT_BASE = E2E_PORT_BASE + 600
 MODEL = "deterioration"
@@ -53,41 +48,6 @@ async def drill_stack() -> AsyncIterator[Stack]:
         yield stack
     finally:
         await asyncio.to_thread(stack.stop)
-
-
-@contextlib.asynccontextmanager
-async def _steady_traffic(stack: Stack) -> AsyncIterator[None]:
-    """RATE_PER_S requests per second over ever new patients while open."""
-    producer = AIOKafkaProducer(bootstrap_servers=stack.config.bootstrap, acks="all")
-    await producer.start()
-
-    async def send() -> None:
-        while True:
-            request = make_request(
-                patient_pseudonym=f"drill-{uuid.uuid4().hex[:12]}",
-                correlation_id=str(uuid.uuid4()),
-            )
-            headers = {
-                h.CORRELATION_ID: request.correlation_id,
-                h.SCHEMA: schema_of(RequestInference),
-                **routing_headers(request),
-            }
-            await producer.send(
-                topics.INFERENCE_REQUESTS,
-                to_wire(request),
-                key=request.patient_pseudonym.encode(),
-                headers=[(k, v.encode()) for k, v in headers.items()],
-            )
-            await asyncio.sleep(1 / RATE_PER_S)
-
-    task = asyncio.create_task(send())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await producer.stop()
 
 
 async def _deploy(stack: Stack, version: int) -> None:
@@ -127,7 +87,7 @@ async def test_a_healthy_version_is_promoted_through_every_step(drill_stack: Sta
     tap = TopicTap(drill_stack.config.bootstrap, (topics.MODELS_AUDIT,))
     await tap.start()
     try:
-        async with _steady_traffic(drill_stack):
+        async with steady_traffic(drill_stack, RATE_PER_S, "drill"):
             await _deploy(drill_stack, 2)
             promoted = await tap.wait_for(
                 topics.MODELS_AUDIT, _audit_of(2, "promote"), timeout_s=150
@@ -156,7 +116,7 @@ async def test_a_broken_version_rolls_itself_back(drill_stack: Stack) -> None:
     tap = TopicTap(drill_stack.config.bootstrap, (topics.MODELS_AUDIT, topics.INFERENCE_FAILED))
     await tap.start()
     try:
-        async with _steady_traffic(drill_stack):
+        async with steady_traffic(drill_stack, RATE_PER_S, "drill"):
             await _deploy(drill_stack, 4)
             rollback = await tap.wait_for(
                 topics.MODELS_AUDIT, _audit_of(4, "rollback"), timeout_s=120

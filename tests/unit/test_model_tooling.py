@@ -17,6 +17,7 @@ from tritonclient.grpc import model_config_pb2
 from typer.testing import CliRunner
 
 from medmesh_cli import modelkit
+from medmesh_cli.devstack.model_repository import parse_config
 from medmesh_cli.main import app
 from medmesh_cli.models import offline_check
 from medmesh_contracts.modelspec import load_spec, parse_spec
@@ -102,7 +103,7 @@ class OwnerModel:
 
     def edit_config(self, change: Callable[[Any], None]) -> None:
         """Change config.pbtxt (as Triton's ModelConfig)."""
-        config = modelkit.parse_config(self.config_file.read_text())
+        config = parse_config(self.config_file.read_text())
         change(config)
         self.config_file.write_text(text_format.MessageToString(config))
 
@@ -337,7 +338,7 @@ def test_scaffold_round_trip(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "TODO placeholders" in result.output
 
-    config = modelkit.parse_config(model.config_file.read_text())
+    config = parse_config(model.config_file.read_text())
     assert (config.name, config.platform, config.max_batch_size) == (MODEL, "onnxruntime_onnx", 32)
     assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [
         ("X", model_config_pb2.TYPE_FP32, [3])

@@ -30,6 +30,7 @@ from google.protobuf import text_format
 from pydantic import BaseModel
 from tritonclient.grpc import model_config_pb2
 
+from medmesh_cli.devstack.model_repository import parse_config, versions_by_policy
 from medmesh_contracts.modelspec import (
     LOINC,
     SNOMED,
@@ -181,12 +182,6 @@ def read_graph(path: Path) -> OnnxGraph:
 # --- Triton config.pbtxt -----------------------------------------------------------------------
 
 
-def parse_config(text: str) -> Any:
-    """A config.pbtxt text as Triton's ``ModelConfig``; text_format.ParseError when Triton
-    would not read it either."""
-    return text_format.Parse(text, model_config_pb2.ModelConfig())
-
-
 def config_datatype(data_type: int) -> str:
     """The Triton datatype name of a config ``data_type`` (TYPE_FP32 -> FP32, TYPE_STRING ->
     BYTES)."""
@@ -207,20 +202,6 @@ def model_kind(config: Any) -> Literal["onnx", "python"] | None:
     if config.backend == PYTHON_BACKEND and not config.platform:
         return "python"
     return None
-
-
-def served_versions(config: Any, present: list[int]) -> list[int]:
-    """Which of the version folders ``present`` (ascending) the config's version_policy serves:
-    ``all``, ``specific`` ones, or the newest ``latest.num_versions`` (Triton's default: 1)."""
-    policy = config.version_policy
-    choice = policy.WhichOneof("policy_choice")
-    if choice == "all":
-        return present
-    if choice == "specific":
-        listed = {int(v) for v in policy.specific.versions}
-        return [v for v in present if v in listed]
-    newest = max(1, int(policy.latest.num_versions)) if choice == "latest" else 1
-    return present[-newest:]
 
 
 def _dims_text(dims: Iterable[int]) -> str:
@@ -529,7 +510,7 @@ def _model_file(
             " triton.version in the spec to one of those"
         )
         return None
-    if target.version not in served_versions(config, present):
+    if target.version not in versions_by_policy(config, present):
         problems.append(
             f"{ctx.prefix}the version_policy of {ctx.config_path} does not serve version"
             f" {target.version}: set version_policy: {{ all {{ }} }} or list the version"

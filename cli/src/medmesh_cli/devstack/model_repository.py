@@ -178,8 +178,13 @@ def served_versions(model_dir: Path) -> list[int]:
     Numeric subfolders; ``all`` serves every one, ``specific`` the listed ones, ``latest``
     (Triton's default, ``num_versions`` 1 unless set) the highest.
     """
-    present = version_folders(model_dir)
-    policy = read_config(model_dir).version_policy
+    return versions_by_policy(read_config(model_dir), version_folders(model_dir))
+
+
+def versions_by_policy(config: Any, present: list[int]) -> list[int]:
+    """Which of the version folders ``present`` (ascending) the config's version_policy serves:
+    ``all``, ``specific`` ones, or the newest ``latest.num_versions`` (Triton's default: 1)."""
+    policy = config.version_policy
     choice = policy.WhichOneof("policy_choice")
     if choice == "all":
         return present
