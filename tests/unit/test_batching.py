@@ -255,3 +255,15 @@ async def test_outputs_of_the_wrong_batch_shape_fail_every_task_of_the_batch() -
     failures = [o for o in outcomes if isinstance(o, InferenceFailed)]
     assert [f.error_kind for f in failures] == ["invalid-output", "invalid-output"]
     assert "for a batch of 2" in failures[0].reason
+
+
+async def test_a_task_of_a_version_another_triton_model_serves_is_failed_not_scored() -> None:
+    """A v3 task (served by deterioration-gbt) reaching the v1 worker fails; v1's is scored."""
+    triton = FakeTriton()
+    tasks = [make_task(make_request(correlation_id="v3"), model_version=3), _task("v1")]
+    outcomes = await score_tasks(tasks, SPEC, triton.infer, IDENTITY, NO_WAIT, _now)
+    failed, completed = outcomes
+    assert isinstance(failed, InferenceFailed)
+    assert "served by Triton deterioration-gbt v1" in failed.reason
+    assert isinstance(completed, InferenceCompleted)
+    assert triton.batch_sizes == [1]

@@ -86,14 +86,24 @@ async def score_tasks(
     ``available`` is asked once the retries of a transient error are spent (None: never away).
     """
     outcomes: list[Outcome | None] = [None] * len(tasks)
-    # A worker serves one version; a batch is grouped by version all the same, so that a task
-    # routed elsewhere is scored with its own version's tensors (or failed when it has none).
+    # ``infer`` calls the Triton model version of ``identity``: a task whose spec version is served
+    # by another one was routed to the wrong worker and is failed, never scored by this model.
+    # Spec versions that share this Triton model version are grouped apart (their outputs read
+    # differently).
     groups: dict[int, tuple[VersionSpec, list[int], list[Rows]]] = {}
     for i, task in enumerate(tasks):
         try:
             version = spec.version(task.model_version)
         except KeyError as exc:
             outcomes[i] = _failed(task, identity, "invalid-input", str(exc), attempts=0)
+            continue
+        target = version.triton
+        if (target.model, str(target.version)) != (identity.triton_model, identity.triton_version):
+            reason = (
+                f"version {version.version} is served by Triton {target.model} v{target.version},"
+                f" not by this worker's {identity.triton_model} v{identity.triton_version}"
+            )
+            outcomes[i] = _failed(task, identity, "invalid-input", reason, attempts=0)
             continue
         try:
             rows = input_rows(task, spec, version)
