@@ -10,6 +10,9 @@ from tritonclient.grpc import InferenceServerException, InferInput, InferRequest
 from tritonclient.grpc.aio import InferenceServerClient
 
 from medmesh_contracts.modelspec import VersionSpec
+from medmesh_runtime.logging import get_logger
+
+log = get_logger("medmesh.inference.triton")
 
 # gRPC status codes after which the same call may succeed later.
 _TRANSIENT_STATUSES = frozenset(
@@ -61,6 +64,8 @@ class TritonModel:
         self._inputs = dict(input_datatypes)
         self._outputs = tuple(output_tensors)
         self._timeout_s = timeout_s
+        # Why the last readiness probe failed (None: it did not).
+        self.not_ready_because: str | None = None
 
     @classmethod
     def for_version(cls, url: str, version: VersionSpec) -> TritonModel:
@@ -83,15 +88,35 @@ class TritonModel:
         return self._channel
 
     async def ready(self) -> bool:
-        """True when the server answers (within the model's timeout) that this version is ready."""
+        """True when the server answers (within the model's timeout) that this version is ready.
+
+        Why it was not (the error, or Triton's "not ready") is logged when it changes, and kept
+        in ``not_ready_because``; callers probe again with backoff.
+        """
         try:
-            return bool(
+            ready = bool(
                 await self._client.is_model_ready(
                     self.model, model_version=self.version, client_timeout=self._timeout_s
                 )
             )
-        except Exception:  # noqa: BLE001 -- any failure to ask means "not ready"; callers retry
+        except Exception as exc:  # noqa: BLE001 -- any failure to ask means "not ready"; logged
+            self._not_ready(classify(exc).args[0])
             return False
+        if ready:
+            self.not_ready_because = None
+        else:
+            self._not_ready("Triton says the version is not ready")
+        return ready
+
+    def _not_ready(self, reason: str) -> None:
+        if reason != self.not_ready_because:
+            log.warning(
+                "Triton model version not ready",
+                model=self.model,
+                model_version=self.version,
+                reason=reason[:300],
+            )
+        self.not_ready_because = reason
 
     async def device_kind(self) -> str:
         """The instance kind Triton runs this version on (KIND_CPU or KIND_GPU)."""

@@ -75,6 +75,7 @@ from medmesh_runtime.telemetry import configure_service_tracing, consumer_span
 
 SERVICE = "router"
 Parsed = TypeVar("Parsed", ModelDeployment, WorkerHeartbeat, InferenceCompleted, InferenceFailed)
+Outcome = TypeVar("Outcome", InferenceCompleted, InferenceFailed)
 log = get_logger("medmesh.router")
 
 
@@ -180,6 +181,8 @@ class Router:
         self._unpublished: list[tuple[ModelDeployment, LifecycleDecision]] = []
         self._last_hold: dict[tuple[str, int, int], float] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        # Results and failures that did not parse (skipped as evidence; reporting dead-letters).
+        self.unreadable_outcomes = 0
         self.task_out = {
             topics.model_task_topic(spec.name, v.version): self.broker.publisher(
                 topics.model_task_topic(spec.name, v.version),
@@ -469,7 +472,11 @@ class Router:
                     for v in deployment.versions
                 },
             }
-        return {"at": now.isoformat(), "models": models}
+        return {
+            "at": now.isoformat(),
+            "models": models,
+            "unreadable_outcomes": self.unreadable_outcomes,
+        }
 
     # --- handlers ---------------------------------------------------------------------------
 
@@ -540,27 +547,36 @@ class Router:
                 await self.audit_readiness(now)
 
         # Results and failures are only observed here (reporting owns them): a record that does
-        # not parse is reporting's dead letter, so it is skipped without a second one.
+        # not parse is reporting's dead letter, so the router logs and counts it (it is evidence
+        # the rollout controller did not get) without a second dead letter.
         @broker.subscriber(topics.INFERENCE_RESULTS, title="results (observed)")
         async def on_result(message: KafkaMessage) -> None:
-            with contextlib.suppress(ValidationError):
-                self.analysis.completed(
-                    InferenceCompleted.model_validate_json(message.raw_message.value)  # type: ignore[union-attr]
-                )
+            self._observe(message.raw_message, InferenceCompleted, self.analysis.completed)
 
         @broker.subscriber(topics.INFERENCE_SHADOW_RESULTS, title="shadow results (observed)")
         async def on_shadow_result(message: KafkaMessage) -> None:
-            with contextlib.suppress(ValidationError):
-                self.analysis.completed(
-                    InferenceCompleted.model_validate_json(message.raw_message.value)  # type: ignore[union-attr]
-                )
+            self._observe(message.raw_message, InferenceCompleted, self.analysis.completed)
 
         @broker.subscriber(topics.INFERENCE_FAILED, title="failures (observed)")
         async def on_failed(message: KafkaMessage) -> None:
-            with contextlib.suppress(ValidationError):
-                self.analysis.failed(
-                    InferenceFailed.model_validate_json(message.raw_message.value)  # type: ignore[union-attr]
-                )
+            self._observe(message.raw_message, InferenceFailed, self.analysis.failed)
+
+    def _observe(self, record: Any, model: type[Outcome], apply: Callable[[Outcome], None]) -> None:
+        """Feed one observed outcome to the analysis; one that does not parse is logged and
+        counted (``GET /models``: ``unreadable_outcomes``)."""
+        try:
+            event = model.model_validate_json(record.value or b"")
+        except ValidationError as exc:
+            self.unreadable_outcomes += 1
+            log.warning(
+                "an outcome the rollout controller cannot read was skipped",
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                errors=exc.error_count(),
+            )
+            return
+        apply(event)
 
     async def _route_record(self, record: Any) -> list[Awaitable[None]]:
         """Route one request on its key and headers; the returned sends are started in its own
