@@ -216,6 +216,11 @@ class FhirEventRejected(Envelope):
     raw_value: str
     raw_encoding: Literal["utf-8", "base64"]
     operation_outcome: dict[str, Any]
+    # Added within version 1 as in MessageDeadLettered: whether raw_value is only the start of the
+    # value, and the size and SHA-256 of the whole value.
+    raw_truncated: bool = False
+    raw_size: int | None = None
+    raw_sha256: str | None = None
 
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
@@ -232,6 +237,13 @@ class MessageDeadLettered(Envelope):
     raw_value: str
     raw_encoding: Literal["utf-8", "base64"]
     reason: str
+    # Added within version 1: a dead letter must fit in one Kafka record, so a value too large
+    # for that keeps only its start (raw_truncated: true, not replayable as it is), with the
+    # size in bytes and the hex SHA-256 of the whole value; both are set on every dead letter
+    # medmesh writes (absent on older ones).
+    raw_truncated: bool = False
+    raw_size: int | None = None
+    raw_sha256: str | None = None
 
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 

@@ -8,8 +8,10 @@ rewinds to the failed record instead), which gives at-least-once processing on e
 from __future__ import annotations
 
 import base64
+import copy
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -73,8 +75,9 @@ def aiokafka_security(settings: ServiceSettings) -> dict[str, Any]:
 def build_broker(
     settings: ServiceSettings, service: str, tracer_provider: TracerProvider
 ) -> KafkaBroker:
-    """A KafkaBroker with durable publishing, OpenTelemetry context in message headers, and
-    per-topic message metrics on the process's Prometheus endpoint."""
+    """A KafkaBroker with durable publishing, OpenTelemetry context in message headers,
+    per-topic message metrics on the process's Prometheus endpoint, and subscribers that
+    accept records with null header values."""
     meter_provider = configure_metrics(service, settings.instance_id)
     return KafkaBroker(
         settings.kafka_bootstrap_servers,
@@ -83,6 +86,7 @@ def build_broker(
         enable_idempotence=True,
         compression_type=compression_type(settings),
         security=kafka_security(settings),
+        parser=tolerate_null_headers,
         middlewares=(
             KafkaTelemetryMiddleware(
                 tracer_provider=tracer_provider, meter_provider=meter_provider
@@ -106,8 +110,42 @@ def encode_raw(value: bytes) -> tuple[str, Literal["utf-8", "base64"]]:
 
 
 def record_headers(record: Any) -> dict[str, str]:
-    """A consumed record's headers as text (for trace-context extraction and correlation ids)."""
-    return {key: bytes(value).decode(errors="replace") for key, value in (record.headers or ())}
+    """A consumed record's headers as text (for trace-context extraction and correlation ids).
+
+    Kafka allows a header without a value (null): it is left out, so every reader sees it as
+    the absent header it stands for (a new correlation id, the default FHIR version, a new
+    trace) rather than as an empty value no medmesh header ever has.
+    """
+    return {
+        key: bytes(value).decode(errors="replace")
+        for key, value in (record.headers or ())
+        if value is not None
+    }
+
+
+def _without_null_headers(record: Any) -> Any:
+    """The record itself, or a copy of it without its null-valued headers (rare: copied only
+    then). A shallow copy keeps what faststream attaches to a record (its consumer)."""
+    headers = record.headers or ()
+    if all(value is not None for _key, value in headers):
+        return record
+    cleaned = copy.copy(record)
+    cleaned.headers = [(key, value) for key, value in headers if value is not None]
+    return cleaned
+
+
+async def tolerate_null_headers(
+    message: Any, original_parser: Callable[[Any], Awaitable[Any]]
+) -> Any:
+    """faststream's parser (broker-wide) for records that may hold null header values.
+
+    faststream's own Kafka parser decodes every header value and fails on a null one, before
+    any handler runs: the record (or the whole poll of a batch subscriber) was rewound and
+    redelivered forever. Null-valued headers are dropped first, as ``record_headers`` does.
+    """
+    if isinstance(message, tuple | list):  # a batch subscriber's poll
+        return await original_parser(tuple(_without_null_headers(r) for r in message))
+    return await original_parser(_without_null_headers(message))
 
 
 async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:

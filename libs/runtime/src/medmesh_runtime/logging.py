@@ -64,7 +64,20 @@ _SAFE_KEYS = frozenset(
 )
 
 
-def _scrub_text(text: str) -> str:
+def is_patient_data_key(key: str) -> bool:
+    """Whether values under this key are patient data (dropped whatever they hold).
+
+    The rule logs and spans share (medmesh_runtime.telemetry drops span attributes by it).
+    """
+    return key.lower() in PATIENT_DATA_KEYS
+
+
+def redact_text(text: str) -> str:
+    """Free text with every patient-data shape replaced by ``[redacted]``; a serialized JSON
+    value is redacted by key instead, like a structured one.
+
+    The rule logs and spans share (medmesh_runtime.telemetry scrubs exception events by it).
+    """
     stripped = text.lstrip()
     if stripped[:1] in ("{", "["):
         # A serialized resource logged as text: redact it by key like any structured value.
@@ -79,12 +92,9 @@ def _scrub_text(text: str) -> str:
 
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
-        return _scrub_text(value)
+        return redact_text(value)
     if isinstance(value, Mapping):
-        return {
-            k: REDACTED if str(k).lower() in PATIENT_DATA_KEYS else _scrub(v)
-            for k, v in value.items()
-        }
+        return {k: REDACTED if is_patient_data_key(str(k)) else _scrub(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [_scrub(v) for v in value]
     return value
@@ -97,7 +107,7 @@ def redact_patient_data(
     for key in list(event_dict):
         if key in _SAFE_KEYS:
             continue
-        if key.lower() in PATIENT_DATA_KEYS:
+        if is_patient_data_key(key):
             event_dict[key] = REDACTED
         else:
             event_dict[key] = _scrub(event_dict[key])

@@ -19,13 +19,36 @@ def _default_instance() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-class ServiceSettings(BaseSettings):
-    """Kafka connection, identity, HTTP port and observability settings of one service process."""
+# aiokafka's producer refuses a record whose key, value and headers exceed its max_request_size,
+# 1 MiB by default; medmesh keeps that default (no setting changes it) and the broker's
+# message.max.bytes (1 MiB + 12 bytes by default) agrees with it.
+PRODUCER_MAX_REQUEST_SIZE = 1024 * 1024
+# What a dead letter's headers (correlation id, schema, W3C trace context) and the record
+# framing may take at most: the value and key of a dead letter keep under the rest.
+_DEAD_LETTER_HEADROOM = 16 * 1024
 
-    # env_ignore_empty: `MEDMESH_TRACE_FILE=` in an env file means "unset", not the path ".".
+
+class DeadLetterSettings(BaseSettings):
+    """How large a dead letter may be: its own class, so that the dead-letter helpers read it
+    from the environment without the rest of a service's settings."""
+
+    # env_ignore_empty (every service's settings inherit it): `MEDMESH_TRACE_FILE=` in an env
+    # file means "unset", not the path ".".
     model_config = SettingsConfigDict(
         env_prefix="MEDMESH_", extra="ignore", frozen=True, env_ignore_empty=True
     )
+
+    # The most bytes a dead letter's value (its JSON event, envelope included) and key may take.
+    # A consumed record whose dead letter would be larger keeps a truncated payload with the
+    # SHA-256 and size of the whole value (raw_truncated). The default leaves 48 KiB of the
+    # producer's 1 MiB request for headers and framing; at most 1 MiB - 16 KiB is accepted.
+    dead_letter_max_bytes: int = Field(
+        default=1_000_000, ge=4096, le=PRODUCER_MAX_REQUEST_SIZE - _DEAD_LETTER_HEADROOM
+    )
+
+
+class ServiceSettings(DeadLetterSettings):
+    """Kafka connection, identity, HTTP port and observability settings of one service process."""
 
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_security_protocol: Literal["PLAINTEXT", "SASL_SSL", "SSL", "SASL_PLAINTEXT"] = "PLAINTEXT"

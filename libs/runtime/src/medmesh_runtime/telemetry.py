@@ -2,13 +2,17 @@
 
 A real SDK TracerProvider is always installed: without one, spans are non-recording and no
 trace context would travel in Kafka headers. Spans are exported as JSON lines to a file when
-``trace_file`` is set (used by ``medmesh up``), and nowhere otherwise.
+``trace_file`` is set (used by ``medmesh up``), over OTLP when an endpoint is set, and nowhere
+otherwise; every exporter sees them through ``RedactingSpanProcessor``, so no exported span
+carries a message key or patient data (see ``redact_span``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -19,16 +23,142 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     SpanExporter,
     SpanExportResult,
 )
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import Status
+from opentelemetry.util.types import Attributes, AttributeValue
 
 from medmesh_contracts import headers as h
+from medmesh_runtime.kafka import record_headers
+from medmesh_runtime.logging import REDACTED, is_patient_data_key, redact_text
 from medmesh_runtime.settings import ServiceSettings
+
+# --- patient data out of spans ---------------------------------------------------------------
+
+# A record's key (faststream's telemetry middleware records it on every consume and publish
+# span): an inbound key is the sender's and may be an MRN or a patient reference, and medmesh's
+# own keys are patient pseudonyms. No exported span keeps one.
+MESSAGE_KEY_ATTRIBUTES = frozenset({"messaging.kafka.message.key"})
+# Correlation ids read from a record's headers: medmesh's own are UUIDs and are kept as they
+# are; anything else (an inbound sender's header) is redacted like log text.
+_CONVERSATION_ATTRIBUTES = frozenset(
+    {"messaging.message.conversation_id", "medmesh.correlation_id"}
+)
+_UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}\Z")
+# The free-text attributes of an exception event (the type, a class name, is kept).
+_EXCEPTION_TEXT = frozenset({"exception.message", "exception.stacktrace"})
+
+
+@functools.lru_cache(maxsize=4096)
+def _dropped(key: str) -> bool:
+    # Cached: spans carry the same few attribute names over and over.
+    return key in MESSAGE_KEY_ATTRIBUTES or is_patient_data_key(key)
+
+
+def _redacted_attributes(attributes: Attributes, text: frozenset[str]) -> dict[str, Any] | None:
+    """The attributes without patient data, or None when they hold none (nothing to copy)."""
+    if not attributes:
+        return None
+    if not text and not any(_dropped(key) or key in _CONVERSATION_ATTRIBUTES for key in attributes):
+        return None  # the common case, decided on the names alone
+    changed = False
+    kept: dict[str, AttributeValue] = {}
+    for key, value in attributes.items():
+        if _dropped(key):
+            changed = True
+            continue
+        if isinstance(value, str) and (
+            key in text or (key in _CONVERSATION_ATTRIBUTES and not _UUID.match(value))
+        ):
+            scrubbed = redact_text(value)
+            changed = changed or scrubbed != value
+            kept[key] = scrubbed
+        else:
+            kept[key] = value
+    return kept if changed else None
+
+
+def _redacted_event(event: Event) -> Event:
+    text = _EXCEPTION_TEXT if event.name == "exception" else frozenset()
+    attributes = _redacted_attributes(event.attributes, text)
+    if attributes is None:
+        return event
+    return Event(event.name, attributes, event.timestamp)
+
+
+def redact_span(span: ReadableSpan) -> ReadableSpan:
+    """A finished span without patient data: the span itself when it holds none.
+
+    Dropped: message keys (``MESSAGE_KEY_ATTRIBUTES``) and every attribute, of the span or of
+    its events, that log redaction treats as patient data by name (``is_patient_data_key``).
+    Scrubbed with log redaction's text rule (``redact_text``): exception events' message and
+    stack trace, the status description (an exception's text when a span ends by one), and
+    correlation ids that are not medmesh's own UUIDs. Other attribute values are set by
+    medmesh's code and faststream from topic names, offsets, model names and ids, never from a
+    payload.
+    """
+    attributes = _redacted_attributes(span.attributes, frozenset())
+    original_events = span.events
+    events = [_redacted_event(event) for event in original_events]
+    events_changed = any(new is not old for new, old in zip(events, original_events, strict=True))
+    status = original_status = span.status
+    if status.description:
+        scrubbed = redact_text(status.description)
+        if scrubbed != status.description:
+            status = Status(status.status_code, scrubbed)
+    if attributes is None and not events_changed and status is original_status:
+        return span
+    return ReadableSpan(
+        name=span.name,
+        context=span.context,
+        parent=span.parent,
+        resource=span.resource,
+        attributes=span.attributes if attributes is None else attributes,
+        events=events,
+        links=span.links,
+        kind=span.kind,
+        status=status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
+
+
+class RedactingSpanProcessor(SpanProcessor):
+    """Hands its processor (an exporter's) every span without patient data.
+
+    On start, message-key and patient-data attributes the span starts with are overwritten
+    with ``[redacted]`` on the live span (attributes cannot be removed from it); on end, the
+    exporter gets ``redact_span`` of the finished span, which drops them and scrubs the
+    exception events and status set since.
+    """
+
+    def __init__(self, delegate: SpanProcessor) -> None:
+        self._delegate = delegate
+
+    def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
+        for key in [k for k in span.attributes or () if _dropped(k)]:
+            span.set_attribute(key, REDACTED)
+        self._delegate.on_start(span, parent_context=parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self._delegate.on_end(redact_span(span))
+
+    def shutdown(self) -> None:
+        self._delegate.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._delegate.force_flush(timeout_millis)
+
+
+def exporting(exporter: SpanExporter) -> SpanProcessor:
+    """The processor through which a medmesh process exports spans: batched, redacted."""
+    return RedactingSpanProcessor(BatchSpanProcessor(exporter))
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -98,9 +228,9 @@ def configure_tracing(
         sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
     )
     if trace_file is not None:
-        provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(trace_file)))
+        provider.add_span_processor(exporting(JsonLinesSpanExporter(trace_file)))
     if otlp_endpoint:
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint)))
+        provider.add_span_processor(exporting(OTLPSpanExporter(endpoint=otlp_endpoint)))
     trace.set_tracer_provider(provider)
     return provider
 
@@ -125,7 +255,7 @@ def consumer_span(
     consumers that read records themselves (batches, transactions), so every hop of a request
     looks the same in its trace and `medmesh trace` shows it.
     """
-    carrier = {key: bytes(value).decode(errors="replace") for key, value in (record.headers or ())}
+    carrier = record_headers(record)
     attributes: dict[str, str | int] = {
         "messaging.system": "kafka",
         "messaging.operation": "process",

@@ -31,7 +31,6 @@ from medmesh_contracts.events import (
     Producer,
     RequestInference,
     SourceContext,
-    new_id,
     routing_headers,
     schema_of,
     to_wire,
@@ -58,10 +57,10 @@ from medmesh_ingest.settings import DEVELOPMENT_PSEUDONYM_KEY, IngestSettings
 from medmesh_ingest.state_topic import ReadingsFollower, partition_of
 from medmesh_ingest.transport import requested_version
 from medmesh_ingest.validation import FhirVersion, Limits
+from medmesh_runtime.deadletter import rejected_event
 from medmesh_runtime.kafka import (
     CONSUMER_ACK_POLICY,
     build_broker,
-    encode_raw,
     message_headers,
     record_headers,
 )
@@ -261,16 +260,11 @@ class Ingest:
 
     async def dead_letter(self, record: Any, raw: bytes, answer: Answer) -> None:
         """Publish the rejected event whole, with its offset and OperationOutcome."""
-        value, encoding = encode_raw(raw)
-        rejected = FhirEventRejected(
-            correlation_id=new_id(),
-            producer=self.producer,
-            source_topic=record.topic,
-            source_partition=record.partition,
-            source_offset=record.offset,
-            raw_value=value,
-            raw_encoding=encoding,
-            operation_outcome=answer.operation_outcome,
+        rejected = rejected_event(
+            record,
+            answer.operation_outcome,
+            self.producer,
+            max_bytes=self.settings.dead_letter_max_bytes,
         )
         await self.invalid_out.publish(
             to_wire(rejected),
