@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
 from medmesh_reporting.report import MODEL_VERSION_TAG_SYSTEM
+from medmesh_runtime.kafka import record_headers
 
 # A 503's Retry-After is honoured up to this many seconds (ingest says 5; the suite stays short).
 MAX_RETRY_AFTER_S = 2.0
@@ -124,10 +125,8 @@ class ReportReader:
             patient = patient_of(bundle)
             if patient is None:
                 continue
-            cid = dict(message.headers).get(h.CORRELATION_ID, b"")
-            self.arrivals.append(
-                Arrival(patient, bytes(cid).decode(), model_version_of(bundle), time.monotonic())
-            )
+            cid = record_headers(message).get(h.CORRELATION_ID, "")
+            self.arrivals.append(Arrival(patient, cid, model_version_of(bundle), time.monotonic()))
 
     def of(self, patients: set[str]) -> list[Arrival]:
         """The reports seen so far whose subject is one of ``patients``."""

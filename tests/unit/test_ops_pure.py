@@ -123,3 +123,18 @@ def test_summary_names_the_reason_and_fhirpath_not_the_payload() -> None:
     text = summary(event)
     assert text == "error: bad status at Observation.status"
     assert "secret" not in text
+
+
+def test_a_truncated_dead_letter_is_not_replayed_as_if_whole() -> None:
+    """A dead letter keeping only the start of its record is refused, naming where the whole is."""
+    event = {
+        "source_topic": "medmesh.fhir.inbound",
+        "source_offset": 41,
+        "raw_value": '{"resourceType": "Bun',
+        "raw_encoding": "utf-8",
+        "raw_truncated": True,
+        "raw_size": 1153434,
+        "raw_sha256": "ab" * 32,
+    }
+    with pytest.raises(ValueError, match=r"1153434-byte record .* offset 41"):
+        replay_of(event, None, "test")

@@ -24,6 +24,7 @@ from medmesh_contracts.events import (
     RunInference,
     SourceContext,
 )
+from medmesh_runtime.kafka import record_headers
 
 EFFECTIVE_AT = datetime(2026, 11, 23, 8, 30, tzinfo=UTC)
 # (name, value, unit) in the deterioration spec's input order: NEWS2 7, as tests/factories.py.
@@ -81,10 +82,7 @@ def bench_task(index: int, run: str, model_version: int = 1) -> RunInference:
 
 def header_value(record: Any, name: str) -> str | None:
     """One header of a consumed record, as text (None when absent)."""
-    for key, value in record.headers or ():
-        if key == name:
-            return bytes(value).decode(errors="replace")
-    return None
+    return record_headers(record).get(name)
 
 
 def run_id() -> str:

@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from medmesh_cli.bench.stats import Summary, summarize
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
+from medmesh_runtime.kafka import record_headers
 
 # LOINC code -> (low, high) plausible range, for vital-sign values drawn per event
 _RANGES = {
@@ -81,9 +82,9 @@ async def run_load(
 
     async def collect() -> None:
         async for record in consumer:
-            for key, value in record.headers:
-                if key == h.CORRELATION_ID:
-                    arrived.setdefault(bytes(value).decode(), time.perf_counter())
+            correlation_id = record_headers(record).get(h.CORRELATION_ID)
+            if correlation_id is not None:
+                arrived.setdefault(correlation_id, time.perf_counter())
 
     collector = asyncio.create_task(collect())
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)

@@ -50,6 +50,12 @@ def summary(event: dict[str, Any]) -> str:
 def replay_of(event: dict[str, Any], key: bytes | None, origin: str) -> Replay:
     """The message that re-runs a dead-lettered entry from its source (after a fix)."""
     headers = [(REPLAY_HEADER, origin.encode())]
+    if event.get("raw_truncated"):
+        raise ValueError(
+            f"this dead letter keeps only the start of a {event.get('raw_size')}-byte record"
+            f" (sha256 {event.get('raw_sha256')}): replay it from its source topic"
+            f" {event.get('source_topic')}, offset {event.get('source_offset')}"
+        )
     if "raw_value" in event and "source_topic" in event:
         raw = str(event["raw_value"])
         value = base64.b64decode(raw) if event.get("raw_encoding") == "base64" else raw.encode()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from medmesh_runtime.kafka import topic_partitions
+from medmesh_runtime.kafka import record_headers, topic_partitions
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ async def read_range(
                         timestamp_ms=record.timestamp,
                         key=record.key,
                         value=record.value or b"",
-                        headers={k: bytes(v).decode(errors="replace") for k, v in record.headers},
+                        headers=record_headers(record),
                     )
                 )
             if await kafka.position(part) >= end[part]:
