@@ -6,8 +6,9 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import httpx
 import typer
@@ -68,61 +69,171 @@ def up(
     if overlay is not None:
         config = with_overlay(config, overlay)
     pid_file = config.state_dir / PID_FILE
-    stack = Stack(config)
-    started = time.monotonic()
-    console.print("[bold]medmesh[/] starting Kafka, Triton and the services ...")
-    stack.start()
-    pid_file.write_text(str(os.getpid()))
-    console.print(
-        f"[bold green]medmesh is up[/] in {time.monotonic() - started:.1f}s: "
-        f"POST FHIR to {config.ingest_url}/fhir; state and logs in {config.state_dir}"
-    )
-
-    def request_stop(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGHUP, request_stop)
+    other = _running_up_pid(pid_file)
+    if other is not None:
+        console.print(f"[bold red]medmesh: a stack is already running (pid {other})[/]")
+        raise typer.Exit(1)
+    # Before anything starts: a signal that arrives while Kafka or Triton is still starting
+    # must stop what was started, not kill this process and orphan its children.
+    signals = StopSignals()
+    signals.install()
+    stack: Stack | None = None
     failed = False
     try:
-        asyncio.run(_serve(stack, demo))
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(str(os.getpid()))  # `medmesh down` works from the start on
+        stack = Stack(config)
+        started = time.monotonic()
+        console.print("[bold]medmesh[/] starting Kafka, Triton and the services ...")
+        stack.start()
+        console.print(
+            f"[bold green]medmesh is up[/] in {time.monotonic() - started:.1f}s: "
+            f"POST FHIR to {config.ingest_url}/fhir; state and logs in {config.state_dir}"
+        )
+        asyncio.run(_serve(stack, demo, signals))
     except KeyboardInterrupt:
-        console.print("[bold]medmesh[/] stopping ...")
+        pass  # a signal while starting (or outside the serve loop): stop below
     except ProcessExitedError as exc:
         console.print(f"[bold red]medmesh: {exc}[/]")
         failed = True
     finally:
-        stack.stop()
-        pid_file.unlink(missing_ok=True)
+        signals.stopping = True  # from here on, signals cannot cut the stop short
+        if stack is not None:
+            console.print("[bold]medmesh[/] stopping ...")
+            stack.stop()
+        if _pid_in(pid_file) == os.getpid():
+            pid_file.unlink(missing_ok=True)
+        signals.restore()
         console.print("[bold]medmesh[/] stopped")
     if failed:
         raise typer.Exit(1)
+
+
+class StopSignals:
+    """How `medmesh up` takes SIGINT, SIGTERM and SIGHUP (Ctrl-C, a supervisor or CI runner,
+    `medmesh down`, a closed terminal): the first ends the serve loop (``on_stop``) or, while the
+    stack is still starting, raises KeyboardInterrupt in the main thread; either way `up` goes on
+    into ``Stack.stop``. They are taken over before anything starts. Once stopping,
+    signals are ignored: a second Ctrl-C, a repeated SIGTERM, or make passing the group's
+    SIGTERM on to its child cannot cut the stop short and orphan the children (they run in
+    their own sessions and get no signal of their own). The stop is bounded (``Stack.stop``), so
+    nothing is lost by waiting for it."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.stopping = False
+        # Set while the serve loop runs: the first signal calls it instead of raising, so that
+        # the loop winds down in order (a KeyboardInterrupt through asyncio.run cancels every
+        # task at once, aiokafka's connection readers included, and the report consumer then
+        # waits 40 s for the answer to its LeaveGroup request before anything is stopped).
+        self.on_stop: Callable[[], None] | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        """Take over the three signals (from the main thread)."""
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        """Give the signals back their previous handlers."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _handle(self, _signum: int, _frame: object) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        if self.on_stop is not None:
+            self.on_stop()
+            return
+        raise KeyboardInterrupt
+
+
+def _pid_in(pid_file: Path) -> int | None:
+    """The pid a pid file names; None when there is none or it does not read."""
+    try:
+        return int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _running_up_pid(pid_file: Path) -> int | None:
+    """The pid of the `medmesh up` the pid file names, while it runs; None for a missing or stale
+    pid file (its process gone, or the pid reused by a program that is not medmesh)."""
+    pid = _pid_in(pid_file)
+    if pid is None or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        try:
+            if b"medmesh" not in cmdline.read_bytes():
+                return None
+        except OSError:
+            return pid
+    return pid
 
 
 class ProcessExitedError(RuntimeError):
     """A process of the stack exited while the stack was up."""
 
 
-async def _serve(stack: Stack, demo: bool) -> None:
+async def _serve(stack: Stack, demo: bool, signals: StopSignals) -> None:
+    """Print reports, send the demo events, notice a process that exits and take in new model
+    versions, until a stop signal (see ``StopSignals.on_stop``); then wind down in order."""
     config = stack.config
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def request_stop() -> None:  # runs in the signal handler: only schedule, wake the loop
+        loop.call_soon_threadsafe(stop.set)
+
+    signals.on_stop = request_stop
+    stopped = asyncio.create_task(stop.wait())
     watcher = asyncio.create_task(_watch_reports(config.bootstrap))
-    if demo:
-        await asyncio.sleep(1.0)  # let the report consumer join before the first report lands
-        await _send_files(config.ingest_url, sample_events())
+    sender = asyncio.create_task(_send_demo(config.ingest_url)) if demo else None
+    tasks = {stopped, watcher, *([sender] if sender is not None else [])}
     refused = ""
     tick = 0
-    while not watcher.done():
-        dead = stack.exited()
-        if dead:
-            watcher.cancel()
-            raise ProcessExitedError(
-                f"{', '.join(dead)} exited; stopping the stack (logs in {config.state_dir})"
-            )
-        tick += 1
-        if tick % RECONCILE_EVERY_TICKS == 0:
-            refused = _reconcile(stack, refused)
-        await asyncio.sleep(1.0)
-    await watcher
+    try:
+        while not stop.is_set() and not watcher.done():
+            if sender is not None and sender.done():
+                sender.result()  # a demo send that failed ends `up`, as it always did
+                sender = None
+            dead = stack.exited()
+            if dead:
+                raise ProcessExitedError(
+                    f"{', '.join(dead)} exited; stopping the stack (logs in {config.state_dir})"
+                )
+            tick += 1
+            if tick % RECONCILE_EVERY_TICKS == 0:
+                refused = _reconcile(stack, refused)
+            await asyncio.wait({stopped, watcher}, timeout=1.0)
+        if watcher.done():
+            await watcher
+    finally:
+        signals.on_stop = None
+        for task in tasks:
+            task.cancel()
+        # The report consumer leaves its group while its connections still run; bounded, so a
+        # broker that does not answer cannot hold up the stop.
+        await asyncio.wait(tasks, timeout=WIND_DOWN_S)
+
+
+# How long the serve loop's tasks get to finish once a stop is asked for.
+WIND_DOWN_S = 3.0
+
+
+async def _send_demo(ingest_url: str) -> None:
+    await asyncio.sleep(1.0)  # let the report consumer join before the first report lands
+    await _send_files(ingest_url, sample_events())
 
 
 # Every 3 s the stack takes in model versions added to the specs and model folders (hot deploy).
@@ -202,7 +313,11 @@ def down() -> None:
     if not pid_file.exists():
         console.print("no running medmesh stack found")
         raise typer.Exit(1)
-    pid = int(pid_file.read_text())
+    pid = _running_up_pid(pid_file)
+    if pid is None:
+        pid_file.unlink(missing_ok=True)
+        console.print("the medmesh stack was not running (stale pid file removed)")
+        return
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:

@@ -225,7 +225,7 @@ class KafkaServer:
             raise RuntimeError("Kafka is not started")
         return self._process
 
-    def stop(self) -> None:
-        """Stop the broker (controlled shutdown on SIGTERM)."""
+    def stop(self, grace_s: float = 20.0) -> None:
+        """Stop the broker (controlled shutdown on SIGTERM; SIGKILL after ``grace_s``)."""
         if self._process is not None:
-            self._process.stop(grace_s=20)
+            self._process.stop(grace_s=grace_s)

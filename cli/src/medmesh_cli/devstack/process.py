@@ -1,18 +1,27 @@
-"""Child processes of the local stack: started in their own process group, logs to a file,
-optionally echoed with a prefix, and stopped with SIGTERM then SIGKILL."""
+"""Child processes of the local stack: each in its own session (a signal to a terminal's or a
+supervisor's process group reaches only `medmesh up`, which stops its children in order), logs to
+a file, optionally echoed with a prefix, stopped with SIGTERM then SIGKILL, and killed by Linux
+if the process that started them dies without stopping them."""
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
+import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+# After SIGKILL, how long to wait for a process (and then its output pump) to be gone.
+KILL_WAIT_S = 2.0
+PUMP_WAIT_S = 2.0
 
 
 class ManagedProcess:
@@ -42,17 +51,24 @@ class ManagedProcess:
         return self._proc.pid if self._proc else None
 
     def start(self) -> None:
-        """Start the child in a new session so signals to it never reach this process."""
+        """Start the child in a new session so signals to this process's group never reach it;
+        Linux kills it (SIGKILL) if this process dies without stopping it."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._proc = subprocess.Popen(
-            self.argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            cwd=self.cwd,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 -- only prctl, safe between fork and exec
-        )
+        parent = os.getpid()
+
+        def launch() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                self.argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+                # only prctl, getppid and kill run between fork and exec (libc is resolved)
+                preexec_fn=functools.partial(_die_with_parent, parent),  # noqa: PLW1509
+            )
+
+        self._proc = _spawn(launch)
         self._pump = threading.Thread(
             target=self._copy_output, name=f"log-{self.name}", daemon=True
         )
@@ -93,25 +109,129 @@ class ManagedProcess:
                 return
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM, wait up to ``grace_s``, then SIGKILL; waits for the output pump to finish."""
+        """SIGTERM, wait up to ``grace_s``, then SIGKILL; waits (bounded) for the output pump."""
+        stop_all([self], grace_s)
+
+    def _wait(self, deadline: float) -> bool:
+        """Wait until the child has exited or ``deadline`` (monotonic) passed; whether it exited."""
+        if self._proc is None:
+            return True
+        try:
+            self._proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def _kill_group(self) -> None:
+        """SIGKILL whatever is left in the child's process group (its own children), also after
+        the child itself has exited: the group id stays reserved while a member lives."""
         if self._proc is None:
             return
-        self.signal(signal.SIGTERM)
         try:
-            self._proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            self._proc.wait(timeout=grace_s)
-        if self._pump is not None:
-            self._pump.join(timeout=2)
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM this child when the process that started it dies (even by kill -9),
-    so no broker or service outlives `medmesh up` or a crashed test session."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+def stop_all(processes: Sequence[ManagedProcess], grace_s: float) -> None:
+    """Stop processes together: SIGTERM to every group at once, SIGKILL to every group after
+    ``grace_s`` (at once if its leader is already gone, for what it left behind), then wait for
+    the output pumps. Takes at most ``grace_s + KILL_WAIT_S + PUMP_WAIT_S``; never raises for a
+    process that will not die (a process in uninterruptible sleep is left to the kernel)."""
+    running = [p for p in processes if p.running()]
+    for process in running:
+        process.signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for process in running:
+        process._wait(deadline)
+    for process in running:
+        process._kill_group()
+    deadline = time.monotonic() + KILL_WAIT_S
+    for process in running:
+        process._wait(deadline)
+    deadline = time.monotonic() + PUMP_WAIT_S
+    for process in processes:
+        if process._pump is not None:
+            process._pump.join(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def _load_prctl() -> Any:
+    """libc's prctl, resolved once in the parent (dlopen between fork and exec could deadlock);
+    None where there is none (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In the child, between fork and exec: ask Linux to SIGKILL it when the process that started
+    it dies (by kill -9 too), so no broker or service outlives `medmesh up` or a test session.
+
+    SIGKILL, not SIGTERM: this fires only when the supervisor is gone without having stopped its
+    children, so nobody is left to wait for a graceful stop or to escalate; a worker whose
+    Triton and Kafka are gone can spend minutes in its graceful shutdown (issue 16). The stack's
+    state is disposable (Kafka is formatted afresh on every start) and the services are safe
+    across kill -9. If the parent died before prctl took effect, the child ends itself now."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Spawner:
+    """Starts children from one thread that lives as long as the process.
+
+    Linux sends the parent-death signal when the *thread* that forked the child ends, not the
+    process: a child started from a short-lived thread (``asyncio.to_thread``, a start-up thread)
+    would be killed with that thread. The main thread lives as long as the process, so children
+    are started directly there and from this spawner thread otherwise."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: queue.SimpleQueue[
+            tuple[Callable[[], subprocess.Popen[bytes]], Future[subprocess.Popen[bytes]]]
+        ] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def spawn(self, start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+        """``start()`` on a thread that lives as long as this process; its result."""
+        if threading.current_thread() is threading.main_thread():
+            return start()
+        future: Future[subprocess.Popen[bytes]] = Future()
+        if self._pid != os.getpid():  # a forked copy of this process: the thread stayed behind
+            self._lock, self._requests, self._thread = threading.Lock(), queue.SimpleQueue(), None
+            self._pid = os.getpid()
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._serve, name="medmesh-spawner", daemon=True
+                )
+                self._thread.start()
+        self._requests.put((start, future))
+        return future.result()
+
+    def _serve(self) -> None:
+        while True:
+            start, future = self._requests.get()
+            try:
+                future.set_result(start())
+            except BaseException as exc:  # noqa: BLE001 -- handed to the asking thread, which raises it
+                future.set_exception(exc)
+
+
+_SPAWNER = _Spawner()
+
+
+def _spawn(start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    return _SPAWNER.spawn(start)
 
 
 def _echo(name: str, line: bytes, out: IO[str]) -> None:

@@ -571,8 +571,10 @@ class TritonServer:
         return self._process is not None and self._process.poll() is None
 
     def stop(self, grace_s: float = DEFAULT_STOP_GRACE_S) -> int | None:
-        """Terminate tritonserver (SIGTERM), kill it after ``grace_s``; its exit code."""
-        process, self._process = self._process, None
+        """Terminate tritonserver (SIGTERM), kill it after ``grace_s``; its exit code. The
+        process is forgotten only once it has exited, so a stop cut short (a KeyboardInterrupt)
+        and called again still stops it."""
+        process = self._process
         code: int | None = None
         if process is not None:
             if process.poll() is None:
@@ -583,6 +585,7 @@ class TritonServer:
                     process.kill()
                     process.wait()
             code = process.returncode
+            self._process = None
         if self._pipe_reader is not None:
             self._pipe_reader.join(timeout=5)
             self._pipe_reader = None
