@@ -10,7 +10,7 @@ import pytest
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 
 from medmesh_ingest.outcomes import FhirRejected, Issue, accepted, outcome
-from medmesh_ingest.validation import fhirpath, parse_payload
+from medmesh_ingest.validation import Limits, fhirpath, parse_payload
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "fhir"
 VALID_FIXTURES = [
@@ -323,6 +323,33 @@ def test_diagnostics_never_carry_patient_data() -> None:
     for value in PHI:
         assert value not in text
     assert "Patient.birthDate" in expressions(rejected)
+
+
+# --- how many objects and arrays --------------------------------------------------------------
+
+
+def test_too_many_containers_are_413_before_the_json_is_decoded() -> None:
+    """The node count comes first: a body of brackets that is not even JSON is 413, not 400."""
+    with pytest.raises(FhirRejected) as caught:
+        parse_payload(b"[{" * 60, limits=Limits(max_nodes=100))
+    assert caught.value.status == 413
+    (issue,) = caught.value.outcome["issue"]
+    assert issue["code"] == "too-costly"
+    assert "at most 100" in issue["diagnostics"]
+    assert rejection(b"[{" * 40).status == 400  # under the limit: the JSON error as before
+
+
+def test_a_bundle_at_the_entry_limit_is_far_below_the_node_limit() -> None:
+    """1000 entries of the high-risk vitals Bundle hold about 13,000 objects and arrays: the
+    default node limit (100,000) refuses none of them, and 1001 entries are still 413 for
+    their number."""
+    base = json.loads(fixture("vitals-bundle-high.json"))
+    entries = (base["entry"] * 101)[:1001]
+    raw = json.dumps(base | {"entry": entries[:1000]})
+    assert raw.count("{") + raw.count("[") < Limits().max_nodes / 5
+    with pytest.raises(FhirRejected) as caught:
+        parse_payload(json.dumps(base | {"entry": entries}).encode())
+    assert caught.value.outcome["issue"][0]["expression"] == ["Bundle.entry"]
 
 
 # --- what parsing gives ------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from copy import deepcopy
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,7 +27,13 @@ from medmesh_ingest.extraction import PatientReadings, Reading, extract
 from medmesh_ingest.outcomes import TOO_LARGE, FhirRejected
 from medmesh_ingest.readings import merge
 from medmesh_ingest.validation import Limits, parse
-from medmesh_ingest.waveforms import WaveformError, read_waveform, sample_count
+from medmesh_ingest.waveforms import (
+    MAX_UPSAMPLING,
+    WaveformError,
+    read_waveform,
+    sample_count,
+    signal_seconds,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "fhir"
@@ -134,6 +141,92 @@ def test_resampling_cropping_and_padding() -> None:
         4.0,
         7.0,
     )
+
+
+def _resampled_whole(values: list[float], period_ms: float, target_ms: float) -> list[float]:
+    """The whole signal resampled, as ingest did before it computed only the kept tail."""
+    if math.isclose(period_ms, target_ms, rel_tol=1e-9):
+        return list(values)
+    count = math.floor((len(values) - 1) * period_ms / target_ms + 1e-9) + 1
+    out: list[float] = []
+    last = len(values) - 1
+    for k in range(count):
+        position = k * target_ms / period_ms
+        i = min(int(position), last)
+        share = position - i
+        out.append(
+            values[i]
+            if i >= last or share <= 0
+            else values[i] + share * (values[i + 1] - values[i])
+        )
+    return out
+
+
+@pytest.mark.parametrize("period", [0.5, 1, 2, 2.5, 3, 4, 1000 / 360, 7, 13, 40])
+@pytest.mark.parametrize("points", [2, 9, 250, 1001, 3000])
+def test_only_the_kept_tail_is_computed_and_it_is_the_same(period: float, points: int) -> None:
+    """The kept samples equal the last ones of the whole signal resampled, padded alike, for
+    downsampling, the same rate and upsampling up to the limit."""
+    spec = WaveformSpec(sample_rate_hz=250, samples=500, min_samples=2)
+    values = [float((i * 37) % 101 - 50) for i in range(points)]
+    sampled = r4b(period=period, data=" ".join(f"{v:g}" for v in values))
+    whole = _resampled_whole(values, period, spec.period_ms)
+    if len(whole) < spec.shortest:
+        with pytest.raises(WaveformError, match="at least"):
+            read_waveform(sampled, "uV", spec)
+        return
+    kept = whole[-spec.samples :]
+    kept += [kept[-1]] * (spec.samples - len(kept))
+    six_digits = [round(v, 5 - math.floor(math.log10(abs(v)))) + 0.0 if v else 0.0 for v in kept]
+    assert read_waveform(sampled, "uV", spec).samples == tuple(six_digits)
+
+
+def test_a_period_more_than_max_upsampling_times_the_rate_is_implausible() -> None:
+    """At 250 Hz, 40 ms between points is read; 40.1 ms, 1 s or 4 h (R5) are implausible,
+    naming the period (R4B) or the interval (R5)."""
+    spec = WaveformSpec(sample_rate_hz=250, samples=4, min_samples=2)
+    assert MAX_UPSAMPLING * spec.period_ms == 40
+    assert len(read_waveform(r4b(period=40, data="0 1 2"), "uV", spec).samples) == 4
+    for sampled, element in (
+        (r4b(period=40.1, data="0 1 2"), "period"),
+        (r4b(period=1000, data="0 1 2"), "period"),
+        (r5(interval=4, intervalUnit="h", data="0 1"), "interval"),
+    ):
+        with pytest.raises(WaveformError, match="at most 40 ms") as caught:
+            read_waveform(sampled, "uV", spec)
+        assert (caught.value.element, caught.value.implausible) == (element, True)
+
+
+def test_signal_seconds_is_points_times_the_period() -> None:
+    """(points per dimension - 1) x period, with the element naming the period; None without
+    a usable period."""
+    assert signal_seconds(r4b(period=2, data="1 2 3 4 5")) == ("period", 0.008)
+    assert signal_seconds(r5(interval=4, intervalUnit="h", data="0 1")) == ("interval", 14400)
+    assert signal_seconds(r4b(period=2, dimensions=2, data="1 2 3 4 5 6")) == ("period", 0.004)
+    assert signal_seconds(r5(interval=4, intervalUnit="kg", data="0 1")) is None
+
+
+def test_values_that_are_not_finite_are_implausible() -> None:
+    """factor x data, a limit, origin + factor x data or the converted origin that is not a
+    finite number makes the signal implausible, naming the element."""
+    cases = (
+        (r4b(factor=1e300, data="1 1e10 2 3"), "uV", "data"),
+        (
+            r4b(data="1 L 2 3", lowerLimit=-1.7e308, origin=UV | {"value": 1.7e308}),
+            "uV",
+            "lowerLimit",
+        ),
+        (r4b(data="1 2 3 1e308", origin=UV | {"value": 1.7e308}), "uV", "data"),
+        (
+            r4b(origin=UV | {"value": 1e308, "unit": "V", "code": "V"}, data="1 2 3 4"),
+            "mV",
+            "origin.value",
+        ),
+    )
+    for sampled, unit, element in cases:
+        with pytest.raises(WaveformError, match="not a finite number") as caught:
+            read_waveform(sampled, unit, SAME_RATE)
+        assert (caught.value.element, caught.value.implausible) == (element, True)
 
 
 def test_a_signal_too_short_is_unreadable() -> None:

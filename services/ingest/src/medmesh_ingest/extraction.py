@@ -5,12 +5,16 @@ usable reading among the Observations matching any of its sources, converted as 
 Only Observations give readings; a ServiceRequest whose code names a model is an explicit order
 to score its patient now. Patient and Encounter entries matter only as targets of references,
 which validation has already resolved; any other resource is ignored. A reading whose value is
-physiologically impossible (``units.implausible``) makes the whole payload unacceptable. A
-waveform input reads valueSampledData as ``waveforms.read_waveform`` says (R4B and R5 alike).
+physiologically impossible (``units.implausible``), or not a finite number once converted (a
+huge quantity, a waveform whose origin + factor x data overflows), makes the whole payload
+unacceptable. A waveform input reads valueSampledData as ``waveforms.read_waveform`` says (R4B
+and R5 alike); a signal it calls implausible (``WaveformError.implausible``) rejects the payload
+too, any other unreadable one is an error issue and the reading is ignored.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -433,7 +437,10 @@ def _waveform(input_spec: InputSpec, element: Any, path: str) -> Waveform:
             sampled, input_spec.unit, _given(input_spec.waveform, "a waveform spec")
         )
     except WaveformError as exc:
-        raise _unusable("error", path, f"valueSampledData.{exc.element}", exc.problem) from None
+        where = f"valueSampledData.{exc.element}"
+        if exc.implausible:
+            raise _impossible(path, where, exc.problem) from None
+        raise _unusable("error", path, where, exc.problem) from None
 
 
 def _value(input_spec: InputSpec, source: InputSource, element: Any, path: str) -> float:
@@ -475,13 +482,22 @@ def _quantity_in(element: Any, unit: str, path: str) -> float:
     except UnitConversionError as exc:
         raise _unusable("error", path, where, f"{exc}, expected {unit!r}") from None
     except (ValueError, OverflowError):  # e.g. a value too large for a float
-        raise _unusable("error", path, "valueQuantity.value", "not a finite number") from None
+        value = math.inf
+    if not math.isfinite(value):  # e.g. 1e308 /s is infinite in /min
+        raise _impossible(path, "valueQuantity.value", f"not a finite number in {unit}")
     problem = implausible(value, unit)
     if problem is not None:
         at = f"{path}.valueQuantity.value"
         issue = Issue("error", "value", f"{at}: the reading {problem}.", (at,))
         raise _UnusableValueError(issue, rejects_payload=True)
     return value
+
+
+def _impossible(path: str, element: str, problem: str) -> _UnusableValueError:
+    """An error for a value that cannot be a measurement: the payload is unacceptable (422)."""
+    where = f"{path}.{element}"
+    issue = Issue("error", "value", f"{where}: {problem}.", (where,))
+    return _UnusableValueError(issue, rejects_payload=True)
 
 
 def _unusable(

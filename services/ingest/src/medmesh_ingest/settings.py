@@ -40,6 +40,14 @@ class IngestSettings(ServiceSettings):
     max_bundle_entries: int = Field(default=1000, ge=1)
     # Most points one waveform (SampledData, e.g. an ECG lead) may hold (413 beyond).
     max_waveform_samples: int = Field(default=60_000, ge=2)
+    # Longest signal one waveform may carry, (points - 1) x its sampling period, in seconds
+    # (413 beyond): an hour holds any ECG strip or rhythm recording a model reads the end of,
+    # and refuses a "waveform" of points hours apart.
+    max_waveform_seconds: float = Field(default=3600.0, gt=0)
+    # Most JSON objects and arrays one payload may hold, counted before it is decoded (413
+    # beyond): a 1000-entry vitals Bundle holds about 13,000; millions of empty lists in a 5 MiB
+    # body would otherwise take hundreds of MiB to decode and check.
+    max_json_nodes: int = Field(default=100_000, ge=1)
     ingest_group_id: str = "medmesh-ingest"
     # Inbound events handled per poll (one offset commit each) and the longest wait to fill one.
     inbound_max_batch: int = 200

@@ -4,8 +4,10 @@
 what kind of notification it is and which resources it only names), or raises ``FhirRejected``
 with an OperationOutcome. fhir.resources checks structure and datatypes; it does not check code
 values, reference target types or Bundle types, so the rules of BRIEF.md section 5 are made here.
-Size limits (JSON nesting depth, Bundle entries) are checked before any model is built, the
-number of points of each waveform (SampledData) right after.
+Size limits are checked before any model is built: the number of JSON objects and arrays
+before the JSON is even decoded (a cheap count of the brackets outside strings, so that no body
+of millions of tiny containers is ever built in memory), then nesting depth and Bundle entries;
+the number of points of each waveform (SampledData) and how long its signal lasts right after.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from medmesh_ingest.outcomes import (
     rejected,
     rejection,
 )
-from medmesh_ingest.waveforms import sample_count
+from medmesh_ingest.waveforms import sample_count, signal_seconds
 
 FhirVersion = Literal["R4B", "R5"]
 
@@ -115,6 +117,11 @@ _JSON_NAMES = {"resource_type": "resourceType"}
 # Shorter input values are not scrubbed from messages: they would mangle the message text and
 # cannot identify anyone.
 _MIN_SCRUBBED_LENGTH = 3
+# A JSON string (its brackets open no container). An unterminated one runs to the end of the
+# text (json.loads stops there: nothing after it is decoded): so every match attempt succeeds
+# without backtracking and the scan stays linear (with a plain closing quote, a quote followed
+# by a million escaped quotes took hours: each of them started a new failing attempt).
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,10 @@ class Limits:
     max_entries: int = 1000
     # Most points one SampledData (a waveform, e.g. an ECG lead) may hold.
     max_waveform_samples: int = 60_000
+    # Longest signal one SampledData may carry: (points - 1) x its period, in seconds.
+    max_waveform_seconds: float = 3600.0
+    # Most JSON objects and arrays one payload may hold (counted before it is decoded).
+    max_nodes: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -195,8 +206,9 @@ def parse(
 
     ``resource_type_hint`` is the type named by the endpoint (``POST /fhir/{resourceType}``).
     Raises ``FhirRejected``: 400 when the payload is not JSON, not a FHIR resource, or not of
-    the hinted type; 413 when it is nested too deeply, has too many entries or a waveform with
-    too many points; 422 when it is FHIR but invalid or not usable.
+    the hinted type; 413 when it holds too many JSON objects and arrays, is nested too deeply,
+    has too many entries, or a waveform with too many points or lasting too long; 422 when it
+    is FHIR but invalid or not usable.
     """
     data, unknown_types = _decode_json(raw, limits, fhir_version)
     resource_type = _resource_type_of(data, fhir_version)
@@ -225,7 +237,10 @@ def _decode_json(
 ) -> tuple[dict[str, Any], list[_PathLink]]:
     """The decoded object, and where it nests resources of unknown type (see ``_scan``)."""
     try:
-        data = json.loads(raw)
+        # As json.loads decodes bytes; done here so that the node count reads the same text.
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+        _check_node_count(text, limits)
+        data = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise rejected(NOT_FHIR, "structure", "The payload is not JSON.") from None
     except RecursionError:
@@ -244,8 +259,32 @@ def _decode_json(
     return data, unknown_types
 
 
+def _check_node_count(text: str, limits: Limits) -> None:
+    """413 when the JSON holds more objects and arrays than ``limits.max_nodes``.
+
+    Counted on the text, before anything is decoded: decoding millions of empty lists takes
+    hundreds of MiB, and so did walking them. Every bracket counts at first (two ``str.count``
+    calls, no allocation); only when that is over the limit are the strings taken out, whose
+    brackets open nothing, and the rest counted again (one copy of the text at most).
+    """
+    opened = text.count("[") + text.count("{")
+    if opened <= limits.max_nodes:
+        return
+    outside_strings = _JSON_STRING.sub("", text)
+    opened = outside_strings.count("[") + outside_strings.count("{")
+    if opened > limits.max_nodes:
+        raise rejected(
+            TOO_LARGE,
+            "too-costly",
+            f"The JSON holds {opened} objects and arrays; at most {limits.max_nodes} are "
+            "accepted (MEDMESH_MAX_JSON_NODES).",
+        )
+
+
 def _check_waveform_sizes(entries: Sequence[ParsedResource], limits: Limits) -> None:
-    """413 when an Observation's (or component's) SampledData holds more points than allowed."""
+    """413 when an Observation's (or component's) SampledData holds more points than allowed,
+    or a signal lasting longer than allowed (points x period: its resampling is bounded by the
+    model's window, but nothing that long is a waveform reading)."""
     for entry in entries:
         if entry.resource_type != "Observation":
             continue
@@ -254,7 +293,8 @@ def _check_waveform_sizes(entries: Sequence[ParsedResource], limits: Limits) -> 
             *((f".component[{i}]", c) for i, c in enumerate(entry.resource.component or ())),
         ]
         for where, element in elements:
-            count = sample_count(element.valueSampledData)
+            sampled = element.valueSampledData
+            count = sample_count(sampled)
             if count > limits.max_waveform_samples:
                 path = f"{entry.expression}{where}.valueSampledData.data"
                 raise rejected(
@@ -262,6 +302,18 @@ def _check_waveform_sizes(entries: Sequence[ParsedResource], limits: Limits) -> 
                     "too-costly",
                     f"{path}: the waveform has {count} points; at most "
                     f"{limits.max_waveform_samples} are accepted.",
+                    [path],
+                )
+            lasting = signal_seconds(sampled) if count else None
+            if lasting is not None and lasting[1] > limits.max_waveform_seconds:
+                spacing, seconds = lasting
+                path = f"{entry.expression}{where}.valueSampledData.{spacing}"
+                raise rejected(
+                    TOO_LARGE,
+                    "too-costly",
+                    f"{path}: the waveform's {count} points at this sampling period last "
+                    f"{seconds:g} s; at most {limits.max_waveform_seconds:g} s are accepted "
+                    "(MEDMESH_MAX_WAVEFORM_SECONDS).",
                     [path],
                 )
 
@@ -330,21 +382,27 @@ def _scan(data: Any, limits: Limits, version: FhirVersion) -> list[_PathLink]:
 
     Iterative, so that no payload can exhaust the interpreter's recursion limit. One pass
     instead of two (a tenth of ingest's CPU per event went to the two). A node's path is kept as
-    a link to its parent's and only spelled out for an issue: most payloads have none.
+    a link to its parent's and only spelled out for an issue: most payloads have none. A child's
+    depth is checked when it is found, and empty ones are never stacked: they hold nothing to
+    look into (the node count, ``_check_node_count``, bounds the rest).
     """
+    if limits.max_depth < 1:
+        raise _too_deep(limits)
     unknown: list[_PathLink] = []
     # (link, node, depth, inside a resource of unknown type: not looked into for more)
     stack: list[tuple[_PathLink, Any, int, bool]] = [((None, ""), data, 1, False)]
     while stack:
         link, node, depth, inside_unknown = stack.pop()
-        if depth > limits.max_depth:
-            raise _too_deep(limits)
         children: Iterable[tuple[str | int, Any]] = (
             node.items() if isinstance(node, dict) else enumerate(node)
         )
         found: list[tuple[_PathLink, Any, int, bool]] = []
         for key, child in children:
             if not isinstance(child, dict | list):
+                continue
+            if depth + 1 > limits.max_depth:
+                raise _too_deep(limits)
+            if not child:
                 continue
             child_link: _PathLink = (link, key)
             unknown_here = not inside_unknown and _declares_unknown_resource_type(child, version)

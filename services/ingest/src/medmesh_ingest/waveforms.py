@@ -17,6 +17,14 @@ Nyquist frequency of the rates in use, so no anti-alias filter is applied), its 
 values are kept, and a shorter one is padded at its end with its last value when it is at least
 ``min_samples`` long. Samples are kept to 6 significant digits: far below any lead's noise, and
 it keeps the wire messages small. Pure Python, no I/O.
+
+Bounded work: only the samples that are kept are computed (the tail of the resampled signal), so
+the cost follows ``samples`` and the points received, never how long the signal lasts. Two
+signals are refused as implausible (``WaveformError.implausible``: the payload is unacceptable,
+not just the reading): one sampled more than ``MAX_UPSAMPLING`` times more slowly than the
+spec's rate (see there), and one whose values are not finite numbers once ``origin``,
+``factor`` and the unit conversion are applied. How long a signal may last at most is a limit
+of the payload, checked by validation with ``signal_seconds``.
 """
 
 from __future__ import annotations
@@ -30,14 +38,28 @@ from medmesh_ingest.units import UnitConversionError, convert
 
 _SIGNIFICANT_DIGITS = 6
 
+# The most resampled values one interval between two received points may become. Linear
+# interpolation invents every value between two points: beyond 10 per interval, over 90 % of
+# the row the model reads would be straight lines drawn by ingest, not a measured signal. For
+# the ECG spec (250 Hz) this asks for at least 25 Hz, which every ECG device exceeds (they
+# sample at 100 to 1000 Hz), and refuses periods of seconds or hours, which are no waveform at
+# that rate. It also bounds the resampled length to 10 times the points received.
+MAX_UPSAMPLING = 10
+
 
 class WaveformError(ValueError):
-    """A SampledData that cannot be read as the input says; ``element`` names the culprit."""
+    """A SampledData that cannot be read as the input says; ``element`` names the culprit.
 
-    def __init__(self, element: str, problem: str) -> None:
+    ``implausible``: the signal is not a usable measurement at all (a period far too long for
+    the input's rate, values that are not finite numbers), which makes the payload unacceptable
+    (422) instead of only the reading unusable.
+    """
+
+    def __init__(self, element: str, problem: str, *, implausible: bool = False) -> None:
         super().__init__(problem)
         self.element = element
         self.problem = problem
+        self.implausible = implausible
 
 
 @dataclass(frozen=True)
@@ -56,26 +78,59 @@ def sample_count(sampled_data: Any) -> int:
     return len(data.split()) if data else 0
 
 
+def signal_seconds(sampled_data: Any) -> tuple[str, float] | None:
+    """How long the signal of a SampledData lasts, (points per dimension - 1) x its period, and
+    the element giving the period (``period`` or ``interval``); None when there is no usable
+    period (reading the waveform says why). Cheap: the points are counted, not read."""
+    try:
+        period_ms, element = _spacing(sampled_data)
+    except WaveformError:
+        return None
+    dimensions = sampled_data.dimensions or 1
+    points = sample_count(sampled_data) // dimensions if dimensions > 0 else 0
+    return element, max(points - 1, 0) * period_ms / 1000
+
+
 def read_waveform(sampled_data: Any, unit: str, spec: WaveformSpec) -> Waveform:
     """The SampledData as the input's samples; WaveformError when it cannot be used."""
     scale, offset = _to_unit(sampled_data.origin, unit)
-    period_ms = _period_ms(sampled_data)
+    period_ms, element = _spacing(sampled_data)
+    longest_ms = MAX_UPSAMPLING * spec.period_ms
+    if period_ms > longest_ms:
+        raise WaveformError(
+            element,
+            f"a sampling period of {period_ms:g} ms is too long for this input, read at "
+            f"{spec.sample_rate_hz:g} Hz: at most {longest_ms:g} ms ({MAX_UPSAMPLING} resampled "
+            "values between two points) is usable",
+            implausible=True,
+        )
     if (sampled_data.dimensions or 1) != 1:
         raise WaveformError(
             "dimensions", "only one signal per SampledData is read (send one lead per component)"
         )
     values = _values(sampled_data, spec.max_gap_fraction)
     duration_s = (len(values) - 1) * period_ms / 1000
-    resampled = _resample(values, period_ms, spec.period_ms)
-    if len(resampled) < spec.shortest:
+    count = _resampled_count(len(values), period_ms, spec.period_ms)
+    if count < spec.shortest:
         needed = (spec.shortest - 1) / spec.sample_rate_hz
         raise WaveformError(
             "data", f"the signal lasts {duration_s:.3f} s; at least {needed:.3f} s are needed"
         )
-    window = resampled[-spec.samples :]
+    window = _resampled_tail(values, period_ms, spec.period_ms, count, spec.samples)
     window = window + [window[-1]] * (spec.samples - len(window))
-    samples = tuple(_significant(v * scale + offset) for v in window)
+    samples = tuple(_sample(v * scale + offset, unit) for v in window)
     return Waveform(samples, spec.period_ms, round(duration_s, 6))
+
+
+def _sample(value: float, unit: str) -> float:
+    """One output value, finite, to 6 significant digits."""
+    if not math.isfinite(value):
+        raise WaveformError(
+            "data",
+            f"origin + factor x data is not a finite number in {unit}",
+            implausible=True,
+        )
+    return _significant(value)
 
 
 def _to_unit(origin: Any, unit: str) -> tuple[float, float]:
@@ -93,11 +148,17 @@ def _to_unit(origin: Any, unit: str) -> tuple[float, float]:
         scale = convert(1.0, from_unit, unit) - zero
     except UnitConversionError as exc:
         raise WaveformError("origin.code", f"{exc}, expected {unit!r}") from None
-    return scale, zero + scale * base
+    offset = zero + scale * base
+    if not math.isfinite(offset):
+        raise WaveformError(
+            "origin.value", f"the origin is not a finite number in {unit}", implausible=True
+        )
+    return scale, offset
 
 
-def _period_ms(sampled_data: Any) -> float:
-    """Milliseconds between points: R4B ``period``, or R5 ``interval`` in ``intervalUnit``."""
+def _spacing(sampled_data: Any) -> tuple[float, str]:
+    """Milliseconds between points, and the element that says so: R4B ``period``, or R5
+    ``interval`` in ``intervalUnit``."""
     period = getattr(sampled_data, "period", None)
     if period is not None:
         found, element = float(period), "period"
@@ -115,12 +176,14 @@ def _period_ms(sampled_data: Any) -> float:
         raise WaveformError("period", "no sampling period")
     if not (math.isfinite(found) and found > 0):
         raise WaveformError(element, "the sampling period must be a positive number")
-    return found
+    return found, element
 
 
 def _values(sampled_data: Any, max_gap_fraction: float) -> list[float]:
     """The points as numbers in the unit of origin (before its value is added); gaps filled."""
     factor = float(sampled_data.factor) if sampled_data.factor is not None else 1.0
+    if not math.isfinite(factor):
+        raise WaveformError("factor", "the factor is not a finite number", implausible=True)
     points = (sampled_data.data or "").split()
     if len(points) < 2:
         raise WaveformError("data", "fewer than two points")
@@ -134,9 +197,11 @@ def _values(sampled_data: Any, max_gap_fraction: float) -> list[float]:
             values.append(None)
         elif point in ("L", "U"):
             limit = lower if point == "L" else upper
+            name = "lowerLimit" if point == "L" else "upperLimit"
             if limit is None:
-                name = "lowerLimit" if point == "L" else "upperLimit"
                 raise WaveformError(name, f"point {i} is {point!r} but there is no {name}")
+            if not math.isfinite(limit):
+                raise WaveformError(name, f"{name} is not a finite number", implausible=True)
             values.append(limit)
         else:
             try:
@@ -144,7 +209,9 @@ def _values(sampled_data: Any, max_gap_fraction: float) -> list[float]:
             except ValueError:
                 raise WaveformError("data", f"point {i} is not a decimal, E, L or U") from None
             if not math.isfinite(value):
-                raise WaveformError("data", f"point {i} is not a finite number")
+                raise WaveformError(
+                    "data", f"point {i} (factor x data) is not a finite number", implausible=True
+                )
             values.append(value)
     gaps = sum(v is None for v in values)
     if gaps > max_gap_fraction * len(values) or gaps == len(values):
@@ -182,15 +249,25 @@ def _known(values: list[float | None], i: int) -> float:
     return value
 
 
-def _resample(values: list[float], period_ms: float, target_ms: float) -> list[float]:
-    """The signal at ``target_ms`` spacing from its first point, by linear interpolation."""
+def _resampled_count(points: int, period_ms: float, target_ms: float) -> int:
+    """How many values the signal has at ``target_ms`` spacing from its first point."""
     if math.isclose(period_ms, target_ms, rel_tol=1e-9):
-        return list(values)
-    duration = (len(values) - 1) * period_ms
-    count = math.floor(duration / target_ms + 1e-9) + 1
+        return points
+    duration = (points - 1) * period_ms
+    return math.floor(duration / target_ms + 1e-9) + 1
+
+
+def _resampled_tail(
+    values: list[float], period_ms: float, target_ms: float, count: int, keep: int
+) -> list[float]:
+    """The last ``keep`` of the ``count`` values of the signal at ``target_ms`` spacing from its
+    first point, by linear interpolation: only those are computed, so the work follows ``keep``
+    (and the points read), not how long the signal lasts."""
+    if math.isclose(period_ms, target_ms, rel_tol=1e-9):
+        return values[-keep:]
     out: list[float] = []
     last = len(values) - 1
-    for k in range(count):
+    for k in range(max(count - keep, 0), count):
         position = k * target_ms / period_ms
         i = min(int(position), last)
         share = position - i
