@@ -51,6 +51,10 @@ test: lint typecheck deps ## lint, type-check, then every test tier (unit, servi
 test-fast: venv ## every tier but the end-to-end tests
 	$(BIN)/pytest -m "not e2e"
 
+.PHONY: fuzz
+fuzz: venv ## the FHIR fuzz suite, long form: 50,000 generated payloads (FHIR, Bundles, waveforms) through ingest
+	MEDMESH_FUZZ_EXAMPLES=$(or $(EXAMPLES),50000) $(BIN)/pytest tests/unit/test_ingest_fuzz.py -p no:cacheprovider
+
 .PHONY: bench
 bench: deps ## hops, pipeline, batching, router, ingest, tracing side by side (SERIES=...); docs/benchmarks/
 	$(BIN)/medmesh bench $(if $(SERIES),--series $(SERIES))

@@ -192,3 +192,11 @@ def test_report_summary_of_an_unreadable_ecg_has_no_score(spec: ModelSpec) -> No
     bundle = build_report(make_completed(_task(_lead()), outputs=outputs), spec, issued=ISSUED)
     summary = summarize(b"p", json.dumps(bundle).encode(), {})
     assert (summary.score, summary.score_unit, summary.band) == (None, "", "unreadable")
+
+
+def test_a_sample_beyond_the_fp32_range_is_a_task_input_error(spec: ModelSpec) -> None:
+    """1e300 mV is finite as a float64 but inf in the FP32 tensor: refused before Triton."""
+    samples = list(_lead().samples or ())
+    samples[3] = 1e300
+    with pytest.raises(TaskInputError, match="beyond the FP32 range"):
+        input_rows(_task(_lead(samples=tuple(samples))), spec, spec.version(1))

@@ -36,7 +36,17 @@ def input_rows(task: RunInference, spec: ModelSpec, version: VersionSpec) -> Row
     spec's units. A waveform's samples must already be at the spec's rate and length (ingest
     made them so)."""
     by_name = {i.name: i for i in task.request.inputs}
-    return {tensor.name: _tensor_row(tensor, spec, by_name) for tensor in version.triton.inputs}
+    rows = {}
+    for tensor in version.triton.inputs:
+        row = _tensor_row(tensor, spec, by_name)
+        # Finite in float64 is not enough: 1e308 becomes inf in an FP32 tensor.
+        limit = float(np.finfo(INPUT_DTYPES[tensor.datatype]).max)
+        if row and float(np.abs(np.asarray(row, dtype=np.float64)).max()) > limit:
+            raise TaskInputError(
+                f"input tensor {tensor.name} holds a value beyond the {tensor.datatype} range"
+            )
+        rows[tensor.name] = row
+    return rows
 
 
 def _tensor_row(

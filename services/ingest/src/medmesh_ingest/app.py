@@ -108,6 +108,8 @@ class Ingest:
                 settings.max_json_depth,
                 settings.max_bundle_entries,
                 settings.max_waveform_samples,
+                max_waveform_seconds=settings.max_waveform_seconds,
+                max_nodes=settings.max_json_nodes,
             ),
             lookback=timedelta(minutes=settings.readings_lookback_minutes),
             max_fetched=settings.max_fetched_resources,
