@@ -208,7 +208,9 @@ async def test_500_tasks_published_at_once_take_far_fewer_triton_calls(
 async def test_a_poison_task_among_good_ones_alone_goes_to_the_failed_topic(
     stack: Stack, worker_tap: TopicTap, producer: AIOKafkaProducer
 ) -> None:
-    """One task Triton rejects fails alone with the reason; its 20 batch neighbours get results."""
+    """One task whose heart rate no FP32 tensor holds (1e39) fails alone with the reason, before
+    any Triton call; its 20 batch neighbours get results. (Triton's own rejection of a row, and
+    the batch split around it, are unit-tested in tests/unit/test_batching.py.)"""
     run = f"poison-{uuid.uuid4().hex[:8]}"
     rng = random.Random(21)  # noqa: S311 -- reproducible test data
     tasks = [_task(run, i, _vitals(rng)) for i in range(21)]
@@ -219,7 +221,7 @@ async def test_a_poison_task_among_good_ones_alone_goes_to_the_failed_topic(
     assert [_correlation(r) for r in failed] == [tasks[10].correlation_id]
     event = failed[0].json()
     assert event["error_kind"] == "invalid-input"
-    assert "non-finite" in event["reason"]
+    assert "beyond the FP32 range" in event["reason"]
     assert sorted(_correlation(r) for r in results) == sorted(
         t.correlation_id for i, t in enumerate(tasks) if i != 10
     )
