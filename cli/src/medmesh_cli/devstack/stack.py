@@ -18,6 +18,7 @@ from typing import Literal
 import httpx
 
 from medmesh_cli.devstack.kafka import KafkaConfig, KafkaServer
+from medmesh_cli.devstack.model_repository import version_folders
 from medmesh_cli.devstack.paths import repo_root, run_dir
 from medmesh_cli.devstack.process import ManagedProcess, stop_all, wait_until
 from medmesh_cli.devstack.topics import create_topics
@@ -269,8 +270,8 @@ class Stack:
 
     def reconcile(self) -> list[str]:
         """Take in what was added while the stack runs (a hot deploy, locally): render every
-        Triton model folder new to the served repository (a later `load` serves it; nothing is
-        loaded here) and start a worker for every spec version that has none. What it did.
+        Triton model folder new to the served repository, or with a new version folder (a later
+        `load` serves it; nothing is loaded here) and start a worker for every spec version that has none. What it did.
 
         `medmesh up` calls this every few seconds; compose and Kubernetes do the same with a
         new worker service / Deployment per version (deploy/k8s/generate.py).
@@ -280,7 +281,14 @@ class Stack:
         if served is not None:
             for config in sorted(self.config.model_repository.glob("*/config.pbtxt")):
                 name = config.parent.name
-                if not (served / name).is_dir() and name not in self.triton.added_models:
+                if name in self.triton.added_models:
+                    continue
+                rendered = served / name
+                if not rendered.is_dir() or version_folders(config.parent) != version_folders(
+                    rendered
+                ):
+                    # A new model, or a model with a new version folder: rendered for the
+                    # next `load` (the versions Triton serves now keep serving).
                     self.triton.render_model(name)
                     done.append(f"rendered Triton model {name}")
         if self.config.topology != "services":
