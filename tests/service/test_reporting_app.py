@@ -1,21 +1,14 @@
-"""The reporting app and its transactional loop on an in-memory, transaction-aware fake Kafka.
-
-``FakeKafka`` keeps what a read_committed consumer would see: records produced in a transaction
-become visible, and its offsets committed, only when the transaction commits; an abort drops both.
-A fresh consumer starts from the committed offsets, as a restarted process does.
-"""
+"""The reporting app and its transactional loop on an in-memory, transaction-aware fake Kafka
+(``tests.transactional_kafka``)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-from collections.abc import Awaitable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
-from aiokafka import ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaConnectionError, ProducerFenced
+import pytest
 from faststream.kafka import KafkaBroker, TestKafkaBroker
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -30,173 +23,53 @@ from medmesh_reporting.app import create_app
 from medmesh_reporting.conformance import check_report_bundle
 from medmesh_reporting.handling import ReportHandler
 from medmesh_reporting.settings import ReportingSettings
-from medmesh_reporting.transactional import LoopSettings, TransactionalLoop
+from medmesh_runtime.deadletter import dead_letter_record
+from medmesh_runtime.transactional import (
+    LoopSettings,
+    PartitionLostError,
+    PartitionTransactions,
+    PoisonIsolation,
+    TransactionalLoop,
+    per_record,
+)
 from tests.factories import make_completed, make_request, make_task
 from tests.service.conftest import SPECS_DIR
+from tests.transactional_kafka import FakeKafka, FakeRecord, run_until
 
 GROUP = "medmesh-reporting"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
 
-@dataclass(frozen=True)
-class FakeRecord:
-    """A consumed record."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...] = ()
-
-
-@dataclass
-class FakeKafka:
-    """Topics of committed records, and the group's committed offsets."""
-
-    committed: dict[str, list[FakeRecord]] = field(default_factory=dict)
-    offsets: dict[TopicPartition, int] = field(default_factory=dict)
-    aborted: int = 0
-    fail_sends: int = 0
-    fenced: bool = False
-
-    def append(self, topic: str, value: bytes, headers: Sequence[tuple[str, bytes]] = ()) -> None:
-        """Write one committed record to partition 0 of ``topic``."""
-        records = self.committed.setdefault(topic, [])
-        records.append(FakeRecord(topic, 0, len(records), b"key", value, tuple(headers)))
-
-    def values(self, topic: str) -> list[bytes]:
-        """The committed values of ``topic``."""
-        return [r.value or b"" for r in self.committed.get(topic, [])]
-
-    def clients(self) -> tuple[FakeConsumer, FakeProducer]:
-        """A fresh consumer (at the committed offsets) and producer."""
-        return FakeConsumer(self), FakeProducer(self)
-
-
-class FakeConsumer:
-    """Reads partition 0 of the subscribed topics from the committed offsets."""
-
-    def __init__(self, kafka: FakeKafka) -> None:
-        self._kafka = kafka
-        self._topics: Sequence[str] = ()
-        self._positions: dict[TopicPartition, int] = {}
-
-    def subscribe(self, topics: Sequence[str], *, listener: ConsumerRebalanceListener) -> None:
-        """Remember the topics."""
-        self._topics = topics
-
-    async def start(self) -> None:
-        """Start at the committed offsets."""
-        for topic in self._topics:
-            tp = TopicPartition(topic, 0)
-            self._positions[tp] = self._kafka.offsets.get(tp, 0)
-
-    async def stop(self) -> None:
-        """Nothing to release."""
-
-    async def getmany(
-        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
-    ) -> Mapping[TopicPartition, Sequence[Any]]:
-        """The next records after the position (the position moves on)."""
-        out: dict[TopicPartition, Sequence[Any]] = {}
-        for tp, position in self._positions.items():
-            records = self._kafka.committed.get(tp.topic, [])[
-                position : position + (max_records or 500)
-            ]
-            if records:
-                out[tp] = records
-                self._positions[tp] = records[-1].offset + 1
-        if not out:
-            await asyncio.sleep(timeout_ms / 1000)
-        return out
-
-
-class FakeProducer:
-    """A transactional producer: records and offsets become visible on commit only."""
-
-    def __init__(self, kafka: FakeKafka) -> None:
-        self._kafka = kafka
-        self._pending: list[tuple[str, bytes, tuple[tuple[str, bytes], ...]]] = []
-        self._offsets: dict[TopicPartition, int] = {}
-
-    async def start(self) -> None:
-        """init_transactions; raises when another producer took the transactional id."""
-        if self._kafka.fenced:
-            raise ProducerFenced
-
-    async def stop(self) -> None:
-        """Nothing to release."""
-
-    async def begin_transaction(self) -> None:
-        """Start an empty transaction."""
-        self._pending, self._offsets = [], {}
-
-    async def send(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        *,
-        headers: Sequence[tuple[str, bytes]] | None = None,
-    ) -> Awaitable[Any]:
-        """Add a record to the transaction; fails while ``fail_sends`` is positive."""
-        if self._kafka.fail_sends > 0:
-            self._kafka.fail_sends -= 1
-            raise KafkaConnectionError("broker went away")
-        self._pending.append((topic, value or b"", tuple(headers or ())))
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
-
-    async def send_offsets_to_transaction(
-        self, offsets: Mapping[TopicPartition, int], group_id: str
-    ) -> None:
-        """Add the consumer's next offsets to the transaction."""
-        assert group_id == GROUP
-        self._offsets = dict(offsets)
-
-    async def commit_transaction(self) -> None:
-        """Make the records and offsets visible."""
-        for topic, value, headers in self._pending:
-            self._kafka.append(topic, value, headers)
-        self._kafka.offsets.update(self._offsets)
-
-    async def abort_transaction(self) -> None:
-        """Drop the records and offsets."""
-        self._kafka.aborted += 1
-        self._pending, self._offsets = [], {}
-
-
-def _loop(kafka: FakeKafka, performer: str | None = None) -> TransactionalLoop:
+def _loop(
+    kafka: FakeKafka, performer: str | None = None, tracer: trace.Tracer | None = None
+) -> TransactionalLoop:
+    producer = Producer(service="reporting", instance="reporting-test")
     handler = ReportHandler(
         load_specs(SPECS_DIR),
-        Producer(service="reporting", instance="reporting-test"),
-        trace.get_tracer("test"),
+        producer,
+        tracer or trace.get_tracer("test"),
         performer_display=performer,
     )
     settings = LoopSettings(
-        group_id=GROUP, topics=(topics.INFERENCE_RESULTS,), poll_timeout_ms=10, restart_pause_s=0
+        group_id=GROUP,
+        topics=(topics.INFERENCE_RESULTS,),
+        transactional_id_prefix=GROUP,
+        poll_timeout_ms=10,
+        restart_pause_s=0,
     )
-    return TransactionalLoop(kafka.clients, handler, settings)
+    dead = functools.partial(dead_letter_record, topics.REPORTING_DEADLETTER, producer=producer)
+    return TransactionalLoop(
+        kafka.clients(GROUP), PoisonIsolation(per_record(handler), dead), settings
+    )
 
 
-async def _run_until(loop: TransactionalLoop, done: Any, timeout_s: float = 10.0) -> None:
-    task = asyncio.create_task(loop.run())
-    try:
-        async with asyncio.timeout(timeout_s):
-            while not done():
-                if task.done():
-                    return
-                await asyncio.sleep(0.01)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+def _reports(kafka: FakeKafka) -> list[FakeRecord]:
+    return kafka.records(topics.REPORTS_DIAGNOSTIC)
 
 
 def _header(record: FakeRecord, name: str) -> str:
-    return dict(record.headers)[name].decode()
+    return (dict(record.headers)[name] or b"").decode()
 
 
 async def test_result_becomes_one_conformant_report_with_headers_and_trace() -> None:
@@ -207,14 +80,14 @@ async def test_result_becomes_one_conformant_report_with_headers_and_trace() -> 
         topics.INFERENCE_RESULTS, to_wire(completed), [(h.TRACEPARENT, TRACEPARENT.encode())]
     )
 
-    await _run_until(_loop(kafka), lambda: kafka.committed.get(topics.REPORTS_DIAGNOSTIC))
+    await run_until(_loop(kafka), lambda: _reports(kafka))
 
-    (report,) = kafka.committed[topics.REPORTS_DIAGNOSTIC]
+    (report,) = _reports(kafka)
     assert check_report_bundle(json.loads(report.value or b"")) == []
     assert _header(report, h.CORRELATION_ID) == completed.correlation_id
     assert _header(report, h.SCHEMA) == h.FHIR_R4B_JSON
     assert _header(report, h.TRACEPARENT).split("-")[1] == TRACE_ID
-    assert kafka.offsets[TopicPartition(topics.INFERENCE_RESULTS, 0)] == 1
+    assert kafka.offset(GROUP, topics.INFERENCE_RESULTS) == 1
 
 
 async def test_redelivered_result_gives_the_identical_report() -> None:
@@ -224,7 +97,7 @@ async def test_redelivered_result_gives_the_identical_report() -> None:
     kafka.append(topics.INFERENCE_RESULTS, wire)
     kafka.append(topics.INFERENCE_RESULTS, wire)
 
-    await _run_until(_loop(kafka), lambda: len(kafka.values(topics.REPORTS_DIAGNOSTIC)) == 2)
+    await run_until(_loop(kafka), lambda: len(kafka.values(topics.REPORTS_DIAGNOSTIC)) == 2)
 
     first, second = kafka.values(topics.REPORTS_DIAGNOSTIC)
     assert first == second
@@ -239,7 +112,7 @@ async def test_result_with_an_impossible_band_is_dead_lettered_in_the_transactio
     correlation = [(h.CORRELATION_ID, completed.correlation_id.encode())]
     kafka.append(topics.INFERENCE_RESULTS, to_wire(completed), correlation)
 
-    await _run_until(_loop(kafka), lambda: kafka.committed.get(topics.REPORTING_DEADLETTER))
+    await run_until(_loop(kafka), lambda: kafka.records(topics.REPORTING_DEADLETTER))
 
     (dead,) = kafka.values(topics.REPORTING_DEADLETTER)
     event = MessageDeadLettered.model_validate_json(dead)
@@ -247,7 +120,7 @@ async def test_result_with_an_impossible_band_is_dead_lettered_in_the_transactio
     assert event.source_offset == 0
     assert event.correlation_id == completed.correlation_id
     assert topics.REPORTS_DIAGNOSTIC not in kafka.committed
-    assert kafka.offsets[TopicPartition(topics.INFERENCE_RESULTS, 0)] == 1
+    assert kafka.offset(GROUP, topics.INFERENCE_RESULTS) == 1
 
 
 async def test_garbage_is_dead_lettered_whole() -> None:
@@ -255,7 +128,7 @@ async def test_garbage_is_dead_lettered_whole() -> None:
     kafka = FakeKafka()
     kafka.append(topics.INFERENCE_RESULTS, b"\xff not json")
 
-    await _run_until(_loop(kafka), lambda: kafka.committed.get(topics.REPORTING_DEADLETTER))
+    await run_until(_loop(kafka), lambda: kafka.records(topics.REPORTING_DEADLETTER))
 
     event = MessageDeadLettered.model_validate_json(kafka.values(topics.REPORTING_DEADLETTER)[0])
     assert event.raw_encoding == "base64"
@@ -270,34 +143,43 @@ async def test_failure_mid_batch_aborts_and_the_batch_is_processed_again_once() 
         kafka.append(topics.INFERENCE_RESULTS, to_wire(make_completed(make_task(request))))
     loop = _loop(kafka)
 
-    await _run_until(loop, lambda: len(kafka.values(topics.REPORTS_DIAGNOSTIC)) == 3)
+    await run_until(loop, lambda: len(kafka.values(topics.REPORTS_DIAGNOSTIC)) == 3)
 
-    reports = kafka.committed[topics.REPORTS_DIAGNOSTIC]
+    reports = _reports(kafka)
     assert sorted(_header(r, h.CORRELATION_ID) for r in reports) == ["req-0", "req-1", "req-2"]
     assert kafka.aborted == 1
-    assert kafka.offsets[TopicPartition(topics.INFERENCE_RESULTS, 0)] == 3
+    assert kafka.offset(GROUP, topics.INFERENCE_RESULTS) == 3
 
 
 async def test_shadow_result_never_becomes_a_report() -> None:
     """A result routed as shadow traffic produces nothing, and its offset is committed."""
     kafka = FakeKafka()
     kafka.append(topics.INFERENCE_RESULTS, to_wire(make_completed(make_task(reason="shadow"))))
-    tp = TopicPartition(topics.INFERENCE_RESULTS, 0)
 
-    await _run_until(_loop(kafka), lambda: kafka.offsets.get(tp) == 1)
+    await run_until(_loop(kafka), lambda: kafka.offset(GROUP, topics.INFERENCE_RESULTS) == 1)
 
     assert kafka.committed.keys() == {topics.INFERENCE_RESULTS}
 
 
-async def test_fenced_producer_stops_the_loop_for_good() -> None:
-    """When another instance owns the transactional id, the loop stops and says it is fenced."""
-    kafka = FakeKafka(fenced=True)
-    loop = _loop(kafka)
+async def test_a_resumed_zombie_instance_reports_nothing_the_new_owner_reports_once() -> None:
+    """A reporting instance stalled past its session and then resumed is fenced: the results
+    its successor took over become one report each, and the zombie's batch is aborted."""
+    kafka = FakeKafka()
+    for n in range(2):
+        request = make_request(correlation_id=f"req-{n}")
+        kafka.append(topics.INFERENCE_RESULTS, to_wire(make_completed(make_task(request))))
+    zombie_loop, successor_loop = _loop(kafka), _loop(kafka)
+    zombie = kafka.consumer(GROUP)
+    transactions = PartitionTransactions(kafka.producer, GROUP, GROUP)
+    zombie.subscribe([topics.INFERENCE_RESULTS], listener=transactions.listener())
+    await zombie.start()
 
-    await asyncio.wait_for(loop.run(), timeout=5)
+    await run_until(successor_loop, lambda: len(_reports(kafka)) == 2)
+    with pytest.raises(PartitionLostError):
+        await zombie_loop.process_batch(zombie, transactions)
 
-    assert loop.fenced
-    assert not loop.ready
+    assert sorted(_header(r, h.CORRELATION_ID) for r in _reports(kafka)) == ["req-0", "req-1"]
+    assert kafka.offset(GROUP, topics.INFERENCE_RESULTS) == 2
 
 
 async def _wait_for_status(client: httpx.AsyncClient, path: str, status: int) -> None:
@@ -308,10 +190,10 @@ async def _wait_for_status(client: httpx.AsyncClient, path: str, status: int) ->
     raise AssertionError(f"{path} never answered {status}")
 
 
-async def test_app_is_ready_once_its_loop_runs_and_dead_once_fenced() -> None:
-    """/readyz answers 204 once the loop consumes; /healthz 503 after the loop was fenced."""
+async def test_app_is_ready_once_its_loop_runs() -> None:
+    """/readyz answers 503 until the loop consumes, then 204; /healthz answers 204."""
     kafka = FakeKafka()
-    app = create_app(ReportingSettings(model_specs_dir=SPECS_DIR), clients=kafka.clients)
+    app = create_app(ReportingSettings(model_specs_dir=SPECS_DIR), clients=kafka.clients(GROUP))
     transport = httpx.ASGITransport(app=app)
     broker = app.broker
     assert isinstance(broker, KafkaBroker)
@@ -324,22 +206,6 @@ async def test_app_is_ready_once_its_loop_runs_and_dead_once_fenced() -> None:
         try:
             await _wait_for_status(client, "/readyz", 204)
             assert (await client.get("/healthz")).status_code == 204
-        finally:
-            await app.stop()
-
-    fenced = FakeKafka(fenced=True)
-    app = create_app(ReportingSettings(model_specs_dir=SPECS_DIR), clients=fenced.clients)
-    transport = httpx.ASGITransport(app=app)
-    broker = app.broker
-    assert isinstance(broker, KafkaBroker)
-    async with (
-        TestKafkaBroker(broker),
-        httpx.AsyncClient(transport=transport, base_url="http://reporting") as client,
-    ):
-        await app.start()
-        try:
-            await _wait_for_status(client, "/healthz", 503)
-            assert (await client.get("/readyz")).status_code == 503
         finally:
             await app.stop()
 
@@ -359,15 +225,9 @@ async def test_spans_are_named_like_every_other_hop() -> None:
     kafka = FakeKafka()
     completed = make_completed()
     kafka.append(topics.INFERENCE_RESULTS, to_wire(completed))
-    handler = ReportHandler(
-        load_specs(SPECS_DIR),
-        Producer(service="reporting", instance="reporting-test"),
-        provider.get_tracer("test"),
-    )
-    settings = LoopSettings(group_id=GROUP, topics=(topics.INFERENCE_RESULTS,), poll_timeout_ms=10)
-    loop = TransactionalLoop(kafka.clients, handler, settings)
+    loop = _loop(kafka, tracer=provider.get_tracer("test"))
 
-    await _run_until(loop, lambda: kafka.committed.get(topics.REPORTS_DIAGNOSTIC))
+    await run_until(loop, lambda: _reports(kafka))
 
     spans = {span.name: span for span in exporter.get_finished_spans()}
     process = spans[f"{topics.INFERENCE_RESULTS} process"]
@@ -377,5 +237,5 @@ async def test_spans_are_named_like_every_other_hop() -> None:
     conversation = "messaging.message.conversation_id"
     assert (process.attributes or {})[conversation] == completed.correlation_id
     assert (publish.attributes or {})[conversation] == completed.correlation_id
-    (report,) = kafka.committed[topics.REPORTS_DIAGNOSTIC]
+    (report,) = _reports(kafka)
     assert _header(report, h.TRACEPARENT).split("-")[2] == format(publish.context.span_id, "016x")

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from medmesh_contracts import topics
 from medmesh_contracts.events import to_wire
 from tests.factories import make_completed, make_request, make_task
-from tests.service.test_reporting_app import FakeConsumer, FakeKafka, FakeProducer, _loop
+from medmesh_runtime.transactional import StageClients
+from tests.service.test_reporting_app import GROUP, _loop
+from tests.transactional_kafka import FakeConsumer, FakeKafka, FakeProducer
 
 
 @dataclass
@@ -20,8 +22,8 @@ class StrayCancelKafka(FakeKafka):
     stops_cancelled: int = 0  # consumer.stop() raises it
     starts_cancelled: int = 0  # producer.start() raises it
 
-    def clients(self) -> tuple[FakeConsumer, FakeProducer]:
-        """A consumer and a producer that raise CancelledError while the counters last."""
+    def clients(self, group: str) -> StageClients:
+        """A consumer and producers that raise CancelledError while the counters last."""
         kafka = self
 
         class Consumer(FakeConsumer):
@@ -37,7 +39,7 @@ class StrayCancelKafka(FakeKafka):
                     raise asyncio.CancelledError
                 await super().start()
 
-        return Consumer(self), Producer(self)
+        return StageClients(lambda: Consumer(self, group), lambda tid: Producer(self, tid))
 
 
 async def _reports_one_result(kafka: StrayCancelKafka) -> list[bytes]:

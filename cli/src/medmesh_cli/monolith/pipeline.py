@@ -48,11 +48,12 @@ from medmesh_inference.batching import (
     destination,
     score_tasks,
 )
-from medmesh_reporting.handling import Outgoing, ReportHandler
+from medmesh_reporting.handling import ReportHandler
 from medmesh_router.routing import route
 from medmesh_router.state import RouterState
 from medmesh_runtime.kafka import message_headers
 from medmesh_runtime.logging import get_logger
+from medmesh_runtime.transactional import OutgoingRecord
 
 log = get_logger("medmesh.monolith")
 
@@ -308,7 +309,7 @@ class InProcessPipeline:
                 )
                 headers = message_headers(outcome.correlation_id, schema_of(type(outcome)))
                 encoded = tuple((name, value.encode()) for name, value in headers.items())
-                return [self._send(Outgoing(topic, pending.key, to_wire(outcome), encoded))]
+                return [self._send(OutgoingRecord(topic, pending.key, to_wire(outcome), encoded))]
             with self.tracer.start_as_current_span(
                 f"{IN_PROCESS}{topics.INFERENCE_RESULTS} process",
                 kind=SpanKind.CONSUMER,
@@ -317,7 +318,7 @@ class InProcessPipeline:
                 out = self.reports.for_result(ResultRecord(outcome, pending.key), outcome)
                 return [self._send(o) for o in out]
 
-    def _send(self, out: Outgoing) -> Awaitable[None]:
+    def _send(self, out: OutgoingRecord) -> Awaitable[None]:
         headers = {name: value.decode() for name, value in out.headers}
         if out.topic == topics.REPORTS_DIAGNOSTIC:
             self.reported += 1

@@ -18,6 +18,7 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Protocol, TypeVar
 
+from opentelemetry import propagate
 from opentelemetry.metrics import Counter
 
 from medmesh_contracts import headers as h
@@ -33,6 +34,7 @@ from medmesh_runtime.kafka import encode_raw, message_headers
 from medmesh_runtime.logging import get_logger
 from medmesh_runtime.metrics import meter
 from medmesh_runtime.settings import DeadLetterSettings
+from medmesh_runtime.transactional import OutgoingRecord, encoded_headers
 
 log = get_logger("medmesh.deadletter")
 
@@ -229,6 +231,15 @@ def rejected_event(
         )
 
     return bounded_event(build, raw, record.key, limit)
+
+
+def dead_letter_record(topic: str, record: Any, reason: str, producer: Producer) -> OutgoingRecord:
+    """The dead letter of one consumed record, to produce in the transaction of its offset
+    (``dead_letter_event`` bounds it), with the current trace context in its headers."""
+    event = dead_letter_event(record, reason, producer)
+    headers = message_headers(event.correlation_id, schema_of(MessageDeadLettered))
+    propagate.inject(headers)
+    return OutgoingRecord(topic, record.key, to_wire(event), encoded_headers(headers))
 
 
 class DeadLetters:

@@ -14,7 +14,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from medmesh_contracts import headers as h
 from medmesh_runtime.metrics import configure_metrics
 from medmesh_runtime.settings import ServiceSettings
+from medmesh_runtime.transactional import StageClients
 
 # Every consumer in medmesh acknowledges after its handler returns and rewinds on an exception.
 CONSUMER_ACK_POLICY = AckPolicy.NACK_ON_ERROR
@@ -154,3 +155,76 @@ async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[Topic
     # it, so partitions_for_topic would still say None; read them from the fetched metadata.
     cluster = await consumer._client.fetch_all_metadata()
     return [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or ())]
+
+
+def group_consumer(
+    settings: ServiceSettings,
+    client_id: str,
+    group_id: str,
+    *,
+    session_timeout_ms: int = 10_000,
+    heartbeat_interval_ms: int = 3_000,
+) -> AIOKafkaConsumer:
+    """An unstarted consumer-group member for a transactional stage: it commits nothing itself
+    (offsets go into transactions), reads only committed records, starts a new group at the
+    earliest offset, and subscribes later (with the stage's rebalance listener)."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        client_id=client_id,
+        group_id=group_id,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        session_timeout_ms=session_timeout_ms,
+        heartbeat_interval_ms=heartbeat_interval_ms,
+        **aiokafka_security(settings),
+    )
+
+
+def transactional_producers(
+    settings: ServiceSettings, client_id: str, *, transaction_timeout_ms: int = 60_000
+) -> Callable[[str], AIOKafkaProducer]:
+    """Builds unstarted transactional producers (acks=all, idempotent, compressed) by id.
+
+    An open transaction of a crashed instance that nobody fences is aborted by the broker after
+    ``transaction_timeout_ms``; one that is fenced (the partition's next owner started its
+    producer) is aborted at once.
+    """
+
+    def make(transactional_id: str) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            client_id=client_id,
+            transactional_id=transactional_id,
+            transaction_timeout_ms=transaction_timeout_ms,
+            enable_idempotence=True,
+            acks="all",
+            compression_type=compression_type(settings),
+            **aiokafka_security(settings),
+        )
+
+    return make
+
+
+def stage_clients(
+    settings: ServiceSettings,
+    client_id: str,
+    group_id: str,
+    *,
+    session_timeout_ms: int = 10_000,
+    heartbeat_interval_ms: int = 3_000,
+    transaction_timeout_ms: int = 60_000,
+) -> StageClients:
+    """The real Kafka clients of one transactional stage (``medmesh_runtime.transactional``)."""
+    return StageClients(
+        consumer=lambda: group_consumer(
+            settings,
+            client_id,
+            group_id,
+            session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=heartbeat_interval_ms,
+        ),
+        producer=transactional_producers(
+            settings, client_id, transaction_timeout_ms=transaction_timeout_ms
+        ),
+    )

@@ -313,3 +313,27 @@ def untraced() -> AbstractContextManager[None]:
     request's trace (faststream's telemetry middleware otherwise records two spans for every
     publish)."""
     return within(trace.set_span_in_context(_NOT_SAMPLED))
+
+
+def publish_headers(
+    tracer: trace.Tracer, topic: str, correlation_id: str, schema: str
+) -> dict[str, str]:
+    """The medmesh headers of one record produced in a transaction, with the W3C context of
+    its "<topic> publish" span (named and attributed as faststream's telemetry middleware does
+    for the broker's publishes), so the next hop continues this request's trace.
+
+    The record becomes visible when its transaction commits, a little after this span ends.
+    """
+    with tracer.start_as_current_span(
+        f"{topic} publish",
+        kind=trace.SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "kafka",
+            "messaging.operation": "publish",
+            "messaging.destination.name": topic,
+            "messaging.message.conversation_id": correlation_id,
+        },
+    ):
+        headers = {h.CORRELATION_ID: correlation_id, h.SCHEMA: schema}
+        propagate.inject(headers)
+    return headers

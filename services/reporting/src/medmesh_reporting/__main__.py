@@ -8,9 +8,10 @@ from medmesh_runtime.serve import serve
 
 
 def main() -> None:
-    """Serve on MEDMESH_HTTP_HOST and MEDMESH_REPORTING_PORT (health endpoints; FHIR for ingest)."""
+    """Serve on MEDMESH_HTTP_HOST and MEDMESH_REPORTING_PORT (health endpoints; FHIR for ingest);
+    /metrics where MEDMESH_METRICS_PORT and MEDMESH_METRICS_TOKEN say."""
     settings = ReportingSettings()
-    serve(create_app(settings), settings.http_host, settings.reporting_port)
+    serve(create_app(settings), settings, settings.reporting_port)
 
 
 if __name__ == "__main__":

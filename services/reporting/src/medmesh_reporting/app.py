@@ -1,7 +1,8 @@
 """The reporting service: medmesh.inference.results -> FHIR report Bundles, exactly once.
 
 Thin by design: the FHIR is built in ``report.build_report``, one record's output decided in
-``handling.ReportHandler``, and the Kafka transactions run in ``transactional.TransactionalLoop``.
+``handling.ReportHandler``, and the Kafka transactions (one per results partition and poll,
+fencing a stalled instance) and poison isolation run in ``medmesh_runtime.transactional``.
 This module wires them together when the app starts and serves /healthz and /readyz.
 """
 
@@ -12,9 +13,8 @@ import logging
 from collections.abc import Callable
 
 import httpx
-from faststream.asgi import AsgiFastStream, AsgiResponse, get
+from faststream.asgi import AsgiFastStream
 from faststream.asgi.handlers import GetHandler
-from faststream.asgi.types import Scope
 from faststream.kafka import KafkaBroker
 
 from medmesh_contracts import topics
@@ -22,37 +22,38 @@ from medmesh_contracts.catalog import SpecCatalog
 from medmesh_contracts.events import Producer
 from medmesh_reporting.delivery import Backoff, Deliverer, DeliveryLoop
 from medmesh_reporting.handling import ReportHandler
-from medmesh_reporting.kafka import delivery_clients, kafka_clients
+from medmesh_reporting.kafka import delivery_clients
 from medmesh_reporting.settings import ReportingSettings
-from medmesh_reporting.transactional import ClientFactory, LoopSettings, TransactionalLoop
+from medmesh_runtime.deadletter import dead_letter_record
 from medmesh_runtime.health import health_routes
-from medmesh_runtime.kafka import build_broker
+from medmesh_runtime.kafka import build_broker, stage_clients
 from medmesh_runtime.lag import LagMonitor
 from medmesh_runtime.logging import configure_logging
 from medmesh_runtime.telemetry import configure_service_tracing
+from medmesh_runtime.transactional import (
+    LoopSettings,
+    PoisonIsolation,
+    StageClients,
+    TransactionalLoop,
+    per_record,
+)
 
 SERVICE = "reporting"
 Routes = list[tuple[str, GetHandler]]
 
 
 def _routes(broker: KafkaBroker, loop: Callable[[], TransactionalLoop | None]) -> Routes:
-    """The shared /readyz (Kafka up and the loop consuming) and /metrics, and our own /healthz:
-    503 once the loop has stopped for good because another process took its transactional id."""
+    """The shared /healthz, /metrics and /readyz (Kafka up and the loop consuming). A fenced
+    instance is not dead: the loop rejoins the group and takes what partitions it is given."""
 
     async def loop_ready() -> bool:
         current = loop()
         return current is not None and current.ready
 
-    @get(include_in_schema=False)
-    async def healthz(scope: Scope) -> AsgiResponse:
-        current = loop()
-        return AsgiResponse(b"", 503 if current is not None and current.fenced else 204)
-
-    shared = [r for r in health_routes(broker, loop_ready) if r[0] != "/healthz"]
-    return [("/healthz", healthz), *shared]
+    return health_routes(broker, loop_ready)
 
 
-def create_app(settings: ReportingSettings, clients: ClientFactory | None = None) -> AsgiFastStream:
+def create_app(settings: ReportingSettings, clients: StageClients | None = None) -> AsgiFastStream:
     """Build the reporting app; the Kafka clients are built when the app starts.
 
     ``clients`` replaces the real aiokafka clients (tests pass in-memory fakes).
@@ -70,18 +71,25 @@ def create_app(settings: ReportingSettings, clients: ClientFactory | None = None
         return state.get("loop")
 
     async def start_loop() -> None:
+        producer = Producer(service=SERVICE, instance=settings.instance_id)
         handler = ReportHandler(
             SpecCatalog(settings.model_specs_dir),
-            Producer(service=SERVICE, instance=settings.instance_id),
+            producer,
             tracer_provider.get_tracer("medmesh.reporting"),
             performer_display=settings.performer_display,
         )
         loop = TransactionalLoop(
-            clients if clients is not None else (lambda: kafka_clients(settings)),
-            handler,
+            _clients(settings, clients),
+            PoisonIsolation(
+                per_record(handler),
+                lambda record, reason: dead_letter_record(
+                    topics.REPORTING_DEADLETTER, record, reason, producer
+                ),
+            ),
             LoopSettings(
                 group_id=settings.reporting_group_id,
                 topics=(topics.INFERENCE_RESULTS,),
+                transactional_id_prefix=settings.reporting_group_id,
                 max_records=settings.reporting_batch_max,
                 poll_timeout_ms=settings.reporting_poll_timeout_ms,
             ),
@@ -106,6 +114,19 @@ def create_app(settings: ReportingSettings, clients: ClientFactory | None = None
         after_startup=[lag.start],
         on_shutdown=[lag.stop, stop_loop],
         logger=logging.getLogger(f"medmesh.{SERVICE}.app"),
+    )
+
+
+def _clients(settings: ReportingSettings, given: StageClients | None) -> StageClients:
+    if given is not None:
+        return given
+    return stage_clients(
+        settings,
+        f"medmesh-reporting-{settings.instance_id}",
+        settings.reporting_group_id,
+        session_timeout_ms=settings.reporting_session_timeout_ms,
+        heartbeat_interval_ms=settings.reporting_heartbeat_interval_ms,
+        transaction_timeout_ms=settings.reporting_transaction_timeout_ms,
     )
 
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
-from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Tracer
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
 
 from medmesh_contracts import topics
 from medmesh_contracts.catalog import SpecCatalog
@@ -29,9 +28,9 @@ from medmesh_contracts.events import (
 from medmesh_contracts.modelspec import ModelSpec
 from medmesh_reporting.report import build_report, report_schema
 from medmesh_runtime.deadletter import dead_letter_event
-from medmesh_runtime.kafka import message_headers
 from medmesh_runtime.logging import get_logger
-from medmesh_runtime.telemetry import consumer_span
+from medmesh_runtime.telemetry import consumer_span, publish_headers
+from medmesh_runtime.transactional import OutgoingRecord, encoded_headers
 
 log = get_logger("medmesh.reporting")
 
@@ -55,20 +54,6 @@ class ConsumedRecord(Protocol):
     def headers(self) -> Sequence[tuple[str, bytes]]: ...
 
 
-@dataclass(frozen=True)
-class Outgoing:
-    """One record to produce inside the current transaction."""
-
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: tuple[tuple[str, bytes], ...]
-
-
-def _encoded(headers: Mapping[str, str]) -> tuple[tuple[str, bytes], ...]:
-    return tuple((name, value.encode()) for name, value in headers.items())
-
-
 class ReportHandler:
     """Builds the report (or the dead letter) for one consumed result, under a tracing span."""
 
@@ -86,7 +71,7 @@ class ReportHandler:
         self._tracer = tracer
         self._performer_display = performer_display
 
-    def __call__(self, record: ConsumedRecord) -> list[Outgoing]:
+    def __call__(self, record: ConsumedRecord) -> list[OutgoingRecord]:
         """The records to produce for ``record``: one report, one dead letter, or none (shadow)."""
         with consumer_span(self._tracer, record):
             try:
@@ -95,7 +80,9 @@ class ReportHandler:
                 return [self._dead_letter(record, f"{type(exc).__name__}: {exc}")]
             return self.for_result(record, completed)
 
-    def for_result(self, record: ConsumedRecord, completed: InferenceCompleted) -> list[Outgoing]:
+    def for_result(
+        self, record: ConsumedRecord, completed: InferenceCompleted
+    ) -> list[OutgoingRecord]:
         """The records to produce for a decoded result (in the current span): its report, a dead
         letter when it cannot become one, or none (shadow). The monolith topology calls this
         in-process, with a stand-in record whose value is the result's wire form."""
@@ -113,7 +100,7 @@ class ReportHandler:
         except Exception as exc:  # noqa: BLE001 -- building is pure: any error is this record's
             return [self._dead_letter(record, f"{type(exc).__name__}: {exc}")]
 
-    def _report(self, record: ConsumedRecord, completed: InferenceCompleted) -> Outgoing:
+    def _report(self, record: ConsumedRecord, completed: InferenceCompleted) -> OutgoingRecord:
         if self._catalog is not None and not self._catalog.learn(
             completed.task.request.model, completed.task.model_version
         ):
@@ -141,8 +128,11 @@ class ReportHandler:
             )
         latency_ms = (utc_now() - completed.task.request.received_at).total_seconds() * 1000
         trace.get_current_span().set_attribute("medmesh.end_to_end_ms", latency_ms)
-        headers = self._publish_headers(
-            topics.REPORTS_DIAGNOSTIC, completed.correlation_id, report_schema(completed)
+        headers = publish_headers(
+            self._tracer,
+            topics.REPORTS_DIAGNOSTIC,
+            completed.correlation_id,
+            report_schema(completed),
         )
         log.info(
             "report built",
@@ -151,17 +141,20 @@ class ReportHandler:
             model_version=completed.task.model_version,
             end_to_end_ms=round(latency_ms, 1),
         )
-        return Outgoing(
+        return OutgoingRecord(
             topics.REPORTS_DIAGNOSTIC,
             record.key,
             json.dumps(bundle, separators=(",", ":")).encode(),
-            _encoded(headers),
+            encoded_headers(headers),
         )
 
-    def _dead_letter(self, record: ConsumedRecord, reason: str) -> Outgoing:
+    def _dead_letter(self, record: ConsumedRecord, reason: str) -> OutgoingRecord:
         event = dead_letter_event(record, reason, self._producer)
-        headers = self._publish_headers(
-            topics.REPORTING_DEADLETTER, event.correlation_id, schema_of(MessageDeadLettered)
+        headers = publish_headers(
+            self._tracer,
+            topics.REPORTING_DEADLETTER,
+            event.correlation_id,
+            schema_of(MessageDeadLettered),
         )
         log.warning(
             "result dead-lettered",
@@ -170,23 +163,6 @@ class ReportHandler:
             offset=record.offset,
             reason=reason[:500],
         )
-        return Outgoing(topics.REPORTING_DEADLETTER, record.key, to_wire(event), _encoded(headers))
-
-    def _publish_headers(self, topic: str, correlation_id: str, schema: str) -> dict[str, str]:
-        """The medmesh headers of one produced record, with the trace context of its publish span.
-
-        The record becomes visible when the transaction commits, a little after this span ends.
-        """
-        with self._tracer.start_as_current_span(
-            f"{topic} publish",
-            kind=SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.operation": "publish",
-                "messaging.destination.name": topic,
-                CONVERSATION_ID: correlation_id,
-            },
-        ):
-            headers = message_headers(correlation_id, schema)
-            propagate.inject(headers)
-        return headers
+        return OutgoingRecord(
+            topics.REPORTING_DEADLETTER, record.key, to_wire(event), encoded_headers(headers)
+        )

@@ -21,7 +21,8 @@ class ReportingSettings(ServiceSettings):
     # default minimum (group.min.session.timeout.ms), so a restarted instance takes over quickly.
     reporting_session_timeout_ms: int = 6000
     reporting_heartbeat_interval_ms: int = 2000
-    # An open transaction of a crashed instance that nobody fences is aborted after this long.
+    # An open transaction of a crashed instance whose partitions no instance took over is
+    # aborted after this long (a takeover fences and aborts it at once).
     reporting_transaction_timeout_ms: int = 60000
 
     # Optional delivery of every report to the hospital's FHIR server (off when no URL is set).
@@ -31,8 +32,3 @@ class ReportingSettings(ServiceSettings):
     delivery_timeout_s: float = 10.0
     # A report the server keeps failing on (5xx, 429, no connection) is given up after this long.
     delivery_give_up_s: float = 600.0
-
-    @property
-    def transactional_id(self) -> str:
-        """Stable per instance (MEDMESH_INSTANCE_ID), so a restart fences its own zombie."""
-        return f"medmesh-reporting-{self.instance_id}"

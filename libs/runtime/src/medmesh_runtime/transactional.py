@@ -1,0 +1,510 @@
+"""Consume -> transform -> produce exactly once, and no record can stall its partition.
+
+Every consume-transform-produce stage of medmesh (ingest's inbound poll, the router, the
+workers, reporting) commits through this module:
+
+- **One transaction per input partition and poll.** The outputs of a partition's records and
+  that partition's next offset are committed in one Kafka transaction, so a read_committed
+  consumer sees each input's outputs exactly once however often a service dies: a crash before
+  the commit leaves the transaction open, it is aborted when the partition's next owner starts
+  its producer, and the records are processed again from the committed offset.
+- **Zombies are fenced.** Each input partition has its own transactional producer, whose
+  ``transactional_id`` names the partition (``<prefix>-<topic>-<partition>``). The instance the
+  group gives the partition to starts that producer as soon as it is assigned, before it fetches
+  the committed offset; ``init_transactions`` bumps the id's epoch, which aborts whatever the
+  previous owner left open and makes every later request of the previous owner's producer fail
+  with ``ProducerFenced``. An instance stalled past its session timeout and then resumed
+  therefore cannot commit anything; it drops its clients and rejoins (aiokafka speaks
+  TxnOffsetCommit v0, without the group generation that would fence it otherwise: KIP-447).
+- **Poison is isolated.** A handler error that is not one of the ``transient`` kinds (Kafka or a
+  backend being away) is the records' fault: the poll's records are handled one by one, each up
+  to ``max_attempts`` times with a growing pause, and a record that still fails is replaced by
+  its dead letter, produced in the same transaction as its offset. An output too large for the
+  producer's request limit is also replaced by a dead letter naming the limit, rather than
+  failing its transaction on every redelivery.
+
+Offsets: partitions are only given up between transactions (revocation waits for the
+transaction in flight), and a producer is started for every assigned partition before records
+are fetched for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError, ProducerFenced
+
+from medmesh_runtime.logging import get_logger, redact_text
+from medmesh_runtime.settings import PRODUCER_MAX_REQUEST_SIZE
+
+log = get_logger("medmesh.transactional")
+
+# What a record's framing, and aiokafka's batch header around it, add to its key, value and
+# headers: an output whose parts leave less than this under the request limit is refused by
+# the producer (MessageSizeTooLargeError) and is dead-lettered here instead.
+_RECORD_OVERHEAD = 512
+
+
+@dataclass(frozen=True)
+class OutgoingRecord:
+    """One record to produce in the transaction of the input it was made from."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+    @property
+    def size(self) -> int:
+        """Bytes of key, value and headers (what the producer's request limit counts)."""
+        return (
+            len(self.key or b"")
+            + len(self.value)
+            + sum(len(name) + len(value) for name, value in self.headers)
+        )
+
+
+def encoded_headers(headers: Mapping[str, str]) -> tuple[tuple[str, bytes], ...]:
+    """Text headers (medmesh's and W3C trace context) as a produced record carries them."""
+    return tuple((name, value.encode()) for name, value in headers.items())
+
+
+class TransactionalProducer(Protocol):
+    """The part of a transactional AIOKafkaProducer used here."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def begin_transaction(self) -> None: ...
+    async def commit_transaction(self) -> None: ...
+    async def abort_transaction(self) -> None: ...
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        *,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> Awaitable[Any]: ...
+    async def send_offsets_to_transaction(
+        self, offsets: Mapping[TopicPartition, int], group_id: str
+    ) -> None: ...
+
+
+class BatchConsumer(Protocol):
+    """The part of an AIOKafkaConsumer (group member, read_committed, no auto commit) used here."""
+
+    def subscribe(self, topics: Sequence[str], *, listener: ConsumerRebalanceListener) -> None: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> Mapping[TopicPartition, Sequence[Any]]: ...
+
+
+# transactional_id -> an unstarted producer with that id (acks=all, idempotent).
+ProducerFactory = Callable[[str], TransactionalProducer]
+# The outputs of each record, in the order of the records (one list per record, maybe empty).
+BatchHandler = Callable[[Sequence[Any]], Awaitable[Sequence[Sequence[OutgoingRecord]]]]
+# The dead letter of a record and a reason (no patient data: the record is in its payload).
+DeadLetterBuilder = Callable[[Any, str], OutgoingRecord]
+
+
+class PartitionLostError(Exception):
+    """Another instance owns the partition now: this instance's producer for it was fenced."""
+
+
+def transactional_id(prefix: str, partition: TopicPartition) -> str:
+    """The transactional id of the producer that commits one input partition's outputs."""
+    return f"{prefix}-{partition.topic}-{partition.partition}"
+
+
+class PartitionTransactions:
+    """One transactional producer per assigned input partition; commits a partition's outputs
+    with its next offset in one transaction."""
+
+    def __init__(self, make_producer: ProducerFactory, group_id: str, id_prefix: str) -> None:
+        self._make_producer = make_producer
+        self._group_id = group_id
+        self._id_prefix = id_prefix
+        self._producers: dict[TopicPartition, TransactionalProducer] = {}
+        self._locks: dict[TopicPartition, asyncio.Lock] = {}
+        # An assignment whose producer could not start: the owner must start over (raise_failure)
+        # rather than fetch offsets that a predecessor's open transaction may still change.
+        self.failure: BaseException | None = None
+        self.transactions = 0
+
+    def listener(self) -> ConsumerRebalanceListener:
+        """The rebalance listener to subscribe with (starts and stops the producers)."""
+        return _Listener(self)
+
+    def raise_failure(self) -> None:
+        """Raise the error of an assignment whose producer did not start (None: nothing)."""
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure
+
+    async def assigned(self, partitions: Iterable[TopicPartition]) -> None:
+        """Start (and so fence the previous owner of) each newly assigned partition's producer."""
+        for partition in partitions:
+            if partition in self._producers:
+                continue
+            try:
+                await self._start(partition)
+            except asyncio.CancelledError:
+                if _cancelled_from_outside():
+                    raise
+                self._failed(partition, RuntimeError("CancelledError raised inside aiokafka"))
+            except Exception as exc:  # noqa: BLE001 -- kept: the loop raises it and starts over
+                self._failed(partition, exc)
+
+    def _failed(self, partition: TopicPartition, exc: BaseException) -> None:
+        log.warning(
+            "transactional producer did not start",
+            partition=str(partition),
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        self.failure = exc
+
+    async def revoked(self, partitions: Iterable[TopicPartition]) -> None:
+        """Wait for each revoked partition's transaction in flight, then stop its producer."""
+        for partition in partitions:
+            async with self._lock(partition):
+                producer = self._producers.pop(partition, None)
+            if producer is not None:
+                await _stop_quietly(producer)
+
+    async def close(self) -> None:
+        """Stop every producer (the consumer has stopped, or the loop starts over)."""
+        await self.revoked(list(self._producers))
+
+    async def commit(
+        self, partition: TopicPartition, outputs: Sequence[OutgoingRecord], next_offset: int
+    ) -> None:
+        """Produce ``outputs`` and move ``partition``'s committed offset to ``next_offset``, in
+        one transaction. ``PartitionLostError`` when another instance owns the partition."""
+        async with self._lock(partition):
+            producer = self._producers.get(partition)
+            if producer is None:  # assigned before a failed start, or consumed after revocation
+                producer = await self._start(partition)
+            await producer.begin_transaction()
+            try:
+                deliveries = [
+                    await producer.send(out.topic, out.value, key=out.key, headers=out.headers)
+                    for out in outputs
+                ]
+                await asyncio.gather(*deliveries)
+                await producer.send_offsets_to_transaction({partition: next_offset}, self._group_id)
+                await producer.commit_transaction()
+            except ProducerFenced as fenced:
+                # Nothing of this transaction becomes visible; the producer is dead for good.
+                self._producers.pop(partition, None)
+                await _stop_quietly(producer)
+                raise PartitionLostError(str(partition)) from fenced
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await producer.abort_transaction()
+                raise
+            self.transactions += 1
+
+    async def _start(self, partition: TopicPartition) -> TransactionalProducer:
+        producer = self._make_producer(transactional_id(self._id_prefix, partition))
+        try:
+            await producer.start()  # init_transactions: fences the partition's previous owner
+        except BaseException:
+            await _stop_quietly(producer)
+            raise
+        self._producers[partition] = producer
+        return producer
+
+    def _lock(self, partition: TopicPartition) -> asyncio.Lock:
+        return self._locks.setdefault(partition, asyncio.Lock())
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
+    def __init__(self, transactions: PartitionTransactions) -> None:
+        self._transactions = transactions
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        revoked = list(revoked)
+        await self._transactions.revoked(revoked)
+        if revoked:
+            log.info("partitions revoked", partitions=sorted(str(tp) for tp in revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        assigned = list(assigned)
+        await self._transactions.assigned(assigned)
+        log.info("partitions assigned", partitions=sorted(str(tp) for tp in assigned))
+
+
+@dataclass
+class IsolationStats:
+    """What poison isolation did (for logs, metrics and tests)."""
+
+    isolated_polls: int = 0
+    retries: int = 0
+    dead_lettered: int = 0
+
+
+@dataclass
+class PoisonIsolation:
+    """Runs a batch handler so that no record can fail its poll forever.
+
+    An error of a ``transient`` kind is raised (nothing is the records' fault: the caller
+    retries the poll from its committed offsets). Any other error makes the records handled
+    one at a time, each up to ``max_attempts`` times; a record that keeps failing is replaced
+    by its dead letter. An output over ``max_output_bytes`` replaces its record's outputs by a
+    dead letter too.
+    """
+
+    handle: BatchHandler
+    dead_letter: DeadLetterBuilder
+    transient: tuple[type[BaseException], ...] = (KafkaError,)
+    max_attempts: int = 3
+    backoff_s: float = 0.2
+    max_output_bytes: int = PRODUCER_MAX_REQUEST_SIZE - _RECORD_OVERHEAD
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    stats: IsolationStats = field(default_factory=IsolationStats)
+
+    async def outputs(self, records: Sequence[Any]) -> list[list[OutgoingRecord]]:
+        """Each record's outputs (or its dead letter), in the order of ``records``."""
+        if not records:
+            return []
+        try:
+            produced = await self._handled(records)
+        except self.transient:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- the poll's records are retried one by one
+            if len(records) == 1:
+                return [await self._retried(records[0], exc)]
+            self.stats.isolated_polls += 1
+            log.warning(
+                "a poll failed: handling its records one at a time",
+                records=len(records),
+                error=_reason(exc),
+            )
+            return [await self._alone(record) for record in records]
+        return [self._fitting(record, outs) for record, outs in zip(records, produced, strict=True)]
+
+    async def _handled(self, records: Sequence[Any]) -> Sequence[Sequence[OutgoingRecord]]:
+        produced = await self.handle(records)
+        if len(produced) != len(records):
+            raise RuntimeError(
+                f"the handler returned outputs for {len(produced)} of {len(records)} records"
+            )
+        return produced
+
+    async def _alone(self, record: Any) -> list[OutgoingRecord]:
+        try:
+            produced = await self._handled([record])
+        except self.transient:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- retried, then dead-lettered
+            return await self._retried(record, exc)
+        return self._fitting(record, produced[0])
+
+    async def _retried(self, record: Any, first: Exception) -> list[OutgoingRecord]:
+        error = first
+        for attempt in range(2, self.max_attempts + 1):
+            self.stats.retries += 1
+            await self.sleep(self.backoff_s * 2 ** (attempt - 2))
+            try:
+                produced = await self._handled([record])
+            except self.transient:
+                raise
+            except Exception as exc:  # noqa: BLE001 -- the next attempt, or the dead letter
+                error = exc
+                continue
+            return self._fitting(record, produced[0])
+        return [
+            self._dead_lettered(
+                record, f"failed {self.max_attempts} times; last error: {_reason(error)}"
+            )
+        ]
+
+    def _fitting(self, record: Any, outputs: Sequence[OutgoingRecord]) -> list[OutgoingRecord]:
+        for out in outputs:
+            if out.size > self.max_output_bytes:
+                return [
+                    self._dead_lettered(
+                        record,
+                        f"its output to {out.topic} takes {out.size} bytes, over the "
+                        f"{self.max_output_bytes} a Kafka record may take",
+                    )
+                ]
+        return list(outputs)
+
+    def _dead_lettered(self, record: Any, reason: str) -> OutgoingRecord:
+        self.stats.dead_lettered += 1
+        log.warning(
+            "record dead-lettered",
+            source_topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            reason=reason[:500],
+        )
+        return self.dead_letter(record, reason)
+
+
+def _reason(exc: BaseException) -> str:
+    """An error as a dead letter's reason: its kind and its text with patient data redacted."""
+    return redact_text(f"{type(exc).__name__}: {exc}")[:2000]
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the loop consumes, how, and how long it pauses before starting over after an error."""
+
+    group_id: str
+    topics: tuple[str, ...]
+    # Prefix of the per-partition transactional ids: the same for every instance of a stage.
+    transactional_id_prefix: str
+    max_records: int = 200
+    poll_timeout_ms: int = 200
+    restart_pause_s: float = 1.0
+
+
+def per_record(
+    handle: Callable[[Any], Iterable[OutgoingRecord]],
+) -> BatchHandler:
+    """A batch handler made of a pure per-record one (no I/O)."""
+
+    async def handle_batch(records: Sequence[Any]) -> list[list[OutgoingRecord]]:
+        return [list(handle(record)) for record in records]
+
+    return handle_batch
+
+
+@dataclass(frozen=True)
+class StageClients:
+    """How a transactional stage builds its Kafka clients (tests pass in-memory fakes)."""
+
+    consumer: Callable[[], BatchConsumer]
+    producer: ProducerFactory
+
+
+class TransactionalLoop:
+    """Consumes ``settings.topics`` and commits each poll's outputs and offsets, one transaction
+    per partition, until cancelled; starts over from the committed offsets after an error."""
+
+    def __init__(
+        self, clients: StageClients, isolation: PoisonIsolation, settings: LoopSettings
+    ) -> None:
+        self._make_consumer = clients.consumer
+        self._make_producer = clients.producer
+        self.isolation = isolation
+        self._settings = settings
+        self.ready = False
+        self.transactions = 0
+        self.records = 0
+        self.restarts = 0
+
+    async def run(self) -> None:
+        """Process polls until cancelled; after any error, start over with new clients."""
+        while True:
+            consumer = self._make_consumer()
+            transactions = PartitionTransactions(
+                self._make_producer, self._settings.group_id, self._settings.transactional_id_prefix
+            )
+            try:
+                await self._serve(consumer, transactions)
+            except asyncio.CancelledError:
+                if _cancelled_from_outside():
+                    raise
+                # aiokafka internals can raise CancelledError into the caller; it must not end
+                # the loop silently while the process stays up (found by tests/chaos).
+                self._starting_over("CancelledError raised inside the Kafka client")
+            except PartitionLostError as lost:
+                self._starting_over(f"another instance owns {lost} now (this one was fenced)")
+            except Exception as exc:  # noqa: BLE001 -- logged, then the loop starts over
+                self._starting_over(f"{type(exc).__name__}: {exc}")
+            finally:
+                self.ready = False
+                await _stop_quietly(consumer)
+                await transactions.close()
+            await asyncio.sleep(self._settings.restart_pause_s)
+
+    def _starting_over(self, error: str) -> None:
+        self.restarts += 1
+        log.warning(
+            "consume loop failed: starting over from the committed offsets",
+            topics=list(self._settings.topics),
+            error=redact_text(error)[:500],
+        )
+
+    async def _serve(self, consumer: BatchConsumer, transactions: PartitionTransactions) -> None:
+        consumer.subscribe(list(self._settings.topics), listener=transactions.listener())
+        await consumer.start()
+        self.ready = True
+        log.info("consume loop started", topics=list(self._settings.topics))
+        while True:
+            await self.process_batch(consumer, transactions)
+
+    async def process_batch(
+        self, consumer: BatchConsumer, transactions: PartitionTransactions
+    ) -> int:
+        """Consume one poll and commit it, one transaction per partition; the records handled."""
+        polled = await consumer.getmany(
+            timeout_ms=self._settings.poll_timeout_ms, max_records=self._settings.max_records
+        )
+        transactions.raise_failure()
+        batch = {tp: list(records) for tp, records in polled.items() if records}
+        if not batch:
+            return 0
+        records = [record for partition in batch.values() for record in partition]
+        outputs = await self.isolation.outputs(records)
+        by_record = dict(zip(map(_position, records), outputs, strict=True))
+        commits = [
+            transactions.commit(
+                tp,
+                [out for record in partition for out in by_record[_position(record)]],
+                partition[-1].offset + 1,
+            )
+            for tp, partition in batch.items()
+        ]
+        failures = [
+            result
+            for result in await asyncio.gather(*commits, return_exceptions=True)
+            if isinstance(result, BaseException)
+        ]
+        self.transactions += len(commits) - len(failures)
+        if failures:
+            raise failures[0]
+        self.records += len(records)
+        return len(records)
+
+
+def _position(record: Any) -> tuple[str, int, int]:
+    return (record.topic, record.partition, record.offset)
+
+
+class _Stoppable(Protocol):
+    async def stop(self) -> None: ...
+
+
+async def _stop_quietly(client: _Stoppable) -> None:
+    """Stop a client, whatever state a failure left it in.
+
+    aiokafka's ``stop()`` can raise CancelledError although nobody cancelled this task (0.14's
+    Fetcher.close awaits the fetch tasks it has just cancelled). Let through, a stray one ended
+    the loop for good while the process stayed up and never reported again (found by
+    tests/chaos, Kafka restart). It is swallowed unless this task itself is being cancelled.
+    """
+    try:
+        await client.stop()
+    except asyncio.CancelledError:
+        if _cancelled_from_outside():
+            raise
+        log.info("client did not stop cleanly", error="CancelledError from inside aiokafka")
+    except Exception as exc:  # noqa: BLE001 -- closing a broken client: nothing left to do
+        log.info("client did not stop cleanly", error=f"{type(exc).__name__}: {exc}")
+
+
+def _cancelled_from_outside() -> bool:
+    """True when this task itself is being cancelled (not a CancelledError from a client)."""
+    current = asyncio.current_task()
+    return current is not None and current.cancelling() > 0

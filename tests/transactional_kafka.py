@@ -1,0 +1,222 @@
+"""An in-memory, transaction-aware Kafka for the transactional stages' unit and service tests.
+
+``FakeKafka`` keeps what a read_committed consumer would see: records produced in a transaction
+become visible, and its offsets committed, only when the transaction commits; an abort drops
+both. A fresh consumer starts from the committed offsets, as a restarted process does. A
+producer started with a transactional id bumps that id's epoch, and every later request of an
+older producer with the same id fails with ``ProducerFenced``, as Kafka's coordinator does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaConnectionError, ProducerFenced
+
+from medmesh_runtime.transactional import StageClients
+
+
+@dataclass(frozen=True)
+class FakeRecord:
+    """A consumed record."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+
+
+@dataclass
+class FakeKafka:
+    """Topics of committed records (by partition), groups' committed offsets, producer epochs."""
+
+    partitions: int = 1
+    committed: dict[str, dict[int, list[FakeRecord]]] = field(default_factory=dict)
+    offsets: dict[tuple[str, TopicPartition], int] = field(default_factory=dict)
+    epochs: dict[str, int] = field(default_factory=dict)
+    aborted: int = 0
+    fail_sends: int = 0
+    fail_starts: int = 0
+    transactional_ids: list[str] = field(default_factory=list)
+
+    def append(
+        self,
+        topic: str,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes | None]] = (),
+        *,
+        key: bytes | None = b"key",
+        partition: int = 0,
+    ) -> None:
+        """Write one committed record to ``partition`` of ``topic``."""
+        records = self.committed.setdefault(topic, {}).setdefault(partition, [])
+        records.append(FakeRecord(topic, partition, len(records), key, value, tuple(headers)))
+
+    def records(self, topic: str) -> list[FakeRecord]:
+        """The committed records of ``topic``, partition by partition."""
+        return [r for p in sorted(self.committed.get(topic, {})) for r in self.committed[topic][p]]
+
+    def values(self, topic: str) -> list[bytes]:
+        """The committed values of ``topic``."""
+        return [r.value or b"" for r in self.records(topic)]
+
+    def offset(self, group: str, topic: str, partition: int = 0) -> int | None:
+        """The group's committed offset of one partition (None: nothing committed)."""
+        return self.offsets.get((group, TopicPartition(topic, partition)))
+
+    def consumer(self, group: str) -> FakeConsumer:
+        """A fresh, unstarted member of ``group`` (the only one: it gets every partition)."""
+        return FakeConsumer(self, group)
+
+    def producer(self, transactional_id: str) -> FakeProducer:
+        """A fresh, unstarted transactional producer."""
+        return FakeProducer(self, transactional_id)
+
+    def clients(self, group: str) -> StageClients:
+        """A transactional stage's clients, in ``group``, on this Kafka."""
+        return StageClients(lambda: self.consumer(group), self.producer)
+
+
+class FakeConsumer:
+    """Reads every partition of the subscribed topics from the group's committed offsets."""
+
+    def __init__(self, kafka: FakeKafka, group: str) -> None:
+        self._kafka = kafka
+        self._group = group
+        self._topics: Sequence[str] = ()
+        self._listener: ConsumerRebalanceListener | None = None
+        self.positions: dict[TopicPartition, int] = {}
+
+    def subscribe(self, topics: Sequence[str], *, listener: ConsumerRebalanceListener) -> None:
+        """Remember the topics and the listener."""
+        self._topics = topics
+        self._listener = listener
+
+    async def start(self) -> None:
+        """Join: the listener hears of the assignment, then the committed offsets are fetched."""
+        assigned = [
+            TopicPartition(topic, p)
+            for topic in self._topics
+            for p in range(self._kafka.partitions)
+        ]
+        if self._listener is not None:
+            await self._listener.on_partitions_assigned(assigned)
+        for tp in assigned:
+            self.positions[tp] = self._kafka.offsets.get((self._group, tp), 0)
+
+    async def revoke(self) -> None:
+        """A rebalance takes every partition away (the listener hears first)."""
+        if self._listener is not None:
+            await self._listener.on_partitions_revoked(list(self.positions))
+        self.positions.clear()
+
+    async def stop(self) -> None:
+        """Nothing to release."""
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> Mapping[TopicPartition, Sequence[Any]]:
+        """The next records after each position (the positions move on)."""
+        out: dict[TopicPartition, Sequence[Any]] = {}
+        budget = max_records or 500
+        for tp, position in self.positions.items():
+            records = self._kafka.committed.get(tp.topic, {}).get(tp.partition, [])
+            taken = records[position : position + budget]
+            if taken:
+                out[tp] = taken
+                budget -= len(taken)
+                self.positions[tp] = taken[-1].offset + 1
+            if budget <= 0:
+                break
+        if not out:
+            await asyncio.sleep(timeout_ms / 1000)
+        return out
+
+
+class FakeProducer:
+    """A transactional producer: records and offsets become visible on commit only."""
+
+    def __init__(self, kafka: FakeKafka, transactional_id: str) -> None:
+        self._kafka = kafka
+        self.transactional_id = transactional_id
+        self._epoch = -1
+        self._pending: list[tuple[str, bytes | None, bytes, tuple[tuple[str, bytes], ...]]] = []
+        self._offsets: dict[tuple[str, TopicPartition], int] = {}
+
+    def _check(self) -> None:
+        if self._kafka.epochs.get(self.transactional_id) != self._epoch:
+            raise ProducerFenced
+
+    async def start(self) -> None:
+        """init_transactions: bump the id's epoch (fencing older producers with this id)."""
+        if self._kafka.fail_starts > 0:
+            self._kafka.fail_starts -= 1
+            raise KafkaConnectionError("broker went away")
+        self._epoch = self._kafka.epochs.get(self.transactional_id, -1) + 1
+        self._kafka.epochs[self.transactional_id] = self._epoch
+        self._kafka.transactional_ids.append(self.transactional_id)
+
+    async def stop(self) -> None:
+        """Nothing to release."""
+
+    async def begin_transaction(self) -> None:
+        """Start an empty transaction."""
+        self._pending, self._offsets = [], {}
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        *,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> Awaitable[Any]:
+        """Add a record to the transaction; fails while ``fail_sends`` is positive."""
+        self._check()
+        if self._kafka.fail_sends > 0:
+            self._kafka.fail_sends -= 1
+            raise KafkaConnectionError("broker went away")
+        self._pending.append((topic, key, value or b"", tuple(headers or ())))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    async def send_offsets_to_transaction(
+        self, offsets: Mapping[TopicPartition, int], group_id: str
+    ) -> None:
+        """Add the consumer's next offsets to the transaction."""
+        self._check()
+        self._offsets = {(group_id, tp): offset for tp, offset in offsets.items()}
+
+    async def commit_transaction(self) -> None:
+        """Make the records and offsets visible."""
+        self._check()
+        for topic, key, value, headers in self._pending:
+            self._kafka.append(topic, value, headers, key=key)
+        self._kafka.offsets.update(self._offsets)
+        self._pending, self._offsets = [], {}
+
+    async def abort_transaction(self) -> None:
+        """Drop the records and offsets."""
+        self._kafka.aborted += 1
+        self._pending, self._offsets = [], {}
+
+
+async def run_until(loop: Any, done: Any, timeout_s: float = 10.0) -> None:
+    """Run ``loop.run()`` until ``done()`` holds (or the loop returns); then cancel it."""
+    task = asyncio.create_task(loop.run())
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not done():
+                if task.done():
+                    return
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
