@@ -178,6 +178,8 @@ class FakeProducer:
         headers: Sequence[tuple[str, bytes]] | None = None,
     ) -> Awaitable[Any]:
         """Add a record to the transaction; fails while ``fail_sends`` is positive."""
+        if headers is not None and not isinstance(headers, list):
+            raise TypeError(f"Expected list, got {type(headers).__name__}")  # as aiokafka does
         self._check()
         if self._kafka.fail_sends > 0:
             self._kafka.fail_sends -= 1

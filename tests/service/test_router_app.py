@@ -26,17 +26,19 @@ from medmesh_contracts.lifecycle import (
     deploy_version,
     seed_deployment,
 )
-from medmesh_router.app import Consumed, Router, create_app
+from medmesh_router.app import Consumed, Router
 from medmesh_router.routing import bucket_of
 from medmesh_router.settings import RouterSettings
 from tests.factories import make_completed, make_request, make_task
 from tests.service.conftest import SPECS_DIR
+from tests.transactional_kafka import FakeKafka, run_until
 
 PRODUCER = Producer(service="test", instance="t-1")
+GROUP = "medmesh-router"
 MODEL = "deterioration"
 
 
-def _router(*records: ModelDeployment) -> Router:
+def _router(*records: ModelDeployment, kafka: FakeKafka | None = None) -> Router:
     async def read(
         _settings: RouterSettings,
         topic: str,
@@ -47,7 +49,18 @@ def _router(*records: ModelDeployment) -> Router:
             return []
         return [Consumed(0, offset, to_wire(d)) for offset, d in enumerate(records)]
 
-    return Router(RouterSettings(model_specs_dir=SPECS_DIR, router_tick_s=3600), read)
+    clients = (kafka or FakeKafka()).clients(GROUP)
+    return Router(RouterSettings(model_specs_dir=SPECS_DIR, router_tick_s=3600), read, clients)
+
+
+async def _route(
+    router: Router, kafka: FakeKafka, *values: bytes, key: bytes | None = None
+) -> None:
+    """Append ``values`` to the requests topic and run the requests stage until it committed."""
+    for value in values:
+        kafka.append(topics.INFERENCE_REQUESTS, value, key=key)
+    end = len(kafka.records(topics.INFERENCE_REQUESTS))
+    await run_until(router.requests, lambda: kafka.offset(GROUP, topics.INFERENCE_REQUESTS) == end)
 
 
 def _canary(min_requests: int = 50, max_error_rate: float = 0.05) -> ModelDeployment:
@@ -87,16 +100,12 @@ def _patient_on(version: int) -> str:
 
 async def test_request_becomes_a_task_on_the_version_topic() -> None:
     """A RequestInference is published as a RunInference on medmesh.model.deterioration.v1.tasks."""
-    router = _router()
+    kafka = FakeKafka()
+    router = _router(kafka=kafka)
     await router.load()
-    seen = _capture(router.broker, topics.model_task_topic(MODEL, 1))
     request = make_request()
-    async with TestKafkaBroker(router.broker) as test_broker:
-        await test_broker.publish(
-            to_wire(request),
-            topic=topics.INFERENCE_REQUESTS,
-            key=request.patient_pseudonym.encode(),
-        )
+    await _route(router, kafka, to_wire(request), key=request.patient_pseudonym.encode())
+    seen = kafka.values(topics.model_task_topic(MODEL, 1))
     assert len(seen) == 1
     task = RunInference.model_validate_json(seen[0])
     assert task.request == request
@@ -105,13 +114,13 @@ async def test_request_becomes_a_task_on_the_version_topic() -> None:
 
 async def test_undecodable_request_is_dead_lettered_with_the_reason() -> None:
     """A value that is not a RequestInference goes to the router's dead-letter topic."""
-    app = create_app(RouterSettings(model_specs_dir=SPECS_DIR))
-    broker = app.broker
-    assert isinstance(broker, KafkaBroker)
-    dead = _capture(broker, topics.ROUTER_DEADLETTER)
-    async with TestKafkaBroker(broker) as test_broker:
-        await test_broker.publish(b"{not json", topic=topics.INFERENCE_REQUESTS)
+    kafka = FakeKafka()
+    router = _router(kafka=kafka)
+    await router.load()
+    await _route(router, kafka, b"{not json")
+    dead = kafka.values(topics.ROUTER_DEADLETTER)
     assert len(dead) == 1
+    assert kafka.offset(GROUP, topics.INFERENCE_REQUESTS) == 1
     event = json.loads(dead[0])
     assert event["schema"] == "medmesh.MessageDeadLettered/1"
     assert event["raw_value"] == "{not json"
@@ -134,22 +143,22 @@ async def test_empty_registry_is_seeded_from_the_spec_and_audited() -> None:
 
 async def test_state_is_rebuilt_from_the_registry_records() -> None:
     """A registry holding a 50 % v2 canary routes a patient of the upper half to v2, not seeded."""
-    router = _router(_canary())
+    kafka = FakeKafka()
+    router = _router(_canary(), kafka=kafka)
     await router.load()
-    v2 = _capture(router.broker, topics.model_task_topic(MODEL, 2))
     request = make_request(patient_pseudonym=_patient_on(2))
-    async with TestKafkaBroker(router.broker) as test_broker:
-        await test_broker.publish(to_wire(request), topic=topics.INFERENCE_REQUESTS)
+    await _route(router, kafka, to_wire(request))
+    v2 = kafka.values(topics.model_task_topic(MODEL, 2))
     assert [RunInference.model_validate_json(t).model_version for t in v2] == [2]
     assert router.state.deployments[MODEL].revision == 3
 
 
 async def test_dead_canary_gives_its_share_to_stable_and_is_audited() -> None:
     """v2 seen ready, then silent past 3 intervals: readiness-lost audited, patients go to v1."""
-    router = _router(_canary())
+    kafka = FakeKafka()
+    router = _router(_canary(), kafka=kafka)
     await router.load()
     audit = _capture(router.broker, topics.MODELS_AUDIT)
-    v1 = _capture(router.broker, topics.model_task_topic(MODEL, 1))
     beat = WorkerHeartbeat(
         correlation_id="hb",
         producer=PRODUCER,
@@ -165,8 +174,9 @@ async def test_dead_canary_gives_its_share_to_stable_and_is_audited() -> None:
         await test_broker.publish(to_wire(beat), topic=topics.MODELS_STATUS)
         assert router.state.tables[MODEL].weights == {1: 50, 2: 50}
         await router.audit_readiness(utc_now() + timedelta(seconds=5))
-        request = make_request(patient_pseudonym=_patient_on(2))
-        await test_broker.publish(to_wire(request), topic=topics.INFERENCE_REQUESTS)
+    request = make_request(patient_pseudonym=_patient_on(2))
+    await _route(router, kafka, to_wire(request))
+    v1 = kafka.values(topics.model_task_topic(MODEL, 1))
     assert router.state.tables[MODEL].weights == {1: 100}
     decisions = [LifecycleDecision.model_validate_json(a) for a in audit]
     assert [(d.action, d.version) for d in decisions] == [("readiness-lost", 2)]

@@ -149,18 +149,21 @@ class PartitionTransactions:
             raise failure
 
     async def assigned(self, partitions: Iterable[TopicPartition]) -> None:
-        """Start (and so fence the previous owner of) each newly assigned partition's producer."""
-        for partition in partitions:
-            if partition in self._producers:
-                continue
-            try:
-                await self._start(partition)
-            except asyncio.CancelledError:
-                if _cancelled_from_outside():
-                    raise
-                self._failed(partition, RuntimeError("CancelledError raised inside aiokafka"))
-            except Exception as exc:  # noqa: BLE001 -- kept: the loop raises it and starts over
-                self._failed(partition, exc)
+        """Start (and so fence the previous owner of) each newly assigned partition's producer,
+        all at once: each may wait for its predecessor's open transaction to be aborted."""
+        await asyncio.gather(
+            *(self._start_assigned(p) for p in partitions if p not in self._producers)
+        )
+
+    async def _start_assigned(self, partition: TopicPartition) -> None:
+        try:
+            await self._start(partition)
+        except asyncio.CancelledError:
+            if _cancelled_from_outside():
+                raise
+            self._failed(partition, RuntimeError("CancelledError raised inside aiokafka"))
+        except Exception as exc:  # noqa: BLE001 -- kept: the loop raises it and starts over
+            self._failed(partition, exc)
 
     def _failed(self, partition: TopicPartition, exc: BaseException) -> None:
         log.warning(
@@ -194,7 +197,9 @@ class PartitionTransactions:
             await producer.begin_transaction()
             try:
                 deliveries = [
-                    await producer.send(out.topic, out.value, key=out.key, headers=out.headers)
+                    await producer.send(
+                        out.topic, out.value, key=out.key, headers=list(out.headers)
+                    )
                     for out in outputs
                 ]
                 await asyncio.gather(*deliveries)

@@ -8,9 +8,10 @@ from medmesh_runtime.serve import serve
 
 
 def main() -> None:
-    """Serve on MEDMESH_HTTP_HOST and MEDMESH_ROUTER_PORT (health endpoints; FHIR for ingest)."""
+    """Serve on MEDMESH_HTTP_HOST and MEDMESH_ROUTER_PORT (health endpoints; FHIR for ingest);
+    /metrics where MEDMESH_METRICS_PORT and MEDMESH_METRICS_TOKEN say."""
     settings = RouterSettings()
-    serve(create_app(settings), settings.http_host, settings.router_port)
+    serve(create_app(settings), settings, settings.router_port)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ Thin by design: decoding and publishing here, the decisions in ``routing`` (wher
 goes), ``controller`` (what a rollout does next) and ``medmesh_contracts.lifecycle`` (how the
 registry record changes). On start the router reads the compacted registry topic to its end
 (seeding a model from its spec's weights when the registry has none), then follows the registry,
-worker heartbeats, results and failures, and runs the rollout controller every tick.
+worker heartbeats, results and failures, and runs the rollout controller every tick. Requests
+are routed by ``medmesh_runtime.transactional``: a poll's tasks and dead letters are committed
+with its offsets, one transaction per requests partition.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -59,19 +61,27 @@ from medmesh_router.routing import (
 )
 from medmesh_router.settings import RouterSettings
 from medmesh_router.state import RouterState
-from medmesh_runtime.deadletter import DeadLetters
+from medmesh_runtime.deadletter import DeadLetters, dead_letter_record
 from medmesh_runtime.health import health_routes
 from medmesh_runtime.kafka import (
-    CONSUMER_ACK_POLICY,
     aiokafka_security,
     build_broker,
     message_headers,
     record_headers,
+    stage_clients,
     topic_partitions,
 )
 from medmesh_runtime.lag import LagMonitor
 from medmesh_runtime.logging import configure_logging, get_logger
-from medmesh_runtime.telemetry import configure_service_tracing, consumer_span
+from medmesh_runtime.telemetry import configure_service_tracing, consumer_span, publish_headers
+from medmesh_runtime.transactional import (
+    LoopSettings,
+    OutgoingRecord,
+    PoisonIsolation,
+    StageClients,
+    TransactionalLoop,
+    encoded_headers,
+)
 
 SERVICE = "router"
 Parsed = TypeVar("Parsed", ModelDeployment, WorkerHeartbeat, InferenceCompleted, InferenceFailed)
@@ -162,7 +172,10 @@ class Router:
     """The router's parts, built once at the bootstrap point and shared by its handlers."""
 
     def __init__(
-        self, settings: RouterSettings, read_to_end: StartupReader = read_topic_to_end
+        self,
+        settings: RouterSettings,
+        read_to_end: StartupReader = read_topic_to_end,
+        requests_clients: StageClients | None = None,
     ) -> None:
         self.settings = settings
         self._read_to_end = read_to_end
@@ -183,19 +196,24 @@ class Router:
         self._loop_task: asyncio.Task[None] | None = None
         # Results and failures that did not parse (skipped as evidence; reporting dead-letters).
         self.unreadable_outcomes = 0
-        self.task_out = {
-            topics.model_task_topic(spec.name, v.version): self.broker.publisher(
-                topics.model_task_topic(spec.name, v.version),
-                title=f"{spec.name} v{v.version} tasks",
-            )
-            for spec in self.specs.values()
-            for v in spec.versions
-        }
+        self.tracer = self.tracer_provider.get_tracer("medmesh.router")
         self.registry_out = self.broker.publisher(topics.MODELS_REGISTRY, title="model registry")
         self.audit_out = self.broker.publisher(topics.MODELS_AUDIT, title="lifecycle audit")
         self.dead_letters = DeadLetters(
             self.broker.publisher(topics.ROUTER_DEADLETTER), self.producer
         )
+        self.requests = TransactionalLoop(
+            requests_clients or _requests_clients(settings),
+            PoisonIsolation(self.route_records, self._dead_letter),
+            LoopSettings(
+                group_id=settings.router_group_id,
+                topics=(topics.INFERENCE_REQUESTS,),
+                transactional_id_prefix=settings.router_group_id,
+                max_records=settings.router_max_batch,
+                poll_timeout_ms=settings.router_batch_wait_ms,
+            ),
+        )
+        self._requests_task: asyncio.Task[None] | None = None
         self._subscribe()
 
     def _learn_versions(self, deployment: ModelDeployment) -> None:
@@ -209,6 +227,10 @@ class Router:
                     model_version=v.version,
                     spec_error=self.catalog.last_error,
                 )
+
+    async def requests_ready(self) -> bool:
+        """The requests stage consumes (for /readyz)."""
+        return self.requests.ready
 
     def _mirrored(self, model: str) -> bool:
         table = self.state.tables.get(model)
@@ -313,13 +335,15 @@ class Router:
             await self.publish_change(deployment, audit)
         self._unpublished.clear()
         self._loop_task = asyncio.create_task(self._loop(), name="router-controller")
+        self._requests_task = asyncio.create_task(self.requests.run(), name="router-requests")
 
     async def stopping(self) -> None:
-        """Stop the loop and flush traces."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        """Stop the loops and flush traces."""
+        for task in (self._requests_task, self._loop_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self.tracer_provider.shutdown()
 
     async def publish_change(self, deployment: ModelDeployment, audit: LifecycleDecision) -> None:
@@ -483,28 +507,6 @@ class Router:
     def _subscribe(self) -> None:
         broker = self.broker
 
-        # A batch subscriber: each poll's records are routed, their tasks published together,
-        # and the offsets committed once after every send is acknowledged. One message at a
-        # time meant one synchronous offset commit per request, which capped the router at
-        # ~60 requests/s on the benchmark box (medmesh bench --series router).
-        @broker.subscriber(
-            topics.INFERENCE_REQUESTS,
-            batch=True,
-            max_records=self.settings.router_max_batch,
-            batch_timeout_ms=self.settings.router_batch_wait_ms,
-            group_id=self.settings.router_group_id,
-            auto_offset_reset="earliest",
-            ack_policy=CONSUMER_ACK_POLICY,
-            title="inference requests",
-        )
-        async def on_requests(message: KafkaMessage) -> None:
-            records: tuple[Any, ...] = tuple(message.raw_message)  # a batch holds a tuple
-            sends: list[Awaitable[None]] = []
-            for record in records:
-                sends += await self._route_record(record)
-            await asyncio.gather(*sends)
-            log.info("requests routed", records=len(records), tasks=len(sends))
-
         @broker.subscriber(
             topics.MODELS_REGISTRY, auto_offset_reset="earliest", title="model registry (follow)"
         )
@@ -549,15 +551,24 @@ class Router:
         # Results and failures are only observed here (reporting owns them): a record that does
         # not parse is reporting's dead letter, so the router logs and counts it (it is evidence
         # the rollout controller did not get) without a second dead letter.
-        @broker.subscriber(topics.INFERENCE_RESULTS, title="results (observed)")
+        # read_committed: outcomes are produced in transactions; an aborted one is not evidence.
+        @broker.subscriber(
+            topics.INFERENCE_RESULTS, isolation_level="read_committed", title="results (observed)"
+        )
         async def on_result(message: KafkaMessage) -> None:
             self._observe(message.raw_message, InferenceCompleted, self.analysis.completed)
 
-        @broker.subscriber(topics.INFERENCE_SHADOW_RESULTS, title="shadow results (observed)")
+        @broker.subscriber(
+            topics.INFERENCE_SHADOW_RESULTS,
+            isolation_level="read_committed",
+            title="shadow results (observed)",
+        )
         async def on_shadow_result(message: KafkaMessage) -> None:
             self._observe(message.raw_message, InferenceCompleted, self.analysis.completed)
 
-        @broker.subscriber(topics.INFERENCE_FAILED, title="failures (observed)")
+        @broker.subscriber(
+            topics.INFERENCE_FAILED, isolation_level="read_committed", title="failures (observed)"
+        )
         async def on_failed(message: KafkaMessage) -> None:
             self._observe(message.raw_message, InferenceFailed, self.analysis.failed)
 
@@ -578,15 +589,23 @@ class Router:
             return
         apply(event)
 
-    async def _route_record(self, record: Any) -> list[Awaitable[None]]:
-        """Route one request on its key and headers; the returned sends are started in its own
-        trace and awaited by the caller together with the rest of the batch."""
-        tracer = self.tracer_provider.get_tracer("medmesh.router")
-        # Each request keeps its own trace (the batch's consumer span starts a new one).
-        with consumer_span(tracer, record, self.settings.router_group_id):
+    async def route_records(self, records: Sequence[Any]) -> list[list[OutgoingRecord]]:
+        """Each request's tasks (or its dead letter), to commit with the poll's offsets."""
+        routed = [self._route_record(record) for record in records]
+        log.info(
+            "requests routed",
+            records=len(records),
+            tasks=sum(len(out) for out in routed),
+        )
+        return routed
+
+    def _route_record(self, record: Any) -> list[OutgoingRecord]:
+        """Route one request on its key and headers, in its own trace (each request continues
+        the trace in its headers: the poll has none of its own)."""
+        with consumer_span(self.tracer, record, self.settings.router_group_id):
             try:
                 key = route_key(record.key, record_headers(record), record.value)
-                with tracer.start_as_current_span(
+                with self.tracer.start_as_current_span(
                     "router.route", attributes={"medmesh.model": key.model}
                 ) as span:
                     tasks = route_wire(
@@ -597,14 +616,8 @@ class Router:
                     span.set_attribute("medmesh.route_detail", tasks[0].decision.detail)
                     span.set_attribute("medmesh.shadow_copies", len(tasks) - 1)
             except (ValidationError, UnknownModelError, NotARequestError) as exc:
-                await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
-                return []
-            # ensure_future inside the span: each send keeps this request's trace context.
-            sends: list[Awaitable[None]] = [
-                asyncio.ensure_future(self._send(task, record.key, key.correlation_id))
-                for task in tasks
-            ]
-            # DEBUG: per request at the router's rate, the batch summary is logged at INFO.
+                return [self._dead_letter(record, f"{type(exc).__name__}: {exc}")]
+            # DEBUG: per request at the router's rate, the poll's summary is logged at INFO.
             log.debug(
                 "request routed",
                 correlation_id=key.correlation_id,
@@ -613,33 +626,43 @@ class Router:
                 route=tasks[0].decision.detail,
                 shadows=[t.version for t in tasks[1:]],
             )
-            return sends
+            return [self._task_record(task, record.key, key.correlation_id) for task in tasks]
+
+    def _task_record(
+        self, task: RoutedWire, key: bytes | None, correlation_id: str
+    ) -> OutgoingRecord:
+        headers = publish_headers(self.tracer, task.topic, correlation_id, schema_of(RunInference))
+        return OutgoingRecord(task.topic, key, task.value, encoded_headers(headers))
+
+    def _dead_letter(self, record: Any, reason: str) -> OutgoingRecord:
+        log.warning(
+            "request dead-lettered",
+            partition=record.partition,
+            offset=record.offset,
+            reason=reason[:500],
+        )
+        return dead_letter_record(topics.ROUTER_DEADLETTER, record, reason, self.producer)
 
     def _seen_at_start(self, record: Any) -> bool:
         loaded = self.loaded.get((record.topic, record.partition), -1)
         return bool(record.offset <= loaded)
 
-    async def _send(self, task: RoutedWire, key: bytes | None, correlation_id: str) -> None:
-        headers = message_headers(correlation_id, schema_of(RunInference))
-        out = self.task_out.get(task.topic)
-        if out is None:  # a version deployed after start (hot deploy): no publisher object yet
-            await self.broker.publish(
-                task.value,
-                topic=task.topic,
-                key=key,
-                headers=headers,
-                correlation_id=correlation_id,
-            )
-            return
-        await out.publish(task.value, key=key, headers=headers, correlation_id=correlation_id)
+
+def _requests_clients(settings: RouterSettings) -> StageClients:
+    return stage_clients(
+        settings, f"medmesh-router-{settings.instance_id}", settings.router_group_id
+    )
 
 
 def create_app(
-    settings: RouterSettings, read_to_end: StartupReader = read_topic_to_end
+    settings: RouterSettings,
+    read_to_end: StartupReader = read_topic_to_end,
+    requests_clients: StageClients | None = None,
 ) -> AsgiFastStream:
-    """Build the router app; Kafka connects (and the registry is read) when the app starts."""
+    """Build the router app; Kafka connects (and the registry is read) when the app starts.
+    ``requests_clients`` replaces the requests stage's aiokafka clients (tests: fakes)."""
     configure_logging(SERVICE, settings.log_level)
-    router = Router(settings, read_to_end)
+    router = Router(settings, read_to_end, requests_clients)
 
     @get(include_in_schema=False)
     async def models(scope: Scope) -> AsgiResponse:
@@ -649,7 +672,7 @@ def create_app(
     lag = LagMonitor(settings, settings.router_group_id)
     app = AsgiFastStream(
         router.broker,
-        asgi_routes=[*health_routes(router.broker), ("/models", models)],
+        asgi_routes=[*health_routes(router.broker, router.requests_ready), ("/models", models)],
         on_startup=[router.load],
         after_startup=[router.started, lag.start],
         on_shutdown=[lag.stop, router.stopping],
