@@ -14,7 +14,7 @@ def main() -> None:
         app = create_app(settings)
     except ValueError as refused:  # e.g. a public address without bearer tokens
         raise SystemExit(f"medmesh monolith: {refused}") from None
-    serve(app, settings.http_host, settings.ingest_port)
+    serve(app, settings, settings.ingest_port)
 
 
 if __name__ == "__main__":

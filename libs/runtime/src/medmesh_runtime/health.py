@@ -1,4 +1,8 @@
-"""/healthz, /readyz and /metrics for services run as faststream ASGI apps."""
+"""/healthz and /readyz for services run as faststream ASGI apps.
+
+/metrics is not among them: ``serve`` answers it in front of every app (``metricsgate``), on the
+port and with the token the settings ask for.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,13 @@ from faststream.asgi.handlers import GetHandler
 from faststream.asgi.types import Scope
 from faststream.kafka import KafkaBroker
 
-from medmesh_runtime.metrics import PROMETHEUS_CONTENT_TYPE, prometheus_text
-
 Check = Callable[[], Awaitable[bool]]
 
 
 def health_routes(
     broker: KafkaBroker, extra_ready: Check | None = None
 ) -> list[tuple[str, GetHandler]]:
-    """Liveness always answers 204; readiness 204 once Kafka (and ``extra_ready``) is up; metrics."""
+    """Liveness always answers 204; readiness 204 once Kafka (and ``extra_ready``) is up."""
 
     @get(include_in_schema=False)
     async def healthz(scope: Scope) -> AsgiResponse:
@@ -30,10 +32,4 @@ def health_routes(
             ready = await extra_ready()
         return AsgiResponse(b"", 204 if ready else 503)
 
-    @get(include_in_schema=False)
-    async def prometheus(scope: Scope) -> AsgiResponse:
-        return AsgiResponse(
-            prometheus_text(), 200, headers={"content-type": PROMETHEUS_CONTENT_TYPE}
-        )
-
-    return [("/healthz", healthz), ("/readyz", readyz), ("/metrics", prometheus)]
+    return [("/healthz", healthz), ("/readyz", readyz)]

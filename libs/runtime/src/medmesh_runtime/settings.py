@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -60,6 +60,29 @@ class ServiceSettings(DeadLetterSettings):
     kafka_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
     instance_id: str = Field(default_factory=_default_instance)
     http_host: str = "127.0.0.1"
+    # HTTP hardening of every service's server (docs/deployment.md, "HTTP and TLS").
+    # Seconds a client has for a request's line and headers, counted from its connecting (or from
+    # the first byte of its next request on a kept-alive connection): then 408 and the connection
+    # is closed. Uvicorn has no such limit; without it, one byte every few seconds holds a
+    # connection forever (slowloris).
+    http_header_timeout_s: float = Field(default=10.0, gt=0)
+    # Seconds a client has for a request's whole body once its headers are in (then 408 and
+    # close): the largest ingest payload, 5 MiB, at 100 kB/s takes about 52 s.
+    http_body_timeout_s: float = Field(default=60.0, gt=0)
+    # Open connections at most (each server; the metrics port shares them): one beyond is
+    # answered 503 and closed before its request is read. The benchmarks open 200.
+    http_max_connections: int = Field(default=512, ge=1)
+    # /docs, /redoc and /openapi.json (ingest): off unless turned on, for development.
+    http_docs: bool = False
+    # /metrics is served on this port only (unset: on the service's own port). A service listening
+    # beyond loopback serves /metrics on its own port only with a metrics token.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Bearer token Prometheus must send for /metrics (unset: none is asked).
+    metrics_token: SecretStr | None = None
+    # TLS served by the process itself (PEM files; the key may sit in the certificate file).
+    # Unset: plain HTTP, TLS being terminated in front (an Ingress or reverse proxy).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Where finished spans are appended as JSON lines (for `medmesh trace`); off when unset.
     trace_file: Path | None = None
@@ -68,3 +91,9 @@ class ServiceSettings(DeadLetterSettings):
     # Share of new traces recorded; child spans follow their parent's decision (parent-based).
     trace_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
     model_specs_dir: Path = Path("deploy/models")
+
+    @model_validator(mode="after")
+    def _tls_key_needs_a_certificate(self) -> ServiceSettings:
+        if self.tls_key_file is not None and self.tls_cert_file is None:
+            raise ValueError("MEDMESH_TLS_KEY_FILE is set without MEDMESH_TLS_CERT_FILE")
+        return self

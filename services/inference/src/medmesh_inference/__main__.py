@@ -8,9 +8,10 @@ from medmesh_runtime.serve import serve
 
 
 def main() -> None:
-    """Serve on MEDMESH_HTTP_HOST and MEDMESH_WORKER_PORT (health endpoints; FHIR for ingest)."""
+    """Serve on MEDMESH_HTTP_HOST and MEDMESH_WORKER_PORT (health endpoints; FHIR for ingest);
+    /metrics where MEDMESH_METRICS_PORT and MEDMESH_METRICS_TOKEN say."""
     settings = WorkerSettings()
-    serve(create_app(settings), settings.http_host, settings.worker_port)
+    serve(create_app(settings), settings, settings.worker_port)
 
 
 if __name__ == "__main__":

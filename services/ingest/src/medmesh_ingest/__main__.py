@@ -8,13 +8,14 @@ from medmesh_runtime.serve import serve
 
 
 def main() -> None:
-    """Serve on MEDMESH_HTTP_HOST and MEDMESH_INGEST_PORT (health endpoints; FHIR for ingest)."""
+    """Serve on MEDMESH_HTTP_HOST and MEDMESH_INGEST_PORT (health endpoints; FHIR for ingest);
+    /metrics where MEDMESH_METRICS_PORT and MEDMESH_METRICS_TOKEN say."""
     settings = IngestSettings()
     try:
         app = create_app(settings)
     except ValueError as refused:  # e.g. a public address without bearer tokens
         raise SystemExit(f"medmesh ingest: {refused}") from None
-    serve(app, settings.http_host, settings.ingest_port)
+    serve(app, settings, settings.ingest_port)
 
 
 if __name__ == "__main__":

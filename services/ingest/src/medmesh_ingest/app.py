@@ -66,7 +66,6 @@ from medmesh_runtime.kafka import (
 )
 from medmesh_runtime.lag import LagMonitor
 from medmesh_runtime.logging import configure_logging, get_logger
-from medmesh_runtime.metrics import PROMETHEUS_CONTENT_TYPE, prometheus_text
 from medmesh_runtime.telemetry import (
     configure_service_tracing,
     consumer_span,
@@ -451,7 +450,16 @@ def create_app(settings: IngestSettings, *, service: str = SERVICE) -> FastAPI:
             await ingest.http_client.aclose()
             tracer_provider.shutdown()
 
-    app = FastAPI(title="medmesh ingest", lifespan=lifespan)
+    # The API description is for development (MEDMESH_HTTP_DOCS): in production it only tells a
+    # caller which routes to probe.
+    docs = settings.http_docs
+    app = FastAPI(
+        title="medmesh ingest",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
 
     @app.post("/fhir")
     async def post_bundle(request: Request) -> Response:
@@ -475,9 +483,7 @@ def create_app(settings: IngestSettings, *, service: str = SERVICE) -> FastAPI:
         ready = ingest.ready and await broker.ping(timeout=2.0)
         return Response(status_code=204 if ready else 503)
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(prometheus_text(), media_type=PROMETHEUS_CONTENT_TYPE)
+    # /metrics is answered in front of this app by medmesh_runtime.serve (metricsgate).
 
     app.state.broker = broker
     app.state.ingest = ingest
