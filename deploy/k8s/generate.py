@@ -50,7 +50,7 @@ spec:
         medmesh.dev/model-version: "{version}"
       annotations:
         prometheus.io/scrape: "true"
-        prometheus.io/port: "8182"
+        prometheus.io/port: "9100"
         prometheus.io/path: /metrics
     spec:
       automountServiceAccountToken: false
