@@ -26,6 +26,8 @@ from pydantic import SecretStr
 
 from medmesh_ingest.app import create_app as create_ingest_app
 from medmesh_ingest.settings import IngestSettings
+from medmesh_router.app import create_app as create_router_app
+from medmesh_router.settings import RouterSettings
 from medmesh_runtime.serve import listen_sockets, server_config
 from medmesh_runtime.settings import ServiceSettings
 from tests.service.conftest import SPECS_DIR
@@ -318,3 +320,12 @@ async def test_ingest_serves_its_api_description_with_http_docs() -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://ingest") as client:
         assert (await client.get("/docs")).status_code == 200
         assert (await client.get("/openapi.json")).json()["info"]["title"] == "medmesh ingest"
+
+
+@pytest.mark.parametrize("path", ["/docs", "/asyncapi", "/docs/asyncapi", "/openapi.json"])
+async def test_a_faststream_service_serves_no_api_description(path: str) -> None:
+    """The router (an AsgiFastStream app, like the workers and reporting) has no doc route."""
+    app = create_router_app(RouterSettings(model_specs_dir=SPECS_DIR))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+        assert (await client.get(path)).status_code == 404
