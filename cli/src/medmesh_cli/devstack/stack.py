@@ -164,6 +164,15 @@ def stack_ports(ports: StackPorts) -> set[int]:
     }
 
 
+# The variable each service module reads its health port from (a second instance needs its own).
+PORT_VARIABLES = {
+    "medmesh_ingest": "MEDMESH_INGEST_PORT",
+    "medmesh_router": "MEDMESH_ROUTER_PORT",
+    "medmesh_inference": "MEDMESH_WORKER_PORT",
+    "medmesh_reporting": "MEDMESH_REPORTING_PORT",
+}
+
+
 def next_free_port(candidate: int, taken: set[int]) -> int:
     """``candidate``, or the first port after it that is not ``taken``."""
     while candidate in taken:
@@ -367,6 +376,48 @@ class Stack:
     def kill_service(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send a signal (default SIGKILL) to one service, for fault-injection tests."""
         self.services[name].signal(sig)
+
+    def start_instance(
+        self,
+        name: str,
+        instance: int,
+        env: dict[str, str] | None = None,
+        timeout_s: float = 60.0,
+    ) -> str:
+        """Start another instance of the running service ``name`` beside it (another member of its
+        consumer group): its own instance id ``<name>-<instance>``, log and health port, and
+        ``env`` on top of the service's environment; wait until it is ready. The name it runs
+        under (``stop_instance`` stops it)."""
+        spec = self.running[name]
+        variable = PORT_VARIABLES.get(spec.module)
+        if variable is None:
+            raise ValueError(f"{name} ({spec.module}) cannot run as a second instance")
+        extra = f"{name}-{instance}"
+        if extra in self.services:
+            raise ValueError(f"{extra} is already running")
+        taken = stack_ports(self.config.ports) | {s.port for s in self.running.values()}
+        port = next_free_port(spec.port + 1, taken)
+        self._start_service(
+            ServiceSpec(
+                extra,
+                spec.module,
+                port,
+                {
+                    **spec.env,
+                    variable: str(port),
+                    "MEDMESH_INSTANCE_ID": extra,
+                    **(env or {}),
+                },
+            )
+        )
+        self._wait_ready(timeout_s, only={extra: port})
+        return extra
+
+    def stop_instance(self, extra: str, grace_s: float = 10.0) -> None:
+        """Stop an instance ``start_instance`` started (SIGTERM, then SIGKILL after ``grace_s``)
+        and forget it, so that ``exited`` does not report it."""
+        self.services.pop(extra).stop(grace_s=grace_s)
+        del self.running[extra]
 
     def restart_service(self, name: str, timeout_s: float = 60.0) -> None:
         """Stop (if still running) and start one service again; wait until it is ready."""
