@@ -1,11 +1,11 @@
-"""The worker's consume loop, circuit breaker and heartbeats, driven with a fake consumer."""
+"""The worker's consume loop, circuit breaker and heartbeats, driven with an in-memory,
+transaction-aware Kafka (tests/transactional_kafka.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,8 +13,10 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
+from medmesh_contracts import topics
 from medmesh_contracts.events import (
     InferenceCompleted,
+    MessageDeadLettered,
     Producer,
     RunInference,
     WorkerHeartbeat,
@@ -23,156 +25,199 @@ from medmesh_contracts.events import (
 from medmesh_inference.batching import ModelUnavailable, Outcome
 from medmesh_inference.circuit import Backoff, CircuitBreaker
 from medmesh_inference.heartbeat import HealthMonitor, HeartbeatSource
-from medmesh_inference.worker import LoopTiming, TaskWorker
+from medmesh_inference.worker import LoopTiming, Scored, TaskWorker
+from medmesh_runtime.deadletter import dead_letter_record
+from medmesh_runtime.transactional import OutgoingRecord, transactional_id
 from tests.factories import DETERIORATION_OUTPUTS, make_request, make_task
+from tests.transactional_kafka import FakeConsumer, FakeKafka
 
 TOPIC = "medmesh.model.deterioration.v1.tasks"
+GROUP = "medmesh-worker-deterioration-v1"
 PRODUCER = Producer(service="inference", instance="worker-1")
 
 
-@dataclass
-class FakeRecord:
-    """The fields of an aiokafka ConsumerRecord the worker reads."""
+class WorkerConsumer(FakeConsumer):
+    """The fake group member with what the worker also uses: assignment, pause, resume, seek.
 
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
-    headers: tuple[tuple[str, bytes], ...] = ()
+    ``owned`` limits the partitions the group gives this member (default: all of them)."""
 
-
-class FakeConsumer:
-    """An in-memory aiokafka consumer: partitions, positions, pause state and commits."""
-
-    def __init__(self, partitions: int = 2) -> None:
-        self.logs: dict[TopicPartition, list[FakeRecord]] = {
-            TopicPartition(TOPIC, p): [] for p in range(partitions)
-        }
-        self.positions = dict.fromkeys(self.logs, 0)
+    def __init__(self, kafka: FakeKafka, owned: Sequence[int] | None = None) -> None:
+        super().__init__(kafka, GROUP)
+        self.kafka = kafka
+        self._owned = owned
         self._paused: set[TopicPartition] = set()
-        self.commits: list[dict[TopicPartition, int]] = []
+        self.listener: Any = None
         self.started = False
         self.polls = 0
 
-    def add(self, value: bytes, partition: int = 0) -> FakeRecord:
-        tp = TopicPartition(TOPIC, partition)
-        record = FakeRecord(TOPIC, partition, len(self.logs[tp]), b"k", value)
-        self.logs[tp].append(record)
-        return record
+    def subscribe(self, topics: Sequence[str], *, listener: Any) -> None:
+        """Remember the listener (the topic is the task topic)."""
+        assert list(topics) == [TOPIC]
+        self.listener = listener
 
     async def start(self) -> None:
+        """Join: the listener hears of the owned partitions, then their offsets are fetched."""
+        owned = range(self.kafka.partitions) if self._owned is None else self._owned
+        assigned = [TopicPartition(TOPIC, p) for p in owned]
+        await self.listener.on_partitions_assigned(assigned)
+        for tp in assigned:
+            self.positions[tp] = self.kafka.offset(GROUP, TOPIC, tp.partition) or 0
         self.started = True
 
     async def stop(self) -> None:
+        """Leave the group."""
         self.started = False
 
     async def getmany(
-        self, *partitions: Any, timeout_ms: int = 0, max_records: int | None = None
-    ) -> dict[Any, list[Any]]:
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> Mapping[TopicPartition, Sequence[Any]]:
+        """The next committed records of the unpaused partitions (the positions move on)."""
         self.polls += 1
-        limit = max_records or 10_000
-        out: dict[Any, list[Any]] = {}
-        for tp, log in self.logs.items():
-            if tp in self._paused or limit <= 0:
+        out: dict[TopicPartition, Sequence[Any]] = {}
+        budget = max_records or 500
+        for tp, position in self.positions.items():
+            if tp in self._paused or budget <= 0:
                 continue
-            taken = log[self.positions[tp] : self.positions[tp] + limit]
+            records = self.kafka.committed.get(tp.topic, {}).get(tp.partition, [])
+            taken = records[position : position + budget]
             if taken:
                 out[tp] = taken
-                self.positions[tp] += len(taken)
-                limit -= len(taken)
+                budget -= len(taken)
+                self.positions[tp] = taken[-1].offset + 1
         if not out:
             await asyncio.sleep(timeout_ms / 1000)
         return out
 
     def assignment(self) -> set[Any]:
-        return set(self.logs)
+        """The assigned partitions."""
+        return set(self.positions)
 
     def pause(self, *partitions: Any) -> None:
+        """Fetch nothing of these partitions until resumed."""
         self._paused.update(partitions)
 
     def resume(self, *partitions: Any) -> None:
+        """Fetch these partitions again."""
         self._paused.difference_update(partitions)
 
     def paused(self) -> set[Any]:
+        """The paused partitions."""
         return set(self._paused)
 
     def seek(self, partition: Any, offset: int) -> None:
+        """Fetch ``partition`` from ``offset`` next."""
+        assert partition in self.positions, "seek on an unassigned partition"
         self.positions[partition] = offset
-
-    async def commit(self, offsets: dict[Any, int] | None = None) -> None:
-        assert offsets is not None
-        self.commits.append(dict(offsets))
-
-    def committed(self, partition: int = 0) -> int:
-        tp = TopicPartition(TOPIC, partition)
-        return max((c[tp] for c in self.commits if tp in c), default=0)
 
 
 class FakeTritonSide:
-    """Stands in for score + publish: counts calls, can be unavailable or fail to publish."""
+    """Stands in for scoring: counts calls; can be unavailable, fail, or raise for some tasks."""
 
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
-        self.published: list[str] = []
         self.unavailable_calls = 0
         self.kafka_failures = 0
         self.ready_answers: list[bool] = []
+        # correlation id -> how many more calls with this task raise ValueError (-1: always).
+        self.poison: dict[str, int] = {}
+        self.gate: asyncio.Event | None = None
 
-    async def handle(self, tasks: Sequence[RunInference], sources: Sequence[Any]) -> list[Outcome]:
+    async def handle(self, tasks: Sequence[RunInference], sources: Sequence[Any]) -> list[Scored]:
         self.calls.append([t.correlation_id for t in tasks])
+        if self.gate is not None:
+            await self.gate.wait()
         if self.unavailable_calls:
             self.unavailable_calls -= 1
             raise ModelUnavailable("StatusCode.UNAVAILABLE: connection refused")
         if self.kafka_failures:
             self.kafka_failures -= 1
             raise KafkaConnectionError("broker gone")
-        outcomes: list[Outcome] = [
-            InferenceCompleted(
-                correlation_id=t.correlation_id,
-                producer=PRODUCER,
-                task=t,
-                triton_model="deterioration",
-                triton_version="1",
-                outputs=DETERIORATION_OUTPUTS[1],
-                device_kind="KIND_CPU",
-                batch_size=len(tasks),
-                inference_ms=1.0,
-                completed_at=datetime(2026, 11, 23, tzinfo=UTC),
-            )
-            for t in tasks
-        ]
-        self.published.extend(o.correlation_id for o in outcomes)
-        return outcomes
+        for t in tasks:
+            left = self.poison.get(t.correlation_id, 0)
+            if left:
+                self.poison[t.correlation_id] = left - 1 if left > 0 else left
+                raise ValueError(f"cannot score {t.correlation_id}")
+        return [_scored(t, len(tasks), source) for t, source in zip(tasks, sources, strict=True)]
 
     async def probe(self) -> bool:
         return self.ready_answers.pop(0) if self.ready_answers else True
+
+
+def _scored(task: RunInference, batch_size: int, source: Any) -> Scored:
+    outcome: Outcome = InferenceCompleted(
+        correlation_id=task.correlation_id,
+        producer=PRODUCER,
+        task=task,
+        triton_model="deterioration",
+        triton_version="1",
+        outputs=DETERIORATION_OUTPUTS[1],
+        device_kind="KIND_CPU",
+        batch_size=batch_size,
+        inference_ms=1.0,
+        completed_at=datetime(2026, 11, 23, tzinfo=UTC),
+    )
+    record = OutgoingRecord(topics.INFERENCE_RESULTS, source.key, to_wire(outcome))
+    return Scored(outcome, record)
 
 
 def _task_bytes(correlation_id: str) -> bytes:
     return to_wire(make_task(request=make_request(correlation_id=correlation_id)))
 
 
-def _worker(
-    consumer: FakeConsumer, side: FakeTritonSide, dead: list[str] | None = None
-) -> TaskWorker:
-    dead_letters = dead if dead is not None else []
+def _add(kafka: FakeKafka, correlation_id: str, partition: int = 0) -> None:
+    kafka.append(TOPIC, _task_bytes(correlation_id), partition=partition)
 
-    async def dead_letter(record: Any, reason: str) -> None:
-        dead_letters.append(reason)
+
+def _results(kafka: FakeKafka) -> list[str]:
+    """Correlation ids of the committed results, in commit order."""
+    return [
+        InferenceCompleted.model_validate_json(v).correlation_id
+        for v in kafka.values(topics.INFERENCE_RESULTS)
+    ]
+
+
+def _dead_letters(kafka: FakeKafka) -> list[MessageDeadLettered]:
+    return [
+        MessageDeadLettered.model_validate_json(v)
+        for v in kafka.values(topics.INFERENCE_DEADLETTER)
+    ]
+
+
+def _committed(kafka: FakeKafka, partition: int = 0) -> int:
+    return kafka.offset(GROUP, TOPIC, partition) or 0
+
+
+def _worker(
+    kafka: FakeKafka,
+    side: FakeTritonSide,
+    consumers: list[WorkerConsumer] | None = None,
+    timing: LoopTiming | None = None,
+) -> TaskWorker:
+    """A worker on ``kafka``; its consumers are taken from ``consumers`` in turn, then new."""
+    queue = consumers if consumers is not None else []
+
+    def make_consumer() -> WorkerConsumer:
+        return queue.pop(0) if queue else WorkerConsumer(kafka)
 
     async def on_ready() -> None:
         return None
 
+    def dead_letter(record: Any, reason: str) -> OutgoingRecord:
+        return dead_letter_record(topics.INFERENCE_DEADLETTER, record, reason, PRODUCER)
+
     return TaskWorker(
-        lambda: consumer,
+        make_consumer,
+        kafka.producer,
+        topic=TOPIC,
+        group_id=GROUP,
         max_batch=64,
         handle=side.handle,
         dead_letter=dead_letter,
         probe=side.probe,
         on_ready=on_ready,
         breaker=CircuitBreaker(Backoff(0.01, 0.04), time.monotonic),
-        timing=LoopTiming(linger_s=0.01, poll_s=0.01, kafka_retry_s=0.01),
+        timing=timing
+        or LoopTiming(linger_s=0.01, poll_s=0.01, kafka_retry_s=0.01, retry_backoff_s=0.001),
         clock=time.monotonic,
     )
 
@@ -195,32 +240,36 @@ async def _run_until(worker: TaskWorker, done: Any, timeout_s: float = 5.0) -> N
     finally:
         worker.stop()
         await asyncio.wait_for(task, 2)
+        await worker.close()
 
 
-async def test_buffered_tasks_become_one_batch_committed_after_publishing() -> None:
-    """Five buffered tasks are one handler call; the commit stores offset 5 after publishing."""
-    consumer, side = FakeConsumer(partitions=1), FakeTritonSide()
+async def test_buffered_tasks_become_one_batch_committed_in_one_transaction() -> None:
+    """Five buffered tasks are one handler call; their results and offset 5 are one transaction
+    of the partition's producer, whose transactional id names the worker's group and partition."""
+    kafka, side = FakeKafka(), FakeTritonSide()
     for i in range(5):
-        consumer.add(_task_bytes(f"r{i}"))
-    worker = _worker(consumer, side)
-    await _run_until(worker, lambda: consumer.committed() == 5)
+        _add(kafka, f"r{i}")
+    worker = _worker(kafka, side)
+    await _run_until(worker, lambda: _committed(kafka) == 5)
     assert side.calls == [[f"r{i}" for i in range(5)]]
-    assert side.published == [f"r{i}" for i in range(5)]
+    assert _results(kafka) == [f"r{i}" for i in range(5)]
+    assert kafka.transactional_ids == [transactional_id(GROUP, TopicPartition(TOPIC, 0))]
+    assert worker.stats.batches == 1
+    assert worker.stats.tasks == 5
 
 
 async def test_consumer_joins_only_once_the_model_version_is_ready() -> None:
-    """While the readiness probe says no, the consumer is not started; it starts after a yes."""
-    consumer, side = FakeConsumer(), FakeTritonSide()
+    """While the readiness probe says no, no consumer is built; it joins after a yes."""
+    kafka, side = FakeKafka(), FakeTritonSide()
+    consumer = WorkerConsumer(kafka)
     side.ready_answers = [False, False, True]
-    worker = _worker(consumer, side)
+    worker = _worker(kafka, side, [consumer])
     task = asyncio.create_task(worker.run())
     await asyncio.sleep(0.005)
     assert not consumer.started
+    assert kafka.transactional_ids == []
     assert worker.breaker.state == "open"
-    deadline = time.monotonic() + 5
-    while not worker.consuming:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.005)
+    await _eventually(lambda: worker.consuming)
     assert consumer.started
     assert worker.breaker.closed
     worker.stop()
@@ -229,12 +278,13 @@ async def test_consumer_joins_only_once_the_model_version_is_ready() -> None:
 
 async def test_unavailable_triton_rewinds_pauses_and_serves_the_same_tasks_later() -> None:
     """ModelUnavailable fails nothing: the batch is rewound, partitions paused, then redone once."""
-    consumer, side = FakeConsumer(partitions=2), FakeTritonSide()
-    consumer.add(_task_bytes("a"), partition=0)
-    consumer.add(_task_bytes("b"), partition=1)
+    kafka, side = FakeKafka(partitions=2), FakeTritonSide()
+    _add(kafka, "a", partition=0)
+    _add(kafka, "b", partition=1)
     side.unavailable_calls = 1
     side.ready_answers = [True, False, False, True]  # startup, then two failed probes, then ready
-    worker = _worker(consumer, side)
+    consumer = WorkerConsumer(kafka)
+    worker = _worker(kafka, side, [consumer])
     paused_seen: list[set[Any]] = []
     original_pause = consumer.pause
 
@@ -243,10 +293,10 @@ async def test_unavailable_triton_rewinds_pauses_and_serves_the_same_tasks_later
         paused_seen.append(set(tps))
 
     consumer.pause = pause  # type: ignore[method-assign]
-    await _run_until(worker, lambda: consumer.committed(0) == 1 and consumer.committed(1) == 1)
+    await _run_until(worker, lambda: _committed(kafka, 0) == 1 and _committed(kafka, 1) == 1)
     assert paused_seen
     assert paused_seen[0] == consumer.assignment()
-    assert sorted(side.published) == ["a", "b"]
+    assert sorted(_results(kafka)) == ["a", "b"]
     assert len(side.calls) == 2
     assert sorted(side.calls[0]) == sorted(side.calls[1]) == ["a", "b"]
     assert consumer.paused() == set()
@@ -254,36 +304,150 @@ async def test_unavailable_triton_rewinds_pauses_and_serves_the_same_tasks_later
     assert worker.breaker.opened_total == 1
 
 
-async def test_no_commit_while_publishing_fails_and_the_batch_is_redone() -> None:
-    """A Kafka error while publishing commits nothing; the rewound batch is published later."""
-    consumer, side = FakeConsumer(partitions=1), FakeTritonSide()
-    consumer.add(_task_bytes("a"))
+async def test_a_kafka_error_while_handling_commits_nothing_and_the_batch_is_redone() -> None:
+    """A Kafka error from the handler commits nothing; the rewound batch is committed later."""
+    kafka, side = FakeKafka(), FakeTritonSide()
+    _add(kafka, "a")
     side.kafka_failures = 2
-    worker = _worker(consumer, side)
-    await _run_until(worker, lambda: consumer.committed() == 1)
+    worker = _worker(kafka, side)
+    await _run_until(worker, lambda: _committed(kafka) == 1)
     assert len(side.calls) == 3
-    assert side.published == ["a"]
-    assert len(consumer.commits) == 1
+    assert _results(kafka) == ["a"]
+    assert worker.stats.transactions == 1
+
+
+async def test_an_aborted_send_commits_neither_outcomes_nor_offset_and_redo_is_once() -> None:
+    """Each partition commits alone: a send that fails aborts that partition's transaction
+    (neither its outcome nor its offset is visible) while the other partition commits; only the
+    aborted partition is redone, so every task's outcome is produced exactly once."""
+    kafka, side = FakeKafka(partitions=2), FakeTritonSide()
+    _add(kafka, "a", partition=0)
+    _add(kafka, "b", partition=1)
+    kafka.fail_sends = 1
+    worker = _worker(
+        kafka,
+        side,
+        timing=LoopTiming(linger_s=0.01, poll_s=0.01, kafka_retry_s=0.3, retry_backoff_s=0.001),
+    )
+    task = asyncio.create_task(worker.run())
+    try:
+        await _eventually(lambda: kafka.aborted == 1)
+        await _eventually(lambda: _committed(kafka, 0) + _committed(kafka, 1) == 1)
+        aborted = 0 if _committed(kafka, 0) == 0 else 1
+        assert kafka.offset(GROUP, TOPIC, aborted) is None
+        assert _results(kafka) == ["b" if aborted == 0 else "a"]
+        await _eventually(lambda: _committed(kafka, 0) == 1 and _committed(kafka, 1) == 1)
+        await asyncio.sleep(0.05)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 2)
+    assert sorted(_results(kafka)) == ["a", "b"]
+    assert kafka.aborted == 1
+    assert worker.stats.transactions == 2
+    assert len(side.calls) == 2
 
 
 async def test_undecodable_records_are_dead_lettered_and_committed() -> None:
-    """A record that is not a RunInference is dead-lettered; its neighbours are still served."""
-    consumer, side = FakeConsumer(partitions=1), FakeTritonSide()
-    consumer.add(_task_bytes("a"))
-    consumer.add(b"{not json")
-    consumer.add(_task_bytes("c"))
-    dead: list[str] = []
-    worker = _worker(consumer, side, dead)
-    await _run_until(worker, lambda: consumer.committed() == 3)
-    assert side.published == ["a", "c"]
+    """A record that is not a RunInference is dead-lettered in its offset's transaction; its
+    neighbours are still served."""
+    kafka, side = FakeKafka(), FakeTritonSide()
+    _add(kafka, "a")
+    kafka.append(TOPIC, b"{not json")
+    _add(kafka, "c")
+    worker = _worker(kafka, side)
+    await _run_until(worker, lambda: _committed(kafka) == 3)
+    assert _results(kafka) == ["a", "c"]
+    dead = _dead_letters(kafka)
     assert len(dead) == 1
-    assert "not a RunInference" in dead[0]
+    assert "not a RunInference" in dead[0].reason
+    assert (dead[0].source_topic, dead[0].source_offset) == (TOPIC, 1)
+    assert worker.stats.dead_lettered == 1
+
+
+async def test_a_task_whose_handling_raises_once_is_retried_and_scored() -> None:
+    """A ValueError from handling one task is retried: the task and its neighbours are scored,
+    nothing is dead-lettered, and the loop keeps running."""
+    kafka, side = FakeKafka(), FakeTritonSide()
+    for cid in ("a", "b", "c"):
+        _add(kafka, cid)
+    side.poison = {"b": 1}
+    worker = _worker(kafka, side)
+    await _run_until(worker, lambda: _committed(kafka) == 3)
+    assert sorted(_results(kafka)) == ["a", "b", "c"]
+    assert _dead_letters(kafka) == []
+    assert side.calls[0] == ["a", "b", "c"]
+    assert worker.isolation.stats.isolated_polls == 1
+
+
+async def test_a_task_that_always_raises_is_dead_lettered_beside_committed_neighbours() -> None:
+    """A task whose handling raises every time is dead-lettered with the reason after the
+    bounded attempts; the tasks beside it are committed with their outcomes in the same
+    transaction, and the loop does not crash."""
+    kafka, side = FakeKafka(), FakeTritonSide()
+    for cid in ("a", "b", "c"):
+        _add(kafka, cid)
+    side.poison = {"b": -1}
+    worker = _worker(kafka, side)
+    await _run_until(worker, lambda: _committed(kafka) == 3)
+    assert _results(kafka) == ["a", "c"]
+    dead = _dead_letters(kafka)
+    assert len(dead) == 1
+    assert dead[0].source_offset == 1
+    assert "failed 3 times" in dead[0].reason
+    assert "ValueError: cannot score b" in dead[0].reason
+    assert side.calls.count(["b"]) == 3
+    assert worker.stats.transactions == 1
+    assert (worker.stats.tasks, worker.stats.dead_lettered) == (3, 1)
+
+
+async def test_a_stalled_worker_whose_partition_was_taken_over_cannot_commit() -> None:
+    """A worker stalled mid-batch while another took its partition over is fenced: its commit
+    fails (PartitionLostError), nothing of it is visible, and it rejoins its group (which gives
+    the partition to the new owner) instead of committing its stale offsets."""
+    kafka = FakeKafka()
+    for cid in ("a", "b"):
+        _add(kafka, cid)
+    stalled_side, owner_side = FakeTritonSide(), FakeTritonSide()
+    stalled_side.gate = asyncio.Event()
+    stalled = _worker(kafka, stalled_side, [WorkerConsumer(kafka), WorkerConsumer(kafka, [])])
+    owner = _worker(kafka, owner_side)
+    stalled_task = asyncio.create_task(stalled.run())
+    owner_task = asyncio.create_task(owner.run())
+    try:
+        await _eventually(lambda: stalled_side.calls == [["a", "b"]])
+        await _eventually(lambda: _committed(kafka) == 2)
+        stalled_side.gate.set()
+        await _eventually(lambda: stalled.stats.rejoins == 1)
+        await asyncio.sleep(0.05)
+        assert not stalled_task.done()
+        assert _results(kafka) == ["a", "b"]
+        assert _committed(kafka) == 2
+        assert stalled.stats.batches == 0
+        assert stalled.stats.transactions == 0
+        assert owner.stats.transactions == 1
+    finally:
+        for worker, task in ((stalled, stalled_task), (owner, owner_task)):
+            worker.stop()
+            await asyncio.wait_for(task, 2)
+
+
+async def test_a_producer_that_does_not_start_on_assignment_makes_the_worker_start_over() -> None:
+    """An assigned partition whose producer cannot start is not served from offsets fetched
+    meanwhile: the worker rejoins, and serves once the producer starts."""
+    kafka, side = FakeKafka(), FakeTritonSide()
+    _add(kafka, "a")
+    kafka.fail_starts = 1
+    worker = _worker(kafka, side)
+    await _run_until(worker, lambda: _committed(kafka) == 1)
+    assert worker.stats.rejoins == 1
+    assert _results(kafka) == ["a"]
 
 
 async def test_a_not_ready_health_probe_pauses_an_idle_worker_until_ready() -> None:
     """With no traffic, a not-ready heartbeat probe opens the circuit and pauses the partitions."""
-    consumer, side = FakeConsumer(), FakeTritonSide()
-    worker = _worker(consumer, side)
+    kafka, side = FakeKafka(), FakeTritonSide()
+    consumer = WorkerConsumer(kafka)
+    worker = _worker(kafka, side, [consumer])
     task = asyncio.create_task(worker.run())
     await _eventually(lambda: worker.consuming)
     side.ready_answers = [False, False, False]
@@ -303,8 +467,9 @@ async def test_a_not_ready_health_probe_pauses_an_idle_worker_until_ready() -> N
 
 async def test_an_open_circuit_polls_gently_instead_of_spinning() -> None:
     """While Triton stays away, the loop polls a bounded number of times (it waits, not spins)."""
-    consumer, side = FakeConsumer(), FakeTritonSide()
-    worker = _worker(consumer, side)
+    kafka, side = FakeKafka(), FakeTritonSide()
+    consumer = WorkerConsumer(kafka)
+    worker = _worker(kafka, side, [consumer])
     worker.breaker = CircuitBreaker(Backoff(0.05, 0.1), time.monotonic)
     task = asyncio.create_task(worker.run())
     await _eventually(lambda: worker.consuming)
@@ -321,8 +486,9 @@ async def test_an_open_circuit_polls_gently_instead_of_spinning() -> None:
 
 async def test_records_arriving_within_the_linger_join_the_batch() -> None:
     """A record that arrives while the first one lingers is scored in the same Triton call."""
-    consumer, side = FakeConsumer(partitions=1), FakeTritonSide()
-    consumer.add(_task_bytes("first"))
+    kafka, side = FakeKafka(), FakeTritonSide()
+    _add(kafka, "first")
+    consumer = WorkerConsumer(kafka)
     original = consumer.getmany
     calls = 0
 
@@ -330,12 +496,12 @@ async def test_records_arriving_within_the_linger_join_the_batch() -> None:
         nonlocal calls
         calls += 1
         if calls == 2:
-            consumer.add(_task_bytes("second"))
+            _add(kafka, "second")
         return await original(*p, timeout_ms=timeout_ms, max_records=max_records)
 
     consumer.getmany = getmany  # type: ignore[method-assign]
-    worker = _worker(consumer, side)
-    await _run_until(worker, lambda: consumer.committed() == 2)
+    worker = _worker(kafka, side, [consumer])
+    await _run_until(worker, lambda: _committed(kafka) == 2)
     assert side.calls == [["first", "second"]]
 
 
@@ -374,9 +540,9 @@ def test_breaker_opens_probes_half_opens_and_closes() -> None:
 
 async def test_heartbeats_say_ready_then_degraded_keyed_by_instance() -> None:
     """A heartbeat reports the worker's state, circuit, Triton readiness and device kind."""
-    consumer, side = FakeConsumer(), FakeTritonSide()
+    kafka, side = FakeKafka(), FakeTritonSide()
     side.ready_answers = [True] + [False] * 100
-    worker = _worker(consumer, side)
+    worker = _worker(kafka, side)
     sent: list[WorkerHeartbeat] = []
 
     async def publish(beat: WorkerHeartbeat) -> None:
@@ -412,8 +578,8 @@ async def test_heartbeats_say_ready_then_degraded_keyed_by_instance() -> None:
 
 async def test_an_idle_half_open_worker_closes_on_the_next_good_health_probe() -> None:
     """Without traffic there is no trial batch: a good heartbeat probe closes a half-open circuit."""
-    consumer, side = FakeConsumer(), FakeTritonSide()
-    worker = _worker(consumer, side)
+    kafka, side = FakeKafka(), FakeTritonSide()
+    worker = _worker(kafka, side)
     running = asyncio.create_task(worker.run())
     await _eventually(lambda: worker.consuming)
     side.ready_answers = [False, True]

@@ -1,10 +1,11 @@
 """One inference worker: medmesh.model.<name>.v<version>.tasks -> Triton -> results or failures.
 
 This module only wires things together at startup (the one injection point): the consume loop is
-``worker.TaskWorker`` over a plain aiokafka consumer (it needs pause, resume and seek, which a
-framework subscriber hides), scoring is ``batching.score_tasks``, heartbeats are
-``heartbeat.HealthMonitor``. Outcomes and heartbeats are published through the faststream broker
-(acks=all, idempotent, trace context injected by its telemetry middleware).
+``worker.TaskWorker`` over a plain aiokafka group consumer (it needs pause, resume and seek, which
+a framework subscriber hides) and one transactional producer per assigned task partition
+(``medmesh_runtime.transactional``), scoring is ``batching.score_tasks``, heartbeats are
+``heartbeat.HealthMonitor``. Outcomes and dead letters are produced in the transactions of their
+tasks' offsets; heartbeats are published through the faststream broker.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
 from faststream.asgi import AsgiFastStream
 from opentelemetry import propagate, trace
 
@@ -45,39 +45,34 @@ from medmesh_inference.heartbeat import HealthMonitor, HeartbeatSource
 from medmesh_inference.metrics import VersionMetrics
 from medmesh_inference.settings import WorkerSettings
 from medmesh_inference.triton import TritonModel
-from medmesh_inference.worker import LoopTiming, TaskWorker
-from medmesh_runtime.deadletter import DeadLetters, Publisher
+from medmesh_inference.worker import LoopTiming, Scored, TaskWorker
+from medmesh_runtime.deadletter import dead_letter_record
 from medmesh_runtime.health import health_routes
 from medmesh_runtime.kafka import (
-    aiokafka_security,
     build_broker,
+    group_consumer,
     message_headers,
     record_headers,
+    transactional_producers,
 )
 from medmesh_runtime.lag import LagMonitor
 from medmesh_runtime.logging import configure_logging, get_logger
-from medmesh_runtime.telemetry import configure_service_tracing
+from medmesh_runtime.telemetry import configure_service_tracing, publish_headers
+from medmesh_runtime.transactional import OutgoingRecord, encoded_headers
 
 SERVICE = "inference"
 log = get_logger("medmesh.inference")
 
-
-def build_consumer(settings: WorkerSettings, task_topic: str) -> AIOKafkaConsumer:
-    """The task consumer: manual commits, earliest offset for a new group, committed reads."""
-    return AIOKafkaConsumer(
-        task_topic,
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        group_id=settings.group_id,
-        client_id=f"medmesh-{SERVICE}-{settings.instance_id}",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-        **aiokafka_security(settings),
-    )
+# Where each outcome is produced (``batching.destination``).
+OUTCOME_TOPICS = {
+    "results": topics.INFERENCE_RESULTS,
+    "shadow-results": topics.INFERENCE_SHADOW_RESULTS,
+    "failed": topics.INFERENCE_FAILED,
+}
 
 
 class BatchHandler:
-    """Scores a batch on Triton and publishes each task's outcome in the task's own trace."""
+    """Scores a batch on Triton; makes each task's outcome record in the task's own trace."""
 
     def __init__(
         self,
@@ -87,9 +82,6 @@ class BatchHandler:
         identity: WorkerIdentity,
         policy: RetryPolicy,
         tracer: trace.Tracer,
-        results_out: Publisher,
-        failed_out: Publisher,
-        shadow_out: Publisher,
     ) -> None:
         self.spec = spec
         self.version = version
@@ -97,9 +89,6 @@ class BatchHandler:
         self.identity = identity
         self.policy = policy
         self.tracer = tracer
-        self.results_out = results_out
-        self.failed_out = failed_out
-        self.outputs = {"results": results_out, "shadow-results": shadow_out, "failed": failed_out}
         self.metrics = VersionMetrics(spec.name, version.version)
 
     async def refresh_device_kind(self) -> None:
@@ -118,8 +107,9 @@ class BatchHandler:
                 device_kind=kind,
             )
 
-    async def handle(self, tasks: Sequence[RunInference], sources: Sequence[Any]) -> list[Outcome]:
-        """Score ``tasks`` in one batch; publish one outcome per task; return once all are acked."""
+    async def handle(self, tasks: Sequence[RunInference], sources: Sequence[Any]) -> list[Scored]:
+        """Score ``tasks`` in one batch; one outcome and its record (to produce in the
+        transaction of the task's offset) per task. Produces nothing itself."""
         received_ns = time.time_ns()
         with self.tracer.start_as_current_span(
             "inference.batch",
@@ -140,7 +130,7 @@ class BatchHandler:
             )
         self.metrics.record(outcomes, utc_now())
         batch_link = trace.Link(batch_span.get_span_context())
-        sends = []
+        scored = []
         for outcome, record in zip(outcomes, sources, strict=True):
             # Each request keeps its own trace: continue it from the task's headers and link
             # the shared batch span, so one clinical request stays one trace end to end.
@@ -163,20 +153,7 @@ class BatchHandler:
                     "medmesh.batch_size": len(tasks),
                 },
             ):
-                out = self.outputs[destination(outcome)]
-                sends.append(
-                    asyncio.ensure_future(
-                        out.publish(
-                            to_wire(outcome),
-                            key=record.key,
-                            headers=message_headers(
-                                outcome.correlation_id, schema_of(type(outcome))
-                            ),
-                            correlation_id=outcome.correlation_id,
-                        )
-                    )
-                )
-        await asyncio.gather(*sends)
+                scored.append(Scored(outcome, self._outcome_record(outcome, record.key)))
         log.info(
             "batch scored",
             batch_size=len(tasks),
@@ -184,7 +161,16 @@ class BatchHandler:
             model=self.spec.name,
             model_version=self.version.version,
         )
-        return outcomes
+        return scored
+
+    def _outcome_record(self, outcome: Outcome, key: bytes | None) -> OutgoingRecord:
+        """The record of one outcome, keyed like its task; its headers carry the context of its
+        "<topic> publish" span, a child of the task's "<task topic> process" span."""
+        topic = OUTCOME_TOPICS[destination(outcome)]
+        headers = publish_headers(
+            self.tracer, topic, outcome.correlation_id, schema_of(type(outcome))
+        )
+        return OutgoingRecord(topic, key, to_wire(outcome), encoded_headers(headers))
 
 
 def create_app(settings: WorkerSettings) -> AsgiFastStream:
@@ -202,11 +188,7 @@ def create_app(settings: WorkerSettings) -> AsgiFastStream:
         initial_backoff_s=settings.triton_backoff_initial_ms / 1000,
     )
     broker = build_broker(settings, SERVICE, tracer_provider)
-    results_out = broker.publisher(topics.INFERENCE_RESULTS, title="inference results")
-    failed_out = broker.publisher(topics.INFERENCE_FAILED, title="failed inference")
-    shadow_out = broker.publisher(topics.INFERENCE_SHADOW_RESULTS, title="shadow results")
     status_out = broker.publisher(topics.MODELS_STATUS, title="worker heartbeats")
-    dead_letters = DeadLetters(broker.publisher(topics.INFERENCE_DEADLETTER), producer)
     task_topic = topics.model_task_topic(spec.name, version.version)
     triton = TritonModel.for_version(settings.triton_grpc_url, version)
     tasks_running: list[asyncio.Task[None]] = []
@@ -217,16 +199,26 @@ def create_app(settings: WorkerSettings) -> AsgiFastStream:
         WorkerIdentity(producer, version.triton.model, str(version.triton.version), "unknown"),
         policy,
         tracer,
-        results_out,
-        failed_out,
-        shadow_out,
     )
 
+    def dead_letter(record: Any, reason: str) -> OutgoingRecord:
+        log.warning(
+            "task dead-lettered",
+            partition=record.partition,
+            offset=record.offset,
+            reason=reason[:500],
+        )
+        return dead_letter_record(topics.INFERENCE_DEADLETTER, record, reason, producer)
+
+    client_id = f"medmesh-{SERVICE}-{settings.instance_id}"
     worker = TaskWorker(
-        lambda: build_consumer(settings, task_topic),
+        lambda: group_consumer(settings, client_id, settings.group_id),
+        transactional_producers(settings, client_id),
+        topic=task_topic,
+        group_id=settings.group_id,
         max_batch=settings.worker_max_batch or version.triton.max_batch_size,
         handle=batches.handle,
-        dead_letter=dead_letters.send,
+        dead_letter=dead_letter,
         probe=triton.ready,
         on_ready=batches.refresh_device_kind,
         breaker=CircuitBreaker(

@@ -1,14 +1,24 @@
-"""The worker's consume loop: micro-batch -> score -> publish outcomes -> commit, behind a breaker.
+"""The worker's consume loop: micro-batch -> score -> commit outcomes and offsets in one Kafka
+transaction per task partition, behind a circuit breaker.
 
-Plain asyncio over an aiokafka-like consumer; every collaborator is injected, so unit tests drive
-the loop with fakes (tests/unit/test_inference_worker.py).
+Plain asyncio over an aiokafka-like consumer and transactional producers; every collaborator is
+injected, so unit tests drive the loop with fakes (tests/unit/test_inference_worker.py).
 
 - **Readiness first**: the consumer joins its group only once the model version is ready.
 - **Micro-batches**: one fetch returns what Kafka has buffered, up to the model's max batch size;
   when it returns fewer, the worker waits at most ``linger_s`` for more (a lone request is held no
   longer than that), then makes one Triton call for the whole batch.
-- **No premature commit**: a batch's offsets are committed only after every outcome (result,
-  failure, dead letter) of the batch is acknowledged by Kafka.
+- **Exactly once**: a batch's outcomes (results, failures, dead letters) of one task partition
+  and that partition's next offset are committed in one transaction
+  (``medmesh_runtime.transactional.PartitionTransactions``; partitions commit concurrently). A
+  worker killed before its commit leaves nothing visible to read_committed readers; the batch is
+  scored again by the partition's next owner, whose producer fences this one. A worker fenced
+  that way (stalled past its session, then resumed) commits nothing: it rejoins its group and
+  starts over from the committed offsets.
+- **Poison is isolated**: an unexpected error from handling a batch (anything but
+  ``ModelUnavailable`` or a ``KafkaError``) makes its tasks handled one at a time, each up to
+  ``max_attempts`` times; a task that keeps failing is replaced by its dead letter, committed
+  with its offset, and its neighbours are scored and committed as usual.
 - **Triton away**: when scoring raises ``ModelUnavailable`` (or the health monitor reports the
   version not ready), nothing is failed: the worker rewinds every partition of the batch to its
   first record, pauses all its partitions, and keeps polling (so it stays in its consumer group)
@@ -20,18 +30,25 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
-from aiokafka import TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from medmesh_contracts.events import InferenceFailed, RunInference
 from medmesh_inference.batching import ModelUnavailable, Outcome
 from medmesh_inference.circuit import CircuitBreaker
-from medmesh_runtime.logging import get_logger
+from medmesh_runtime.logging import get_logger, redact_text
+from medmesh_runtime.transactional import (
+    OutgoingRecord,
+    PartitionLostError,
+    PartitionTransactions,
+    PoisonIsolation,
+    ProducerFactory,
+)
 
 log = get_logger("medmesh.inference.worker")
 
@@ -39,28 +56,37 @@ WorkerState = Literal["starting", "ready", "degraded", "stopping"]
 
 
 class Consumer(Protocol):
-    """The part of aiokafka's AIOKafkaConsumer the worker uses."""
+    """The part of aiokafka's AIOKafkaConsumer the worker uses (a group member that commits
+    nothing itself: offsets go into the transactions)."""
 
+    def subscribe(self, topics: Sequence[str], *, listener: ConsumerRebalanceListener) -> None: ...
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     async def getmany(
         self, *partitions: Any, timeout_ms: int = 0, max_records: int | None = None
-    ) -> dict[Any, list[Any]]: ...
+    ) -> Mapping[Any, Sequence[Any]]: ...
     def assignment(self) -> set[Any]: ...
     def pause(self, *partitions: Any) -> None: ...
     def resume(self, *partitions: Any) -> None: ...
     def paused(self) -> set[Any]: ...
     def seek(self, partition: Any, offset: int) -> None: ...
-    async def commit(self, offsets: dict[Any, int] | None = None) -> None: ...
 
 
-# Scores the tasks (each with its source record) and publishes one outcome per task, returning
-# once Kafka acknowledged them all. Raises ModelUnavailable before publishing anything when
-# Triton is away, KafkaError when publishing failed.
-Handle = Callable[[Sequence[RunInference], Sequence[Any]], Awaitable[list[Outcome]]]
-DeadLetter = Callable[[Any, str], Awaitable[None]]
+class Scored(NamedTuple):
+    """One task's outcome and the record that carries it (topic, key, traced headers)."""
+
+    outcome: Outcome
+    record: OutgoingRecord
+
+
+# Scores the tasks (each with its source record): one Scored per task, in order. Produces
+# nothing itself. Raises ModelUnavailable when Triton is away.
+Handle = Callable[[Sequence[RunInference], Sequence[Any]], Awaitable[list[Scored]]]
+# The dead letter of a consumed record and a reason (no patient data in the reason).
+DeadLetter = Callable[[Any, str], OutgoingRecord]
 Probe = Callable[[], Awaitable[bool]]
 Clock = Callable[[], float]
+RecordKind = Literal["completed", "failed", "undecodable", "poison"]
 
 
 @dataclass(frozen=True)
@@ -73,11 +99,13 @@ class LoopTiming:
     poll_s: float = 0.5
     # Pause after a Kafka error before the next fetch.
     kafka_retry_s: float = 1.0
+    # Pause before a failing task's second attempt (doubling for each further one).
+    retry_backoff_s: float = 0.2
 
 
 @dataclass
 class WorkerStats:
-    """Counters for logs, heartbeats and tests."""
+    """Counters for logs, heartbeats and tests (of committed batches only)."""
 
     batches: int = 0
     tasks: int = 0
@@ -85,10 +113,21 @@ class WorkerStats:
     dead_lettered: int = 0
     rewinds: int = 0
     probes: int = 0
+    rejoins: int = 0
+    transactions: int = 0
 
 
-def _fetched(batches: dict[Any, list[Any]]) -> list[Any]:
+class _RejoinError(Exception):
+    """The clients must start over from the committed offsets (fenced, or a producer of an
+    assigned partition did not start)."""
+
+
+def _fetched(batches: Mapping[Any, Sequence[Any]]) -> list[Any]:
     return [record for records in batches.values() for record in records]
+
+
+def _position(record: Any) -> tuple[str, int, int]:
+    return (record.topic, record.partition, record.offset)
 
 
 def first_offsets(records: Sequence[Any]) -> dict[Any, int]:
@@ -115,7 +154,10 @@ class TaskWorker:
     def __init__(
         self,
         make_consumer: Callable[[], Consumer],
+        make_producer: ProducerFactory,
         *,
+        topic: str,
+        group_id: str,
         max_batch: int,
         handle: Handle,
         dead_letter: DeadLetter,
@@ -124,10 +166,17 @@ class TaskWorker:
         breaker: CircuitBreaker,
         timing: LoopTiming,
         clock: Clock,
+        max_attempts: int = 3,
     ) -> None:
-        # aiokafka consumers must be built inside the running event loop: built in ``run``.
+        # aiokafka clients must be built inside the running event loop: built in ``run``.
         self._make_consumer = make_consumer
+        self._make_producer = make_producer
         self._consumer: Consumer | None = None
+        self._transactions: PartitionTransactions | None = None
+        self.topic = topic
+        # Also the prefix of the per-partition transactional ids: one per model version, the
+        # same for every instance, so an instance fences whoever held its partitions before.
+        self.group_id = group_id
         self.max_batch = max_batch
         self._handle = handle
         self._dead_letter = dead_letter
@@ -136,12 +185,21 @@ class TaskWorker:
         self.breaker = breaker
         self.timing = timing
         self._clock = clock
+        self.isolation = PoisonIsolation(
+            self._outputs,
+            self._poisoned,
+            transient=(ModelUnavailable, KafkaError),
+            max_attempts=max_attempts,
+            backoff_s=timing.retry_backoff_s,
+        )
         self.stats = WorkerStats()
         self.state: WorkerState = "starting"
         self.consuming = False
         self._stopping = asyncio.Event()
         # Set by the health monitor when its probe finds the version not ready.
         self._reported_unready = False
+        # What the batch being served made of each record, by (topic, partition, offset).
+        self._kinds: dict[tuple[str, int, int], RecordKind] = {}
 
     # --- state seen from outside -----------------------------------------------------------
 
@@ -152,10 +210,16 @@ class TaskWorker:
             raise RuntimeError("the worker has not started its consumer")
         return self._consumer
 
+    @property
+    def transactions(self) -> PartitionTransactions:
+        """The assigned partitions' transactional producers (RuntimeError before ``run``)."""
+        if self._transactions is None:
+            raise RuntimeError("the worker has not started its consumer")
+        return self._transactions
+
     async def close(self) -> None:
-        """Stop the consumer (leaving the group) if it was started."""
-        if self._consumer is not None:
-            await self._consumer.stop()
+        """Stop the consumer (leaving the group) and the transactional producers."""
+        await self._close_clients()
 
     @property
     def ready(self) -> bool:
@@ -186,8 +250,7 @@ class TaskWorker:
         await self._wait_until_ready()
         if self._stopping.is_set():
             return
-        self._consumer = self._make_consumer()
-        await self.consumer.start()
+        await self._join()
         self.consuming = True
         self.state = "ready"
         log.info("consuming", max_batch=self.max_batch)
@@ -196,6 +259,41 @@ class TaskWorker:
                 await self.step()
         finally:
             self.consuming = False
+
+    async def _join(self) -> None:
+        """Subscribe a new consumer with the listener that starts each assigned partition's
+        producer (fencing its previous owner) before the partition's offset is fetched."""
+        transactions = PartitionTransactions(self._make_producer, self.group_id, self.group_id)
+        consumer = self._make_consumer()
+        self._consumer, self._transactions = consumer, transactions
+        consumer.subscribe([self.topic], listener=transactions.listener())
+        await consumer.start()
+
+    async def _rejoin(self, reason: str) -> None:
+        """Drop the clients and join again: the new consumer starts from the committed offsets,
+        and this instance's producers are started only for partitions the group gives it."""
+        self.stats.rejoins += 1
+        log.warning("starting over from the committed offsets", reason=redact_text(reason)[:500])
+        while not self._stopping.is_set():
+            await self._close_clients()
+            try:
+                await self._join()
+            except KafkaError as exc:
+                log.warning("joining the consumer group failed; retrying", error=str(exc))
+                await self._wait(self.timing.kafka_retry_s)
+            else:
+                return
+
+    async def _close_clients(self) -> None:
+        consumer, transactions = self._consumer, self._transactions
+        self._consumer = self._transactions = None
+        if consumer is not None:
+            try:
+                await consumer.stop()
+            except KafkaError as exc:  # a broken client is dropped either way
+                log.info("consumer did not stop cleanly", error=f"{type(exc).__name__}: {exc}")
+        if transactions is not None:
+            await transactions.close()
 
     async def _wait_until_ready(self) -> None:
         """Probe with the breaker's backoff until the version is ready (or the worker stops)."""
@@ -213,17 +311,34 @@ class TaskWorker:
         """One turn of the loop: a probe while the circuit is open, else one batch."""
         if self.breaker.closed and self._reported_unready:
             self._open("the health probe found the model version not ready")
-        if not self.breaker.fetching:
-            await self._while_open()
-            return
         try:
-            records = await self._fetch()
-        except KafkaError as exc:
-            log.warning("fetch failed; retrying", error=str(exc))
-            await self._wait(self.timing.kafka_retry_s)
-            return
-        if records:
-            await self._serve(records)
+            if not self.breaker.fetching:
+                await self._while_open()
+                return
+            try:
+                records = await self._fetch()
+            except KafkaError as exc:
+                log.warning("fetch failed; retrying", error=str(exc))
+                await self._wait(self.timing.kafka_retry_s)
+                return
+            if records:
+                await self._serve(records)
+        except _RejoinError as exc:
+            await self._rejoin(str(exc))
+
+    async def _poll(self, timeout_ms: int, max_records: int | None = None) -> list[Any]:
+        """One getmany; ``_RejoinError`` when an assignment it made could not start its producer
+        (the fetched offsets may predate the previous owner's open transaction)."""
+        records = _fetched(
+            await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        )
+        try:
+            self.transactions.raise_failure()
+        except Exception as exc:  # the loop starts over (and logs why)
+            raise _RejoinError(
+                f"a transactional producer did not start: {type(exc).__name__}: {exc}"
+            ) from exc
+        return records
 
     async def _while_open(self) -> None:
         """Keep every partition paused; poll (staying in the group) until a probe is due."""
@@ -231,9 +346,7 @@ class TaskWorker:
         if not self.breaker.probe_due():
             wait = min(self.breaker.seconds_to_probe(), self.timing.poll_s)
             try:
-                stray = _fetched(
-                    await self.consumer.getmany(timeout_ms=max(1, math.ceil(wait * 1000)))
-                )
+                stray = await self._poll(timeout_ms=max(1, math.ceil(wait * 1000)))
             except KafkaError as exc:
                 log.warning("poll while paused failed", error=str(exc))
                 await self._wait(wait)
@@ -255,11 +368,7 @@ class TaskWorker:
 
     async def _fetch(self) -> list[Any]:
         """Up to ``max_batch`` records: what is buffered, plus what arrives within the linger."""
-        records = _fetched(
-            await self.consumer.getmany(
-                timeout_ms=int(self.timing.poll_s * 1000), max_records=self.max_batch
-            )
-        )
+        records = await self._poll(int(self.timing.poll_s * 1000), self.max_batch)
         if not records:
             return records
         deadline = self._clock() + self.timing.linger_s
@@ -267,60 +376,124 @@ class TaskWorker:
             remaining = deadline - self._clock()
             if remaining <= 0:
                 break
-            more = _fetched(
-                await self.consumer.getmany(
-                    timeout_ms=max(1, int(remaining * 1000)),
-                    max_records=self.max_batch - len(records),
-                )
-            )
+            more = await self._poll(max(1, int(remaining * 1000)), self.max_batch - len(records))
             if not more:
                 break
             records.extend(more)
         return records
 
     async def _serve(self, records: list[Any]) -> None:
-        """Score one batch, publish its outcomes and dead letters, then commit it."""
-        tasks: list[RunInference] = []
-        sources: list[Any] = []
-        undecodable: list[tuple[Any, str]] = []
-        for record in records:
-            try:
-                tasks.append(RunInference.model_validate_json(record.value))
-                sources.append(record)
-            except ValidationError as exc:
-                undecodable.append((record, f"not a RunInference: {exc.error_count()} errors"))
+        """Score one batch (poison isolated), then commit each partition's outcomes with its
+        next offset in one transaction."""
+        self._kinds = {}
         try:
-            outcomes = await self._handle(tasks, sources) if tasks else []
-            for record, reason in undecodable:
-                await self._dead_letter(record, reason)
+            outputs = await self.isolation.outputs(records)
         except ModelUnavailable as exc:
             self._rewind(records)
             self._open(f"Triton unavailable: {exc}")
             return
         except KafkaError as exc:
-            # Nothing is committed: the batch is fetched and scored again (at-least-once).
-            log.warning("publishing outcomes failed; the batch will be redone", error=str(exc))
+            # Nothing is committed: the batch is fetched and scored again.
+            log.warning("handling the batch failed; it will be redone", error=str(exc))
             self._rewind(records)
             await self._wait(self.timing.kafka_retry_s)
             return
-        await self._commit(records)
-        if self.breaker.state == "half-open" and tasks:
+        committed = await self._commit(records, outputs)
+        kinds = [
+            self._kinds.get(_position(r))
+            for r in records
+            if TopicPartition(r.topic, r.partition) in committed
+        ]
+        scored = sum(kind in ("completed", "failed", "poison") for kind in kinds)
+        if committed and self.breaker.state == "half-open" and scored:
             self.breaker.record_success()
             log.info("circuit closed: the trial batch was served")
-        self.stats.batches += 1
-        self.stats.tasks += len(tasks)
-        self.stats.failed += sum(isinstance(o, InferenceFailed) for o in outcomes)
-        self.stats.dead_lettered += len(undecodable)
+        self.stats.batches += bool(committed)
+        self.stats.tasks += scored
+        self.stats.failed += kinds.count("failed")
+        self.stats.dead_lettered += sum(kind in ("undecodable", "poison") for kind in kinds)
 
-    async def _commit(self, records: Sequence[Any]) -> None:
-        try:
-            await self.consumer.commit(next_offsets(records))
-        except (CommitFailedError, KafkaError) as exc:
-            # The partitions moved to another worker during the batch: it will redo the batch
-            # from the last committed offset; the outcomes published here may appear twice.
-            log.warning(
-                "commit failed after a rebalance; records will be redelivered", error=str(exc)
-            )
+    async def _commit(
+        self, records: Sequence[Any], outputs: Sequence[Sequence[OutgoingRecord]]
+    ) -> set[TopicPartition]:
+        """Commit each partition of the batch, all at once; the partitions committed.
+
+        A partition whose transaction failed is rewound (its transaction was aborted, nothing
+        of it is visible): the batch is redone for it alone, the committed ones are not.
+        """
+        by_partition: dict[TopicPartition, list[OutgoingRecord]] = {}
+        for record, outs in zip(records, outputs, strict=True):
+            by_partition.setdefault(TopicPartition(record.topic, record.partition), []).extend(outs)
+        after = next_offsets(records)
+        partitions = list(by_partition)
+        results = await asyncio.gather(
+            *(self.transactions.commit(tp, by_partition[tp], after[tp]) for tp in partitions),
+            return_exceptions=True,
+        )
+        failed = {
+            tp: result
+            for tp, result in zip(partitions, results, strict=True)
+            if isinstance(result, BaseException)
+        }
+        self.stats.transactions += len(partitions) - len(failed)
+        if not failed:
+            return set(partitions)
+        self._rewind([r for r in records if TopicPartition(r.topic, r.partition) in failed])
+        lost = sorted(str(tp) for tp, exc in failed.items() if isinstance(exc, PartitionLostError))
+        if lost:
+            # Fenced: another worker owns these partitions now. Fetching them again would make
+            # the next commit start a producer with their transactional id, which would fence
+            # the rightful owner and commit this instance's stale offsets: start over instead.
+            raise _RejoinError(f"fenced: another worker owns {', '.join(lost)}")
+        for exc in failed.values():
+            if isinstance(exc, asyncio.CancelledError):
+                # Nobody cancelled this task (gather would have raised): aiokafka internals
+                # raise it into callers; let through, it would end the loop silently.
+                raise _RejoinError("CancelledError raised inside the Kafka client")
+            if not isinstance(exc, KafkaError):
+                raise exc
+        log.warning(
+            "committing the batch failed; its uncommitted partitions will be redone",
+            partitions=sorted(str(tp) for tp in failed),
+            error=str(next(iter(failed.values()))),
+        )
+        await self._wait(self.timing.kafka_retry_s)
+        return set(partitions) - set(failed)
+
+    # --- what a batch becomes (run by the poison isolation) ------------------------------
+
+    async def _outputs(self, records: Sequence[Any]) -> list[list[OutgoingRecord]]:
+        """Each record's outputs: a task's outcome, or an undecodable record's dead letter."""
+        outputs: list[list[OutgoingRecord]] = [[] for _ in records]
+        kinds: dict[tuple[str, int, int], RecordKind] = {}
+        tasks: list[RunInference] = []
+        sources: list[Any] = []
+        slots: list[int] = []
+        for i, record in enumerate(records):
+            try:
+                tasks.append(RunInference.model_validate_json(record.value or b""))
+            except ValidationError as exc:
+                reason = f"not a RunInference: {exc.error_count()} errors"
+                outputs[i] = [self._dead_letter(record, reason)]
+                kinds[_position(record)] = "undecodable"
+                continue
+            sources.append(record)
+            slots.append(i)
+        if tasks:
+            scored = await self._handle(tasks, sources)
+            for i, source, (outcome, out) in zip(slots, sources, scored, strict=True):
+                outputs[i] = [out]
+                failed = isinstance(outcome, InferenceFailed)
+                kinds[_position(source)] = "failed" if failed else "completed"
+        # Only a call that returned counts: a failed one is redone record by record.
+        self._kinds.update(kinds)
+        return outputs
+
+    def _poisoned(self, record: Any, reason: str) -> OutgoingRecord:
+        """A record whose handling kept failing (or whose outcome is too large)."""
+        if self._kinds.get(_position(record)) != "undecodable":
+            self._kinds[_position(record)] = "poison"
+        return self._dead_letter(record, reason)
 
     # --- helpers ---------------------------------------------------------------------------
 
