@@ -146,7 +146,9 @@ class FakeProducer:
         self._kafka = kafka
         self.transactional_id = transactional_id
         self._epoch = -1
-        self._pending: list[tuple[str, bytes | None, bytes, tuple[tuple[str, bytes], ...]]] = []
+        self._pending: list[
+            tuple[str, bytes | None, bytes, tuple[tuple[str, bytes], ...], int]
+        ] = []
         self._offsets: dict[tuple[str, TopicPartition], int] = {}
 
     def _check(self) -> None:
@@ -174,6 +176,7 @@ class FakeProducer:
         topic: str,
         value: bytes | None = None,
         key: bytes | None = None,
+        partition: int | None = None,
         *,
         headers: Sequence[tuple[str, bytes]] | None = None,
     ) -> Awaitable[Any]:
@@ -184,7 +187,7 @@ class FakeProducer:
         if self._kafka.fail_sends > 0:
             self._kafka.fail_sends -= 1
             raise KafkaConnectionError("broker went away")
-        self._pending.append((topic, key, value or b"", tuple(headers or ())))
+        self._pending.append((topic, key, value or b"", tuple(headers or ()), partition or 0))
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
@@ -199,8 +202,8 @@ class FakeProducer:
     async def commit_transaction(self) -> None:
         """Make the records and offsets visible."""
         self._check()
-        for topic, key, value, headers in self._pending:
-            self._kafka.append(topic, value, headers, key=key)
+        for topic, key, value, headers, partition in self._pending:
+            self._kafka.append(topic, value, headers, key=key, partition=partition)
         self._kafka.offsets.update(self._offsets)
         self._pending, self._offsets = [], {}
 

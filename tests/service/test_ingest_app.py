@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
 from faststream.kafka import KafkaBroker, TestKafkaBroker
-from faststream.kafka.annotations import KafkaMessage
 
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
@@ -19,50 +19,65 @@ from medmesh_contracts.events import RequestInference
 from medmesh_ingest.app import Ingest, create_app
 from medmesh_ingest.settings import IngestSettings
 from tests.service.conftest import FIXTURES, SPECS_DIR
+from tests.transactional_kafka import FakeKafka
+
+GROUP = "medmesh-ingest"
 
 
-@dataclass
 class Captured:
-    """Values published to the topics ingest writes."""
+    """Values committed to the topics ingest writes (what a read_committed consumer sees)."""
 
-    requests: list[bytes] = field(default_factory=list)
-    invalid: list[bytes] = field(default_factory=list)
-    states: list[bytes] = field(default_factory=list)
+    def __init__(self, kafka: FakeKafka) -> None:
+        self._kafka = kafka
+
+    @property
+    def requests(self) -> list[bytes]:
+        """medmesh.inference.requests."""
+        return self._kafka.values(topics.INFERENCE_REQUESTS)
+
+    @property
+    def invalid(self) -> list[bytes]:
+        """medmesh.fhir.invalid."""
+        return self._kafka.values(topics.FHIR_INVALID)
+
+    @property
+    def states(self) -> list[bytes]:
+        """medmesh.ingest.readings."""
+        return self._kafka.values(topics.INGEST_READINGS)
 
 
 @dataclass
 class Harness:
-    """An HTTP client on the ingest app and the in-memory broker behind it."""
+    """An HTTP client on the running ingest app and the in-memory Kafka behind it."""
 
     client: httpx.AsyncClient
-    broker: KafkaBroker
+    kafka: FakeKafka
     captured: Captured
     ingest: Ingest
+
+    async def inbound(self, *values: bytes) -> None:
+        """Write ``values`` to medmesh.fhir.inbound (one poll) and wait until ingest committed
+        them."""
+        for value in values:
+            self.kafka.append(topics.FHIR_INBOUND, value)
+        end = len(self.kafka.records(topics.FHIR_INBOUND))
+        for _ in range(2000):
+            if self.kafka.offset(GROUP, topics.FHIR_INBOUND) == end:
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError("ingest did not commit the inbound records within 10 s")
 
 
 @asynccontextmanager
 async def running(settings: IngestSettings) -> AsyncIterator[Harness]:
-    """The real ingest app with its broker replaced by faststream's in-memory broker."""
-    app = create_app(settings)
+    """The real ingest app, started (its lifespan), on an in-memory transactional Kafka."""
+    kafka = FakeKafka()
+    app = create_app(settings, clients=kafka.clients(GROUP))
     broker: KafkaBroker = app.state.broker
-    captured = Captured()
-
-    @broker.subscriber(topics.INFERENCE_REQUESTS)
-    async def requests(message: KafkaMessage) -> None:
-        captured.requests.append(message.body)
-
-    @broker.subscriber(topics.FHIR_INVALID)
-    async def invalid(message: KafkaMessage) -> None:
-        captured.invalid.append(message.body)
-
-    @broker.subscriber(topics.INGEST_READINGS)
-    async def states(message: KafkaMessage) -> None:
-        captured.states.append(message.body)
-
-    async with TestKafkaBroker(broker):
+    async with TestKafkaBroker(broker), app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://ingest") as client:
-            yield Harness(client, broker, captured, app.state.ingest)
+            yield Harness(client, kafka, Captured(kafka), app.state.ingest)
 
 
 def settings(**overrides: Any) -> IngestSettings:
@@ -143,7 +158,7 @@ async def test_capability_statement_names_r4b(ingest: Harness) -> None:
 
 async def test_inbound_garbage_is_dead_lettered_with_its_outcome(ingest: Harness) -> None:
     """Garbage on medmesh.fhir.inbound becomes a FhirEventRejected on medmesh.fhir.invalid."""
-    await ingest.broker.publish(b"\xff\xfe not fhir", topic=topics.FHIR_INBOUND)
+    await ingest.inbound(b"\xff\xfe not fhir")
     assert len(ingest.captured.invalid) == 1
     event = json.loads(ingest.captured.invalid[0])
     assert event["schema"] == "medmesh.FhirEventRejected/1"
@@ -154,9 +169,7 @@ async def test_inbound_garbage_is_dead_lettered_with_its_outcome(ingest: Harness
 
 async def test_inbound_vitals_become_a_request(ingest: Harness) -> None:
     """A valid Bundle on medmesh.fhir.inbound becomes a RequestInference."""
-    await ingest.broker.publish(
-        (FIXTURES / "vitals-bundle-medium.json").read_bytes(), topic=topics.FHIR_INBOUND
-    )
+    await ingest.inbound((FIXTURES / "vitals-bundle-medium.json").read_bytes())
     assert len(ingest.captured.requests) == 1
     assert (
         RequestInference.model_validate_json(ingest.captured.requests[0]).source.channel == "kafka"
@@ -291,20 +304,15 @@ async def test_media_type_other_than_json_gets_415(ingest: Harness) -> None:
     assert response.json()["resourceType"] == "OperationOutcome"
 
 
-async def test_kafka_failure_gets_503_with_retry_after(
-    ingest: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_kafka_failure_gets_503_with_retry_after(ingest: Harness) -> None:
     """When Kafka does not acknowledge, the answer is 503 with Retry-After, and a retry works."""
 
-    async def broken(*_args: Any, **_kwargs: Any) -> None:
-        raise TimeoutError
-
-    monkeypatch.setattr(ingest.ingest.requests_out, "publish", broken)
+    ingest.kafka.fail_sends = 1
     response = await _post(ingest, "vitals-bundle-high.json")
     assert response.status_code == 503
     assert response.headers["retry-after"] == "5"
     assert response.json()["issue"][0]["code"] == "transient"
-    monkeypatch.undo()
+    assert ingest.captured.requests == ingest.captured.states == []  # the transaction aborted
     retried = await _post(ingest, "vitals-bundle-high.json")
     assert retried.status_code == 202  # the failed attempt left no state behind
 
@@ -524,7 +532,7 @@ async def test_inbound_single_readings_share_the_state_with_http(ingest: Harness
     """Readings from the inbound topic and HTTP complete the same patient's set."""
     for name in ONE_BY_ONE[:-1]:
         payload = (FIXTURES / f"one-by-one/{name}.json").read_bytes()
-        await ingest.broker.publish(payload, topic=topics.FHIR_INBOUND)
+        await ingest.inbound(payload)
     assert ingest.captured.requests == []
     response = await _post(ingest, f"one-by-one/{ONE_BY_ONE[-1]}.json")
     assert response.status_code == 202
@@ -535,7 +543,7 @@ async def test_inbound_impossible_value_is_dead_lettered(ingest: Harness) -> Non
     """An impossible value on the inbound topic lands on medmesh.fhir.invalid naming the value."""
     observation = load("one-by-one/spo2.json")
     observation["valueQuantity"]["value"] = 140
-    await ingest.broker.publish(json.dumps(observation).encode(), topic=topics.FHIR_INBOUND)
+    await ingest.inbound(json.dumps(observation).encode())
     [event] = [json.loads(e) for e in ingest.captured.invalid]
     assert "140 %" in json.dumps(event["operation_outcome"])
 
@@ -546,9 +554,7 @@ async def test_an_inbound_poll_with_garbage_between_readings_publishes_one_reque
     """One poll holding a patient's seven readings with garbage among them: the garbage is
     dead-lettered, the readings merge in order into one request, then one state."""
     payloads = [(FIXTURES / f"one-by-one/{name}.json").read_bytes() for name in ONE_BY_ONE]
-    await ingest.broker.publish_batch(
-        *payloads[:3], b"not json", *payloads[3:], topic=topics.FHIR_INBOUND
-    )
+    await ingest.inbound(*payloads[:3], b"not json", *payloads[3:])
     assert len(ingest.captured.invalid) == 1
     assert len(ingest.captured.requests) == 1
     assert len(ingest.captured.states) == 1

@@ -7,7 +7,6 @@ import json
 import httpx
 
 from medmesh_contracts import headers as h
-from medmesh_contracts import topics
 from medmesh_contracts.events import PatientReadingsUpdated, RequestInference
 from tests.service.conftest import FIXTURES
 from tests.service.test_ingest_app import Harness, running, settings
@@ -69,7 +68,7 @@ async def test_inbound_waveform_over_the_limit_is_dead_lettered() -> None:
     """The same oversized ECG on medmesh.fhir.inbound goes to medmesh.fhir.invalid whole."""
     async with running(settings(max_waveform_samples=1000)) as ingest:
         raw = (FIXTURES / "ecg-af.json").read_bytes()
-        await ingest.broker.publish(raw, topic=topics.FHIR_INBOUND)
+        await ingest.inbound(raw)
         assert ingest.captured.requests == []
         (rejected,) = ingest.captured.invalid
     event = json.loads(rejected)

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 from medmesh_contracts import topics
 from medmesh_contracts.events import to_wire
-from tests.factories import make_completed, make_request, make_task
 from medmesh_runtime.transactional import StageClients
-from tests.service.test_reporting_app import GROUP, _loop
+from tests.factories import make_completed, make_request, make_task
+from tests.service.test_reporting_app import _loop
 from tests.transactional_kafka import FakeConsumer, FakeKafka, FakeProducer
 
 

@@ -1,5 +1,5 @@
-"""Poison records on ingest's inbound topic (in-memory broker): a null header value and a
-rejected record too large to dead-letter whole do not stall the partition."""
+"""Poison records on ingest's inbound topic (in-memory transactional Kafka): none stalls the
+partition, none sinks the valid events beside it, and each is rejected with its reason."""
 
 from __future__ import annotations
 
@@ -7,113 +7,70 @@ import hashlib
 import json
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from aiokafka import ConsumerRecord
-from faststream.kafka import KafkaBroker, TestKafkaBroker
-from faststream.kafka.annotations import KafkaMessage
 
 from medmesh_contracts import headers as h
-from medmesh_contracts import topics
 from medmesh_contracts.events import FhirEventRejected, RequestInference
-from medmesh_ingest.app import create_app
-from medmesh_ingest.settings import IngestSettings
-from tests.service.conftest import FIXTURES, SPECS_DIR
+from medmesh_ingest.service import Prepared
+from tests.service.conftest import FIXTURES
+from tests.service.test_ingest_app import Harness, running, settings
 
 MAX_BYTES = 1_000_000  # MEDMESH_DEAD_LETTER_MAX_BYTES's default
-
-
-@dataclass
-class Inbound:
-    """Ingest's broker, its inbound subscriber, and what ingest published."""
-
-    broker: KafkaBroker
-    subscriber: Any
-    requests: list[bytes] = field(default_factory=list)
-    invalid: list[tuple[bytes | None, bytes]] = field(default_factory=list)
+MEDIUM = (FIXTURES / "vitals-bundle-medium.json").read_bytes()
+HIGH = (FIXTURES / "vitals-bundle-high.json").read_bytes()
 
 
 @pytest.fixture
-async def inbound() -> AsyncIterator[Inbound]:
-    """The real ingest app on faststream's in-memory broker."""
-    app = create_app(
-        IngestSettings(
-            model_specs_dir=SPECS_DIR,
-            rebuild_readings_on_start=False,
-            dead_letter_max_bytes=MAX_BYTES,
-        )
-    )
-    broker: KafkaBroker = app.state.broker
-    subscriber: Any = next(
-        s for s in broker.subscribers if topics.FHIR_INBOUND in getattr(s, "topic_names", ())
-    )
-    harness = Inbound(broker, subscriber)
-
-    @broker.subscriber(topics.INFERENCE_REQUESTS)
-    async def requests(message: KafkaMessage) -> None:
-        harness.requests.append(message.body)
-
-    @broker.subscriber(topics.FHIR_INVALID)
-    async def invalid(message: KafkaMessage) -> None:
-        harness.invalid.append((message.raw_message.key, message.body))  # type: ignore[union-attr]
-
-    async with TestKafkaBroker(broker):
+async def inbound() -> AsyncIterator[Harness]:
+    """The real ingest app, started, on an in-memory transactional Kafka."""
+    async with running(settings(dead_letter_max_bytes=MAX_BYTES)) as harness:
         yield harness
 
 
-def _record(offset: int, value: bytes, headers: list[tuple[str, bytes | None]]) -> ConsumerRecord:
-    return ConsumerRecord(
-        topic=topics.FHIR_INBOUND,
-        partition=0,
-        offset=offset,
-        timestamp=0,
-        timestamp_type=0,
-        key=None,
-        value=value,
-        checksum=None,
-        serialized_key_size=-1,
-        serialized_value_size=len(value),
-        headers=headers,  # Kafka allows null values (aiokafka's hint says bytes)
+def _subjects(harness: Harness) -> list[str]:
+    return sorted(
+        RequestInference.model_validate_json(r).subject_reference for r in harness.captured.requests
     )
 
 
+def _ecg_with_lead(**sampled_data: Any) -> bytes:
+    """The R4B sinus ECG fixture with its lead's SampledData changed."""
+    bundle: dict[str, Any] = json.loads((FIXTURES / "ecg-sinus.json").read_text())
+    bundle["entry"][1]["resource"]["component"][0]["valueSampledData"].update(sampled_data)
+    return json.dumps(bundle).encode()
+
+
 async def test_a_null_header_value_is_read_as_absent_and_the_next_record_is_processed_too(
-    inbound: Inbound,
+    inbound: Harness,
 ) -> None:
     """A poll whose first record has null header values (correlation id, traceparent, content
     type) is processed whole: both vitals Bundles become requests, none is rejected."""
-    first = (FIXTURES / "vitals-bundle-medium.json").read_bytes()
-    second = (FIXTURES / "vitals-bundle-high.json").read_bytes()
     nulls: list[tuple[str, bytes | None]] = [
         (h.CORRELATION_ID, None),
         ("traceparent", None),
         ("content-type", None),
         ("x-sender", b"ward-7"),
     ]
-    poll = [_record(0, first, nulls), _record(1, second, [])]
-    await inbound.subscriber.process_message(poll)
-    subjects = [RequestInference.model_validate_json(r).subject_reference for r in inbound.requests]
-    assert sorted(subjects) == ["Patient/example-high", "Patient/example-medium"]
-    assert inbound.invalid == []
+    inbound.kafka.append("medmesh.fhir.inbound", MEDIUM, nulls)
+    await inbound.inbound(HIGH)
+    assert _subjects(inbound) == ["Patient/example-high", "Patient/example-medium"]
+    assert inbound.captured.invalid == []
 
 
 async def test_a_rejected_record_over_a_mebibyte_is_dead_lettered_within_the_bound(
-    inbound: Inbound,
+    inbound: Harness,
 ) -> None:
     """1.1 MiB of garbage on the inbound topic becomes a FhirEventRejected that fits the
     producer's request (value and key <= MEDMESH_DEAD_LETTER_MAX_BYTES) with the start of the
     payload, its whole size and SHA-256; the valid Bundle after it still becomes a request."""
     garbage = os.urandom(1_100 * 1024)
-    key = b"mrn-garbage"
-    await inbound.broker.publish(garbage, topic=topics.FHIR_INBOUND, key=key)
-    await inbound.broker.publish(
-        (FIXTURES / "vitals-bundle-medium.json").read_bytes(), topic=topics.FHIR_INBOUND
-    )
-    assert len(inbound.invalid) == 1
-    dead_key, wire = inbound.invalid[0]
-    assert len(wire) + len(dead_key or b"") <= MAX_BYTES
+    inbound.kafka.append("medmesh.fhir.inbound", garbage, key=b"mrn-garbage")
+    await inbound.inbound(MEDIUM)
+    (dead,) = inbound.kafka.records("medmesh.fhir.invalid")
+    wire = dead.value or b""
+    assert len(wire) + len(dead.key or b"") <= MAX_BYTES
     event = FhirEventRejected.model_validate_json(wire)
     assert event.raw_truncated
     assert event.raw_size == len(garbage)
@@ -121,4 +78,67 @@ async def test_a_rejected_record_over_a_mebibyte_is_dead_lettered_within_the_bou
     assert event.raw_encoding == "base64"
     assert len(event.raw_value) > MAX_BYTES // 2  # as much as fits, not nothing
     assert json.loads(wire)["operation_outcome"]["resourceType"] == "OperationOutcome"
-    assert len(inbound.requests) == 1
+    assert len(inbound.captured.requests) == 1
+
+
+async def test_the_issues_poison_sequence_loses_neither_valid_bundle(inbound: Harness) -> None:
+    """The sequence that lost two valid Bundles (issue 16): an overflowing waveform, a valid
+    Bundle with a null header, 1.1 MiB of garbage and another valid Bundle, in one partition:
+    both Bundles become requests, both poisons are rejected, the offset moves past all four."""
+    overflow = _ecg_with_lead(origin={"value": 1e308, "unit": "V", "code": "V"})
+    inbound.kafka.append("medmesh.fhir.inbound", overflow)
+    inbound.kafka.append("medmesh.fhir.inbound", MEDIUM, [(h.CORRELATION_ID, None)])
+    inbound.kafka.append("medmesh.fhir.inbound", os.urandom(1_100 * 1024))
+    await inbound.inbound(HIGH)
+    assert _subjects(inbound) == ["Patient/example-high", "Patient/example-medium"]
+    assert len(inbound.captured.invalid) == 2
+    assert len(inbound.captured.states) == 2
+
+
+async def test_an_event_whose_handling_keeps_raising_is_rejected_and_its_neighbours_pass(
+    inbound: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unforeseen error on one event (here: preparing it raises) is retried, then the event
+    is rejected naming the error kind; the events before and after it become requests."""
+    prepare = inbound.ingest.prepare_inbound
+    calls: list[bytes] = []
+
+    async def failing_on_marker(record: Any) -> Any:
+        calls.append(record.value)
+        if record.value == b'{"marker": true}':
+            raise ZeroDivisionError("a bug")
+        return await prepare(record)
+
+    monkeypatch.setattr(inbound.ingest, "prepare_inbound", failing_on_marker)
+    inbound.kafka.append("medmesh.fhir.inbound", MEDIUM)
+    inbound.kafka.append("medmesh.fhir.inbound", b'{"marker": true}')
+    await inbound.inbound(HIGH)
+    assert _subjects(inbound) == ["Patient/example-high", "Patient/example-medium"]
+    (dead,) = inbound.captured.invalid
+    issue = json.loads(dead)["operation_outcome"]["issue"][0]
+    assert "failed 3 times" in issue["diagnostics"]
+    assert "ZeroDivisionError" in issue["diagnostics"]
+    assert calls.count(b'{"marker": true}') == 3
+
+
+async def test_a_merge_that_raises_for_one_event_is_found_by_applying_alone(
+    inbound: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error while merging a poll (a bug in the state merge) fails only the event that
+    causes it: the poll is applied one event at a time, the others become requests."""
+    service = inbound.ingest.service
+    apply = service.apply
+
+    async def failing_with_high(prepared: Any, publish: Any = None) -> Any:
+        if any(
+            isinstance(p, Prepared) and "example-high" in str(p.groups[0].found) for p in prepared
+        ):
+            raise RuntimeError("merge bug")
+        return await apply(prepared, publish)
+
+    monkeypatch.setattr(service, "apply", failing_with_high)
+    inbound.kafka.append("medmesh.fhir.inbound", MEDIUM)
+    await inbound.inbound(HIGH)
+    assert _subjects(inbound) == ["Patient/example-medium"]
+    (dead,) = inbound.captured.invalid
+    assert "RuntimeError" in json.dumps(json.loads(dead)["operation_outcome"])

@@ -37,16 +37,17 @@ DEFAULTS = Limits()
 
 
 def _service(limits: Limits) -> IngestService:
-    async def ignore(events: Sequence[Outgoing] | Sequence[PatientReadingsUpdated]) -> list[None]:
-        return [None] * len(events)
+    async def ignore(
+        requests: Sequence[Outgoing], states: Sequence[PatientReadingsUpdated], payloads: int
+    ) -> list[int | None]:
+        return [None] * len(states)
 
     return IngestService(
         specs=SPECS,
         pseudonymize=Pseudonymizer(b"0123456789abcdef0123"),
         producer=Producer(service="ingest", instance="bounds"),
         store=ReadingsStore(),
-        publish_requests=ignore,
-        publish_states=ignore,
+        publish=ignore,
         limits=limits,
         lookback=timedelta(hours=4),
     )

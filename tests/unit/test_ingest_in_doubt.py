@@ -37,17 +37,16 @@ class SlowKafka:
         self.requests: list[RequestInference] = []
         self.states: list[PatientReadingsUpdated] = []
 
-    async def publish_requests(self, outgoing: Sequence[Outgoing]) -> list[None]:
+    async def publish(
+        self,
+        outgoing: Sequence[Outgoing],
+        states: Sequence[PatientReadingsUpdated],
+        payloads: int,
+    ) -> list[int | None]:
         await self.back.wait()
         if self.fail:
             raise ConnectionError("broker gone")
         self.requests.extend(item.request for item in outgoing)
-        return [None] * len(outgoing)
-
-    async def publish_states(self, states: Sequence[PatientReadingsUpdated]) -> list[None]:
-        await self.back.wait()
-        if self.fail:
-            raise ConnectionError("broker gone")
         self.states.extend(states)
         return [None] * len(states)
 
@@ -58,8 +57,7 @@ def _service(kafka: SlowKafka) -> IngestService:
         pseudonymize=Pseudonymizer(b"0123456789abcdef0123"),
         producer=Producer(service="ingest", instance="test"),
         store=ReadingsStore(),
-        publish_requests=kafka.publish_requests,
-        publish_states=kafka.publish_states,
+        publish=kafka.publish,
         limits=Limits(),
         lookback=timedelta(hours=4),
         publish_timeout_s=0.05,

@@ -1,4 +1,5 @@
-"""A poll's payloads are merged in order and published together: requests first, then states."""
+"""A poll's payloads are merged in order and published together: requests and states in one
+transaction."""
 
 from __future__ import annotations
 
@@ -39,30 +40,30 @@ def _reading(name: str, patient: str) -> bytes:
 
 
 class RecordingKafka:
-    """Records every publish call, in order; acknowledges at once, except that request
-    publishes made while ``stalled`` wait until ``released``."""
+    """Records every transaction (its requests and states), in order; commits at once, except
+    that transactions made while ``stalled`` wait until ``released``."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, int]] = []
+        self.calls: list[tuple[int, int]] = []
         self.requests: list[Outgoing] = []
         self.states: list[PatientReadingsUpdated] = []
         self.stalled = False
         self.released = asyncio.Event()
-        # Pseudonyms whose requests the broker refuses (a partial failure).
+        # Pseudonyms whose requests make the broker refuse the whole transaction.
         self.refused: set[str] = set()
 
-    async def publish_requests(self, outgoing: Sequence[Outgoing]) -> list[BaseException | None]:
+    async def publish(
+        self,
+        outgoing: Sequence[Outgoing],
+        states: Sequence[PatientReadingsUpdated],
+        payloads: int,
+    ) -> list[int | None]:
         if self.stalled:
             await self.released.wait()
-        self.calls.append(("requests", len(outgoing)))
+        if any(o.request.patient_pseudonym in self.refused for o in outgoing):
+            raise ConnectionError("refused")
+        self.calls.append((len(outgoing), len(states)))
         self.requests.extend(outgoing)
-        return [
-            ConnectionError("refused") if o.request.patient_pseudonym in self.refused else None
-            for o in outgoing
-        ]
-
-    async def publish_states(self, states: Sequence[PatientReadingsUpdated]) -> list[None]:
-        self.calls.append(("states", len(states)))
         self.states.extend(states)
         return [None] * len(states)
 
@@ -73,8 +74,7 @@ def _service(kafka: RecordingKafka, store: ReadingsStore | None = None) -> Inges
         pseudonymize=Pseudonymizer(b"0123456789abcdef0123"),
         producer=Producer(service="ingest", instance="test"),
         store=ReadingsStore() if store is None else store,
-        publish_requests=kafka.publish_requests,
-        publish_states=kafka.publish_states,
+        publish=kafka.publish,
         limits=Limits(),
         lookback=timedelta(hours=4),
         publish_timeout_s=0.05,
@@ -89,13 +89,13 @@ async def _prepared(service: IngestService, payloads: Sequence[bytes]) -> list[P
 
 async def test_one_patients_readings_in_one_poll_merge_in_order_into_one_request() -> None:
     """Seven single readings of one patient in one poll: six incomplete answers, then one 202,
-    one publish of one request and then one publish of the patient's final state."""
+    one transaction of one request and the patient's final state."""
     kafka = RecordingKafka()
     service = _service(kafka)
     poll = await _prepared(service, [_reading(name, "poll-a") for name in READINGS])
     answers = await service.apply(poll)
     assert [a.status for a in answers] == [200] * 6 + [202]
-    assert kafka.calls == [("requests", 1), ("states", 1)]
+    assert kafka.calls == [(1, 1)]
     assert {r.name for r in kafka.states[0].readings} >= {"respiratory_rate", "heart_rate"}
     assert kafka.requests[0].request.correlation_id == answers[-1].requests[0].correlation_id
 
@@ -108,7 +108,7 @@ async def test_a_poll_of_two_patients_publishes_each_once_and_keeps_both_states(
     payloads = [_reading(name, patient) for name in READINGS for patient in ("poll-b", "poll-c")]
     answers = await service.apply(await _prepared(service, payloads))
     assert sum(len(a.requests) for a in answers) == 2
-    assert kafka.calls == [("requests", 2), ("states", 2)]
+    assert kafka.calls == [(2, 2)]
     assert len(store) == 2
 
 
@@ -125,33 +125,26 @@ async def test_a_poll_stops_before_a_patient_in_doubt_after_publishing_the_rest(
     in_doubt = await _prepared(service, [_reading("rr", "poll-d")])
     with pytest.raises(KafkaUnavailableError, match="not yet acknowledged"):
         await service.apply([*before, *in_doubt])
-    assert kafka.calls == [("requests", 1), ("states", 1)]  # poll-e's, before the error
+    assert kafka.calls == [(1, 1)]  # poll-e's, before the error
     answer = await service.handle(_reading("rr", "poll-e"), CONTEXT, RECEIVED)
     assert answer.requests == ()  # poll-e's state was kept: nothing new to send
     kafka.released.set()
     await asyncio.sleep(0.01)
-    assert kafka.calls[-2:] == [("requests", 1), ("states", 1)]  # poll-d's, once back
+    assert kafka.calls[-1:] == [(1, 1)]  # poll-d's, once back
 
 
-async def test_a_partly_refused_poll_keeps_the_acknowledged_patients_and_resends_only_the_rest() -> (
-    None
-):
-    """One patient's request refused, another's acknowledged: the error is raised, only the
-    acknowledged patient's state is written and kept, and the redelivered poll sends the
-    refused patient's request again, not the other's."""
+async def test_a_refused_transaction_keeps_no_state_and_the_redelivered_poll_sends_all() -> None:
+    """The transaction of a poll refused: the error is raised, no patient's state is kept,
+    and the redelivered poll sends every patient's request again (none was committed)."""
     kafka = RecordingKafka()
     service = _service(kafka)
     payloads = [_reading(name, patient) for name in READINGS for patient in ("poll-f", "poll-g")]
     poll = await _prepared(service, payloads)
-    refused = poll[0].groups[0].pseudonym  # poll-f's
-    kafka.refused.add(refused)
+    kafka.refused.add(poll[0].groups[0].pseudonym)  # poll-f's
     with pytest.raises(KafkaUnavailableError, match="ConnectionError"):
         await service.apply(poll)
-    assert [s.patient_pseudonym for s in kafka.states] == [
-        p for p in {g.pseudonym for p in poll for g in p.groups} if p != refused
-    ]
+    assert kafka.states == []
     kafka.refused.clear()
-    kafka.requests.clear()
     answers = await service.apply(await _prepared(service, payloads))
-    assert [o.request.patient_pseudonym for o in kafka.requests] == [refused]
-    assert sum(len(a.requests) for a in answers) == 1
+    assert len(kafka.requests) == 2
+    assert sum(len(a.requests) for a in answers) == 2

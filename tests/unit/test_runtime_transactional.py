@@ -11,6 +11,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
 from medmesh_runtime.transactional import (
+    GroupCommit,
     LoopSettings,
     OutgoingRecord,
     PartitionLostError,
@@ -237,3 +238,58 @@ async def test_a_single_failing_poll_is_split_once_and_each_record_retried_alone
     await run_until(_loop(kafka, isolation), lambda: kafka.offset(GROUP, SOURCE) == 4)
 
     assert calls == [4, 1, 1, 1, 1, 1, 1]
+
+
+async def test_concurrent_callers_share_one_transaction_and_each_gets_its_records_back() -> None:
+    """Group commit: three callers publishing at once are committed in one transaction."""
+    kafka = FakeKafka()
+    group = GroupCommit(kafka.producer, "medmesh-ingest-http-1")
+    await group.start()
+    try:
+        written = await asyncio.gather(
+            *(
+                group.publish([OutgoingRecord(OUT, None, v), OutgoingRecord(DEAD, None, v)])
+                for v in (b"a", b"b", b"c")
+            )
+        )
+    finally:
+        await group.stop()
+
+    assert [len(w) for w in written] == [2, 2, 2]
+    assert sorted(kafka.values(OUT)) == [b"a", b"b", b"c"]
+    assert group.transactions == 1
+
+
+async def test_a_failed_group_fails_each_caller_and_the_next_group_commits() -> None:
+    """A send failing aborts the group: its callers get the error, nothing of it is visible,
+    and the next caller's records are committed on a new producer."""
+    kafka = FakeKafka(fail_sends=1)
+    group = GroupCommit(kafka.producer, "medmesh-ingest-http-1")
+    await group.start()
+    try:
+        with pytest.raises(KafkaConnectionError):
+            await group.publish([OutgoingRecord(OUT, None, b"lost")])
+        await group.publish([OutgoingRecord(OUT, None, b"kept")])
+    finally:
+        await group.stop()
+
+    assert kafka.values(OUT) == [b"kept"]
+    assert kafka.aborted == 1
+    assert kafka.transactional_ids == ["medmesh-ingest-http-1", "medmesh-ingest-http-1"]
+
+
+async def test_a_partition_not_assigned_here_is_never_committed_nor_its_owner_fenced() -> None:
+    """Records of a partition this instance does not hold (revoked, or lost to fencing) raise
+    PartitionLostError: no producer is started for it, so its owner is not fenced."""
+    kafka = FakeKafka()
+    tp = TopicPartition(SOURCE, 0)
+    owner = PartitionTransactions(kafka.producer, GROUP, PREFIX)
+    await owner.assigned([tp])
+    other = PartitionTransactions(kafka.producer, GROUP, PREFIX)
+
+    with pytest.raises(PartitionLostError):
+        await other.commit(tp, [OutgoingRecord(OUT, None, b"stale")], 1)
+    await owner.commit(tp, [OutgoingRecord(OUT, None, b"owned")], 1)
+
+    assert kafka.values(OUT) == [b"owned"]
+    assert kafka.transactional_ids == [f"{PREFIX}-{SOURCE}-0"]

@@ -175,19 +175,20 @@ async def logic_cpu_split(template: dict[str, Any], events: int) -> dict[str, fl
     messages = [value for _, value, _, _ in bench_events(template, events + 20, f"c{run_id()}")]
 
     async def serialise(
-        items: Sequence[Outgoing] | Sequence[PatientReadingsUpdated],
-    ) -> list[None]:
-        for item in items:
-            to_wire(item.request if isinstance(item, Outgoing) else item)
-        return [None] * len(items)
+        requests: Sequence[Outgoing], states: Sequence[PatientReadingsUpdated], payloads: int
+    ) -> list[int | None]:
+        for item in requests:
+            to_wire(item.request)
+        for state in states:
+            to_wire(state)
+        return [None] * len(states)
 
     service = IngestService(
         specs=load_specs(repo_root() / "deploy" / "models"),
         pseudonymize=Pseudonymizer(b"bench-pseudonym-key"),
         producer=Producer(service="bench", instance="logic"),
         store=ReadingsStore(),
-        publish_requests=serialise,
-        publish_states=serialise,
+        publish=serialise,
         limits=Limits(),
         lookback=timedelta(hours=4),
     )

@@ -3,7 +3,7 @@ process, calling each other in-process. HTTP and Kafka only at the edges.
 
 The app *is* ingest's app (``medmesh_ingest.app.create_app``: the same POST /fhir, the same
 medmesh.fhir.inbound consumer and dead letters, the same readings state topic), with one
-change made at this bootstrap point: ingest's ``publish_requests`` hands the requests to the
+change made at this bootstrap point: ingest's ``publish`` hands the requests to the
 ``InProcessPipeline`` instead of producing them to medmesh.inference.requests. So the
 differences from the services topology are exactly the three Kafka hops in the middle.
 
@@ -36,7 +36,7 @@ from medmesh_cli.monolith.pipeline import InProcessPipeline, VersionStage
 from medmesh_cli.monolith.settings import MonolithSettings
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
-from medmesh_contracts.events import Producer, utc_now
+from medmesh_contracts.events import PatientReadingsUpdated, Producer, utc_now
 from medmesh_contracts.lifecycle import ModelDeployment, seed_deployment
 from medmesh_contracts.modelspec import ModelSpec
 from medmesh_inference.batching import RetryPolicy, WorkerIdentity
@@ -161,15 +161,24 @@ def create_app(
     holder: dict[str, InProcessPipeline] = {}
     inner = app.router.lifespan_context
 
-    async def accept(outgoing: Sequence[Outgoing]) -> list[BaseException | None]:
+    async def accept(outgoing: Sequence[Outgoing]) -> None:
         for item in outgoing:
             # In the trace of the payload that caused it (a poll's requests come together).
             with within(item.trace):
                 await holder["pipeline"].accept(item.request)
-        return [None] * len(outgoing)
 
-    # The one change to ingest: its requests go to the in-process router, not to Kafka.
-    ingest.service.publish_requests = accept
+    async def accept_and_commit_states(
+        outgoing: Sequence[Outgoing], states: Sequence[PatientReadingsUpdated], payloads: int
+    ) -> list[int | None]:
+        await accept(outgoing)
+        offsets: list[int | None] = await ingest.publish((), states, payloads)
+        return offsets
+
+    # The one change to ingest: its requests go to the in-process router, not to Kafka (its
+    # patient states still go to Kafka, in a transaction).
+    ingest.service.publish = accept_and_commit_states
+    assert ingest.inbound is not None  # noqa: S101 -- create_app sets it
+    ingest.inbound.deliver_requests = accept
 
     @asynccontextmanager
     async def lifespan(application: FastAPI) -> AsyncIterator[None]:

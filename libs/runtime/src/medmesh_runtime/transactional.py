@@ -58,6 +58,8 @@ class OutgoingRecord:
     key: bytes | None
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
+    # None: the producer's partitioner decides (murmur2 of the key).
+    partition: int | None = None
 
     @property
     def size(self) -> int:
@@ -87,6 +89,7 @@ class TransactionalProducer(Protocol):
         topic: str,
         value: bytes | None = None,
         key: bytes | None = None,
+        partition: int | None = None,
         *,
         headers: Sequence[tuple[str, bytes]] | None = None,
     ) -> Awaitable[Any]: ...
@@ -187,22 +190,20 @@ class PartitionTransactions:
 
     async def commit(
         self, partition: TopicPartition, outputs: Sequence[OutgoingRecord], next_offset: int
-    ) -> None:
+    ) -> list[Any]:
         """Produce ``outputs`` and move ``partition``'s committed offset to ``next_offset``, in
-        one transaction. ``PartitionLostError`` when another instance owns the partition."""
+        one transaction; each output's RecordMetadata. ``PartitionLostError`` when another
+        instance owns the partition."""
         async with self._lock(partition):
             producer = self._producers.get(partition)
-            if producer is None:  # assigned before a failed start, or consumed after revocation
-                producer = await self._start(partition)
+            if producer is None:
+                # Not (or no longer) this instance's: revoked, fenced, or its start failed (the
+                # loop then starts over). Starting a producer here would fence the owner.
+                raise PartitionLostError(str(partition))
             await producer.begin_transaction()
             try:
-                deliveries = [
-                    await producer.send(
-                        out.topic, out.value, key=out.key, headers=list(out.headers)
-                    )
-                    for out in outputs
-                ]
-                await asyncio.gather(*deliveries)
+                deliveries = [await _send(producer, out) for out in outputs]
+                written = list(await asyncio.gather(*deliveries))
                 await producer.send_offsets_to_transaction({partition: next_offset}, self._group_id)
                 await producer.commit_transaction()
             except ProducerFenced as fenced:
@@ -211,10 +212,14 @@ class PartitionTransactions:
                 await _stop_quietly(producer)
                 raise PartitionLostError(str(partition)) from fenced
             except BaseException:
-                with contextlib.suppress(Exception):
+                try:
                     await producer.abort_transaction()
+                except Exception:  # noqa: BLE001 -- unusable now: the loop starts over without it
+                    self._producers.pop(partition, None)
+                    await _stop_quietly(producer)
                 raise
             self.transactions += 1
+            return written
 
     async def _start(self, partition: TopicPartition) -> TransactionalProducer:
         producer = self._make_producer(transactional_id(self._id_prefix, partition))
@@ -228,6 +233,13 @@ class PartitionTransactions:
 
     def _lock(self, partition: TopicPartition) -> asyncio.Lock:
         return self._locks.setdefault(partition, asyncio.Lock())
+
+
+async def _send(producer: TransactionalProducer, out: OutgoingRecord) -> Awaitable[Any]:
+    """Hand one output to the producer (aiokafka wants the headers as a list): its delivery."""
+    return await producer.send(
+        out.topic, out.value, key=out.key, partition=out.partition, headers=list(out.headers)
+    )
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
@@ -392,16 +404,61 @@ class StageClients:
     producer: ProducerFactory
 
 
+# Commits one poll, given by partition, through the partitions' transactions (raises to make
+# the loop start over from the committed offsets).
+PollProcessor = Callable[
+    [Mapping[TopicPartition, Sequence[Any]], PartitionTransactions], Awaitable[None]
+]
+
+
+class CommitOutputs:
+    """The usual poll processor: each record's outputs by ``PoisonIsolation``, then each
+    partition's outputs and next offset in its transaction, the partitions concurrently."""
+
+    def __init__(self, isolation: PoisonIsolation) -> None:
+        self.isolation = isolation
+
+    async def __call__(
+        self, batch: Mapping[TopicPartition, Sequence[Any]], transactions: PartitionTransactions
+    ) -> None:
+        """Handle the poll's records and commit them, one transaction per partition."""
+        records = [record for partition in batch.values() for record in partition]
+        outputs = await self.isolation.outputs(records)
+        by_record = dict(zip(map(_position, records), outputs, strict=True))
+        await commit_all(
+            transactions.commit(
+                tp,
+                [out for record in partition for out in by_record[_position(record)]],
+                partition[-1].offset + 1,
+            )
+            for tp, partition in batch.items()
+        )
+
+
+async def commit_all(commits: Iterable[Awaitable[Any]]) -> None:
+    """Run partitions' commits concurrently; each runs to its end, the first error is raised."""
+    for result in await asyncio.gather(*commits, return_exceptions=True):
+        if isinstance(result, BaseException):
+            raise result
+
+
 class TransactionalLoop:
     """Consumes ``settings.topics`` and commits each poll's outputs and offsets, one transaction
-    per partition, until cancelled; starts over from the committed offsets after an error."""
+    per partition, until cancelled; starts over from the committed offsets after an error.
+
+    ``process`` is a ``PoisonIsolation`` (each record's outputs, ``CommitOutputs``) or a poll
+    processor of the stage's own (ingest's inbound poll merges a partition's events together).
+    """
 
     def __init__(
-        self, clients: StageClients, isolation: PoisonIsolation, settings: LoopSettings
+        self,
+        clients: StageClients,
+        process: PoisonIsolation | PollProcessor,
+        settings: LoopSettings,
     ) -> None:
         self._make_consumer = clients.consumer
         self._make_producer = clients.producer
-        self.isolation = isolation
+        self._process = CommitOutputs(process) if isinstance(process, PoisonIsolation) else process
         self._settings = settings
         self.ready = False
         self.transactions = 0
@@ -460,27 +517,14 @@ class TransactionalLoop:
         batch = {tp: list(records) for tp, records in polled.items() if records}
         if not batch:
             return 0
-        records = [record for partition in batch.values() for record in partition]
-        outputs = await self.isolation.outputs(records)
-        by_record = dict(zip(map(_position, records), outputs, strict=True))
-        commits = [
-            transactions.commit(
-                tp,
-                [out for record in partition for out in by_record[_position(record)]],
-                partition[-1].offset + 1,
-            )
-            for tp, partition in batch.items()
-        ]
-        failures = [
-            result
-            for result in await asyncio.gather(*commits, return_exceptions=True)
-            if isinstance(result, BaseException)
-        ]
-        self.transactions += len(commits) - len(failures)
-        if failures:
-            raise failures[0]
-        self.records += len(records)
-        return len(records)
+        before = transactions.transactions
+        try:
+            await self._process(batch, transactions)
+        finally:
+            self.transactions += transactions.transactions - before
+        count = sum(len(records) for records in batch.values())
+        self.records += count
+        return count
 
 
 def _position(record: Any) -> tuple[str, int, int]:
@@ -513,3 +557,132 @@ def _cancelled_from_outside() -> bool:
     """True when this task itself is being cancelled (not a CancelledError from a client)."""
     current = asyncio.current_task()
     return current is not None and current.cancelling() > 0
+
+
+@dataclass
+class _Waiting:
+    records: Sequence[OutgoingRecord]
+    written: asyncio.Future[list[Any]]
+
+
+class GroupCommit:
+    """Commits the records of concurrent callers (an HTTP server's requests) together, one
+    transaction per group: what each caller publishes becomes visible all at once or not at
+    all, and a caller's ``publish`` returns once its records are committed.
+
+    One producer has one transaction open at a time, so callers arriving while one commits wait
+    for the next; a group takes every caller waiting when it starts (at most ``max_records``
+    records, unless one caller alone has more). A failed group fails each of its callers.
+    The transactional id must be stable per instance (``MEDMESH_INSTANCE_ID``): a restarted
+    instance's ``init_transactions`` then aborts what its crashed predecessor left open, which
+    would otherwise hold back read_committed consumers until the transaction timeout.
+    """
+
+    def __init__(
+        self, make_producer: ProducerFactory, transactional_id: str, max_records: int = 5000
+    ) -> None:
+        self._make_producer = make_producer
+        self._transactional_id = transactional_id
+        self._max_records = max_records
+        self._producer: TransactionalProducer | None = None
+        self._waiting: list[_Waiting] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.transactions = 0
+
+    async def start(self) -> None:
+        """Start the producer (init_transactions) and the committing task."""
+        self._producer = await self._started()
+        self._task = asyncio.create_task(self._commit_groups(), name="group-commit")
+
+    async def stop(self) -> None:
+        """Stop committing: waiting callers fail; the producer stops."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for waiting in self._waiting:
+            if not waiting.written.done():
+                waiting.written.set_exception(RuntimeError("the service is stopping"))
+        self._waiting.clear()
+        if self._producer is not None:
+            await _stop_quietly(self._producer)
+
+    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Any]:
+        """Commit ``records`` (with other callers'); each one's RecordMetadata."""
+        if self._task is None or self._task.done():
+            raise RuntimeError("group commit is not running")
+        written: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Waiting(records, written))
+        self._wake.set()
+        return await asyncio.shield(written)
+
+    async def _started(self) -> TransactionalProducer:
+        producer = self._make_producer(self._transactional_id)
+        try:
+            await producer.start()
+        except BaseException:
+            await _stop_quietly(producer)
+            raise
+        return producer
+
+    def _next_group(self) -> list[_Waiting]:
+        group: list[_Waiting] = []
+        size = 0
+        while self._waiting and (
+            not group or size + len(self._waiting[0].records) <= self._max_records
+        ):
+            waiting = self._waiting.pop(0)
+            group.append(waiting)
+            size += len(waiting.records)
+        return group
+
+    async def _commit_groups(self) -> None:
+        while True:
+            if not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+            group = self._next_group()
+            try:
+                written = await self._commit([w.records for w in group])
+            except asyncio.CancelledError:
+                for waiting in group:
+                    waiting.written.cancel()
+                raise
+            except Exception as exc:  # noqa: BLE001 -- each caller of the group gets the error
+                for waiting in group:
+                    if not waiting.written.done():
+                        waiting.written.set_exception(exc)
+                await self._renew_if_broken(exc)
+                continue
+            for waiting, records in zip(group, written, strict=True):
+                if not waiting.written.done():
+                    waiting.written.set_result(records)
+
+    async def _commit(self, groups: Sequence[Sequence[OutgoingRecord]]) -> list[list[Any]]:
+        producer = self._producer
+        if producer is None:
+            producer = self._producer = await self._started()
+        await producer.begin_transaction()
+        try:
+            deliveries = [[await _send(producer, out) for out in records] for records in groups]
+            written = [list(await asyncio.gather(*sent)) for sent in deliveries]
+            await producer.commit_transaction()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await producer.abort_transaction()
+            raise
+        self.transactions += 1
+        return written
+
+    async def _renew_if_broken(self, exc: Exception) -> None:
+        """A fenced producer (another process started with this id) or one whose transaction
+        could not be aborted cannot commit again: the next group starts a new one."""
+        if isinstance(exc, ProducerFenced | KafkaError) and self._producer is not None:
+            log.warning(
+                "transactional producer replaced after an error",
+                transactional_id=self._transactional_id,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            producer, self._producer = self._producer, None
+            await _stop_quietly(producer)

@@ -1,24 +1,23 @@
-"""The ingest service: FHIR over HTTP (FastAPI) and from medmesh.fhir.inbound (faststream).
+"""The ingest service: FHIR over HTTP (FastAPI) and from medmesh.fhir.inbound (``inbound``).
 
 Thin by design: it authenticates, checks the transport (media type, FHIR version, size), hands
 the payload to ``service.IngestService`` and translates its ``Answer``. A 2xx is sent only after
-Kafka acknowledged every message the payload caused (acks=all); otherwise 503 with Retry-After.
+every message the payload caused (its requests and patient states) was committed to Kafka in
+one transaction (acks=all); otherwise 503 with Retry-After.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
 import httpx
-from aiokafka.structs import RecordMetadata
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from faststream.kafka import KafkaBroker
-from faststream.kafka.annotations import KafkaMessage
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 from opentelemetry.trace import SpanKind, Tracer
@@ -29,7 +28,6 @@ from medmesh_contracts.events import (
     FhirEventRejected,
     PatientReadingsUpdated,
     Producer,
-    RequestInference,
     SourceContext,
     routing_headers,
     schema_of,
@@ -40,6 +38,7 @@ from medmesh_contracts.modelspec import load_specs
 from medmesh_ingest.auth import Authenticator, Source, check_listen_address
 from medmesh_ingest.capability import capability_statement
 from medmesh_ingest.fetch import http_fetcher
+from medmesh_ingest.inbound import InboundPoll
 from medmesh_ingest.outcomes import TOO_LARGE, FhirRejected, Issue, outcome
 from medmesh_ingest.pseudonym import Pseudonymizer
 from medmesh_ingest.readings import ReadingsStore, state_key
@@ -59,19 +58,26 @@ from medmesh_ingest.transport import requested_version
 from medmesh_ingest.validation import FhirVersion, Limits
 from medmesh_runtime.deadletter import rejected_event
 from medmesh_runtime.kafka import (
-    CONSUMER_ACK_POLICY,
     build_broker,
     message_headers,
     record_headers,
+    stage_clients,
 )
 from medmesh_runtime.lag import LagMonitor
 from medmesh_runtime.logging import configure_logging, get_logger
 from medmesh_runtime.telemetry import (
     configure_service_tracing,
-    consumer_span,
+    publish_headers,
     trace_id_hex,
-    untraced,
     within,
+)
+from medmesh_runtime.transactional import (
+    GroupCommit,
+    LoopSettings,
+    OutgoingRecord,
+    StageClients,
+    TransactionalLoop,
+    encoded_headers,
 )
 
 SERVICE = "ingest"
@@ -88,10 +94,11 @@ class Ingest:
         self.specs = load_specs(settings.model_specs_dir)
         self.auth = Authenticator(settings)
         self.producer = Producer(service=SERVICE, instance=settings.instance_id)
-        self.requests_out = broker.publisher(topics.INFERENCE_REQUESTS, title="inference requests")
-        self.invalid_out = broker.publisher(topics.FHIR_INVALID, title="rejected inbound FHIR")
-        self.state_out = broker.publisher(topics.INGEST_READINGS, title="per-patient readings")
-        self.store = ReadingsStore()
+        # Set when the app starts: commits the HTTP path's requests and states together.
+        self.group_commit: GroupCommit | None = None
+        # The inbound topic's poll processor (set by create_app).
+        self.inbound: InboundPoll | None = None
+        self.store = ReadingsStore(max_bytes=settings.readings_max_bytes)
         # Partitions of the state topic, known once it was read on start (None: key hashing).
         self.state_partitions: int | None = None
         self.ready = False
@@ -101,8 +108,7 @@ class Ingest:
             pseudonymize=Pseudonymizer(settings.pseudonym_key.get_secret_value().encode()),
             producer=self.producer,
             store=self.store,
-            publish_requests=self.publish_requests,
-            publish_states=self.publish_states,
+            publish=self.publish,
             limits=Limits(
                 settings.max_json_depth,
                 settings.max_bundle_entries,
@@ -115,58 +121,64 @@ class Ingest:
             publish_timeout_s=settings.publish_timeout_s,
         )
 
-    async def publish_requests(self, outgoing: Sequence[Outgoing]) -> list[BaseException | None]:
-        """Publish requests, each in the trace of the payload that caused it; once every one
-        is settled, None for each acknowledged and the error of each other."""
-        sent: list[object] = []
-        for item in outgoing:
+    async def publish(
+        self,
+        requests: Sequence[Outgoing],
+        states: Sequence[PatientReadingsUpdated],
+        payloads: int,
+    ) -> list[int | None]:
+        """Commit an HTTP payload's requests and patient states in one transaction (shared with
+        concurrent payloads: group commit); each state's offset on its topic."""
+        if self.group_commit is None:
+            raise KafkaUnavailableError("ingest has not started its Kafka producer")
+        written = await self.group_commit.publish(
+            [*self.request_records(requests), *self.state_records(states)]
+        )
+        return [getattr(w, "offset", None) for w in written[len(requests) :]]
+
+    def request_records(self, requests: Sequence[Outgoing]) -> list[OutgoingRecord]:
+        """Each request as a record keyed by its pseudonym, in the trace of its payload."""
+        records = []
+        for item in requests:
+            request = item.request
             with within(item.trace):
-                sent.append(await _handed_over(self._send_request(item.request)))
-        return [_error_of(settled) for settled in await _settled(sent)]
+                headers = publish_headers(
+                    self.tracer,
+                    topics.INFERENCE_REQUESTS,
+                    request.correlation_id,
+                    schema_of(type(request)),
+                )
+            records.append(
+                OutgoingRecord(
+                    topics.INFERENCE_REQUESTS,
+                    request.patient_pseudonym.encode(),
+                    to_wire(request),
+                    encoded_headers(headers | routing_headers(request)),
+                )
+            )
+        return records
 
-    async def _send_request(self, request: RequestInference) -> object:
-        """Hand one request to the producer: its acknowledgement."""
-        return await self.requests_out.publish(
-            to_wire(request),
-            key=request.patient_pseudonym.encode(),
-            headers=message_headers(request.correlation_id, schema_of(type(request)))
-            | routing_headers(request),
-            correlation_id=request.correlation_id,
-            no_confirm=True,
-        )
+    def state_records(self, states: Sequence[PatientReadingsUpdated]) -> list[OutgoingRecord]:
+        """Each patient state as a record of the compacted topic, on its pseudonym's partition.
 
-    async def publish_states(
-        self, states: Sequence[PatientReadingsUpdated]
-    ) -> list[BaseException | None]:
-        """Publish patients' states to the compacted topic, each on its pseudonym's partition;
-        once every one is settled, None for each acknowledged and the error of each other.
-
-        Untraced: a state is ingest's own bookkeeping, not a hop of the request's trace, and
-        its two publish spans per event cost more CPU than the rest of the publish.
+        Untraced: a state is ingest's own bookkeeping, not a hop of the request's trace.
         """
-        with untraced():
-            sent = [await _handed_over(self._send_state(state)) for state in states]
-        outcomes = await _settled(sent)
-        for state, settled in zip(states, outcomes, strict=True):
-            if isinstance(settled, RecordMetadata):  # the in-memory test broker gives none
-                key = state_key(state.patient_pseudonym, state.model)
-                self.store.written(key, settled.offset)
-        return [_error_of(settled) for settled in outcomes]
-
-    async def _send_state(self, state: PatientReadingsUpdated) -> object:
-        """Hand one state to the producer (on its pseudonym's partition): its acknowledgement."""
-        partition = (
-            partition_of(state.patient_pseudonym, self.state_partitions)
-            if self.state_partitions
-            else None
-        )
-        return await self.state_out.publish(
-            to_wire(state),
-            key=state_key(state.patient_pseudonym, state.model).encode(),
-            partition=partition,
-            headers=message_headers(state.correlation_id, schema_of(PatientReadingsUpdated)),
-            no_confirm=True,
-        )
+        return [
+            OutgoingRecord(
+                topics.INGEST_READINGS,
+                state_key(state.patient_pseudonym, state.model).encode(),
+                to_wire(state),
+                encoded_headers(
+                    message_headers(state.correlation_id, schema_of(PatientReadingsUpdated))
+                ),
+                partition=(
+                    partition_of(state.patient_pseudonym, self.state_partitions)
+                    if self.state_partitions
+                    else None
+                ),
+            )
+            for state in states
+        ]
 
     def fetcher(self, source: Source) -> Fetch | None:
         """How to fetch id-only notification content for this source (None: not configured)."""
@@ -186,48 +198,6 @@ class Ingest:
             return await self.service.handle(raw, context, utc_now())
 
     # --- Kafka ---------------------------------------------------------------------------------
-
-    async def on_inbound_events(self, message: KafkaMessage) -> None:
-        """A poll of medmesh.fhir.inbound: each event prepared in turn, then all applied at once
-        (their requests and states published together), then the rejected events
-        dead-lettered, and one offset commit for the poll.
-
-        In turn, not concurrently: one patient's events must merge in arrival order, and
-        ``apply`` keeps that order. Kafka or source-server failures propagate once the events
-        before the failure are applied, so the poll is redelivered (NACK); the events already
-        applied then come again and are recognised as duplicates. Rejected events are
-        dead-lettered only once the poll went through, so a redelivered poll does not
-        dead-letter them again.
-        """
-        records = tuple(message.raw_message)  # a batch message holds a tuple of records
-        ready: list[Prepared] = []
-        rejections: list[tuple[Any, Answer, otel_context.Context]] = []
-        failure: SourceUnavailableError | None = None
-        for record in records:
-            with consumer_span(self.tracer, record, self.settings.ingest_group_id):
-                try:
-                    prepared = await self.prepare_inbound(record)
-                except SourceUnavailableError as exc:
-                    failure = exc
-                    break
-                if isinstance(prepared, Prepared):
-                    ready.append(prepared)
-                elif prepared.rejected:
-                    rejections.append((record, prepared, otel_context.get_current()))
-        answers = await self.service.apply(ready) if ready else []
-        log.info(
-            "inbound poll processed",
-            events=len(records),
-            applied=len(answers),
-            requests=sum(len(a.requests) for a in answers),
-            rejected=len(rejections),
-            first_offset=records[0].offset if records else None,
-        )
-        if failure is not None:
-            raise failure
-        for record, answer, trace in rejections:
-            with within(trace):  # in the rejected event's own trace
-                await self.dead_letter(record, record.value or b"", answer)
 
     async def prepare_inbound(self, record: Any) -> Prepared | Answer:
         """One event from medmesh.fhir.inbound, parsed and checked (an Answer: not to merge)."""
@@ -259,18 +229,17 @@ class Ingest:
             return source.fhir_version
         return requested_version(content_type, source.fhir_version)
 
-    async def dead_letter(self, record: Any, raw: bytes, answer: Answer) -> None:
-        """Publish the rejected event whole, with its offset and OperationOutcome."""
+    def rejection_record(self, record: Any, answer: Answer) -> OutgoingRecord:
+        """The rejected event kept whole (up to the dead-letter bound), with its offset and
+        OperationOutcome, for medmesh.fhir.invalid; in the event's trace."""
         rejected = rejected_event(
             record,
             answer.operation_outcome,
             self.producer,
             max_bytes=self.settings.dead_letter_max_bytes,
         )
-        await self.invalid_out.publish(
-            to_wire(rejected),
-            key=record.key,
-            headers=message_headers(rejected.correlation_id, schema_of(FhirEventRejected)),
+        headers = publish_headers(
+            self.tracer, topics.FHIR_INVALID, rejected.correlation_id, schema_of(FhirEventRejected)
         )
         log.warning(
             "inbound event rejected",
@@ -278,6 +247,9 @@ class Ingest:
             partition=record.partition,
             offset=record.offset,
             dead_letter_topic=topics.FHIR_INVALID,
+        )
+        return OutgoingRecord(
+            topics.FHIR_INVALID, record.key, to_wire(rejected), encoded_headers(headers)
         )
 
     # --- HTTP ----------------------------------------------------------------------------------
@@ -355,38 +327,6 @@ class Ingest:
         return response
 
 
-async def _settled(sent: Sequence[object]) -> list[object]:
-    """Each send's outcome once all are settled: its RecordMetadata or its error (an error
-    already raised when handing it over stays as it is).
-
-    No timeout here: the service times the publish out and keeps it in doubt (a producer does
-    not withdraw a message whose wait was given up).
-    """
-    # faststream's in-memory test broker returns None instead of a future (nothing to await).
-    futures = [f for f in sent if isinstance(f, asyncio.Future)]
-    settled = iter(await asyncio.gather(*futures, return_exceptions=True))
-    return [next(settled) if isinstance(f, asyncio.Future) else f for f in sent]
-
-
-async def _handed_over(send: Awaitable[object]) -> object:
-    """What handing one message to the producer gave: its acknowledgement future, or the
-    error raised on the way (that message is not taken; the service raises it)."""
-    try:
-        return await send
-    except Exception as exc:  # noqa: BLE001 -- kept as that message's outcome, raised by the service
-        return exc
-
-
-def _error_of(settled: object) -> BaseException | None:
-    return settled if isinstance(settled, BaseException) else None
-
-
-async def _records_undecoded(_message: Any) -> None:
-    """The inbound handler reads the records' bytes itself (``message.raw_message``): this
-    spares faststream's decoding of every record as JSON, which nothing uses."""
-    return None
-
-
 def _too_large_outcome() -> dict[str, Any]:
     return outcome((Issue("error", "too-costly", "payload exceeds the size limit"),))
 
@@ -399,30 +339,35 @@ def unauthorized(trace_id: str) -> Response:
     return response
 
 
-def create_app(settings: IngestSettings, *, service: str = SERVICE) -> FastAPI:
+def create_app(
+    settings: IngestSettings, *, service: str = SERVICE, clients: StageClients | None = None
+) -> FastAPI:
     """Build the ingest ASGI app; Kafka connects in its lifespan, not here.
 
     ``service`` names the process in logs, spans and metrics (the monolith topology serves this
-    same app as "monolith"). Raises ValueError when asked to listen beyond loopback without
-    bearer tokens.
+    same app as "monolith"). ``clients`` replaces the transactional Kafka clients (tests:
+    in-memory fakes). Raises ValueError when asked to listen beyond loopback without bearer
+    tokens.
     """
     check_listen_address(settings)
     configure_logging(service, settings.log_level)
     tracer_provider = configure_service_tracing(service, settings)
     broker = build_broker(settings, service, tracer_provider)
     ingest = Ingest(settings, broker, tracer_provider.get_tracer("medmesh.ingest"))
-    # Batches: one synchronous offset commit per poll instead of one per event.
-    broker.subscriber(
-        topics.FHIR_INBOUND,
-        batch=True,
-        max_records=settings.inbound_max_batch,
-        batch_timeout_ms=settings.inbound_batch_wait_ms,
-        group_id=settings.ingest_group_id,
-        auto_offset_reset="earliest",
-        ack_policy=CONSUMER_ACK_POLICY,
-        decoder=_records_undecoded,
-        title="inbound FHIR events",
-    )(ingest.on_inbound_events)
+    kafka = clients or stage_clients(
+        settings, f"medmesh-{service}-{settings.instance_id}", settings.ingest_group_id
+    )
+    ingest.inbound = InboundPoll(ingest, settings.ingest_group_id)
+    inbound = TransactionalLoop(
+        kafka,
+        ingest.inbound,
+        LoopSettings(
+            group_id=settings.ingest_group_id,
+            topics=(topics.FHIR_INBOUND,),
+            transactional_id_prefix=settings.ingest_group_id,
+            max_records=settings.inbound_max_batch,
+        ),
+    )
 
     lag = LagMonitor(settings, settings.ingest_group_id)
 
@@ -437,6 +382,12 @@ def create_app(settings: IngestSettings, *, service: str = SERVICE) -> FastAPI:
             ingest.state_partitions = await follower.start()
         ingest.http_client = httpx.AsyncClient(follow_redirects=False)
         await broker.start()
+        # Per instance: a restart with the same MEDMESH_INSTANCE_ID aborts what it left open.
+        ingest.group_commit = GroupCommit(
+            kafka.producer, f"{settings.ingest_group_id}-http-{settings.instance_id}"
+        )
+        await ingest.group_commit.start()
+        inbound_task = asyncio.create_task(inbound.run(), name="ingest-inbound")
         await lag.start()
         ingest.ready = True
         log.info("ingest started", models=sorted(ingest.specs), port=settings.ingest_port)
@@ -445,6 +396,9 @@ def create_app(settings: IngestSettings, *, service: str = SERVICE) -> FastAPI:
         finally:
             ingest.ready = False
             await lag.stop()
+            inbound_task.cancel()
+            await asyncio.gather(inbound_task, return_exceptions=True)
+            await ingest.group_commit.stop()
             await broker.stop()
             await follower.stop()
             await ingest.http_client.aclose()

@@ -3,10 +3,11 @@
 ``IngestService.prepare`` parses and checks a payload, fetches the content of id-only
 Subscription notifications and extracts readings and orders; ``apply`` merges prepared payloads
 into each patient's state (``readings.merge``) and publishes the requests and the new states.
-``handle`` does both for one payload (an HTTP call); the inbound-topic subscriber prepares a
-whole poll and applies it at once, so a poll's messages go to Kafka together and are
-acknowledged together instead of one round trip per event. Its I/O is injected at one bootstrap
-point (``app.create_app``): the two publish functions and the fetcher.
+``handle`` does both for one payload (an HTTP call); the inbound-topic consumer prepares a
+partition's poll and applies it at once, so a poll's messages go to Kafka together, in one
+transaction with the poll's offsets. Its I/O is injected at one bootstrap point
+(``app.create_app``): the publish function (``apply`` takes another for one call) and the
+fetcher.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ from medmesh_ingest.readings import Merged, ReadingsStore, merge, state_key
 from medmesh_ingest.validation import FhirVersion, Limits, Payload, parse
 from medmesh_runtime.logging import get_logger
 
-# Publish every message given and return once each is settled: one entry per message, None
-# when Kafka acknowledged it, its error otherwise (raising counts as every message failed).
-PublishRequests = Callable[[Sequence["Outgoing"]], Awaitable[Sequence[BaseException | None]]]
-PublishStates = Callable[
-    [Sequence[PatientReadingsUpdated]], Awaitable[Sequence[BaseException | None]]
+# Commits requests (each with its payload's tracing context) and new patient states in one
+# Kafka transaction, all or none (it raises when none), for the first ``payloads`` payloads
+# given to ``apply``; returns each state's offset on its topic (None: not known).
+Publish = Callable[
+    [Sequence["Outgoing"], Sequence[PatientReadingsUpdated], int],
+    Awaitable[Sequence[int | None]],
 ]
 # Fetches resources named by an id-only notification: (references, version) -> raw JSON each.
 Fetch = Callable[[Sequence[str]], Awaitable[list[bytes]]]
@@ -141,8 +143,7 @@ class IngestService:
         pseudonymize: Callable[[str], str],
         producer: Producer,
         store: ReadingsStore,
-        publish_requests: PublishRequests,
-        publish_states: PublishStates,
+        publish: Publish,
         limits: Limits,
         lookback: timedelta,
         max_fetched: int = 100,
@@ -152,8 +153,7 @@ class IngestService:
         self.pseudonymize = pseudonymize
         self.producer = producer
         self.store = store
-        self.publish_requests = publish_requests
-        self.publish_states = publish_states
+        self.publish = publish
         self.limits = limits
         self.lookback = lookback
         self.max_fetched = max_fetched
@@ -207,10 +207,12 @@ class IngestService:
             context, received_at, self._groups(extraction), (*notes, *extraction.issues)
         )
 
-    async def apply(self, prepared: Sequence[Prepared]) -> list[Answer]:
+    async def apply(
+        self, prepared: Sequence[Prepared], publish: Publish | None = None
+    ) -> list[Answer]:
         """Merge the payloads, in order, into their patients' states and publish what they
-        caused together: every request, then every new state, each set awaited as one; the
-        states are kept once both are acknowledged. One answer per payload.
+        caused in one transaction (``publish``, else the service's): every request and every
+        new state; the states are kept once it committed. One answer per payload.
 
         Raises KafkaUnavailableError when that did not happen within the publish timeout, or
         when a payload concerns a patient whose earlier publish is still in doubt: the payloads
@@ -234,7 +236,7 @@ class IngestService:
                     break
                 answers.append(self._merge_payload(payload, pending))
             if pending.requests or pending.states:
-                await self._publish_durably(pending)
+                await self._publish_durably(pending, publish or self.publish, len(answers))
         if blocked is not None:
             raise blocked
         return answers
@@ -340,34 +342,23 @@ class IngestService:
             pending.keys.add(group.key)
         return requests, issues
 
-    async def _publish_all(self, pending: _Pending) -> None:
-        """Requests first: a state on the topic says its readings were sent, so it must never
-        be there without them (the follower and a restart would believe it). A patient whose
-        request failed gets no state; the states of the others are written and kept even so,
-        so that a redelivered poll re-sends the failed patients' requests only. Raises the
-        first failure."""
-        failures: list[BaseException] = []
-        failed: set[str] = set()
-        if pending.requests:
-            outcomes = await self.publish_requests(pending.requests)
-            for item, error in zip(pending.requests, outcomes, strict=True):
-                if error is not None:
-                    failures.append(error)
-                    failed.add(state_key(item.request.patient_pseudonym, item.request.model))
-        states = {key: state for key, state in pending.states.items() if key not in failed}
-        if states:
-            outcomes = await self.publish_states(list(states.values()))
-            for (key, state), error in zip(states.items(), outcomes, strict=True):
-                if error is None:
-                    self.store.put(state, based_on=pending.bases[key])
-                else:
-                    failures.append(error)
-        if failures:
-            raise failures[0]
+    async def _publish_all(self, pending: _Pending, publish: Publish, payloads: int) -> None:
+        """Commit the requests and the new states in one transaction, then keep the states.
 
-    async def _publish_durably(self, pending: _Pending) -> None:
-        """Publish the requests, then the states, and keep the states once both are
-        acknowledged; KafkaUnavailableError when that did not happen within the publish timeout.
+        One transaction, because a state on the topic says its readings were sent: it must
+        never be there without its request (the follower and a restart would believe it), and
+        a request without its state would be sent again by a redelivered payload.
+        """
+        states = list(pending.states.items())
+        offsets = await publish(pending.requests, [state for _, state in states], payloads)
+        for (key, state), offset in zip(states, offsets, strict=True):
+            self.store.put(state, based_on=pending.bases[key])
+            if offset is not None:
+                self.store.written(key, offset)
+
+    async def _publish_durably(self, pending: _Pending, publish: Publish, payloads: int) -> None:
+        """Commit the requests and the states, and keep the states once committed;
+        KafkaUnavailableError when that did not happen within the publish timeout.
 
         A timed-out publish is not withdrawn: the producer still holds the messages and
         delivers them once the broker is back. So it goes on in the background, in doubt: the
@@ -376,7 +367,7 @@ class IngestService:
         the readings already sent instead of making a second request (found by tests/chaos:
         Kafka stopped longer than the timeout duplicated reports).
         """
-        publishing = asyncio.ensure_future(self._publish_all(pending))
+        publishing = asyncio.ensure_future(self._publish_all(pending, publish, payloads))
         try:
             await asyncio.wait_for(asyncio.shield(publishing), timeout=self.publish_timeout_s)
         except TimeoutError:
