@@ -210,7 +210,6 @@ class Router:
                 topics=(topics.INFERENCE_REQUESTS,),
                 transactional_id_prefix=settings.router_group_id,
                 max_records=settings.router_max_batch,
-                poll_timeout_ms=settings.router_batch_wait_ms,
             ),
         )
         self._requests_task: asyncio.Task[None] | None = None

@@ -10,9 +10,8 @@ class RouterSettings(ServiceSettings):
 
     router_port: int = 8181
     router_group_id: str = "medmesh-router"
-    # Requests routed per poll (one offset commit each), and the longest wait to fill a poll.
+    # Requests routed per poll at most (one transaction per requests partition and poll).
     router_max_batch: int = 500
-    router_batch_wait_ms: int = 5
     # How often readiness is re-evaluated and the rollout controller judges (seconds).
     router_tick_s: float = 1.0
     # Run the progressive-delivery controller here (enable it on one router replica only).
