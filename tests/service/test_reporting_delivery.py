@@ -238,3 +238,29 @@ async def test_loop_delivers_or_records_undeliverable_then_commits(spec: ModelSp
     assert event.operation_outcome is not None
     assert event.fhir_server == BASE
     assert event.report["identifier"]["value"] == "req-bad"
+
+
+async def test_a_report_the_deliverer_cannot_handle_is_refused_and_the_next_delivered(
+    spec: ModelSpec,
+) -> None:
+    """A report whose delivery raises (JSON, but not a report Bundle) is retried, then recorded
+    as undeliverable with the error kind; the report after it is delivered, both committed."""
+    server = FhirTestServer()
+    consumer, kafka = _Consumer([]), _Kafka()
+    consumer.records = [
+        _Record(0, b'{"resourceType": "Bundle", "entry": "not a list"}', "req-odd"),
+        _Record(1, json.dumps(_report(spec, "req-good")).encode(), "req-good"),
+    ]
+    loop = DeliveryLoop(
+        lambda: (consumer, kafka), _deliverer(server), Producer(service="reporting", instance="t")
+    )
+    loop.retry_backoff_s = 0
+
+    assert await loop.process_batch(consumer, kafka) == 2
+
+    assert consumer.commits == [1, 2]
+    assert (loop.delivered, loop.undeliverable) == (1, 1)
+    ((_topic, value),) = kafka.sent
+    event = ReportUndeliverable.model_validate_json(value)
+    assert event.correlation_id == "req-odd"
+    assert "delivering raised 3 times" in event.reason

@@ -33,7 +33,7 @@ from medmesh_contracts.events import Producer, ReportUndeliverable, new_id, sche
 from medmesh_reporting.handling import ConsumedRecord
 from medmesh_reporting.report import JsonDict
 from medmesh_runtime.kafka import message_headers, record_headers
-from medmesh_runtime.logging import get_logger
+from medmesh_runtime.logging import get_logger, redact_text
 
 log = get_logger("medmesh.reporting.delivery")
 
@@ -218,6 +218,8 @@ class DeliveryLoop:
         self._deliverer = deliverer
         self._producer = producer
         self._restart_pause_s = restart_pause_s
+        self.max_attempts = 3
+        self.retry_backoff_s = 0.2
         self.delivered = 0
         self.undeliverable = 0
 
@@ -252,6 +254,24 @@ class DeliveryLoop:
                 count += 1
         return count
 
+    async def _delivered(self, report: Any) -> Outcome:
+        """The deliverer's outcome; an error it raises (a report it cannot handle: the
+        deliverer itself retries what the server or the network may fix) is retried, then the
+        report is refused with the error's kind, so that it cannot stall the partition."""
+        error: Exception | None = None
+        for attempt in range(1, self.max_attempts + 1):
+            if attempt > 1:
+                await asyncio.sleep(self.retry_backoff_s * 2 ** (attempt - 2))
+            try:
+                return await self._deliverer.deliver(report)
+            except Exception as exc:  # noqa: BLE001 -- retried, then the report is refused
+                error = exc
+        return Refused(
+            f"delivering raised {self.max_attempts} times; last error: "
+            + redact_text(f"{type(error).__name__}: {error}")[:500],
+            self.max_attempts,
+        )
+
     async def settle(self, record: ConsumedRecord, kafka: EventProducer) -> Outcome:
         """Deliver one report record; record it as undeliverable when the server does not take it."""
         correlation_id = record_headers(record).get(h.CORRELATION_ID) or new_id()
@@ -261,7 +281,7 @@ class DeliveryLoop:
             outcome: Outcome = Refused(f"not a JSON report: {exc}", 0)
             report = {"raw": (record.value or b"").decode(errors="replace")}
         else:
-            outcome = await self._deliverer.deliver(report)
+            outcome = await self._delivered(report)
         if isinstance(outcome, Delivered):
             self.delivered += 1
             log.info("report delivered", correlation_id=correlation_id, attempts=outcome.attempts)
