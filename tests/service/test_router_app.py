@@ -27,6 +27,7 @@ from medmesh_contracts.lifecycle import (
     seed_deployment,
 )
 from medmesh_router.app import Consumed, Router
+from medmesh_router.rollout import Rollout
 from medmesh_router.routing import bucket_of
 from medmesh_router.settings import RouterSettings
 from tests.factories import make_completed, make_request, make_task
@@ -173,7 +174,7 @@ async def test_dead_canary_gives_its_share_to_stable_and_is_audited() -> None:
     async with TestKafkaBroker(router.broker) as test_broker:
         await test_broker.publish(to_wire(beat), topic=topics.MODELS_STATUS)
         assert router.state.tables[MODEL].weights == {1: 50, 2: 50}
-        await router.audit_readiness(utc_now() + timedelta(seconds=5))
+        await router.rollout.audit_readiness(utc_now() + timedelta(seconds=5))
     request = make_request(patient_pseudonym=_patient_on(2))
     await _route(router, kafka, to_wire(request))
     v1 = kafka.values(topics.model_task_topic(MODEL, 1))
@@ -201,7 +202,7 @@ async def test_failures_of_the_canary_roll_it_back_with_figures() -> None:
                 attempts=1,
             )
             await test_broker.publish(to_wire(failed), topic=topics.INFERENCE_FAILED)
-        await router.tick(utc_now())
+        await router.rollout.tick(utc_now())
     assert router.state.deployments[MODEL].weights == {1: 100}
     assert [ModelDeployment.model_validate_json(r).version(2).state for r in registry] == [
         "retired"
@@ -257,6 +258,36 @@ async def test_a_restart_reads_back_the_current_steps_results_and_failures() -> 
 
     router = Router(RouterSettings(model_specs_dir=SPECS_DIR, router_tick_s=3600), read)
     await router.load()
-    figures = router.figures(router.state.deployments[MODEL], 2, utc_now())
+    figures = router.rollout.figures(router.state.deployments[MODEL], 2, utc_now())
     assert (figures.requests, figures.failures) == (4, 1)
     assert asked_since == [canary.rollout.step_started_at]
+
+
+async def test_a_hold_is_audited_once_per_interval_not_every_tick() -> None:
+    """A step past its interval with too few requests holds: the first tick audits the hold,
+    ticks within the next interval audit nothing, a tick an interval later audits it again."""
+    router = _router(_canary(min_requests=50))
+    await router.load()
+    audits: list[LifecycleDecision] = []
+
+    async def publish_audit(audit: LifecycleDecision) -> None:
+        audits.append(audit)
+
+    rollout = Rollout(
+        router.state,
+        router.analysis,
+        PRODUCER,
+        "controller:test",
+        router.publish_change,
+        publish_audit,
+    )
+    deployment = router.state.deployments[MODEL]
+    assert deployment.rollout.step_started_at is not None
+    interval = deployment.policy.interval_s
+    after_step = deployment.rollout.step_started_at + timedelta(seconds=interval + 1)
+    for seconds in (0, 1, interval / 2):
+        await rollout.tick(after_step + timedelta(seconds=seconds))
+    assert [a.action for a in audits] == ["hold"]
+    await rollout.tick(after_step + timedelta(seconds=interval + 1))
+    assert [a.action for a in audits] == ["hold", "hold"]
+    assert "only 0 of 50" in audits[0].reason

@@ -39,19 +39,15 @@ from medmesh_contracts.events import (
     utc_now,
 )
 from medmesh_contracts.lifecycle import (
-    LifecycleAction,
     LifecycleDecision,
     ModelDeployment,
-    VersionFigures,
-    advance,
     decision,
-    roll_back,
     rollout_active,
     seed_deployment,
 )
 from medmesh_router.analysis import Analysis, headlines
-from medmesh_router.controller import judge
 from medmesh_router.readiness import Readiness
+from medmesh_router.rollout import Rollout
 from medmesh_router.routing import (
     NotARequestError,
     RoutedWire,
@@ -182,17 +178,24 @@ class Router:
         self.catalog = SpecCatalog(settings.model_specs_dir)
         self.specs = self.catalog.specs
         self.producer = Producer(service=SERVICE, instance=settings.instance_id)
-        self.actor = f"controller:{settings.instance_id}"
         self.tracer_provider = configure_service_tracing(SERVICE, settings)
         self.broker = build_broker(settings, SERVICE, self.tracer_provider)
         self.state = RouterState(
             self.specs, Readiness(require_heartbeats=settings.router_require_heartbeats)
         )
         self.analysis = Analysis(headlines(self.specs), mirrored=self._mirrored)
+        self.rollout = Rollout(
+            self.state,
+            self.analysis,
+            self.producer,
+            f"controller:{settings.instance_id}",
+            self.publish_change,
+            self.publish_audit,
+            controller=settings.router_controller,
+        )
         # Last offset read by load(), per (topic, partition): the followers skip up to there.
         self.loaded: dict[tuple[str, int], int] = {}
         self._unpublished: list[tuple[ModelDeployment, LifecycleDecision]] = []
-        self._last_hold: dict[tuple[str, int, int], float] = {}
         self._loop_task: asyncio.Task[None] | None = None
         # Results and failures that did not parse (skipped as evidence; reporting dead-letters).
         self.unreadable_outcomes = 0
@@ -377,129 +380,10 @@ class Router:
     async def _loop(self) -> None:
         while True:
             try:
-                await self.tick(utc_now())
+                await self.rollout.tick(utc_now())
             except Exception:  # the loop must outlive one bad tick; the error is logged
                 log.exception("controller tick failed")
             await asyncio.sleep(self.settings.router_tick_s)
-
-    def figures(self, deployment: ModelDeployment, version: int, now: datetime) -> VersionFigures:
-        """A version's figures: since its step started when under rollout, else one interval."""
-        rollout = deployment.rollout
-        since = None
-        if rollout.version == version and rollout_active(deployment):
-            since = rollout.step_started_at
-        if since is None:
-            since = now - timedelta(seconds=deployment.policy.interval_s)
-        return self.analysis.figures(deployment.model, version, since, now)
-
-    async def tick(self, now: datetime) -> None:
-        """Audit readiness changes; let the controller judge every progressing rollout."""
-        await self.audit_readiness(now)
-        if not self.settings.router_controller:
-            return
-        for deployment in list(self.state.deployments.values()):
-            await self._judge(deployment, now)
-
-    async def audit_readiness(self, now: datetime) -> None:
-        """Re-evaluate which versions can serve; audit each change (routing follows at once)."""
-        for change in self.state.refresh(now):
-            deployment = self.state.deployments[change.model]
-            action: LifecycleAction = "readiness-restored" if change.servable else "readiness-lost"
-            effective = self.state.tables[change.model].weights
-            reason = (
-                f"v{change.version} has live ready workers again"
-                if change.servable
-                else f"v{change.version} has no live ready worker: its share goes to stable"
-            )
-            audit = decision(
-                deployment,
-                deployment,
-                action,
-                self.actor,
-                f"{reason}; routing {effective}",
-                self.producer,
-                now,
-                version=change.version,
-                figures=(self.figures(deployment, change.version, now),),
-            )
-            await self.publish_audit(audit)
-
-    async def _judge(self, deployment: ModelDeployment, now: datetime) -> None:
-        version = deployment.rollout.version
-        if version is None or deployment.rollout.phase != "progressing":
-            return
-        figures = self.figures(deployment, version, now)
-        verdict = judge(deployment, figures, now)
-        if verdict is None:
-            return
-        if verdict.action == "hold":
-            key = (deployment.model, deployment.revision, deployment.rollout.step)
-            last = self._last_hold.get(key)
-            if last is not None and now.timestamp() - last < deployment.policy.interval_s:
-                return
-            self._last_hold[key] = now.timestamp()
-            await self.publish_audit(
-                decision(
-                    deployment,
-                    deployment,
-                    "hold",
-                    self.actor,
-                    verdict.reason,
-                    self.producer,
-                    now,
-                    figures=(figures,),
-                )
-            )
-            return
-        if verdict.action == "rollback":
-            changed = roll_back(deployment, self.producer, now, self.actor)
-        else:
-            changed = advance(deployment, self.producer, now, self.actor)
-        audit = decision(
-            deployment,
-            changed,
-            verdict.action,
-            self.actor,
-            verdict.reason,
-            self.producer,
-            now,
-            version=version,
-            figures=(figures,),
-        )
-        self.state.apply(changed, now)
-        await self.publish_change(changed, audit)
-
-    # --- status -----------------------------------------------------------------------------
-
-    def status(self, now: datetime) -> dict[str, Any]:
-        """Every model's registry record, effective routing and per-version figures (JSON)."""
-        models: dict[str, Any] = {}
-        for name, deployment in self.state.deployments.items():
-            table = self.state.tables[name]
-            rollout, policy = deployment.rollout, deployment.policy
-            next_in = None
-            if rollout.phase == "progressing" and rollout.step_started_at is not None:
-                elapsed = (now - rollout.step_started_at).total_seconds()
-                next_in = max(0.0, policy.interval_s - elapsed)
-            models[name] = {
-                "deployment": json.loads(to_wire(deployment)),
-                "effective_weights": table.weights,
-                "next_judgement_in_s": next_in,
-                "versions": {
-                    str(v.version): {
-                        "servable": self.state.servable(name, v.version, now),
-                        "live_workers": self.state.readiness.live_workers(name, v.version, now),
-                        "heartbeats_seen": self.state.readiness.seen(name, v.version),
-                        "figures": self.figures(deployment, v.version, now).model_dump(mode="json"),
-                    }
-                    for v in deployment.versions
-                },
-            }
-        return {
-            "at": now.isoformat(),
-            "models": models,
-            "unreadable_outcomes": self.unreadable_outcomes,
-        }
 
     # --- handlers ---------------------------------------------------------------------------
 
@@ -545,7 +429,7 @@ class Router:
             if (now - beat.sent_at).total_seconds() <= beat.interval_s:
                 # A fresh beat takes effect now; old ones replayed at start wait for the tick,
                 # so the replay does not audit every intermediate state.
-                await self.audit_readiness(now)
+                await self.rollout.audit_readiness(now)
 
         # Results and failures are only observed here (reporting owns them): a record that does
         # not parse is reporting's dead letter, so the router logs and counts it (it is evidence
@@ -665,7 +549,7 @@ def create_app(
 
     @get(include_in_schema=False)
     async def models(scope: Scope) -> AsgiResponse:
-        body = json.dumps(router.status(utc_now())).encode()
+        body = json.dumps(router.rollout.status(utc_now(), router.unreadable_outcomes)).encode()
         return AsgiResponse(body, 200, headers={"content-type": "application/json"})
 
     lag = LagMonitor(settings, settings.router_group_id)
