@@ -83,7 +83,7 @@ def results_markdown(report: dict[str, Any]) -> str:
     """The fault suite's results page."""
     m = report["machine"]
     return (
-        "# medmesh fault suite (issue 9 item 4)\n\n"
+        "# medmesh fault suite (issue 9 item 4, issue 16)\n\n"
         f"Run {report['when']}: {report['events_per_fault']} events per fault at "
         f"{report['rate_per_s']:g} events/s over HTTP, on {m['nproc']} CPUs ({m['cpu_model']}), "
         f"{m['memory_gib']} GiB memory; broker, Triton and services share those cores.\n\n"
@@ -96,6 +96,17 @@ def results_markdown(report: dict[str, Any]) -> str:
         "beyond one per event; longest stall = longest time without any report from the fault "
         "on (the outage it caused); recovery = fault to the end of that stall; drained = fault "
         "to the last report; restart = how long the part took to be back (down time included)."
+        "\n\n"
+        "SIGSTOP rows: a second instance of the service runs beside it (same consumer group, "
+        "started before the load); the first is stopped with SIGSTOP and resumed with SIGCONT "
+        "once the group has expelled it (past its session timeout) and reports flow from the "
+        "second instance, which has fenced the stopped one's transactional producers; restart = "
+        "how long it was stopped. The second instance is stopped before the duplicates are "
+        "counted. Poison row: one record of each kind (not JSON, JSON of no medmesh schema, null "
+        "header values, a value over 1 MiB) is produced straight to each topic a service "
+        "consumes (ingest's inbound topic also gets two ECG waveforms its bounds refuse); each "
+        "must get exactly one dead letter with a reason on its service's dead-letter topic, and "
+        "reports may not stop for more than 5 s."
         "\n\n" + markdown_table(report["rows"])
     )
 

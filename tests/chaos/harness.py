@@ -1,5 +1,6 @@
 """The fault suite's parts: an HTTP load generator that retries what was not accepted, a
-read_committed reader of the reports topic that times arrivals, and the per-fault result row.
+read_committed reader of the reports topic that times arrivals, the per-fault result row, and for
+the poison fault the poison records and a reader of the dead-letter topics.
 
 An event is one vital-signs Bundle of a fresh patient (ingest dedupes identical content), so a
 report is matched to its event by the DiagnosticReport's subject.
@@ -17,12 +18,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
 from medmesh_reporting.report import MODEL_VERSION_TAG_SYSTEM
 from medmesh_runtime.kafka import record_headers
+from medmesh_runtime.settings import PRODUCER_MAX_REQUEST_SIZE
 
 # A 503's Retry-After is honoured up to this many seconds (ingest says 5; the suite stays short).
 MAX_RETRY_AFTER_S = 2.0
@@ -83,6 +86,37 @@ def model_version_of(node: Any) -> str | None:
     return None
 
 
+async def consumer_at_end(bootstrap: str, names: list[str]) -> AIOKafkaConsumer:
+    """A started read_committed consumer assigned every partition of ``names`` at its current
+    end (resolved before returning, so nothing produced afterwards is missed)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        # A dead letter of an oversized poison carries up to MEDMESH_DEAD_LETTER_MAX_BYTES.
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    await consumer.start()
+    partitions: list[TopicPartition] = []
+    for name in names:
+        found = consumer.partitions_for_topic(name)
+        for _ in range(50):
+            if found:
+                break
+            await consumer._client.force_metadata_update()  # aiokafka has no public refresh
+            found = consumer.partitions_for_topic(name)
+            await asyncio.sleep(0.1)
+        if not found:
+            await consumer.stop()
+            raise RuntimeError(f"topic {name} has no partitions")
+        partitions += [TopicPartition(name, p) for p in sorted(found)]
+    consumer.assign(partitions)
+    await consumer.seek_to_end(*partitions)
+    for partition in partitions:  # resolve the end offsets now, before any load is sent
+        await consumer.position(partition)
+    return consumer
+
+
 class ReportReader:
     """Reads medmesh.reports.diagnostic with read_committed from the current end, timing each
     arrival; rides out broker restarts (aiokafka reconnects and keeps its positions)."""
@@ -95,27 +129,7 @@ class ReportReader:
 
     async def start(self) -> None:
         """Assign every partition at its end offset, then collect in the background."""
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-        )
-        await consumer.start()
-        found = consumer.partitions_for_topic(topics.REPORTS_DIAGNOSTIC)
-        for _ in range(50):
-            if found:
-                break
-            await consumer._client.force_metadata_update()  # aiokafka has no public refresh
-            found = consumer.partitions_for_topic(topics.REPORTS_DIAGNOSTIC)
-            await asyncio.sleep(0.1)
-        if not found:
-            await consumer.stop()
-            raise RuntimeError(f"topic {topics.REPORTS_DIAGNOSTIC} has no partitions")
-        partitions = [TopicPartition(topics.REPORTS_DIAGNOSTIC, p) for p in sorted(found)]
-        consumer.assign(partitions)
-        await consumer.seek_to_end(*partitions)
-        for partition in partitions:  # resolve the end offsets now, before any load is sent
-            await consumer.position(partition)
+        consumer = await consumer_at_end(self.bootstrap, [topics.REPORTS_DIAGNOSTIC])
         self._consumer = consumer
         self._task = asyncio.create_task(self._collect(consumer))
 
@@ -149,6 +163,176 @@ class ReportReader:
                 await self._task
         if self._consumer is not None:
             await self._consumer.stop()
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One dead letter read from a dead-letter topic: where its record came from and why."""
+
+    topic: str
+    source: tuple[str, int, int]  # (topic, partition, offset) of the dead-lettered record
+    reason: str  # MessageDeadLettered's reason, or ingest's OperationOutcome as JSON
+    raw_truncated: bool
+    raw_size: int | None
+
+
+class DeadLetterReader:
+    """Reads the dead-letter topics with read_committed from their current end."""
+
+    def __init__(self, bootstrap: str, names: list[str]) -> None:
+        self.bootstrap = bootstrap
+        self.names = names
+        self.letters: list[DeadLetter] = []
+        self.unreadable = 0
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Assign every partition at its end offset, then collect in the background."""
+        self._consumer = await consumer_at_end(self.bootstrap, self.names)
+        self._task = asyncio.create_task(self._collect(self._consumer))
+
+    async def _collect(self, consumer: AIOKafkaConsumer) -> None:
+        async for message in consumer:
+            try:
+                event = json.loads(message.value or b"{}")
+                source = (
+                    str(event["source_topic"]),
+                    int(event["source_partition"]),
+                    int(event["source_offset"]),
+                )
+            except (ValueError, KeyError, TypeError):
+                self.unreadable += 1
+                continue
+            reason = event.get("reason") or _outcome_text(event.get("operation_outcome"))
+            self.letters.append(
+                DeadLetter(
+                    message.topic,
+                    source,
+                    str(reason),
+                    bool(event.get("raw_truncated")),
+                    event.get("raw_size"),
+                )
+            )
+
+    def of(self, source: tuple[str, int, int]) -> list[DeadLetter]:
+        """The dead letters of the record at ``source`` (topic, partition, offset)."""
+        return [letter for letter in self.letters if letter.source == source]
+
+    async def wait_for(self, sources: set[tuple[str, int, int]], timeout_s: float) -> None:
+        """Until every record in ``sources`` has a dead letter, or timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if sources <= {letter.source for letter in self.letters}:
+                return
+            await asyncio.sleep(0.2)
+
+    async def stop(self) -> None:
+        """Stop collecting (the task first: it iterates the consumer)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+def _outcome_text(outcome: Any) -> str:
+    """An OperationOutcome's issues as one line: each issue's expressions and diagnostics."""
+    issues = outcome.get("issue", []) if isinstance(outcome, dict) else []
+    return "; ".join(
+        " ".join([*map(str, issue.get("expression", [])), str(issue.get("diagnostics", ""))])
+        for issue in issues
+        if isinstance(issue, dict)
+    ).strip()
+
+
+# A poison over 1 MiB: twice the request size a service's producer may send (so a service can
+# only dead-letter it truncated). Produced gzip-compressed: the broker checks its
+# message.max.bytes (the local broker keeps Kafka's default, 1 MiB + 12 bytes) against the
+# compressed batch, so the only limit on the value is this producer's max_request_size.
+OVERSIZED_VALUE_BYTES = 2 * PRODUCER_MAX_REQUEST_SIZE
+
+
+@dataclass
+class Poison:
+    """One poison record produced straight to a topic, and where it landed."""
+
+    kind: str
+    topic: str
+    value: bytes
+    dead_letter_topic: str
+    headers: list[tuple[str, bytes | None]] = field(default_factory=list)
+    # Text the dead letter's reason must contain (empty: any reason but an empty one).
+    reason_has: str = ""
+    partition: int | None = None
+    offset: int | None = None
+
+    @property
+    def source(self) -> tuple[str, int, int]:
+        """(topic, partition, offset) once produced."""
+        if self.partition is None or self.offset is None:
+            raise RuntimeError(f"{self.kind} on {self.topic} was not produced")
+        return (self.topic, self.partition, self.offset)
+
+
+def common_poisons(topic: str, dead_letter_topic: str) -> list[Poison]:
+    """The poison every consumed topic gets: bytes that are not JSON, JSON of no schema of
+    medmesh's, a record whose headers have null values (Kafka allows them; they once stalled
+    faststream's parser), and a value over 1 MiB."""
+    oversized = b'{"poison": "' + b"x" * (OVERSIZED_VALUE_BYTES - 14) + b'"}'
+    null_headers: list[tuple[str, bytes | None]] = [
+        (h.CORRELATION_ID, None),
+        (h.SCHEMA, None),
+        ("content-type", None),
+    ]
+    return [
+        Poison("not JSON", topic, b"\x00\xff\xfe poison \x80\x81 {", dead_letter_topic),
+        Poison(
+            "wrong schema", topic, b'{"poison": "wrong schema", "n": [1, 2]}', dead_letter_topic
+        ),
+        Poison(
+            "null header values",
+            topic,
+            b'{"poison": "null headers"}',
+            dead_letter_topic,
+            headers=null_headers,
+        ),
+        Poison("value over 1 MiB", topic, oversized, dead_letter_topic),
+    ]
+
+
+async def produce_poisons(bootstrap: str, poisons: list[Poison]) -> None:
+    """Produce each poison (acks=all) and note its partition and offset."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        compression_type="gzip",
+        max_request_size=OVERSIZED_VALUE_BYTES + 64 * 1024,
+    )
+    await producer.start()
+    try:
+        for poison in poisons:
+            metadata = await producer.send_and_wait(
+                poison.topic, poison.value, headers=list(poison.headers)
+            )
+            poison.partition, poison.offset = metadata.partition, metadata.offset
+    finally:
+        await producer.stop()
+
+
+async def group_state(bootstrap: str, group: str) -> tuple[str, set[str]]:
+    """A consumer group's state ("Stable", "PreparingRebalance", ...) and its member ids."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_consumer_groups([group])
+    finally:
+        await admin.close()
+    # DescribeGroups v0-v3 groups: (error_code, group, state, protocol_type, protocol, members);
+    # a member starts with (member_id, client_id, ...).
+    description = response.groups[0]
+    return str(description[2]), {str(member[0]) for member in description[5]}
 
 
 async def send_until_accepted(client: httpx.AsyncClient, event: Event, give_up_at: float) -> None:
