@@ -15,15 +15,25 @@ Rules:
   re-sent Bundles); an order (ServiceRequest) is answered once per id and version;
 - a stored state is combined with each newer one (``combine``), so two instances that merged
   readings of one patient at the same moment lose neither's readings.
+
+Memory is bounded twice: states not updated within the retention are forgotten
+(``forget_older_than``), and the store holds at most ``max_bytes`` of states (an estimate,
+``state_bytes``), evicting the least recently updated first (see ``ReadingsStore``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import heapq
+import itertools
 import json
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+
+from opentelemetry.metrics import Counter
 
 from medmesh_contracts.events import (
     IngestedReading,
@@ -34,9 +44,26 @@ from medmesh_contracts.events import (
 )
 from medmesh_contracts.modelspec import ModelSpec
 from medmesh_ingest.extraction import Order, PatientReadings, Reading
+from medmesh_runtime.logging import get_logger
+from medmesh_runtime.metrics import meter
+
+log = get_logger("medmesh.ingest.readings")
 
 # How many answered orders a patient's state remembers (older ones could be answered again).
 _REMEMBERED_ORDERS = 32
+
+# What one stored state costs in memory, by part, as measured with tracemalloc on CPython 3.11
+# and pydantic 2 (python -m medmesh_cli.bench.state_memory, docs/deployment.md "State memory"),
+# rounded up: a state read back from the topic (the larger form) with its store entries, a
+# reading without its strings and samples, one sample (a tuple slot and a float object), one
+# remembered order without its text, and a string's object header.
+_STATE_BYTES = 3_000
+_READING_BYTES = 1_200
+_SAMPLE_BYTES = 32
+_ORDER_BYTES = 64
+_STR_BYTES = 49
+# The longest a log of evictions is held back, so that steady pressure logs once a minute.
+_EVICTION_LOG_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -285,11 +312,73 @@ def _prefer(
     return new.model_dump_json() > old.model_dump_json()
 
 
-class ReadingsStore:
-    """The latest state per (patient pseudonym, model), in memory; the topic is the record."""
+def _text_bytes(text: str | None) -> int:
+    """What a string costs: its header and one byte per character (up to four when not ASCII)."""
+    if text is None:
+        return 0
+    return _STR_BYTES + (len(text) if text.isascii() else 4 * len(text))
 
-    def __init__(self) -> None:
+
+def state_bytes(state: PatientReadingsUpdated) -> int:
+    """An estimate of the memory one stored state takes, from its sizes alone (no traversal of
+    objects): at or above what tracemalloc measures for the vitals and ECG models' states."""
+    size = (
+        _STATE_BYTES
+        # The pseudonym is held twice, in the state and in the store's key.
+        + 2 * _text_bytes(state.patient_pseudonym)
+        + _text_bytes(state.subject_reference)
+        + _text_bytes(state.encounter_reference)
+    )
+    for reading in state.readings:
+        size += (
+            _READING_BYTES
+            + _text_bytes(reading.source_reference)
+            + _text_bytes(reading.source_version)
+            + _SAMPLE_BYTES * len(reading.samples or ())
+        )
+    for order in state.fulfilled_orders:
+        size += _ORDER_BYTES + _text_bytes(order)
+    return size
+
+
+@functools.cache
+def _evictions() -> Counter:
+    # Built once: OpenTelemetry's proxy meter binds it to the provider once metrics are set up.
+    return meter("medmesh.ingest").create_counter(
+        "medmesh.ingest.readings_evicted",
+        unit="{state}",
+        description="Patients' readings states evicted from memory to keep under "
+        "MEDMESH_READINGS_MAX_BYTES",
+    )
+
+
+class ReadingsStore:
+    """The latest state per (patient pseudonym, model), in memory; the topic is the record.
+
+    With ``max_bytes``, the states held never take more than that (by ``state_bytes``): storing
+    a state beyond it evicts the least recently updated states (by ``updated_at``, so a rebuild
+    from the topic, whose partitions arrive interleaved, evicts the same ones) until the rest
+    fit, counts them (``evicted`` and the metric ``medmesh_ingest_readings_evicted_total``) and
+    logs how many, never which patients. An evicted state stays on the topic until its
+    retention, but this instance no longer knows it: the patient's next reading merges as if it
+    were the first (a request waits for a complete set of new readings), an unchanged set
+    re-sent is no longer recognised as sent, and an answered order could be answered again. A
+    state alone larger than ``max_bytes`` is not kept either.
+    """
+
+    def __init__(self, max_bytes: int | None = None) -> None:
         self._states: dict[str, PatientReadingsUpdated] = {}
+        self._sizes: dict[str, int] = {}
+        # (updated_at, order of storing, key) of every state stored, oldest first: a heap, so
+        # that storing and evicting cost log(states). Entries of states since replaced or
+        # dropped are skipped when met, and cleared out when they outnumber the states.
+        self._by_age: list[tuple[datetime, int, str]] = []
+        self._stored = itertools.count()
+        self._bytes = 0
+        self.max_bytes = max_bytes
+        self.evicted = 0
+        self._unlogged = 0
+        self._logged_at: float | None = None
         # The offset of this instance's latest acknowledged write per key, so that the follower
         # skips reading its own records back (parsing each cost ~7 % of ingest's CPU).
         self._written: dict[str, int] = {}
@@ -305,15 +394,64 @@ class ReadingsStore:
         on top of the one still here (``based_on``) simply replaces it."""
         key = state_key(state.patient_pseudonym, state.model)
         held = self._states.get(key)
-        self._states[key] = state if held is not None and held is based_on else combine(held, state)
+        stored = state if held is not None and held is based_on else combine(held, state)
+        size = state_bytes(stored)
+        self._bytes += size - self._sizes.get(key, 0)
+        self._sizes[key] = size
+        self._states[key] = stored
+        heapq.heappush(self._by_age, (stored.updated_at, next(self._stored), key))
+        if len(self._by_age) > 2 * len(self._states) + 1024:
+            self._by_age = [(s.updated_at, next(self._stored), k) for k, s in self._states.items()]
+            heapq.heapify(self._by_age)
+        if self.max_bytes is not None and self._bytes > self.max_bytes:
+            self._evict(self.max_bytes)
+
+    def _current(self, entry: tuple[datetime, int, str]) -> bool:
+        """Whether an age entry is that of the state now held under its key."""
+        state = self._states.get(entry[2])
+        return state is not None and state.updated_at == entry[0]
+
+    def _evict(self, max_bytes: int) -> None:
+        """Evict the least recently updated states until the rest take at most ``max_bytes``."""
+        evicted = 0
+        while self._bytes > max_bytes and self._by_age:
+            entry = heapq.heappop(self._by_age)
+            if not self._current(entry):
+                continue
+            del self._states[entry[2]]
+            self._drop(entry[2])
+            evicted += 1
+        self.evicted += evicted
+        _evictions().add(evicted)
+        self._unlogged += evicted
+        now = time.monotonic()
+        if self._logged_at is None or now - self._logged_at >= _EVICTION_LOG_INTERVAL_S:
+            log.warning(
+                "readings states evicted to stay under MEDMESH_READINGS_MAX_BYTES",
+                evicted=self._unlogged,
+                kept=len(self._states),
+                bytes=self._bytes,
+                max_bytes=max_bytes,
+            )
+            self._unlogged = 0
+            self._logged_at = now
+
+    def _drop(self, key: str) -> None:
+        self._bytes -= self._sizes.pop(key)
+        self._written.pop(key, None)
 
     def forget_older_than(self, cutoff: datetime) -> int:
         """Drop the states last updated before ``cutoff``; how many were dropped."""
         stale = [key for key, state in self._states.items() if state.updated_at < cutoff]
         for key in stale:
             del self._states[key]
-            self._written.pop(key, None)
+            self._drop(key)
         return len(stale)
+
+    @property
+    def bytes(self) -> int:
+        """The estimated memory of the states held (``state_bytes`` summed)."""
+        return self._bytes
 
     def written(self, key: str, offset: int) -> None:
         """Note that this instance's write of ``key`` was acknowledged at ``offset``."""
@@ -322,6 +460,10 @@ class ReadingsStore:
     def wrote(self, key: str, offset: int) -> bool:
         """Whether the record of ``key`` at ``offset`` is this instance's own latest write."""
         return self._written.get(key) == offset
+
+    def __iter__(self) -> Iterator[PatientReadingsUpdated]:
+        """The states held."""
+        return iter(list(self._states.values()))
 
     def __len__(self) -> int:
         return len(self._states)

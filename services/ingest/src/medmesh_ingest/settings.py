@@ -11,6 +11,12 @@ from medmesh_runtime.settings import ServiceSettings
 
 # Only for local runs and tests; `medmesh up` warns, and deployments must set their own key.
 DEVELOPMENT_PSEUDONYM_KEY = "medmesh-development-key-not-for-production"
+# Default bound of the readings state's memory. Measured per patient's state (tracemalloc,
+# `python -m medmesh_cli.bench.state_memory --patients 2000`, docs/deployment.md "State memory"):
+# about 11 KB for deterioration (7 vital signs) and 84 KB for ecg-rhythm (one 10 s lead, 2500
+# samples), so 128 MiB holds some 11,000 vitals or 1,600 ECG states: a quarter of the 512 MiB
+# container limit, leaving the rest to the interpreter (~80 MiB) and payloads in flight.
+READINGS_MAX_BYTES = 128 * 1024 * 1024
 
 
 class SourceSettings(BaseModel):
@@ -74,6 +80,12 @@ class IngestSettings(ServiceSettings):
     # retention.ms, medmesh.ingest.readings); at least the lookback. Raise the topic's
     # retention with it.
     readings_retention_hours: float = Field(default=READINGS_RETENTION_HOURS, gt=0)
+    # Most memory the readings state may take, by ``state_bytes``' estimate (see
+    # READINGS_MAX_BYTES). Beyond it the least recently updated states are evicted from memory
+    # (counted in medmesh_ingest_readings_evicted_total, logged without patient data): they
+    # stay on medmesh.ingest.readings, but an evicted patient's next reading merges without
+    # the old ones. Raise it with the container's memory limit.
+    readings_max_bytes: int = Field(default=READINGS_MAX_BYTES, ge=16 * 1024 * 1024)
     # Read medmesh.ingest.readings to its end before serving (off only for in-memory tests).
     rebuild_readings_on_start: bool = True
 

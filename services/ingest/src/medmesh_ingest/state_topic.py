@@ -83,10 +83,13 @@ class ReadingsFollower:
                 raise TimeoutError(f"reading {topics.INGEST_READINGS} took over {timeout_s}s")
             await self._apply_next(consumer, timeout_ms=500)
         self.forget_stale()  # the topic deletes whole segments, so older states may remain
+        # Evicted: states the rebuild read but could not keep under MEDMESH_READINGS_MAX_BYTES.
         log.info(
             "readings state rebuilt",
             records=self.applied,
             states=len(self.store),
+            bytes=self.store.bytes,
+            evicted=self.store.evicted,
             partitions=len(parts),
         )
         return len(parts)
