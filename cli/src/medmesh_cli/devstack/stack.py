@@ -194,6 +194,8 @@ def service_environment(config: StackConfig, service: ServiceSpec) -> dict[str, 
             "MEDMESH_ROUTER_PORT": str(ports.router),
             "MEDMESH_REPORTING_PORT": str(ports.reporting),
             "MEDMESH_INSTANCE_ID": f"{service.name}-1",
+            # A local stack: ingest may start with the development pseudonym key.
+            "MEDMESH_ENVIRONMENT": "development",
             "PYTHONUNBUFFERED": "1",
         }
     )

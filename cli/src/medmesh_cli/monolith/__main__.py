@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from medmesh_cli.monolith.app import create_app
 from medmesh_cli.monolith.settings import MonolithSettings
+from medmesh_ingest.settings import check_pseudonym_key
 from medmesh_runtime.serve import serve
 
 
@@ -11,6 +12,7 @@ def main() -> None:
     """Serve ingest's endpoints on MEDMESH_HTTP_HOST and MEDMESH_INGEST_PORT, all stages inside."""
     settings = MonolithSettings()
     try:
+        check_pseudonym_key(settings)  # as python -m medmesh_ingest does
         app = create_app(settings)
     except ValueError as refused:  # e.g. a public address without bearer tokens
         raise SystemExit(f"medmesh monolith: {refused}") from None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from medmesh_ingest.app import create_app
-from medmesh_ingest.settings import IngestSettings
+from medmesh_ingest.settings import IngestSettings, check_pseudonym_key
 from medmesh_runtime.serve import serve
 
 
@@ -12,6 +12,8 @@ def main() -> None:
     /metrics where MEDMESH_METRICS_PORT and MEDMESH_METRICS_TOKEN say."""
     settings = IngestSettings()
     try:
+        # Here, not in create_app: tests and tools embed the app with the development key.
+        check_pseudonym_key(settings)
         app = create_app(settings)
     except ValueError as refused:  # e.g. a public address without bearer tokens
         raise SystemExit(f"medmesh ingest: {refused}") from None

@@ -9,8 +9,20 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from medmesh_contracts.topics import READINGS_RETENTION_HOURS
 from medmesh_runtime.settings import ServiceSettings
 
-# Only for local runs and tests; `medmesh up` warns, and deployments must set their own key.
+# Only for local runs and tests (MEDMESH_ENVIRONMENT=development, as `medmesh up` sets it).
 DEVELOPMENT_PSEUDONYM_KEY = "medmesh-development-key-not-for-production"
+# Every pseudonym key published in this repository: the default above, .env.example's and
+# deploy/k8s/secret.example.yaml's placeholders. Anyone can recompute pseudonyms made with one
+# from a guessed patient reference, so ingest refuses them outside development.
+PUBLISHED_PSEUDONYM_KEYS = frozenset(
+    {
+        DEVELOPMENT_PSEUDONYM_KEY,
+        "change-me-to-a-long-random-secret",
+        "replace-with-at-least-32-random-bytes",
+    }
+)
+# The shortest key HMAC-SHA256 pseudonyms accept (medmesh_ingest.pseudonym), in any environment.
+MIN_PSEUDONYM_KEY_BYTES = 16
 # Default bound of the readings state's memory. Measured per patient's state (tracemalloc,
 # `python -m medmesh_cli.bench.state_memory --patients 2000`, docs/deployment.md "State memory"):
 # about 11 KB for deterioration (7 vital signs) and 84 KB for ecg-rhythm (one 10 s lead, 2500
@@ -37,7 +49,11 @@ class IngestSettings(ServiceSettings):
     """Ingest: HTTP front door and the consumer of medmesh.fhir.inbound."""
 
     ingest_port: int = 8080
-    # Keyed HMAC secret that turns patient references into pseudonyms (Kafka keys).
+    # "development" lets ingest start with a pseudonym key published in this repository (local
+    # runs and tests only: `medmesh up` sets it); any deployment leaves it "production".
+    environment: Literal["production", "development"] = "production"
+    # Keyed HMAC secret that turns patient references into pseudonyms (Kafka keys): at least 16
+    # bytes, and outside development none of PUBLISHED_PSEUDONYM_KEYS (check_pseudonym_key).
     pseudonym_key: SecretStr = SecretStr(DEVELOPMENT_PSEUDONYM_KEY)
     # Largest accepted HTTP body or inbound event, in bytes.
     max_payload_bytes: int = 5 * 1024 * 1024
@@ -108,3 +124,20 @@ class IngestSettings(ServiceSettings):
             {source.token.get_secret_value(): name for name, source in self.ingest_sources.items()}
         )
         return tokens
+
+
+def check_pseudonym_key(settings: IngestSettings) -> None:
+    """Refuse (ValueError) a pseudonym key shorter than 16 bytes and, unless
+    MEDMESH_ENVIRONMENT is development, one published in this repository."""
+    key = settings.pseudonym_key.get_secret_value()
+    if len(key.encode()) < MIN_PSEUDONYM_KEY_BYTES:
+        raise ValueError(
+            f"MEDMESH_PSEUDONYM_KEY must be at least {MIN_PSEUDONYM_KEY_BYTES} bytes: set a "
+            "random secret, e.g. `openssl rand -base64 48`"
+        )
+    if settings.environment != "development" and key.strip() in PUBLISHED_PSEUDONYM_KEYS:
+        raise ValueError(
+            "MEDMESH_PSEUDONYM_KEY is a placeholder published in the medmesh repository, so "
+            "anyone could recompute patients' pseudonyms: set a random secret, e.g. `openssl "
+            "rand -base64 48` (MEDMESH_ENVIRONMENT=development allows it for local runs only)"
+        )
