@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from medmesh_contracts.events import FhirVersion
 from medmesh_contracts.modelspec import ModelSpec, RiskScoreOutput, load_spec
 from medmesh_ingest.extraction import extract
-from medmesh_ingest.validation import FhirVersion, parse
+from medmesh_ingest.validation import parse
 from tests.modules import load_file
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from medmesh_contracts.events import PatientReadingsUpdated, Producer, SourceContext
+from medmesh_contracts.events import FhirVersion, PatientReadingsUpdated, Producer, SourceContext
 from medmesh_contracts.modelspec import ModelSpec, load_specs, parse_spec
 from medmesh_ingest.extraction import extract
 from medmesh_ingest.outcomes import INVALID_FHIR, TOO_LARGE, FhirRejected
@@ -22,7 +22,7 @@ from medmesh_ingest.pseudonym import Pseudonymizer
 from medmesh_ingest.readings import ReadingsStore
 from medmesh_ingest.service import Answer, Context, IngestService, Outgoing
 from medmesh_ingest.settings import IngestSettings
-from medmesh_ingest.validation import FhirVersion, Limits, parse
+from medmesh_ingest.validation import Limits, parse
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "fhir"

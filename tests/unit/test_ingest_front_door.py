@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
+from medmesh_contracts.events import FhirVersion
 from medmesh_ingest.auth import Authenticator, check_listen_address, is_loopback
 from medmesh_ingest.fetch import resource_url
 from medmesh_ingest.outcomes import FhirRejected
 from medmesh_ingest.settings import IngestSettings, SourceSettings
 from medmesh_ingest.transport import requested_version
-from medmesh_ingest.validation import FhirVersion, Limits, parse
+from medmesh_ingest.validation import Limits, parse
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "fhir"
 

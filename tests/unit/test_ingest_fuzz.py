@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medmesh_contracts.events import (
+    FhirVersion,
     PatientReadingsUpdated,
     Producer,
     SourceContext,
@@ -28,7 +29,7 @@ from medmesh_contracts.modelspec import load_specs
 from medmesh_ingest.pseudonym import Pseudonymizer
 from medmesh_ingest.readings import ReadingsStore
 from medmesh_ingest.service import Context, IngestService, Outgoing
-from medmesh_ingest.validation import FhirVersion, Limits
+from medmesh_ingest.validation import Limits
 
 SPECS = load_specs(Path(__file__).parents[2] / "deploy" / "models")
 RECEIVED = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)

@@ -22,9 +22,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from medmesh_contracts.events import FhirVersion
 from medmesh_contracts.modelspec import ModelSpec, load_spec
 from medmesh_ingest.extraction import extract
-from medmesh_ingest.validation import FhirVersion, parse
+from medmesh_ingest.validation import parse
 from tests.modules import load_file
 
 ROOT = Path(__file__).resolve().parents[2]

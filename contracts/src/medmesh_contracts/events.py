@@ -17,6 +17,9 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from medmesh_contracts import headers as h
 
+# The FHIR versions medmesh speaks: what a source sends in, and what its reports are written in.
+FhirVersion = Literal["R4B", "R5"]
+
 
 def utc_now() -> datetime:
     """The current time, timezone-aware in UTC."""
@@ -54,7 +57,7 @@ class SourceContext(WireModel):
     """Where a clinical event came from; used by routing rules and by reporting."""
 
     channel: Literal["http", "kafka"]
-    fhir_version: Literal["R4B", "R5"] = "R4B"
+    fhir_version: FhirVersion = "R4B"
     site: str | None = None
     source_system: str | None = None
     ward: str | None = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import os
 import signal
 import time
@@ -47,17 +46,15 @@ from medmesh_inference.settings import WorkerSettings
 from medmesh_inference.triton import TritonModel
 from medmesh_inference.worker import LoopTiming, Scored, TaskWorker
 from medmesh_runtime.deadletter import dead_letter_record
-from medmesh_runtime.health import health_routes
 from medmesh_runtime.kafka import (
-    build_broker,
     group_consumer,
     message_headers,
     record_headers,
     transactional_producers,
 )
-from medmesh_runtime.lag import LagMonitor
-from medmesh_runtime.logging import configure_logging, get_logger
-from medmesh_runtime.telemetry import configure_service_tracing, publish_headers
+from medmesh_runtime.logging import get_logger
+from medmesh_runtime.service import ServiceRuntime
+from medmesh_runtime.telemetry import publish_headers
 from medmesh_runtime.transactional import OutgoingRecord, encoded_headers
 
 SERVICE = "inference"
@@ -175,11 +172,13 @@ class BatchHandler:
 
 def create_app(settings: WorkerSettings) -> AsgiFastStream:
     """Build the worker app for one model version; Triton and Kafka connect at startup."""
-    configure_logging(SERVICE, settings.log_level)
-    tracer_provider = configure_service_tracing(
-        f"{SERVICE}-{settings.worker_model}-v{settings.worker_model_version}", settings
+    runtime = ServiceRuntime.build(
+        SERVICE,
+        settings,
+        settings.group_id,
+        trace_name=f"{SERVICE}-{settings.worker_model}-v{settings.worker_model_version}",
     )
-    tracer = tracer_provider.get_tracer("medmesh.inference")
+    tracer = runtime.tracer_provider.get_tracer("medmesh.inference")
     spec = load_specs(settings.model_specs_dir)[settings.worker_model]
     version = spec.version(settings.worker_model_version)
     producer = Producer(service=SERVICE, instance=settings.instance_id)
@@ -187,8 +186,7 @@ def create_app(settings: WorkerSettings) -> AsgiFastStream:
         max_attempts=settings.triton_max_attempts,
         initial_backoff_s=settings.triton_backoff_initial_ms / 1000,
     )
-    broker = build_broker(settings, SERVICE, tracer_provider)
-    status_out = broker.publisher(topics.MODELS_STATUS, title="worker heartbeats")
+    status_out = runtime.broker.publisher(topics.MODELS_STATUS, title="worker heartbeats")
     task_topic = topics.model_task_topic(spec.name, version.version)
     triton = TritonModel.for_version(settings.triton_grpc_url, version)
     tasks_running: list[asyncio.Task[None]] = []
@@ -269,16 +267,8 @@ def create_app(settings: WorkerSettings) -> AsgiFastStream:
             task.cancel()
         await worker.close()
         await triton.close()
-        tracer_provider.shutdown()
 
     async def ready() -> bool:
         return worker.ready
 
-    lag = LagMonitor(settings, settings.group_id)
-    return AsgiFastStream(
-        broker,
-        asgi_routes=health_routes(broker, ready),
-        after_startup=[start_loops, lag.start],
-        on_shutdown=[lag.stop, stop_loops],
-        logger=logging.getLogger(f"medmesh.{SERVICE}.app"),
-    )
+    return runtime.app(ready=ready, after_startup=[start_loops], on_shutdown=[stop_loops])

@@ -26,6 +26,7 @@ from medmesh_contracts import headers as h
 from medmesh_contracts import topics
 from medmesh_contracts.events import (
     FhirEventRejected,
+    FhirVersion,
     PatientReadingsUpdated,
     Producer,
     SourceContext,
@@ -55,18 +56,16 @@ from medmesh_ingest.service import (
 from medmesh_ingest.settings import DEVELOPMENT_PSEUDONYM_KEY, IngestSettings
 from medmesh_ingest.state_topic import ReadingsFollower, partition_of
 from medmesh_ingest.transport import requested_version
-from medmesh_ingest.validation import FhirVersion, Limits
+from medmesh_ingest.validation import Limits
 from medmesh_runtime.deadletter import rejected_event
 from medmesh_runtime.kafka import (
-    build_broker,
     message_headers,
     record_headers,
     stage_clients,
 )
-from medmesh_runtime.lag import LagMonitor
-from medmesh_runtime.logging import configure_logging, get_logger
+from medmesh_runtime.logging import get_logger
+from medmesh_runtime.service import ServiceRuntime
 from medmesh_runtime.telemetry import (
-    configure_service_tracing,
     publish_headers,
     trace_id_hex,
     within,
@@ -350,10 +349,9 @@ def create_app(
     tokens.
     """
     check_listen_address(settings)
-    configure_logging(service, settings.log_level)
-    tracer_provider = configure_service_tracing(service, settings)
-    broker = build_broker(settings, service, tracer_provider)
-    ingest = Ingest(settings, broker, tracer_provider.get_tracer("medmesh.ingest"))
+    runtime = ServiceRuntime.build(service, settings, settings.ingest_group_id)
+    broker = runtime.broker
+    ingest = Ingest(settings, broker, runtime.tracer_provider.get_tracer("medmesh.ingest"))
     kafka = clients or stage_clients(
         settings, f"medmesh-{service}-{settings.instance_id}", settings.ingest_group_id
     )
@@ -368,8 +366,6 @@ def create_app(
             max_records=settings.inbound_max_batch,
         ),
     )
-
-    lag = LagMonitor(settings, settings.ingest_group_id)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -388,21 +384,20 @@ def create_app(
         )
         await ingest.group_commit.start()
         inbound_task = asyncio.create_task(inbound.run(), name="ingest-inbound")
-        await lag.start()
+        await runtime.start()
         ingest.ready = True
         log.info("ingest started", models=sorted(ingest.specs), port=settings.ingest_port)
         try:
             yield
         finally:
             ingest.ready = False
-            await lag.stop()
             inbound_task.cancel()
             await asyncio.gather(inbound_task, return_exceptions=True)
             await ingest.group_commit.stop()
             await broker.stop()
             await follower.stop()
             await ingest.http_client.aclose()
-            tracer_provider.shutdown()
+            await runtime.stop()
 
     # The API description is for development (MEDMESH_HTTP_DOCS): in production it only tells a
     # caller which routes to probe.

@@ -6,8 +6,8 @@ import hmac
 import ipaddress
 from dataclasses import dataclass
 
+from medmesh_contracts.events import FhirVersion
 from medmesh_ingest.settings import IngestSettings
-from medmesh_ingest.validation import FhirVersion
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from medmesh_contracts.events import (
+    FhirVersion,
     PatientReadingsUpdated,
     Producer,
     RequestInference,
@@ -33,7 +34,7 @@ from medmesh_contracts.modelspec import ModelSpec
 from medmesh_ingest.extraction import Extraction, Order, PatientReadings, extract
 from medmesh_ingest.outcomes import INVALID_FHIR, FhirRejected, Issue, outcome
 from medmesh_ingest.readings import Merged, ReadingsStore, merge, state_key
-from medmesh_ingest.validation import FhirVersion, Limits, Payload, parse
+from medmesh_ingest.validation import Limits, Payload, parse
 from medmesh_runtime.logging import get_logger
 
 # Commits requests (each with its payload's tracing context) and new patient states in one

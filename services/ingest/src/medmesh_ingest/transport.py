@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from medmesh_contracts.events import FhirVersion
 from medmesh_ingest.outcomes import UNSUPPORTED_VERSION, FhirRejected, rejected
-from medmesh_ingest.validation import FhirVersion
 
 _JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 # fhirVersion parameter values (FHIR's version-specific MIME parameter) and what they mean.

@@ -17,7 +17,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from fhir.resources import get_fhir_model_class as r5_model_class
 from fhir.resources.R4B import get_fhir_model_class as r4b_model_class
@@ -26,6 +26,7 @@ from fhir.resources.resource import Resource as R5Resource
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
+from medmesh_contracts.events import FhirVersion
 from medmesh_ingest.outcomes import (
     INVALID_FHIR,
     NOT_FHIR,
@@ -35,8 +36,6 @@ from medmesh_ingest.outcomes import (
     rejection,
 )
 from medmesh_ingest.waveforms import sample_count, signal_seconds
-
-FhirVersion = Literal["R4B", "R5"]
 
 # R4B value sets of the codes we check ourselves.
 OBSERVATION_STATUSES = frozenset(

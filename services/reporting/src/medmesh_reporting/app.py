@@ -3,19 +3,16 @@
 Thin by design: the FHIR is built in ``report.build_report``, one record's output decided in
 ``handling.ReportHandler``, and the Kafka transactions (one per results partition and poll,
 fencing a stalled instance) and poison isolation run in ``medmesh_runtime.transactional``.
-This module wires them together when the app starts and serves /healthz and /readyz.
+This module wires them on the shared service skeleton (``medmesh_runtime.service``): /healthz,
+/readyz (Kafka up and the loop consuming).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Callable
 
 import httpx
 from faststream.asgi import AsgiFastStream
-from faststream.asgi.handlers import GetHandler
-from faststream.kafka import KafkaBroker
 
 from medmesh_contracts import topics
 from medmesh_contracts.catalog import SpecCatalog
@@ -25,11 +22,8 @@ from medmesh_reporting.handling import ReportHandler
 from medmesh_reporting.kafka import delivery_clients
 from medmesh_reporting.settings import ReportingSettings
 from medmesh_runtime.deadletter import dead_letter_record
-from medmesh_runtime.health import health_routes
-from medmesh_runtime.kafka import build_broker, stage_clients
-from medmesh_runtime.lag import LagMonitor
-from medmesh_runtime.logging import configure_logging
-from medmesh_runtime.telemetry import configure_service_tracing
+from medmesh_runtime.kafka import stage_clients
+from medmesh_runtime.service import ServiceRuntime
 from medmesh_runtime.transactional import (
     LoopSettings,
     PoisonIsolation,
@@ -39,82 +33,57 @@ from medmesh_runtime.transactional import (
 )
 
 SERVICE = "reporting"
-Routes = list[tuple[str, GetHandler]]
-
-
-def _routes(broker: KafkaBroker, loop: Callable[[], TransactionalLoop | None]) -> Routes:
-    """The shared /healthz, /metrics and /readyz (Kafka up and the loop consuming). A fenced
-    instance is not dead: the loop rejoins the group and takes what partitions it is given."""
-
-    async def loop_ready() -> bool:
-        current = loop()
-        return current is not None and current.ready
-
-    return health_routes(broker, loop_ready)
 
 
 def create_app(settings: ReportingSettings, clients: StageClients | None = None) -> AsgiFastStream:
-    """Build the reporting app; the Kafka clients are built when the app starts.
+    """Build the reporting app; the Kafka clients are built when its loop starts.
 
     ``clients`` replaces the real aiokafka clients (tests pass in-memory fakes).
     """
-    configure_logging(SERVICE, settings.log_level)
-    tracer_provider = configure_service_tracing(SERVICE, settings)
+    runtime = ServiceRuntime.build(SERVICE, settings, settings.reporting_group_id)
     # Declared for the AsyncAPI document: the loop, not this broker, produces these records.
-    broker = build_broker(settings, SERVICE, tracer_provider)
-    broker.publisher(topics.REPORTS_DIAGNOSTIC, title="FHIR report Bundles (transactional)")
-    broker.publisher(topics.REPORTING_DEADLETTER, title="dead letters (transactional)")
-    state: dict[str, TransactionalLoop] = {}
+    runtime.broker.publisher(topics.REPORTS_DIAGNOSTIC, title="FHIR report Bundles (transactional)")
+    runtime.broker.publisher(topics.REPORTING_DEADLETTER, title="dead letters (transactional)")
+    producer = Producer(service=SERVICE, instance=settings.instance_id)
+    handler = ReportHandler(
+        SpecCatalog(settings.model_specs_dir),
+        producer,
+        runtime.tracer_provider.get_tracer("medmesh.reporting"),
+        performer_display=settings.performer_display,
+    )
+    loop = TransactionalLoop(
+        _clients(settings, clients),
+        PoisonIsolation(
+            per_record(handler),
+            lambda record, reason: dead_letter_record(
+                topics.REPORTING_DEADLETTER, record, reason, producer
+            ),
+        ),
+        LoopSettings(
+            group_id=settings.reporting_group_id,
+            topics=(topics.INFERENCE_RESULTS,),
+            transactional_id_prefix=settings.reporting_group_id,
+            max_records=settings.reporting_batch_max,
+            poll_timeout_ms=settings.reporting_poll_timeout_ms,
+        ),
+    )
     tasks: list[asyncio.Task[None]] = []
 
-    def current_loop() -> TransactionalLoop | None:
-        return state.get("loop")
-
-    async def start_loop() -> None:
-        producer = Producer(service=SERVICE, instance=settings.instance_id)
-        handler = ReportHandler(
-            SpecCatalog(settings.model_specs_dir),
-            producer,
-            tracer_provider.get_tracer("medmesh.reporting"),
-            performer_display=settings.performer_display,
-        )
-        loop = TransactionalLoop(
-            _clients(settings, clients),
-            PoisonIsolation(
-                per_record(handler),
-                lambda record, reason: dead_letter_record(
-                    topics.REPORTING_DEADLETTER, record, reason, producer
-                ),
-            ),
-            LoopSettings(
-                group_id=settings.reporting_group_id,
-                topics=(topics.INFERENCE_RESULTS,),
-                transactional_id_prefix=settings.reporting_group_id,
-                max_records=settings.reporting_batch_max,
-                poll_timeout_ms=settings.reporting_poll_timeout_ms,
-            ),
-        )
-        state["loop"] = loop
+    async def start_loops() -> None:
         tasks.append(asyncio.create_task(loop.run(), name="reporting-loop"))
         if settings.fhir_server_url:
             delivery = _deliver(settings, settings.fhir_server_url)
             tasks.append(asyncio.create_task(delivery, name="reporting-delivery"))
 
-    async def stop_loop() -> None:
+    async def stop_loops() -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        tracer_provider.shutdown()
 
-    lag = LagMonitor(settings, settings.reporting_group_id)
-    return AsgiFastStream(
-        broker,
-        asgi_routes=_routes(broker, current_loop),
-        on_startup=[start_loop],
-        after_startup=[lag.start],
-        on_shutdown=[lag.stop, stop_loop],
-        logger=logging.getLogger(f"medmesh.{SERVICE}.app"),
-    )
+    async def loop_ready() -> bool:
+        return loop.ready
+
+    return runtime.app(ready=loop_ready, on_startup=[start_loops], on_shutdown=[stop_loops])
 
 
 def _clients(settings: ReportingSettings, given: StageClients | None) -> StageClients:

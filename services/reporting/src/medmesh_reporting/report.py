@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any
 
 from fhir.resources import bundle as r5_bundle
 from fhir.resources import device as r5_device
@@ -40,7 +40,7 @@ from fhir.resources.R4B.provenance import Provenance
 from pydantic import ValidationError
 
 from medmesh_contracts import headers
-from medmesh_contracts.events import InferenceCompleted, RequestInference
+from medmesh_contracts.events import FhirVersion, InferenceCompleted, RequestInference
 from medmesh_contracts.modelspec import (
     DATA_ABSENT_REASON,
     UCUM,
@@ -123,8 +123,6 @@ _DATA_ABSENT_DISPLAY = {
     "not-performed": "Not Performed",
     "not-permitted": "Not Permitted",
 }
-
-FhirVersion = Literal["R4B", "R5"]
 
 # The fhir.resources models each report resource is validated with, per FHIR version.
 _RESOURCE_MODELS: dict[FhirVersion, dict[str, Any]] = {

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -58,18 +57,16 @@ from medmesh_router.routing import (
 from medmesh_router.settings import RouterSettings
 from medmesh_router.state import RouterState
 from medmesh_runtime.deadletter import DeadLetters, dead_letter_record
-from medmesh_runtime.health import health_routes
 from medmesh_runtime.kafka import (
     aiokafka_security,
-    build_broker,
     message_headers,
     record_headers,
     stage_clients,
     topic_partitions,
 )
-from medmesh_runtime.lag import LagMonitor
-from medmesh_runtime.logging import configure_logging, get_logger
-from medmesh_runtime.telemetry import configure_service_tracing, consumer_span, publish_headers
+from medmesh_runtime.logging import get_logger
+from medmesh_runtime.service import ServiceRuntime
+from medmesh_runtime.telemetry import consumer_span, publish_headers
 from medmesh_runtime.transactional import (
     LoopSettings,
     OutgoingRecord,
@@ -178,8 +175,9 @@ class Router:
         self.catalog = SpecCatalog(settings.model_specs_dir)
         self.specs = self.catalog.specs
         self.producer = Producer(service=SERVICE, instance=settings.instance_id)
-        self.tracer_provider = configure_service_tracing(SERVICE, settings)
-        self.broker = build_broker(settings, SERVICE, self.tracer_provider)
+        self.runtime = ServiceRuntime.build(SERVICE, settings, settings.router_group_id)
+        self.tracer_provider = self.runtime.tracer_provider
+        self.broker = self.runtime.broker
         self.state = RouterState(
             self.specs, Readiness(require_heartbeats=settings.router_require_heartbeats)
         )
@@ -340,13 +338,12 @@ class Router:
         self._requests_task = asyncio.create_task(self.requests.run(), name="router-requests")
 
     async def stopping(self) -> None:
-        """Stop the loops and flush traces."""
+        """Stop the loops."""
         for task in (self._requests_task, self._loop_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self.tracer_provider.shutdown()
 
     async def publish_change(self, deployment: ModelDeployment, audit: LifecycleDecision) -> None:
         """Write a new registry record (key = model) and its audit event."""
@@ -544,7 +541,6 @@ def create_app(
 ) -> AsgiFastStream:
     """Build the router app; Kafka connects (and the registry is read) when the app starts.
     ``requests_clients`` replaces the requests stage's aiokafka clients (tests: fakes)."""
-    configure_logging(SERVICE, settings.log_level)
     router = Router(settings, read_to_end, requests_clients)
 
     @get(include_in_schema=False)
@@ -552,16 +548,13 @@ def create_app(
         body = json.dumps(router.rollout.status(utc_now(), router.unreadable_outcomes)).encode()
         return AsgiResponse(body, 200, headers={"content-type": "application/json"})
 
-    lag = LagMonitor(settings, settings.router_group_id)
-    app = AsgiFastStream(
-        router.broker,
-        asgi_routes=[*health_routes(router.broker, router.requests_ready), ("/models", models)],
+    return router.runtime.app(
+        ready=router.requests_ready,
+        routes=[("/models", models)],
         on_startup=[router.load],
-        after_startup=[router.started, lag.start],
-        on_shutdown=[lag.stop, router.stopping],
-        logger=logging.getLogger(f"medmesh.{SERVICE}.app"),
+        after_startup=[router.started],
+        on_shutdown=[router.stopping],
     )
-    return app
 
 
 def _parse(model: type[Parsed], record: Consumed, *, owned: bool = True) -> Parsed | None:
