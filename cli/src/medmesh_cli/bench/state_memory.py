@@ -1,6 +1,6 @@
 """Issue 16: the memory one patient's readings state takes in ingest, per model.
 
-    python -m medmesh_cli.bench.state_memory [--patients 2000]
+    python -m medmesh_cli.bench.state_memory [--patients 500]
 
 Runs ingest's own logic (``IngestService.handle``, no Kafka) over synthetic patients built from
 the repository's fixtures: vitals Bundles (tests/fixtures/fhir/vitals-bundle-*.json, varied per
@@ -183,7 +183,7 @@ async def measure(root: Path, patients: int) -> list[StateMemory]:
 def main(argv: Sequence[str] | None = None) -> None:
     """Print bytes per patient's state for each model as a Markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--patients", type=int, default=2000, help="synthetic patients per model")
+    parser.add_argument("--patients", type=int, default=500, help="synthetic patients per model")
     args = parser.parse_args(argv)
     tracemalloc.start()
     results = asyncio.run(measure(repo_root(), args.patients))
