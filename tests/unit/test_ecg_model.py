@@ -17,8 +17,7 @@ import pytest
 
 from medmesh_contracts.events import FhirVersion
 from medmesh_contracts.modelspec import ModelSpec, RiskScoreOutput, load_spec
-from medmesh_ingest.extraction import extract
-from medmesh_ingest.validation import parse
+from tests.ingest_support import ingest
 from tests.modules import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,9 +127,9 @@ def test_synthetic_rhythms_are_told_apart(ecg: ModuleType, gen: ModuleType) -> N
 
 
 def _fixture_row(name: str, version: FhirVersion, spec: ModelSpec) -> Any:
-    payload = parse((FIXTURES / name).read_bytes(), None, version)
-    (patient,) = extract(payload.resources, {spec.name: spec}).complete
-    (lead,) = patient.inputs
+    raw = (FIXTURES / name).read_bytes()
+    (request,) = ingest(raw, {spec.name: spec}, fhir_version=version).requests
+    (lead,) = request.inputs
     assert lead.samples is not None
     return np.asarray(lead.samples, dtype=np.float32)
 

@@ -1,4 +1,6 @@
-"""From validated FHIR resources to model inputs (medmesh_ingest.extraction)."""
+"""From FHIR payloads to model inputs: what ingest extracts (medmesh_ingest.extraction) and what
+it then sends for a score (``readings.merge``), run through ``IngestService`` as production runs
+it, each payload for patients without a stored state."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ from typing import Any
 
 import pytest
 
+from medmesh_contracts.events import RequestInference
 from medmesh_contracts.modelspec import ModelSpec, load_spec
-from medmesh_ingest.extraction import Extraction, PatientInputs, as_aware_datetime, extract
-from medmesh_ingest.validation import parse_payload
+from medmesh_ingest.extraction import as_aware_datetime
+from tests.ingest_support import RECEIVED, Ingested, ingest
 
 ROOT = Path(__file__).parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "fhir"
@@ -22,7 +25,6 @@ SNOMED = "http://snomed.info/sct"
 UCUM = "http://unitsofmeasure.org"
 T0 = "2026-11-23T08:00:00+00:00"
 T1 = "2026-11-23T09:00:00+00:00"
-RECEIVED = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
 
 # --- building payloads -------------------------------------------------------------------------
@@ -80,31 +82,31 @@ def base_vitals(*, without: str = "") -> list[dict[str, Any]]:
     return [r for name, r in readings.items() if name != without]
 
 
-def run(*observations: dict[str, Any], bundle_type: str = "collection") -> Extraction:
+def run(*observations: dict[str, Any], bundle_type: str = "collection") -> Ingested:
     entries = [{"resource": {"resourceType": "Patient", "id": "p1"}}]
     entries += [{"resource": o} for o in observations]
     payload = {"resourceType": "Bundle", "type": bundle_type, "entry": entries}
-    return extract(parse_payload(json.dumps(payload).encode()), SPECS, received_at=RECEIVED)
+    return ingest(json.dumps(payload).encode(), SPECS, received_at=RECEIVED)
 
 
-def only(extraction: Extraction) -> PatientInputs:
-    assert len(extraction.complete) == 1, extraction
-    return extraction.complete[0]
+def only(ingested: Ingested) -> RequestInference:
+    assert len(ingested.requests) == 1, ingested
+    return ingested.requests[0]
 
 
-def value(extraction: Extraction, name: str) -> float:
-    return {i.name: i.value for i in only(extraction).inputs}[name]
+def value(ingested: Ingested, name: str) -> float:
+    return {i.name: i.value for i in only(ingested).inputs}[name]
 
 
-def source(extraction: Extraction, name: str) -> str | None:
-    return {i.name: i.source_reference for i in only(extraction).inputs}[name]
+def source(ingested: Ingested, name: str) -> str | None:
+    return {i.name: i.source_reference for i in only(ingested).inputs}[name]
 
 
 # --- choosing readings -------------------------------------------------------------------------
 
 
 def test_full_set_of_readings_gives_inputs_in_spec_order() -> None:
-    """A complete set of readings gives one PatientInputs with inputs in the spec's order."""
+    """A complete set of readings gives one request with the inputs in the spec's order."""
     result = only(run(*base_vitals()))
     assert [i.name for i in result.inputs] == [i.name for i in SPEC.inputs]
     assert [i.unit for i in result.inputs] == [i.unit for i in SPEC.inputs]
@@ -115,9 +117,9 @@ def test_full_set_of_readings_gives_inputs_in_spec_order() -> None:
 def test_latest_reading_wins() -> None:
     """Of two readings of one input, the later one is used, wherever it is in the payload."""
     later = vital("hr-later", "8867-4", 118, "/min", T1)
-    extraction = run(later, *base_vitals())
-    assert value(extraction, "heart_rate") == 118.0
-    assert source(extraction, "heart_rate") == "Observation/hr-later"
+    ingested = run(later, *base_vitals())
+    assert value(ingested, "heart_rate") == 118.0
+    assert source(ingested, "heart_rate") == "Observation/hr-later"
 
 
 def test_untimed_reading_loses_to_timed_one() -> None:
@@ -132,8 +134,8 @@ def test_period_end_and_issued_give_the_time() -> None:
     by_period["effectivePeriod"] = {"start": T0, "end": "2026-11-23T10:00:00+00:00"}
     by_issued = vital("hr-issued", "8867-4", 99, "/min", when=None)
     by_issued["issued"] = T1
-    extraction = run(*base_vitals(), by_issued, by_period)
-    assert value(extraction, "heart_rate") == 101.0
+    ingested = run(*base_vitals(), by_issued, by_period)
+    assert value(ingested, "heart_rate") == 101.0
 
 
 def test_entered_in_error_and_cancelled_readings_are_skipped() -> None:
@@ -144,14 +146,14 @@ def test_entered_in_error_and_cancelled_readings_are_skipped() -> None:
 
 
 def test_effective_at_is_the_latest_reading_used() -> None:
-    """effective_at is the latest observed_at among the inputs used."""
+    """The request's effective_at is the latest observed_at among the inputs used."""
     later = vital("rr-later", "9279-1", 18, "/min", T1)
     result = only(run(*base_vitals(), later))
     assert result.effective_at == datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 
 
 def test_effective_at_falls_back_to_received_at_without_times() -> None:
-    """When no reading has a time, effective_at is the time the payload was received."""
+    """When no reading has a time, the request's effective_at is when the payload arrived."""
     untimed = [{k: v for k, v in o.items() if k != "effectiveDateTime"} for o in base_vitals()]
     assert only(run(*untimed)).effective_at == RECEIVED
 
@@ -159,23 +161,24 @@ def test_effective_at_falls_back_to_received_at_without_times() -> None:
 def test_second_spo2_source_is_used() -> None:
     """SpO2 may come from 2708-6 as well as from 59408-5."""
     sao2 = vital("sao2", "2708-6", 93, "%", T1)
-    extraction = run(*base_vitals(), sao2)
-    assert value(extraction, "spo2") == 93.0
+    ingested = run(*base_vitals(), sao2)
+    assert value(ingested, "spo2") == 93.0
 
 
 def test_encounter_of_the_readings_is_kept() -> None:
-    """encounter_reference is the encounter named by the readings."""
+    """The request's encounter_reference is the encounter named by the readings."""
     readings = [o | {"encounter": {"reference": "Encounter/e1"}} for o in base_vitals()]
     assert only(run(*readings)).encounter_reference == "Encounter/e1"
 
 
 def test_readings_of_other_codes_and_other_resources_are_ignored() -> None:
-    """Observations of other codes, and resources other than Observation, are not read."""
+    """Observations of other codes, and resources other than Observation, are not read: no
+    request, no state, only the note that nothing matched a deployed model."""
     weight = vital("weight", "29463-7", 80, "kg")
-    extraction = run(weight)
-    assert extraction.complete == ()
-    assert extraction.incomplete == ()
-    assert extraction.issues == ()
+    ingested = run(weight)
+    assert ingested.requests == ()
+    assert ingested.states == ()
+    assert [i.code for i in ingested.issues] == ["not-found"]
 
 
 # --- converting values -------------------------------------------------------------------------
@@ -183,9 +186,9 @@ def test_readings_of_other_codes_and_other_resources_are_ignored() -> None:
 
 def test_blood_pressure_panel_component_gives_systolic() -> None:
     """Systolic pressure is read from the 8480-6 component of an 85354-9 panel."""
-    extraction = run(*base_vitals(without="sbp"), bp_panel("bp", 98, 60))
-    assert value(extraction, "systolic_bp") == 98.0
-    assert source(extraction, "systolic_bp") == "Observation/bp"
+    ingested = run(*base_vitals(without="sbp"), bp_panel("bp", 98, 60))
+    assert value(ingested, "systolic_bp") == 98.0
+    assert source(ingested, "systolic_bp") == "Observation/bp"
 
 
 def test_fahrenheit_temperature_is_converted() -> None:
@@ -214,9 +217,9 @@ def test_unit_text_is_used_when_the_code_is_absent() -> None:
 def test_oxygen_indicator(code: str, amount: float, unit: str, expected: float) -> None:
     """Oxygen is on (1) when flow > 0 L/min or inspired concentration > 21 %, else air (0)."""
     oxygen = vital("o2", code, amount, unit)
-    extraction = run(*base_vitals(), oxygen)
-    assert value(extraction, "supplemental_oxygen") == expected
-    assert source(extraction, "supplemental_oxygen") == "Observation/o2"
+    ingested = run(*base_vitals(), oxygen)
+    assert value(ingested, "supplemental_oxygen") == expected
+    assert source(ingested, "supplemental_oxygen") == "Observation/o2"
 
 
 def test_no_oxygen_reading_means_air() -> None:
@@ -232,9 +235,9 @@ def test_latest_oxygen_reading_wins_across_sources() -> None:
     """The latest oxygen reading wins, whichever source: FiO2 21 % after 2 L/min means air."""
     flow = vital("o2-flow", "3151-8", 2, "L/min", T0)
     fio2 = vital("o2-fio2", "3150-0", 21, "%", T1)
-    extraction = run(*base_vitals(), fio2, flow)
-    assert value(extraction, "supplemental_oxygen") == 0.0
-    assert source(extraction, "supplemental_oxygen") == "Observation/o2-fio2"
+    ingested = run(*base_vitals(), fio2, flow)
+    assert value(ingested, "supplemental_oxygen") == 0.0
+    assert source(ingested, "supplemental_oxygen") == "Observation/o2-fio2"
 
 
 @pytest.mark.parametrize(
@@ -243,8 +246,8 @@ def test_latest_oxygen_reading_wins_across_sources() -> None:
 )
 def test_acvpu_answers_are_mapped(answer: str, expected: float) -> None:
     """ACVPU: Alert (248234008) is 0; voice, pain, unresponsive (any other answer) are 1."""
-    extraction = run(*base_vitals(without="acvpu"), acvpu("acvpu", answer))
-    assert value(extraction, "not_alert") == expected
+    ingested = run(*base_vitals(without="acvpu"), acvpu("acvpu", answer))
+    assert value(ingested, "not_alert") == expected
 
 
 def test_acvpu_with_text_only_is_not_alert() -> None:
@@ -258,32 +261,35 @@ def test_acvpu_with_text_only_is_not_alert() -> None:
 
 
 def test_missing_required_input_makes_the_patient_incomplete() -> None:
-    """A patient with some but not all required inputs is incomplete, naming the missing ones."""
-    extraction = run(*base_vitals(without="spo2"))
-    assert extraction.complete == ()
-    [missing] = extraction.incomplete
-    assert missing.model == "deterioration"
-    assert missing.subject_reference == "Patient/p1"
-    assert missing.missing == ("spo2",)
+    """A patient with some but not all required inputs gets no request: its readings are kept
+    (the model's state of the patient) and the sender is told which inputs are missing."""
+    ingested = run(*base_vitals(without="spo2"))
+    assert ingested.requests == ()
+    [state] = ingested.states
+    assert state.model == "deterioration"
+    assert state.subject_reference == "Patient/p1"
+    assert ingested.missing == [("spo2",)]
 
 
 def test_unit_error_is_an_issue_and_the_reading_is_ignored() -> None:
     """A heart rate in kg is an error issue at its valueQuantity.code; the reading is ignored."""
     in_kg = vital("hr-kg", "8867-4", 80, "kg", T1)
-    extraction = run(*base_vitals(), in_kg)
-    assert value(extraction, "heart_rate") == 70.0
-    [issue] = extraction.issues
+    ingested = run(*base_vitals(), in_kg)
+    assert value(ingested, "heart_rate") == 70.0
+    [issue] = ingested.issues
     assert issue.severity == "error"
     assert issue.code == "value"
     assert issue.expression == ("Bundle.entry[7].resource.valueQuantity.code",)
 
 
 def test_only_reading_with_a_unit_error_leaves_the_input_missing() -> None:
-    """When the only reading of an input has a bad unit, the input is missing."""
+    """When the only reading of an input has a bad unit, the input is missing: one issue for the
+    unit, one naming the missing input."""
     in_kg = vital("hr", "8867-4", 80, "kg")
-    extraction = run(*base_vitals(without="hr"), in_kg)
-    assert extraction.incomplete[0].missing == ("heart_rate",)
-    assert len(extraction.issues) == 1
+    ingested = run(*base_vitals(without="hr"), in_kg)
+    assert ingested.requests == ()
+    assert ingested.missing == [("heart_rate",)]
+    assert [i.code for i in ingested.issues] == ["value", "incomplete"]
 
 
 def test_non_ucum_unit_system_is_an_issue() -> None:
@@ -298,8 +304,7 @@ def test_component_unit_error_points_at_the_component() -> None:
     """A unit error inside a panel component is located at that component."""
     panel = bp_panel("bp", 98, 60)
     panel["component"][1]["valueQuantity"] = quantity(98, "kg")
-    extraction = run(*base_vitals(), panel)
-    [issue] = extraction.issues
+    [issue] = run(*base_vitals(), panel).issues
     assert issue.expression == ("Bundle.entry[7].resource.component[1].valueQuantity.code",)
 
 
@@ -308,27 +313,30 @@ def test_reading_without_a_value_is_a_warning() -> None:
     empty = vital("hr-empty", "8867-4", 0, "/min", T1)
     del empty["valueQuantity"]
     empty["dataAbsentReason"] = concept("not-performed", "http://example.org/absent")
-    extraction = run(*base_vitals(), empty)
-    assert value(extraction, "heart_rate") == 70.0
-    assert [i.severity for i in extraction.issues] == ["warning"]
+    ingested = run(*base_vitals(), empty)
+    assert value(ingested, "heart_rate") == 70.0
+    assert [i.severity for i in ingested.issues] == ["warning"]
 
 
 def test_observation_without_usable_subject_is_ignored_with_a_warning() -> None:
     """An Observation with no literal Patient reference is not read, and a warning says so."""
     logical = vital("hr", "8867-4", 80, "/min")
     logical["subject"] = {"identifier": {"system": "urn:mrn", "value": "x"}}
-    extraction = run(logical)
-    assert extraction.complete == ()
-    assert extraction.incomplete == ()
-    assert extraction.issues[0].expression == ("Bundle.entry[1].resource.subject",)
+    ingested = run(logical)
+    assert ingested.requests == ()
+    assert ingested.states == ()
+    [issue] = ingested.issues
+    assert issue.expression == ("Bundle.entry[1].resource.subject",)
 
 
 def test_patients_are_extracted_separately() -> None:
-    """Readings of two patients in one Bundle give one result per patient."""
+    """Readings of two patients in one Bundle are merged per patient: the complete one gets a
+    request, the other keeps its readings and lacks its temperature."""
     other = [o | {"subject": {"reference": "Patient/p2"}} for o in base_vitals(without="temp")]
-    extraction = run(*base_vitals(), *other)
-    assert [c.subject_reference for c in extraction.complete] == ["Patient/p1"]
-    assert [m.subject_reference for m in extraction.incomplete] == ["Patient/p2"]
+    ingested = run(*base_vitals(), *other)
+    assert [r.subject_reference for r in ingested.requests] == ["Patient/p1"]
+    assert sorted(s.subject_reference for s in ingested.states) == ["Patient/p1", "Patient/p2"]
+    assert ingested.missing == [("temperature",)]
 
 
 # --- times -------------------------------------------------------------------------------------
@@ -391,16 +399,16 @@ EXPECTED_MISSING = {
 }
 
 
-def extract_fixture(name: str) -> Extraction:
-    return extract(parse_payload((FIXTURES / name).read_bytes()), SPECS)
+def ingest_fixture(name: str) -> Ingested:
+    return ingest((FIXTURES / name).read_bytes(), SPECS)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_INPUTS))
 def test_vitals_fixtures_give_the_expected_inputs(name: str) -> None:
     """The vitals fixtures give the inputs listed in tests/fixtures/fhir/EXPECTED.md."""
-    extraction = extract_fixture(name)
-    result = only(extraction)
-    assert extraction.issues == ()
+    ingested = ingest_fixture(name)
+    result = only(ingested)
+    assert ingested.issues == ()
     assert result.subject_reference == EXPECTED_SUBJECTS[name]
     values = {i.name: i.value for i in result.inputs}
     assert values == pytest.approx(EXPECTED_INPUTS[name])
@@ -409,16 +417,15 @@ def test_vitals_fixtures_give_the_expected_inputs(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_MISSING))
 def test_incomplete_fixtures_name_the_missing_inputs(name: str) -> None:
-    """The incomplete fixtures give no inputs, only the missing input names."""
-    extraction = extract_fixture(name)
-    assert extraction.complete == ()
-    [missing] = extraction.incomplete
-    assert missing.missing == EXPECTED_MISSING[name]
+    """The incomplete fixtures give no request, only the missing input names."""
+    ingested = ingest_fixture(name)
+    assert ingested.requests == ()
+    assert ingested.missing == [EXPECTED_MISSING[name]]
 
 
 def test_high_fixture_details() -> None:
     """High: latest heart rate, panel source, encounter and effective_at of the ACVPU reading."""
-    result = only(extract_fixture("vitals-bundle-high.json"))
+    result = only(ingest_fixture("vitals-bundle-high.json"))
     sources = {i.name: i.source_reference for i in result.inputs}
     assert sources["heart_rate"] == "Observation/example-high-hr"
     assert sources["systolic_bp"] == "Observation/example-high-bp"
@@ -428,7 +435,7 @@ def test_high_fixture_details() -> None:
 
 def test_urn_subjects_resolve_in_the_low_fixture() -> None:
     """Low: urn:uuid subjects resolve to Patient/example-low; sources are the urn fullUrls."""
-    result = only(extract_fixture("vitals-bundle-low.json"))
+    result = only(ingest_fixture("vitals-bundle-low.json"))
     assert result.subject_reference == "Patient/example-low"
     used = [i.source_reference for i in result.inputs]
     assert all(s is not None and s.startswith("urn:uuid:") for s in used)

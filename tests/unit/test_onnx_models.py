@@ -24,8 +24,7 @@ from onnx import numpy_helper
 
 from medmesh_contracts.events import FhirVersion
 from medmesh_contracts.modelspec import ModelSpec, load_spec
-from medmesh_ingest.extraction import extract
-from medmesh_ingest.validation import parse
+from tests.ingest_support import ingest
 from tests.modules import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -186,10 +185,10 @@ def test_gbt_probability_rises_with_the_news2_band(sessions: dict[str, Any]) -> 
 
 
 def _ecg_row(name: str, version: FhirVersion, spec: ModelSpec) -> Any:
-    """A committed ECG fixture as ingest extracts it: the tensor row the worker would send."""
-    payload = parse((FIXTURES / name).read_bytes(), None, version)
-    (patient,) = extract(payload.resources, {spec.name: spec}).complete
-    (lead,) = patient.inputs
+    """A committed ECG fixture as ingest sends it for a score: the tensor row the worker sends."""
+    raw = (FIXTURES / name).read_bytes()
+    (request,) = ingest(raw, {spec.name: spec}, fhir_version=version).requests
+    (lead,) = request.inputs
     assert lead.samples is not None
     return np.asarray(lead.samples, dtype=np.float32)
 

@@ -34,6 +34,7 @@ from medmesh_ingest.waveforms import (
     sample_count,
     signal_seconds,
 )
+from tests.ingest_support import ingest
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "fhir"
@@ -239,12 +240,11 @@ def test_a_signal_too_short_is_unreadable() -> None:
 def test_fixture_observation_becomes_a_waveform_input(spec: ModelSpec) -> None:
     """The R4B fixture's lead-II component is 2500 mV samples at 4 ms; value is its last sample
     (in mV, like the unit says) and duration_s how long the signal received lasted."""
-    payload = parse((FIXTURES / "ecg-sinus.json").read_bytes())
-    extraction = extract(payload.resources, {spec.name: spec})
-    assert extraction.issues == ()
-    (patient,) = extraction.complete
-    assert patient.subject_reference == "Patient/example-ecg-sinus"
-    (lead,) = patient.inputs
+    ingested = ingest((FIXTURES / "ecg-sinus.json").read_bytes(), {spec.name: spec})
+    assert ingested.issues == ()
+    (request,) = ingested.requests
+    assert request.subject_reference == "Patient/example-ecg-sinus"
+    (lead,) = request.inputs
     assert lead.samples is not None
     assert (lead.name, lead.unit, lead.period_ms, len(lead.samples)) == (
         "ecg_lead_ii",
@@ -260,9 +260,9 @@ def test_fixture_observation_becomes_a_waveform_input(spec: ModelSpec) -> None:
 
 def test_r4b_and_r5_fixtures_are_read_alike(spec: ModelSpec) -> None:
     """The R5 fixture (lead II Observation, interval + intervalUnit) gives a complete input too."""
-    payload = parse((FIXTURES / "ecg-af-r5.json").read_bytes(), None, "R5")
-    (patient,) = extract(payload.resources, {spec.name: spec}).complete
-    (lead,) = patient.inputs
+    raw = (FIXTURES / "ecg-af-r5.json").read_bytes()
+    (request,) = ingest(raw, {spec.name: spec}, fhir_version="R5").requests
+    (lead,) = request.inputs
     assert lead.period_ms == 4.0
     assert lead.samples is not None
     assert len(lead.samples) == 2500
@@ -277,10 +277,9 @@ def _with_data(name: str, data: str) -> bytes:
 
 def test_a_short_ecg_is_an_error_issue_and_nothing_is_scored(spec: ModelSpec) -> None:
     """3 s of ECG: an error issue naming the SampledData, and the model gets no inputs."""
-    payload = parse(_with_data("ecg-sinus.json", " ".join(["0"] * 1500)))
-    extraction = extract(payload.resources, {spec.name: spec})
-    assert extraction.complete == ()
-    (issue,) = extraction.issues
+    ingested = ingest(_with_data("ecg-sinus.json", " ".join(["0"] * 1500)), {spec.name: spec})
+    assert ingested.requests == ()
+    (issue,) = ingested.issues
     assert issue.severity == "error"
     assert issue.expression == ("Bundle.entry[1].resource.component[0].valueSampledData.data",)
     assert "at least 7.996 s" in issue.diagnostics

@@ -1,7 +1,9 @@
-"""From validated FHIR resources to model inputs: which patient can be scored by which model.
+"""From validated FHIR resources to readings and orders: what a payload gives each model.
 
 For every patient (Observation subject) and every model spec, each spec input takes the latest
 usable reading among the Observations matching any of its sources, converted as the source says.
+Extraction only extracts: whether a patient's readings are complete, and whether to ask for a
+score, is decided by ``readings.merge`` on the patient's whole state.
 Only Observations give readings; a ServiceRequest whose code names a model is an explicit order
 to score its patient now. Patient and Encounter entries matter only as targets of references,
 which validation has already resolved; any other resource is ignored. A reading whose value is
@@ -42,26 +44,6 @@ _T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
-class PatientInputs:
-    """Everything one model needs to score one patient."""
-
-    model: str
-    subject_reference: str
-    encounter_reference: str | None
-    inputs: tuple[ModelInput, ...]
-    effective_at: datetime
-
-
-@dataclass(frozen=True)
-class MissingInputs:
-    """A patient with some readings for a model, but not all the required ones."""
-
-    model: str
-    subject_reference: str
-    missing: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class Reading:
     """One input's reading from a payload, already converted, with its source's version."""
 
@@ -98,14 +80,12 @@ class Order:
 
 @dataclass(frozen=True)
 class Extraction:
-    """What a payload gives each model: complete inputs, incomplete ones, and issues met.
+    """What a payload gives each model: readings, orders, and issues met.
 
     ``readings`` holds every (patient, model) with at least one reading, for the per-patient
     state; ``rejections`` holds errors that make the payload unacceptable (impossible values).
     """
 
-    complete: tuple[PatientInputs, ...]
-    incomplete: tuple[MissingInputs, ...]
     issues: tuple[Issue, ...]
     readings: tuple[PatientReadings, ...] = ()
     orders: tuple[Order, ...] = ()
@@ -141,20 +121,10 @@ class _UnusableValueError(Exception):
         self.rejects_payload = rejects_payload
 
 
-def extract(
-    resources: Sequence[ParsedResource],
-    specs: Mapping[str, ModelSpec],
-    *,
-    received_at: datetime | None = None,
-) -> Extraction:
-    """The inputs of every (patient, model) pair the resources give readings for.
-
-    ``received_at`` is the ``effective_at`` of inputs none of whose readings has a time
-    (default: now).
-    """
+def extract(resources: Sequence[ParsedResource], specs: Mapping[str, ModelSpec]) -> Extraction:
+    """The readings of every (patient, model) pair the resources give readings for, the orders
+    they carry, and the issues met."""
     by_subject, issues = _observations_by_subject(resources)
-    complete: list[PatientInputs] = []
-    incomplete: list[MissingInputs] = []
     found: list[PatientReadings] = []
     rejections: list[Issue] = []
     for subject, patient_observations in by_subject.items():
@@ -176,15 +146,8 @@ def extract(
                     },
                 )
             )
-            result = _inputs_for(spec, subject, readings, received_at)
-            if isinstance(result, PatientInputs):
-                complete.append(result)
-            else:
-                incomplete.append(result)
     orders, order_issues = _orders(resources, specs)
     return Extraction(
-        tuple(complete),
-        tuple(incomplete),
         tuple(dict.fromkeys([*issues, *order_issues])),
         tuple(found),
         orders,
@@ -297,31 +260,7 @@ def _readings_for(
     return found, issues, impossible
 
 
-def _inputs_for(
-    spec: ModelSpec,
-    subject: str,
-    found: Mapping[str, _Reading],
-    received_at: datetime | None,
-) -> PatientInputs | MissingInputs:
-    """The model's inputs for the patient, or the required inputs still missing."""
-    missing = tuple(i.name for i in spec.inputs if i.required and i.name not in found)
-    if missing:
-        return MissingInputs(spec.name, subject, missing)
-    inputs = tuple(_model_input(i, found.get(i.name)) for i in spec.inputs)
-    readings = list(found.values())
-    return PatientInputs(
-        model=spec.name,
-        subject_reference=subject,
-        encounter_reference=_encounter_of(readings),
-        inputs=inputs,
-        effective_at=_effective_at(readings, received_at),
-    )
-
-
-def _model_input(input_spec: InputSpec, reading: _Reading | None) -> ModelInput:
-    if reading is None:
-        default = _given(input_spec.default, f"a default for {input_spec.name}")
-        return ModelInput(name=input_spec.name, value=default, unit=input_spec.unit)
+def _model_input(input_spec: InputSpec, reading: _Reading) -> ModelInput:
     return ModelInput(
         name=input_spec.name,
         value=reading.value,
@@ -332,13 +271,6 @@ def _model_input(input_spec: InputSpec, reading: _Reading | None) -> ModelInput:
         period_ms=reading.period_ms,
         duration_s=reading.duration_s,
     )
-
-
-def _effective_at(readings: Sequence[_Reading], received_at: datetime | None) -> datetime:
-    times = [r.observed_at for r in readings if r.observed_at is not None]
-    if times:
-        return max(times)
-    return received_at or datetime.now(UTC)
 
 
 def _encounter_of(readings: Sequence[_Reading]) -> str | None:

@@ -201,7 +201,7 @@ class IngestService:
                 except FhirRejected as rejected:
                     return Answer(rejected.status, rejected.outcome)
                 notes.extend(fetched_notes)
-        extraction = extract(payload.resources, self.specs, received_at=received_at)
+        extraction = extract(payload.resources, self.specs)
         if extraction.rejections:
             return Answer(INVALID_FHIR, outcome(extraction.rejections))
         return Prepared(
