@@ -71,9 +71,8 @@ class IngestSettings(ServiceSettings):
     # body would otherwise take hundreds of MiB to decode and check.
     max_json_nodes: int = Field(default=100_000, ge=1)
     ingest_group_id: str = "medmesh-ingest"
-    # Inbound events handled per poll (one offset commit each) and the longest wait to fill one.
+    # Inbound events handled per poll at most (one transaction per inbound partition and poll).
     inbound_max_batch: int = 200
-    inbound_batch_wait_ms: int = 5
     # Bearer tokens accepted on /fhir, comma-separated (sources speaking the default version).
     # Without any token (here or in ingest_sources) ingest only listens on loopback.
     ingest_tokens: SecretStr = SecretStr("")
