@@ -9,10 +9,13 @@ from typing import Any
 import pytest
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 
-from medmesh_ingest.outcomes import FhirRejected, Issue, accepted, outcome
-from medmesh_ingest.validation import Limits, fhirpath, parse_payload
+from medmesh_contracts.modelspec import load_specs
+from medmesh_ingest.outcomes import FhirRejected, Issue, outcome
+from medmesh_ingest.validation import Limits, ParsedResource, fhirpath, parse
+from tests.ingest_support import ingest
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "fhir"
+SPECS = load_specs(Path(__file__).parents[2] / "deploy" / "models")
 VALID_FIXTURES = [
     "vitals-bundle-high.json",
     "vitals-bundle-medium.json",
@@ -26,6 +29,13 @@ PHI = ["Thornbury", "Margaret", "MRN-4471902", "1948-03-14", "Larkspur", "HX7 8Q
 
 def fixture(name: str) -> bytes:
     return (FIXTURES / name).read_bytes()
+
+
+def resources(
+    raw: bytes, hint: str | None = None, limits: Limits | None = None
+) -> list[ParsedResource]:
+    """What ingest reads from a payload: the resource itself, or the entries of a Bundle."""
+    return parse(raw, hint, limits=limits or Limits()).resources
 
 
 def observation(**overrides: Any) -> dict[str, Any]:
@@ -49,7 +59,7 @@ def bundle(bundle_type: str, *entries: dict[str, Any]) -> dict[str, Any]:
 def rejection(payload: bytes | dict[str, Any], hint: str | None = None) -> FhirRejected:
     raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     with pytest.raises(FhirRejected) as caught:
-        parse_payload(raw, hint)
+        resources(raw, hint)
     return caught.value
 
 
@@ -82,14 +92,21 @@ def test_empty_outcome_says_no_issues() -> None:
 
 
 def test_accepted_names_the_correlation_ids() -> None:
-    """accepted() is an information outcome naming the correlation ids, then any issues."""
-    warning = Issue("warning", "incomplete", "something was ignored")
-    built = accepted(["c-1", "c-2"], [warning])
+    """A 202's OperationOutcome names the requests it started first, then any issues."""
+    payload = json.loads(fixture("vitals-bundle-high.json"))
+    odd = json.loads(json.dumps(payload["entry"][-2]))  # the latest heart rate, in kg
+    odd["resource"] |= {"id": "example-high-hr-kg"}
+    odd["resource"]["valueQuantity"] |= {"code": "kg", "unit": "kg"}
+    odd["fullUrl"] += "-kg"
+    payload["entry"].append(odd)
+    answer = ingest(json.dumps(payload).encode(), SPECS).answer
+    built = answer.operation_outcome
     OperationOutcome.model_validate(built)
+    assert answer.status == 202
+    (request,) = answer.requests
     assert built["issue"][0]["code"] == "informational"
-    assert "c-1" in built["issue"][0]["diagnostics"]
-    assert "c-2" in built["issue"][0]["diagnostics"]
-    assert built["issue"][1]["severity"] == "warning"
+    assert request.correlation_id in built["issue"][0]["diagnostics"]
+    assert built["issue"][1]["severity"] == "error"
 
 
 def test_fhir_rejected_carries_status_and_outcome() -> None:
@@ -141,7 +158,7 @@ def test_endpoint_type_mismatch_is_rejected() -> None:
 
 def test_endpoint_type_that_matches_is_accepted() -> None:
     """POST /fhir/Observation with an Observation body parses."""
-    [parsed] = parse_payload(fixture("observation-heart-rate.json"), "Observation")
+    [parsed] = resources(fixture("observation-heart-rate.json"), "Observation")
     assert parsed.resource_type == "Observation"
 
 
@@ -233,7 +250,7 @@ def test_valid_service_request_parses() -> None:
         "intent": "order",
         "subject": {"reference": "Patient/p1"},
     }
-    [parsed] = parse_payload(json.dumps(request).encode())
+    [parsed] = resources(json.dumps(request).encode())
     assert parsed.resource_type == "ServiceRequest"
 
 
@@ -331,7 +348,7 @@ def test_diagnostics_never_carry_patient_data() -> None:
 def test_too_many_containers_are_413_before_the_json_is_decoded() -> None:
     """The node count comes first: a body of brackets that is not even JSON is 413, not 400."""
     with pytest.raises(FhirRejected) as caught:
-        parse_payload(b"[{" * 60, limits=Limits(max_nodes=100))
+        resources(b"[{" * 60, limits=Limits(max_nodes=100))
     assert caught.value.status == 413
     (issue,) = caught.value.outcome["issue"]
     assert issue["code"] == "too-costly"
@@ -348,7 +365,7 @@ def test_a_bundle_at_the_entry_limit_is_far_below_the_node_limit() -> None:
     raw = json.dumps(base | {"entry": entries[:1000]})
     assert raw.count("{") + raw.count("[") < Limits().max_nodes / 5
     with pytest.raises(FhirRejected) as caught:
-        parse_payload(json.dumps(base | {"entry": entries}).encode())
+        resources(json.dumps(base | {"entry": entries}).encode())
     assert caught.value.outcome["issue"][0]["expression"] == ["Bundle.entry"]
 
 
@@ -358,12 +375,12 @@ def test_a_bundle_at_the_entry_limit_is_far_below_the_node_limit() -> None:
 @pytest.mark.parametrize("name", VALID_FIXTURES)
 def test_valid_fixtures_parse(name: str) -> None:
     """Every valid fixture parses into resources."""
-    assert parse_payload(fixture(name))
+    assert resources(fixture(name))
 
 
 def test_bundle_entries_are_returned_with_their_location() -> None:
     """A Bundle gives its entries, each with its FHIRPath and fullUrl."""
-    parsed = parse_payload(fixture("vitals-bundle-high.json"))
+    parsed = resources(fixture("vitals-bundle-high.json"))
     assert [p.resource_type for p in parsed[:3]] == ["Patient", "Encounter", "Observation"]
     assert parsed[2].expression == "Bundle.entry[2].resource"
     assert parsed[2].full_url.endswith("/Observation/example-high-rr")  # type: ignore[union-attr]
@@ -374,7 +391,7 @@ def test_bundle_entries_are_returned_with_their_location() -> None:
 
 def test_single_resource_is_returned_alone() -> None:
     """A single resource is returned as one item located at its type."""
-    [parsed] = parse_payload(fixture("observation-heart-rate.json"))
+    [parsed] = resources(fixture("observation-heart-rate.json"))
     assert parsed.expression == "Observation"
     assert parsed.full_url is None
     assert parsed.subject_reference == "Patient/example-high"
@@ -382,7 +399,7 @@ def test_single_resource_is_returned_alone() -> None:
 
 def test_urn_subject_resolves_to_the_patient_id() -> None:
     """A urn:uuid subject becomes Patient/<id> of the entry with that fullUrl."""
-    parsed = parse_payload(fixture("vitals-bundle-low.json"))
+    parsed = resources(fixture("vitals-bundle-low.json"))
     observations = [p for p in parsed if p.resource_type == "Observation"]
     assert {p.subject_reference for p in observations} == {"Patient/example-low"}
     assert all(p.reference and p.reference.startswith("urn:uuid:") for p in observations)
@@ -402,7 +419,7 @@ def test_urn_subject_of_a_patient_without_id_is_rejected() -> None:
 def test_absolute_patient_reference_is_kept_as_written() -> None:
     """An absolute Patient URL is a Patient reference, kept as written."""
     url = "https://ehr.example/fhir/Patient/p1"
-    [parsed] = parse_payload(json.dumps(observation(subject={"reference": url})).encode())
+    [parsed] = resources(json.dumps(observation(subject={"reference": url})).encode())
     assert parsed.subject_reference == url
 
 
@@ -410,7 +427,7 @@ def test_contained_patient_subject_is_accepted_but_not_usable() -> None:
     """A subject pointing at a contained Patient is valid, but gives no reference downstream."""
     contained = [{"resourceType": "Patient", "id": "pat"}]
     resource = observation(contained=contained, subject={"reference": "#pat"})
-    [parsed] = parse_payload(json.dumps(resource).encode())
+    [parsed] = resources(json.dumps(resource).encode())
     assert parsed.subject_reference is None
 
 

@@ -59,15 +59,6 @@ def outcome(issues: Sequence[Issue]) -> dict[str, Any]:
     return {"resourceType": "OperationOutcome", "issue": [i.to_fhir() for i in issues]}
 
 
-def accepted(correlation_ids: Sequence[str], issues: Sequence[Issue] = ()) -> dict[str, Any]:
-    """The OperationOutcome of an accepted payload: which requests it started, then any issues."""
-    if correlation_ids:
-        summary = f"Accepted; inference requested, correlation ids: {', '.join(correlation_ids)}."
-    else:
-        summary = "Accepted; no model had all the inputs it needs."
-    return outcome([Issue("information", "informational", summary), *issues])
-
-
 class FhirRejected(Exception):  # noqa: N818 -- the name says what happened to the payload
     """A payload ingest will not process; ``status`` is the HTTP status, ``outcome`` says why."""
 

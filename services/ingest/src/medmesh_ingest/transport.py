@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from medmesh_contracts.events import FhirVersion
-from medmesh_ingest.outcomes import UNSUPPORTED_VERSION, FhirRejected, rejected
+from medmesh_ingest.outcomes import UNSUPPORTED_VERSION, rejected
 
 _JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 # fhirVersion parameter values (FHIR's version-specific MIME parameter) and what they mean.
@@ -44,12 +44,3 @@ def requested_version(content_type: str | None, default: FhirVersion) -> FhirVer
 def _names(wanted: str, prefix: str) -> bool:
     """Whether a fhirVersion value names the version ``prefix`` (``4.3`` or ``4.3.0``)."""
     return wanted == prefix or wanted.startswith(prefix + ".")
-
-
-def content_type_problem(content_type: str | None) -> FhirRejected | None:
-    """A 415 rejection for a media type or FHIR version ingest does not speak, else None."""
-    try:
-        requested_version(content_type, "R4B")
-    except FhirRejected as problem:
-        return problem
-    return None

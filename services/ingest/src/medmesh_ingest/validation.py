@@ -185,16 +185,6 @@ class Payload:
     notification: Notification | None = None
 
 
-def parse_payload(
-    raw: bytes,
-    resource_type_hint: str | None = None,
-    fhir_version: FhirVersion = "R4B",
-    limits: Limits = Limits(),
-) -> list[ParsedResource]:
-    """The resources of a payload: the resource itself, or the entries of a Bundle (see parse)."""
-    return parse(raw, resource_type_hint, fhir_version, limits).resources
-
-
 def parse(
     raw: bytes,
     resource_type_hint: str | None = None,
