@@ -19,8 +19,8 @@ import pytest
 
 from medmesh_contracts.events import InferenceCompleted, SourceContext
 from medmesh_contracts.modelspec import ModelSpec, load_spec
-from medmesh_reporting.conformance import check_report_bundle
 from medmesh_reporting.report import build_report
+from tests.conformance.report_checks import check_report_bundle
 from tests.factories import make_completed, make_request, make_task
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,8 +13,8 @@ from fhir.resources.R4B.bundle import Bundle
 
 from medmesh_contracts.events import ModelInput
 from medmesh_contracts.modelspec import load_spec
-from medmesh_reporting.conformance import check_report_bundle
 from medmesh_reporting.report import build_report
+from tests.conformance.report_checks import check_report_bundle
 from tests.factories import make_completed, make_request, make_task
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -27,7 +27,7 @@ from medmesh_cli.devstack.stack import Stack, StackConfig
 from medmesh_cli.devstack.triton import is_model_ready
 from medmesh_cli.main import app
 from medmesh_contracts import topics
-from medmesh_reporting.conformance import check_report_bundle
+from tests.conformance.report_checks import check_report_bundle
 from tests.e2e.conftest import (
     E2E_PORT_BASE,
     Record,

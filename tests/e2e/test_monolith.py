@@ -24,8 +24,8 @@ from medmesh_cli.devstack.process import ManagedProcess
 from medmesh_cli.devstack.stack import ServiceSpec, Stack, service_environment
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
-from medmesh_reporting.conformance import check_report_bundle
 from medmesh_reporting.report import report_ids
+from tests.conformance.report_checks import check_report_bundle
 from tests.e2e.conftest import E2E_PORT_BASE, Record, TopicTap, fixture_with_new_patient
 
 MONOLITH_PORT = E2E_PORT_BASE + 70

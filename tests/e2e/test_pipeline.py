@@ -13,7 +13,7 @@ from fhir.resources.R4B.bundle import Bundle
 from medmesh_cli.devstack.stack import Stack
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
-from medmesh_reporting.conformance import check_report_bundle
+from tests.conformance.report_checks import check_report_bundle
 from tests.e2e.conftest import Record, TopicTap, fixture_with_new_patient
 
 HIGH_RISK_BUNDLE = "vitals-bundle-high.json"

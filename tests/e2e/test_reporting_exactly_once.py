@@ -19,7 +19,7 @@ from medmesh_cli.devstack.stack import Stack
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
 from medmesh_contracts.events import to_wire
-from medmesh_reporting.conformance import check_report_bundle
+from tests.conformance.report_checks import check_report_bundle
 from tests.factories import make_completed, make_request, make_task
 
 RESULTS = 1000

@@ -26,8 +26,8 @@ from medmesh_contracts.lifecycle import (
     deploy_version,
     roll_back,
 )
-from medmesh_reporting.conformance import check_report_bundle
 from medmesh_reporting.report import MODEL_VERSION_TAG_SYSTEM
+from tests.conformance.report_checks import check_report_bundle
 from tests.e2e.conftest import Record, TopicTap, fixture_with_new_patient
 from tests.e2e.router_view import current_deployment, wait_for_view
 

@@ -20,7 +20,7 @@ import pytest
 from medmesh_cli.devstack.paths import repo_root, run_dir
 from medmesh_cli.devstack.stack import Stack, StackConfig
 from medmesh_contracts import topics
-from medmesh_reporting.conformance import check_report_bundle
+from tests.conformance.report_checks import check_report_bundle
 from tests.e2e.conftest import E2E_PORT_BASE, Record, TopicTap, e2e_ports, fixture_with_new_patient
 
 FIXTURE_MODELS = Path(__file__).resolve().parents[1] / "fixtures" / "models"

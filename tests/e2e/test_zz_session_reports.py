@@ -7,7 +7,7 @@ from collections import Counter
 
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
-from medmesh_reporting.conformance import check_report_bundle
+from tests.conformance.report_checks import check_report_bundle
 from tests.e2e.conftest import TopicTap
 
 

@@ -20,7 +20,6 @@ from medmesh_contracts import topics
 from medmesh_contracts.events import MessageDeadLettered, Producer, to_wire
 from medmesh_contracts.modelspec import load_specs
 from medmesh_reporting.app import create_app
-from medmesh_reporting.conformance import check_report_bundle
 from medmesh_reporting.handling import ReportHandler
 from medmesh_reporting.settings import ReportingSettings
 from medmesh_runtime.deadletter import dead_letter_record
@@ -32,6 +31,7 @@ from medmesh_runtime.transactional import (
     TransactionalLoop,
     per_record,
 )
+from tests.conformance.report_checks import check_report_bundle
 from tests.factories import make_completed, make_request, make_task
 from tests.service.conftest import SPECS_DIR
 from tests.transactional_kafka import FakeKafka, FakeRecord, run_until

@@ -24,11 +24,11 @@ from medmesh_contracts.lifecycle import seed_deployment
 from medmesh_contracts.modelspec import load_spec
 from medmesh_inference.batching import RetryPolicy, WorkerIdentity
 from medmesh_inference.triton import TritonCallError
-from medmesh_reporting.conformance import check_report_bundle
 from medmesh_reporting.handling import ReportHandler
 from medmesh_router.readiness import Readiness
 from medmesh_router.routing import route
 from medmesh_router.state import RouterState
+from tests.conformance.report_checks import check_report_bundle
 from tests.factories import DETERIORATION_OUTPUTS, make_inputs, make_request
 
 SPEC = load_spec(Path(__file__).resolve().parents[2] / "deploy" / "models" / "deterioration.yaml")

@@ -18,8 +18,8 @@ from medmesh_contracts.results import (
     ScoreReading,
     read_outputs,
 )
-from medmesh_reporting.conformance import check_report_bundle
 from medmesh_reporting.report import ReportBuildError, build_report
+from tests.conformance.report_checks import check_report_bundle
 from tests.factories import make_completed, make_request, make_task
 
 ROOT = Path(__file__).resolve().parents[2]

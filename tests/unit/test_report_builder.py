@@ -15,7 +15,6 @@ from pydantic import ValidationError
 from medmesh_contracts.events import SourceContext
 from medmesh_contracts.headers import FHIR_R4B_JSON, FHIR_R5_JSON
 from medmesh_contracts.modelspec import ModelSpec, RiskScoreOutput, load_spec
-from medmesh_reporting.conformance import check_report_bundle
 from medmesh_reporting.report import (
     AIAST,
     REPORT_IDENTIFIER_SYSTEM,
@@ -24,6 +23,7 @@ from medmesh_reporting.report import (
     report_ids,
     report_schema,
 )
+from tests.conformance.report_checks import check_report_bundle
 from tests.factories import make_completed, make_request, make_task
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,10 +17,10 @@ from medmesh_cli.reports import summarize
 from medmesh_contracts.events import ModelInput, SourceContext
 from medmesh_contracts.modelspec import BandSpec, ModelSpec, RiskScoreOutput, load_spec
 from medmesh_inference.tensors import TaskInputError, input_batch, input_rows
-from medmesh_reporting.conformance import check_report_bundle
 from medmesh_reporting.report import ReportBuildError, build_report
 from medmesh_runtime.kafka import compression_type
 from medmesh_runtime.settings import ServiceSettings
+from tests.conformance.report_checks import check_report_bundle
 from tests.factories import EFFECTIVE_AT, make_completed, make_request, make_task
 
 ROOT = Path(__file__).resolve().parents[2]
