@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from medmesh_cli.devstack.stack import Stack
 from medmesh_contracts import topics
 from medmesh_contracts.events import Producer, ReportUndeliverable, to_wire
-from medmesh_reporting.delivery import Backoff, Deliverer, DeliveryLoop
+from medmesh_reporting.delivery import Deliverer, DeliveryBackoff, DeliveryLoop
 from medmesh_reporting.kafka import delivery_clients
 from medmesh_reporting.settings import ReportingSettings
 from tests.factories import make_completed, make_request, make_task
@@ -94,7 +94,7 @@ async def test_reports_reach_the_fhir_server_once_across_outage_and_restart(stac
         instance_id=f"delivery-test-{run}",
     )
     client = httpx.AsyncClient(transport=httpx.MockTransport(server))
-    deliverer = Deliverer(client, "http://fhir.test/r4", backoff=Backoff(0.05, 0.2, 60.0))
+    deliverer = Deliverer(client, "http://fhir.test/r4", backoff=DeliveryBackoff(0.05, 0.2, 60.0))
     me = Producer(service="reporting", instance=settings.instance_id)
 
     def start() -> asyncio.Task[None]:

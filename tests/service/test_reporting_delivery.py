@@ -16,9 +16,9 @@ from medmesh_contracts import topics
 from medmesh_contracts.events import Producer, ReportUndeliverable
 from medmesh_contracts.modelspec import ModelSpec, load_spec
 from medmesh_reporting.delivery import (
-    Backoff,
     Delivered,
     Deliverer,
+    DeliveryBackoff,
     DeliveryLoop,
     Refused,
     transaction_bundle,
@@ -30,7 +30,7 @@ from tests.service.conftest import SPECS_DIR
 
 BASE = "https://fhir.hospital.test/r4"
 ISSUED = datetime(2026, 11, 23, 8, 31, tzinfo=UTC)
-NO_WAIT = Backoff(initial_s=0.01, max_s=0.05, give_up_after_s=5.0)
+NO_WAIT = DeliveryBackoff(initial_s=0.01, max_s=0.05, give_up_after_s=5.0)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def _report(spec: ModelSpec, correlation_id: str = "req-1") -> dict[str, Any]:
 
 
 def _deliverer(
-    server: FhirTestServer, backoff: Backoff = NO_WAIT, token: str | None = None
+    server: FhirTestServer, backoff: DeliveryBackoff = NO_WAIT, token: str | None = None
 ) -> Deliverer:
     client = httpx.AsyncClient(transport=httpx.MockTransport(server))
 
@@ -131,7 +131,7 @@ async def test_rejected_report_is_refused_with_the_operation_outcome(spec: Model
 async def test_a_server_that_stays_down_is_given_up_on(spec: ModelSpec) -> None:
     """When the backoff runs out, the report is refused with the last problem."""
     server = FhirTestServer(down_for=10_000)
-    backoff = Backoff(initial_s=1.0, max_s=1.0, give_up_after_s=0.0)
+    backoff = DeliveryBackoff(initial_s=1.0, max_s=1.0, give_up_after_s=0.0)
 
     outcome = await _deliverer(server, backoff).deliver(_report(spec))
 

@@ -23,7 +23,7 @@ from medmesh_contracts.events import (
     to_wire,
 )
 from medmesh_inference.batching import ModelUnavailable, Outcome
-from medmesh_inference.circuit import Backoff, CircuitBreaker
+from medmesh_inference.circuit import CircuitBackoff, CircuitBreaker
 from medmesh_inference.heartbeat import HealthMonitor, HeartbeatSource
 from medmesh_inference.worker import LoopTiming, Scored, TaskWorker
 from medmesh_runtime.deadletter import dead_letter_record
@@ -215,7 +215,7 @@ def _worker(
         dead_letter=dead_letter,
         probe=side.probe,
         on_ready=on_ready,
-        breaker=CircuitBreaker(Backoff(0.01, 0.04), time.monotonic),
+        breaker=CircuitBreaker(CircuitBackoff(0.01, 0.04), time.monotonic),
         timing=timing
         or LoopTiming(linger_s=0.01, poll_s=0.01, kafka_retry_s=0.01, retry_backoff_s=0.001),
         clock=time.monotonic,
@@ -470,7 +470,7 @@ async def test_an_open_circuit_polls_gently_instead_of_spinning() -> None:
     kafka, side = FakeKafka(), FakeTritonSide()
     consumer = WorkerConsumer(kafka)
     worker = _worker(kafka, side, [consumer])
-    worker.breaker = CircuitBreaker(Backoff(0.05, 0.1), time.monotonic)
+    worker.breaker = CircuitBreaker(CircuitBackoff(0.05, 0.1), time.monotonic)
     task = asyncio.create_task(worker.run())
     await _eventually(lambda: worker.consuming)
     side.ready_answers = [False] * 1000
@@ -507,7 +507,7 @@ async def test_records_arriving_within_the_linger_join_the_batch() -> None:
 
 def test_backoff_doubles_up_to_the_cap_with_equal_jitter() -> None:
     """Waits lie in [ceiling/2, ceiling]; the ceiling doubles per failure and stops at the cap."""
-    backoff = Backoff(initial_s=0.2, max_s=5.0)
+    backoff = CircuitBackoff(initial_s=0.2, max_s=5.0)
     assert [backoff.ceiling(n) for n in (1, 2, 3, 4, 6)] == [0.2, 0.4, 0.8, 1.6, 5.0]
     assert backoff.delay(3, lambda: 0.0) == pytest.approx(0.4)
     assert backoff.delay(3, lambda: 1.0) == pytest.approx(0.8)
@@ -520,7 +520,7 @@ def _state(breaker: CircuitBreaker) -> str:
 def test_breaker_opens_probes_half_opens_and_closes() -> None:
     """open -> (wait) probe due -> half-open after a good probe -> closed after a served batch."""
     now = [100.0]
-    breaker = CircuitBreaker(Backoff(1.0, 8.0), lambda: now[0], rand=lambda: 1.0)
+    breaker = CircuitBreaker(CircuitBackoff(1.0, 8.0), lambda: now[0], rand=lambda: 1.0)
     assert breaker.record_failure() == pytest.approx(1.0)
     assert breaker.state == "open"
     assert not breaker.fetching

@@ -39,7 +39,7 @@ from medmesh_inference.batching import (
     destination,
     score_tasks,
 )
-from medmesh_inference.circuit import Backoff, CircuitBreaker
+from medmesh_inference.circuit import CircuitBackoff, CircuitBreaker
 from medmesh_inference.heartbeat import HealthMonitor, HeartbeatSource
 from medmesh_inference.metrics import VersionMetrics
 from medmesh_inference.settings import WorkerSettings
@@ -220,7 +220,7 @@ def create_app(settings: WorkerSettings) -> AsgiFastStream:
         probe=triton.ready,
         on_ready=batches.refresh_device_kind,
         breaker=CircuitBreaker(
-            Backoff(
+            CircuitBackoff(
                 settings.circuit_backoff_initial_ms / 1000, settings.circuit_backoff_max_ms / 1000
             ),
             time.monotonic,

@@ -18,8 +18,9 @@ CircuitState = Literal["closed", "open", "half-open"]
 
 
 @dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with equal jitter."""
+class CircuitBackoff:
+    """How long an open circuit waits before its next readiness probe: exponential backoff with
+    equal jitter."""
 
     initial_s: float = 0.2
     max_s: float = 5.0
@@ -38,7 +39,7 @@ class Backoff:
 class CircuitBreaker:
     """The state of the circuit; the worker asks it before fetching and tells it outcomes."""
 
-    backoff: Backoff
+    backoff: CircuitBackoff
     clock: Callable[[], float]
     rand: Callable[[], float] = random.random
     state: CircuitState = "closed"

@@ -17,7 +17,7 @@ from faststream.asgi import AsgiFastStream
 from medmesh_contracts import topics
 from medmesh_contracts.catalog import SpecCatalog
 from medmesh_contracts.events import Producer
-from medmesh_reporting.delivery import Backoff, Deliverer, DeliveryLoop
+from medmesh_reporting.delivery import Deliverer, DeliveryBackoff, DeliveryLoop
 from medmesh_reporting.handling import ReportHandler
 from medmesh_reporting.kafka import delivery_clients
 from medmesh_reporting.settings import ReportingSettings
@@ -107,7 +107,7 @@ async def _deliver(settings: ReportingSettings, fhir_server_url: str) -> None:
             client,
             fhir_server_url,
             token=token,
-            backoff=Backoff(give_up_after_s=settings.delivery_give_up_s),
+            backoff=DeliveryBackoff(give_up_after_s=settings.delivery_give_up_s),
         )
         loop = DeliveryLoop(
             lambda: delivery_clients(settings),

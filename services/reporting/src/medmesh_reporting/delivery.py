@@ -59,8 +59,9 @@ def transaction_bundle(report: JsonDict) -> JsonDict:
 
 
 @dataclass(frozen=True)
-class Backoff:
-    """Pauses between attempts: ``initial_s`` doubling up to ``max_s``, with +-20 % jitter."""
+class DeliveryBackoff:
+    """Pauses between a report's delivery attempts: ``initial_s`` doubling up to ``max_s``, with
+    +-20 % jitter, until ``give_up_after_s``."""
 
     initial_s: float = 0.5
     max_s: float = 30.0
@@ -102,7 +103,7 @@ class Deliverer:
         base_url: str,
         *,
         token: str | None = None,
-        backoff: Backoff | None = None,
+        backoff: DeliveryBackoff | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._client = client
@@ -110,7 +111,7 @@ class Deliverer:
         self._headers = {"content-type": FHIR_JSON, "accept": FHIR_JSON}
         if token:
             self._headers["authorization"] = f"Bearer {token}"
-        self._backoff = backoff or Backoff()
+        self._backoff = backoff or DeliveryBackoff()
         self._sleep = sleep
 
     @property
