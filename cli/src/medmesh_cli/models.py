@@ -60,7 +60,7 @@ from medmesh_contracts.modelspec import (
     load_specs,
     parse_spec,
 )
-from medmesh_runtime.kafka import topic_partitions
+from medmesh_runtime.kafka import read_to_end, topic_partitions
 
 models_app = typer.Typer(
     help="Deploy model versions and steer their rollout (registry: medmesh.models.registry);"
@@ -106,14 +106,12 @@ async def read_topic(bootstrap: str, topic: str) -> list[bytes]:
         partitions = await topic_partitions(consumer, topic)
         if not partitions:
             raise LifecycleError(f"topic {topic} does not exist (is Kafka up?)")
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        end = await consumer.end_offsets(partitions)
         values: list[bytes] = []
-        while any([await consumer.position(p) < end[p] for p in partitions]):
-            batches = await consumer.getmany(*partitions, timeout_ms=1000)
-            for records in batches.values():
-                values.extend(record.value for record in records if record.value)
+        await read_to_end(
+            consumer,
+            partitions,
+            lambda record: values.append(record.value) if record.value else None,
+        )
         return values
     finally:
         await consumer.stop()

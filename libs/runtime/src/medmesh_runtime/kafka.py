@@ -7,11 +7,12 @@ rewinds to the failed record instead), which gives at-least-once processing on e
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -228,3 +229,42 @@ def stage_clients(
             settings, client_id, transaction_timeout_ms=transaction_timeout_ms
         ),
     )
+
+
+async def read_to_end(
+    consumer: AIOKafkaConsumer,
+    partitions: Sequence[TopicPartition],
+    apply: Callable[[Any], None],
+    *,
+    since_ms: int | None = None,
+    timeout_s: float | None = None,
+) -> None:
+    """Hand every record of ``partitions`` to ``apply``, in order per partition, from their
+    beginning (or from the first record at or after ``since_ms``) up to their end at the time
+    of the call; the (started, unsubscribed) consumer is left assigned there, so it can go on
+    following. A read_committed consumer's end is the last stable offset: records of a
+    transaction still open are not waited for.
+
+    TimeoutError after ``timeout_s`` (None: no limit).
+    """
+    # The offsets are looked up before the partitions are assigned: an await between assign()
+    # and the seek lets the fetcher reset the positions (to the end, or the committed offset)
+    # before the seek, and the read then starts in the wrong place.
+    end = await consumer.end_offsets(list(partitions))
+    starts: dict[TopicPartition, Any] = {}
+    if since_ms is not None:
+        starts = await consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
+    consumer.assign(list(partitions))
+    if since_ms is None:
+        await consumer.seek_to_beginning(*partitions)
+    else:
+        for partition in partitions:
+            found_at = starts.get(partition)
+            consumer.seek(partition, end[partition] if found_at is None else found_at.offset)
+    async with asyncio.timeout(timeout_s):
+        while any([await consumer.position(p) < end[p] for p in partitions]):
+            batches = await consumer.getmany(*partitions, timeout_ms=500)
+            for partition, records in batches.items():
+                for record in records:
+                    if record.offset < end[partition]:
+                        apply(record)

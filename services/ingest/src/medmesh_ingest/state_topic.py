@@ -8,8 +8,9 @@ import asyncio
 import contextlib
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.partitioner import murmur2
 from pydantic import ValidationError
 
@@ -17,7 +18,7 @@ from medmesh_contracts import topics
 from medmesh_contracts.events import PatientReadingsUpdated
 from medmesh_ingest.readings import ReadingsStore
 from medmesh_ingest.settings import IngestSettings
-from medmesh_runtime.kafka import aiokafka_security, topic_partitions
+from medmesh_runtime.kafka import aiokafka_security, read_to_end, topic_partitions
 from medmesh_runtime.logging import get_logger
 
 log = get_logger("medmesh.ingest.state")
@@ -74,14 +75,10 @@ class ReadingsFollower:
         parts = await topic_partitions(consumer, topics.INGEST_READINGS)
         if not parts:
             raise RuntimeError(f"topic {topics.INGEST_READINGS} does not exist")
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        end = await consumer.end_offsets(parts)
-        deadline = time.monotonic() + timeout_s
-        while await _behind(consumer, parts, end):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topics.INGEST_READINGS} took over {timeout_s}s")
-            await self._apply_next(consumer, timeout_ms=500)
+        try:
+            await read_to_end(consumer, parts, self._apply_record, timeout_s=timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"reading {topics.INGEST_READINGS} took over {timeout_s}s") from None
         self.forget_stale()  # the topic deletes whole segments, so older states may remain
         # Evicted: states the rebuild read but could not keep under MEDMESH_READINGS_MAX_BYTES.
         log.info(
@@ -98,12 +95,15 @@ class ReadingsFollower:
         batches = await consumer.getmany(timeout_ms=timeout_ms)
         for records in batches.values():
             for record in records:
-                self.applied += 1
-                if record.key is not None and self.store.wrote(
-                    bytes(record.key).decode(errors="replace"), record.offset
-                ):
-                    continue  # this instance's own write, stored when Kafka acknowledged it
-                _apply(self.store, record.value)
+                self._apply_record(record)
+
+    def _apply_record(self, record: Any) -> None:
+        self.applied += 1
+        if record.key is not None and self.store.wrote(
+            bytes(record.key).decode(errors="replace"), record.offset
+        ):
+            return  # this instance's own write, stored when its transaction committed
+        _apply(self.store, record.value)
 
     async def _follow(self, consumer: AIOKafkaConsumer) -> None:
         swept = time.monotonic()
@@ -133,15 +133,6 @@ class ReadingsFollower:
                 await self._task
         if self._consumer is not None:
             await self._consumer.stop()
-
-
-async def _behind(
-    consumer: AIOKafkaConsumer, parts: list[TopicPartition], end: dict[TopicPartition, int]
-) -> bool:
-    for tp in parts:
-        if await consumer.position(tp) < end[tp]:
-            return True
-    return False
 
 
 def _apply(store: ReadingsStore, value: bytes | None) -> None:

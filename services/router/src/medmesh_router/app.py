@@ -60,6 +60,7 @@ from medmesh_runtime.deadletter import DeadLetters, dead_letter_record
 from medmesh_runtime.kafka import (
     aiokafka_security,
     message_headers,
+    read_to_end,
     record_headers,
     stage_clients,
     topic_partitions,
@@ -120,9 +121,12 @@ async def read_topic_to_end(
 ) -> list[Consumed]:
     """Every record of ``topic`` (from ``since`` when given) up to its end at the time of the
     call, in order per partition."""
+    # read_committed: results and failures are produced in transactions (an aborted one is
+    # not evidence), and so is nothing else read here.
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         enable_auto_commit=False,
+        isolation_level="read_committed",
         client_id=f"medmesh-router-start-{settings.instance_id}",
         **aiokafka_security(settings),
     )
@@ -131,31 +135,22 @@ async def read_topic_to_end(
         partitions = await topic_partitions(consumer, topic)
         if not partitions:
             raise RuntimeError(f"topic {topic} does not exist")
-        # The offsets are looked up before the partitions are assigned: an await between
-        # assign() and the seek lets the fetcher reset the positions to the end first.
-        end = await consumer.end_offsets(partitions)
-        starts = {}
-        if since is not None:
-            at_ms = int(since.timestamp() * 1000)
-            starts = await consumer.offsets_for_times(dict.fromkeys(partitions, at_ms))
-        consumer.assign(partitions)
-        if since is None:
-            await consumer.seek_to_beginning(*partitions)
-        else:
-            for partition in partitions:
-                found_at = starts.get(partition)
-                consumer.seek(partition, end[partition] if found_at is None else found_at.offset)
         found: list[Consumed] = []
-        async with asyncio.timeout(settings.router_registry_timeout_s):
-            while any([await consumer.position(p) < end[p] for p in partitions]):
-                batches = await consumer.getmany(*partitions, timeout_ms=500)
-                for records in batches.values():
-                    consumed = (Consumed(r.partition, r.offset, r.value) for r in records)
-                    if apply is None:
-                        found.extend(consumed)
-                    else:
-                        for record in consumed:
-                            apply(record)
+
+        def keep(record: Any) -> None:
+            consumed = Consumed(record.partition, record.offset, record.value)
+            if apply is None:
+                found.append(consumed)
+            else:
+                apply(consumed)
+
+        await read_to_end(
+            consumer,
+            partitions,
+            keep,
+            since_ms=None if since is None else int(since.timestamp() * 1000),
+            timeout_s=settings.router_registry_timeout_s,
+        )
         return found
     finally:
         await consumer.stop()
