@@ -1,8 +1,8 @@
 """Our own conformance checks of a report Bundle: what fhir.resources does not check.
 
-fhir.resources validates structure and datatypes only (BRIEF.md section 5): it accepts
-``status: "bogus"``, a subject that points at an Observation and a reference to a ``urn:uuid`` that
-is nowhere in the Bundle. ``check_report_bundle`` checks those, and the rules medmesh holds its own
+fhir.resources validates structure and datatypes only: it accepts ``status: "bogus"``, a
+subject that points at an Observation and a reference to a ``urn:uuid`` that is nowhere in the
+Bundle. ``check_report_bundle`` checks those, and the rules medmesh holds its own
 reports to (AI label, Provenance, effective and issued times). Each problem is one line that starts
 with a FHIRPath-like location, e.g. ``Bundle.entry[1].resource.ofType(Observation).status``.
 

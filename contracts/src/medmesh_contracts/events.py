@@ -1,7 +1,7 @@
 """The medmesh wire contract, version 1: every event and command that crosses a Kafka topic.
 
-Rules (see BRIEF.md section 2): every message is a frozen pydantic model with an explicit
-``schema`` id; changes within a version are additive only; consumers ignore unknown fields.
+Rules: every message is a frozen pydantic model with an explicit ``schema`` id; changes within a
+version are additive only; consumers ignore unknown fields.
 Commands are imperative (``RequestInference``, ``RunInference``), events past tense
 (``InferenceCompleted``, ``InferenceFailed``, ``FhirEventRejected``, ``MessageDeadLettered``).
 """

@@ -1,4 +1,4 @@
-"""The model spec, version 2: the plugin contract between a model owner and medmesh (BRIEF.md §3).
+"""The model spec, version 2: the plugin contract between a model owner and medmesh.
 
 A model owner adds a model with a Triton model folder plus one spec file, and no service's code
 names the model. The spec speaks in tensors and declared kinds:

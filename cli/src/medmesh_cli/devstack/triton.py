@@ -1,7 +1,7 @@
 """Start the real NVIDIA Triton server of the nvidia-pytriton wheel on a model repository.
 
 The wheel ships ``pytriton/tritonserver/bin/tritonserver`` (Triton 2.51) with the python backend.
-Two traps make it fail when started naively (BRIEF.md section 6), both handled here:
+Two traps make it fail when started naively, both handled here:
 
 - the python backend needs ``triton_python_backend_stub`` for the running Python beside
   ``libtriton_python.so``; the wheel keeps the stubs apart (``python_backend_stubs/3.11/``), so a

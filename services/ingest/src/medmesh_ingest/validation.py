@@ -3,7 +3,8 @@
 ``parse`` turns raw bytes into the resources to consider (and, for Subscription notifications,
 what kind of notification it is and which resources it only names), or raises ``FhirRejected``
 with an OperationOutcome. fhir.resources checks structure and datatypes; it does not check code
-values, reference target types or Bundle types, so the rules of BRIEF.md section 5 are made here.
+values, reference target types or Bundle types, so those checks are made here (the answers they
+give: README.md, "HTTP answers of ingest").
 Size limits are checked before any model is built: the number of JSON objects and arrays
 before the JSON is even decoded (a cheap count of the brackets outside strings, so that no body
 of millions of tiny containers is ever built in memory), then nesting depth and Bundle entries;

@@ -1,4 +1,4 @@
-"""Build the FHIR report for one completed inference: pure, no I/O (BRIEF.md section 5).
+"""Build the FHIR report for one completed inference: pure, no I/O (README.md, "Reports").
 
 ``build_report`` turns an ``InferenceCompleted`` event and the model's spec into a Bundle of type
 ``collection`` holding, in order: the DiagnosticReport, its result Observations, the Device that
