@@ -132,14 +132,21 @@ async def test_flat_ecg_is_reported_unreadable(stack: Stack, tap: TopicTap) -> N
     assert check_report_bundle(report.json()) == []
 
 
+# Bit 5 of a record batch's attributes: a control batch (a transaction's commit or abort
+# marker, written by the broker, never compressed).
+_CONTROL_BATCH = 0b10_0000
+
+
 def _batch_codecs(segment: Path) -> list[int]:
-    """The compression codec of every complete record batch in a Kafka log segment file."""
+    """The compression codec of every complete data batch (not the transaction markers) in a
+    Kafka log segment file."""
     data, position, codecs = segment.read_bytes(), 0, []
     while position + _BATCH_HEADER.size <= len(data):
         _, length, _, _, _, attributes = _BATCH_HEADER.unpack_from(data, position)
         if length <= 0 or position + 12 + length > len(data):
             break
-        codecs.append(attributes & 0b111)
+        if not attributes & _CONTROL_BATCH:
+            codecs.append(attributes & 0b111)
         position += 12 + length
     return codecs
 

@@ -39,7 +39,9 @@ class ReadingsFollower:
     Without following, an instance knew only the states of the start and its own writes, and a
     patient whose readings reached two instances one after the other was never complete on
     either. Following leaves only readings that two instances merge at the same moment (within
-    the topic's replication delay) to race; ``ReadingsStore.put`` keeps the newer state.
+    the topic's replication delay) to race; ``ReadingsStore.put`` then combines the two states
+    (``readings.combine``: each input's latest reading, both sets of answered orders), so
+    neither instance's readings are lost.
     """
 
     def __init__(self, store: ReadingsStore, settings: IngestSettings) -> None:
