@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
+from tenacity import RetryCallState
 
 from medmesh_contracts.events import (
     InferenceCompleted,
@@ -142,9 +143,16 @@ async def test_inputs_in_the_wrong_unit_fail_without_calling_triton() -> None:
 
 def test_backoff_grows_and_is_capped() -> None:
     """Backoff ceilings double per attempt and never exceed the cap."""
-    policy = RetryPolicy(max_attempts=10, initial_backoff_s=0.1, max_backoff_s=1.0)
-    assert all(0 <= policy.backoff(1) <= 0.1 for _ in range(50))
-    assert all(0 <= policy.backoff(8) <= 1.0 for _ in range(50))
+    wait = RetryPolicy(max_attempts=10, initial_backoff_s=0.1, max_backoff_s=1.0).wait()
+
+    def pause_before(attempt: int) -> float:
+        state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]  # the wait reads only the attempt number
+        state.attempt_number = attempt
+        return wait(state)
+
+    assert all(0 <= pause_before(1) <= 0.1 for _ in range(50))
+    assert all(0 <= pause_before(8) <= 1.0 for _ in range(50))
+    assert max(pause_before(8) for _ in range(200)) > 0.5  # the ceiling doubled, then capped
 
 
 async def test_transient_errors_with_the_version_gone_raise_model_unavailable() -> None:

@@ -40,6 +40,7 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from medmesh_runtime.logging import get_logger, redact_text
+from medmesh_runtime.retry import retrying
 from medmesh_runtime.settings import PRODUCER_MAX_REQUEST_SIZE
 
 log = get_logger("medmesh.transactional")
@@ -291,13 +292,13 @@ class PoisonIsolation:
         """Each record's outputs (or its dead letter), in the order of ``records``."""
         if not records:
             return []
+        if len(records) == 1:
+            return [await self._alone(records[0])]
         try:
             produced = await self._handled(records)
         except self.transient:
             raise
         except Exception as exc:  # noqa: BLE001 -- the poll's records are retried one by one
-            if len(records) == 1:
-                return [await self._retried(records[0], exc)]
             self.stats.isolated_polls += 1
             log.warning(
                 "a poll failed: handling its records one at a time",
@@ -316,32 +317,29 @@ class PoisonIsolation:
         return produced
 
     async def _alone(self, record: Any) -> list[OutgoingRecord]:
+        """One record's outputs, tried up to ``max_attempts`` times; else its dead letter."""
         try:
-            produced = await self._handled([record])
+            async for attempt in retrying(
+                self.max_attempts,
+                self.backoff_s,
+                transient=self.transient,
+                sleep=self.sleep,
+                on_retry=self._count_retry,
+            ):
+                with attempt:
+                    produced = await self._handled([record])
         except self.transient:
             raise
-        except Exception as exc:  # noqa: BLE001 -- retried, then dead-lettered
-            return await self._retried(record, exc)
+        except Exception as exc:  # noqa: BLE001 -- every attempt failed: the dead letter
+            return [
+                self._dead_lettered(
+                    record, f"failed {self.max_attempts} times; last error: {_reason(exc)}"
+                )
+            ]
         return self._fitting(record, produced[0])
 
-    async def _retried(self, record: Any, first: Exception) -> list[OutgoingRecord]:
-        error = first
-        for attempt in range(2, self.max_attempts + 1):
-            self.stats.retries += 1
-            await self.sleep(self.backoff_s * 2 ** (attempt - 2))
-            try:
-                produced = await self._handled([record])
-            except self.transient:
-                raise
-            except Exception as exc:  # noqa: BLE001 -- the next attempt, or the dead letter
-                error = exc
-                continue
-            return self._fitting(record, produced[0])
-        return [
-            self._dead_lettered(
-                record, f"failed {self.max_attempts} times; last error: {_reason(error)}"
-            )
-        ]
+    def _count_retry(self) -> None:
+        self.stats.retries += 1
 
     def _fitting(self, record: Any, outputs: Sequence[OutgoingRecord]) -> list[OutgoingRecord]:
         for out in outputs:

@@ -14,8 +14,6 @@ anything is published: a row with NaN, a wrong shape or a band the spec does not
 
 from __future__ import annotations
 
-import asyncio
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +22,12 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
 from medmesh_contracts.events import (
     InferenceCompleted,
@@ -56,10 +60,21 @@ class RetryPolicy:
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 5.0
 
-    def backoff(self, attempt: int) -> float:
-        """Full-jitter exponential backoff before retry number ``attempt`` (1-based)."""
-        ceiling = min(self.max_backoff_s, self.initial_backoff_s * 2 ** (attempt - 1))
-        return random.uniform(0, ceiling)  # noqa: S311 -- jitter, not cryptography
+    def wait(self) -> wait_random_exponential:
+        """Full-jitter exponential backoff: before retry n, a pause drawn from 0 to
+        ``initial_backoff_s * 2 ** (n - 1)``, capped at ``max_backoff_s``."""
+        return wait_random_exponential(multiplier=self.initial_backoff_s, max=self.max_backoff_s)
+
+    def retrying(self) -> AsyncRetrying:
+        """Up to ``max_attempts`` calls while Triton answers with a transient error."""
+        return AsyncRetrying(
+            stop=stop_after_attempt(self.max_attempts),
+            wait=self.wait(),
+            retry=retry_if_exception(
+                lambda exc: isinstance(exc, TritonCallError) and exc.transient
+            ),
+            reraise=True,
+        )
 
 
 @dataclass(frozen=True)
@@ -140,39 +155,37 @@ class _Scoring:
 async def _score_rows(
     tasks: Sequence[RunInference], rows: Sequence[Rows], how: _Scoring
 ) -> list[Outcome]:
-    identity, policy = how.identity, how.policy
-    attempt = 0
-    while True:
-        attempt += 1
-        started = time.perf_counter()
-        try:
-            outputs = await how.infer(input_batch(how.version, rows))
-        except TritonCallError as exc:
-            if exc.transient and attempt < policy.max_attempts:
-                await asyncio.sleep(policy.backoff(attempt))
-                continue
-            # A server going down can also answer with non-transient errors (a stopping python
-            # backend): whatever the error, tasks are failed only while the version is ready.
-            if how.available is not None and not await how.available():
-                raise ModelUnavailable(str(exc)) from exc
-            if exc.transient:
-                return [_failed(t, identity, "retries-exhausted", str(exc), attempt) for t in tasks]
-            if len(tasks) == 1:
-                return [_failed(tasks[0], identity, "invalid-input", str(exc), attempt)]
-            middle = len(tasks) // 2
-            left = await _score_rows(tasks[:middle], rows[:middle], how)
-            right = await _score_rows(tasks[middle:], rows[middle:], how)
-            return [*left, *right]
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        try:
-            per_row = split_outputs(outputs, len(tasks))
-        except ValueError as exc:
-            return [_failed(t, identity, "invalid-output", str(exc), attempt) for t in tasks]
-        done = how.now()
-        return [
-            _completed(task, values, how, len(tasks), elapsed_ms, done, attempt)
-            for task, values in zip(tasks, per_row, strict=True)
-        ]
+    identity = how.identity
+    attempt, started = 0, 0.0
+    try:
+        async for trying in how.policy.retrying():
+            with trying:
+                attempt = trying.retry_state.attempt_number
+                started = time.perf_counter()
+                outputs = await how.infer(input_batch(how.version, rows))
+    except TritonCallError as exc:
+        # A server going down can also answer with non-transient errors (a stopping python
+        # backend): whatever the error, tasks are failed only while the version is ready.
+        if how.available is not None and not await how.available():
+            raise ModelUnavailable(str(exc)) from exc
+        if exc.transient:
+            return [_failed(t, identity, "retries-exhausted", str(exc), attempt) for t in tasks]
+        if len(tasks) == 1:
+            return [_failed(tasks[0], identity, "invalid-input", str(exc), attempt)]
+        middle = len(tasks) // 2
+        left = await _score_rows(tasks[:middle], rows[:middle], how)
+        right = await _score_rows(tasks[middle:], rows[middle:], how)
+        return [*left, *right]
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    try:
+        per_row = split_outputs(outputs, len(tasks))
+    except ValueError as exc:
+        return [_failed(t, identity, "invalid-output", str(exc), attempt) for t in tasks]
+    done = how.now()
+    return [
+        _completed(task, values, how, len(tasks), elapsed_ms, done, attempt)
+        for task, values in zip(tasks, per_row, strict=True)
+    ]
 
 
 def _completed(

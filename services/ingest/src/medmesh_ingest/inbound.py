@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 from opentelemetry.trace import Tracer
+from tenacity import AsyncRetrying
 
 from medmesh_contracts.events import PatientReadingsUpdated
 from medmesh_ingest.outcomes import Issue, outcome
@@ -36,6 +37,7 @@ from medmesh_ingest.service import (
     SourceUnavailableError,
 )
 from medmesh_runtime.logging import get_logger, redact_text
+from medmesh_runtime.retry import retrying
 from medmesh_runtime.telemetry import consumer_span
 from medmesh_runtime.transactional import (
     OutgoingRecord,
@@ -45,6 +47,9 @@ from medmesh_runtime.transactional import (
 )
 
 log = get_logger("medmesh.ingest.inbound")
+
+# Takes a payload's requests instead of their being produced to medmesh.inference.requests.
+DeliverRequests = Callable[[Sequence[Outgoing]], Awaitable[None]]
 
 # Failures that are nobody's event's fault: the poll starts over from the committed offsets.
 _TRANSIENT = (SourceUnavailableError, KafkaUnavailableError, KafkaError, PartitionLostError)
@@ -99,6 +104,7 @@ class InboundPoll:
         max_attempts: int = 3,
         backoff_s: float = 0.2,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        deliver_requests: DeliverRequests | None = None,
     ) -> None:
         self._ingest = ingest
         self._group_id = group_id
@@ -108,7 +114,7 @@ class InboundPoll:
         self.failed_events = 0
         # The monolith topology hands requests to its in-process router instead of producing
         # them (they are delivered before the transaction of the states and offsets commits).
-        self.deliver_requests: Callable[[Sequence[Outgoing]], Awaitable[None]] | None = None
+        self.deliver_requests = deliver_requests
 
     async def __call__(
         self, batch: Mapping[TopicPartition, Sequence[Any]], transactions: PartitionTransactions
@@ -152,18 +158,20 @@ class InboundPoll:
 
     async def _prepared(self, record: Any) -> Prepared | Answer:
         """The event prepared; retried when it fails unforeseen, then rejected."""
-        error: Exception | None = None
-        for attempt in range(1, self._max_attempts + 1):
-            if attempt > 1:
-                await self._sleep(self._backoff_s * 2 ** (attempt - 2))
-            try:
-                return await self._ingest.prepare_inbound(record)
-            except _TRANSIENT:
-                raise
-            except Exception as exc:  # noqa: BLE001 -- this event's failure: retried, then rejected
-                error = exc
-        assert error is not None  # noqa: S101 -- the loop ran at least once
-        return self._failed(record, error)
+        try:
+            async for attempt in self._retrying():
+                with attempt:
+                    return await self._ingest.prepare_inbound(record)
+        except _TRANSIENT:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- this event's failure: rejected
+            return self._failed(record, exc)
+        raise AssertionError("unreachable: tenacity returns or raises")  # pragma: no cover
+
+    def _retrying(self) -> AsyncRetrying:
+        return retrying(
+            self._max_attempts, self._backoff_s, transient=_TRANSIENT, sleep=self._sleep
+        )
 
     def _failed(self, record: Any, error: BaseException) -> Answer:
         self.failed_events += 1
@@ -244,23 +252,14 @@ class InboundPoll:
         """Apply each event in its own transaction; one that keeps failing is rejected."""
         for item in ready:
             upto = item.record.offset + 1
-            error: Exception | None = None
-            for attempt in range(1, self._max_attempts + 1):
-                if attempt > 1:
-                    await self._sleep(self._backoff_s * 2 ** (attempt - 2))
-                try:
-                    await self._apply_once(tp, [item], rejected, start, upto, transactions)
-                except _TRANSIENT:
-                    raise
-                except Exception as exc:  # noqa: BLE001 -- retried, then rejected
-                    error = exc
-                    continue
-                error = None
-                break
-            if error is not None:
-                failure = self._ingest.rejection_record(
-                    item.record, self._failed(item.record, error)
-                )
+            try:
+                async for attempt in self._retrying():
+                    with attempt:
+                        await self._apply_once(tp, [item], rejected, start, upto, transactions)
+            except _TRANSIENT:
+                raise
+            except Exception as exc:  # noqa: BLE001 -- every attempt failed: rejected
+                failure = self._ingest.rejection_record(item.record, self._failed(item.record, exc))
                 await transactions.commit(tp, [*_between(rejected, start, upto), failure], upto)
             start = upto
         if start < end:

@@ -34,6 +34,7 @@ from medmesh_reporting.handling import ConsumedRecord
 from medmesh_reporting.report import JsonDict
 from medmesh_runtime.kafka import message_headers, record_headers
 from medmesh_runtime.logging import get_logger, redact_text
+from medmesh_runtime.retry import retrying
 
 log = get_logger("medmesh.reporting.delivery")
 
@@ -259,19 +260,17 @@ class DeliveryLoop:
         """The deliverer's outcome; an error it raises (a report it cannot handle: the
         deliverer itself retries what the server or the network may fix) is retried, then the
         report is refused with the error's kind, so that it cannot stall the partition."""
-        error: Exception | None = None
-        for attempt in range(1, self.max_attempts + 1):
-            if attempt > 1:
-                await asyncio.sleep(self.retry_backoff_s * 2 ** (attempt - 2))
-            try:
-                return await self._deliverer.deliver(report)
-            except Exception as exc:  # noqa: BLE001 -- retried, then the report is refused
-                error = exc
-        return Refused(
-            f"delivering raised {self.max_attempts} times; last error: "
-            + redact_text(f"{type(error).__name__}: {error}")[:500],
-            self.max_attempts,
-        )
+        try:
+            async for attempt in retrying(self.max_attempts, self.retry_backoff_s):
+                with attempt:
+                    return await self._deliverer.deliver(report)
+        except Exception as exc:  # noqa: BLE001 -- every attempt failed: the report is refused
+            return Refused(
+                f"delivering raised {self.max_attempts} times; last error: "
+                + redact_text(f"{type(exc).__name__}: {exc}")[:500],
+                self.max_attempts,
+            )
+        raise AssertionError("unreachable: tenacity returns or raises")  # pragma: no cover
 
     async def settle(self, record: ConsumedRecord, kafka: EventProducer) -> Outcome:
         """Deliver one report record; record it as undeliverable when the server does not take it."""
