@@ -382,15 +382,20 @@ async def test_a_stall_past_the_session_timeout_loses_no_event_and_duplicates_no
     try:
         worker = await _serving_worker(stack, reader)
         name = worker if stalled == "worker" else stalled
-        fenced_before = _log_count(stack, name, FENCED)
-        unclosed_before = _log_count(stack, name, UNCLOSED)
+        # Logs are appended to across runs and instances: only this run's lines count.
+        before = {
+            (log, text): _log_count(stack, log, text)
+            for log in (name, f"{name}-2")
+            for text in (FENCED, UNCLOSED)
+        }
         extra = await _second_instance(chaos, name, stall)
         run = await _load_with_fault(chaos, lambda: _stall(chaos, name, reader, stall))
         accepted = {e.patient for e in run.events if e.accepted_at is not None}
         await reader.wait_for_all(accepted, REPORTS_WITHIN_S, DUPLICATE_GRACE_S)
-        fenced_extra = _log_count(stack, extra, FENCED)
-        unclosed = _log_count(stack, name, UNCLOSED) - unclosed_before
-        unclosed += _log_count(stack, extra, UNCLOSED)
+        fenced_extra = _log_count(stack, extra, FENCED) - before[extra, FENCED]
+        unclosed = sum(
+            _log_count(stack, log, UNCLOSED) - before[log, UNCLOSED] for log in (name, extra)
+        )
         # The second instance leaves too (its partitions go back to the resumed one): any
         # duplicate of that hand-over is counted as well.
         await loop.run_in_executor(chaos.restarter, stack.stop_instance, extra)
@@ -401,7 +406,7 @@ async def test_a_stall_past_the_session_timeout_loses_no_event_and_duplicates_no
         if extra is not None:
             await loop.run_in_executor(chaos.restarter, stack.stop_instance, extra)
         await reader.stop()
-    fenced = _log_count(stack, name, FENCED) - fenced_before
+    fenced = _log_count(stack, name, FENCED) - before[name, FENCED]
     print(  # noqa: T201 -- shown with pytest -s
         f"\nstall {name}: expelled after {stall.expelled_s} s, {stall.reports_while_stopped} "
         f"reports before that, reports after it {stall.flowing_s} s from SIGSTOP, stopped "
