@@ -293,3 +293,23 @@ async def test_a_partition_not_assigned_here_is_never_committed_nor_its_owner_fe
 
     assert kafka.values(OUT) == [b"owned"]
     assert kafka.transactional_ids == [f"{PREFIX}-{SOURCE}-0"]
+
+
+async def test_a_rebalance_callback_after_close_starts_no_producer() -> None:
+    """A stopped consumer's late assignment callback starts nothing once the transactions are
+    closed, and close waits for starts in flight: no stray producer fences the next loop's."""
+    kafka = FakeKafka()
+    tp = TopicPartition(SOURCE, 0)
+    closed = PartitionTransactions(kafka.producer, GROUP, PREFIX)
+    in_flight = asyncio.create_task(closed.assigned([tp]))
+    await asyncio.sleep(0)
+    await closed.close()
+    assert in_flight.done()
+    await closed.assigned([tp])  # late: after close
+    successor = PartitionTransactions(kafka.producer, GROUP, PREFIX)
+    await successor.assigned([tp])
+
+    await successor.commit(tp, [OutgoingRecord(OUT, None, b"owned")], 1)
+
+    assert kafka.values(OUT) == [b"owned"]
+    assert kafka.transactional_ids == [f"{PREFIX}-{SOURCE}-0", f"{PREFIX}-{SOURCE}-0"]

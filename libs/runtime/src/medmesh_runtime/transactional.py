@@ -137,6 +137,11 @@ class PartitionTransactions:
         self._id_prefix = id_prefix
         self._producers: dict[TopicPartition, TransactionalProducer] = {}
         self._locks: dict[TopicPartition, asyncio.Lock] = {}
+        # Assignments whose producers are starting, and whether ``close`` was called: a closed
+        # instance starts no producer (a late rebalance callback of a stopped consumer would
+        # otherwise start one that fences the producer of the loop's next consumer).
+        self._starting: set[asyncio.Future[list[None]]] = set()
+        self._closed = False
         # An assignment whose producer could not start: the owner must start over (raise_failure)
         # rather than fetch offsets that a predecessor's open transaction may still change.
         self.failure: BaseException | None = None
@@ -155,9 +160,17 @@ class PartitionTransactions:
     async def assigned(self, partitions: Iterable[TopicPartition]) -> None:
         """Start (and so fence the previous owner of) each newly assigned partition's producer,
         all at once: each may wait for its predecessor's open transaction to be aborted."""
-        await asyncio.gather(
+        if self._closed:
+            return
+        starting = asyncio.gather(
             *(self._start_assigned(p) for p in partitions if p not in self._producers)
         )
+        self._starting.add(starting)
+        try:
+            # Shielded: a cancelled callback leaves the starts to finish, for close to stop.
+            await asyncio.shield(starting)
+        finally:
+            self._starting.discard(starting)
 
     async def _start_assigned(self, partition: TopicPartition) -> None:
         try:
@@ -186,7 +199,10 @@ class PartitionTransactions:
                 await _stop_quietly(producer)
 
     async def close(self) -> None:
-        """Stop every producer (the consumer has stopped, or the loop starts over)."""
+        """Stop every producer (the consumer has stopped, or the loop starts over), once the
+        producers still starting have started: none is left running, none starts later."""
+        self._closed = True
+        await asyncio.gather(*self._starting, return_exceptions=True)
         await self.revoked(list(self._producers))
 
     async def commit(
