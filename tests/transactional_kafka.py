@@ -43,6 +43,8 @@ class FakeKafka:
     aborted: int = 0
     fail_sends: int = 0
     fail_starts: int = 0
+    # How long init_transactions takes (a predecessor's open transaction being aborted).
+    start_delay_s: float = 0.0
     transactional_ids: list[str] = field(default_factory=list)
 
     def append(
@@ -119,6 +121,10 @@ class FakeConsumer:
     async def stop(self) -> None:
         """Nothing to release."""
 
+    async def committed(self, partition: TopicPartition) -> int | None:
+        """The group's committed offset of ``partition`` (None: none yet)."""
+        return self._kafka.offsets.get((self._group, partition))
+
     async def getmany(
         self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
     ) -> Mapping[TopicPartition, Sequence[Any]]:
@@ -157,6 +163,7 @@ class FakeProducer:
 
     async def start(self) -> None:
         """init_transactions: bump the id's epoch (fencing older producers with this id)."""
+        await asyncio.sleep(self._kafka.start_delay_s)
         if self._kafka.fail_starts > 0:
             self._kafka.fail_starts -= 1
             raise KafkaConnectionError("broker went away")

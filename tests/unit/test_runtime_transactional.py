@@ -313,3 +313,39 @@ async def test_a_rebalance_callback_after_close_starts_no_producer() -> None:
 
     assert kafka.values(OUT) == [b"owned"]
     assert kafka.transactional_ids == [f"{PREFIX}-{SOURCE}-0", f"{PREFIX}-{SOURCE}-0"]
+
+
+async def test_records_read_before_the_committed_offset_became_final_are_not_committed() -> None:
+    """The committed offset read after the producer fenced the predecessor wins: a first
+    commit of records from an older offset (fetched before) raises PartitionLostError, one
+    from that offset commits."""
+    kafka = FakeKafka()
+    tp = TopicPartition(SOURCE, 0)
+    consumer = kafka.consumer(GROUP)
+    kafka.offsets[(GROUP, tp)] = 2  # the predecessor's last transaction moved it meanwhile
+    transactions = PartitionTransactions(kafka.producer, GROUP, PREFIX)
+    await transactions.assigned([tp], consumer)
+
+    with pytest.raises(PartitionLostError, match="read before the committed offset"):
+        await transactions.commit(tp, [OutgoingRecord(OUT, None, b"again")], 3, first_offset=0)
+    await transactions.assigned([tp], consumer)  # the loop starts over: a new assignment
+    transactions = PartitionTransactions(kafka.producer, GROUP, PREFIX)
+    await transactions.assigned([tp], consumer)
+    await transactions.commit(tp, [OutgoingRecord(OUT, None, b"new")], 3, first_offset=2)
+
+    assert kafka.values(OUT) == [b"new"]
+
+
+async def test_a_commit_arriving_while_its_partition_starts_waits_for_the_producer() -> None:
+    """Records handed out before the assignment callback finished are committed once the
+    partition's producer started, not refused as not held."""
+    kafka = FakeKafka(start_delay_s=0.05)
+    tp = TopicPartition(SOURCE, 0)
+    transactions = PartitionTransactions(kafka.producer, GROUP, PREFIX)
+    assigning = asyncio.create_task(transactions.assigned([tp]))
+    await asyncio.sleep(0.01)  # the start is in flight
+
+    await transactions.commit(tp, [OutgoingRecord(OUT, None, b"early")], 1, first_offset=0)
+    await assigning
+
+    assert kafka.values(OUT) == [b"early"]

@@ -105,6 +105,7 @@ class BatchConsumer(Protocol):
     def subscribe(self, topics: Sequence[str], *, listener: ConsumerRebalanceListener) -> None: ...
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
+    async def committed(self, partition: TopicPartition) -> int | None: ...
     async def getmany(
         self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
     ) -> Mapping[TopicPartition, Sequence[Any]]: ...
@@ -116,6 +117,12 @@ ProducerFactory = Callable[[str], TransactionalProducer]
 BatchHandler = Callable[[Sequence[Any]], Awaitable[Sequence[Sequence[OutgoingRecord]]]]
 # The dead letter of a record and a reason (no patient data: the record is in its payload).
 DeadLetterBuilder = Callable[[Any, str], OutgoingRecord]
+
+
+class CommittedOffsets(Protocol):
+    """The part of an AIOKafkaConsumer that reads its group's committed offset."""
+
+    async def committed(self, partition: TopicPartition) -> int | None: ...
 
 
 class PartitionLostError(Exception):
@@ -142,14 +149,21 @@ class PartitionTransactions:
         # otherwise start one that fences the producer of the loop's next consumer).
         self._starting: set[asyncio.Future[list[None]]] = set()
         self._closed = False
+        # Per partition being started, done once it started (or failed to).
+        self._starts: dict[TopicPartition, asyncio.Future[None]] = {}
+        # A newly assigned partition's committed offset as read after its producer started,
+        # until its first commit checks the records it commits begin there.
+        self._committed: dict[TopicPartition, int] = {}
         # An assignment whose producer could not start: the owner must start over (raise_failure)
         # rather than fetch offsets that a predecessor's open transaction may still change.
         self.failure: BaseException | None = None
         self.transactions = 0
 
-    def listener(self) -> ConsumerRebalanceListener:
-        """The rebalance listener to subscribe with (starts and stops the producers)."""
-        return _Listener(self)
+    def listener(self, consumer: CommittedOffsets | None = None) -> ConsumerRebalanceListener:
+        """The rebalance listener to subscribe ``consumer`` with: it starts and stops the
+        producers, and reads each assigned partition's committed offset again once its producer
+        started (see ``commit``)."""
+        return _Listener(self, consumer)
 
     def raise_failure(self) -> None:
         """Raise the error of an assignment whose producer did not start (None: nothing)."""
@@ -157,14 +171,19 @@ class PartitionTransactions:
             failure, self.failure = self.failure, None
             raise failure
 
-    async def assigned(self, partitions: Iterable[TopicPartition]) -> None:
+    async def assigned(
+        self, partitions: Iterable[TopicPartition], consumer: CommittedOffsets | None = None
+    ) -> None:
         """Start (and so fence the previous owner of) each newly assigned partition's producer,
-        all at once: each may wait for its predecessor's open transaction to be aborted."""
+        all at once: each may wait for its predecessor's open transaction to be aborted. Then
+        read the partition's committed offset again: only now is it final."""
         if self._closed:
             return
-        starting = asyncio.gather(
-            *(self._start_assigned(p) for p in partitions if p not in self._producers)
-        )
+        new = [p for p in partitions if p not in self._producers]
+        loop = asyncio.get_running_loop()
+        for partition in new:  # before any await: a commit arriving meanwhile waits for these
+            self._starts[partition] = loop.create_future()
+        starting = asyncio.gather(*(self._start_assigned(p, consumer) for p in new))
         self._starting.add(starting)
         try:
             # Shielded: a cancelled callback leaves the starts to finish, for close to stop.
@@ -172,15 +191,25 @@ class PartitionTransactions:
         finally:
             self._starting.discard(starting)
 
-    async def _start_assigned(self, partition: TopicPartition) -> None:
+    async def _start_assigned(
+        self, partition: TopicPartition, consumer: CommittedOffsets | None
+    ) -> None:
         try:
             await self._start(partition)
+            if consumer is not None:
+                committed = await consumer.committed(partition)
+                if committed is not None:
+                    self._committed[partition] = committed
         except asyncio.CancelledError:
             if _cancelled_from_outside():
                 raise
             self._failed(partition, RuntimeError("CancelledError raised inside aiokafka"))
         except Exception as exc:  # noqa: BLE001 -- kept: the loop raises it and starts over
             self._failed(partition, exc)
+        finally:
+            started = self._starts.pop(partition, None)
+            if started is not None and not started.done():
+                started.set_result(None)
 
     def _failed(self, partition: TopicPartition, exc: BaseException) -> None:
         log.warning(
@@ -206,17 +235,35 @@ class PartitionTransactions:
         await self.revoked(list(self._producers))
 
     async def commit(
-        self, partition: TopicPartition, outputs: Sequence[OutgoingRecord], next_offset: int
+        self,
+        partition: TopicPartition,
+        outputs: Sequence[OutgoingRecord],
+        next_offset: int,
+        *,
+        first_offset: int | None = None,
     ) -> list[Any]:
-        """Produce ``outputs`` and move ``partition``'s committed offset to ``next_offset``, in
-        one transaction; each output's RecordMetadata. ``PartitionLostError`` when another
-        instance owns the partition."""
+        """Produce ``outputs`` (made of the records from ``first_offset``) and move
+        ``partition``'s committed offset to ``next_offset``, in one transaction; each output's
+        RecordMetadata. ``PartitionLostError`` when another instance owns the partition, or
+        when the first commit after an assignment would start elsewhere than the committed
+        offset read once this instance had fenced the previous owner: aiokafka may fetch (and
+        hand out) records from an offset read before that, which a predecessor finishing its
+        last transaction can still move on."""
+        starting = self._starts.get(partition)
+        if starting is not None:
+            await asyncio.shield(starting)
         async with self._lock(partition):
             producer = self._producers.get(partition)
             if producer is None:
                 # Not (or no longer) this instance's: revoked, fenced, or its start failed (the
                 # loop then starts over). Starting a producer here would fence the owner.
-                raise PartitionLostError(str(partition))
+                raise PartitionLostError(f"{partition} is not held by this instance")
+            committed = self._committed.pop(partition, None)
+            if committed is not None and first_offset is not None and first_offset != committed:
+                raise PartitionLostError(
+                    f"{partition}: records from offset {first_offset} were read before the "
+                    f"committed offset became final ({committed})"
+                )
             await producer.begin_transaction()
             try:
                 deliveries = [await _send(producer, out) for out in outputs]
@@ -227,7 +274,9 @@ class PartitionTransactions:
                 # Nothing of this transaction becomes visible; the producer is dead for good.
                 self._producers.pop(partition, None)
                 await _stop_quietly(producer)
-                raise PartitionLostError(str(partition)) from fenced
+                raise PartitionLostError(
+                    f"another instance owns {partition} now (this one was fenced)"
+                ) from fenced
             except BaseException:
                 try:
                     await producer.abort_transaction()
@@ -260,8 +309,11 @@ async def _send(producer: TransactionalProducer, out: OutgoingRecord) -> Awaitab
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
-    def __init__(self, transactions: PartitionTransactions) -> None:
+    def __init__(
+        self, transactions: PartitionTransactions, consumer: CommittedOffsets | None
+    ) -> None:
         self._transactions = transactions
+        self._consumer = consumer
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         revoked = list(revoked)
@@ -271,7 +323,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         assigned = list(assigned)
-        await self._transactions.assigned(assigned)
+        await self._transactions.assigned(assigned, self._consumer)
         log.info("partitions assigned", partitions=sorted(str(tp) for tp in assigned))
 
 
@@ -444,6 +496,7 @@ class CommitOutputs:
                 tp,
                 [out for record in partition for out in by_record[_position(record)]],
                 partition[-1].offset + 1,
+                first_offset=partition[0].offset,
             )
             for tp, partition in batch.items()
         )
@@ -495,7 +548,7 @@ class TransactionalLoop:
                 # the loop silently while the process stays up (found by tests/chaos).
                 self._starting_over("CancelledError raised inside the Kafka client")
             except PartitionLostError as lost:
-                self._starting_over(f"another instance owns {lost} now (this one was fenced)")
+                self._starting_over(str(lost))
             except Exception as exc:  # noqa: BLE001 -- logged, then the loop starts over
                 self._starting_over(f"{type(exc).__name__}: {exc}")
             finally:
@@ -513,7 +566,7 @@ class TransactionalLoop:
         )
 
     async def _serve(self, consumer: BatchConsumer, transactions: PartitionTransactions) -> None:
-        consumer.subscribe(list(self._settings.topics), listener=transactions.listener())
+        consumer.subscribe(list(self._settings.topics), listener=transactions.listener(consumer))
         await consumer.start()
         self.ready = True
         log.info("consume loop started", topics=list(self._settings.topics))

@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from medmesh_contracts.events import InferenceFailed, RunInference
 from medmesh_inference.batching import ModelUnavailable, Outcome
-from medmesh_inference.circuit import CircuitBreaker
+from medmesh_inference.circuit import CircuitBreaker, wait_until_ready
 from medmesh_runtime.logging import get_logger, redact_text
 from medmesh_runtime.transactional import (
     OutgoingRecord,
@@ -62,6 +62,7 @@ class Consumer(Protocol):
     def subscribe(self, topics: Sequence[str], *, listener: ConsumerRebalanceListener) -> None: ...
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
+    async def committed(self, partition: TopicPartition) -> int | None: ...
     async def getmany(
         self, *partitions: Any, timeout_ms: int = 0, max_records: int | None = None
     ) -> Mapping[Any, Sequence[Any]]: ...
@@ -266,7 +267,7 @@ class TaskWorker:
         transactions = PartitionTransactions(self._make_producer, self.group_id, self.group_id)
         consumer = self._make_consumer()
         self._consumer, self._transactions = consumer, transactions
-        consumer.subscribe([self.topic], listener=transactions.listener())
+        consumer.subscribe([self.topic], listener=transactions.listener(consumer))
         await consumer.start()
 
     async def _rejoin(self, reason: str) -> None:
@@ -297,15 +298,13 @@ class TaskWorker:
 
     async def _wait_until_ready(self) -> None:
         """Probe with the breaker's backoff until the version is ready (or the worker stops)."""
-        while not self._stopping.is_set():
+
+        async def probe() -> bool:
             self.stats.probes += 1
-            if await self._probe():
-                self.breaker.record_success()
-                await self._on_ready()
-                return
-            wait = self.breaker.record_failure()
-            log.info("waiting for the model version to be ready", retry_in_s=round(wait, 2))
-            await self._wait(wait)
+            return await self._probe()
+
+        if await wait_until_ready(probe, self.breaker, self._wait, stopped=self._stopping.is_set):
+            await self._on_ready()
 
     async def step(self) -> None:
         """One turn of the loop: a probe while the circuit is open, else one batch."""
@@ -424,10 +423,13 @@ class TaskWorker:
         by_partition: dict[TopicPartition, list[OutgoingRecord]] = {}
         for record, outs in zip(records, outputs, strict=True):
             by_partition.setdefault(TopicPartition(record.topic, record.partition), []).extend(outs)
-        after = next_offsets(records)
+        after, first = next_offsets(records), first_offsets(records)
         partitions = list(by_partition)
         results = await asyncio.gather(
-            *(self.transactions.commit(tp, by_partition[tp], after[tp]) for tp in partitions),
+            *(
+                self.transactions.commit(tp, by_partition[tp], after[tp], first_offset=first[tp])
+                for tp in partitions
+            ),
             return_exceptions=True,
         )
         failed = {

@@ -231,14 +231,14 @@ class InboundPoll:
                 *self._ingest.state_records(states),
                 *_between(rejected, start, upto),
             ]
-            written = await transactions.commit(tp, outputs, upto)
+            written = await transactions.commit(tp, outputs, upto, first_offset=start)
             committed = True
             return [getattr(w, "offset", None) for w in written[len(requests) :][: len(states)]]
 
         if ready:
             await self._ingest.service.apply([r.prepared for r in ready], publish)
         if not committed:
-            await transactions.commit(tp, _between(rejected, start, end), end)
+            await transactions.commit(tp, _between(rejected, start, end), end, first_offset=start)
 
     async def _apply_alone(
         self,
@@ -260,7 +260,9 @@ class InboundPoll:
                 raise
             except Exception as exc:  # noqa: BLE001 -- every attempt failed: rejected
                 failure = self._ingest.rejection_record(item.record, self._failed(item.record, exc))
-                await transactions.commit(tp, [*_between(rejected, start, upto), failure], upto)
+                await transactions.commit(
+                    tp, [*_between(rejected, start, upto), failure], upto, first_offset=start
+                )
             start = upto
         if start < end:
-            await transactions.commit(tp, _between(rejected, start, end), end)
+            await transactions.commit(tp, _between(rejected, start, end), end, first_offset=start)
