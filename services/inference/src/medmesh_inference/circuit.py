@@ -1,4 +1,6 @@
-"""A circuit breaker around one Triton model version. No I/O: the clock and randomness are injected.
+"""A circuit breaker around one Triton model version, and the wait for the version to be ready at
+start (``wait_until_ready``: a worker's, and the monolith's for each version). No I/O: the clock,
+randomness, the readiness probe and the sleep are injected.
 
 closed: tasks flow. open: the worker fetches nothing and waits for ``retry_at``. half-open: a
 readiness probe succeeded, the worker fetches again, and the next batch is the trial; its success
@@ -10,9 +12,13 @@ fixed, half random, so many workers probing one restarted server do not arrive i
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
+
+from medmesh_runtime.logging import get_logger
+
+log = get_logger("medmesh.inference.worker")
 
 CircuitState = Literal["closed", "open", "half-open"]
 
@@ -88,3 +94,23 @@ class CircuitBreaker:
         self.state = "closed"
         self.failures = 0
         self.retry_at = 0.0
+
+
+async def wait_until_ready(
+    probe: Callable[[], Awaitable[bool]],
+    breaker: CircuitBreaker,
+    sleep: Callable[[float], Awaitable[None]],
+    *,
+    stopped: Callable[[], bool] = lambda: False,
+    **about: object,
+) -> bool:
+    """Probe with the breaker's backoff until the version is ready (the circuit closed): True;
+    False when ``stopped`` says so first. ``about`` names the version in the waits' log lines."""
+    while not stopped():
+        if await probe():
+            breaker.record_success()
+            return True
+        wait = breaker.record_failure()
+        log.info("waiting for the model version to be ready", retry_in_s=round(wait, 2), **about)
+        await sleep(wait)
+    return False
