@@ -42,7 +42,6 @@ from medmesh_contracts.lifecycle import (
     ModelDeployment,
     decision,
     rollout_active,
-    seed_deployment,
 )
 from medmesh_router.analysis import Analysis, headlines
 from medmesh_router.readiness import Readiness
@@ -55,6 +54,7 @@ from medmesh_router.routing import (
     route_wire,
 )
 from medmesh_router.settings import RouterSettings
+from medmesh_router.startup import apply_registry, parse_record, seed_unknown
 from medmesh_router.state import RouterState
 from medmesh_runtime.deadletter import DeadLetters, dead_letter_record
 from medmesh_runtime.kafka import (
@@ -78,7 +78,6 @@ from medmesh_runtime.transactional import (
 )
 
 SERVICE = "router"
-Parsed = TypeVar("Parsed", ModelDeployment, WorkerHeartbeat, InferenceCompleted, InferenceFailed)
 Outcome = TypeVar("Outcome", InferenceCompleted, InferenceFailed)
 log = get_logger("medmesh.router")
 
@@ -236,30 +235,19 @@ class Router:
     async def load(self) -> None:
         """Rebuild the state from the registry; seed models the registry does not know yet."""
         now = utc_now()
-        for record in await self._read_to_end(self.settings, topics.MODELS_REGISTRY):
-            self.loaded[(topics.MODELS_REGISTRY, record.partition)] = record.offset
-            deployment = _parse(ModelDeployment, record)
-            if deployment is not None:
-                self._learn_versions(deployment)
-                self.state.apply(deployment, now)
+        registry = await self._read_to_end(self.settings, topics.MODELS_REGISTRY)
+        last = apply_registry(self.state, registry, now, learn=self._learn_versions)
+        for partition, offset in last.items():
+            self.loaded[(topics.MODELS_REGISTRY, partition)] = offset
         for record in await self._read_to_end(self.settings, topics.MODELS_STATUS):
             self.loaded[(topics.MODELS_STATUS, record.partition)] = record.offset
-            beat = _parse(WorkerHeartbeat, record)
+            beat = parse_record(WorkerHeartbeat, record)
             if beat is not None:
                 self.state.readiness.observe(beat)
         self.state.refresh(now)  # readiness as of now: a restart audits no change
         await self._rebuild_figures(now)
-        for name, spec in self.specs.items():
-            if name in self.state.deployments:
-                continue
-            seeded = seed_deployment(
-                name,
-                spec.routing.weights,
-                self.producer,
-                now,
-                f"router:{self.settings.instance_id}",
-            )
-            self.state.apply(seeded, now)
+        changed_by = f"router:{self.settings.instance_id}"
+        for seeded in seed_unknown(self.state, self.producer, now, changed_by):
             audit = decision(
                 None,
                 seeded,
@@ -296,13 +284,13 @@ class Router:
         read = [0]
 
         def completed(record: Consumed) -> None:
-            event = _parse(InferenceCompleted, record, owned=False)
+            event = parse_record(InferenceCompleted, record, owned=False)
             if event is not None:
                 self.analysis.completed(event)
                 read[0] += 1
 
         def failed(record: Consumed) -> None:
-            event = _parse(InferenceFailed, record, owned=False)
+            event = parse_record(InferenceFailed, record, owned=False)
             if event is not None:
                 self.analysis.failed(event)
                 read[0] += 1
@@ -550,17 +538,3 @@ def create_app(
         after_startup=[router.started],
         on_shutdown=[router.stopping],
     )
-
-
-def _parse(model: type[Parsed], record: Consumed, *, owned: bool = True) -> Parsed | None:
-    """A record read at start as ``model``; None for tombstones and bad records. A bad record of
-    a topic the router owns is logged; results and failures (``owned=False``) are reporting's,
-    whose dead letter already names them, as for the followers."""
-    if not record.value:
-        return None
-    try:
-        return model.model_validate_json(record.value)
-    except ValidationError as exc:
-        if owned:
-            log.warning("record ignored at start", offset=record.offset, error=str(exc))
-        return None
