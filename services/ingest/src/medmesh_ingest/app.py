@@ -9,7 +9,7 @@ one transaction (acks=all); otherwise 503 with Retry-After.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
@@ -39,7 +39,7 @@ from medmesh_contracts.modelspec import load_specs
 from medmesh_ingest.auth import Authenticator, Source, check_listen_address
 from medmesh_ingest.capability import capability_statement
 from medmesh_ingest.fetch import http_fetcher
-from medmesh_ingest.inbound import InboundPoll
+from medmesh_ingest.inbound import DeliverRequests, InboundPoll
 from medmesh_ingest.outcomes import TOO_LARGE, FhirRejected, Issue, outcome
 from medmesh_ingest.pseudonym import Pseudonymizer
 from medmesh_ingest.readings import ReadingsStore, state_key
@@ -87,9 +87,18 @@ log = get_logger("medmesh.ingest")
 class Ingest:
     """The two entrypoints (HTTP and inbound topic) over one IngestService and its publishers."""
 
-    def __init__(self, settings: IngestSettings, broker: KafkaBroker, tracer: Tracer) -> None:
+    def __init__(
+        self,
+        settings: IngestSettings,
+        broker: KafkaBroker,
+        tracer: Tracer,
+        *,
+        publish_requests: DeliverRequests | None = None,
+    ) -> None:
         self.settings = settings
         self.tracer = tracer
+        # None: requests are produced to medmesh.inference.requests with the patient states.
+        self.publish_requests = publish_requests
         self.specs = load_specs(settings.model_specs_dir)
         self.auth = Authenticator(settings)
         self.producer = Producer(service=SERVICE, instance=settings.instance_id)
@@ -127,7 +136,11 @@ class Ingest:
         payloads: int,
     ) -> list[int | None]:
         """Commit an HTTP payload's requests and patient states in one transaction (shared with
-        concurrent payloads: group commit); each state's offset on its topic."""
+        concurrent payloads: group commit); each state's offset on its topic. With
+        ``publish_requests``, the requests are handed to it first and only the states commit."""
+        if self.publish_requests is not None:
+            await self.publish_requests(requests)
+            requests = ()
         if self.group_commit is None:
             raise KafkaUnavailableError("ingest has not started its Kafka producer")
         written = await self.group_commit.publish(
@@ -338,8 +351,18 @@ def unauthorized(trace_id: str) -> Response:
     return response
 
 
+async def _nothing() -> None:
+    """No hook: ingest as a service."""
+
+
 def create_app(
-    settings: IngestSettings, *, service: str = SERVICE, clients: StageClients | None = None
+    settings: IngestSettings,
+    *,
+    service: str = SERVICE,
+    clients: StageClients | None = None,
+    publish_requests: DeliverRequests | None = None,
+    on_start: Callable[[], Awaitable[None]] = _nothing,
+    on_stop: Callable[[], Awaitable[None]] = _nothing,
 ) -> FastAPI:
     """Build the ingest ASGI app; Kafka connects in its lifespan, not here.
 
@@ -347,15 +370,28 @@ def create_app(
     same app as "monolith"). ``clients`` replaces the transactional Kafka clients (tests:
     in-memory fakes). Raises ValueError when asked to listen beyond loopback without bearer
     tokens.
+
+    The monolith's points of composition (by default: ingest as a service): ``publish_requests``
+    takes every payload's requests, from HTTP and from the inbound topic, instead of their being
+    produced (the patient states still commit to Kafka in their transaction); ``on_start`` is
+    awaited before ingest starts anything, ``on_stop`` once it takes no more payloads (the
+    inbound poll stopped) and before its Kafka clients stop.
     """
     check_listen_address(settings)
     runtime = ServiceRuntime.build(service, settings, settings.ingest_group_id)
     broker = runtime.broker
-    ingest = Ingest(settings, broker, runtime.tracer_provider.get_tracer("medmesh.ingest"))
+    ingest = Ingest(
+        settings,
+        broker,
+        runtime.tracer_provider.get_tracer("medmesh.ingest"),
+        publish_requests=publish_requests,
+    )
     kafka = clients or stage_clients(
         settings, f"medmesh-{service}-{settings.instance_id}", settings.ingest_group_id
     )
-    ingest.inbound = InboundPoll(ingest, settings.ingest_group_id)
+    ingest.inbound = InboundPoll(
+        ingest, settings.ingest_group_id, deliver_requests=publish_requests
+    )
     inbound = TransactionalLoop(
         kafka,
         ingest.inbound,
@@ -369,6 +405,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await on_start()
         if settings.pseudonym_key.get_secret_value() == DEVELOPMENT_PSEUDONYM_KEY:
             log.warning("development pseudonym key in use; set MEDMESH_PSEUDONYM_KEY in production")
         if not ingest.auth.required:
@@ -393,6 +430,7 @@ def create_app(
             ingest.ready = False
             inbound_task.cancel()
             await asyncio.gather(inbound_task, return_exceptions=True)
+            await on_stop()
             await ingest.group_commit.stop()
             await broker.stop()
             await follower.stop()
