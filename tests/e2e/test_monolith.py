@@ -1,6 +1,6 @@
 """The monolith topology beside the services on the session's Kafka and Triton: same reports.
 
-The monolith process (``python -m medmesh_cli.monolith``) runs for this module only, on its own
+The monolith process (``python -m medmesh_monolith``) runs for this module only, on its own
 HTTP port and its own inbound consumer group (starting at the inbound topic's current end, so it
 never replays other tests' events). Its reports go to the same medmesh.reports.diagnostic, each
 with its own correlation id, so the session's audit of every report still holds.
@@ -58,7 +58,7 @@ async def monolith(stack: Stack) -> AsyncIterator[str]:
     await _start_inbound_group_at_end(stack.config.bootstrap, group_id)
     spec = ServiceSpec(
         "monolith",
-        "medmesh_cli.monolith",
+        "medmesh_monolith",
         MONOLITH_PORT,
         {
             "MEDMESH_INGEST_PORT": str(MONOLITH_PORT),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -15,23 +16,28 @@ from opentelemetry import trace
 from medmesh_cli.bench.stats import summarize
 from medmesh_cli.bench.topology import Level, capacity, hop_figures, machine_details
 from medmesh_cli.devstack.stack import StackConfig, service_specs
-from medmesh_cli.monolith.pipeline import InProcessPipeline, Pending, VersionStage
 from medmesh_cli.ops.waterfall import Span
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
-from medmesh_contracts.events import Producer, utc_now
-from medmesh_contracts.lifecycle import seed_deployment
+from medmesh_contracts.events import Producer, to_wire, utc_now
+from medmesh_contracts.lifecycle import deploy_version, seed_deployment
 from medmesh_contracts.modelspec import load_spec
 from medmesh_inference.batching import RetryPolicy, WorkerIdentity
 from medmesh_inference.triton import TritonCallError
+from medmesh_monolith.app import load_routing
+from medmesh_monolith.pipeline import InProcessPipeline, Pending, VersionStage
+from medmesh_monolith.settings import MonolithSettings
 from medmesh_reporting.handling import ReportHandler
+from medmesh_router.app import Consumed
 from medmesh_router.readiness import Readiness
 from medmesh_router.routing import route
+from medmesh_router.settings import RouterSettings
 from medmesh_router.state import RouterState
 from tests.conformance.report_checks import check_report_bundle
 from tests.factories import DETERIORATION_OUTPUTS, make_inputs, make_request
 
-SPEC = load_spec(Path(__file__).resolve().parents[2] / "deploy" / "models" / "deterioration.yaml")
+SPECS = Path(__file__).resolve().parents[2] / "deploy" / "models"
+SPEC = load_spec(SPECS / "deterioration.yaml")
 PRODUCER = Producer(service="monolith", instance="test")
 POISON_HEART_RATE = 999.0
 
@@ -181,11 +187,46 @@ async def test_take_batch_takes_what_is_queued_up_to_the_batch_size() -> None:
     assert len(await pipeline.take_batch(queue, 3)) == 2
 
 
+async def test_routing_loads_the_registry_then_seeds_the_rest_as_the_router_does() -> None:
+    """The monolith starts from the registry's records (the router's start-up code) and seeds
+    the models the registry lacks from their spec weights, as written by "monolith"."""
+    specs = {SPEC.name: SPEC}
+    known = deploy_version(
+        seed_deployment(SPEC.name, {1: 100}, PRODUCER, utc_now(), "t"), 2, PRODUCER, utc_now(), "t"
+    )
+    settings = MonolithSettings(model_specs_dir=SPECS)
+
+    async def read(
+        _settings: RouterSettings,
+        topic: str,
+        since: datetime | None = None,
+        apply: Callable[[Consumed], None] | None = None,
+    ) -> list[Consumed]:
+        return [Consumed(0, 0, to_wire(known))] if topic == topics.MODELS_REGISTRY else []
+
+    registered = RouterState(specs, Readiness(require_heartbeats=False))
+    await load_routing(registered, settings, PRODUCER, read)
+    assert registered.deployments[SPEC.name] == known
+
+    async def empty(
+        _settings: RouterSettings,
+        topic: str,
+        since: datetime | None = None,
+        apply: Callable[[Consumed], None] | None = None,
+    ) -> list[Consumed]:
+        return []
+
+    seeded = RouterState(specs, Readiness(require_heartbeats=False))
+    await load_routing(seeded, settings, PRODUCER, empty)
+    assert seeded.deployments[SPEC.name].weights == SPEC.routing.weights
+    assert seeded.deployments[SPEC.name].changed_by == "monolith"
+
+
 def test_monolith_topology_is_one_process_on_ingests_port() -> None:
-    """The stack's monolith topology starts one process, medmesh_cli.monolith, on ingest's port."""
+    """The stack's monolith topology starts one process, medmesh_monolith, on ingest's port."""
     config = StackConfig(topology="monolith")
     assert [(s.name, s.module, s.port) for s in service_specs(config)] == [
-        ("monolith", "medmesh_cli.monolith", config.ports.ingest)
+        ("monolith", "medmesh_monolith", config.ports.ingest)
     ]
 
 

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-import medmesh_cli.monolith.__main__ as monolith_main
 import medmesh_ingest.__main__ as ingest_main
+import medmesh_monolith.__main__ as monolith_main
 from medmesh_cli.devstack.stack import ServiceSpec, StackConfig, service_environment
 from medmesh_ingest.settings import (
     DEVELOPMENT_PSEUDONYM_KEY,

@@ -105,6 +105,6 @@ def test_the_same_instance_twice_or_an_unknown_kind_is_refused(stack: Stack) -> 
     stack.start_instance("reporting", 2)
     with pytest.raises(ValueError, match="already running"):
         stack.start_instance("reporting", 2)
-    stack.running["odd"] = stack_module.ServiceSpec("odd", "medmesh_cli.monolith", 1)
+    stack.running["odd"] = stack_module.ServiceSpec("odd", "medmesh_monolith", 1)
     with pytest.raises(ValueError, match="second instance"):
         stack.start_instance("odd", 2)

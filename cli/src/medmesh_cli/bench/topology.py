@@ -3,7 +3,7 @@
 On the bench stack's broker and Triton, the services topology (one process per service) takes
 a ramp of open-loop HTTP loads (``pipeline.run_load``: sends scheduled by the clock, latency from
 the planned send time to the report on medmesh.reports.diagnostic); then the service processes
-stop and the monolith (``medmesh_cli.monolith``: the same stage code in one process, Kafka only
+stop and the monolith (``medmesh_monolith``: the same stage code in one process, Kafka only
 at the edges) starts on the same port and takes the same ramp. Each phase starts with a short
 unrecorded warm-up at the lowest rate. For every level:
 

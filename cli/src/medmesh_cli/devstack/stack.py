@@ -88,7 +88,7 @@ class StackConfig:
     specs_dir_override: Path | None = None
     model_repository_override: Path | None = None
     # "services": one process per service; "monolith": the four stages in one process
-    # (medmesh_cli.monolith) on ingest's port, with Kafka only at the edges.
+    # (medmesh_monolith) on ingest's port, with Kafka only at the edges.
     topology: Topology = "services"
 
     @property
@@ -125,7 +125,7 @@ def service_specs(config: StackConfig) -> list[ServiceSpec]:
     """ingest, router, one worker per deployed model version, reporting (or the monolith)."""
     ports = config.ports
     if config.topology == "monolith":
-        return [ServiceSpec("monolith", "medmesh_cli.monolith", ports.ingest)]
+        return [ServiceSpec("monolith", "medmesh_monolith", ports.ingest)]
     services = [
         ServiceSpec("ingest", "medmesh_ingest", ports.ingest),
         ServiceSpec("router", "medmesh_router", ports.router),

@@ -1,10 +1,10 @@
-"""Run the monolith topology: python -m medmesh_cli.monolith."""
+"""Run the monolith topology: python -m medmesh_monolith."""
 
 from __future__ import annotations
 
-from medmesh_cli.monolith.app import create_app
-from medmesh_cli.monolith.settings import MonolithSettings
 from medmesh_ingest.settings import check_pseudonym_key
+from medmesh_monolith.app import create_app
+from medmesh_monolith.settings import MonolithSettings
 from medmesh_runtime.serve import serve
 
 

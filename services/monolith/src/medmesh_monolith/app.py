@@ -2,15 +2,19 @@
 process, calling each other in-process. HTTP and Kafka only at the edges.
 
 The app *is* ingest's app (``medmesh_ingest.app.create_app``: the same POST /fhir, the same
-medmesh.fhir.inbound consumer and dead letters, the same readings state topic), with one
-change made at this bootstrap point: ingest's ``publish`` hands the requests to the
-``InProcessPipeline`` instead of producing them to medmesh.inference.requests. So the
-differences from the services topology are exactly the three Kafka hops in the middle.
+medmesh.fhir.inbound consumer and dead letters, the same readings state topic), composed with
+one difference passed in: ``publish_requests`` hands the requests to the ``InProcessPipeline``
+instead of their being produced to medmesh.inference.requests. So the differences from the
+services topology are exactly the three Kafka hops in the middle. The pipeline starts in
+ingest's ``on_start`` and drains in its ``on_stop``, while ingest's Kafka clients (which publish
+the edge topics) still run.
 
-Routing state: read once at start from the compacted registry topic, as the router does
-(seeded from the spec's weights for a model the registry does not know; not written back).
-Registry changes made later, worker heartbeats and the rollout controller are the router
-service's: the monolith does not follow them. Tasks of every version in the specs are scored.
+Routing state: read once at start from the compacted registry topic with the router's own
+start-up (``medmesh_router.startup``: seeded from the spec's weights for a model the registry
+does not know; not written back). Registry changes made later, worker heartbeats and the
+rollout controller are the router service's: the monolith does not follow them. Tasks of every
+version in the specs are scored, each once Triton serves it (a worker's wait:
+``medmesh_inference.circuit.wait_until_ready``).
 
 What the monolith promises less than the services: a 202 means the request is queued in this
 process, not stored in Kafka, so a crash loses what was queued; reports are produced with an
@@ -24,28 +28,26 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 from fastapi import FastAPI
 from opentelemetry import trace
-from pydantic import ValidationError
 
-from medmesh_cli.monolith.pipeline import InProcessPipeline, VersionStage
-from medmesh_cli.monolith.settings import MonolithSettings
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
-from medmesh_contracts.events import PatientReadingsUpdated, Producer, utc_now
-from medmesh_contracts.lifecycle import ModelDeployment, seed_deployment
-from medmesh_contracts.modelspec import ModelSpec
+from medmesh_contracts.events import Producer, utc_now
+from medmesh_contracts.modelspec import ModelSpec, load_specs
 from medmesh_inference.batching import RetryPolicy, WorkerIdentity
+from medmesh_inference.circuit import CircuitBackoff, CircuitBreaker, wait_until_ready
 from medmesh_inference.triton import TritonModel
 from medmesh_ingest.app import create_app as create_ingest_app
 from medmesh_ingest.service import Outgoing
+from medmesh_monolith.pipeline import InProcessPipeline, VersionStage
+from medmesh_monolith.settings import MonolithSettings
 from medmesh_reporting.handling import ReportHandler
 from medmesh_router.app import StartupReader, read_topic_to_end
 from medmesh_router.readiness import Readiness
+from medmesh_router.startup import apply_registry, seed_unknown
 from medmesh_router.state import RouterState
 from medmesh_runtime.logging import get_logger
 from medmesh_runtime.telemetry import within
@@ -63,23 +65,13 @@ log = get_logger("medmesh.monolith")
 async def load_routing(
     state: RouterState,
     settings: MonolithSettings,
-    specs: Mapping[str, ModelSpec],
     producer: Producer,
     read_to_end: StartupReader = read_topic_to_end,
 ) -> None:
     """The router's start: every registry record in order, then spec weights for the rest."""
     now = utc_now()
-    for record in await read_to_end(settings, topics.MODELS_REGISTRY):
-        if not record.value:
-            continue
-        try:
-            state.apply(ModelDeployment.model_validate_json(record.value), now)
-        except ValidationError as exc:
-            log.warning("registry record ignored", offset=record.offset, error=str(exc))
-    for name, spec in specs.items():
-        if name not in state.deployments:
-            seeded = seed_deployment(name, spec.routing.weights, producer, now, SERVICE)
-            state.apply(seeded, now)
+    apply_registry(state, await read_to_end(settings, topics.MODELS_REGISTRY), now)
+    seed_unknown(state, producer, now, SERVICE)
     log.info("routing loaded", models={m: t.weights for m, t in state.tables.items()})
 
 
@@ -101,14 +93,16 @@ async def _ready_stages(
     """Wait until Triton serves every version (as each worker does before consuming)."""
     stages = []
     models = iter(tritons)
+    backoff = CircuitBackoff(
+        settings.circuit_backoff_initial_ms / 1000, settings.circuit_backoff_max_ms / 1000
+    )
     for spec in specs.values():
         for version in spec.versions:
             triton = next(models)
-            pause = settings.circuit_backoff_initial_ms / 1000
-            while not await triton.ready():
-                log.info("waiting for the model version", model=spec.name, version=version.version)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, settings.circuit_backoff_max_ms / 1000)
+            breaker = CircuitBreaker(backoff, time.monotonic)
+            await wait_until_ready(
+                triton.ready, breaker, asyncio.sleep, model=spec.name, version=version.version
+            )
             identity = WorkerIdentity(
                 producer,
                 version.triton.model,
@@ -138,52 +132,24 @@ def create_app(
     settings: MonolithSettings, read_to_end: StartupReader = read_topic_to_end
 ) -> FastAPI:
     """Ingest's app with the later stages in-process; Kafka and Triton connect at startup."""
-    app = create_ingest_app(settings, service=SERVICE)
-    ingest: Any = app.state.ingest
-    broker: Any = app.state.broker
-    specs: Mapping[str, ModelSpec] = ingest.specs
+    specs = load_specs(settings.model_specs_dir)
     producer = Producer(service=SERVICE, instance=settings.instance_id)
     tracer = trace.get_tracer_provider().get_tracer("medmesh.monolith")
-    edge = {
-        topic: broker.publisher(topic, title=f"{topic} (monolith edge)") for topic in EDGE_TOPICS
-    }
-
-    async def publish(
-        topic: str, key: bytes | None, value: bytes, headers: Mapping[str, str]
-    ) -> None:
-        await edge[topic].publish(
-            value, key=key, headers=dict(headers), correlation_id=headers.get(h.CORRELATION_ID)
-        )
-
     state = RouterState(specs, Readiness(require_heartbeats=False))
     reports = ReportHandler(specs, producer, tracer, performer_display=settings.performer_display)
     tritons = triton_models(settings, specs)
-    holder: dict[str, InProcessPipeline] = {}
-    inner = app.router.lifespan_context
+    # Built at start, once routing is loaded and Triton serves every version.
+    running: list[InProcessPipeline] = []
+    started = time.monotonic()
 
     async def accept(outgoing: Sequence[Outgoing]) -> None:
         for item in outgoing:
             # In the trace of the payload that caused it (a poll's requests come together).
             with within(item.trace):
-                await holder["pipeline"].accept(item.request)
+                await running[0].accept(item.request)
 
-    async def accept_and_commit_states(
-        outgoing: Sequence[Outgoing], states: Sequence[PatientReadingsUpdated], payloads: int
-    ) -> list[int | None]:
-        await accept(outgoing)
-        offsets: list[int | None] = await ingest.publish((), states, payloads)
-        return offsets
-
-    # The one change to ingest: its requests go to the in-process router, not to Kafka (its
-    # patient states still go to Kafka, in a transaction).
-    ingest.service.publish = accept_and_commit_states
-    assert ingest.inbound is not None  # noqa: S101 -- create_app sets it
-    ingest.inbound.deliver_requests = accept
-
-    @asynccontextmanager
-    async def lifespan(application: FastAPI) -> AsyncIterator[None]:
-        started = time.monotonic()
-        await load_routing(state, settings, specs, producer, read_to_end)
+    async def start() -> None:
+        await load_routing(state, settings, producer, read_to_end)
         pipeline = InProcessPipeline(
             state=state,
             stages=await _ready_stages(settings, specs, tritons, producer),
@@ -197,18 +163,34 @@ def create_app(
             tracer=tracer,
             linger_s=settings.batch_wait_ms / 1000,
         )
-        holder["pipeline"] = pipeline
+        running.append(pipeline)
         pipeline.start(on_crash=_stop_process)
+        log.info("monolith stages started", seconds=round(time.monotonic() - started, 1))
+
+    async def stop() -> None:
+        if not running:
+            return
         try:
-            async with inner(application):
-                log.info("monolith started", seconds=round(time.monotonic() - started, 1))
-                yield
-                await pipeline.drain(timeout_s=10.0)
+            await running[0].drain(timeout_s=10.0)
         finally:
-            await pipeline.stop()
+            await running[0].stop()
             for triton in tritons:
                 await triton.close()
 
-    app.router.lifespan_context = lifespan
-    app.state.monolith = holder
+    app = create_ingest_app(
+        settings, service=SERVICE, publish_requests=accept, on_start=start, on_stop=stop
+    )
+    broker = app.state.broker
+    edge = {
+        topic: broker.publisher(topic, title=f"{topic} (monolith edge)") for topic in EDGE_TOPICS
+    }
+
+    async def publish(
+        topic: str, key: bytes | None, value: bytes, headers: Mapping[str, str]
+    ) -> None:
+        await edge[topic].publish(
+            value, key=key, headers=dict(headers), correlation_id=headers.get(h.CORRELATION_ID)
+        )
+
+    app.state.monolith = running
     return app

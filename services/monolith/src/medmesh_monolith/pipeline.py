@@ -3,8 +3,8 @@
 Each stage is the services' own code: ``medmesh_router.routing.route`` over the router's
 ``RouterState``, ``medmesh_inference.batching.score_tasks`` with the worker's ``TritonModel``,
 and ``medmesh_reporting.handling.ReportHandler``. What the services do with Kafka between the
-stages is done here with one bounded asyncio queue per model version: ingest's
-ingest's ``publish`` calls ``InProcessPipeline.accept`` per request (routing, then the queue),
+stages is done here with one bounded asyncio queue per model version: the requests ingest is
+given (``publish_requests``) go to ``InProcessPipeline.accept`` one by one (routing, then the queue),
 and a batcher per version takes what is queued (up to the batch size, lingering like a worker for
 more) and scores it in one Triton call. Only the edges touch Kafka, through injected
 publishers: reports (and reporting's dead letters), failures and shadow results go to the
@@ -140,7 +140,7 @@ class InProcessPipeline:
         self.in_flight = 0
         self.reported = 0
 
-    # --- called by ingest's publish, per request -----------------------------------
+    # --- called with the requests ingest hands over (publish_requests), per request ----------
 
     async def accept(self, request: RequestInference) -> None:
         """Route one request (as the router would) and queue its tasks; waits only while a
