@@ -20,7 +20,7 @@ from medmesh_cli.ops.waterfall import Span
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
 from medmesh_contracts.events import Producer, to_wire, utc_now
-from medmesh_contracts.lifecycle import deploy_version, seed_deployment
+from medmesh_contracts.lifecycle import ModelDeployment, deploy_version, seed_deployment
 from medmesh_contracts.modelspec import load_spec
 from medmesh_inference.batching import RetryPolicy, WorkerIdentity
 from medmesh_inference.triton import TritonCallError
@@ -28,7 +28,7 @@ from medmesh_monolith.app import load_routing
 from medmesh_monolith.pipeline import InProcessPipeline, Pending, VersionStage
 from medmesh_monolith.settings import MonolithSettings
 from medmesh_reporting.handling import ReportHandler
-from medmesh_router.app import Consumed
+from medmesh_router.app import Consumed, StartupReader
 from medmesh_router.readiness import Readiness
 from medmesh_router.routing import route
 from medmesh_router.settings import RouterSettings
@@ -187,6 +187,22 @@ async def test_take_batch_takes_what_is_queued_up_to_the_batch_size() -> None:
     assert len(await pipeline.take_batch(queue, 3)) == 2
 
 
+def _registry(*deployments: ModelDeployment) -> StartupReader:
+    """A start-up reader whose registry topic holds ``deployments`` (other topics: empty)."""
+
+    async def read(
+        _settings: RouterSettings,
+        topic: str,
+        since: datetime | None = None,
+        apply: Callable[[Consumed], None] | None = None,
+    ) -> list[Consumed]:
+        if topic != topics.MODELS_REGISTRY:
+            return []
+        return [Consumed(0, offset, to_wire(d)) for offset, d in enumerate(deployments)]
+
+    return read
+
+
 async def test_routing_loads_the_registry_then_seeds_the_rest_as_the_router_does() -> None:
     """The monolith starts from the registry's records (the router's start-up code) and seeds
     the models the registry lacks from their spec weights, as written by "monolith"."""
@@ -196,28 +212,12 @@ async def test_routing_loads_the_registry_then_seeds_the_rest_as_the_router_does
     )
     settings = MonolithSettings(model_specs_dir=SPECS)
 
-    async def read(
-        _settings: RouterSettings,
-        topic: str,
-        since: datetime | None = None,
-        apply: Callable[[Consumed], None] | None = None,
-    ) -> list[Consumed]:
-        return [Consumed(0, 0, to_wire(known))] if topic == topics.MODELS_REGISTRY else []
-
     registered = RouterState(specs, Readiness(require_heartbeats=False))
-    await load_routing(registered, settings, PRODUCER, read)
+    await load_routing(registered, settings, PRODUCER, _registry(known))
     assert registered.deployments[SPEC.name] == known
 
-    async def empty(
-        _settings: RouterSettings,
-        topic: str,
-        since: datetime | None = None,
-        apply: Callable[[Consumed], None] | None = None,
-    ) -> list[Consumed]:
-        return []
-
     seeded = RouterState(specs, Readiness(require_heartbeats=False))
-    await load_routing(seeded, settings, PRODUCER, empty)
+    await load_routing(seeded, settings, PRODUCER, _registry())
     assert seeded.deployments[SPEC.name].weights == SPEC.routing.weights
     assert seeded.deployments[SPEC.name].changed_by == "monolith"
 
