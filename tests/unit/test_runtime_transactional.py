@@ -317,8 +317,8 @@ async def test_a_rebalance_callback_after_close_starts_no_producer() -> None:
 
 async def test_records_read_before_the_committed_offset_became_final_are_not_committed() -> None:
     """The committed offset read after the producer fenced the predecessor wins: a first
-    commit of records from an older offset (fetched before) raises PartitionLostError, one
-    from that offset commits."""
+    commit of records from before it (fetched earlier) raises PartitionLostError; one from the
+    first record after it (past the predecessor's commit marker) commits."""
     kafka = FakeKafka()
     tp = TopicPartition(SOURCE, 0)
     consumer = kafka.consumer(GROUP)
@@ -331,7 +331,8 @@ async def test_records_read_before_the_committed_offset_became_final_are_not_com
     await transactions.assigned([tp], consumer)  # the loop starts over: a new assignment
     transactions = PartitionTransactions(kafka.producer, GROUP, PREFIX)
     await transactions.assigned([tp], consumer)
-    await transactions.commit(tp, [OutgoingRecord(OUT, None, b"new")], 3, first_offset=2)
+    # 3, not 2: the record at the committed offset is the predecessor's commit marker.
+    await transactions.commit(tp, [OutgoingRecord(OUT, None, b"new")], 4, first_offset=3)
 
     assert kafka.values(OUT) == [b"new"]
 

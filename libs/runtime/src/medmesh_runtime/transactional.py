@@ -245,8 +245,8 @@ class PartitionTransactions:
         """Produce ``outputs`` (made of the records from ``first_offset``) and move
         ``partition``'s committed offset to ``next_offset``, in one transaction; each output's
         RecordMetadata. ``PartitionLostError`` when another instance owns the partition, or
-        when the first commit after an assignment would start elsewhere than the committed
-        offset read once this instance had fenced the previous owner: aiokafka may fetch (and
+        when the first commit after an assignment would start before the committed offset
+        read once this instance had fenced the previous owner: aiokafka may fetch (and
         hand out) records from an offset read before that, which a predecessor finishing its
         last transaction can still move on."""
         starting = self._starts.get(partition)
@@ -259,7 +259,9 @@ class PartitionTransactions:
                 # loop then starts over). Starting a producer here would fence the owner.
                 raise PartitionLostError(f"{partition} is not held by this instance")
             committed = self._committed.pop(partition, None)
-            if committed is not None and first_offset is not None and first_offset != committed:
+            # Below it only: above it is normal (the offset after a transaction is its commit
+            # marker, which no consumer receives).
+            if committed is not None and first_offset is not None and first_offset < committed:
                 raise PartitionLostError(
                     f"{partition}: records from offset {first_offset} were read before the "
                     f"committed offset became final ({committed})"
