@@ -12,7 +12,6 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.partitioner import murmur2
-from pydantic import ValidationError
 
 from medmesh_contracts import topics
 from medmesh_contracts.events import PatientReadingsUpdated
@@ -48,6 +47,8 @@ class ReadingsFollower:
         self.store = store
         self.settings = settings
         self.applied = 0
+        # Records that could not be applied (logged one by one, with their offsets).
+        self.skipped = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -105,7 +106,19 @@ class ReadingsFollower:
             bytes(record.key).decode(errors="replace"), record.offset
         ):
             return  # this instance's own write, stored when its transaction committed
-        _apply(self.store, record.value)
+        try:
+            _apply(self.store, record.value)
+        except Exception as exc:  # noqa: BLE001 -- one record's failure: counted, the rest go on
+            # A state is ingest's own record, not an input to dead-letter: skipping it costs
+            # that patient's merged readings (the next reading starts a new set), while
+            # raising would stop the rebuild (ingest cannot start) or drop the poll's rest.
+            self.skipped += 1
+            log.warning(
+                "readings state record skipped",
+                partition=record.partition,
+                offset=record.offset,
+                error=type(exc).__name__,
+            )
 
     async def _follow(self, consumer: AIOKafkaConsumer) -> None:
         swept = time.monotonic()
@@ -140,7 +153,4 @@ class ReadingsFollower:
 def _apply(store: ReadingsStore, value: bytes | None) -> None:
     if value is None:
         return  # a tombstone: the key was deleted
-    try:
-        store.put(PatientReadingsUpdated.model_validate_json(value))
-    except ValidationError:
-        log.warning("unreadable readings state record skipped")
+    store.put(PatientReadingsUpdated.model_validate_json(value))
