@@ -321,8 +321,9 @@ async def produce_poisons(bootstrap: str, poisons: list[Poison]) -> None:
         await producer.stop()
 
 
-async def group_state(bootstrap: str, group: str) -> tuple[str, set[str]]:
-    """A consumer group's state ("Stable", "PreparingRebalance", ...) and its member ids."""
+async def group_state(bootstrap: str, group: str) -> tuple[str, list[str]]:
+    """A consumer group's state ("Stable", "PreparingRebalance", ...) and its members' client
+    ids (medmesh's stages end theirs with the instance id; a member id changes on every rejoin)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -332,7 +333,7 @@ async def group_state(bootstrap: str, group: str) -> tuple[str, set[str]]:
     # DescribeGroups v0-v3 groups: (error_code, group, state, protocol_type, protocol, members);
     # a member starts with (member_id, client_id, ...).
     description = response.groups[0]
-    return str(description[2]), {str(member[0]) for member in description[5]}
+    return str(description[2]), [str(member[1]) for member in description[5]]
 
 
 async def send_until_accepted(client: httpx.AsyncClient, event: Event, give_up_at: float) -> None:

@@ -18,7 +18,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -261,7 +261,7 @@ UNCLOSED = "Unclosed AIOKafkaProducer"
 class Stall:
     """What happened during one stall (seconds from SIGSTOP)."""
 
-    stalled_members: set[str] = field(default_factory=set)
+    instance: str = ""  # the stalled instance's id (its client ids end with it)
     stopped_at: float = 0.0
     expelled_s: float | None = None  # the group is stable without the stalled member
     flowing_s: float | None = None  # the first report after that
@@ -282,10 +282,15 @@ def _group_of(stack: Stack, name: str) -> str:
     return worker.group_id
 
 
+def _members_of(instance: str, clients: list[str]) -> int:
+    """How many of a group's members (by client id) belong to ``instance``."""
+    return sum(1 for client in clients if client.endswith(f"-{instance}"))
+
+
 async def _settled(
-    bootstrap: str, group: str, settled: Callable[[set[str]], bool], deadline: float
+    bootstrap: str, group: str, settled: Callable[[list[str]], bool], deadline: float
 ) -> bool:
-    """Wait until the group is Stable with members for which ``settled(members)`` holds."""
+    """Wait until the group is Stable with members for which ``settled(client_ids)`` holds."""
     while time.monotonic() < deadline:
         state, members = await group_state(bootstrap, group)
         if state == "Stable" and members and settled(members):
@@ -296,17 +301,20 @@ async def _settled(
 
 async def _second_instance(chaos: ChaosRun, name: str, stall: Stall) -> str:
     """Start ``name``'s second instance and wait until the group is stable with both (each then
-    owns a partition); the stalled one's member ids go into ``stall``."""
+    owns a partition); the stalled one's instance id goes into ``stall``."""
     stack = chaos.stack
     bootstrap, group = stack.config.bootstrap, _group_of(stack, name)
-    _, stall.stalled_members = await group_state(bootstrap, group)
+    stall.instance = stack.services[name].env["MEDMESH_INSTANCE_ID"]
     start = functools.partial(
         stack.start_instance, name, 2, SECOND_INSTANCE_ENV.get(name), SETTLE_WITHIN_S
     )
     extra = await asyncio.get_running_loop().run_in_executor(chaos.restarter, start)
     deadline = time.monotonic() + SETTLE_WITHIN_S
     both = await _settled(
-        bootstrap, group, lambda m: len(m) == 2 and bool(m & stall.stalled_members), deadline
+        bootstrap,
+        group,
+        lambda m: len(m) == 2 and _members_of(stall.instance, m) == 1 == _members_of(extra, m),
+        deadline,
     )
     if not both:
         raise AssertionError(f"{group} did not settle with {name} and {extra} as its members")
@@ -322,7 +330,9 @@ async def _stall(chaos: ChaosRun, name: str, reader: ReportReader, stall: Stall)
     stall.stopped_at = stopped = time.monotonic()
     deadline = stopped + SETTLE_WITHIN_S
     try:
-        if await _settled(bootstrap, group, lambda m: not m & stall.stalled_members, deadline):
+        if await _settled(
+            bootstrap, group, lambda m: _members_of(stall.instance, m) == 0, deadline
+        ):
             expelled_at = time.monotonic()
             stall.expelled_s = round(expelled_at - stopped, 2)
             stall.reports_while_stopped = sum(
