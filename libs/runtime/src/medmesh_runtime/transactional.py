@@ -10,10 +10,9 @@ workers, reporting) commits through this module:
   its producer, and the records are processed again from the committed offset.
 - **Zombies are fenced.** Each input partition has its own transactional producer, whose
   ``transactional_id`` names the partition (``<prefix>-<topic>-<partition>``). The instance the
-  group gives the partition to starts that producer as soon as it is assigned, before it fetches
-  the committed offset; ``init_transactions`` bumps the id's epoch, which aborts whatever the
-  previous owner left open and makes every later request of the previous owner's producer fail
-  with ``ProducerFenced``. An instance stalled past its session timeout and then resumed
+  group gives the partition to starts that producer in its rebalance callback;
+  ``init_transactions`` bumps the id's epoch, which aborts whatever the previous owner left open
+  and makes every later request of the previous owner's producer fail with ``ProducerFenced``. An instance stalled past its session timeout and then resumed
   therefore cannot commit anything; it drops its clients and rejoins (aiokafka speaks
   TxnOffsetCommit v0, without the group generation that would fence it otherwise: KIP-447).
 - **Poison is isolated.** A handler error that is not one of the ``transient`` kinds (Kafka or a
@@ -24,8 +23,11 @@ workers, reporting) commits through this module:
   failing its transaction on every redelivery.
 
 Offsets: partitions are only given up between transactions (revocation waits for the
-transaction in flight), and a producer is started for every assigned partition before records
-are fetched for it.
+transaction in flight). aiokafka assigns a partition, and may fetch its committed offset and
+hand out its records, before the rebalance callback has started the partition's producer: a
+commit waits for that producer, and the committed offset is read again once the producer has
+fenced the previous owner (only then is it final), so records fetched from before it are not
+committed but the loop starts over.
 """
 
 from __future__ import annotations
