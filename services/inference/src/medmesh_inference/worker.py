@@ -263,7 +263,8 @@ class TaskWorker:
 
     async def _join(self) -> None:
         """Subscribe a new consumer with the listener that starts each assigned partition's
-        producer (fencing its previous owner) before the partition's offset is fetched."""
+        producer (fencing its previous owner) and then reads the partition's final committed
+        offset (``PartitionTransactions.commit`` refuses records fetched from before it)."""
         transactions = PartitionTransactions(self._make_producer, self.group_id, self.group_id)
         consumer = self._make_consumer()
         self._consumer, self._transactions = consumer, transactions
