@@ -14,7 +14,7 @@ import functools
 import json
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -247,16 +247,24 @@ def configure_service_tracing(service: str, settings: ServiceSettings) -> Tracer
 
 
 def consumer_span(
-    tracer: trace.Tracer, record: Any, group_id: str | None = None
+    tracer: trace.Tracer,
+    record: Any,
+    group_id: str | None = None,
+    *,
+    links: Sequence[trace.Link] = (),
+    start_time: int | None = None,
+    attributes: Mapping[str, str | int] | None = None,
 ) -> AbstractContextManager[trace.Span]:
     """The span of one consumed record, continuing the trace in its headers.
 
     Named and attributed as faststream's telemetry middleware does ("<topic> process"), for the
     consumers that read records themselves (batches, transactions), so every hop of a request
-    looks the same in its trace and `medmesh trace` shows it.
+    looks the same in its trace and `medmesh trace` shows it. A record handled in a batch
+    links the batch's span and starts when the batch was handed over (``start_time``, ns);
+    ``attributes`` add the hop's own.
     """
     carrier = record_headers(record)
-    attributes: dict[str, str | int] = {
+    span_attributes: dict[str, str | int] = {
         "messaging.system": "kafka",
         "messaging.operation": "process",
         "messaging.destination_publish.name": record.topic,
@@ -265,12 +273,15 @@ def consumer_span(
         "messaging.message.conversation_id": carrier.get(h.CORRELATION_ID, ""),
     }
     if group_id is not None:
-        attributes["messaging.consumer.group.name"] = group_id
+        span_attributes["messaging.consumer.group.name"] = group_id
+    span_attributes.update(attributes or {})
     return tracer.start_as_current_span(
         f"{record.topic} process",
         context=propagate.extract(carrier),
         kind=trace.SpanKind.CONSUMER,
-        attributes=attributes,
+        attributes=span_attributes,
+        links=links,
+        start_time=start_time,
     )
 
 

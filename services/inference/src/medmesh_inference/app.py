@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from faststream.asgi import AsgiFastStream
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 
 from medmesh_contracts import topics
 from medmesh_contracts.events import (
@@ -49,12 +49,11 @@ from medmesh_runtime.deadletter import dead_letter_record
 from medmesh_runtime.kafka import (
     group_consumer,
     message_headers,
-    record_headers,
     transactional_producers,
 )
 from medmesh_runtime.logging import get_logger
 from medmesh_runtime.service import ServiceRuntime
-from medmesh_runtime.telemetry import publish_headers
+from medmesh_runtime.telemetry import consumer_span, publish_headers
 from medmesh_runtime.transactional import OutgoingRecord, encoded_headers
 
 SERVICE = "inference"
@@ -131,21 +130,13 @@ class BatchHandler:
         for outcome, record in zip(outcomes, sources, strict=True):
             # Each request keeps its own trace: continue it from the task's headers and link
             # the shared batch span, so one clinical request stays one trace end to end.
-            # The span is named like faststream's consumer spans ("<topic> process"), so that
-            # `medmesh trace` shows the task hop; it starts when the batch was handed over.
-            request_context = propagate.extract(record_headers(record))
-            with self.tracer.start_as_current_span(
-                f"{record.topic} process",
-                context=request_context,
-                kind=trace.SpanKind.CONSUMER,
+            # It starts when the batch was handed over.
+            with consumer_span(
+                self.tracer,
+                record,
                 links=[batch_link],
                 start_time=received_ns,
                 attributes={
-                    "messaging.system": "kafka",
-                    "messaging.operation": "process",
-                    "messaging.destination.name": record.topic,
-                    "messaging.kafka.destination.partition": record.partition,
-                    "messaging.kafka.message.offset": record.offset,
                     "messaging.message.conversation_id": outcome.correlation_id,
                     "medmesh.batch_size": len(tasks),
                 },
