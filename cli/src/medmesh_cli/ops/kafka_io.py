@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from medmesh_runtime.kafka import record_headers, topic_partitions
+from medmesh_runtime.kafka import read_to_end, record_headers, topic_partitions
 
 
 @dataclass(frozen=True)
@@ -58,39 +59,23 @@ async def read_range(
     parts = await topic_partitions(kafka, topic)
     if not parts:
         return []
-    kafka.assign(parts)
-    end = await kafka.end_offsets(parts)
-    if from_committed:
-        for part in parts:
-            committed = await kafka.committed(part)
-            if committed is None:
-                await kafka.seek_to_beginning(part)
-            else:
-                kafka.seek(part, committed)
-    else:
-        await kafka.seek_to_beginning(*parts)
+    starts = {part: await kafka.committed(part) for part in parts} if from_committed else None
     entries: list[Entry] = []
-    pending = {p for p in parts if await kafka.position(p) < end[p]}
-    while pending and (limit is None or len(entries) < limit):
-        batch = await kafka.getmany(*pending, timeout_ms=2000)
-        if not batch:
-            break
-        for part, records in batch.items():
-            for record in records:
-                if record.offset >= end[part]:
-                    continue
-                entries.append(
-                    Entry(
-                        partition=part.partition,
-                        offset=record.offset,
-                        timestamp_ms=record.timestamp,
-                        key=record.key,
-                        value=record.value or b"",
-                        headers=record_headers(record),
-                    )
-                )
-            if await kafka.position(part) >= end[part]:
-                pending.discard(part)
+
+    def keep(record: Any) -> bool:
+        entries.append(
+            Entry(
+                partition=record.partition,
+                offset=record.offset,
+                timestamp_ms=record.timestamp,
+                key=record.key,
+                value=record.value or b"",
+                headers=record_headers(record),
+            )
+        )
+        return limit is not None and len(entries) >= limit
+
+    await read_to_end(kafka, parts, keep, starts=starts)
     entries.sort(key=lambda e: (e.timestamp_ms, e.partition, e.offset))
     return entries if limit is None else entries[:limit]
 

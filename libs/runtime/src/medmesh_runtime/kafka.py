@@ -12,7 +12,7 @@ import base64
 import copy
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -234,14 +234,16 @@ def stage_clients(
 async def read_to_end(
     consumer: AIOKafkaConsumer,
     partitions: Sequence[TopicPartition],
-    apply: Callable[[Any], None],
+    apply: Callable[[Any], bool | None],
     *,
     since_ms: int | None = None,
+    starts: Mapping[TopicPartition, int | None] | None = None,
     timeout_s: float | None = None,
 ) -> None:
     """Hand every record of ``partitions`` to ``apply``, in order per partition, from their
-    beginning (or from the first record at or after ``since_ms``) up to their end at the time
-    of the call; the (started, unsubscribed) consumer is left assigned there, so it can go on
+    beginning (or from the first record at or after ``since_ms``, or from the offset ``starts``
+    gives a partition) up to their end at the time of the call; ``apply`` returning True stops
+    the read there. The (started, unsubscribed) consumer is left assigned, so it can go on
     following. A read_committed consumer's end is the last stable offset: records of a
     transaction still open are not waited for.
 
@@ -251,20 +253,26 @@ async def read_to_end(
     # and the seek lets the fetcher reset the positions (to the end, or the committed offset)
     # before the seek, and the read then starts in the wrong place.
     end = await consumer.end_offsets(list(partitions))
-    starts: dict[TopicPartition, Any] = {}
+    found: dict[TopicPartition, Any] = {}
     if since_ms is not None:
-        starts = await consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
+        found = await consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
     consumer.assign(list(partitions))
-    if since_ms is None:
-        await consumer.seek_to_beginning(*partitions)
-    else:
-        for partition in partitions:
-            found_at = starts.get(partition)
-            consumer.seek(partition, end[partition] if found_at is None else found_at.offset)
+    from_beginning = []
+    for partition in partitions:
+        given = None if starts is None else starts.get(partition)
+        if given is not None:
+            consumer.seek(partition, given)
+        elif since_ms is not None:
+            at = found.get(partition)
+            consumer.seek(partition, end[partition] if at is None else at.offset)
+        else:
+            from_beginning.append(partition)
+    if from_beginning:
+        await consumer.seek_to_beginning(*from_beginning)
     async with asyncio.timeout(timeout_s):
         while any([await consumer.position(p) < end[p] for p in partitions]):
             batches = await consumer.getmany(*partitions, timeout_ms=500)
             for partition, records in batches.items():
                 for record in records:
-                    if record.offset < end[partition]:
-                        apply(record)
+                    if record.offset < end[partition] and apply(record):
+                        return
