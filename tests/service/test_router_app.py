@@ -26,10 +26,11 @@ from medmesh_contracts.lifecycle import (
     deploy_version,
     seed_deployment,
 )
-from medmesh_router.app import Consumed, Router
+from medmesh_router.app import Router
 from medmesh_router.rollout import Rollout
 from medmesh_router.routing import bucket_of
 from medmesh_router.settings import RouterSettings
+from medmesh_router.topic_reader import Consumed
 from tests.factories import make_completed, make_request, make_task
 from tests.service.conftest import SPECS_DIR
 from tests.transactional_kafka import FakeKafka, run_until

@@ -28,11 +28,11 @@ from medmesh_monolith.app import load_routing
 from medmesh_monolith.pipeline import InProcessPipeline, Pending, VersionStage
 from medmesh_monolith.settings import MonolithSettings
 from medmesh_reporting.handling import ReportHandler
-from medmesh_router.app import Consumed, StartupReader
 from medmesh_router.readiness import Readiness
 from medmesh_router.routing import route
 from medmesh_router.settings import RouterSettings
 from medmesh_router.state import RouterState
+from medmesh_router.topic_reader import Consumed, StartupReader
 from tests.conformance.report_checks import check_report_bundle
 from tests.factories import DETERIORATION_OUTPUTS, make_inputs, make_request
 

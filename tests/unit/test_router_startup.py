@@ -5,10 +5,10 @@ from __future__ import annotations
 from medmesh_contracts.events import Producer, to_wire, utc_now
 from medmesh_contracts.lifecycle import ModelDeployment, deploy_version, seed_deployment
 from medmesh_contracts.modelspec import load_specs
-from medmesh_router.app import Consumed
 from medmesh_router.readiness import Readiness
 from medmesh_router.startup import apply_registry, seed_unknown
 from medmesh_router.state import RouterState
+from medmesh_router.topic_reader import Consumed
 from tests.service.conftest import SPECS_DIR
 
 PRODUCER = Producer(service="test", instance="t-1")

@@ -45,10 +45,10 @@ from medmesh_ingest.service import Outgoing
 from medmesh_monolith.pipeline import InProcessPipeline, VersionStage
 from medmesh_monolith.settings import MonolithSettings
 from medmesh_reporting.handling import ReportHandler
-from medmesh_router.app import StartupReader, read_topic_to_end
 from medmesh_router.readiness import Readiness
 from medmesh_router.startup import apply_registry, seed_unknown
 from medmesh_router.state import RouterState
+from medmesh_router.topic_reader import StartupReader, read_topic_to_end
 from medmesh_runtime.logging import get_logger
 from medmesh_runtime.telemetry import within
 

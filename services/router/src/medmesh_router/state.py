@@ -55,6 +55,11 @@ class RouterState:
         self._rebuild(deployment.model, now)
         return True
 
+    def mirrored(self, model: str) -> bool:
+        """The model's routing table sends shadow copies to some version."""
+        table = self.tables.get(model)
+        return table is not None and bool(table.shadows)
+
     def _rebuild(self, model: str, now: datetime) -> None:
         deployment = self.deployments[model]
         for v in deployment.versions:
