@@ -16,7 +16,8 @@ from faststream.kafka import KafkaBroker, TestKafkaBroker
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
 from medmesh_contracts.events import RequestInference
-from medmesh_ingest.app import Ingest, create_app
+from medmesh_ingest.app import create_app
+from medmesh_ingest.parts import Ingest
 from medmesh_ingest.settings import IngestSettings
 from tests.service.conftest import FIXTURES, SPECS_DIR
 from tests.transactional_kafka import FakeKafka

@@ -11,7 +11,8 @@ import httpx
 from faststream.kafka import KafkaBroker, TestKafkaBroker
 
 from medmesh_contracts import topics
-from medmesh_ingest.app import Ingest, create_app
+from medmesh_ingest.app import create_app
+from medmesh_ingest.parts import Ingest
 from medmesh_ingest.service import Outgoing
 from tests.service.conftest import FIXTURES
 from tests.service.test_ingest_app import GROUP, Captured, Harness, settings

@@ -28,6 +28,7 @@ from tenacity import AsyncRetrying
 
 from medmesh_contracts.events import PatientReadingsUpdated
 from medmesh_ingest.outcomes import Issue, outcome
+from medmesh_ingest.records import Records
 from medmesh_ingest.service import (
     Answer,
     IngestService,
@@ -56,15 +57,13 @@ _TRANSIENT = (SourceUnavailableError, KafkaUnavailableError, KafkaError, Partiti
 
 
 class InboundIngest(Protocol):
-    """What the inbound entrypoint needs of ingest (``app.Ingest``)."""
+    """What the inbound entrypoint needs of ingest (``parts.Ingest``)."""
 
     tracer: Tracer
     service: IngestService
+    records: Records
 
     async def prepare_inbound(self, record: Any) -> Prepared | Answer: ...
-    def rejection_record(self, record: Any, answer: Answer) -> OutgoingRecord: ...
-    def request_records(self, requests: Sequence[Outgoing]) -> list[OutgoingRecord]: ...
-    def state_records(self, states: Sequence[PatientReadingsUpdated]) -> list[OutgoingRecord]: ...
 
 
 @dataclass(frozen=True)
@@ -141,7 +140,7 @@ class InboundPoll:
                 if isinstance(prepared, Prepared):
                     ready.append(_Ready(prepared, record))
                 elif prepared.rejected:
-                    rejection = self._ingest.rejection_record(record, prepared)
+                    rejection = self._ingest.records.rejection(record, prepared)
                     rejected.append(_Rejected(rejection, record.offset))
         if end > records[0].offset:
             await self._apply(tp, ready, rejected, records[0].offset, end, transactions)
@@ -227,8 +226,8 @@ class InboundPoll:
                 await self.deliver_requests(requests)
                 requests = ()
             outputs = [
-                *self._ingest.request_records(requests),
-                *self._ingest.state_records(states),
+                *self._ingest.records.requests(requests),
+                *self._ingest.records.states(states),
                 *_between(rejected, start, upto),
             ]
             written = await transactions.commit(tp, outputs, upto, first_offset=start)
@@ -259,7 +258,9 @@ class InboundPoll:
             except _TRANSIENT:
                 raise
             except Exception as exc:  # noqa: BLE001 -- every attempt failed: rejected
-                failure = self._ingest.rejection_record(item.record, self._failed(item.record, exc))
+                failure = self._ingest.records.rejection(
+                    item.record, self._failed(item.record, exc)
+                )
                 await transactions.commit(
                     tp, [*_between(rejected, start, upto), failure], upto, first_offset=start
                 )

@@ -79,3 +79,8 @@ def rejected(
 ) -> FhirRejected:
     """A rejection with one error issue."""
     return rejection(status, [Issue("error", code, diagnostics, tuple(expression))])
+
+
+def too_large_outcome() -> dict[str, Any]:
+    """The answer to a payload over the body size limit (413)."""
+    return outcome((Issue("error", "too-costly", "payload exceeds the size limit"),))
