@@ -73,15 +73,6 @@ def _linear(from_unit: str, to_unit: str) -> _Linear:
         raise UnitConversionError(f"cannot convert {from_unit!r} to {to_unit!r}") from None
 
 
-def is_known(unit: str) -> bool:
-    """Whether the unit is a valid UCUM unit."""
-    try:
-        _parsed(unit)
-    except UnitConversionError:
-        return False
-    return True
-
-
 def convert(value: float, from_unit: str, to_unit: str) -> float:
     """``value`` in ``from_unit`` expressed in ``to_unit`` (UCUM codes)."""
     if from_unit == to_unit:
