@@ -16,7 +16,17 @@ PUBLIC = "0.0.0.0"  # noqa: S104 -- the address being classified
 
 @pytest.mark.parametrize(
     ("host", "loopback"),
-    [("127.0.0.1", True), ("::1", True), ("[::1]", True), ("localhost", True), (PUBLIC, False)],
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        (PUBLIC, False),
+        ("10.1.2.3", False),
+        ("::", False),
+        ("ingest", False),
+    ],
 )
 def test_loopback_addresses_are_recognised(host: str, loopback: bool) -> None:
     """Only addresses reachable from this machine alone count as loopback."""

@@ -10,7 +10,7 @@ import pytest
 from pydantic import SecretStr
 
 from medmesh_contracts.events import FhirVersion
-from medmesh_ingest.auth import Authenticator, check_listen_address, is_loopback
+from medmesh_ingest.auth import Authenticator, check_listen_address
 from medmesh_ingest.fetch import resource_url
 from medmesh_ingest.outcomes import FhirRejected
 from medmesh_ingest.settings import IngestSettings, SourceSettings
@@ -54,24 +54,6 @@ def test_tokens_map_to_their_sources() -> None:
     assert (lab.name, lab.fhir_version) == ("lab", "R5")
     assert auth.source("Bearer c") is None
     assert auth.source(None) is None
-
-
-@pytest.mark.parametrize(
-    ("host", "loopback"),
-    [
-        ("127.0.0.1", True),
-        ("127.0.0.2", True),
-        ("::1", True),
-        ("localhost", True),
-        ("0.0.0.0", False),  # noqa: S104 -- the address being classified
-        ("10.1.2.3", False),
-        ("::", False),
-        ("ingest", False),
-    ],
-)
-def test_loopback_addresses(host: str, loopback: bool) -> None:
-    """Only loopback addresses (127/8, ::1, localhost) count as local."""
-    assert is_loopback(host) is loopback
 
 
 def test_listen_check_needs_tokens_beyond_loopback() -> None:

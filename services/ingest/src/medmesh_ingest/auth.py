@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from dataclasses import dataclass
 
 from medmesh_contracts.events import FhirVersion
 from medmesh_ingest.settings import IngestSettings
+from medmesh_runtime.metricsgate import is_loopback
 
 
 @dataclass(frozen=True)
@@ -66,16 +66,6 @@ class Authenticator:
         if found is None:
             return None
         return self._sources.get(found, self._default)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a listen address only accepts connections from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_listen_address(settings: IngestSettings) -> None:
