@@ -565,3 +565,11 @@ async def test_an_inbound_poll_with_garbage_between_readings_publishes_one_reque
         "heart_rate",
         "not_alert",
     }
+
+
+async def test_health_and_readiness_answer_like_every_service(ingest: Harness) -> None:
+    """/healthz answers 204; /readyz 204 once started, 503 when ingest stops taking payloads."""
+    assert (await ingest.client.get("/healthz")).status_code == 204
+    assert (await ingest.client.get("/readyz")).status_code == 204
+    ingest.ingest.ready = False
+    assert (await ingest.client.get("/readyz")).status_code == 503

@@ -1,4 +1,5 @@
-"""/healthz and /readyz for services run as faststream ASGI apps.
+"""/healthz and /readyz of every service: the faststream ASGI apps' (``ServiceRuntime.app``) and
+ingest's FastAPI app (mounted as ASGI routes).
 
 /metrics is not among them: ``serve`` answers it in front of every app (``metricsgate``), on the
 port and with the token the settings ask for.

@@ -3,7 +3,8 @@
 A service's ``create_app(settings, ...)`` calls ``ServiceRuntime.build`` (logging, tracing, the
 faststream broker, consumer-lag sampling for its group), builds its own parts, and returns
 ``runtime.app(...)`` (router, inference, reporting) with its lifespan hooks, or mounts the same
-runtime into its own ASGI app (ingest's FastAPI app uses ``start`` and ``stop``). What every
+runtime into its own ASGI app (ingest's FastAPI app uses ``start``, ``stop`` and
+``health.health_routes``). What every
 service shares is started and stopped here, in one order: the service's hooks start after
 Kafka connected and stop before the broker closes; lag sampling runs in between; traces are
 flushed last.

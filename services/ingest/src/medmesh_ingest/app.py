@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import httpx
-from fastapi import FastAPI, Response
+from fastapi import FastAPI
+from starlette.routing import Route
 
 from medmesh_contracts import topics
 from medmesh_ingest.auth import check_listen_address
@@ -21,6 +22,7 @@ from medmesh_ingest.inbound import DeliverRequests, InboundPoll
 from medmesh_ingest.parts import SERVICE, Ingest
 from medmesh_ingest.settings import DEVELOPMENT_PSEUDONYM_KEY, IngestSettings
 from medmesh_ingest.state_topic import ReadingsFollower
+from medmesh_runtime.health import health_routes
 from medmesh_runtime.kafka import stage_clients
 from medmesh_runtime.logging import get_logger
 from medmesh_runtime.service import ServiceRuntime
@@ -120,15 +122,12 @@ def create_app(
     )
     app.include_router(fhir_routes(ingest))
 
-    @app.get("/healthz")
-    async def healthz() -> Response:
-        return Response(status_code=204)
+    async def ready() -> bool:
+        return ingest.ready
 
-    @app.get("/readyz")
-    async def readyz() -> Response:
-        ready = ingest.ready and await broker.ping(timeout=2.0)
-        return Response(status_code=204 if ready else 503)
-
+    # The same /healthz and /readyz as every service's (an ASGI route each).
+    for path, handler in health_routes(broker, ready):
+        app.router.routes.append(Route(path, handler, include_in_schema=False))
     # /metrics is answered in front of this app by medmesh_runtime.serve (metricsgate).
 
     app.state.broker = broker
