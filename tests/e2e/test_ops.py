@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from medmesh_cli.devstack.stack import Stack
 from medmesh_cli.main import app
 from medmesh_cli.ops import kafka_io
+from medmesh_cli.ops.connection import as_connection
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
 from medmesh_contracts.events import FhirEventRejected, Producer, new_id, to_wire
@@ -35,7 +36,7 @@ def _send(bootstrap: str, topic: str, value: bytes) -> None:
 
 def _reports_for(bootstrap: str, patient: str) -> int:
     async def run() -> int:
-        async with kafka_io.consumer(bootstrap) as kafka:
+        async with kafka_io.consumer(as_connection(bootstrap)) as kafka:
             entries = await kafka_io.read_range(kafka, topics.REPORTS_DIAGNOSTIC)
         return sum(f"Patient/{patient}" in e.value.decode() for e in entries)
 

@@ -33,6 +33,13 @@ from medmesh_cli import modelkit
 from medmesh_cli.devstack.paths import repo_root
 from medmesh_cli.devstack.topics import create_topics
 from medmesh_cli.devstack.triton import is_model_ready, load_model, unload_model
+from medmesh_cli.ops.connection import (
+    BootstrapOption,
+    Connection,
+    ContextOption,
+    as_connection,
+    connect,
+)
 from medmesh_contracts import topics
 from medmesh_contracts.events import Producer, schema_of, to_wire, utc_now
 from medmesh_contracts.headers import CORRELATION_ID, SCHEMA
@@ -70,15 +77,25 @@ models_app = typer.Typer(
 console = Console()
 T = TypeVar("T")
 
-Bootstrap = Annotated[
-    str, typer.Option(envvar="MEDMESH_KAFKA_BOOTSTRAP_SERVERS", help="Kafka bootstrap servers")
-]
+# Kafka (with its security settings) and the services' URLs come from --context, the MEDMESH_*
+# variables (as the services read them) or the local stack's defaults: medmesh_cli.ops.connection.
+Bootstrap = BootstrapOption
 RouterUrl = Annotated[
-    str, typer.Option(envvar="MEDMESH_ROUTER_URL", help="router base URL (for live figures)")
+    str | None,
+    typer.Option(
+        help="router base URL, for live figures (default: the context's, else MEDMESH_ROUTER_URL,"
+        " else the local stack's http://127.0.0.1:8181)",
+        show_default=False,
+    ),
 ]
-DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
-DEFAULT_ROUTER = "http://127.0.0.1:8181"
-DEFAULT_TRITON = "http://127.0.0.1:8000"
+TritonUrl = Annotated[
+    str | None,
+    typer.Option(
+        help="Triton's HTTP base URL (default: the context's, else MEDMESH_TRITON_HTTP_URL, else"
+        " the local stack's http://127.0.0.1:8000)",
+        show_default=False,
+    ),
+]
 Repository = Annotated[
     Path | None,
     typer.Option(
@@ -98,9 +115,9 @@ def actor() -> str:
 # --- registry I/O ------------------------------------------------------------------------------
 
 
-async def read_topic(bootstrap: str, topic: str) -> list[bytes]:
+async def read_topic(kafka: Connection | str, topic: str) -> list[bytes]:
     """Every non-empty value of ``topic`` up to its current end, in order per partition."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**as_connection(kafka).kafka(enable_auto_commit=False))
     await consumer.start()
     try:
         partitions = await topic_partitions(consumer, topic)
@@ -117,29 +134,29 @@ async def read_topic(bootstrap: str, topic: str) -> list[bytes]:
         await consumer.stop()
 
 
-async def read_registry(bootstrap: str) -> dict[str, ModelDeployment]:
+async def read_registry(kafka: Connection | str) -> dict[str, ModelDeployment]:
     """The latest deployment of every model in the registry topic."""
     latest: dict[str, ModelDeployment] = {}
-    for value in await read_topic(bootstrap, topics.MODELS_REGISTRY):
+    for value in await read_topic(kafka, topics.MODELS_REGISTRY):
         deployment = ModelDeployment.model_validate_json(value)
         latest[deployment.model] = deployment
     return latest
 
 
-async def read_audit(bootstrap: str, model: str) -> list[LifecycleDecision]:
+async def read_audit(kafka: Connection | str, model: str) -> list[LifecycleDecision]:
     """Every lifecycle decision about ``model``, oldest first."""
     decisions = [
         LifecycleDecision.model_validate_json(value)
-        for value in await read_topic(bootstrap, topics.MODELS_AUDIT)
+        for value in await read_topic(kafka, topics.MODELS_AUDIT)
     ]
     return sorted((d for d in decisions if d.model == model), key=lambda d: d.decided_at)
 
 
 async def write_change(
-    bootstrap: str, deployment: ModelDeployment, audit: LifecycleDecision
+    kafka: Connection | str, deployment: ModelDeployment, audit: LifecycleDecision
 ) -> None:
     """Publish the new registry record and its audit event (acks=all)."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+    producer = AIOKafkaProducer(**as_connection(kafka).kafka(acks="all", enable_idempotence=True))
     await producer.start()
     try:
         key = deployment.model.encode()
@@ -157,16 +174,16 @@ Transition = Callable[[ModelDeployment, Producer, datetime, str], ModelDeploymen
 
 
 def _change(
-    bootstrap: str, name: str, transition: Transition, action: LifecycleAction, reason: str
+    kafka: Connection, name: str, transition: Transition, action: LifecycleAction, reason: str
 ) -> ModelDeployment:
     async def run() -> ModelDeployment:
-        current = (await read_registry(bootstrap)).get(name)
+        current = (await read_registry(kafka)).get(name)
         if current is None:
             raise LifecycleError(f"model {name!r} is not in the registry")
         now, who = utc_now(), actor()
         changed = transition(current, PRODUCER, now, who)
         await write_change(
-            bootstrap, changed, decision(current, changed, action, who, reason, PRODUCER, now)
+            kafka, changed, decision(current, changed, action, who, reason, PRODUCER, now)
         )
         return changed
 
@@ -239,13 +256,14 @@ def deploy(
     max_p99_ms: Annotated[float, typer.Option(help="rollback above this p99 (ms)")] = 2000.0,
     min_agreement: Annotated[float, typer.Option(help="shadow: band agreement needed")] = 0.9,
     shadow_percent: Annotated[int, typer.Option(help="shadow: share mirrored (%)")] = 100,
-    triton_url: Annotated[str, typer.Option(envvar="MEDMESH_TRITON_HTTP_URL")] = DEFAULT_TRITON,
+    triton_url: TritonUrl = None,
     check: Annotated[bool, typer.Option(help="check the version is ready in Triton")] = True,
     load: Annotated[
         bool, typer.Option(help="load the version's Triton model (repository API) if not ready")
     ] = True,
     repository: Repository = None,
-    bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
+    context: ContextOption = None,
+    bootstrap: Bootstrap = None,
 ) -> None:
     """Validate SPEC, load and check the version in Triton, register it at 0 % and start its
     rollout, without restarting Triton or any service (hot deploy).
@@ -269,6 +287,8 @@ def deploy(
     except (ValueError, KeyError) as exc:
         console.print(f"[bold red]invalid spec or policy:[/] {exc}")
         raise typer.Exit(2) from exc
+    kafka = connect(context, bootstrap)
+    triton_url = triton_url or kafka.endpoint("triton")
     offline_check(spec, spec_file, version, repository)
     if load:
         load_in_triton(spec.version(version), triton_url)
@@ -282,9 +302,9 @@ def deploy(
         console.print(f"triton: {target.model} v{target.version} ready, tensors match the spec")
 
     async def run() -> ModelDeployment:
-        await ensure_task_topic(bootstrap, spec.name, version)
+        await ensure_task_topic(kafka, spec.name, version)
         now, who = utc_now(), actor()
-        current = (await read_registry(bootstrap)).get(spec.name)
+        current = (await read_registry(kafka)).get(spec.name)
         if current is None:
             current = seed_deployment(spec.name, spec.routing.weights, PRODUCER, now, who, policy)
         changed = deploy_version(
@@ -299,7 +319,7 @@ def deploy(
         )
         reason = f"deploy {spec_file.name} v{version} as {'shadow' if shadow else 'canary'}"
         await write_change(
-            bootstrap, changed, decision(current, changed, "deploy", who, reason, PRODUCER, now)
+            kafka, changed, decision(current, changed, "deploy", who, reason, PRODUCER, now)
         )
         return changed
 
@@ -497,9 +517,9 @@ def migrate(
 
 
 @models_app.command("list")
-def list_models(bootstrap: Bootstrap = DEFAULT_BOOTSTRAP) -> None:
+def list_models(context: ContextOption = None, bootstrap: Bootstrap = None) -> None:
     """Every model in the registry: its versions, states, weights and rollout."""
-    registry = asyncio.run(read_registry(bootstrap))
+    registry = _run_change(read_registry(connect(context, bootstrap)))
     table = Table("model", "revision", "versions", "rollout", "changed by")
     for name, d in sorted(registry.items()):
         versions = ", ".join(
@@ -519,10 +539,11 @@ def list_models(bootstrap: Bootstrap = DEFAULT_BOOTSTRAP) -> None:
 def history(
     name: Annotated[str, typer.Argument(help="model name")],
     last: Annotated[int, typer.Option(help="how many decisions, newest last")] = 20,
-    bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
+    context: ContextOption = None,
+    bootstrap: Bootstrap = None,
 ) -> None:
     """The audit trail of a model: who decided what, when, why, on which figures."""
-    decisions = _run_change(read_audit(bootstrap, name))[-last:]
+    decisions = _run_change(read_audit(connect(context, bootstrap), name))[-last:]
     table = Table("at", "action", "version", "weights", "by", "why")
     for d in decisions:
         weights = f"{d.weights_before or '-'} -> {d.weights_after}"
@@ -539,10 +560,12 @@ def _ms(value: Any) -> str:
 @models_app.command()
 def status(
     name: Annotated[str, typer.Argument(help="model name")],
-    router_url: RouterUrl = DEFAULT_ROUTER,
+    router_url: RouterUrl = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the router's JSON")] = False,
+    context: ContextOption = None,
 ) -> None:
     """Per version: state, weight, traffic in the window, errors, p50/p99, shadow agreement."""
+    router_url = router_url or connect(context).endpoint("router")
     try:
         answer = httpx.get(f"{router_url}/models", timeout=10).json()
     except httpx.HTTPError as exc:
@@ -597,9 +620,9 @@ def status(
 
 
 @models_app.command()
-def promote(name: str, bootstrap: Bootstrap = DEFAULT_BOOTSTRAP) -> None:
+def promote(name: str, context: ContextOption = None, bootstrap: Bootstrap = None) -> None:
     """Move the version under rollout to its next step now (at 100 % it becomes stable)."""
-    _change(bootstrap, name, advance, "promote", "manual promote")
+    _change(connect(context, bootstrap), name, advance, "promote", "manual promote")
 
 
 @models_app.command()
@@ -615,15 +638,19 @@ def rollback(
             envvar="MEDMESH_MODEL_SPECS_DIR", help="the model specs folder (default deploy/models)"
         ),
     ] = None,
-    triton_url: Annotated[str, typer.Option(envvar="MEDMESH_TRITON_HTTP_URL")] = DEFAULT_TRITON,
-    bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
+    triton_url: TritonUrl = None,
+    context: ContextOption = None,
+    bootstrap: Bootstrap = None,
 ) -> None:
     """Retire the version under rollout; stable takes all its traffic back, and the retired
     version's Triton model is unloaded (repository API) unless a live version still uses it."""
-    changed = _change(bootstrap, name, roll_back, "rollback", "manual rollback")
+    kafka = connect(context, bootstrap)
+    changed = _change(kafka, name, roll_back, "rollback", "manual rollback")
     if unload:
         folder = specs if specs is not None else repo_root() / "deploy" / "models"
-        unload_retired(changed, load_specs(folder).get(name), triton_url)
+        unload_retired(
+            changed, load_specs(folder).get(name), triton_url or kafka.endpoint("triton")
+        )
 
 
 # --- hot deploy: Triton's repository API and the task topic -------------------------------------
@@ -682,30 +709,33 @@ def unload_retired(deployment: ModelDeployment, spec: ModelSpec | None, triton_u
     console.print(f"triton: {model} unloaded")
 
 
-async def ensure_task_topic(bootstrap: str, model: str, version: int) -> None:
+async def ensure_task_topic(kafka: Connection | str, model: str, version: int) -> None:
     """Create the version's task topic (auto-creation is off) with the requests topic's
     partition count, unless it exists."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    connection = as_connection(kafka)
+    consumer = AIOKafkaConsumer(**connection.kafka(enable_auto_commit=False))
     await consumer.start()
     try:
         partitions = len(await topic_partitions(consumer, topics.INFERENCE_REQUESTS)) or 1
     finally:
         await consumer.stop()
     await create_topics(
-        bootstrap, [topics.TopicSpec(topics.model_task_topic(model, version), partitions)]
+        connection.bootstrap,
+        [topics.TopicSpec(topics.model_task_topic(model, version), partitions)],
+        security=connection.security(),
     )
 
 
 @models_app.command("pause")
-def pause_rollout(name: str, bootstrap: Bootstrap = DEFAULT_BOOTSTRAP) -> None:
+def pause_rollout(name: str, context: ContextOption = None, bootstrap: Bootstrap = None) -> None:
     """Freeze the rollout where it is (weights unchanged; the controller stops judging)."""
-    _change(bootstrap, name, pause, "pause", "manual pause")
+    _change(connect(context, bootstrap), name, pause, "pause", "manual pause")
 
 
 @models_app.command("resume")
-def resume_rollout(name: str, bootstrap: Bootstrap = DEFAULT_BOOTSTRAP) -> None:
+def resume_rollout(name: str, context: ContextOption = None, bootstrap: Bootstrap = None) -> None:
     """Let the controller judge the rollout again (the step's window starts now)."""
-    _change(bootstrap, name, resume, "resume", "manual resume")
+    _change(connect(context, bootstrap), name, resume, "resume", "manual resume")
 
 
 def _run_change(change: Coroutine[Any, Any, T]) -> T:

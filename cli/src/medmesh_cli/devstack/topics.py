@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Mapping
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
@@ -11,9 +13,21 @@ from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 from medmesh_contracts.topics import TopicSpec
 
 
-async def create_topics(bootstrap: str, specs: list[TopicSpec], timeout_s: float = 60.0) -> None:
-    """Create every topic that does not exist yet; the broker may still be starting."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+async def create_topics(
+    bootstrap: str,
+    specs: list[TopicSpec],
+    timeout_s: float = 60.0,
+    *,
+    security: Mapping[str, Any] | None = None,
+) -> None:
+    """Create every topic that does not exist yet; the broker may still be starting.
+
+    ``security``: the admin client's TLS/SASL arguments (``medmesh_runtime.kafka.
+    aiokafka_security``, as the ops commands' ``Connection.security`` gives them); none for
+    PLAINTEXT."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=15000, **(security or {})
+    )
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         try:

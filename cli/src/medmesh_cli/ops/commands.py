@@ -17,12 +17,14 @@ from rich.table import Table
 from medmesh_cli.devstack.paths import run_dir
 from medmesh_cli.devstack.stack import StackConfig, service_specs
 from medmesh_cli.ops import kafka_io
+from medmesh_cli.ops.connection import BootstrapOption, Connection, ContextOption, connect
 from medmesh_cli.ops.dlq import DEAD_LETTER_TOPICS, replay_of, summary
 from medmesh_cli.ops.waterfall import hops, read_spans, render, spans_of, trace_ids_for
 
 console = Console()
-DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
-Bootstrap = Annotated[str, typer.Option(help="Kafka bootstrap servers")]
+# Kafka, its security and the services' URLs: --context, the MEDMESH_* variables the services
+# read, or the local stack (medmesh_cli.ops.connection).
+Bootstrap = BootstrapOption
 
 
 def trace(
@@ -67,12 +69,13 @@ def _check_topic(topic: str) -> None:
 
 
 @dlq_app.command("list")
-def dlq_list(bootstrap: Bootstrap = DEFAULT_BOOTSTRAP) -> None:
+def dlq_list(context: ContextOption = None, bootstrap: Bootstrap = None) -> None:
     """Every dead-letter topic with how many entries it holds."""
+    connection = connect(context, bootstrap)
 
     async def run() -> None:
         table = Table("topic", "entries", "holds", box=None)
-        async with kafka_io.consumer(bootstrap) as kafka:
+        async with kafka_io.consumer(connection) as kafka:
             for topic, meaning in DEAD_LETTER_TOPICS.items():
                 count, _ = await kafka_io.sizes(kafka, topic)
                 table.add_row(topic, str(count), meaning)
@@ -88,13 +91,15 @@ def dlq_show(
     raw: Annotated[
         bool, typer.Option(help="also print the raw value (may hold patient data)")
     ] = False,
-    bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
+    context: ContextOption = None,
+    bootstrap: Bootstrap = None,
 ) -> None:
     """The entries of a dead-letter topic: where from, when, and why."""
     _check_topic(topic)
+    connection = connect(context, bootstrap)
 
     async def run() -> None:
-        async with kafka_io.consumer(bootstrap) as kafka:
+        async with kafka_io.consumer(connection) as kafka:
             entries = await kafka_io.read_range(kafka, topic, limit=limit)
         for entry in entries:
             event = json.loads(entry.value)
@@ -124,14 +129,16 @@ def dlq_replay(
     entry: Annotated[
         str | None, typer.Option(help="replay one entry, PARTITION:OFFSET (otherwise all new ones)")
     ] = None,
-    bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
+    context: ContextOption = None,
+    bootstrap: Bootstrap = None,
 ) -> None:
     """Send dead letters back to their source topic after a fix; each entry is replayed once."""
     _check_topic(topic)
+    connection = connect(context, bootstrap)
     group = f"medmesh-dlq-replay.{topic}"
 
     async def run() -> int:
-        async with kafka_io.consumer(bootstrap, group_id=group) as kafka:
+        async with kafka_io.consumer(connection, group_id=group) as kafka:
             entries = await kafka_io.read_range(kafka, topic, from_committed=entry is None)
             if entry is not None:
                 partition, offset = (int(x) for x in entry.split(":"))
@@ -140,7 +147,7 @@ def dlq_replay(
                     console.print(f"no entry {entry} in {topic}")
                     raise typer.Exit(1)
             replayed = 0
-            async with kafka_io.producer(bootstrap) as out:
+            async with kafka_io.producer(connection) as out:
                 for item in entries:
                     replay = replay_of(
                         json.loads(item.value), item.key, f"{topic}/{item.partition}/{item.offset}"
@@ -162,31 +169,46 @@ def dlq_replay(
     console.print(f"replayed {count} entr{'y' if count == 1 else 'ies'} from {topic}")
 
 
-def status(bootstrap: Bootstrap = DEFAULT_BOOTSTRAP) -> None:
-    """Services, throughput, consumer lag and dead-letter sizes of the local stack at a glance."""
-    config = StackConfig()
-    services = Table("service", "port", "ready", box=None)
-    for service in service_specs(config):
-        try:
-            ready = (
-                httpx.get(f"http://127.0.0.1:{service.port}/readyz", timeout=2).status_code == 204
-            )
-        except httpx.HTTPError:
-            ready = False
-        services.add_row(
-            service.name, str(service.port), "[green]yes[/]" if ready else "[red]no[/]"
-        )
+def _ready(service: str, url: str) -> bool:
+    """Does the service (Triton: its health API) at ``url`` say it is ready?"""
+    path = "/v2/health/ready" if service == "triton" else "/readyz"
+    try:
+        return httpx.get(f"{url}{path}", timeout=2).is_success
+    except httpx.HTTPError:
+        return False
+
+
+def service_endpoints(connection: Connection) -> dict[str, str]:
+    """The services `status` checks: the endpoints the context or the MEDMESH_*_URL variables
+    name, else every service of the local stack (`medmesh up`, one port per worker)."""
+    if connection.endpoints:
+        return dict(connection.endpoints)
+    try:
+        local = service_specs(StackConfig())
+    except (RuntimeError, OSError, ValueError):  # no checkout (its model specs) to read
+        return {name: connection.endpoint(name) for name in ("ingest", "router", "reporting")}
+    return {service.name: f"http://127.0.0.1:{service.port}" for service in local}
+
+
+def status(context: ContextOption = None, bootstrap: Bootstrap = None) -> None:
+    """Services, throughput, consumer lag and dead-letter sizes at a glance: of the context's
+    deployment (--context, or the MEDMESH_* variables), else of the local stack."""
+    connection = connect(context, bootstrap)
+    services = Table("service", "url", "ready", box=None)
+    for name, url in service_endpoints(connection).items():
+        ready = _ready(name, url)
+        services.add_row(name, url, "[green]yes[/]" if ready else "[red]no[/]")
     console.print(services)
 
     async def kafka_figures() -> None:
-        lags = await kafka_io.group_lags(bootstrap)
+        lags = await kafka_io.group_lags(connection)
         table = Table("consumer group", "topic", "lag", box=None)
         for group, per_topic in lags.items():
             for topic, lag in sorted(per_topic.items()):
                 table.add_row(group, topic, str(lag))
         console.print(table)
         sizes = Table("topic", "messages", box=None)
-        async with kafka_io.consumer(bootstrap) as kafka:
+        async with kafka_io.consumer(connection) as kafka:
             for topic in (
                 "medmesh.inference.requests",
                 "medmesh.reports.diagnostic",
@@ -199,5 +221,7 @@ def status(bootstrap: Bootstrap = DEFAULT_BOOTSTRAP) -> None:
     try:
         asyncio.run(kafka_figures())
     except Exception as exc:  # reported to the operator, then a non-zero exit
-        console.print(f"[red]Kafka at {bootstrap} did not answer: {type(exc).__name__}: {exc}[/]")
+        console.print(
+            f"[red]Kafka at {connection.bootstrap} did not answer: {type(exc).__name__}: {exc}[/]"
+        )
         raise typer.Exit(1) from exc

@@ -10,6 +10,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from medmesh_cli.ops.connection import Connection
 from medmesh_runtime.kafka import read_to_end, record_headers, topic_partitions
 
 
@@ -26,14 +27,17 @@ class Entry:
 
 
 @asynccontextmanager
-async def consumer(bootstrap: str, group_id: str | None = None) -> AsyncIterator[AIOKafkaConsumer]:
+async def consumer(
+    connection: Connection, group_id: str | None = None
+) -> AsyncIterator[AIOKafkaConsumer]:
     """A read_committed consumer that commits only when told to."""
     kafka = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=group_id,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        auto_offset_reset="earliest",
+        **connection.kafka(
+            group_id=group_id,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+        )
     )
     await kafka.start()
     try:
@@ -81,9 +85,9 @@ async def read_range(
 
 
 @asynccontextmanager
-async def producer(bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
+async def producer(connection: Connection) -> AsyncIterator[AIOKafkaProducer]:
     """A durable producer (acks=all, idempotent)."""
-    kafka = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+    kafka = AIOKafkaProducer(**connection.kafka(acks="all", enable_idempotence=True))
     await kafka.start()
     try:
         yield kafka
@@ -91,9 +95,9 @@ async def producer(bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
         await kafka.stop()
 
 
-async def group_lags(bootstrap: str, prefix: str = "medmesh-") -> dict[str, dict[str, int]]:
+async def group_lags(connection: Connection, prefix: str = "medmesh-") -> dict[str, dict[str, int]]:
     """Consumer lag per medmesh consumer group and topic (end offset minus committed offset)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**connection.kafka())
     await admin.start()
     try:
         groups = [g[0] for g in await admin.list_consumer_groups() if g[0].startswith(prefix)]
@@ -101,7 +105,7 @@ async def group_lags(bootstrap: str, prefix: str = "medmesh-") -> dict[str, dict
     finally:
         await admin.close()
     lags: dict[str, dict[str, int]] = {}
-    async with consumer(bootstrap) as kafka:
+    async with consumer(connection) as kafka:
         for group, offsets in committed.items():
             parts = list(offsets)
             if not parts:
