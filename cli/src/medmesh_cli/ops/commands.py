@@ -12,13 +12,14 @@ import httpx
 import typer
 from aiokafka import TopicPartition
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from medmesh_cli.devstack.paths import run_dir
 from medmesh_cli.devstack.stack import StackConfig, service_specs
 from medmesh_cli.ops import kafka_io
 from medmesh_cli.ops.connection import BootstrapOption, Connection, ContextOption, connect
-from medmesh_cli.ops.dlq import DEAD_LETTER_TOPICS, replay_of, summary
+from medmesh_cli.ops.dlq import DEAD_LETTER_TOPICS, NOT_REPLAYABLE, replay_of, summary
 from medmesh_cli.ops.waterfall import hops, read_spans, render, spans_of, trace_ids_for
 
 console = Console()
@@ -116,7 +117,10 @@ def dlq_show(
                 soft_wrap=True,  # one entry per line, whatever the terminal width
             )
             if raw:
-                console.print(event.get("raw_value", event.get("task", "")), highlight=False)
+                console.print(
+                    event.get("raw_value", event.get("task", event.get("report", ""))),
+                    highlight=False,
+                )
         if not entries:
             console.print(f"{topic} is empty")
 
@@ -132,10 +136,18 @@ def dlq_replay(
     context: ContextOption = None,
     bootstrap: Bootstrap = None,
 ) -> None:
-    """Send dead letters back to their source topic after a fix; each entry is replayed once."""
+    """Send dead letters back to their source topic after a fix; each entry is replayed once.
+
+    An entry that cannot be replayed (its record kept only in part, or nothing to replay) is
+    skipped, saying why, and the command exits 1. medmesh.reports.undeliverable is refused
+    (exit 2): replaying a report would publish it twice."""
     _check_topic(topic)
+    if topic in NOT_REPLAYABLE:
+        console.print(f"[bold red]refused:[/] {escape(NOT_REPLAYABLE[topic])}", soft_wrap=True)
+        raise typer.Exit(2)
     connection = connect(context, bootstrap)
     group = f"medmesh-dlq-replay.{topic}"
+    skipped: list[str] = []
 
     async def run() -> int:
         async with kafka_io.consumer(connection, group_id=group) as kafka:
@@ -149,24 +161,36 @@ def dlq_replay(
             replayed = 0
             async with kafka_io.producer(connection) as out:
                 for item in entries:
-                    replay = replay_of(
-                        json.loads(item.value), item.key, f"{topic}/{item.partition}/{item.offset}"
-                    )
-                    await out.send_and_wait(
-                        replay.topic, replay.value, key=replay.key, headers=replay.headers
-                    )
-                    replayed += 1
-                    console.print(
-                        f"replayed {item.partition}:{item.offset} -> {replay.topic}",
-                        highlight=False,
-                    )
+                    position = f"{item.partition}:{item.offset}"
+                    try:
+                        replay = replay_of(
+                            json.loads(item.value),
+                            item.key,
+                            f"{topic}/{item.partition}/{item.offset}",
+                        )
+                    except ValueError as exc:  # JSON that does not decode, too
+                        # Passed over (and committed past below): it can never be replayed, and
+                        # must not stop the entries after it; `dlq show` still lists it.
+                        skipped.append(position)
+                        console.print(
+                            f"[yellow]skipped {position}:[/] {escape(str(exc))}", soft_wrap=True
+                        )
+                    else:
+                        await out.send_and_wait(
+                            replay.topic, replay.value, key=replay.key, headers=replay.headers
+                        )
+                        replayed += 1
+                        console.print(f"replayed {position} -> {replay.topic}", highlight=False)
                     if entry is None:
-                        # Commit after each send: an interrupted replay resumes where it stopped.
+                        # Commit after each entry: an interrupted replay resumes where it stopped.
                         await kafka.commit({TopicPartition(topic, item.partition): item.offset + 1})
             return replayed
 
     count = asyncio.run(run())
     console.print(f"replayed {count} entr{'y' if count == 1 else 'ies'} from {topic}")
+    if skipped:
+        console.print(f"[bold red]not replayable, skipped:[/] {', '.join(skipped)}")
+        raise typer.Exit(1)
 
 
 def _ready(service: str, url: str) -> bool:
