@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from medmesh_cli.devstack.topics import with_topic_config
 from medmesh_contracts.modelspec import load_specs
 from medmesh_contracts.topics import all_topics, model_task_topic
 
@@ -180,7 +181,8 @@ def workers_yaml() -> str:
 def kafka_topics_yaml() -> str:
     """overlays/large/kafka-topics.yaml: every topic of the contract as a Strimzi KafkaTopic."""
     docs = []
-    for spec in all_topics(model_versions()):
+    # With the topic settings create_topics adds (the audit topic kept for good).
+    for spec in with_topic_config(all_topics(model_versions())):
         config = {"min.insync.replicas": LARGE_MIN_INSYNC, **spec.config}
         docs.append(
             KAFKA_TOPIC.format(
