@@ -297,7 +297,7 @@ async def _watch_reports(bootstrap: str) -> None:
                 report.patient_pseudonym[:15],
                 report.model,
                 f"v{report.model_version}",
-                f"{report.score} {report.score_unit}" if report.score is not None else "-",
+                report.score_text,
                 report.band,
                 latency,
             )
