@@ -108,11 +108,15 @@ def dlq_show(
                 timespec="seconds"
             )
             source = event.get(
-                "source_topic", event.get("task", {}).get("request", {}).get("model", "")
+                "source_topic",
+                event.get("task", {}).get("request", {}).get("model", "")
+                or event.get("fhir_server", ""),
             )
+            # Which report (or request) it was: to find it on its topic, e.g. to redeliver it.
+            correlation = f" [{event['correlation_id']}]" if event.get("correlation_id") else ""
             console.print(
-                f"[bold]{entry.partition}:{entry.offset}[/] {when} {event.get('schema', '?')} "
-                f"from {source}: {summary(event)}",
+                f"[bold]{entry.partition}:{entry.offset}[/] {when} {event.get('schema', '?')}"
+                f"{escape(correlation)} from {source}: {summary(event)}",
                 highlight=False,
                 soft_wrap=True,  # one entry per line, whatever the terminal width
             )
