@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
+import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from typer.testing import CliRunner
 
 from medmesh_cli.devstack.stack import Stack
@@ -134,3 +138,48 @@ def test_status_shows_consumer_lag_and_dead_letter_sizes(stack: Stack) -> None:
     result = runner.invoke(app, ["status", "--bootstrap", stack.config.bootstrap])
     assert "medmesh-reporting" in result.output
     assert topics.FHIR_INVALID in result.output
+
+
+def test_status_and_dlq_through_a_named_context(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A context naming the stack's Kafka and router: `status` checks that router's URL (not the
+    loopback defaults) and reads the consumer groups, `dlq list` reads the dead-letter topics."""
+    router = f"http://127.0.0.1:{stack.config.ports.router}"
+    contexts = tmp_path / "contexts.toml"
+    contexts.write_text(
+        f'[contexts.e2e]\nbootstrap_servers = "{stack.config.bootstrap}"\n'
+        f'security_protocol = "PLAINTEXT"\n[contexts.e2e.endpoints]\nrouter = "{router}"\n'
+    )
+    monkeypatch.setenv("MEDMESH_CONTEXTS_FILE", str(contexts))
+    monkeypatch.delenv("MEDMESH_KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    result = runner.invoke(app, ["status", "--context", "e2e"])
+    assert result.exit_code == 0, result.output
+    router_row = next(
+        line for line in result.output.splitlines() if line.strip().startswith("router ")
+    )
+    assert router in router_row
+    assert "yes" in router_row
+    assert "ingest" not in result.output.split("consumer group")[0]
+    assert "medmesh-reporting" in result.output
+    listed = runner.invoke(app, ["dlq", "list", "--context", "e2e"])
+    assert listed.exit_code == 0, listed.output
+    assert topics.FHIR_INVALID in listed.output
+
+
+def test_the_stacks_audit_topic_keeps_decisions_for_good(stack: Stack) -> None:
+    """The broker's medmesh.models.audit has retention.ms=-1 (created so by create_topics)."""
+
+    async def retention() -> str:
+        admin = AIOKafkaAdminClient(bootstrap_servers=stack.config.bootstrap)
+        await admin.start()
+        try:
+            [answer] = await admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, topics.MODELS_AUDIT)]
+            )
+        finally:
+            await admin.close()
+        entries = answer.to_object()["resources"][0]["config_entries"]
+        return str(next(e["config_value"] for e in entries if e["config_names"] == "retention.ms"))
+
+    assert asyncio.run(retention()) == "-1"
