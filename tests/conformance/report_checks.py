@@ -3,7 +3,8 @@
 fhir.resources validates structure and datatypes only: it accepts ``status: "bogus"``, a
 subject that points at an Observation and a reference to a ``urn:uuid`` that is nowhere in the
 Bundle. ``check_report_bundle`` checks those, and the rules medmesh holds its own
-reports to (AI label, Provenance, effective and issued times). Each problem is one line that starts
+reports to (AI label, Provenance, effective and issued times, a safe generated narrative on every
+resource: fhir.resources does not look inside ``text.div`` at all). Each problem is one line that starts
 with a FHIRPath-like location, e.g. ``Bundle.entry[1].resource.ofType(Observation).status``.
 
 The rules are tables (required value sets, allowed reference targets) and small functions; add a
@@ -12,6 +13,7 @@ row or a function to add a rule.
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, get_args
@@ -130,6 +132,21 @@ REFERENCE_RULES: tuple[ReferenceRule, ...] = (
     ReferenceRule("Provenance", "agent.who", _AGENTS),
     ReferenceRule("Provenance", "agent.onBehalfOf", _AGENTS - {"Device"}),
 )
+
+
+# Resources that are not DomainResources have no narrative (a report Bundle holds none of them).
+NO_NARRATIVE = _codes("Bundle Binary Parameters")
+
+XHTML = "http://www.w3.org/1999/xhtml"
+# The elements a FHIR narrative may hold (txt-1: HTML 4.0 chapters 7-11 and 15, less forms and
+# scripts, plus a and img).
+NARRATIVE_ELEMENTS = _codes(
+    "a abbr acronym b big blockquote br caption cite code col colgroup dd dfn div dl dt em"
+    " h1 h2 h3 h4 h5 h6 hr i img kbd li ol p pre q samp small span strong sub sup table tbody"
+    " td tfoot th thead tr tt ul var"
+)
+# Attributes whose value is a link: a script there runs like an event handler.
+LINK_ATTRIBUTES = _codes("href src")
 
 
 # --- walking the Bundle -----------------------------------------------------------------------
@@ -300,6 +317,50 @@ def _check_interpretation_system(entry: Entry) -> Iterator[str]:
             yield f"{where}.coding: no coding from {V3_INTERPRETATION}"
 
 
+def _check_narrative(entry: Entry) -> Iterator[str]:
+    """Every resource carries a generated narrative (dom-6) whose div is XHTML with only the
+    elements FHIR allows (txt-1), no event handler or script link (txt-3), and some text
+    (txt-2)."""
+    if entry.resource_type in NO_NARRATIVE:
+        return
+    where = f"{entry.location}.text"
+    text = entry.resource.get("text")
+    if not isinstance(text, dict):
+        yield f"{where}: a medmesh resource needs a narrative (dom-6)"
+        return
+    if text.get("status") != "generated":
+        yield f"{where}.status: {text.get('status')!r}, medmesh narratives are 'generated'"
+    div = text.get("div")
+    if not isinstance(div, str):
+        yield f"{where}.div: a narrative needs its XHTML div"
+        return
+    yield from _xhtml_problems(div, f"{where}.div")
+
+
+def _xhtml_problems(div: str, where: str) -> Iterator[str]:
+    try:
+        # Our own builder's output, in tests: not untrusted input.
+        root = ET.fromstring(div)  # noqa: S314
+    except ET.ParseError as exc:
+        yield f"{where}: not well-formed XML ({exc})"
+        return
+    if root.tag != f"{{{XHTML}}}div":
+        yield f"{where}: the root must be a div in the XHTML namespace, found {root.tag}"
+        return
+    for node in root.iter():
+        namespace, _, name = node.tag.rpartition("}")
+        if namespace != f"{{{XHTML}" or name not in NARRATIVE_ELEMENTS:
+            yield f"{where}: <{name}> is not allowed in a narrative (txt-1)"
+        for attribute, value in node.attrib.items():
+            local = attribute.rpartition("}")[2].lower()
+            if local.startswith("on"):
+                yield f"{where}: <{name}> has the event handler {local} (txt-3)"
+            elif local in LINK_ATTRIBUTES and value.strip().lower().startswith("javascript:"):
+                yield f"{where}: <{name}> {local} is a script (txt-3)"
+    if not "".join(root.itertext()).strip():
+        yield f"{where}: a narrative needs some text (txt-2)"
+
+
 ResourceRule = Callable[[Entry], Iterator[str]]
 
 RESOURCE_RULES: tuple[ResourceRule, ...] = (
@@ -310,6 +371,7 @@ RESOURCE_RULES: tuple[ResourceRule, ...] = (
     _check_report_elements,
     _check_observation_value,
     _check_interpretation_system,
+    _check_narrative,
 )
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from medmesh_contracts.events import InferenceCompleted, SourceContext
 from medmesh_contracts.modelspec import ModelSpec, load_spec
-from medmesh_reporting.report import build_report
+from medmesh_reporting.report import ai_disclaimer, build_report
 from tests.conformance.report_checks import check_report_bundle
 from tests.factories import make_completed, make_request, make_task
 
@@ -98,20 +98,28 @@ def test_report_matches_its_golden_field_by_field(spec: ModelSpec, name: str) ->
 
 
 def test_goldens_hold_the_clinical_facts() -> None:
-    """The goldens themselves say NEWS2 7 / high for v1 and 23.4 % / medium for v2 and v3."""
+    """The goldens themselves say NEWS2 7 / high for v1 and 23.4 % / medium for v2 and v3, in
+    their data and in the report's narrative, and every resource's narrative ends with the AI
+    disclaimer of its model version."""
     for name, (model_version, _) in CASES.items():
         bundle = json.loads((GOLDEN / f"{name}.json").read_text())
         resources = {e["resource"]["resourceType"]: e["resource"] for e in bundle["entry"]}
         report, observation = resources["DiagnosticReport"], resources["Observation"]
         band = report["conclusionCode"][0]["coding"][0]["code"]
+        narrative = report["text"]["div"]
         if model_version == 1:
             assert observation["valueInteger"] == 7, name
             assert band == "high", name
             assert observation["referenceRange"][0]["high"]["value"] == 4, name
+            assert "<td>7</td><td>High clinical risk</td>" in narrative, name
         else:
             assert observation["valueQuantity"]["value"] == 23.4, name
             assert band == "medium", name
+            assert "<td>23.4 %</td><td>Medium clinical risk</td>" in narrative, name
         assert report["performer"][0]["display"] == PERFORMER, name
+        disclaimer = f"<b>{ai_disclaimer(f'deterioration v{model_version}')}</b></p></div>"
+        for entry in bundle["entry"]:
+            assert entry["resource"]["text"]["div"].endswith(disclaimer), name
 
 
 def test_a_changed_field_is_named() -> None:

@@ -125,6 +125,40 @@ def component_value_and_data_absent_reason(bundle: JsonDict) -> None:
     component["dataAbsentReason"] = {"coding": [dict(ABSENT_ERROR)]}
 
 
+def no_narrative(bundle: JsonDict) -> None:
+    """The Observation without its narrative (dom-6)."""
+    del entry(bundle, "Observation")["text"]
+
+
+def narrative_not_generated(bundle: JsonDict) -> None:
+    """The Device's narrative claiming to be written by hand ('additional')."""
+    entry(bundle, "Device")["text"]["status"] = "additional"
+
+
+def script_in_narrative(bundle: JsonDict) -> None:
+    """A script element inside the DiagnosticReport's narrative."""
+    text = entry(bundle, "DiagnosticReport")["text"]
+    text["div"] = text["div"].replace("</div>", "<script>alert(1)</script></div>")
+
+
+def event_handler_in_narrative(bundle: JsonDict) -> None:
+    """An onclick attribute on a paragraph of the Provenance's narrative."""
+    text = entry(bundle, "Provenance")["text"]
+    text["div"] = text["div"].replace("<p>", '<p onclick="steal()">', 1)
+
+
+def narrative_not_xhtml(bundle: JsonDict) -> None:
+    """The Observation's narrative div without the XHTML namespace."""
+    text = entry(bundle, "Observation")["text"]
+    text["div"] = text["div"].replace(' xmlns="http://www.w3.org/1999/xhtml"', "")
+
+
+def unescaped_narrative(bundle: JsonDict) -> None:
+    """An unescaped '&' and '<' in the Observation's narrative: not well-formed XML."""
+    text = entry(bundle, "Observation")["text"]
+    text["div"] = text["div"].replace("</div>", "<p>A & B < C</p></div>")
+
+
 BREAKAGES: list[tuple[Callable[[JsonDict], None], str]] = [
     (bad_report_status, "Bundle.entry[0].resource.ofType(DiagnosticReport).status"),
     (subject_is_an_observation, "Bundle.entry[0].resource.ofType(DiagnosticReport).subject"),
@@ -147,6 +181,12 @@ BREAKAGES: list[tuple[Callable[[JsonDict], None], str]] = [
         component_value_and_data_absent_reason,
         "Bundle.entry[1].resource.ofType(Observation).component[2].dataAbsentReason",
     ),
+    (no_narrative, "Bundle.entry[1].resource.ofType(Observation).text"),
+    (narrative_not_generated, "Bundle.entry[2].resource.ofType(Device).text.status"),
+    (script_in_narrative, "Bundle.entry[0].resource.ofType(DiagnosticReport).text.div: <script>"),
+    (event_handler_in_narrative, "Bundle.entry[3].resource.ofType(Provenance).text.div: <p> has"),
+    (narrative_not_xhtml, "Bundle.entry[1].resource.ofType(Observation).text.div: the root"),
+    (unescaped_narrative, "Bundle.entry[1].resource.ofType(Observation).text.div: not well"),
 ]
 
 
@@ -174,7 +214,16 @@ def test_broken_copy_is_flagged_at_its_location(
 
 @pytest.mark.parametrize(
     "breakage",
-    [bad_report_status, subject_is_an_observation, dangling_result, no_ai_label],
+    [
+        bad_report_status,
+        subject_is_an_observation,
+        dangling_result,
+        no_ai_label,
+        no_narrative,
+        script_in_narrative,
+        event_handler_in_narrative,
+        unescaped_narrative,
+    ],
     ids=lambda b: b.__name__,
 )
 def test_fhir_resources_accepts_what_our_checks_flag(

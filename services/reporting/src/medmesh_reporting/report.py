@@ -16,7 +16,8 @@ Every id is derived from the correlation id (uuid5), and every value from the ev
 
 R4B does not let DiagnosticReport.performer be a Device: the model is recorded as a Device that
 Observation.device and Provenance.agent.who point at, and the AI output is labelled with the
-``AIAST`` security label (AI Transparency on FHIR).
+``AIAST`` security label (AI Transparency on FHIR). Every resource carries a generated XHTML
+narrative (narrative.py) that ends with the AI disclaimer, in the label's words.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from medmesh_contracts.results import (
     VersionReading,
     read_outputs,
 )
+from medmesh_reporting import narrative
 
 JsonDict = dict[str, Any]
 
@@ -88,6 +90,15 @@ AIAST: JsonDict = {
     "code": "AIAST",
     "display": "Artificial Intelligence asserted",
 }
+
+
+def ai_disclaimer(model_label: str) -> str:
+    """The AI label said to people: the last line of every narrative of a report."""
+    return (
+        f"{AIAST['display']}: results of the AI model {model_label}, not reviewed by a"
+        " clinician. Use them to support clinical judgement, not to replace it."
+    )
+
 
 # Fixed namespace of every report id; changing it changes every id ever issued.
 ID_NAMESPACE = uuid.UUID("8f5b6a0e-3c1d-5b7e-9a42-6d0c1e2f7a31")
@@ -230,6 +241,7 @@ def build_report(
         spec=spec,
         result=read_result(completed, spec),
         ids=report_ids(completed.correlation_id),
+        issued=issued,
         issued_at=_instant(issued, "issued"),
     )
     device = _device(parts) if fhir_version == "R4B" else _device_r5(parts)
@@ -247,7 +259,7 @@ def build_report(
         "timestamp": parts.issued_at,
         "entry": [{"fullUrl": ReportIds.url(r["id"]), "resource": r} for r in resources],
     }
-    _validate(bundle, fhir_version)
+    validate_report(bundle, fhir_version)
     return bundle
 
 
@@ -262,6 +274,7 @@ class _Parts:
     spec: ModelSpec
     result: VersionReading
     ids: ReportIds
+    issued: datetime
     issued_at: str
 
     @property
@@ -290,6 +303,19 @@ class _Parts:
     def model_label(self) -> str:
         """``deterioration v1``: the model version, as people read it."""
         return f"{self.spec.name} v{self.version.version}"
+
+    @cached_property
+    def narrative_context(self) -> narrative.Context:
+        """What every narrative of the report says (its inputs table is rendered once)."""
+        return narrative.Context(
+            model_label=self.model_label,
+            model_display=self.spec.display,
+            algorithm=self.version.algorithm,
+            disclaimer=ai_disclaimer(self.model_label),
+            inputs=narrative.inputs_table(self.spec, self.request.inputs),
+            effective_at=self.request.effective_at,
+            issued_at=self.issued,
+        )
 
 
 def _diagnostic_report(parts: _Parts, performer_display: str | None) -> JsonDict:
@@ -325,7 +351,9 @@ def _diagnostic_report(parts: _Parts, performer_display: str | None) -> JsonDict
         report["conclusionCode"] = concepts
     if not report["result"]:
         del report["result"]
-    return report
+    return _with_text(
+        report, narrative.report_text(report, parts.observations, parts.narrative_context)
+    )
 
 
 def _conclusion_codes(headline: Reading) -> list[JsonDict]:
@@ -514,7 +542,7 @@ def _observation(
         observation["derivedFrom"] = [{"reference": r} for r in derived_from]
     if components:
         observation["component"] = components
-    return observation
+    return _with_text(observation, narrative.observation_text(observation, parts.narrative_context))
 
 
 def _explanation(parts: _Parts) -> list[JsonDict]:
@@ -533,9 +561,18 @@ def _explanation(parts: _Parts) -> list[JsonDict]:
 
 def _device(parts: _Parts) -> JsonDict:
     spec, version, ids = parts.spec, parts.version, parts.ids
+    card_notes = _card_notes(version)
+    text = narrative.device_text(
+        parts.narrative_context,
+        model_name=spec.name,
+        triton_version=str(version.triton.version),
+        owner=spec.owner,
+        notes=card_notes,
+    )
     return {
         "resourceType": "Device",
         "id": ids.device,
+        "text": text,
         "identifier": [
             {"system": MODEL_IDENTIFIER_SYSTEM, "value": f"{spec.name}/v{version.version}"},
         ],
@@ -552,11 +589,11 @@ def _device(parts: _Parts) -> JsonDict:
             {"type": {"text": "Triton model version"}, "value": str(version.triton.version)},
         ],
         "owner": {"type": "Organization", "display": spec.owner},
-        "note": [{"text": version.algorithm}, *_card_notes(version)],
+        "note": [{"text": n} for n in (version.algorithm, *card_notes)],
     }
 
 
-def _card_notes(version: VersionSpec) -> list[JsonDict]:
+def _card_notes(version: VersionSpec) -> list[str]:
     """The model card (intended use, training data, held-out metrics, limitations) as notes."""
     card = version.card
     if card is None:
@@ -571,7 +608,7 @@ def _card_notes(version: VersionSpec) -> list[JsonDict]:
         notes.append(f"Held-out metrics: {figures}")
     if card.document:
         notes.append(f"Model card: {card.document}")
-    return [{"text": n} for n in notes]
+    return notes
 
 
 def _device_r5(parts: _Parts) -> JsonDict:
@@ -587,6 +624,7 @@ def _device_r5(parts: _Parts) -> JsonDict:
 _R5_DEVICE_ORDER = (
     "resourceType",
     "id",
+    "text",
     "identifier",
     "status",
     "manufacturer",
@@ -646,7 +684,12 @@ def _provenance(parts: _Parts) -> JsonDict:
     sources = _source_references(parts.request)
     if sources:
         provenance["entity"] = [{"role": "source", "what": {"reference": r}} for r in sources]
-    return provenance
+    text = narrative.provenance_text(
+        parts.narrative_context,
+        occurred_at=parts.completed.completed_at,
+        results=len(parts.observations),
+    )
+    return _with_text(provenance, text)
 
 
 # --- parts ------------------------------------------------------------------------------------
@@ -750,8 +793,16 @@ def _version_spec(completed: InferenceCompleted, spec: ModelSpec) -> VersionSpec
         raise ReportBuildError(str(exc.args[0])) from exc
 
 
-def _validate(bundle: JsonDict, fhir_version: FhirVersion) -> None:
-    """Validate each resource with its model of the FHIR version, then the whole Bundle."""
+def _with_text(resource: JsonDict, text: JsonDict) -> JsonDict:
+    """The resource with its narrative where FHIR's JSON form puts it: after id and meta."""
+    head = {key: resource[key] for key in ("resourceType", "id", "meta") if key in resource}
+    return head | {"text": text} | resource
+
+
+def validate_report(bundle: JsonDict, fhir_version: FhirVersion) -> None:
+    """Validate each resource of a report with its fhir.resources model of the FHIR version, then
+    the whole Bundle; ReportBuildError naming what is invalid (never the values) when one is not.
+    """
     models = _RESOURCE_MODELS[fhir_version]
     try:
         for entry in bundle["entry"]:
@@ -759,4 +810,6 @@ def _validate(bundle: JsonDict, fhir_version: FhirVersion) -> None:
             models[resource["resourceType"]].model_validate(resource)
         models["Bundle"].model_validate(bundle)
     except ValidationError as exc:
-        raise ReportBuildError(f"the report is not valid FHIR {fhir_version}: {exc}") from exc
+        errors = exc.errors(include_url=False, include_input=False)
+        where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+        raise ReportBuildError(f"the report is not valid FHIR {fhir_version}: {where}") from exc

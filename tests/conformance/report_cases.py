@@ -1,0 +1,230 @@
+"""Every kind of report the builder makes, in both FHIR versions: the cases the conformance suite
+proves valid (test_report_validity.py) and the narrative tests read.
+
+A case is a model spec and a completed inference: the deployed models (deterioration v1-v3, the
+ECG rhythm screen v1-v2, its unreadable-ECG band) and a fictional panel model whose versions
+cover the output kinds no deployed model uses (classification with findings, quantity and an
+explanation; a negative findings result; a quantity alone).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from medmesh_contracts.events import (
+    FhirVersion,
+    InferenceCompleted,
+    ModelInput,
+    RequestInference,
+    SourceContext,
+)
+from medmesh_contracts.modelspec import ModelSpec, load_spec, parse_spec
+from medmesh_reporting.report import JsonDict, build_report
+from tests.factories import EFFECTIVE_AT, make_completed, make_request, make_task
+
+ROOT = Path(__file__).resolve().parents[2]
+ISSUED = datetime(2026, 11, 23, 8, 31, tzinfo=UTC)
+PERFORMER = "St Elsewhere NHS Trust clinical AI service"
+FHIR_VERSIONS: tuple[FhirVersion, ...] = ("R4B", "R5")
+
+SCT = "http://snomed.info/sct"
+LOINC = "http://loinc.org"
+OUT = "https://medmesh.dev/fhir/CodeSystem/model-output"
+
+# A fictional model that no service names: version 1 has a classification headline with
+# findings, a quantity and an explanation; version 2 findings alone; version 3 a quantity alone.
+PANEL_MODEL: dict[str, Any] = {
+    "schema": "medmesh.ModelSpec/2",
+    "name": "vitals-panel",
+    "display": "Vital-signs panel reader (test fixture)",
+    "owner": "medmesh tests",
+    "inputs": [
+        {
+            "name": "heart_rate",
+            "display": "Heart rate",
+            "unit": "/min",
+            "sources": [{"code": {"system": LOINC, "code": "8867-4"}}],
+        },
+        {
+            "name": "respiratory_rate",
+            "display": "Respiratory rate",
+            "unit": "/min",
+            "sources": [{"code": {"system": LOINC, "code": "9279-1"}}],
+        },
+    ],
+    "versions": [],
+    "report": {
+        "code": {"system": OUT, "code": "vitals-panel", "display": "Vitals panel"},
+        "category": {"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "OTH"},
+    },
+    "routing": {"weights": {"1": 100}},
+}
+_CLASSIFICATION = {
+    "kind": "classification",
+    "tensor": "CLASS_P",
+    "code": {"system": OUT, "code": "state", "display": "Physiological state"},
+    "classes": [
+        {"code": {"system": OUT, "code": "calm", "display": "Calm"}},
+        {"code": {"system": OUT, "code": "stressed", "display": "Stressed"}, "interpretation": "A"},
+        {"code": {"system": OUT, "code": "unknown", "display": "Unknown"}},
+    ],
+}
+_FINDINGS = {
+    "kind": "findings",
+    "tensor": "FINDINGS_P",
+    "labels": [
+        {"code": {"system": SCT, "code": "3424008", "display": "Tachycardia"}, "threshold": 0.5},
+        {"code": {"system": SCT, "code": "271823003", "display": "Tachypnea"}, "threshold": 0.5},
+    ],
+}
+_QUANTITY = {
+    "kind": "quantity",
+    "tensor": "RATE",
+    "code": {"system": OUT, "code": "predicted-rate", "display": "Predicted rate"},
+    "unit": "/min",
+}
+_EXPLANATION = {"kind": "explanation", "tensor": "WHY"}
+_TENSOR_WIDTHS = {"CLASS_P": 3, "FINDINGS_P": 2, "RATE": 1, "WHY": 2}
+_PANEL_VERSIONS: dict[int, list[dict[str, Any]]] = {
+    1: [_CLASSIFICATION, _FINDINGS, _QUANTITY, _EXPLANATION],
+    2: [_FINDINGS],
+    3: [_QUANTITY],
+}
+PANEL_OUTPUTS: dict[int, dict[str, tuple[float, ...]]] = {
+    1: {
+        "CLASS_P": (0.1, 0.85, 0.05),
+        "FINDINGS_P": (0.93, 0.2),
+        "RATE": (97.25,),
+        "WHY": (0.7, -0.1),
+    },
+    2: {"FINDINGS_P": (0.1, 0.2)},
+    3: {"RATE": (61.5,)},
+}
+
+# ecg-rhythm outputs: v1 an irregular (AF-like) strip and an unreadable one; v2 class probabilities.
+ECG_OUTPUTS: dict[str, tuple[int, dict[str, tuple[float, ...]]]] = {
+    "irregular": (
+        1,
+        {"SCORE": (99.9,), "RHYTHM_BAND": (1.0,), "FEATURES": (96.8, 16.0, 0.258, 0.362, 1.27)},
+    ),
+    "unreadable": (1, {"SCORE": (0.0,), "RHYTHM_BAND": (2.0,), "FEATURES": (0.0,) * 5}),
+    "classified": (2, {"PROBABILITIES": (0.08, 0.9, 0.02)}),
+}
+
+
+def panel_spec() -> ModelSpec:
+    """The fictional panel model's spec, one version per combination of outputs."""
+    document = copy.deepcopy(PANEL_MODEL)
+    document["versions"] = [
+        {
+            "version": number,
+            "algorithm": f"test fixture {number}",
+            "triton": {
+                "model": "vitals-panel",
+                "version": number,
+                "inputs": [
+                    {
+                        "name": "X",
+                        "shape": [2],
+                        "feed": "features",
+                        "inputs": ["heart_rate", "respiratory_rate"],
+                    }
+                ],
+                "outputs": [
+                    {"name": output["tensor"], "shape": [_TENSOR_WIDTHS[output["tensor"]]]}
+                    for output in outputs
+                ],
+            },
+            "outputs": outputs,
+        }
+        for number, outputs in _PANEL_VERSIONS.items()
+    ]
+    return parse_spec(document)
+
+
+def ecg_lead() -> ModelInput:
+    """A 10 s lead II at 250 Hz, as ingest hands the ECG screen its waveform input."""
+    return ModelInput(
+        name="ecg_lead_ii",
+        value=0.0,
+        unit="mV",
+        observed_at=EFFECTIVE_AT,
+        source_reference="Observation/ecg-1",
+        samples=(0.0,) * 2500,
+        period_ms=4.0,
+        duration_s=9.996,
+    )
+
+
+@dataclass(frozen=True)
+class ReportCase:
+    """One report to build: a spec, a completed inference of it, and the performer shown."""
+
+    spec: ModelSpec
+    completed: InferenceCompleted
+    performer_display: str | None = None
+
+    @property
+    def fhir_version(self) -> FhirVersion:
+        """The FHIR version the report is built in (the request's source's)."""
+        return self.completed.task.request.source.fhir_version
+
+    def build(self) -> JsonDict:
+        """The builder's report for this case."""
+        return build_report(
+            self.completed, self.spec, performer_display=self.performer_display, issued=ISSUED
+        )
+
+
+def _in(request: RequestInference, fhir_version: FhirVersion) -> RequestInference:
+    if fhir_version == "R4B":
+        return request
+    source = SourceContext(channel="http", fhir_version=fhir_version, site="site-a")
+    return request.model_copy(update={"source": source})
+
+
+def _completed(
+    request: RequestInference,
+    fhir_version: FhirVersion,
+    model_version: int,
+    outputs: dict[str, tuple[float, ...]] | None = None,
+) -> InferenceCompleted:
+    task = make_task(_in(request, fhir_version), model_version=model_version)
+    return make_completed(task, outputs=outputs)
+
+
+@cache
+def report_cases() -> dict[str, ReportCase]:
+    """Every case by name (``<model>-<variant>-<fhir version>``)."""
+    deterioration = load_spec(ROOT / "deploy" / "models" / "deterioration.yaml")
+    ecg = load_spec(ROOT / "deploy" / "models" / "ecg-rhythm.yaml")
+    panel = panel_spec()
+    full = make_request(
+        encounter_reference="Encounter/enc-1", based_on_reference="ServiceRequest/sr-1"
+    )
+    cases: dict[str, ReportCase] = {}
+    for fhir in FHIR_VERSIONS:
+        suffix = fhir.lower()
+        for version in (1, 2, 3):
+            cases[f"deterioration-v{version}-{suffix}"] = ReportCase(
+                deterioration, _completed(full, fhir, version), PERFORMER
+            )
+        cases[f"deterioration-v1-bare-{suffix}"] = ReportCase(
+            deterioration, _completed(make_request(), fhir, 1)
+        )
+        ecg_request = make_request(model="ecg-rhythm", inputs=(ecg_lead(),))
+        for variant, (version, outputs) in ECG_OUTPUTS.items():
+            cases[f"ecg-rhythm-{variant}-{suffix}"] = ReportCase(
+                ecg, _completed(ecg_request, fhir, version, outputs)
+            )
+        panel_request = make_request(model=panel.name)
+        for version, outputs in PANEL_OUTPUTS.items():
+            cases[f"vitals-panel-v{version}-{suffix}"] = ReportCase(
+                panel, _completed(panel_request, fhir, version, outputs), PERFORMER
+            )
+    return cases
