@@ -18,14 +18,24 @@ R4B does not let DiagnosticReport.performer be a Device: the model is recorded a
 Observation.device and Provenance.agent.who point at, and the AI output is labelled with the
 ``AIAST`` security label (AI Transparency on FHIR). Every resource carries a generated XHTML
 narrative (narrative.py) that ends with the AI disclaimer, in the label's words.
+
+Valid FHIR by construction, not by a check per report: the conformance suite
+(tests/conformance/test_report_validity.py) validates every kind of report the builder makes, in
+both FHIR versions, with fhir.resources (``validate_report``), which costs about ten times the
+build itself, narratives included (issue 17). What the builder's inputs can still break, the rules of FHIR's primitive types
+(an empty string, a code with stray spaces, a system with a space, an integer beyond 32 bits), is
+checked on every report (``_check_primitives``).
 """
 
 from __future__ import annotations
 
+import math
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
+from itertools import repeat
 from typing import Any
 
 from fhir.resources import bundle as r5_bundle
@@ -135,7 +145,8 @@ _DATA_ABSENT_DISPLAY = {
     "not-permitted": "Not Permitted",
 }
 
-# The fhir.resources models each report resource is validated with, per FHIR version.
+# The fhir.resources models each report resource is validated with, per FHIR version (by
+# validate_report: in the conformance suite, not on the hot path).
 _RESOURCE_MODELS: dict[FhirVersion, dict[str, Any]] = {
     "R4B": {
         "Bundle": Bundle,
@@ -229,11 +240,11 @@ def build_report(
     performer_display: str | None = None,
     issued: datetime,
 ) -> JsonDict:
-    """The validated collection Bundle reporting one completed inference.
+    """The collection Bundle reporting one completed inference.
 
     The Bundle is FHIR R4B, or R5 when the request's source spoke R5 (the resources differ only in
     the Device). Raises ReportBuildError when the event does not fit the spec or the result is not
-    valid FHIR.
+    valid FHIR (of the rules its inputs can break: see the module's docstring).
     """
     fhir_version = report_fhir_version(completed)
     parts = _Parts(
@@ -259,7 +270,7 @@ def build_report(
         "timestamp": parts.issued_at,
         "entry": [{"fullUrl": ReportIds.url(r["id"]), "resource": r} for r in resources],
     }
-    validate_report(bundle, fhir_version)
+    _check_primitives(bundle, fhir_version)
     return bundle
 
 
@@ -646,7 +657,8 @@ def _reference_range(output: RiskScoreOutput) -> JsonDict:
     for bound in ("low", "high"):
         value = getattr(spec_range, bound)
         if value is not None:
-            number = int(value) if output.integer else value
+            # An infinite bound stays a float for _check_primitives to refuse (int() would raise).
+            number = int(value) if output.integer and math.isfinite(value) else value
             found[bound] = _quantity(number, output.unit)
     found["text"] = spec_range.text
     return {"referenceRange": [found]}
@@ -799,9 +811,94 @@ def _with_text(resource: JsonDict, text: JsonDict) -> JsonDict:
     return head | {"text": text} | resource
 
 
+# --- validity ---------------------------------------------------------------------------------
+
+# The syntax of FHIR's code and uri (Coding.system) primitives, by the JSON key that holds one in
+# a report. The uri's is FHIR's (no whitespace): fhir.resources does not anchor it, so it lets a
+# space through that a FHIR server refuses.
+_SYNTAX_BY_KEY = {
+    "code": (re.compile(r"[^\s]+(\s[^\s]+)*"), "is not a FHIR code (whitespace)"),
+    "system": (re.compile(r"\S+"), "is not a FHIR uri (whitespace)"),
+}
+_FHIR_INTEGER = range(-(2**31), 2**31)
+
+
+def _check_primitives(bundle: JsonDict, fhir_version: FhirVersion) -> None:
+    """ReportBuildError when a value breaks a rule of its FHIR primitive type that the builder's
+    inputs can break: every string non-empty, codes and systems without stray whitespace,
+    decimals finite, integers within 32 bits. The message names the element, never its value
+    (which may be patient data)."""
+    if _primitives_hold(bundle):
+        return
+    rule, path = _bad_primitive(bundle, "") or ("breaks a primitive rule", [])
+    where = "Bundle" + "".join(reversed(path))
+    raise ReportBuildError(f"the report is not valid FHIR {fhir_version}: {where} {rule}")
+
+
+def _primitives_hold(bundle: JsonDict) -> bool:
+    """Whether no value of the Bundle breaks its primitive rule (``_broken_rule``): the fast
+    pass of every report (a loop, no paths); ``_bad_primitive`` then says where."""
+    stack: list[tuple[str, Any]] = [("", bundle)]
+    while stack:
+        key, node = stack.pop()
+        pairs = node.items() if type(node) is dict else zip(repeat(key), node)
+        for child_key, child in pairs:
+            kind = type(child)
+            if kind is str:
+                # Most values are non-empty strings under keys with no syntax: no call for those.
+                if child and child_key not in _SYNTAX_BY_KEY:
+                    continue
+            elif kind is dict or kind is list:
+                stack.append((child_key, child))
+                continue
+            if _broken_rule(child, child_key) is not None:
+                return False
+    return True
+
+
+def _bad_primitive(node: Any, key: str) -> tuple[str, list[str]] | None:
+    """The first primitive under ``node`` (the value of ``key``) that breaks its rule: the rule,
+    and the path to it from ``node``, innermost step first; None when all hold."""
+    if isinstance(node, dict):
+        for child_key, child in node.items():
+            found = _bad_primitive(child, child_key)
+            if found is not None:
+                found[1].append(f".{child_key}")
+                return found
+    elif isinstance(node, list):
+        for index, child in enumerate(node):
+            found = _bad_primitive(child, key)
+            if found is not None:
+                found[1].append(f"[{index}]")
+                return found
+    else:
+        rule = _broken_rule(node, key)
+        if rule is not None:
+            return rule, []
+    return None
+
+
+def _broken_rule(value: Any, key: str) -> str | None:
+    """The primitive rule a JSON value held by ``key`` breaks, or None."""
+    if isinstance(value, str):
+        syntax = _SYNTAX_BY_KEY.get(key)
+        if not value:
+            return "is an empty string"
+        if syntax is not None and not syntax[0].fullmatch(value):
+            return syntax[1]
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            return "is not a finite number"
+    elif key == "valueInteger" and isinstance(value, int) and value not in _FHIR_INTEGER:
+        return "is beyond a FHIR integer (32 bits)"
+    return None
+
+
 def validate_report(bundle: JsonDict, fhir_version: FhirVersion) -> None:
     """Validate each resource of a report with its fhir.resources model of the FHIR version, then
     the whole Bundle; ReportBuildError naming what is invalid (never the values) when one is not.
+
+    The conformance suite's proof that the builder makes valid FHIR; too slow to run per report.
     """
     models = _RESOURCE_MODELS[fhir_version]
     try:
