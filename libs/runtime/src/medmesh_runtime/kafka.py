@@ -1,7 +1,8 @@
 """The one place a service's faststream KafkaBroker is built: durability, security, tracing.
 
 Producers use acks=all with idempotence, so a publish that returns means the record is on every
-in-sync replica, and compress their batches (``MEDMESH_KAFKA_COMPRESSION``, lz4 by default); consumers commit an offset only after their handler returned (NACK_ON_ERROR
+in-sync replica, and compress their batches (``MEDMESH_KAFKA_COMPRESSION``, lz4 by default, at
+``LZ4_LEVEL``); consumers commit an offset only after their handler returned (NACK_ON_ERROR
 rewinds to the failed record instead), which gives at-least-once processing on every hop.
 """
 
@@ -10,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import importlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import codec as aiokafka_codec
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
@@ -61,10 +65,72 @@ def _faststream_logger(service: str) -> logging.Logger:
     return logger
 
 
+# --- lz4 at a level medmesh chooses -----------------------------------------------------------
+# aiokafka compresses lz4 record batches at LZ4-HC level 9 and has no setting for the level
+# (upstream aio-libs/aiokafka#1028, since its move to cramjam in 0.11; fix proposed in #1121):
+# a 20 kB ECG task took about 785 us to compress against 30 us at level 1, for batches about 1.3
+# times smaller (issue 17; `python -m medmesh_cli.bench.worker` measures both). Levels 0 to 2
+# are LZ4's fast (non-HC) compressor, what python-lz4 gave aiokafka before 0.11; the framing
+# (independent blocks, no content checksum, KIP-57) and every reader are unchanged.
+LZ4_LEVEL = 1
+# The record-batch modules that call aiokafka.codec.lz4_encode by a name of their own (the
+# Cython builders the producer uses, and the pure-Python ones of AIOKAFKA_NO_EXTENSIONS).
+_LZ4_CALLERS = (
+    "aiokafka.record._crecords.default_records",
+    "aiokafka.record._crecords.legacy_records",
+    "aiokafka.record.default_records",
+    "aiokafka.record.legacy_records",
+)
+_AIOKAFKA_LZ4_ENCODE = aiokafka_codec.lz4_encode
+
+
+def lz4_encoder(level: int) -> Callable[[Any], bytes]:
+    """aiokafka's own lz4 frame encoder at ``level`` (what its record batches call)."""
+
+    def lz4_encode(payload: Any) -> bytes:
+        return bytes(_AIOKAFKA_LZ4_ENCODE(payload, level=level))
+
+    lz4_encode.level = level  # type: ignore[attr-defined]  # read back by lz4_level
+    return lz4_encode
+
+
+def set_lz4_level(level: int) -> None:
+    """Make every aiokafka producer of this process compress lz4 batches at ``level``.
+
+    The one place medmesh replaces part of aiokafka: the lz4 encoder its record-batch builders
+    call (they take no level). Producers built through this module get ``LZ4_LEVEL``; the
+    benchmark sets 9 to measure aiokafka's own choice beside it.
+    """
+    encoder = lz4_encoder(level)
+    for name in _LZ4_CALLERS:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # the Cython builders are optional (no compiler at install)
+            continue
+        if not hasattr(module, "lz4_encode"):
+            raise RuntimeError(f"{name} no longer calls lz4_encode: revisit set_lz4_level")
+        setattr(module, "lz4_encode", encoder)  # noqa: B010 -- a module of aiokafka, untyped here
+
+
+def lz4_level(module_name: str | None = None) -> int:
+    """The lz4 level a record-batch module (default: the one of the builder aiokafka's producer
+    uses) compresses at now; 9 is aiokafka's own encoder."""
+    encoder = importlib.import_module(
+        module_name or DefaultRecordBatchBuilder.__module__
+    ).lz4_encode
+    return int(getattr(encoder, "level", 9))
+
+
 def compression_type(
     settings: ServiceSettings,
 ) -> Literal["gzip", "snappy", "lz4", "zstd"] | None:
-    """The producers' ``compression_type`` for the configured compression (None: uncompressed)."""
+    """The producers' ``compression_type`` for the configured compression (None: uncompressed).
+
+    lz4 is compressed at ``LZ4_LEVEL``: the encoder is set (``set_lz4_level``) before the
+    producer using this answer is built.
+    """
+    if settings.kafka_compression == "lz4" and lz4_level() != LZ4_LEVEL:
+        set_lz4_level(LZ4_LEVEL)
     return None if settings.kafka_compression == "none" else settings.kafka_compression
 
 
