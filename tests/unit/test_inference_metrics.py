@@ -37,3 +37,38 @@ def test_outcomes_batches_and_ages_are_counted_per_version() -> None:
         line for line in lines if line.startswith("medmesh_inference_request_age_milliseconds_sum")
     )
     assert float(age_sum.rsplit(" ", 1)[1]) == 750.0
+
+
+def _samples(prefix: str, version: str) -> dict[str, float]:
+    text = prometheus_text().decode()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(prefix) and f'model_version="{version}"' in line
+    }
+
+
+def test_batches_add_up_per_outcome_and_only_completed_ones_time_triton() -> None:
+    """Two batches' counts add up per outcome, one batch-size point per batch; a batch that
+    completed nothing records no Triton time."""
+    configure_metrics("test", "metrics-test")
+    completed = make_completed(task=make_task(model_version=8), outputs={"SCORE": [1.0]})
+    failed = InferenceFailed(
+        correlation_id="f-2",
+        producer=completed.producer,
+        task=make_task(model_version=8),
+        error_kind="retries-exhausted",
+        reason="Triton away",
+        attempts=4,
+    )
+    now = completed.task.request.received_at
+    metrics = VersionMetrics("deterioration", 8)
+    metrics.record([completed] * 5, now)
+    metrics.record([failed, failed], now)
+    requests = _samples("medmesh_inference_requests_total", "8")
+    assert sorted(requests.values()) == [2.0, 5.0]
+    assert list(_samples("medmesh_inference_batch_size_count", "8").values()) == [2.0]
+    assert list(_samples("medmesh_inference_triton_duration_milliseconds_count", "8").values()) == [
+        1.0
+    ]
+    assert list(_samples("medmesh_inference_request_age_milliseconds_count", "8").values()) == [7.0]

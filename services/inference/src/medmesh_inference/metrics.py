@@ -15,6 +15,7 @@ class VersionMetrics:
 
     def __init__(self, model: str, version: int) -> None:
         self._labels = {"model": model, "model_version": str(version)}
+        self._by_outcome: dict[str, dict[str, str]] = {}
         m = meter("medmesh.inference")
         self._outcomes = m.create_counter(
             "medmesh.inference.requests",
@@ -36,19 +37,32 @@ class VersionMetrics:
         )
 
     def record(self, outcomes: Sequence[Outcome], now: datetime) -> None:
-        """Count a batch's outcomes and its timings."""
+        """Count a batch's outcomes and its timings: one point per batch for the batch size,
+        the Triton time and each outcome kind's count (``add(n)``); the request age stays one
+        point per request (a histogram of requests' ages)."""
         if not outcomes:
             return
-        self._batch.record(len(outcomes), self._labels)
-        timed = False
+        labels = self._labels
+        self._batch.record(len(outcomes), labels)
+        kinds: dict[str, int] = {}
+        triton_ms: float | None = None
         for outcome in outcomes:
             if isinstance(outcome, InferenceCompleted):
                 kind = "completed"
-                if not timed:
-                    self._triton.record(outcome.inference_ms, self._labels)
-                    timed = True
+                if triton_ms is None:
+                    triton_ms = outcome.inference_ms
             else:
                 kind = outcome.error_kind
-            self._outcomes.add(1, {**self._labels, "outcome": kind})
+            kinds[kind] = kinds.get(kind, 0) + 1
             age = (now - outcome.task.request.received_at).total_seconds() * 1000
-            self._age.record(age, self._labels)
+            self._age.record(age, labels)
+        if triton_ms is not None:
+            self._triton.record(triton_ms, labels)
+        for kind, count in kinds.items():
+            self._outcomes.add(count, self._outcome_labels(kind))
+
+    def _outcome_labels(self, kind: str) -> dict[str, str]:
+        labels = self._by_outcome.get(kind)
+        if labels is None:
+            labels = self._by_outcome[kind] = {**self._labels, "outcome": kind}
+        return labels
