@@ -33,15 +33,14 @@ from medmesh_contracts.events import (
 )
 from medmesh_contracts.modelspec import ModelSpec, VersionSpec, load_specs
 from medmesh_inference.batching import (
-    Outcome,
     RetryPolicy,
     WorkerIdentity,
-    destination,
     score_tasks,
 )
 from medmesh_inference.circuit import CircuitBackoff, CircuitBreaker
 from medmesh_inference.heartbeat import HealthMonitor, HeartbeatSource
 from medmesh_inference.metrics import VersionMetrics
+from medmesh_inference.outcomes import traced_outcomes
 from medmesh_inference.settings import WorkerSettings
 from medmesh_inference.triton import TritonModel
 from medmesh_inference.worker import LoopTiming, Scored, TaskWorker
@@ -53,18 +52,10 @@ from medmesh_runtime.kafka import (
 )
 from medmesh_runtime.logging import get_logger
 from medmesh_runtime.service import ServiceRuntime
-from medmesh_runtime.telemetry import consumer_span, publish_headers
-from medmesh_runtime.transactional import OutgoingRecord, encoded_headers
+from medmesh_runtime.transactional import OutgoingRecord
 
 SERVICE = "inference"
 log = get_logger("medmesh.inference")
-
-# Where each outcome is produced (``batching.destination``).
-OUTCOME_TOPICS = {
-    "results": topics.INFERENCE_RESULTS,
-    "shadow-results": topics.INFERENCE_SHADOW_RESULTS,
-    "failed": topics.INFERENCE_FAILED,
-}
 
 
 class BatchHandler:
@@ -125,23 +116,9 @@ class BatchHandler:
                 self.triton.ready,
             )
         self.metrics.record(outcomes, utc_now())
-        batch_link = trace.Link(batch_span.get_span_context())
-        scored = []
-        for outcome, record in zip(outcomes, sources, strict=True):
-            # Each request keeps its own trace: continue it from the task's headers and link
-            # the shared batch span, so one clinical request stays one trace end to end.
-            # It starts when the batch was handed over.
-            with consumer_span(
-                self.tracer,
-                record,
-                links=[batch_link],
-                start_time=received_ns,
-                attributes={
-                    "messaging.message.conversation_id": outcome.correlation_id,
-                    "medmesh.batch_size": len(tasks),
-                },
-            ):
-                scored.append(Scored(outcome, self._outcome_record(outcome, record.key)))
+        scored = traced_outcomes(
+            self.tracer, outcomes, sources, batch_span=batch_span, received_ns=received_ns
+        )
         log.info(
             "batch scored",
             batch_size=len(tasks),
@@ -150,15 +127,6 @@ class BatchHandler:
             model_version=self.version.version,
         )
         return scored
-
-    def _outcome_record(self, outcome: Outcome, key: bytes | None) -> OutgoingRecord:
-        """The record of one outcome, keyed like its task; its headers carry the context of its
-        "<topic> publish" span, a child of the task's "<task topic> process" span."""
-        topic = OUTCOME_TOPICS[destination(outcome)]
-        headers = publish_headers(
-            self.tracer, topic, outcome.correlation_id, schema_of(type(outcome))
-        )
-        return OutgoingRecord(topic, key, to_wire(outcome), encoded_headers(headers))
 
 
 def create_app(settings: WorkerSettings) -> AsgiFastStream:
