@@ -20,6 +20,7 @@ from medmesh_contracts.events import (
 )
 from medmesh_contracts.modelspec import load_spec
 from medmesh_inference.batching import (
+    Linger,
     ModelUnavailable,
     RetryPolicy,
     WorkerIdentity,
@@ -275,3 +276,52 @@ async def test_a_task_of_a_version_another_triton_model_serves_is_failed_not_sco
     assert "served by Triton deterioration-gbt v1" in failed.reason
     assert isinstance(completed, InferenceCompleted)
     assert triton.batch_sizes == [1]
+
+
+class FakeClock:
+    """Monotonic seconds that move only when told."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+
+def test_adaptive_linger_scores_a_lone_task_at_once() -> None:
+    """A poll that found one task (an idle worker) gives no wait at all."""
+    clock, linger = FakeClock(), Linger(linger_s=0.02, max_batch=64)
+    deadline = linger.deadline(1, clock.now)
+    assert deadline == clock.now
+    assert linger.remaining(1, deadline, clock.now) == 0.0
+
+
+def test_adaptive_linger_waits_under_load_until_its_deadline() -> None:
+    """A poll that found a backlog waits up to linger_s from that poll, then no longer."""
+    clock, linger = FakeClock(), Linger(linger_s=0.02, max_batch=64)
+    deadline = linger.deadline(5, clock.now)
+    assert deadline == pytest.approx(clock.now + 0.02)
+    assert linger.remaining(5, deadline, clock.now) == pytest.approx(0.02)
+    assert linger.remaining(9, deadline, clock.advance(0.015)) == pytest.approx(0.005)
+    assert linger.remaining(9, deadline, clock.advance(0.005)) == 0.0
+    assert linger.remaining(9, deadline, clock.advance(1.0)) == 0.0
+
+
+def test_a_full_batch_never_waits_and_one_filled_while_waiting_stops() -> None:
+    """A first poll of max_batch tasks, or a batch that reaches it while waiting, is scored now
+    (adaptive or fixed)."""
+    clock = FakeClock()
+    for adaptive in (True, False):
+        linger = Linger(linger_s=0.02, max_batch=8, adaptive=adaptive)
+        assert linger.deadline(8, clock.now) == clock.now
+        deadline = linger.deadline(3, clock.now)
+        assert linger.remaining(8, deadline, clock.advance(0.001)) == 0.0
+
+
+def test_fixed_linger_holds_a_lone_task_as_before() -> None:
+    """Fixed (the policy before issue 17): even a lone task waits linger_s for company."""
+    clock, linger = FakeClock(), Linger(linger_s=0.02, max_batch=64, adaptive=False)
+    deadline = linger.deadline(1, clock.now)
+    assert deadline == pytest.approx(clock.now + 0.02)
+    assert linger.remaining(1, deadline, clock.advance(0.01)) == pytest.approx(0.01)

@@ -484,10 +484,8 @@ async def test_an_open_circuit_polls_gently_instead_of_spinning() -> None:
     assert probes < 15
 
 
-async def test_records_arriving_within_the_linger_join_the_batch() -> None:
-    """A record that arrives while the first one lingers is scored in the same Triton call."""
-    kafka, side = FakeKafka(), FakeTritonSide()
-    _add(kafka, "first")
+def _arriving_on_second_poll(kafka: FakeKafka, *correlation_ids: str) -> WorkerConsumer:
+    """A consumer whose second poll finds ``correlation_ids`` newly arrived."""
     consumer = WorkerConsumer(kafka)
     original = consumer.getmany
     calls = 0
@@ -496,13 +494,56 @@ async def test_records_arriving_within_the_linger_join_the_batch() -> None:
         nonlocal calls
         calls += 1
         if calls == 2:
-            _add(kafka, "second")
+            for correlation_id in correlation_ids:
+                _add(kafka, correlation_id)
         return await original(*p, timeout_ms=timeout_ms, max_records=max_records)
 
     consumer.getmany = getmany  # type: ignore[method-assign]
-    worker = _worker(kafka, side, [consumer])
+    return consumer
+
+
+def _timing(linger_s: float, *, adaptive: bool = True) -> LoopTiming:
+    return LoopTiming(
+        linger_s=linger_s,
+        poll_s=0.01,
+        kafka_retry_s=0.01,
+        retry_backoff_s=0.001,
+        adaptive_linger=adaptive,
+    )
+
+
+async def test_records_arriving_within_the_linger_join_the_batch() -> None:
+    """With the fixed linger, a record that arrives while the first one lingers is scored in
+    the same Triton call."""
+    kafka, side = FakeKafka(), FakeTritonSide()
+    _add(kafka, "first")
+    consumer = _arriving_on_second_poll(kafka, "second")
+    worker = _worker(kafka, side, [consumer], timing=_timing(0.01, adaptive=False))
     await _run_until(worker, lambda: _committed(kafka) == 2)
     assert side.calls == [["first", "second"]]
+
+
+async def test_a_lone_task_on_an_idle_worker_is_scored_without_lingering() -> None:
+    """Adaptive linger: a task found alone is scored at once, even with a 60 s linger; the
+    record arriving next is the next batch."""
+    kafka, side = FakeKafka(), FakeTritonSide()
+    _add(kafka, "first")
+    consumer = _arriving_on_second_poll(kafka, "second")
+    worker = _worker(kafka, side, [consumer], timing=_timing(60.0))
+    await _run_until(worker, lambda: _committed(kafka) == 2)
+    assert side.calls == [["first"], ["second"]]
+
+
+async def test_under_load_records_arriving_within_the_linger_join_the_batch() -> None:
+    """Adaptive linger: a poll that found a backlog waits, and what arrives meanwhile joins the
+    same Triton call."""
+    kafka, side = FakeKafka(), FakeTritonSide()
+    _add(kafka, "a")
+    _add(kafka, "b")
+    consumer = _arriving_on_second_poll(kafka, "c", "d")
+    worker = _worker(kafka, side, [consumer], timing=_timing(0.05))
+    await _run_until(worker, lambda: _committed(kafka) == 4)
+    assert side.calls == [["a", "b", "c", "d"]]
 
 
 def test_backoff_doubles_up_to_the_cap_with_equal_jitter() -> None:

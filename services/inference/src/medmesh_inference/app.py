@@ -184,7 +184,10 @@ def create_app(settings: WorkerSettings) -> AsgiFastStream:
             ),
             time.monotonic,
         ),
-        timing=LoopTiming(linger_s=settings.batch_wait_ms / 1000),
+        timing=LoopTiming(
+            linger_s=settings.batch_wait_ms / 1000,
+            adaptive_linger=settings.batch_linger == "adaptive",
+        ),
         clock=time.monotonic,
     )
 

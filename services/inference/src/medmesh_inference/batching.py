@@ -10,6 +10,9 @@ halves, so one poison request fails alone and its neighbours succeed.
 Outputs are read against the version's output kinds (``medmesh_contracts.results``) before
 anything is published: a row with NaN, a wrong shape or a band the spec does not know fails as
 ``invalid-output`` with the reason, and never reaches reporting.
+
+``Linger`` decides how long a batch waits for more tasks before its call (pure: the worker's
+loop passes its clock's readings).
 """
 
 from __future__ import annotations
@@ -75,6 +78,37 @@ class RetryPolicy:
             ),
             reraise=True,
         )
+
+
+@dataclass(frozen=True)
+class Linger:
+    """How long a batch waits for more tasks once its first poll returned some.
+
+    Adaptive (the default): a lone task, the only one the poll found queued, means the worker
+    was idle; it is scored at once, never held (before issue 17 every such task waited the whole
+    ``linger_s``). Several tasks queued while the previous batch was being served mean load:
+    the batch then waits up to ``linger_s`` from its first poll for more, so that batches grow
+    with the load (the loop stops waiting at the first poll that brings nothing, see
+    ``TaskWorker._fetch``). Fixed: every batch short of ``max_batch`` waits up to ``linger_s``.
+    A full batch never waits.
+    """
+
+    linger_s: float
+    max_batch: int
+    adaptive: bool = True
+
+    def deadline(self, fetched: int, now: float) -> float:
+        """The latest time to wait for more tasks, for a batch whose first poll returned
+        ``fetched`` tasks at ``now`` (``now`` itself: score at once)."""
+        if fetched >= self.max_batch or (self.adaptive and fetched <= 1):
+            return now
+        return now + self.linger_s
+
+    def remaining(self, batch: int, deadline: float, now: float) -> float:
+        """How long the next poll for more may wait (0: score the ``batch`` tasks now)."""
+        if batch >= self.max_batch:
+            return 0.0
+        return max(0.0, deadline - now)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from medmesh_runtime.settings import ServiceSettings
@@ -14,8 +16,11 @@ class WorkerSettings(ServiceSettings):
     worker_model_version: int = 1
     worker_port: int = 8182
     triton_grpc_url: str = "127.0.0.1:8001"
-    # Longest wait for more tasks to fill a batch; a lone request is never held longer.
+    # Longest wait for more tasks to fill a batch, under load (several tasks queued).
     batch_wait_ms: int = 20
+    # adaptive: a lone task on an idle worker is scored at once, never held; fixed: every batch
+    # short of the max waits batch_wait_ms (the behaviour before issue 17).
+    batch_linger: Literal["adaptive", "fixed"] = "adaptive"
     # Most tasks scored in one Triton call; 0 means the model spec's max_batch_size (1 = no
     # consumer micro-batching, as the benchmark's batching-off series runs it).
     worker_max_batch: int = Field(default=0, ge=0)

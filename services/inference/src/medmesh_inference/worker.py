@@ -5,9 +5,10 @@ Plain asyncio over an aiokafka-like consumer and transactional producers; every 
 injected, so unit tests drive the loop with fakes (tests/unit/test_inference_worker.py).
 
 - **Readiness first**: the consumer joins its group only once the model version is ready.
-- **Micro-batches**: one fetch returns what Kafka has buffered, up to the model's max batch size;
-  when it returns fewer, the worker waits at most ``linger_s`` for more (a lone request is held no
-  longer than that), then makes one Triton call for the whole batch.
+- **Micro-batches**: one fetch returns what Kafka has buffered, up to the model's max batch size,
+  and the whole batch is one Triton call. A lone task (the worker was idle) is scored at once;
+  when a fetch finds several queued (load), the worker waits up to ``linger_s`` for more
+  (``batching.Linger``; ``adaptive_linger=False``: every short batch waits, as before issue 17).
 - **Exactly once**: a batch's outcomes (results, failures, dead letters) of one task partition
   and that partition's next offset are committed in one transaction
   (``medmesh_runtime.transactional.PartitionTransactions``; partitions commit concurrently). A
@@ -39,7 +40,7 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from medmesh_contracts.events import InferenceFailed, RunInference
-from medmesh_inference.batching import ModelUnavailable, Outcome
+from medmesh_inference.batching import Linger, ModelUnavailable, Outcome
 from medmesh_inference.circuit import CircuitBreaker, wait_until_ready
 from medmesh_runtime.logging import get_logger, redact_text
 from medmesh_runtime.transactional import (
@@ -94,8 +95,10 @@ RecordKind = Literal["completed", "failed", "undecodable", "poison"]
 class LoopTiming:
     """How long the loop waits for what."""
 
-    # Longest wait for more tasks once a batch has started (a lone request is held this long).
+    # Longest wait for more tasks once a batch has started (``batching.Linger``).
     linger_s: float = 0.02
+    # A lone task on an idle worker is scored at once; False: every short batch waits linger_s.
+    adaptive_linger: bool = True
     # Longest single poll while idle or paused (the loop wakes this often to check its state).
     poll_s: float = 0.5
     # Pause after a Kafka error before the next fetch.
@@ -185,6 +188,7 @@ class TaskWorker:
         self._on_ready = on_ready
         self.breaker = breaker
         self.timing = timing
+        self.linger = Linger(timing.linger_s, max_batch, timing.adaptive_linger)
         self._clock = clock
         self.isolation = PoisonIsolation(
             self._outputs,
@@ -367,13 +371,14 @@ class TaskWorker:
             log.info("model version still unavailable", retry_in_s=round(wait, 2))
 
     async def _fetch(self) -> list[Any]:
-        """Up to ``max_batch`` records: what is buffered, plus what arrives within the linger."""
+        """Up to ``max_batch`` records: what is buffered, plus what arrives within the linger
+        (``batching.Linger``: none for a lone record)."""
         records = await self._poll(int(self.timing.poll_s * 1000), self.max_batch)
         if not records:
             return records
-        deadline = self._clock() + self.timing.linger_s
-        while len(records) < self.max_batch and not self._stopping.is_set():
-            remaining = deadline - self._clock()
+        deadline = self.linger.deadline(len(records), self._clock())
+        while not self._stopping.is_set():
+            remaining = self.linger.remaining(len(records), deadline, self._clock())
             if remaining <= 0:
                 break
             more = await self._poll(max(1, int(remaining * 1000)), self.max_batch - len(records))
