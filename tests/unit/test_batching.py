@@ -290,22 +290,35 @@ class FakeClock:
 
 
 def test_adaptive_linger_scores_a_lone_task_at_once() -> None:
-    """A poll that found one task (an idle worker) gives no wait at all."""
+    """A poll that found one task (an idle worker) gives no wait at all, first fetch or not."""
     clock, linger = FakeClock(), Linger(linger_s=0.02, max_batch=64)
-    deadline = linger.deadline(1, clock.now)
+    assert linger.deadline(1, clock.now) == clock.now
+    linger.fetched(clock.now)
+    deadline = linger.deadline(1, clock.advance(0.0001))
     assert deadline == clock.now
     assert linger.remaining(1, deadline, clock.now) == 0.0
 
 
-def test_adaptive_linger_waits_under_load_until_its_deadline() -> None:
-    """A poll that found a backlog waits up to linger_s from that poll, then no longer."""
+def test_adaptive_linger_waits_under_load_only_as_long_as_filling_takes() -> None:
+    """16 tasks queued in the 4 ms since the last fetch (4 per ms) fill the other 48 places in
+    12 ms: the batch waits that long, not the whole 20 ms linger, and no longer."""
     clock, linger = FakeClock(), Linger(linger_s=0.02, max_batch=64)
-    deadline = linger.deadline(5, clock.now)
-    assert deadline == pytest.approx(clock.now + 0.02)
-    assert linger.remaining(5, deadline, clock.now) == pytest.approx(0.02)
-    assert linger.remaining(9, deadline, clock.advance(0.015)) == pytest.approx(0.005)
-    assert linger.remaining(9, deadline, clock.advance(0.005)) == 0.0
-    assert linger.remaining(9, deadline, clock.advance(1.0)) == 0.0
+    linger.fetched(clock.now)
+    deadline = linger.deadline(16, clock.advance(0.004))
+    assert deadline == pytest.approx(clock.now + 0.012)
+    assert linger.remaining(16, deadline, clock.now) == pytest.approx(0.012)
+    assert linger.remaining(40, deadline, clock.advance(0.008)) == pytest.approx(0.004)
+    assert linger.remaining(60, deadline, clock.advance(0.005)) == 0.0
+    assert linger.remaining(60, deadline, clock.advance(1.0)) == 0.0
+
+
+def test_adaptive_linger_does_not_hold_a_trickle_that_cannot_fill_the_batch() -> None:
+    """2 tasks in the 8 ms since the last fetch would take 248 ms to fill 64 places: no wait
+    (they are scored now, the next ones queue meanwhile); nor on the first fetch (no rate)."""
+    clock, linger = FakeClock(), Linger(linger_s=0.02, max_batch=64)
+    assert linger.deadline(5, clock.now) == clock.now
+    linger.fetched(clock.now)
+    assert linger.deadline(2, clock.advance(0.008)) == clock.now
 
 
 def test_a_full_batch_never_waits_and_one_filled_while_waiting_stops() -> None:
@@ -314,8 +327,10 @@ def test_a_full_batch_never_waits_and_one_filled_while_waiting_stops() -> None:
     clock = FakeClock()
     for adaptive in (True, False):
         linger = Linger(linger_s=0.02, max_batch=8, adaptive=adaptive)
-        assert linger.deadline(8, clock.now) == clock.now
-        deadline = linger.deadline(3, clock.now)
+        linger.fetched(clock.now)
+        assert linger.deadline(8, clock.advance(0.001)) == clock.now
+        deadline = linger.deadline(3, clock.advance(0.001))
+        assert deadline > clock.now
         assert linger.remaining(8, deadline, clock.advance(0.001)) == 0.0
 
 

@@ -192,6 +192,7 @@ def _worker(
     side: FakeTritonSide,
     consumers: list[WorkerConsumer] | None = None,
     timing: LoopTiming | None = None,
+    max_batch: int = 64,
 ) -> TaskWorker:
     """A worker on ``kafka``; its consumers are taken from ``consumers`` in turn, then new."""
     queue = consumers if consumers is not None else []
@@ -210,7 +211,7 @@ def _worker(
         kafka.producer,
         topic=TOPIC,
         group_id=GROUP,
-        max_batch=64,
+        max_batch=max_batch,
         handle=side.handle,
         dead_letter=dead_letter,
         probe=side.probe,
@@ -535,15 +536,23 @@ async def test_a_lone_task_on_an_idle_worker_is_scored_without_lingering() -> No
 
 
 async def test_under_load_records_arriving_within_the_linger_join_the_batch() -> None:
-    """Adaptive linger: a poll that found a backlog waits, and what arrives meanwhile joins the
-    same Triton call."""
+    """Adaptive linger: a backlog that arrived fast enough to fill the batch within the linger
+    waits, and what arrives meanwhile joins the same Triton call until the batch is full."""
     kafka, side = FakeKafka(), FakeTritonSide()
     _add(kafka, "a")
-    _add(kafka, "b")
-    consumer = _arriving_on_second_poll(kafka, "c", "d")
-    worker = _worker(kafka, side, [consumer], timing=_timing(0.05))
-    await _run_until(worker, lambda: _committed(kafka) == 4)
-    assert side.calls == [["a", "b", "c", "d"]]
+    consumer = _arriving_on_second_poll(kafka, "b", "c")
+    original = consumer.getmany
+
+    async def getmany(*p: Any, timeout_ms: int = 0, max_records: int | None = None) -> Any:
+        if consumer.polls == 2:  # the poll after the backlog b, c: more arrive while it waits
+            for correlation_id in ("d", "e", "f", "g"):
+                _add(kafka, correlation_id)
+        return await original(*p, timeout_ms=timeout_ms, max_records=max_records)
+
+    consumer.getmany = getmany  # type: ignore[method-assign]
+    worker = _worker(kafka, side, [consumer], timing=_timing(60.0), max_batch=6)
+    await _run_until(worker, lambda: _committed(kafka) == 7)
+    assert side.calls == [["a"], ["b", "c", "d", "e", "f", "g"]]
 
 
 def test_backoff_doubles_up_to_the_cap_with_equal_jitter() -> None:

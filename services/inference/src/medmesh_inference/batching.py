@@ -80,35 +80,54 @@ class RetryPolicy:
         )
 
 
-@dataclass(frozen=True)
 class Linger:
-    """How long a batch waits for more tasks once its first poll returned some.
+    """How long a batch waits for more tasks once its first poll returned some (pure: the
+    worker's loop passes its clock's readings).
 
-    Adaptive (the default): a lone task, the only one the poll found queued, means the worker
-    was idle; it is scored at once, never held (before issue 17 every such task waited the whole
-    ``linger_s``). Several tasks queued while the previous batch was being served mean load:
-    the batch then waits up to ``linger_s`` from its first poll for more, so that batches grow
-    with the load (the loop stops waiting at the first poll that brings nothing, see
-    ``TaskWorker._fetch``). Fixed: every batch short of ``max_batch`` waits up to ``linger_s``.
-    A full batch never waits.
+    Adaptive (the default): the backlog a fetch finds, over the time since the previous fetch
+    ended (the previous batch being served, or the worker idling), gives the rate tasks arrive
+    at. The batch waits for more only when that rate fills it within ``linger_s``, and then no
+    longer than it takes to fill it: under load, batches are full and every Triton call and
+    transaction serves ``max_batch`` tasks. Otherwise it is scored at once, and the tasks that
+    arrive meanwhile are the next batch (batches grow with the load on their own, since tasks
+    queue while a batch is being served). So a lone task (an idle worker) is never held, nor is
+    a trickle that could not fill a batch anyway; before issue 17 each waited ``linger_s``.
+
+    Fixed (``adaptive=False``, the policy before issue 17): every batch short of ``max_batch``
+    waits up to ``linger_s``. The loop stops waiting at the first poll that brings nothing
+    (``TaskWorker._fetch``); a full batch never waits.
     """
 
-    linger_s: float
-    max_batch: int
-    adaptive: bool = True
+    def __init__(self, linger_s: float, max_batch: int, adaptive: bool = True) -> None:
+        self.linger_s = linger_s
+        self.max_batch = max_batch
+        self.adaptive = adaptive
+        # When the previous fetch ended (None: no fetch yet, no rate known).
+        self._fetched_until: float | None = None
 
     def deadline(self, fetched: int, now: float) -> float:
         """The latest time to wait for more tasks, for a batch whose first poll returned
         ``fetched`` tasks at ``now`` (``now`` itself: score at once)."""
-        if fetched >= self.max_batch or (self.adaptive and fetched <= 1):
+        if fetched >= self.max_batch:
             return now
-        return now + self.linger_s
+        if not self.adaptive:
+            return now + self.linger_s
+        if fetched <= 1 or self._fetched_until is None or now <= self._fetched_until:
+            return now
+        seconds_per_task = (now - self._fetched_until) / fetched
+        fill_s = (self.max_batch - fetched) * seconds_per_task
+        return now + fill_s if fill_s <= self.linger_s else now
 
     def remaining(self, batch: int, deadline: float, now: float) -> float:
         """How long the next poll for more may wait (0: score the ``batch`` tasks now)."""
         if batch >= self.max_batch:
             return 0.0
         return max(0.0, deadline - now)
+
+    def fetched(self, now: float) -> None:
+        """The fetch of a batch ended at ``now``: what arrives from now on is the next
+        backlog."""
+        self._fetched_until = now
 
 
 @dataclass(frozen=True)

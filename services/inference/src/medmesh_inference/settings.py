@@ -16,10 +16,11 @@ class WorkerSettings(ServiceSettings):
     worker_model_version: int = 1
     worker_port: int = 8182
     triton_grpc_url: str = "127.0.0.1:8001"
-    # Longest wait for more tasks to fill a batch, under load (several tasks queued).
+    # Longest wait for more tasks to fill a batch.
     batch_wait_ms: int = 20
-    # adaptive: a lone task on an idle worker is scored at once, never held; fixed: every batch
-    # short of the max waits batch_wait_ms (the behaviour before issue 17).
+    # adaptive: a batch waits only when tasks arrive fast enough to fill it within
+    # batch_wait_ms (a lone task on an idle worker is scored at once); fixed: every batch short
+    # of the max waits batch_wait_ms (the behaviour before issue 17).
     batch_linger: Literal["adaptive", "fixed"] = "adaptive"
     # Most tasks scored in one Triton call; 0 means the model spec's max_batch_size (1 = no
     # consumer micro-batching, as the benchmark's batching-off series runs it).

@@ -6,9 +6,10 @@ injected, so unit tests drive the loop with fakes (tests/unit/test_inference_wor
 
 - **Readiness first**: the consumer joins its group only once the model version is ready.
 - **Micro-batches**: one fetch returns what Kafka has buffered, up to the model's max batch size,
-  and the whole batch is one Triton call. A lone task (the worker was idle) is scored at once;
-  when a fetch finds several queued (load), the worker waits up to ``linger_s`` for more
-  (``batching.Linger``; ``adaptive_linger=False``: every short batch waits, as before issue 17).
+  and the whole batch is one Triton call. The worker waits for more only when tasks arrive fast
+  enough to fill the batch within ``linger_s`` (``batching.Linger``): a lone task (an idle
+  worker) is scored at once (``adaptive_linger=False``: every short batch waits ``linger_s``, as
+  before issue 17).
 - **Exactly once**: a batch's outcomes (results, failures, dead letters) of one task partition
   and that partition's next offset are committed in one transaction
   (``medmesh_runtime.transactional.PartitionTransactions``; partitions commit concurrently). A
@@ -97,7 +98,8 @@ class LoopTiming:
 
     # Longest wait for more tasks once a batch has started (``batching.Linger``).
     linger_s: float = 0.02
-    # A lone task on an idle worker is scored at once; False: every short batch waits linger_s.
+    # Wait only when tasks arrive fast enough to fill the batch within linger_s (a lone task on
+    # an idle worker is scored at once); False: every short batch waits linger_s.
     adaptive_linger: bool = True
     # Longest single poll while idle or paused (the loop wakes this often to check its state).
     poll_s: float = 0.5
@@ -372,7 +374,7 @@ class TaskWorker:
 
     async def _fetch(self) -> list[Any]:
         """Up to ``max_batch`` records: what is buffered, plus what arrives within the linger
-        (``batching.Linger``: none for a lone record)."""
+        (``batching.Linger``: none for a lone record, or a trickle that cannot fill a batch)."""
         records = await self._poll(int(self.timing.poll_s * 1000), self.max_batch)
         if not records:
             return records
@@ -385,6 +387,7 @@ class TaskWorker:
             if not more:
                 break
             records.extend(more)
+        self.linger.fetched(self._clock())
         return records
 
     async def _serve(self, records: list[Any]) -> None:
