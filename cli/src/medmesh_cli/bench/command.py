@@ -22,10 +22,11 @@ from medmesh_cli.bench.ingest import ingest_markdown, run_ingest
 from medmesh_cli.bench.pipeline import load_template, run_load, vitals_events
 from medmesh_cli.bench.plots import hops_plot, latency_plot
 from medmesh_cli.bench.router import router_markdown, run_router
-from medmesh_cli.bench.series import ALL_SERIES, parse_series
+from medmesh_cli.bench.series import ALL_SERIES, STACKLESS, parse_series
 from medmesh_cli.bench.stats import Summary, markdown_table
 from medmesh_cli.bench.topology import machine_details, run_topology, topology_markdown
 from medmesh_cli.bench.tracing import run_tracing, tracing_markdown
+from medmesh_cli.bench.worker import run_worker_path, worker_path_markdown
 from medmesh_cli.devstack.paths import repo_root, run_dir
 from medmesh_cli.devstack.stack import Stack, StackConfig, StackPorts
 from medmesh_contracts.modelspec import load_specs
@@ -64,18 +65,28 @@ def bench(
     sizes = Sizes(hop_messages, batch_tasks, router_messages, ingest_events, tracing_rate)
     target = out or repo_root() / "docs" / "benchmarks"
     target.mkdir(parents=True, exist_ok=True)
-    state = run_dir("bench" if port_base == 26000 else f"bench-{port_base}")
-    stack = Stack(StackConfig(ports=StackPorts.from_base(port_base), state_dir=state, partitions=3))
-    console.print("starting the benchmark stack ...")
-    stack.start()
-    try:
-        report = asyncio.run(
-            _measure_all(
-                stack, [float(r) for r in rates.split(",")], seconds, patients, sizes, selected
-            )
+    in_process: dict[str, Any] = {}
+    if "worker" in selected:
+        console.print("worker: lz4 level, telemetry per batch, adaptive linger (in process) ...")
+        in_process["worker"] = run_worker_path()
+    if set(selected) <= STACKLESS:
+        report = {**_run_facts([], [], started=time.perf_counter()), **in_process}
+    else:
+        state = run_dir("bench" if port_base == 26000 else f"bench-{port_base}")
+        stack = Stack(
+            StackConfig(ports=StackPorts.from_base(port_base), state_dir=state, partitions=3)
         )
-    finally:
-        stack.stop()
+        console.print("starting the benchmark stack ...")
+        stack.start()
+        try:
+            report = asyncio.run(
+                _measure_all(
+                    stack, [float(r) for r in rates.split(",")], seconds, patients, sizes, selected
+                )
+            )
+        finally:
+            stack.stop()
+        report = {**report, **in_process}
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     (target / f"bench-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
     if "topology" in report:
@@ -182,6 +193,29 @@ async def _measure_all(
             sizes.tracing_rate,
         )
     return {
+        **_run_facts(
+            [h.as_dict() for h in hops],
+            [
+                {
+                    "offered_per_s": r.offered_per_s,
+                    "end_to_end": r.end_to_end.as_dict(),
+                    "http": r.http.as_dict(),
+                    "missing": r.missing,
+                    "non_2xx": r.non_2xx,
+                }
+                for r in levels
+            ],
+            started=started,
+        ),
+        **extra,
+    }
+
+
+def _run_facts(
+    hops: list[dict[str, Any]], pipeline: list[dict[str, Any]], *, started: float
+) -> dict[str, Any]:
+    """When and where the run was, how long it took, and the hop and pipeline series."""
+    return {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
             "cpus": cpu_count(),
@@ -190,18 +224,8 @@ async def _measure_all(
             "platform": platform.platform(),
         },
         "wall_s": time.perf_counter() - started,
-        "hops": [h.as_dict() for h in hops],
-        "pipeline": [
-            {
-                "offered_per_s": r.offered_per_s,
-                "end_to_end": r.end_to_end.as_dict(),
-                "http": r.http.as_dict(),
-                "missing": r.missing,
-                "non_2xx": r.non_2xx,
-            }
-            for r in levels
-        ],
-        **extra,
+        "hops": hops,
+        "pipeline": pipeline,
     }
 
 
@@ -222,6 +246,7 @@ def _markdown(report: dict[str, Any]) -> str:
     if report["pipeline"]:
         sections.append(_pipeline_markdown(report))
     for key, heading, render in (
+        ("worker", "The inference worker's own costs, in process (issue 17)", worker_path_markdown),
         ("batching", "Batching gain on Triton (issue 5)", batching_models_markdown),
         ("router", "Router vs a pass-through relay (issue 4, burst)", router_markdown),
         (

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-ALL_SERIES = ("hop", "pipeline", "batching", "router", "ingest", "topology", "tracing")
+ALL_SERIES = (
+    "worker",
+    "hop",
+    "pipeline",
+    "batching",
+    "router",
+    "ingest",
+    "topology",
+    "tracing",
+)
+# Series measured in process, without the bench stack (run first, before it starts).
+STACKLESS = frozenset({"worker"})
 
 
 def parse_series(text: str) -> list[str]:

@@ -36,7 +36,7 @@ from medmesh_cli.bench.common import Ratio, cpu_seconds_from_stat, ratio, ratios
 from medmesh_cli.bench.pipeline import run_load
 from medmesh_cli.bench.stats import Summary, percentile, summarize
 from medmesh_cli.devstack.stack import Stack, Topology
-from medmesh_cli.ops.waterfall import CONVERSATION_ID, Span, hops, parse_spans
+from medmesh_cli.ops.waterfall import CONVERSATION_ID, Hop, Span, hops, parse_spans
 from medmesh_contracts import topics
 
 TOPOLOGIES: tuple[Topology, ...] = ("services", "monolith")
@@ -162,6 +162,37 @@ class HopFigures:
     work_p50_ms: float
 
 
+def trace_hops(trace: Sequence[Span]) -> list[Hop]:
+    """The trace's Kafka hops (``waterfall.hops``), and the hops whose record carries the
+    context of the upstream stage's own process span rather than a publish span's (the
+    inference worker's results since issue 17): their wait runs from the end of that span,
+    where the record was made, to the start of the downstream process span."""
+    found = hops(trace)
+    paired = {hop.topic for hop in found}
+    by_id = {span.span_id: span for span in trace}
+    for span in trace:
+        topic = span.name.removesuffix(" process")
+        parent = by_id.get(span.parent_span_id or "")
+        if (
+            topic == span.name
+            or topic in paired
+            or parent is None
+            or parent.service == span.service
+            or not parent.name.endswith(" process")
+        ):
+            continue
+        found.append(
+            Hop(
+                topic=topic,
+                producer=parent.service,
+                consumer=span.service,
+                wait_ms=(span.start_ns - parent.end_ns) / 1e6,
+                work_ms=span.duration_ms,
+            )
+        )
+    return found
+
+
 def hop_figures(
     spans: Sequence[Span], correlation_ids: Iterable[str]
 ) -> tuple[list[HopFigures], list[float]]:
@@ -182,7 +213,7 @@ def hop_figures(
     for correlation_id in correlation_ids:
         for trace_id in by_request.get(correlation_id, ()):
             trace = sorted(traces[trace_id], key=lambda s: s.start_ns)
-            for hop in hops(trace):
+            for hop in trace_hops(trace):
                 waits.setdefault(hop.topic, []).append(hop.wait_ms)
                 works.setdefault(hop.topic, []).append(hop.work_ms)
             post = next((s for s in trace if s.name.startswith("POST ")), None)
