@@ -5,9 +5,12 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 
+import httpx
+
 from medmesh_contracts.events import FhirVersion
 from medmesh_ingest.settings import IngestSettings
 from medmesh_runtime.metricsgate import is_loopback
+from medmesh_runtime.smart import smart_auth
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,8 @@ class Source:
     site: str | None = None
     base_url: str | None = None
     fetch_token: str | None = None
+    # SMART Backend Services for fetches from base_url (one per source: it caches the token).
+    fetch_auth: httpx.Auth | None = None
 
 
 class Authenticator:
@@ -33,12 +38,18 @@ class Authenticator:
                 config.site,
                 config.base_url,
                 config.fetch_token.get_secret_value() if config.fetch_token else None,
+                smart_auth(config.fetch_smart),
             )
             for name, config in settings.ingest_sources.items()
         }
         fetch_token = settings.source_token.get_secret_value() if settings.source_token else None
         self._default = Source(
-            "default", settings.default_fhir_version, None, settings.source_base_url, fetch_token
+            "default",
+            settings.default_fhir_version,
+            None,
+            settings.source_base_url,
+            fetch_token,
+            smart_auth(settings.source_smart),
         )
 
     @property

@@ -1,7 +1,8 @@
 """Fetching the resources an id-only Subscription notification names, from the sender's server.
 
 Only references on the configured FHIR base URL (or relative ``Type/id`` ones, resolved against
-it) are fetched, with the source's own token: a notification cannot make ingest call anywhere
+it) are fetched, with the source's own token or SMART Backend Services client
+(``medmesh_runtime.smart``): a notification cannot make ingest call anywhere
 else (such a reference is a 422). A failure of the server is a ``SourceUnavailableError``: the
 notification is answered 503 and the sender retries it.
 """
@@ -32,9 +33,16 @@ def resource_url(base_url: str, reference: str) -> str | None:
 
 
 def http_fetcher(
-    base_url: str, token: str | None, *, timeout_s: float, max_bytes: int, client: httpx.AsyncClient
+    base_url: str,
+    token: str | None,
+    *,
+    timeout_s: float,
+    max_bytes: int,
+    client: httpx.AsyncClient,
+    auth: httpx.Auth | None = None,
 ) -> Fetch:
-    """A Fetch reading each reference from ``base_url`` with the bearer ``token``."""
+    """A Fetch reading each reference from ``base_url`` with the bearer ``token``, or with
+    ``auth`` (SMART Backend Services) when given."""
     headers = {"accept": "application/fhir+json"}
     if token:
         headers["authorization"] = f"Bearer {token}"
@@ -51,7 +59,9 @@ def http_fetcher(
                     "ingest fetches only from the server configured for the source",
                 )
             try:
-                response = await client.get(url, headers=headers, timeout=timeout_s)
+                response = await client.get(
+                    url, headers=headers, timeout=timeout_s, auth=auth or httpx.USE_CLIENT_DEFAULT
+                )
             except httpx.HTTPError as exc:
                 raise SourceUnavailableError(
                     f"fetching from the source failed: {type(exc).__name__}"

@@ -116,6 +116,7 @@ class Ingest:
             timeout_s=self.settings.fetch_timeout_s,
             max_bytes=self.settings.max_payload_bytes,
             client=self.http_client,
+            auth=source.fetch_auth,
         )
 
     async def handle(self, raw: bytes, context: Context) -> Answer:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from medmesh_contracts.topics import READINGS_RETENTION_HOURS
 from medmesh_runtime.settings import ServiceSettings
+from medmesh_runtime.smart import SmartClientSettings
 
 # Only for local runs and tests (MEDMESH_ENVIRONMENT=development, as `medmesh up` sets it).
 DEVELOPMENT_PSEUDONYM_KEY = "medmesh-development-key-not-for-production"
@@ -43,6 +44,8 @@ class SourceSettings(BaseModel):
     # Its FHIR server: id-only Subscription notifications are fetched from here, with this token.
     base_url: str | None = None
     fetch_token: SecretStr | None = None
+    # Or SMART Backend Services (client credentials, signed JWT) for those fetches.
+    fetch_smart: SmartClientSettings | None = None
 
 
 class IngestSettings(ServiceSettings):
@@ -83,6 +86,8 @@ class IngestSettings(ServiceSettings):
     # FHIR server to fetch id-only notification content from, for sources without their own.
     source_base_url: str | None = None
     source_token: SecretStr | None = None
+    # Or SMART Backend Services for it (JSON: token_url, client_id, private_key_file, scope...).
+    source_smart: SmartClientSettings | None = None
     fetch_timeout_s: float = Field(default=10.0, gt=0)
     max_fetched_resources: int = Field(default=100, ge=1)
     # How long ingest waits for Kafka's acknowledgement before answering 503, and the

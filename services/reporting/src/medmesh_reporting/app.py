@@ -24,6 +24,7 @@ from medmesh_reporting.settings import ReportingSettings
 from medmesh_runtime.deadletter import dead_letter_record
 from medmesh_runtime.kafka import stage_clients
 from medmesh_runtime.service import ServiceRuntime
+from medmesh_runtime.smart import smart_auth
 from medmesh_runtime.transactional import (
     LoopSettings,
     PoisonIsolation,
@@ -102,7 +103,8 @@ def _clients(settings: ReportingSettings, given: StageClients | None) -> StageCl
 async def _deliver(settings: ReportingSettings, fhir_server_url: str) -> None:
     """Deliver committed reports to the FHIR server until cancelled."""
     token = settings.fhir_server_token.get_secret_value() if settings.fhir_server_token else None
-    async with httpx.AsyncClient(timeout=settings.delivery_timeout_s) as client:
+    auth = smart_auth(settings.fhir_server_smart)
+    async with httpx.AsyncClient(timeout=settings.delivery_timeout_s, auth=auth) as client:
         deliverer = Deliverer(
             client,
             fhir_server_url,

@@ -5,8 +5,10 @@ resource with an identifier is created conditionally (``ifNoneExist: identifier=
 so the report, its Observation and the model's Device exist once however often it is sent; the
 Provenance, which has no identifier in R4B, is written with ``PUT`` to its deterministic id.
 
-``Deliverer`` posts it with backoff: connection errors, timeouts, 408, 429 and 5xx are retried
-(doubling pauses, capped) until ``give_up_after_s``; any other answer is final. A report that is
+``Deliverer`` posts it with backoff: connection errors, timeouts, a token endpoint that issues
+no token (SMART Backend Services, ``medmesh_runtime.smart``), 408, 429 and 5xx are retried
+(doubling pauses, capped, or what the server's ``Retry-After`` asks when that is longer) until
+``give_up_after_s``; any other answer is final. A report that is
 refused or given up on becomes a ``ReportUndeliverable`` event carrying the server's
 OperationOutcome. ``DeliveryLoop`` reads committed reports from medmesh.reports.diagnostic and
 commits each offset only after the report was delivered or recorded as undeliverable.
@@ -35,6 +37,7 @@ from medmesh_reporting.report import JsonDict
 from medmesh_runtime.kafka import message_headers, record_headers
 from medmesh_runtime.logging import get_logger, redact_text
 from medmesh_runtime.retry import retrying
+from medmesh_runtime.smart import TokenUnavailableError, retry_after_s
 
 log = get_logger("medmesh.reporting.delivery")
 
@@ -131,9 +134,10 @@ class Deliverer:
                 response = await self._client.post(
                     self._base_url, content=body, headers=self._headers
                 )
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, TokenUnavailableError) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
                 status = None
+                asked = None
             else:
                 if response.is_success:
                     return Delivered(response.status_code, attempt)
@@ -146,7 +150,10 @@ class Deliverer:
                         _operation_outcome(response),
                     )
                 problem = f"the FHIR server answered {status}"
+                asked = retry_after_s(response)
             pause = self._backoff.pause(attempt)
+            if asked is not None:
+                pause = max(pause, asked)
             if time.monotonic() - started + pause > self._backoff.give_up_after_s:
                 return Refused(f"gave up after {attempt} attempts: {problem}", attempt, status)
             log.warning("report delivery failed: retrying", problem=problem, attempt=attempt)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import SecretStr
 
 from medmesh_runtime.settings import ServiceSettings
+from medmesh_runtime.smart import SmartClientSettings
 
 
 class ReportingSettings(ServiceSettings):
@@ -28,6 +29,8 @@ class ReportingSettings(ServiceSettings):
     # Optional delivery of every report to the hospital's FHIR server (off when no URL is set).
     fhir_server_url: str | None = None
     fhir_server_token: SecretStr | None = None
+    # Or SMART Backend Services (JSON: token_url, client_id, private_key_file, scope, ...).
+    fhir_server_smart: SmartClientSettings | None = None
     delivery_group_id: str = "medmesh-reporting-delivery"
     delivery_timeout_s: float = 10.0
     # A report the server keeps failing on (5xx, 429, no connection) is given up after this long.
