@@ -163,34 +163,9 @@ class HopFigures:
 
 
 def trace_hops(trace: Sequence[Span]) -> list[Hop]:
-    """The trace's Kafka hops (``waterfall.hops``), and the hops whose record carries the
-    context of the upstream stage's own process span rather than a publish span's (the
-    inference worker's results since issue 17): their wait runs from the end of that span,
-    where the record was made, to the start of the downstream process span."""
-    found = hops(trace)
-    paired = {hop.topic for hop in found}
-    by_id = {span.span_id: span for span in trace}
-    for span in trace:
-        topic = span.name.removesuffix(" process")
-        parent = by_id.get(span.parent_span_id or "")
-        if (
-            topic == span.name
-            or topic in paired
-            or parent is None
-            or parent.service == span.service
-            or not parent.name.endswith(" process")
-        ):
-            continue
-        found.append(
-            Hop(
-                topic=topic,
-                producer=parent.service,
-                consumer=span.service,
-                wait_ms=(span.start_ns - parent.end_ns) / 1e6,
-                work_ms=span.duration_ms,
-            )
-        )
-    return found
+    """The trace's Kafka hops (``waterfall.hops``, which also pairs a process span with the
+    upstream stage's process span when no publish span exists)."""
+    return hops(trace)
 
 
 def hop_figures(

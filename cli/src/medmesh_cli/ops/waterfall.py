@@ -99,22 +99,32 @@ def spans_of(spans: Iterable[Span], trace_id: str) -> list[Span]:
 
 
 def hops(trace: Sequence[Span]) -> list[Hop]:
-    """Kafka hops of a trace: each '<topic> process' span matched to its '<topic> publish'."""
+    """Kafka hops of a trace: each '<topic> process' span matched to its '<topic> publish', or,
+    when its record carries the upstream stage's own process span's context (the inference
+    worker's results: no publish span), to that span, waiting from its end."""
     result = []
     publishes = {s.name.removesuffix(" publish"): s for s in trace if s.name.endswith(" publish")}
+    by_id = {span.span_id: span for span in trace}
     for span in trace:
         if not span.name.endswith(" process"):
             continue
         topic = span.name.removesuffix(" process")
         published = publishes.get(topic)
-        if published is None:
-            continue
+        if published is not None:
+            producer, produced_ns = published.service, published.start_ns
+        else:
+            parent = by_id.get(span.parent_span_id or "")
+            if parent is None or parent.service == span.service:
+                continue
+            if not parent.name.endswith(" process"):
+                continue
+            producer, produced_ns = parent.service, parent.end_ns
         result.append(
             Hop(
                 topic=topic,
-                producer=published.service,
+                producer=producer,
                 consumer=span.service,
-                wait_ms=(span.start_ns - published.start_ns) / 1e6,
+                wait_ms=(span.start_ns - produced_ns) / 1e6,
                 work_ms=span.duration_ms,
             )
         )
