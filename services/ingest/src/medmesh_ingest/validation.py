@@ -9,6 +9,12 @@ Size limits are checked before any model is built: the number of JSON objects an
 before the JSON is even decoded (a cheap count of the brackets outside strings, so that no body
 of millions of tiny containers is ever built in memory), then nesting depth and Bundle entries;
 the number of points of each waveform (SampledData) and how long its signal lasts right after.
+
+A batch Bundle answered entry by entry (``isolate_entries``, the HTTP path) keeps its entries
+apart: an entry that fails a check is set aside (``Payload.failed``, with the status and issues
+it would have got alone) and the others go on. What concerns the Bundle itself (JSON, limits,
+Bundle.type, an error located in no entry) still rejects the whole payload, as does any error
+in every other kind of payload.
 """
 
 from __future__ import annotations
@@ -106,6 +112,8 @@ _REFERENCE_ELEMENTS: Mapping[str, tuple[tuple[str, str], ...]] = {
     "ServiceRequest": (("subject", "Patient"), ("encounter", "Encounter")),
 }
 
+# A FHIRPath into one entry of a Bundle: ``Bundle.entry[3]`` or ``Bundle.entry[3].resource...``.
+_ENTRY_PATH = re.compile(r"^Bundle\.entry\[(\d+)\](?:\.|$)")
 _RESOURCE_TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _FHIR_ELEMENT_NAME = re.compile(r"^_?[A-Za-z][A-Za-z0-9_]*$")
 # Relative or absolute literal reference: [base/]Type/id[/_history/version].
@@ -177,13 +185,109 @@ class Notification:
 
 
 @dataclass(frozen=True)
+class EntryFailure:
+    """An entry of a batch set aside: the HTTP status it would have got alone, and why."""
+
+    index: int
+    status: int
+    issues: tuple[Issue, ...]
+
+
+@dataclass(frozen=True)
 class Payload:
-    """A parsed payload: the resources to consider, and what kind of message it was."""
+    """A parsed payload: the resources to consider, and what kind of message it was.
+
+    ``failed`` holds the entries of a batch set aside (only with ``isolate_entries``; their
+    resources are not in ``resources``), ``entries`` how many entries the Bundle has.
+    """
 
     resources: list[ParsedResource]
     fhir_version: FhirVersion = "R4B"
     bundle_type: str | None = None
     notification: Notification | None = None
+    failed: tuple[EntryFailure, ...] = ()
+    entries: int = 0
+
+
+def entry_of(expression: str) -> int | None:
+    """The index of the Bundle entry a FHIRPath points into (``Bundle.entry[3].resource``: 3)."""
+    match = _ENTRY_PATH.match(expression)
+    return int(match.group(1)) if match else None
+
+
+def issue_entry(issue: Issue) -> int | None:
+    """The Bundle entry an issue is located in (by its first expression); None: in none."""
+    return entry_of(issue.expression[0]) if issue.expression else None
+
+
+def entry_failures(status: int, issues: Sequence[Issue]) -> dict[int, EntryFailure] | None:
+    """The entries the errors among ``issues`` are in, each with its issues and ``status``;
+    None when an error is located in no entry (it concerns the whole payload)."""
+    by_entry: dict[int, list[Issue]] = {}
+    for issue in issues:
+        index = issue_entry(issue)
+        if index is None:
+            if issue.is_error:
+                return None
+            continue
+        by_entry.setdefault(index, []).append(issue)
+    return {
+        index: EntryFailure(index, status, tuple(found))
+        for index, found in by_entry.items()
+        if any(issue.is_error for issue in found)
+    }
+
+
+class _Checks:
+    """Where the errors of a check go: one rejection of the whole payload, or, for a batch
+    answered entry by entry, the entries they are in, set aside while the others go on."""
+
+    def __init__(self, isolate: bool) -> None:
+        self.isolate = isolate
+        self.failed: dict[int, EntryFailure] = {}
+
+    def raise_if_errors(self, issues: Sequence[Issue], status: int = INVALID_FHIR) -> None:
+        """Raise FhirRejected when ``issues`` hold an error, unless every error is in an entry
+        that can be set aside (then those entries are)."""
+        if not any(issue.is_error for issue in issues):
+            return
+        found = entry_failures(status, issues) if self.isolate else None
+        if found is None:
+            raise rejection(status, issues)
+        for index, failure in found.items():
+            self.failed.setdefault(index, failure)
+
+    def set_aside(self, index: int) -> bool:
+        """Whether entry ``index`` was set aside."""
+        return index in self.failed
+
+    def kept(self, entries: Sequence[ParsedResource]) -> list[ParsedResource]:
+        """The entries not set aside."""
+        if not self.failed:
+            return list(entries)
+        return [e for e in entries if entry_of(e.expression) not in self.failed]
+
+    def without_failed(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The Bundle JSON with each entry set aside replaced by an empty one (so the others
+        keep their index)."""
+        entries = data.get("entry")
+        if not self.failed or not isinstance(entries, list):
+            return data
+        return {
+            **data,
+            "entry": [{} if i in self.failed else e for i, e in enumerate(entries)],
+        }
+
+    def full_urls(self, data: dict[str, Any]) -> frozenset[str]:
+        """The fullUrls of the entries set aside (references to them resolve to nothing)."""
+        entries = data.get("entry")
+        if not isinstance(entries, list):
+            return frozenset()
+        return frozenset(
+            e["fullUrl"]
+            for i, e in enumerate(entries)
+            if i in self.failed and isinstance(e, dict) and isinstance(e.get("fullUrl"), str)
+        )
 
 
 def parse(
@@ -191,6 +295,8 @@ def parse(
     resource_type_hint: str | None = None,
     fhir_version: FhirVersion = "R4B",
     limits: Limits = Limits(),
+    *,
+    isolate_entries: bool = False,
 ) -> Payload:
     """Parse and check a payload of the given FHIR version.
 
@@ -198,25 +304,33 @@ def parse(
     Raises ``FhirRejected``: 400 when the payload is not JSON, not a FHIR resource, or not of
     the hinted type; 413 when it holds too many JSON objects and arrays, is nested too deeply,
     has too many entries, or a waveform with too many points or lasting too long; 422 when it
-    is FHIR but invalid or not usable.
+    is FHIR but invalid or not usable. With ``isolate_entries``, a batch Bundle's entries that
+    fail a check are set aside instead (``Payload.failed``, with the status they would get).
     """
     data, unknown_types = _decode_json(raw, limits, fhir_version)
     resource_type = _resource_type_of(data, fhir_version)
     _check_hint(resource_type, resource_type_hint)
-    _raise_if_errors(
+    checks = _Checks(isolate_entries and resource_type == "Bundle" and data.get("type") == "batch")
+    checks.raise_if_errors(
         [_unknown_type_issue(link, resource_type, fhir_version) for link in unknown_types]
     )
-    model = _validate_model(data, resource_type, fhir_version)
+    model = _validate_model(data, resource_type, fhir_version, checks)
     notification: Notification | None = None
     bundle_type: str | None = None
+    count = 0
     if resource_type == "Bundle":
         bundle_type = model.type
-        entries, notification = _bundle_entries(model, fhir_version)
+        count = len(model.entry or ())
+        entries, notification = _bundle_entries(model, fhir_version, checks)
     else:
         entries = [ParsedResource(model, resource_type)]
-    _check_waveform_sizes(entries, limits)
-    _raise_if_errors([issue for entry in entries for issue in _coded_element_issues(entry)])
-    return Payload(_resolve_references(entries), fhir_version, bundle_type, notification)
+    _check_waveform_sizes(entries, limits, checks)
+    checks.raise_if_errors(
+        [issue for entry in checks.kept(entries) for issue in _coded_element_issues(entry)]
+    )
+    resolved = _resolve_references(checks.kept(entries), checks, checks.full_urls(data))
+    failed = tuple(checks.failed[i] for i in sorted(checks.failed))
+    return Payload(checks.kept(resolved), fhir_version, bundle_type, notification, failed, count)
 
 
 # --- decoding ----------------------------------------------------------------------------------
@@ -271,41 +385,52 @@ def _check_node_count(text: str, limits: Limits) -> None:
         )
 
 
-def _check_waveform_sizes(entries: Sequence[ParsedResource], limits: Limits) -> None:
+def _check_waveform_sizes(
+    entries: Sequence[ParsedResource], limits: Limits, checks: _Checks
+) -> None:
     """413 when an Observation's (or component's) SampledData holds more points than allowed,
     or a signal lasting longer than allowed (points x period: its resampling is bounded by the
-    model's window, but nothing that long is a waveform reading)."""
+    model's window, but nothing that long is a waveform reading). The first such waveform
+    rejects the payload, or sets its entry aside (a batch answered entry by entry)."""
     for entry in entries:
-        if entry.resource_type != "Observation":
-            continue
-        elements = [
-            ("", entry.resource),
-            *((f".component[{i}]", c) for i, c in enumerate(entry.resource.component or ())),
-        ]
-        for where, element in elements:
-            sampled = element.valueSampledData
-            count = sample_count(sampled)
-            if count > limits.max_waveform_samples:
-                path = f"{entry.expression}{where}.valueSampledData.data"
-                raise rejected(
-                    TOO_LARGE,
-                    "too-costly",
-                    f"{path}: the waveform has {count} points; at most "
-                    f"{limits.max_waveform_samples} are accepted.",
-                    [path],
-                )
-            lasting = signal_seconds(sampled) if count else None
-            if lasting is not None and lasting[1] > limits.max_waveform_seconds:
-                spacing, seconds = lasting
-                path = f"{entry.expression}{where}.valueSampledData.{spacing}"
-                raise rejected(
-                    TOO_LARGE,
-                    "too-costly",
-                    f"{path}: the waveform's {count} points at this sampling period last "
-                    f"{seconds:g} s; at most {limits.max_waveform_seconds:g} s are accepted "
-                    "(MEDMESH_MAX_WAVEFORM_SECONDS).",
-                    [path],
-                )
+        problem = _waveform_size_issue(entry, limits)
+        if problem is not None:
+            checks.raise_if_errors([problem], TOO_LARGE)
+
+
+def _waveform_size_issue(entry: ParsedResource, limits: Limits) -> Issue | None:
+    """The first waveform of the entry over the size limits, as an issue; None: none."""
+    if entry.resource_type != "Observation":
+        return None
+    elements = [
+        ("", entry.resource),
+        *((f".component[{i}]", c) for i, c in enumerate(entry.resource.component or ())),
+    ]
+    for where, element in elements:
+        sampled = element.valueSampledData
+        count = sample_count(sampled)
+        if count > limits.max_waveform_samples:
+            path = f"{entry.expression}{where}.valueSampledData.data"
+            return Issue(
+                "error",
+                "too-costly",
+                f"{path}: the waveform has {count} points; at most "
+                f"{limits.max_waveform_samples} are accepted.",
+                (path,),
+            )
+        lasting = signal_seconds(sampled) if count else None
+        if lasting is not None and lasting[1] > limits.max_waveform_seconds:
+            spacing, seconds = lasting
+            path = f"{entry.expression}{where}.valueSampledData.{spacing}"
+            return Issue(
+                "error",
+                "too-costly",
+                f"{path}: the waveform's {count} points at this sampling period last "
+                f"{seconds:g} s; at most {limits.max_waveform_seconds:g} s are accepted "
+                "(MEDMESH_MAX_WAVEFORM_SECONDS).",
+                (path,),
+            )
+    return None
 
 
 def _too_deep(limits: Limits) -> Exception:
@@ -433,19 +558,36 @@ def _declares_unknown_resource_type(node: Any, version: FhirVersion) -> bool:
     )
 
 
-def _validate_model(data: dict[str, Any], resource_type: str, version: FhirVersion) -> Any:
+def _validate_model(
+    data: dict[str, Any], resource_type: str, version: FhirVersion, checks: _Checks
+) -> Any:
+    """The fhir.resources model of the payload. When every error is in entries that can be set
+    aside, they are, and the Bundle is validated again without them."""
     model_class = _model_class(resource_type, version)
+    model, issues = _model_or_issues(
+        model_class, checks.without_failed(data), resource_type, version
+    )
+    if model is None:
+        checks.raise_if_errors(issues)
+        again = checks.without_failed(data)
+        model, issues = _model_or_issues(model_class, again, resource_type, version)
+        if model is None:
+            raise rejection(INVALID_FHIR, issues)
+    return model
+
+
+def _model_or_issues(
+    model_class: Any, data: dict[str, Any], root: str, version: FhirVersion
+) -> tuple[Any, list[Issue]]:
     try:
-        return model_class.model_validate(data)
+        return model_class.model_validate(data), []
     except ValidationError as exc:
-        issues = [_issue_from_error(error, resource_type) for error in exc.errors()]
-        raise rejection(INVALID_FHIR, issues) from None
+        return None, [_issue_from_error(error, root) for error in exc.errors()]
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         # fhir.resources raises these for some shapes pydantic does not catch (e.g. a nested
-        # resource of unknown type in an unexpected place).
-        raise rejected(
-            INVALID_FHIR, "structure", f"The resource is not valid {version}: {type(exc).__name__}."
-        ) from None
+        # resource of unknown type in an unexpected place); located nowhere: the whole payload.
+        text = f"The resource is not valid {version}: {type(exc).__name__}."
+        return None, [Issue("error", "structure", text)]
 
 
 def _issue_from_error(error: ErrorDetails, root: str) -> Issue:
@@ -494,7 +636,7 @@ def _raise_if_errors(issues: Sequence[Issue]) -> None:
 
 
 def _bundle_entries(
-    bundle: Any, version: FhirVersion
+    bundle: Any, version: FhirVersion, checks: _Checks
 ) -> tuple[list[ParsedResource], Notification | None]:
     bundle_type = _check_bundle_type(bundle.type, version)
     if bundle_type == NOTIFICATION_BUNDLE_TYPES[version]:
@@ -505,12 +647,14 @@ def _bundle_entries(
     if bundle_type == "message":
         issues.extend(_first_entry_issues(bundle, "MessageHeader", "message"))
     for i, entry in enumerate(bundle.entry or ()):
+        if checks.set_aside(i):
+            continue
         where = f"Bundle.entry[{i}]"
         issues.extend(_entry_issues(entry, where, needs_request=needs_request))
         if entry.resource is not None:
             entries.append(ParsedResource(entry.resource, f"{where}.resource", entry.fullUrl))
-    _raise_if_errors(issues)
-    return entries, None
+    checks.raise_if_errors(issues)
+    return checks.kept(entries), None
 
 
 def _first_entry_issues(bundle: Any, resource_type: str, bundle_type: str) -> list[Issue]:
@@ -631,14 +775,20 @@ def _coded_element_issues(entry: ParsedResource) -> Iterator[Issue]:
             )
 
 
-def _resolve_references(entries: Sequence[ParsedResource]) -> list[ParsedResource]:
+def _resolve_references(
+    entries: Sequence[ParsedResource], checks: _Checks, set_aside: frozenset[str]
+) -> list[ParsedResource]:
+    """The entries with their subject and encounter references resolved (urn:uuid references
+    to other entries of the Bundle); ``set_aside``: fullUrls of entries of a batch set aside."""
     by_full_url = {entry.full_url: entry for entry in entries if entry.full_url}
     resolved: list[ParsedResource] = []
     issues: list[Issue] = []
     for entry in entries:
         references: dict[str, str | None] = {}
         for element, target_type in _REFERENCE_ELEMENTS.get(entry.resource_type, ()):
-            reference, problems = _resolve_reference(entry, element, target_type, by_full_url)
+            reference, problems = _resolve_reference(
+                entry, element, target_type, by_full_url, set_aside
+            )
             references[f"{element}_reference"] = reference
             issues.extend(problems)
         resolved.append(
@@ -650,7 +800,7 @@ def _resolve_references(entries: Sequence[ParsedResource]) -> list[ParsedResourc
                 encounter_reference=references.get("encounter_reference"),
             )
         )
-    _raise_if_errors(issues)
+    checks.raise_if_errors(issues)
     return resolved
 
 
@@ -659,6 +809,7 @@ def _resolve_reference(
     element: str,
     target_type: str,
     by_full_url: Mapping[str, ParsedResource],
+    set_aside: frozenset[str] = frozenset(),
 ) -> tuple[str | None, list[Issue]]:
     """The reference in ``element`` as used downstream, checked to target ``target_type``.
 
@@ -675,12 +826,12 @@ def _resolve_reference(
     elif literal.startswith("urn:"):
         target = by_full_url.get(literal)
         if target is None:
-            issue = Issue(
-                "error",
-                "invalid",
-                f"{path}: the urn reference does not resolve to an entry of the Bundle.",
-                (path,),
+            problem = (
+                "resolves to an entry of the batch that was not accepted"
+                if literal in set_aside
+                else "does not resolve to an entry of the Bundle"
             )
+            issue = Issue("error", "invalid", f"{path}: the urn reference {problem}.", (path,))
             return None, [issue]
         if not target.resource.id:
             # The server names such a resource when it stores it; a report could only repeat
