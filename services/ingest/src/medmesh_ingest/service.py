@@ -8,6 +8,12 @@ partition's poll and applies it at once, so a poll's messages go to Kafka togeth
 transaction with the poll's offsets. Its I/O is injected at one bootstrap point
 (``app.create_app``): the publish function (``apply`` takes another for one call) and the
 fetcher.
+
+Over HTTP (``Context.answer_bundles``) a batch or transaction Bundle is answered with a
+batch-response or transaction-response Bundle (``bundle_response``): a batch's entries are
+checked each on its own (an invalid one is set aside with its own 4xx, the others go on); a
+transaction is all or nothing (any invalid entry rejects it, nothing is sent). Either is
+answered 200 only once what it caused is committed to Kafka, like every payload.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -31,10 +37,11 @@ from medmesh_contracts.events import (
     new_id,
 )
 from medmesh_contracts.modelspec import ModelSpec
+from medmesh_ingest.bundle_response import BundleReply, response_bundle
 from medmesh_ingest.extraction import Extraction, Order, PatientReadings, extract
 from medmesh_ingest.outcomes import INVALID_FHIR, FhirRejected, Issue, outcome
 from medmesh_ingest.readings import Merged, ReadingsStore, merge, state_key
-from medmesh_ingest.validation import Limits, Payload, parse
+from medmesh_ingest.validation import Limits, Payload, entry_failures, entry_of, parse
 from medmesh_runtime.logging import get_logger
 
 # Commits requests (each with its payload's tracing context) and new patient states in one
@@ -73,21 +80,36 @@ class Context:
     # The caller's tracing context, handed back with each request the payload causes (the
     # requests of a poll are published after its events were handled, each in its own trace).
     trace: object | None = None
+    # Answer batch and transaction Bundles with a batch-response / transaction-response Bundle,
+    # a batch's entries each on its own (HTTP); otherwise (the inbound topic, which answers
+    # nobody) every payload is taken or rejected as a whole.
+    answer_bundles: bool = False
 
 
 @dataclass(frozen=True)
 class Answer:
-    """What to tell the sender: an HTTP status and an OperationOutcome, and what was sent."""
+    """What to tell the sender: an HTTP status and an OperationOutcome, and what was sent.
+
+    ``bundle``: for a batch or transaction answered entry by entry, the batch-response or
+    transaction-response Bundle to send instead of the OperationOutcome (which then only sums
+    the payload up, for logs).
+    """
 
     status: int
     operation_outcome: dict[str, Any]
     requests: tuple[RequestInference, ...] = ()
     issues: tuple[Issue, ...] = field(default=())
+    bundle: dict[str, Any] | None = None
 
     @property
     def rejected(self) -> bool:
         """True when the payload was not acceptable FHIR (a 4xx answer)."""
         return 400 <= self.status < 500
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The FHIR resource to answer with: the response Bundle, else the OperationOutcome."""
+        return self.bundle if self.bundle is not None else self.operation_outcome
 
 
 @dataclass(frozen=True)
@@ -106,6 +128,8 @@ class _Group:
     spec: ModelSpec
     found: PatientReadings | None
     orders: tuple[Order, ...]
+    # The patient's reference in the payload (for the entries of a response Bundle).
+    subject: str = ""
 
     @property
     def key(self) -> str:
@@ -120,6 +144,8 @@ class Prepared:
     received_at: datetime
     groups: tuple[_Group, ...]
     issues: tuple[Issue, ...]
+    # A batch or transaction to answer with a response Bundle (None: an OperationOutcome).
+    reply: BundleReply | None = None
 
 
 @dataclass
@@ -182,7 +208,13 @@ class IngestService:
         Takes no lock and publishes nothing. Raises SourceUnavailableError.
         """
         try:
-            payload = parse(raw, context.resource_type_hint, context.fhir_version, self.limits)
+            payload = parse(
+                raw,
+                context.resource_type_hint,
+                context.fhir_version,
+                self.limits,
+                isolate_entries=context.answer_bundles,
+            )
         except FhirRejected as rejected:
             return Answer(rejected.status, rejected.outcome)
         notes: list[Issue] = []
@@ -202,10 +234,20 @@ class IngestService:
                     return Answer(rejected.status, rejected.outcome)
                 notes.extend(fetched_notes)
         extraction = extract(payload.resources, self.specs)
+        if extraction.rejections and payload.bundle_type == "batch" and context.answer_bundles:
+            payload, extraction = self._without_impossible(payload, extraction)
         if extraction.rejections:
             return Answer(INVALID_FHIR, outcome(extraction.rejections))
+        reply: BundleReply | None = None
+        if context.answer_bundles and payload.bundle_type in ("batch", "transaction"):
+            reply = BundleReply(
+                "batch" if payload.bundle_type == "batch" else "transaction",
+                payload.entries,
+                tuple(payload.resources),
+                payload.failed,
+            )
         return Prepared(
-            context, received_at, self._groups(extraction), (*notes, *extraction.issues)
+            context, received_at, self._groups(extraction), (*notes, *extraction.issues), reply
         )
 
     async def apply(
@@ -241,6 +283,19 @@ class IngestService:
         if blocked is not None:
             raise blocked
         return answers
+
+    def _without_impossible(
+        self, payload: Payload, extraction: Extraction
+    ) -> tuple[Payload, Extraction]:
+        """A batch answered entry by entry: the entries holding impossible values set aside
+        (422 each), the others extracted again. Unchanged when a rejection is in no entry."""
+        found = entry_failures(INVALID_FHIR, extraction.rejections)
+        if not found:
+            return payload, extraction
+        kept = [r for r in payload.resources if entry_of(r.expression) not in found]
+        failed = sorted((*payload.failed, *found.values()), key=lambda f: f.index)
+        # Impossible values are found per reading: the entries kept hold none.
+        return replace(payload, resources=kept, failed=tuple(failed)), extract(kept, self.specs)
 
     # --- id-only notifications -----------------------------------------------------------------
 
@@ -295,7 +350,11 @@ class IngestService:
             orders.setdefault((order.subject_reference, order.model), []).append(order)
         return tuple(
             _Group(
-                self.pseudonymize(subject), self.specs[model], found.get((subject, model)), (*o,)
+                self.pseudonymize(subject),
+                self.specs[model],
+                found.get((subject, model)),
+                (*o,),
+                subject,
             )
             for (subject, model), o in orders.items()
         )
@@ -303,11 +362,17 @@ class IngestService:
     def _merge_payload(self, payload: Prepared, pending: _Pending) -> Answer:
         requests: list[RequestInference] = []
         issues: list[Issue] = list(payload.issues)
+        by_patient: dict[str, list[Issue]] = {}
         for group in payload.groups:
             sent, problems = self._merge_group(group, payload, pending)
             requests.extend(sent)
             issues.extend(problems)
-        return _answer(requests, issues)
+            by_patient.setdefault(group.subject, []).extend(problems)
+        answer = _answer(requests, issues)
+        if payload.reply is None:
+            return answer
+        bundle = response_bundle(payload.reply, payload.issues, by_patient, requests)
+        return replace(answer, status=200, bundle=bundle)
 
     def _merge_group(
         self, group: _Group, payload: Prepared, pending: _Pending
