@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 import pytest
 from faststream.kafka import KafkaBroker, TestKafkaBroker
+from fhir.resources.capabilitystatement import CapabilityStatement as R5CapabilityStatement
+from fhir.resources.R4B.capabilitystatement import CapabilityStatement as R4BCapabilityStatement
 
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
@@ -21,6 +23,7 @@ from medmesh_ingest.parts import Ingest
 from medmesh_ingest.settings import IngestSettings
 from tests.service.conftest import FIXTURES, SPECS_DIR
 from tests.transactional_kafka import FakeKafka
+from tests.unit.test_ingest_bundle_response import response_problems
 
 GROUP = "medmesh-ingest"
 
@@ -201,6 +204,11 @@ async def post_json(
 
 def diagnostics(response: httpx.Response) -> str:
     return " ".join(i.get("diagnostics", "") for i in response.json()["issue"])
+
+
+def entry_statuses(response: httpx.Response) -> list[str]:
+    """The response.status of each entry of a batch-response or transaction-response."""
+    return [e["response"]["status"] for e in response.json().get("entry", [])]
 
 
 # --- security and limits -----------------------------------------------------------------------
@@ -444,13 +452,23 @@ async def test_r5_bundle_type_is_refused_as_r4b(ingest: Harness) -> None:
     assert "Bundle.type" in json.dumps(response.json())
 
 
-@pytest.mark.parametrize("name", ["message-bundle.json", "transaction-bundle.json"])
-async def test_message_and_transaction_bundles_become_requests(ingest: Harness, name: str) -> None:
-    """A message Bundle (MessageHeader first) and a transaction with urn:uuid refs are scored."""
-    response = await _post(ingest, name)
+async def test_message_bundle_becomes_a_request(ingest: Harness) -> None:
+    """A message Bundle (MessageHeader first) is scored: 202 with an OperationOutcome."""
+    response = await _post(ingest, "message-bundle.json")
     assert response.status_code == 202, response.text
+    assert response.json()["resourceType"] == "OperationOutcome"
     [request] = requests_of(ingest)
     assert request.subject_reference.startswith("Patient/example-")
+
+
+async def test_transaction_becomes_a_request_and_a_transaction_response(ingest: Harness) -> None:
+    """A transaction with urn:uuid refs is scored and answered 200 with a transaction-response
+    (it was 202 with an OperationOutcome before issue 18)."""
+    response = await _post(ingest, "transaction-bundle.json")
+    assert response.status_code == 200, response.text
+    assert response.json()["type"] == "transaction-response"
+    [request] = requests_of(ingest)
+    assert request.subject_reference == "Patient/example-transaction"
 
 
 async def test_message_bundle_without_message_header_first_gets_422(ingest: Harness) -> None:
@@ -501,10 +519,14 @@ async def test_same_version_again_sends_nothing_new_version_does(ingest: Harness
 
 
 async def test_same_bundle_twice_gives_one_request(ingest: Harness) -> None:
-    """The same Bundle content posted twice gives one request; the second answer is 200."""
+    """The same batch posted twice gives one request: both are answered 200 (batch-response),
+    the first with its Observations 202 Accepted, the second with none (already sent)."""
     first = await _post(ingest, "vitals-bundle-medium.json")
     second = await _post(ingest, "vitals-bundle-medium.json")
-    assert (first.status_code, second.status_code) == (202, 200)
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert "202 Accepted" in entry_statuses(first)
+    assert set(entry_statuses(second)) == {"200 OK"}
+    assert "already sent" in second.text
     assert len(ingest.captured.requests) == 1
 
 
@@ -573,3 +595,147 @@ async def test_health_and_readiness_answer_like_every_service(ingest: Harness) -
     assert (await ingest.client.get("/readyz")).status_code == 204
     ingest.ingest.ready = False
     assert (await ingest.client.get("/readyz")).status_code == 503
+
+
+# --- batch and transaction answers (FHIR http.html, transaction-response) ----------------------
+
+
+def _spo2_entry(value: float, *, status: str = "final", id_: str = "extra-spo2") -> dict[str, Any]:
+    """An SpO2 Observation of vitals-bundle-medium's patient, as an entry of that batch."""
+    entry: dict[str, Any] = load("vitals-bundle-medium.json")["entry"][2]
+    entry["resource"].update(
+        id=id_, status=status, code={"coding": [{"system": "http://loinc.org", "code": "59408-5"}]}
+    )
+    entry["resource"]["valueQuantity"]["value"] = value
+    entry["fullUrl"] = f"https://ehr.st-elsewhere.example/fhir/Observation/{id_}"
+    entry["request"]["url"] = f"Observation/{id_}"
+    return entry
+
+
+async def test_batch_gets_a_valid_batch_response(ingest: Harness) -> None:
+    """A vitals batch: 200, a valid R4B batch-response (bdl rules included) with one entry per
+    request entry, each Observation 202 Accepted naming the request in the header; no location."""
+    response = await _post(ingest, "vitals-bundle-medium.json")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    body = response.json()
+    assert response_problems(body, load("vitals-bundle-medium.json"), "R4B") == []
+    assert entry_statuses(response) == ["200 OK"] + ["202 Accepted"] * 7
+    [request] = requests_of(ingest)
+    assert response.headers[h.CORRELATION_ID] == request.correlation_id
+    assert request.correlation_id in json.dumps(body["entry"][1]["response"]["outcome"])
+    assert all("location" not in e["response"] for e in body["entry"])
+
+
+async def test_batch_entries_fail_alone(ingest: Harness) -> None:
+    """A batch with an entry of bogus status and one of impossible SpO2: those get 422 with
+    their FHIRPaths, the rest is scored and published."""
+    bundle = load("vitals-bundle-medium.json")
+    bundle["entry"] += [_spo2_entry(94, status="bogus", id_="a"), _spo2_entry(140, id_="b")]
+    response = await post_json(ingest, bundle)
+    assert response.status_code == 200, response.text
+    assert response_problems(response.json(), bundle, "R4B") == []
+    assert [s[:3] for s in entry_statuses(response)] == ["200"] + ["202"] * 7 + ["422"] * 2
+    entries = response.json()["entry"]
+    assert "Bundle.entry[8].resource.status" in json.dumps(entries[8])
+    assert "Bundle.entry[9].resource.valueQuantity.value" in json.dumps(entries[9])
+    assert len(ingest.captured.requests) == 1
+
+
+async def test_invalid_transaction_is_rejected_whole_and_nothing_is_published(
+    ingest: Harness,
+) -> None:
+    """All or nothing: a transaction with one impossible value is 422 with one OperationOutcome
+    naming the entry, and neither a request nor a patient state reaches Kafka."""
+    bundle = load("vitals-bundle-low.json")
+    bad = _spo2_entry(140)
+    bad["resource"]["subject"] = {"reference": "Patient/example-low"}
+    bundle["entry"].append(bad)
+    response = await post_json(ingest, bundle)
+    assert response.status_code == 422
+    assert response.json()["resourceType"] == "OperationOutcome"
+    assert "Bundle.entry[8].resource.valueQuantity.value" in json.dumps(response.json())
+    assert ingest.captured.requests == []
+    assert ingest.captured.states == []
+
+
+async def test_r5_transaction_gets_a_valid_r5_transaction_response(ingest: Harness) -> None:
+    """An R5 ECG transaction (fhirVersion=5.0): 200 and a transaction-response valid in R5."""
+    response = await ingest.client.post(
+        "/fhir", content=(FIXTURES / "ecg-af-r5.json").read_bytes(), headers=R5
+    )
+    assert response.status_code == 200, response.text
+    assert response_problems(response.json(), load("ecg-af-r5.json"), "R5") == []
+    assert entry_statuses(response) == ["200 OK", "202 Accepted"]
+
+
+async def test_kafka_failure_on_a_batch_gets_503_and_nothing_is_taken(ingest: Harness) -> None:
+    """Kafka does not acknowledge a batch: 503 with Retry-After and an OperationOutcome (no
+    batch-response), nothing committed; the retry gets the batch-response."""
+    ingest.kafka.fail_sends = 1
+    response = await _post(ingest, "vitals-bundle-medium.json")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    assert response.json()["resourceType"] == "OperationOutcome"
+    assert ingest.captured.requests == []
+    assert ingest.captured.states == []
+    retried = await _post(ingest, "vitals-bundle-medium.json")
+    assert retried.status_code == 200
+    assert "202 Accepted" in entry_statuses(retried)
+
+
+async def test_inbound_batch_with_an_invalid_entry_is_still_dead_lettered_whole(
+    ingest: Harness,
+) -> None:
+    """The inbound topic answers nobody: a batch with one invalid entry is rejected whole onto
+    medmesh.fhir.invalid and nothing of it is published, as before."""
+    bundle = load("vitals-bundle-medium.json")
+    bundle["entry"].append(_spo2_entry(140))
+    await ingest.inbound(json.dumps(bundle).encode())
+    assert len(ingest.captured.invalid) == 1
+    assert ingest.captured.requests == []
+
+
+async def test_capability_statement_security_follows_the_configuration(
+    ingest: Harness, secured: Harness
+) -> None:
+    """Without tokens the statement says there is no authentication; with tokens it names the
+    static bearer tokens. Both are valid R4B."""
+    plain = (await ingest.client.get("/fhir/metadata")).json()
+    tokens = (await secured.client.get("/fhir/metadata")).json()
+    R4BCapabilityStatement.model_validate(plain)
+    R4BCapabilityStatement.model_validate(tokens)
+    assert "service" not in plain["rest"][0]["security"]
+    assert "No authentication" in plain["rest"][0]["security"]["description"]
+    assert tokens["rest"][0]["security"]["service"][0]["text"].startswith("Bearer token")
+
+
+async def test_capability_statement_in_r5_on_request(ingest: Harness) -> None:
+    """Accept with fhirVersion=5.0 gets a valid R5 statement; a version not spoken gets 406."""
+    r5 = await ingest.client.get("/fhir/metadata", headers={"accept": R5["content-type"]})
+    assert r5.json()["fhirVersion"] == "5.0.0"
+    R5CapabilityStatement.model_validate(r5.json())
+    stu3 = await ingest.client.get(
+        "/fhir/metadata", headers={"accept": "application/fhir+json; fhirVersion=3.0"}
+    )
+    assert stu3.status_code == 406
+    assert stu3.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_every_advertised_interaction_is_honoured(ingest: Harness) -> None:
+    """Each interaction the CapabilityStatement lists is done as it says: a batch and a
+    transaction are answered with their response Bundles, each listed type's create with 2xx."""
+    [rest] = (await ingest.client.get("/fhir/metadata")).json()["rest"]
+    samples = {"batch": "vitals-bundle-medium.json", "transaction": "vitals-bundle-low.json"}
+    for interaction in rest["interaction"]:
+        response = await _post(ingest, samples[interaction["code"]])
+        assert response.status_code == 200
+        assert response.json()["type"] == f"{interaction['code']}-response"
+    creates = {
+        "Observation": "observation-heart-rate.json",
+        "ServiceRequest": "service-request-order.json",
+    }
+    for resource in rest["resource"]:
+        assert [i["code"] for i in resource["interaction"]] == ["create"]
+        response = await _post(ingest, creates[resource["type"]], f"/fhir/{resource['type']}")
+        assert response.status_code in (200, 202), response.text

@@ -303,3 +303,20 @@ def test_without_answer_bundles_a_batch_gets_an_operation_outcome() -> None:
     assert answer.body["resourceType"] == "OperationOutcome"
     bad = with_entries("vitals-bundle-medium.json", spo2_entry(140))
     assert handle(bad, answer_bundles=False).status == 422
+
+
+def test_the_response_check_catches_broken_responses() -> None:
+    """response_problems flags a wrong type, a missing status, a request element, a status
+    without an HTTP code and a missing entry."""
+    request = {"resourceType": "Bundle", "type": "batch", "entry": [{}, {}, {}]}
+    broken = {
+        "resourceType": "Bundle",
+        "type": "transaction-response",
+        "entry": [
+            {"response": {"location": "x"}},
+            {"response": {"status": "OK"}, "request": {"method": "POST", "url": "Observation"}},
+        ],
+    }
+    problems = " ".join(response_problems(broken, request, "R4B"))
+    for expected in ("answers a batch", "bdl-4", "bdl-3", "HTTP code", "2 response entries"):
+        assert expected in problems

@@ -2,9 +2,10 @@
 ``GET /fhir/metadata``.
 
 It authenticates, checks the transport (media type, FHIR version, size), hands the payload to
-the ``IngestService`` and translates its ``Answer``. A 2xx is sent only after every message the
-payload caused (its requests and patient states) was committed to Kafka in one transaction
-(acks=all); otherwise 503 with Retry-After.
+the ``IngestService`` and translates its ``Answer``: an OperationOutcome, or for a batch or
+transaction Bundle a batch-response / transaction-response Bundle (``bundle_response``). A 2xx
+is sent only after every message the payload caused (its requests and patient states) was
+committed to Kafka in one transaction (acks=all); otherwise 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from opentelemetry.trace import SpanKind
 
 from medmesh_contracts import headers as h
 from medmesh_contracts.events import SourceContext, utc_now
-from medmesh_ingest.capability import capability_statement
+from medmesh_ingest.capability import capability_statement, metadata_version
 from medmesh_ingest.outcomes import TOO_LARGE, FhirRejected, Issue, outcome, too_large_outcome
 from medmesh_ingest.parts import Ingest
 from medmesh_ingest.service import Context, KafkaUnavailableError, SourceUnavailableError
@@ -39,8 +40,23 @@ def fhir_routes(ingest: Ingest) -> APIRouter:
         return await on_http(ingest, request, None)
 
     @routes.get("/fhir/metadata")
-    async def metadata() -> Response:
-        statement = capability_statement(ingest.specs.values(), utc_now())
+    async def metadata(request: Request) -> Response:
+        settings = ingest.settings
+        version = metadata_version(request.headers.get("accept"), settings.default_fhir_version)
+        if version is None:
+            issue = Issue(
+                "error",
+                "not-supported",
+                "the CapabilityStatement is available in R4B (fhirVersion=4.3) and R5 (5.0)",
+            )
+            return JSONResponse(outcome((issue,)), status_code=406, media_type=FHIR_JSON)
+        statement = capability_statement(
+            ingest.specs.values(),
+            utc_now(),
+            tokens=ingest.auth.required,
+            tls=settings.tls_cert_file is not None,
+            fhir_version=version,
+        )
         return JSONResponse(statement, media_type=FHIR_JSON)
 
     @routes.post("/fhir/{resource_type}")
@@ -75,6 +91,7 @@ async def on_http(ingest: Ingest, request: Request, resource_type: str | None) -
             version,
             resource_type,
             ingest.fetcher(source),
+            answer_bundles=True,
         )
         try:
             answer = await ingest.handle(raw, context)
@@ -88,7 +105,7 @@ async def on_http(ingest: Ingest, request: Request, resource_type: str | None) -
         )
         return fhir_response(
             answer.status,
-            answer.operation_outcome,
+            answer.body,
             trace_id,
             correlation_ids=[r.correlation_id for r in answer.requests],
         )
