@@ -9,8 +9,8 @@ replaced, in one run.
   fake Triton, outcome records, spans exported to a JSON-lines file as ``medmesh up`` runs them,
   metrics), in batches of 1 and 64: "before" replays the per-row telemetry the handler had
   before issue 17 (a process and a publish span per row, every metric point per row), "now" is
-  ``medmesh_inference.app.BatchHandler``, "floor" makes the same records without spans or
-  metrics.
+  ``medmesh_inference.batch_handler.BatchHandler``, "floor" makes the same records without spans
+  or metrics.
 - **linger**: the real ``TaskWorker`` loop over an in-memory Kafka, its Triton call taking
   ``serve_ms`` and each transaction ``commit_ms``: tasks arriving one by one at a low and a
   moderate and a high rate (Poisson) and a burst, with the fixed linger (before) and the adaptive one
@@ -57,7 +57,7 @@ from medmesh_contracts.events import (
     utc_now,
 )
 from medmesh_contracts.modelspec import ModelSpec, load_specs
-from medmesh_inference.app import BatchHandler
+from medmesh_inference.batch_handler import BatchHandler
 from medmesh_inference.batching import (
     Outcome,
     RetryPolicy,

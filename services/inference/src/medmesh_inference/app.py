@@ -3,47 +3,37 @@
 This module only wires things together at startup (the one injection point): the consume loop is
 ``worker.TaskWorker`` over a plain aiokafka group consumer (it needs pause, resume and seek, which
 a framework subscriber hides) and one transactional producer per assigned task partition
-(``medmesh_runtime.transactional``), scoring is ``batching.score_tasks``, heartbeats are
-``heartbeat.HealthMonitor``. Outcomes and dead letters are produced in the transactions of their
+(``medmesh_runtime.transactional``), scoring a batch is ``batch_handler.BatchHandler``,
+heartbeats are ``heartbeat.HealthMonitor``. Outcomes and dead letters are produced in the transactions of their
 tasks' offsets; heartbeats are published through the faststream broker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import signal
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from faststream.asgi import AsgiFastStream
-from opentelemetry import trace
 
 from medmesh_contracts import topics
 from medmesh_contracts.events import (
-    InferenceCompleted,
     Producer,
-    RunInference,
     WorkerHeartbeat,
     schema_of,
     to_wire,
     utc_now,
 )
-from medmesh_contracts.modelspec import ModelSpec, VersionSpec, load_specs
-from medmesh_inference.batching import (
-    RetryPolicy,
-    WorkerIdentity,
-    score_tasks,
-)
+from medmesh_contracts.modelspec import load_specs
+from medmesh_inference.batch_handler import BatchHandler
+from medmesh_inference.batching import RetryPolicy, WorkerIdentity
 from medmesh_inference.circuit import CircuitBackoff, CircuitBreaker
 from medmesh_inference.heartbeat import HealthMonitor, HeartbeatSource
-from medmesh_inference.metrics import VersionMetrics
-from medmesh_inference.outcomes import traced_outcomes
 from medmesh_inference.settings import WorkerSettings
 from medmesh_inference.triton import TritonModel
-from medmesh_inference.worker import LoopTiming, Scored, TaskWorker
+from medmesh_inference.worker import LoopTiming, TaskWorker
 from medmesh_runtime.deadletter import dead_letter_record
 from medmesh_runtime.kafka import (
     group_consumer,
@@ -56,77 +46,6 @@ from medmesh_runtime.transactional import OutgoingRecord
 
 SERVICE = "inference"
 log = get_logger("medmesh.inference")
-
-
-class BatchHandler:
-    """Scores a batch on Triton; makes each task's outcome record in the task's own trace."""
-
-    def __init__(
-        self,
-        spec: ModelSpec,
-        version: VersionSpec,
-        triton: TritonModel,
-        identity: WorkerIdentity,
-        policy: RetryPolicy,
-        tracer: trace.Tracer,
-    ) -> None:
-        self.spec = spec
-        self.version = version
-        self.triton = triton
-        self.identity = identity
-        self.policy = policy
-        self.tracer = tracer
-        self.metrics = VersionMetrics(spec.name, version.version)
-
-    async def refresh_device_kind(self) -> None:
-        """The version is (again) ready: learn the device kind Triton runs it on."""
-        try:
-            kind = await self.triton.device_kind()
-        except Exception as exc:  # noqa: BLE001 -- keep the last known kind; scoring is unaffected
-            log.warning("device kind unknown", error=f"{type(exc).__name__}: {exc}")
-            return
-        if kind != self.identity.device_kind:
-            self.identity = dataclasses.replace(self.identity, device_kind=kind)
-            log.info(
-                "triton ready",
-                model=self.version.triton.model,
-                model_version=self.version.triton.version,
-                device_kind=kind,
-            )
-
-    async def handle(self, tasks: Sequence[RunInference], sources: Sequence[Any]) -> list[Scored]:
-        """Score ``tasks`` in one batch; one outcome and its record (to produce in the
-        transaction of the task's offset) per task. Produces nothing itself."""
-        received_ns = time.time_ns()
-        with self.tracer.start_as_current_span(
-            "inference.batch",
-            attributes={
-                "medmesh.batch_size": len(tasks),
-                "medmesh.model": self.spec.name,
-                "medmesh.model_version": self.version.version,
-            },
-        ) as batch_span:
-            outcomes = await score_tasks(
-                tasks,
-                self.spec,
-                self.triton.infer,
-                self.identity,
-                self.policy,
-                utc_now,
-                self.triton.ready,
-            )
-        self.metrics.record(outcomes, utc_now())
-        scored = traced_outcomes(
-            self.tracer, outcomes, sources, batch_span=batch_span, received_ns=received_ns
-        )
-        log.info(
-            "batch scored",
-            batch_size=len(tasks),
-            failed=sum(not isinstance(o, InferenceCompleted) for o in outcomes),
-            model=self.spec.name,
-            model_version=self.version.version,
-        )
-        return scored
 
 
 def create_app(settings: WorkerSettings) -> AsgiFastStream:
