@@ -176,6 +176,7 @@ async def _record(
     )
     not_ready = await _not_ready(stack)
     problems = _problems(result, len(run.events), stack.exited(), not_ready) + more
+    problems += [f"{name}'s last log events: {_last_events(stack, name)}" for name in not_ready]
     duplicates_after_503 = _duplicates_after_503(run.events, arrivals)
     if result.duplicates:
         problems.append(
@@ -204,7 +205,13 @@ def _problems(
     return [text for failed, text in checks if failed]
 
 
-async def _not_ready(stack: Stack, within_s: float = 10.0) -> list[str]:
+# An idle worker that waited out Triton is ready again within its longest probe wait (5 s), its
+# channel's reconnect (1 s) and the next heartbeat that closes its half-open circuit (3 s); the
+# margin is for a loaded 2-core CI machine. A stuck service stays unready however long we wait.
+READY_AFTER_FAULT_S = 20.0
+
+
+async def _not_ready(stack: Stack, within_s: float = READY_AFTER_FAULT_S) -> list[str]:
     """Services whose /readyz does not answer 204 within ``within_s`` (alive but stuck)."""
     pending = {s.name: s.port for s in service_specs(stack.config)}
     deadline = time.monotonic() + within_s
@@ -361,6 +368,23 @@ def _log_count(stack: Stack, name: str, text: str) -> int:
     if not log.exists():
         return 0
     return sum(1 for line in log.read_text(errors="replace").splitlines() if text in line)
+
+
+def _last_events(stack: Stack, name: str, count: int = 6) -> list[str]:
+    """The last ``count`` log events of a service (their "event" field): why it is not ready,
+    readable in CI's output after the run's logs are gone."""
+    log = stack.config.state_dir / f"{name}.log"
+    if not log.exists():
+        return []
+    events = []
+    for line in log.read_text(errors="replace").splitlines()[-200:]:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("event") != "batch scored":
+            events.append(f"{entry.get('timestamp', '')[11:23]} {str(entry.get('event'))[:80]}")
+    return events[-count:]
 
 
 def _waited_for_resume(stall: Stall, events: list[Event], arrivals: list[Arrival]) -> int:

@@ -6,7 +6,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
-from tritonclient.grpc import InferenceServerException, InferInput, InferRequestedOutput
+from tritonclient.grpc import (
+    MAX_GRPC_MESSAGE_SIZE,
+    InferenceServerException,
+    InferInput,
+    InferRequestedOutput,
+    KeepAliveOptions,
+)
 from tritonclient.grpc.aio import InferenceServerClient
 
 from medmesh_contracts.modelspec import VersionSpec
@@ -24,6 +30,31 @@ _TRANSIENT_STATUSES = frozenset(
         "StatusCode.CANCELLED",
     }
 )
+
+
+# gRPC waits up to 120 s between attempts to reconnect a channel whose server went away (1 s,
+# then x1.6 each failure); after a Triton restart the worker's probes kept failing for up to ~10 s
+# after the server was back. The circuit breaker already paces the probes, so the channel retries
+# at most a second apart.
+RECONNECT_BACKOFF_INITIAL_MS = 200
+RECONNECT_BACKOFF_MAX_MS = 1000
+
+
+def channel_options() -> list[tuple[str, int]]:
+    """tritonclient's default channel options (message sizes, keepalive) with the reconnect
+    backoff capped at ``RECONNECT_BACKOFF_MAX_MS`` (passing any options replaces its defaults)."""
+    keepalive = KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", int(keepalive.keepalive_permit_without_calls)),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_INITIAL_MS),
+        ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_INITIAL_MS),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
+    ]
 
 
 class TritonCallError(Exception):
@@ -84,7 +115,7 @@ class TritonModel:
     def _client(self) -> InferenceServerClient:
         """The gRPC client, opened on first use: grpc.aio binds a channel to the running loop."""
         if self._channel is None:
-            self._channel = InferenceServerClient(url=self._url)
+            self._channel = InferenceServerClient(url=self._url, channel_args=channel_options())
         return self._channel
 
     async def ready(self) -> bool:
