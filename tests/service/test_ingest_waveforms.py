@@ -22,15 +22,22 @@ async def _post(harness: Harness, name: str, headers: dict[str, str] = R4B) -> h
 
 
 async def test_ecg_observation_becomes_a_request_with_its_samples() -> None:
-    """An R4B ECG gets 202; its request for ecg-rhythm carries 2500 mV samples 4 ms apart, and
-    the patient's state keeps them (for a later request built from the state)."""
+    """An R4B ECG transaction gets 200 and a transaction-response whose Observation entry is
+    202 Accepted naming its request (202 + OperationOutcome before issue 18); the request for
+    ecg-rhythm carries 2500 mV samples 4 ms apart, and the patient's state keeps them (for a
+    later request built from the state)."""
     async with running(settings()) as ingest:
         response = await _post(ingest, "ecg-sinus.json")
-        assert response.status_code == 202, response.text
+        assert response.status_code == 200, response.text
         (raw,) = ingest.captured.requests
         (state,) = ingest.captured.states
     request = RequestInference.model_validate_json(raw)
     assert request.correlation_id == response.headers[h.CORRELATION_ID]
+    answer = response.json()
+    assert answer["type"] == "transaction-response"
+    assert [e["response"]["status"] for e in answer["entry"]] == ["200 OK", "202 Accepted"]
+    named = json.dumps(answer["entry"][1]["response"]["outcome"])
+    assert f"ecg-rhythm request {request.correlation_id}" in named
     assert request.model == "ecg-rhythm"
     (lead,) = request.inputs
     assert (lead.name, lead.unit, lead.period_ms) == ("ecg_lead_ii", "mV", 4.0)
@@ -41,11 +48,15 @@ async def test_ecg_observation_becomes_a_request_with_its_samples() -> None:
 
 
 async def test_r5_ecg_by_content_type_is_scored() -> None:
-    """An R5 ECG (interval + intervalUnit) sent with fhirVersion=5.0 gets 202 and an R5 request."""
+    """An R5 ECG transaction (interval + intervalUnit) sent with fhirVersion=5.0 gets 200, a
+    transaction-response with its Observation 202 Accepted, and an R5 request."""
     async with running(settings()) as ingest:
         response = await _post(ingest, "ecg-af-r5.json", R5)
-        assert response.status_code == 202, response.text
+        assert response.status_code == 200, response.text
         (raw,) = ingest.captured.requests
+    answer = response.json()
+    assert answer["type"] == "transaction-response"
+    assert [e["response"]["status"] for e in answer["entry"]] == ["200 OK", "202 Accepted"]
     request = RequestInference.model_validate_json(raw)
     assert request.source.fhir_version == "R5"
     assert request.inputs[0].period_ms == 4.0

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -271,9 +272,26 @@ async def _send_files(ingest_url: str, files: list[Path]) -> None:
             ids = [i for i in response.headers.get(h.CORRELATION_ID, "").split(",") if i]
             for correlation_id in ids:
                 SENT_AT[correlation_id] = sent
-            issues = response.json().get("issue", [])
-            summary = "; ".join(i.get("diagnostics", "") for i in issues)[:160]
+            summary = answer_summary(response.json())[:160]
             console.print(f"[cyan]sent[/] {path.name}: HTTP {response.status_code} {summary}")
+
+
+def answer_summary(body: dict[str, Any]) -> str:
+    """One line of what ingest answered: an OperationOutcome's diagnostics, or for a batch or
+    transaction (answered with a batch-response / transaction-response Bundle since issue 18)
+    the Bundle's type, how many entries got each status, and their outcomes' diagnostics."""
+    if body.get("resourceType") != "Bundle":
+        return "; ".join(i.get("diagnostics", "") for i in body.get("issue", []))
+    responses = [e.get("response", {}) for e in body.get("entry", [])]
+    statuses = Counter(str(r.get("status", "?")) for r in responses)
+    counts = ", ".join(f"{n}x {status}" for status, n in statuses.items())
+    diagnostics = dict.fromkeys(
+        i.get("diagnostics", "")
+        for response in responses
+        for i in response.get("outcome", {}).get("issue", [])
+        if i.get("diagnostics")
+    )
+    return "; ".join([f"{body.get('type')}: {counts}", *diagnostics])
 
 
 async def _watch_reports(bootstrap: str) -> None:
