@@ -24,9 +24,9 @@ from medmesh_contracts.lifecycle import ModelDeployment, deploy_version, seed_de
 from medmesh_contracts.modelspec import load_spec
 from medmesh_inference.batching import RetryPolicy, WorkerIdentity
 from medmesh_inference.triton import TritonCallError
-from medmesh_monolith.app import load_routing
 from medmesh_monolith.pipeline import InProcessPipeline, Pending, VersionStage
 from medmesh_monolith.settings import MonolithSettings
+from medmesh_monolith.startup import load_routing
 from medmesh_reporting.handling import ReportHandler
 from medmesh_router.readiness import Readiness
 from medmesh_router.routing import route

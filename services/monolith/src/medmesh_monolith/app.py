@@ -9,12 +9,12 @@ services topology are exactly the three Kafka hops in the middle. The pipeline s
 ingest's ``on_start`` and drains in its ``on_stop``, while ingest's Kafka clients (which publish
 the edge topics) still run.
 
-Routing state: read once at start from the compacted registry topic with the router's own
-start-up (``medmesh_router.startup``: seeded from the spec's weights for a model the registry
-does not know; not written back). Registry changes made later, worker heartbeats and the
-rollout controller are the router service's: the monolith does not follow them. Tasks of every
-version in the specs are scored, each once Triton serves it (a worker's wait:
-``medmesh_inference.circuit.wait_until_ready``).
+Routing state (``startup.load_routing``): read once at start from the compacted registry topic
+with the router's own start-up (``medmesh_router.startup``: seeded from the spec's weights for a
+model the registry does not know; not written back). Registry changes made later, worker
+heartbeats and the rollout controller are the router service's: the monolith does not follow
+them. Tasks of every version in the specs are scored, each once Triton serves it (a worker's
+wait, ``medmesh_inference.circuit.wait_until_ready``, in ``startup.ready_stages``).
 
 What the monolith promises less than the services: a 202 means the request is queued in this
 process, not stored in Kafka, so a crash loses what was queued; reports are produced with an
@@ -24,7 +24,6 @@ results offset to commit with them).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -35,24 +34,21 @@ from opentelemetry import trace
 
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
-from medmesh_contracts.events import Producer, utc_now
-from medmesh_contracts.modelspec import ModelSpec, load_specs
-from medmesh_inference.batching import RetryPolicy, WorkerIdentity
-from medmesh_inference.circuit import CircuitBackoff, CircuitBreaker, wait_until_ready
-from medmesh_inference.triton import TritonModel
+from medmesh_contracts.events import Producer
+from medmesh_contracts.modelspec import load_specs
+from medmesh_inference.batching import RetryPolicy
 from medmesh_ingest.app import create_app as create_ingest_app
 from medmesh_ingest.service import Outgoing
-from medmesh_monolith.pipeline import InProcessPipeline, VersionStage
-from medmesh_monolith.settings import MonolithSettings
+from medmesh_monolith.pipeline import InProcessPipeline
+from medmesh_monolith.settings import SERVICE, MonolithSettings
+from medmesh_monolith.startup import load_routing, ready_stages, triton_models
 from medmesh_reporting.handling import ReportHandler
 from medmesh_router.readiness import Readiness
-from medmesh_router.startup import apply_registry, seed_unknown
 from medmesh_router.state import RouterState
 from medmesh_router.topic_reader import StartupReader, read_topic_to_end
 from medmesh_runtime.logging import get_logger
 from medmesh_runtime.telemetry import within
 
-SERVICE = "monolith"
 EDGE_TOPICS = (
     topics.REPORTS_DIAGNOSTIC,
     topics.REPORTING_DEADLETTER,
@@ -60,66 +56,6 @@ EDGE_TOPICS = (
     topics.INFERENCE_SHADOW_RESULTS,
 )
 log = get_logger("medmesh.monolith")
-
-
-async def load_routing(
-    state: RouterState,
-    settings: MonolithSettings,
-    producer: Producer,
-    read_to_end: StartupReader = read_topic_to_end,
-) -> None:
-    """The router's start: every registry record in order, then spec weights for the rest."""
-    now = utc_now()
-    apply_registry(state, await read_to_end(settings, topics.MODELS_REGISTRY), now)
-    seed_unknown(state, producer, now, SERVICE)
-    log.info("routing loaded", models={m: t.weights for m, t in state.tables.items()})
-
-
-def triton_models(settings: MonolithSettings, specs: Mapping[str, ModelSpec]) -> list[TritonModel]:
-    """One Triton client per model version, built as a worker builds its own."""
-    return [
-        TritonModel.for_version(settings.triton_grpc_url, version)
-        for spec in specs.values()
-        for version in spec.versions
-    ]
-
-
-async def _ready_stages(
-    settings: MonolithSettings,
-    specs: Mapping[str, ModelSpec],
-    tritons: list[TritonModel],
-    producer: Producer,
-) -> list[VersionStage]:
-    """Wait until Triton serves every version (as each worker does before consuming)."""
-    stages = []
-    models = iter(tritons)
-    backoff = CircuitBackoff(
-        settings.circuit_backoff_initial_ms / 1000, settings.circuit_backoff_max_ms / 1000
-    )
-    for spec in specs.values():
-        for version in spec.versions:
-            triton = next(models)
-            breaker = CircuitBreaker(backoff, time.monotonic)
-            await wait_until_ready(
-                triton.ready, breaker, asyncio.sleep, model=spec.name, version=version.version
-            )
-            identity = WorkerIdentity(
-                producer,
-                version.triton.model,
-                str(version.triton.version),
-                await triton.device_kind(),
-            )
-            stages.append(
-                VersionStage(
-                    spec,
-                    version.version,
-                    triton.infer,
-                    triton.ready,
-                    identity,
-                    settings.worker_max_batch or version.triton.max_batch_size,
-                )
-            )
-    return stages
 
 
 def _stop_process(error: BaseException) -> None:
@@ -152,7 +88,7 @@ def create_app(
         await load_routing(state, settings, producer, read_to_end)
         pipeline = InProcessPipeline(
             state=state,
-            stages=await _ready_stages(settings, specs, tritons, producer),
+            stages=await ready_stages(settings, specs, tritons, producer),
             reports=reports,
             publish=publish,
             router_producer=producer,

@@ -13,6 +13,7 @@ from medmesh_ingest.settings import IngestSettings
 from medmesh_reporting.settings import ReportingSettings
 from medmesh_router.settings import RouterSettings
 
+SERVICE = "monolith"  # the producer and changed_by name of what the monolith writes
 MONOLITH_GROUP_ID = "medmesh-monolith"
 
 
