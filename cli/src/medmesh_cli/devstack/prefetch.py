@@ -1,18 +1,27 @@
-"""Fetch what the local stack needs before the first run: Kafka jars and Triton's backend."""
+"""Fetch what the local stack needs before the first run: Kafka jars, Triton's backend, Orthanc."""
 
 from __future__ import annotations
 
 import sys
 
 from medmesh_cli.devstack.kafka import ensure_kafka_jars
+from medmesh_cli.devstack.orthanc import OrthancMissingError, ensure_orthanc
 from medmesh_cli.devstack.triton import prepare_backend_directory, tritonserver_binary
 
 
 def main() -> None:
-    """Resolve the Kafka jars (Maven, once) and prepare the Triton python backend folder."""
+    """Resolve the Kafka jars (Maven, once), prepare the Triton python backend folder, and make
+    sure Orthanc and its DICOMweb plugin are installed (apt-get as root; otherwise how to get
+    them, and exit 1)."""
     sys.stdout.write(f"kafka jars: {ensure_kafka_jars()}\n")
     sys.stdout.write(f"tritonserver: {tritonserver_binary()}\n")
     sys.stdout.write(f"triton backends: {prepare_backend_directory()}\n")
+    try:
+        binary, plugin = ensure_orthanc()
+    except OrthancMissingError as exc:
+        sys.stderr.write(f"medmesh: {exc}\n")
+        raise SystemExit(1) from exc
+    sys.stdout.write(f"orthanc: {binary}\northanc dicomweb plugin: {plugin}\n")
 
 
 if __name__ == "__main__":

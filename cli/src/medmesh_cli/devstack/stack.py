@@ -1,4 +1,5 @@
-"""The whole local stack: Kafka, Triton and the four services, each its own OS process.
+"""The whole local stack: Kafka, Triton, Orthanc (the PACS) and the four services, each its own
+OS process.
 
 Used by ``medmesh up`` and by the end-to-end test fixtures, so tests run exactly what users run.
 """
@@ -19,8 +20,15 @@ import httpx
 
 from medmesh_cli.devstack.kafka import KafkaConfig, KafkaServer
 from medmesh_cli.devstack.model_repository import version_folders
+from medmesh_cli.devstack.orthanc import (
+    OrthancConfig,
+    OrthancServer,
+    dicomweb_plugin,
+    orthanc_binary,
+)
 from medmesh_cli.devstack.paths import repo_root, run_dir
 from medmesh_cli.devstack.process import ManagedProcess, stop_all, wait_until
+from medmesh_cli.devstack.studies import StudyIdentity, seed_demo_studies
 from medmesh_cli.devstack.topics import create_topics
 from medmesh_cli.devstack.triton import TritonPorts, TritonServer, detect_gpu_count
 from medmesh_contracts.modelspec import load_specs
@@ -47,6 +55,8 @@ class StackPorts:
     router: int = 8181
     first_worker: int = 8182
     reporting: int = 8184
+    # Not Orthanc's usual 8042: a machine may run the orthanc package's own service there.
+    orthanc_http: int = 8242
 
     @classmethod
     def from_base(cls, base: int) -> StackPorts:
@@ -61,6 +71,7 @@ class StackPorts:
             router=base + 81,
             first_worker=base + 82,
             reporting=base + 90,
+            orthanc_http=base + 42,
         )
 
 
@@ -120,6 +131,18 @@ class StackConfig:
         """Kafka bootstrap address."""
         return f"127.0.0.1:{self.ports.kafka}"
 
+    @property
+    def orthanc(self) -> OrthancConfig:
+        """The stack's PACS: where it listens and keeps its studies."""
+        return OrthancConfig(
+            state_dir=self.state_dir / "orthanc", http_port=self.ports.orthanc_http
+        )
+
+    @property
+    def dicomweb_url(self) -> str:
+        """Base URL of the PACS's DICOMweb API (QIDO-RS, WADO-RS, STOW-RS)."""
+        return self.orthanc.dicomweb_url
+
 
 def service_specs(config: StackConfig) -> list[ServiceSpec]:
     """ingest, router, one worker per deployed model version, reporting (or the monolith)."""
@@ -161,6 +184,7 @@ def stack_ports(ports: StackPorts) -> set[int]:
         ports.ingest,
         ports.router,
         ports.reporting,
+        ports.orthanc_http,
     }
 
 
@@ -220,6 +244,9 @@ class Stack:
             echo=config.echo,
         )
         self.triton = self._new_triton()
+        self.orthanc = OrthancServer(config.orthanc, echo=config.echo)
+        # The studies seeded into the PACS at start (their UIDs are the same on every start).
+        self.seeded_studies: list[StudyIdentity] = []
         self.services: dict[str, ManagedProcess] = {}
         # How each service was started (its port may differ from service_specs' for a worker
         # added while the stack runs).
@@ -252,12 +279,17 @@ class Stack:
             raise
 
     def _start_all(self, timeout_s: float) -> None:
+        # Before anything starts: a machine without Orthanc learns how to get it at once.
+        orthanc_binary()
+        dicomweb_plugin()
         triton_error: list[BaseException] = []
         triton_thread = threading.Thread(
             target=self._start_triton, args=(triton_error,), name="triton-start", daemon=True
         )
         triton_thread.start()
         self.kafka.start()
+        self.orthanc.start()
+        self.seeded_studies = seed_demo_studies(self.orthanc.dicomweb_url)
         specs = load_specs(self.config.specs_dir)
         versions = [(s.name, v.version) for s in specs.values() for v in s.versions]
         asyncio.run(
@@ -455,6 +487,10 @@ class Stack:
         self.triton.added_models.update(added)
         self.triton.start()
 
+    def restart_orthanc(self, down_s: float = 0.0) -> None:
+        """Stop the PACS and start it again with its studies, on the same port."""
+        self.orthanc.restart(down_s)
+
     def exited(self) -> list[str]:
         """Names of the stack's processes that have exited on their own."""
         dead = [name for name, process in self.services.items() if not process.running()]
@@ -462,12 +498,14 @@ class Stack:
             dead.append("kafka")
         if not self.triton.is_running():
             dead.append("triton")
+        if self.orthanc.exited():
+            dead.append("orthanc")
         return dead
 
     def stop(self) -> None:
-        """Stop services first (they flush to Kafka), then Triton and Kafka together. Each step
-        sends SIGTERM to all its processes at once and SIGKILL to those still running after its
-        grace, so the whole stop ends within about ``SERVICES_STOP_GRACE_S +
+        """Stop services first (they flush to Kafka), then Triton, Orthanc and Kafka together.
+        Each step sends SIGTERM to all its processes at once and SIGKILL to those still running
+        after its grace, so the whole stop ends within about ``SERVICES_STOP_GRACE_S +
         INFRA_STOP_GRACE_S`` plus the SIGKILL waits. Calling it again finishes a stop that was
         cut short; processes already stopped are left alone."""
         self._stopping.set()
@@ -479,5 +517,13 @@ class Stack:
             daemon=True,
         )
         triton.start()
+        orthanc = threading.Thread(
+            target=self.orthanc.stop,
+            kwargs={"grace_s": INFRA_STOP_GRACE_S},
+            name="orthanc-stop",
+            daemon=True,
+        )
+        orthanc.start()
         self.kafka.stop(grace_s=INFRA_STOP_GRACE_S)
         triton.join()
+        orthanc.join()
