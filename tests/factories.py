@@ -1,4 +1,5 @@
-"""Builders of contract events for tests, with defaults for the deterioration model.
+"""Builders of contract events for tests, with defaults for the deterioration model, and the spec
+of a fictional panel model covering the output kinds no deployed model uses (``panel_model``).
 
 Every builder takes keyword overrides and otherwise returns a realistic, fixed value (fixed times,
 a fixed correlation id), so two calls with the same arguments describe the same clinical request;
@@ -8,9 +9,10 @@ vital signs score NEWS2 7 (high risk): RR 22, SpO2 95 % on air, 38.4 Cel, SBP 10
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from medmesh_contracts.events import (
     InferenceCompleted,
@@ -152,3 +154,102 @@ def make_completed(
         inference_ms=inference_ms,
         completed_at=completed_at,
     )
+
+
+# A fictional model that no service names, for the output kinds no deployed model uses: a
+# vital-signs panel reader fed heart and respiratory rate (its tensors are declared, never served).
+MODEL_OUTPUT = "https://medmesh.dev/fhir/CodeSystem/model-output"
+_SCT = "http://snomed.info/sct"
+_LOINC = "http://loinc.org"
+PANEL_CLASSIFICATION: dict[str, Any] = {
+    "kind": "classification",
+    "tensor": "CLASS_P",
+    "code": {"system": MODEL_OUTPUT, "code": "state", "display": "Physiological state"},
+    "classes": [
+        {"code": {"system": MODEL_OUTPUT, "code": "calm", "display": "Calm"}},
+        {
+            "code": {"system": MODEL_OUTPUT, "code": "stressed", "display": "Stressed"},
+            "interpretation": "A",
+        },
+        {"code": {"system": MODEL_OUTPUT, "code": "unknown", "display": "Unknown"}},
+    ],
+}
+PANEL_FINDINGS: dict[str, Any] = {
+    "kind": "findings",
+    "tensor": "FINDINGS_P",
+    "labels": [
+        {"code": {"system": _SCT, "code": "3424008", "display": "Tachycardia"}, "threshold": 0.5},
+        {"code": {"system": _SCT, "code": "271823003", "display": "Tachypnea"}, "threshold": 0.5},
+    ],
+}
+PANEL_QUANTITY: dict[str, Any] = {
+    "kind": "quantity",
+    "tensor": "RATE",
+    "code": {"system": MODEL_OUTPUT, "code": "predicted-rate", "display": "Predicted rate"},
+    "unit": "/min",
+}
+PANEL_EXPLANATION: dict[str, Any] = {"kind": "explanation", "tensor": "WHY"}
+PANEL_ALL_OUTPUTS = (PANEL_CLASSIFICATION, PANEL_FINDINGS, PANEL_QUANTITY, PANEL_EXPLANATION)
+# One value per tensor element for a version with every output: a stressed state, tachycardia.
+PANEL_VALUES: dict[str, tuple[float, ...]] = {
+    "CLASS_P": (0.1, 0.85, 0.05),
+    "FINDINGS_P": (0.93, 0.2),
+    "RATE": (97.25,),
+    "WHY": (0.7, -0.1),
+}
+
+
+def panel_model(versions: Mapping[int, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
+    """The fictional panel model's spec document (not yet parsed), one version per entry of
+    ``versions`` with those outputs, each over a Triton output tensor as wide as PANEL_VALUES'.
+    A fresh copy each call, so a test may change it."""
+    document: dict[str, Any] = {
+        "schema": "medmesh.ModelSpec/2",
+        "name": "vitals-panel",
+        "display": "Vital-signs panel reader (test fixture)",
+        "owner": "medmesh tests",
+        "inputs": [
+            {
+                "name": "heart_rate",
+                "display": "Heart rate",
+                "unit": "/min",
+                "sources": [{"code": {"system": _LOINC, "code": "8867-4"}}],
+            },
+            {
+                "name": "respiratory_rate",
+                "display": "Respiratory rate",
+                "unit": "/min",
+                "sources": [{"code": {"system": _LOINC, "code": "9279-1"}}],
+            },
+        ],
+        "versions": [
+            {
+                "version": number,
+                "algorithm": f"test fixture {number}",
+                "triton": {
+                    "model": "vitals-panel",
+                    "version": number,
+                    "inputs": [
+                        {
+                            "name": "X",
+                            "shape": [2],
+                            "feed": "features",
+                            "inputs": ["heart_rate", "respiratory_rate"],
+                        }
+                    ],
+                    "outputs": [
+                        {"name": output["tensor"], "shape": [len(PANEL_VALUES[output["tensor"]])]}
+                        for output in outputs
+                    ],
+                },
+                "outputs": [dict(output) for output in outputs],
+            }
+            for number, outputs in versions.items()
+        ],
+        "report": {
+            "code": {"system": MODEL_OUTPUT, "code": "vitals-panel", "display": "Vitals panel"},
+            "category": {"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "OTH"},
+        },
+        "routing": {"weights": {"1": 100}},
+    }
+    return copy.deepcopy(document)

@@ -9,7 +9,6 @@ explanation; a negative findings result; a quantity alone).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -25,83 +24,33 @@ from medmesh_contracts.events import (
 )
 from medmesh_contracts.modelspec import ModelSpec, load_spec, parse_spec
 from medmesh_reporting.report import JsonDict, build_report
-from tests.factories import EFFECTIVE_AT, make_completed, make_request, make_task
+from tests.factories import (
+    EFFECTIVE_AT,
+    PANEL_ALL_OUTPUTS,
+    PANEL_FINDINGS,
+    PANEL_QUANTITY,
+    PANEL_VALUES,
+    make_completed,
+    make_request,
+    make_task,
+    panel_model,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 ISSUED = datetime(2026, 11, 23, 8, 31, tzinfo=UTC)
 PERFORMER = "St Elsewhere NHS Trust clinical AI service"
 FHIR_VERSIONS: tuple[FhirVersion, ...] = ("R4B", "R5")
 
-SCT = "http://snomed.info/sct"
-LOINC = "http://loinc.org"
-OUT = "https://medmesh.dev/fhir/CodeSystem/model-output"
 
-# A fictional model that no service names: version 1 has a classification headline with
-# findings, a quantity and an explanation; version 2 findings alone; version 3 a quantity alone.
-PANEL_MODEL: dict[str, Any] = {
-    "schema": "medmesh.ModelSpec/2",
-    "name": "vitals-panel",
-    "display": "Vital-signs panel reader (test fixture)",
-    "owner": "medmesh tests",
-    "inputs": [
-        {
-            "name": "heart_rate",
-            "display": "Heart rate",
-            "unit": "/min",
-            "sources": [{"code": {"system": LOINC, "code": "8867-4"}}],
-        },
-        {
-            "name": "respiratory_rate",
-            "display": "Respiratory rate",
-            "unit": "/min",
-            "sources": [{"code": {"system": LOINC, "code": "9279-1"}}],
-        },
-    ],
-    "versions": [],
-    "report": {
-        "code": {"system": OUT, "code": "vitals-panel", "display": "Vitals panel"},
-        "category": {"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "OTH"},
-    },
-    "routing": {"weights": {"1": 100}},
-}
-_CLASSIFICATION = {
-    "kind": "classification",
-    "tensor": "CLASS_P",
-    "code": {"system": OUT, "code": "state", "display": "Physiological state"},
-    "classes": [
-        {"code": {"system": OUT, "code": "calm", "display": "Calm"}},
-        {"code": {"system": OUT, "code": "stressed", "display": "Stressed"}, "interpretation": "A"},
-        {"code": {"system": OUT, "code": "unknown", "display": "Unknown"}},
-    ],
-}
-_FINDINGS = {
-    "kind": "findings",
-    "tensor": "FINDINGS_P",
-    "labels": [
-        {"code": {"system": SCT, "code": "3424008", "display": "Tachycardia"}, "threshold": 0.5},
-        {"code": {"system": SCT, "code": "271823003", "display": "Tachypnea"}, "threshold": 0.5},
-    ],
-}
-_QUANTITY = {
-    "kind": "quantity",
-    "tensor": "RATE",
-    "code": {"system": OUT, "code": "predicted-rate", "display": "Predicted rate"},
-    "unit": "/min",
-}
-_EXPLANATION = {"kind": "explanation", "tensor": "WHY"}
-_TENSOR_WIDTHS = {"CLASS_P": 3, "FINDINGS_P": 2, "RATE": 1, "WHY": 2}
-_PANEL_VERSIONS: dict[int, list[dict[str, Any]]] = {
-    1: [_CLASSIFICATION, _FINDINGS, _QUANTITY, _EXPLANATION],
-    2: [_FINDINGS],
-    3: [_QUANTITY],
+# The fictional panel model (tests.factories.panel_model): version 1 has a classification headline
+# with findings, a quantity and an explanation; version 2 findings alone; version 3 a quantity alone.
+_PANEL_VERSIONS: dict[int, tuple[dict[str, Any], ...]] = {
+    1: PANEL_ALL_OUTPUTS,
+    2: (PANEL_FINDINGS,),
+    3: (PANEL_QUANTITY,),
 }
 PANEL_OUTPUTS: dict[int, dict[str, tuple[float, ...]]] = {
-    1: {
-        "CLASS_P": (0.1, 0.85, 0.05),
-        "FINDINGS_P": (0.93, 0.2),
-        "RATE": (97.25,),
-        "WHY": (0.7, -0.1),
-    },
+    1: PANEL_VALUES,
     2: {"FINDINGS_P": (0.1, 0.2)},
     3: {"RATE": (61.5,)},
 }
@@ -119,32 +68,7 @@ ECG_OUTPUTS: dict[str, tuple[int, dict[str, tuple[float, ...]]]] = {
 
 def panel_spec() -> ModelSpec:
     """The fictional panel model's spec, one version per combination of outputs."""
-    document = copy.deepcopy(PANEL_MODEL)
-    document["versions"] = [
-        {
-            "version": number,
-            "algorithm": f"test fixture {number}",
-            "triton": {
-                "model": "vitals-panel",
-                "version": number,
-                "inputs": [
-                    {
-                        "name": "X",
-                        "shape": [2],
-                        "feed": "features",
-                        "inputs": ["heart_rate", "respiratory_rate"],
-                    }
-                ],
-                "outputs": [
-                    {"name": output["tensor"], "shape": [_TENSOR_WIDTHS[output["tensor"]]]}
-                    for output in outputs
-                ],
-            },
-            "outputs": outputs,
-        }
-        for number, outputs in _PANEL_VERSIONS.items()
-    ]
-    return parse_spec(document)
+    return parse_spec(panel_model(_PANEL_VERSIONS))
 
 
 def ecg_lead() -> ModelInput:

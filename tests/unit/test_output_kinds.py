@@ -20,107 +20,22 @@ from medmesh_contracts.results import (
 )
 from medmesh_reporting.report import ReportBuildError, build_report
 from tests.conformance.report_checks import check_report_bundle
-from tests.factories import make_completed, make_request, make_task
+from tests.factories import (
+    MODEL_OUTPUT,
+    PANEL_ALL_OUTPUTS,
+    PANEL_VALUES,
+    make_completed,
+    make_request,
+    make_task,
+    panel_model,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 ISSUED = datetime(2026, 11, 23, 8, 31, tzinfo=UTC)
-SCT = "http://snomed.info/sct"
-LOINC = "http://loinc.org"
-OUT = "https://medmesh.dev/fhir/CodeSystem/model-output"
-
-# A third, fictional model that no service names: one version with a classification, findings and
-# a quantity, fed the deterioration vitals (its tensors are declared, never served).
-THIRD_MODEL: dict[str, Any] = {
-    "schema": "medmesh.ModelSpec/2",
-    "name": "vitals-panel",
-    "display": "Vital-signs panel reader (test fixture)",
-    "owner": "medmesh tests",
-    "inputs": [
-        {
-            "name": "heart_rate",
-            "display": "Heart rate",
-            "unit": "/min",
-            "sources": [{"code": {"system": LOINC, "code": "8867-4"}}],
-        },
-        {
-            "name": "respiratory_rate",
-            "display": "Respiratory rate",
-            "unit": "/min",
-            "sources": [{"code": {"system": LOINC, "code": "9279-1"}}],
-        },
-    ],
-    "versions": [
-        {
-            "version": 1,
-            "algorithm": "test fixture",
-            "triton": {
-                "model": "vitals-panel",
-                "version": 1,
-                "inputs": [
-                    {
-                        "name": "X",
-                        "shape": [2],
-                        "feed": "features",
-                        "inputs": ["heart_rate", "respiratory_rate"],
-                    }
-                ],
-                "outputs": [
-                    {"name": "CLASS_P", "shape": [3]},
-                    {"name": "FINDINGS_P", "shape": [2]},
-                    {"name": "RATE", "shape": [1]},
-                    {"name": "WHY", "shape": [2]},
-                ],
-            },
-            "outputs": [
-                {
-                    "kind": "classification",
-                    "tensor": "CLASS_P",
-                    "code": {"system": OUT, "code": "state", "display": "Physiological state"},
-                    "classes": [
-                        {"code": {"system": OUT, "code": "calm", "display": "Calm"}},
-                        {
-                            "code": {"system": OUT, "code": "stressed", "display": "Stressed"},
-                            "interpretation": "A",
-                        },
-                        {"code": {"system": OUT, "code": "unknown", "display": "Unknown"}},
-                    ],
-                },
-                {
-                    "kind": "findings",
-                    "tensor": "FINDINGS_P",
-                    "labels": [
-                        {
-                            "code": {"system": SCT, "code": "3424008", "display": "Tachycardia"},
-                            "threshold": 0.5,
-                        },
-                        {
-                            "code": {"system": SCT, "code": "271823003", "display": "Tachypnea"},
-                            "threshold": 0.5,
-                        },
-                    ],
-                },
-                {
-                    "kind": "quantity",
-                    "tensor": "RATE",
-                    "code": {"system": OUT, "code": "predicted-rate", "display": "Predicted rate"},
-                    "unit": "/min",
-                },
-                {"kind": "explanation", "tensor": "WHY"},
-            ],
-        }
-    ],
-    "report": {
-        "code": {"system": OUT, "code": "vitals-panel", "display": "Vitals panel"},
-        "category": {"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "OTH"},
-    },
-    "routing": {"weights": {"1": 100}},
-}
-OUTPUTS = {
-    "CLASS_P": (0.1, 0.85, 0.05),
-    "FINDINGS_P": (0.93, 0.2),
-    "RATE": (97.25,),
-    "WHY": (0.7, -0.1),
-}
+# The fictional panel model no service names (tests.factories.panel_model), one version with a
+# classification, findings, a quantity and an explanation (its tensors are declared, never served).
+THIRD_MODEL = panel_model({1: PANEL_ALL_OUTPUTS})
+OUTPUTS = PANEL_VALUES
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +96,10 @@ def test_a_third_model_reports_every_kind_conformantly(third: ModelSpec) -> None
         f"urn:uuid:{o['id']}" for o in (state, finding, rate)
     ]
     assert report["conclusionCode"] == [
-        {"coding": [{"system": OUT, "code": "stressed", "display": "Stressed"}], "text": "Stressed"}
+        {
+            "coding": [{"system": MODEL_OUTPUT, "code": "stressed", "display": "Stressed"}],
+            "text": "Stressed",
+        }
     ]
     assert report["conclusion"].startswith("Stressed (probability 85.0 %)")
     assert state["valueCodeableConcept"]["coding"][0]["code"] == "stressed"
