@@ -7,7 +7,9 @@ names the model. The spec speaks in tensors and declared kinds:
   extracts them; they are the model's, shared by all of its versions.
 - per version, ``triton``: which Triton model and version serves it, and its input and output
   tensors by name, datatype and shape. Each input tensor says how it is fed from FHIR (``feed``):
-  ``features`` (one column per scalar input) or ``waveform`` (the samples of one SampledData).
+  ``features`` (one column per scalar input), ``waveform`` (the samples of one SampledData) or
+  ``image`` (the pixels of one DICOM instance of an imaging study, preprocessed as the input's
+  ``image`` says; the pixels never ride Kafka, the worker fetches them from the PACS).
 - per version, ``outputs``: how output tensors become FHIR, by kind: ``risk-score`` (a score and
   its band), ``classification`` (probabilities over named classes), ``findings`` (multi-label,
   each label above its threshold), ``quantity`` (a regression value in a UCUM unit), and
@@ -96,14 +98,16 @@ class InputSource(SpecModel):
     - ``indicator``: 1.0 when valueQuantity (in ``unit``) exceeds ``above``, else 0.0;
     - ``coded``: valueCodeableConcept mapped through ``answers``; any other answer is ``otherwise``;
     - ``waveform``: valueSampledData (one lead), for an input with ``waveform`` set: its values
-      (origin + factor * data, converted to the input's unit) resampled as the input says.
+      (origin + factor * data, converted to the input's unit) resampled as the input says;
+    - ``imaging-study``: an ImagingStudy whose series has the modality ``code`` (a DICOM DCM
+      coding such as DX), for an input with ``image`` set: one qualifying instance's pixels.
     With ``component`` set, the value is read from the Observation component with that code
     (e.g. systolic pressure inside a blood-pressure panel).
     """
 
     code: Coding
     component: Coding | None = None
-    kind: Literal["quantity", "indicator", "coded", "waveform"] = "quantity"
+    kind: Literal["quantity", "indicator", "coded", "waveform", "imaging-study"] = "quantity"
     unit: str | None = None
     above: float | None = None
     answers: dict[str, float] = Field(default_factory=dict)
@@ -150,8 +154,83 @@ class WaveformSpec(SpecModel):
         return self
 
 
+DICOM_MODALITY = "http://dicom.nema.org/resources/ontology/DCM"
+# A study's instance larger than this is not fetched whole (a dead letter says so): a plain
+# radiograph is a few MB; a spec may lower it, or raise it up to MAX_INSTANCE_BYTES.
+DEFAULT_INSTANCE_BYTES = 64 * 1024 * 1024
+MAX_INSTANCE_BYTES = 512 * 1024 * 1024
+
+
+class SeriesCriteria(SpecModel):
+    """Which series of a study the model may read; an empty list allows any value.
+
+    ``modalities`` and ``body_parts`` are DICOM's Modality and BodyPartExamined; ``sop_classes``
+    are SOP Class UIDs. The ImagingStudy announces modality, body site and SOP class, so ingest can
+    refuse a study with no qualifying series; the instance's own header is checked again (and its
+    size, which only the header gives) where the pixels are read.
+    """
+
+    modalities: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
+    sop_classes: tuple[str, ...] = ()
+    min_rows: int = Field(default=1, ge=1)
+    min_columns: int = Field(default=1, ge=1)
+
+
+class WindowSpec(SpecModel):
+    """A VOI window in modality units (after rescale slope and intercept): ``center`` and
+    ``width`` as DICOM's linear window (PS3.3 C.11.2.1.2.1) maps values to [0, 1]."""
+
+    center: float
+    width: float = Field(gt=1)
+
+
+class ImagePreprocessing(SpecModel):
+    """How one DICOM instance's pixels become the input tensor, in this order:
+
+    1. rescale: stored values times RescaleSlope plus RescaleIntercept (modality units);
+    2. window: ``window`` maps modality units to [0, 1]; without one, the stored bit range
+       (0 to 2**BitsStored - 1, rescaled) does;
+    3. photometric interpretation: MONOCHROME1 (bright means low) is inverted, so 1 is brightest;
+    4. resize to ``rows`` x ``columns`` by area averaging (each output pixel the mean of the
+       input pixels it covers, fractional edges weighted);
+    5. normalise: ``(x - mean) / std`` when given (after the [0, 1] scaling), else as is;
+    6. layout: ``channels-first`` [1, rows, columns] or ``channels-last`` [rows, columns, 1].
+    """
+
+    rows: int = Field(ge=1, le=4096)
+    columns: int = Field(ge=1, le=4096)
+    window: WindowSpec | None = None
+    mean: float | None = None
+    std: float | None = Field(default=None, gt=0)
+    layout: Literal["channels-first", "channels-last"] = "channels-first"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The tensor shape (without the batch dimension)."""
+        if self.layout == "channels-first":
+            return (1, self.rows, self.columns)
+        return (self.rows, self.columns, 1)
+
+    @model_validator(mode="after")
+    def _mean_and_std_together(self) -> ImagePreprocessing:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("an image's 'mean' and 'std' are given together or not at all")
+        return self
+
+
+class ImageSpec(SpecModel):
+    """An input read from an imaging study: which series qualify, how pixels become a tensor,
+    and the largest instance the worker fetches."""
+
+    series: SeriesCriteria
+    preprocessing: ImagePreprocessing
+    max_instance_bytes: int = Field(default=DEFAULT_INSTANCE_BYTES, ge=1, le=MAX_INSTANCE_BYTES)
+
+
 class InputSpec(SpecModel):
-    """One FHIR input of the model: one scalar, or one signal of ``waveform.samples`` values."""
+    """One FHIR input of the model: one scalar, one signal of ``waveform.samples`` values, or
+    one image (``image``: an instance of an imaging study, preprocessed to its tensor)."""
 
     name: str
     display: str
@@ -161,11 +240,15 @@ class InputSpec(SpecModel):
     default: float | None = None
     # Set for a sampled signal (e.g. one ECG lead): its sources are all of kind ``waveform``.
     waveform: WaveformSpec | None = None
+    # Set for an image: its sources are all of kind ``imaging-study``.
+    image: ImageSpec | None = None
     sources: tuple[InputSource, ...]
 
     @property
     def width(self) -> int:
         """How many tensor values the input fills."""
+        if self.image is not None:
+            return math.prod(self.image.preprocessing.shape)
         return self.waveform.samples if self.waveform is not None else 1
 
     @model_validator(mode="after")
@@ -181,6 +264,19 @@ class InputSpec(SpecModel):
             raise ValueError(f"waveform input {self.name!r}: required, with waveform sources only")
         if self.waveform is None and any(waveform_sources):
             raise ValueError(f"input {self.name!r} has a waveform source but no 'waveform'")
+        return self
+
+    @model_validator(mode="after")
+    def _images_are_read_from_studies(self) -> InputSpec:
+        study_sources = [s.kind == "imaging-study" for s in self.sources]
+        if self.image is not None and not (all(study_sources) and self.required):
+            raise ValueError(
+                f"image input {self.name!r}: required, with imaging-study sources only"
+            )
+        if self.image is None and any(study_sources):
+            raise ValueError(f"input {self.name!r} has an imaging-study source but no 'image'")
+        if self.image is not None and self.waveform is not None:
+            raise ValueError(f"input {self.name!r} cannot be both a waveform and an image")
         return self
 
 
@@ -209,7 +305,8 @@ class InputTensor(SpecModel):
 
     - ``feed: features``: one value per named scalar input, in the order of ``inputs``
       (a missing optional input takes its default);
-    - ``feed: waveform``: the samples of the one named waveform input.
+    - ``feed: waveform``: the samples of the one named waveform input;
+    - ``feed: image``: the preprocessed pixels of the one named image input.
     ``shape`` (without the batch dimension) holds exactly those values; a row is reshaped to it
     (e.g. ``[1, 2500]`` for a channels-first 1-D CNN).
     """
@@ -217,7 +314,7 @@ class InputTensor(SpecModel):
     name: str
     datatype: InputDatatype = "FP32"
     shape: tuple[Annotated[int, Field(ge=1)], ...]
-    feed: Literal["features", "waveform"]
+    feed: Literal["features", "waveform", "image"]
     inputs: tuple[str, ...] = Field(min_length=1)
 
     @property
@@ -558,16 +655,10 @@ def version_problems(spec: ModelSpec, version: VersionSpec) -> list[str]:
             problems.append(f"input tensor {tensor.name} is fed from unknown inputs {unknown}")
             continue
         fed = [spec.input(n) for n in tensor.inputs]
-        if tensor.feed == "features":
-            signals = [i.name for i in fed if i.waveform is not None]
-            if signals:
-                problems.append(f"features tensor {tensor.name} names waveform inputs {signals}")
-            expected = len(fed)
-        else:
-            if len(fed) != 1 or fed[0].waveform is None:
-                problems.append(f"waveform tensor {tensor.name} must name one waveform input")
-                continue
-            expected = fed[0].width
+        expected = _fed_width(tensor, fed)
+        if isinstance(expected, str):
+            problems.append(expected)
+            continue
         if tensor.elements != expected:
             problems.append(
                 f"input tensor {tensor.name} has shape {list(tensor.shape)} ({tensor.elements}"
@@ -588,6 +679,31 @@ def version_problems(spec: ModelSpec, version: VersionSpec) -> list[str]:
     if sum(isinstance(o, ExplanationOutput) for o in version.outputs) > 1:
         problems.append("a version has at most one explanation output")
     return problems
+
+
+def _fed_width(tensor: InputTensor, fed: list[InputSpec]) -> int | str:
+    """How many values a row of ``tensor`` is fed from the inputs it names, or why it cannot be."""
+    if tensor.feed == "features":
+        wide = [i.name for i in fed if i.waveform is not None or i.image is not None]
+        if wide:
+            return f"features tensor {tensor.name} names waveform or image inputs {wide}"
+        return len(fed)
+    if tensor.feed == "waveform":
+        one_signal = len(fed) == 1 and fed[0].waveform is not None
+        return (
+            fed[0].width
+            if one_signal
+            else f"waveform tensor {tensor.name} must name one waveform input"
+        )
+    image = fed[0].image if len(fed) == 1 else None
+    if image is None:
+        return f"image tensor {tensor.name} must name one image input"
+    if tensor.shape != image.preprocessing.shape:
+        return (
+            f"image tensor {tensor.name} has shape {list(tensor.shape)} but the preprocessing"
+            f" makes {list(image.preprocessing.shape)}"
+        )
+    return fed[0].width
 
 
 def _output_fits(spec: ModelSpec, triton: TritonTarget, output: OutputSpec) -> list[str]:
