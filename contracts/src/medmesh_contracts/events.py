@@ -63,6 +63,21 @@ class SourceContext(WireModel):
     ward: str | None = None
 
 
+class ImageReference(WireModel):
+    """Where one DICOM instance of an imaging study is: the claim check of an image input.
+
+    Pixels never ride Kafka. The worker fetches the instance with WADO-RS from ``dicomweb_url``
+    (which must be a PACS its settings allow: an event never makes a worker call an arbitrary
+    host) and preprocesses it there; the SHA-256 of the bytes it read is reported with the
+    result. The UIDs identify images, not patients, and still stay out of logs.
+    """
+
+    dicomweb_url: str
+    study_uid: str
+    series_uid: str
+    instance_uid: str
+
+
 class ModelInput(WireModel):
     """One model input value, already converted to the unit the model spec expects.
 
@@ -71,6 +86,9 @@ class ModelInput(WireModel):
     long the signal received lasted (before cropping or padding). Its ``value`` stays a value in
     ``unit``: the last sample, the signal's most recent value, so a reader that knows only
     scalar inputs still reads a true (if partial) value of the signal.
+
+    An image input (a spec input with ``image``) carries ``image``, where its instance is; its
+    ``value`` is 1 (one image) and ``source_reference`` names the ImagingStudy.
     """
 
     name: str
@@ -82,6 +100,7 @@ class ModelInput(WireModel):
     samples: tuple[float, ...] | None = None
     period_ms: float | None = None
     duration_s: float | None = None
+    image: ImageReference | None = None
 
 
 class RequestInference(Envelope):
@@ -186,6 +205,9 @@ class InferenceCompleted(Envelope):
     batch_size: int
     inference_ms: float
     completed_at: AwareDatetime
+    # Image inputs: the SHA-256 of the DICOM instance bytes the worker read, by input name (what
+    # the report's provenance names as the pixels scored; added within version 1, issue 19).
+    input_digests: dict[str, str] = Field(default_factory=dict)
 
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
