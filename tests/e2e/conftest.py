@@ -1,7 +1,9 @@
-"""End-to-end fixtures: the real Kafka broker, the real Triton server and the four services,
-started once per test session exactly as `medmesh up` starts them (on separate ports).
+"""End-to-end fixtures: the real Kafka broker, the real Triton server, the real PACS (Orthanc
+with DICOMweb, seeded with the demo studies) and the four services, started once per test session
+exactly as `medmesh up` starts them (on separate ports).
 
-If Kafka or Triton cannot start, every end-to-end test errors with the reason: never a skip.
+If Kafka, Triton or Orthanc cannot start (or Orthanc is not installed), every end-to-end test
+errors with the reason: never a skip.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def stack() -> Iterator[Stack]:
         running.start(timeout_s=240)
     except Exception as exc:  # noqa: BLE001 -- re-raised as a failure that names the broken part
         pytest.fail(
-            f"the end-to-end stack did not start (Kafka, Triton or a service): {exc}", pytrace=False
+            f"the end-to-end stack did not start (Kafka, Triton, Orthanc or a service): {exc}",
+            pytrace=False,
         )
     yield running
     running.stop()
