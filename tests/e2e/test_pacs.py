@@ -17,6 +17,7 @@ import pytest
 from medmesh_cli.devstack import studies
 from medmesh_cli.devstack.stack import Stack
 from medmesh_cli.devstack.studies import StudyIdentity, build_radiograph
+from tests.fixtures.imaging.make_imaging_fixtures import synthetic_radiograph
 
 
 def _pixels(seed: int) -> npt.NDArray[np.uint16]:
@@ -92,6 +93,17 @@ def test_wado_returns_the_pixels_that_were_sent(
         url, identity.study_uid, identity.series_uid, identity.sop_uid, frame=1
     )
     assert frame == pixels.astype("<u2").tobytes()
+
+
+def test_project_radiograph_with_an_opacity_round_trips(stack: Stack) -> None:
+    """A study of the project's synthetic radiograph (tests/fixtures/imaging, with an opacity)
+    is stored by STOW-RS and read back by WADO-RS pixel for pixel."""
+    pixels = synthetic_radiograph(7, opacity=True)
+    identity = StudyIdentity.new()
+    url = stack.config.dicomweb_url
+    studies.stow(url, [build_radiograph(pixels, identity)])
+    ds = studies.retrieve_instance(url, identity.study_uid, identity.series_uid, identity.sop_uid)
+    np.testing.assert_array_equal(ds.pixel_array, pixels)
 
 
 def test_demo_studies_are_seeded_at_start(stack: Stack) -> None:
