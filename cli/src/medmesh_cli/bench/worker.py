@@ -45,6 +45,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from medmesh_cli.bench.batching import bench_model_task
 from medmesh_cli.bench.common import bench_task
+from medmesh_cli.bench.memory_kafka import FakeKafka, FakeRecord
 from medmesh_cli.bench.stats import Summary, summarize
 from medmesh_cli.devstack.paths import repo_root
 from medmesh_contracts import topics
@@ -84,18 +85,6 @@ TASKS = topics.model_task_topic("deterioration", 1)
 IDENTITY = WorkerIdentity(
     Producer(service="inference", instance="bench"), "deterioration", "1", "KIND_CPU"
 )
-
-
-@dataclass(frozen=True)
-class Record:
-    """A consumed record, as aiokafka hands it to the worker."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 def _median_us(samples: Sequence[float]) -> float:
@@ -290,7 +279,7 @@ class _Handlers:
         ]
 
 
-def _news2_records(tracer: trace.Tracer, count: int) -> list[Record]:
+def _news2_records(tracer: trace.Tracer, count: int) -> list[FakeRecord]:
     """NEWS2 tasks as the router publishes them: each in a trace of its own."""
     records = []
     for i in range(count):
@@ -298,7 +287,7 @@ def _news2_records(tracer: trace.Tracer, count: int) -> list[Record]:
         with tracer.start_as_current_span("router.route"):
             headers = publish_headers(tracer, TASKS, task.correlation_id, schema_of(RunInference))
         records.append(
-            Record(TASKS, 0, i, task.request.patient_pseudonym.encode(), to_wire(task),
+            FakeRecord(TASKS, 0, i, task.request.patient_pseudonym.encode(), to_wire(task),
                    encoded_headers(headers))
         )  # fmt: skip
     return records
@@ -310,7 +299,7 @@ Handle = Callable[[Sequence[RunInference], Sequence[Any]], Awaitable[list[Scored
 def _per_row(
     loop: asyncio.AbstractEventLoop,
     handle: Handle,
-    batches: list[list[Record]],
+    batches: list[list[FakeRecord]],
     rows: int,
     flush: Callable[[], object],
 ) -> Callable[[], float]:
@@ -405,123 +394,25 @@ def telemetry_markdown(report: dict[str, Any]) -> str:
 # --- linger -----------------------------------------------------------------------------------
 
 _TP = TopicPartition(TASKS, 0)
+_GROUP = "bench-linger"
 
 
 @dataclass
-class _MemoryKafka:
-    """One task partition: its records, when each arrived and when its offset was committed."""
+class _Timings:
+    """When each task's record arrived and when its offset was committed (perf_counter)."""
 
-    records: list[Record] = field(default_factory=list)
     arrived_at: list[float] = field(default_factory=list)
     committed_at: dict[int, float] = field(default_factory=dict)
     committed: int = 0
-    commit_s: float = 0.0
-    arrival: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def append(self, value: bytes, key: bytes) -> None:
-        self.records.append(Record(TASKS, 0, len(self.records), key, value))
-        self.arrived_at.append(time.perf_counter())
-        self.arrival.set()
-
-
-class _MemoryConsumer:
-    """The worker's Consumer over the one partition (pause, seek and the listener included)."""
-
-    def __init__(self, kafka: _MemoryKafka) -> None:
-        self.kafka = kafka
-        self.position = 0
-        self.listener: Any = None
-        self._paused: set[TopicPartition] = set()
-
-    def subscribe(self, topics: Sequence[str], *, listener: Any) -> None:
-        self.listener = listener
-
-    async def start(self) -> None:
-        await self.listener.on_partitions_assigned([_TP])
-        self.position = self.kafka.committed
-
-    async def stop(self) -> None:
-        return None
-
-    async def committed(self, partition: TopicPartition) -> int | None:
-        return self.kafka.committed
-
-    async def getmany(
-        self, *partitions: Any, timeout_ms: int = 0, max_records: int | None = None
-    ) -> Mapping[Any, Sequence[Any]]:
-        kafka = self.kafka
-        if self.position >= len(kafka.records) and not self._paused:
-            kafka.arrival.clear()
-            try:
-                await asyncio.wait_for(kafka.arrival.wait(), timeout_ms / 1000)
-            except TimeoutError:
-                return {}
-        if self._paused:
-            return {}
-        taken = kafka.records[self.position : self.position + (max_records or 500)]
-        self.position += len(taken)
-        return {_TP: taken} if taken else {}
-
-    def assignment(self) -> set[Any]:
-        return {_TP}
-
-    def pause(self, *partitions: Any) -> None:
-        self._paused.update(partitions)
-
-    def resume(self, *partitions: Any) -> None:
-        self._paused.difference_update(partitions)
-
-    def paused(self) -> set[Any]:
-        return set(self._paused)
-
-    def seek(self, partition: Any, offset: int) -> None:
-        self.position = offset
-
-
-class _MemoryProducer:
-    """A transactional producer whose commit takes ``commit_s`` and moves the offset."""
-
-    def __init__(self, kafka: _MemoryKafka) -> None:
-        self.kafka = kafka
-        self._offset: int | None = None
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-    async def begin_transaction(self) -> None:
-        self._offset = None
-
-    async def send(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-        *,
-        headers: Sequence[tuple[str, bytes]] | None = None,
-    ) -> Awaitable[Any]:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
-
-    async def send_offsets_to_transaction(
-        self, offsets: Mapping[TopicPartition, int], group_id: str
-    ) -> None:
-        self._offset = offsets[_TP]
-
-    async def commit_transaction(self) -> None:
-        await asyncio.sleep(self.kafka.commit_s)
-        if self._offset is not None:
+    def commit(self, offsets: Mapping[tuple[str, TopicPartition], int]) -> None:
+        """A transaction committed: its offsets are the tasks' commit time."""
+        next_offset = offsets.get((_GROUP, _TP))
+        if next_offset is not None:
             now = time.perf_counter()
-            for offset in range(self.kafka.committed, self._offset):
-                self.kafka.committed_at[offset] = now
-            self.kafka.committed = self._offset
-
-    async def abort_transaction(self) -> None:
-        return None
+            for offset in range(self.committed, next_offset):
+                self.committed_at[offset] = now
+            self.committed = next_offset
 
 
 async def _serve_arrivals(
@@ -529,7 +420,8 @@ async def _serve_arrivals(
 ) -> tuple[list[float], int]:
     """Tasks arriving after ``gaps_s`` each, through a TaskWorker: each task's latency (ms, from
     its arrival to its commit) and the batches made."""
-    kafka = _MemoryKafka(commit_s=commit_s)
+    timings = _Timings()
+    kafka = FakeKafka(commit_delay_s=commit_s, on_commit=timings.commit)
     spec = load_specs(repo_root() / "deploy" / "models")["deterioration"]
 
     async def infer(
@@ -552,10 +444,10 @@ async def _serve_arrivals(
         raise AssertionError(f"no task is dead-lettered in the benchmark: {reason}")
 
     worker = TaskWorker(
-        lambda: _MemoryConsumer(kafka),
-        lambda _id: _MemoryProducer(kafka),
+        lambda: kafka.consumer(_GROUP),
+        kafka.producer,
         topic=TASKS,
-        group_id="bench-linger",
+        group_id=_GROUP,
         max_batch=64,
         handle=handle,
         dead_letter=dead_letter,
@@ -579,20 +471,21 @@ async def _serve_arrivals(
     while sent < len(tasks):
         now = time.perf_counter() - started
         while sent < len(tasks) and due[sent] <= now:
-            kafka.append(tasks[sent], b"pseudo-bench")
+            kafka.append(TASKS, tasks[sent], key=b"pseudo-bench")
+            timings.arrived_at.append(time.perf_counter())
             sent += 1
         if sent < len(tasks):
             await asyncio.sleep(max(0.0, due[sent] - (time.perf_counter() - started)))
     deadline = time.monotonic() + 60
-    while kafka.committed < len(tasks) and time.monotonic() < deadline:  # noqa: ASYNC110
+    while timings.committed < len(tasks) and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.002)
     worker.stop()
     await asyncio.wait_for(running, 10)
     await worker.close()
     latencies = [
-        (kafka.committed_at[i] - kafka.arrived_at[i]) * 1000
+        (timings.committed_at[i] - timings.arrived_at[i]) * 1000
         for i in range(len(tasks))
-        if i in kafka.committed_at
+        if i in timings.committed_at
     ]
     return latencies, worker.stats.batches
 
