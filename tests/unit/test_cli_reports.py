@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from medmesh_cli.reports import ReportSummary, format_number, format_score, human_unit
+from medmesh_cli.reports import ReportSummary, format_score
+from medmesh_contracts.formatting import format_number, human_unit
 
 
 @pytest.mark.parametrize(

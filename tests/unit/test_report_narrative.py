@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from medmesh_contracts.events import ModelInput
+from medmesh_contracts.formatting import format_number
 from medmesh_contracts.modelspec import ModelSpec, load_spec, parse_spec
-from medmesh_reporting.narrative import XHTML_NAMESPACE, escape, measurement, number
+from medmesh_reporting.narrative import XHTML_NAMESPACE, escape, measurement
 from medmesh_reporting.report import AIAST, ai_disclaimer, build_report, validate_report
 from tests.conformance.report_cases import report_cases
 from tests.conformance.report_checks import check_report_bundle
@@ -206,7 +207,7 @@ def test_a_float_score_reads_without_its_float_noise(spec: ModelSpec) -> None:
     for kind in ("DiagnosticReport", "Observation"):
         assert "23.4 %" in texts[kind]
         assert "23.39" not in texts[kind]
-    assert number(0.41) == "0.41"
+    assert format_number(0.41) == "0.41"
 
 
 def test_a_result_without_a_value_reads_as_such() -> None:

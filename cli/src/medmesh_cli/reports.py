@@ -3,42 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from medmesh_contracts import headers as h
+from medmesh_contracts.formatting import format_number, human_unit
 
 V3_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
-
-# UCUM codes as people write them. A curly-brace annotation ({score}, {beats}) is UCUM's way of
-# saying "a count of something" (its unit is 1): a label for machines, not for people.
-_HUMAN_UNITS = {"{score}": "points", "1": "", "Cel": "°C", "mm[Hg]": "mmHg", "[degF]": "°F"}
-# Significant digits a score is shown with: 0.3495475649833679 % reads 0.35 %.
-SIGNIFICANT_DIGITS = 3
-
-
-def human_unit(ucum_code: str) -> str:
-    """A UCUM code as people read it: ``{score}`` -> ``points``, ``Cel`` -> ``°C``, ``1`` ->
-    nothing, other annotations without their braces (``{beats}`` -> ``beats``)."""
-    if ucum_code in _HUMAN_UNITS:
-        return _HUMAN_UNITS[ucum_code]
-    if re.fullmatch(r"\{[^{}]*\}", ucum_code):
-        return ucum_code[1:-1]
-    return re.sub(r"\{[^{}]*\}", "", ucum_code)  # an annotation beside a unit: the unit
-
-
-def format_number(value: float | int, digits: int = SIGNIFICANT_DIGITS) -> str:
-    """An integer as it is; a fraction to ``digits`` significant digits, never in exponent form
-    and without trailing zeros (0.3495475649833679 -> 0.35, 12.345 -> 12.3, 1234.56 -> 1235)."""
-    if isinstance(value, int) or not math.isfinite(value):
-        return str(value)
-    if value == 0:
-        return "0"
-    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
-    text = f"{value:.{decimals}f}"
-    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def format_score(score: float | int | None, ucum_code: str) -> str:

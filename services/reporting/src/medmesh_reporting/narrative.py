@@ -16,7 +16,6 @@ version on the FHIR server (created once, by identifier), so it must not carry o
 from __future__ import annotations
 
 import html
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from functools import cached_property, lru_cache
 from typing import Any, Literal, NewType
 
 from medmesh_contracts.events import ModelInput
+from medmesh_contracts.formatting import format_number, human_unit
 from medmesh_contracts.modelspec import ModelSpec
 
 JsonDict = dict[str, Any]
@@ -45,12 +45,8 @@ _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 # Most texts need neither escaping nor replacing: one search tells (a report escapes ~100 texts).
 _NEEDS_ESCAPING = re.compile("[&<>\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
-# How numbers and units read, as the CLI's report lines show them (medmesh_cli.reports: the
-# reporting service cannot import the CLI, so the rules are kept alike here). A curly-brace
-# annotation ({score}, {beats}) is UCUM's "a count of something": a label for machines.
-_SIGNIFICANT_DIGITS = 3
-_HUMAN_UNITS = {"{score}": "points", "1": "", "Cel": "°C", "mm[Hg]": "mmHg", "[degF]": "°F"}
-_ANNOTATION = re.compile(r"\{[^{}]*\}")
+# How numbers and units read is medmesh_contracts.formatting (the CLI's report lines use it too);
+# a narrative also says "1 point", not "1 points".
 _SINGULAR = {"points": "point", "beats": "beat"}
 
 
@@ -80,31 +76,9 @@ def narrative(*content: Markup) -> JsonDict:
 # --- how values read ---------------------------------------------------------------------------
 
 
-def number(value: float) -> str:
-    """An integer as it is; a fraction to three significant digits, never in exponent form and
-    without trailing zeros (0.3495 -> 0.35, 23.4 -> 23.4, 38.0 -> 38, 1234.56 -> 1235)."""
-    if isinstance(value, int) or not math.isfinite(value):
-        return str(value)
-    if value == 0:
-        return "0"
-    decimals = max(0, _SIGNIFICANT_DIGITS - 1 - math.floor(math.log10(abs(value))))
-    shown = f"{value:.{decimals}f}"
-    return shown.rstrip("0").rstrip(".") if "." in shown else shown
-
-
-def human_unit(ucum_code: str) -> str:
-    """A UCUM code as people read it: ``{score}`` -> ``points``, ``Cel`` -> ``°C``, ``1`` ->
-    nothing, other annotations without their braces (``{beats}`` -> ``beats``)."""
-    if ucum_code in _HUMAN_UNITS:
-        return _HUMAN_UNITS[ucum_code]
-    if _ANNOTATION.fullmatch(ucum_code):
-        return ucum_code[1:-1]
-    return _ANNOTATION.sub("", ucum_code)
-
-
 def measurement(value: float, ucum_code: str) -> str:
     """A number with its unit as people read them (``38.4 °C``, ``2 points``, ``0``)."""
-    unit, shown = human_unit(ucum_code), number(value)
+    unit, shown = human_unit(ucum_code), format_number(value)
     if shown == "1":
         unit = _SINGULAR.get(unit, unit)
     return f"{shown} {unit}" if unit else shown
@@ -202,7 +176,7 @@ def inputs_table(spec: ModelSpec, inputs: Sequence[ModelInput]) -> Markup:
 
 def _input_value(item: ModelInput) -> str:
     if item.samples is not None:
-        duration = f"{number(item.duration_s)} s " if item.duration_s is not None else ""
+        duration = f"{format_number(item.duration_s)} s " if item.duration_s is not None else ""
         return f"{duration}signal, {len(item.samples)} samples in {human_unit(item.unit)}"
     return measurement(item.value, item.unit)
 
