@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from medmesh_cli.devstack.topics import with_topic_config
 from medmesh_contracts.modelspec import load_specs
 from medmesh_contracts.topics import all_topics, model_task_topic
 
@@ -181,8 +180,9 @@ def workers_yaml() -> str:
 def kafka_topics_yaml() -> str:
     """overlays/large/kafka-topics.yaml: every topic of the contract as a Strimzi KafkaTopic."""
     docs = []
-    # With the topic settings create_topics adds (the audit topic kept for good).
-    for spec in with_topic_config(all_topics(model_versions())):
+    # With each topic's settings from the contract, as create_topics makes them (the audit topic
+    # kept for good).
+    for spec in all_topics(model_versions()):
         config = {"min.insync.replicas": LARGE_MIN_INSYNC, **spec.config}
         docs.append(
             KAFKA_TOPIC.format(

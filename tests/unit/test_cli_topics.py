@@ -10,23 +10,19 @@ import pytest
 import yaml
 
 from medmesh_cli.devstack import topics as devstack_topics
-from medmesh_cli.devstack.topics import create_topics, with_topic_config
+from medmesh_cli.devstack.topics import create_topics
 from medmesh_contracts import topics
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_audit_topic_is_created_with_unlimited_retention() -> None:
-    """with_topic_config gives medmesh.models.audit retention.ms=-1 and leaves the rest alone."""
-    contract = topics.all_topics([("deterioration", 1)])
-    configured = {s.name: s for s in with_topic_config(contract)}
-    audit = configured[topics.MODELS_AUDIT]
-    assert audit.config["retention.ms"] == "-1"
+    """The contract's medmesh.models.audit entry has retention.ms=-1 and one partition."""
+    contract = {s.name: s for s in topics.all_topics([("deterioration", 1)])}
+    audit = contract[topics.MODELS_AUDIT]
+    assert audit.config == {"retention.ms": "-1"}
     assert audit.partitions == 1
-    for spec in contract:
-        if spec.name != topics.MODELS_AUDIT:
-            assert configured[spec.name] == spec
-    assert "retention.ms" not in next(s for s in contract if s.name == topics.MODELS_AUDIT).config
+    assert "retention.ms" not in contract[topics.INFERENCE_REQUESTS].config
 
 
 def test_create_topics_passes_the_audit_retention_to_kafka(

@@ -68,6 +68,12 @@ _READINGS_STATE = {
 }
 # Heartbeats: compacted per worker instance, and old ones deleted after a day.
 _HEARTBEATS = {"cleanup.policy": "compact,delete", "retention.ms": str(24 * 3600 * 1000)}
+# The audit topic is the only record of every rollout decision (who, when, why, on which
+# figures): kept for good, not for the broker's default 7 days. Wherever medmesh creates its
+# topics (the dev stack and the topics jobs through create_topics, the large overlay's
+# KafkaTopics from deploy/k8s/generate.py) it reads this; a topic created before keeps its
+# settings until altered (docs/deployment.md, "Operating a deployment").
+_KEEP_FOR_GOOD = {"retention.ms": "-1"}
 
 STATIC_TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(FHIR_INBOUND),
@@ -80,7 +86,7 @@ STATIC_TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(INFERENCE_DEADLETTER, config=_KEEP_TWO_WEEKS),
     TopicSpec(REPORTING_DEADLETTER, config=_KEEP_TWO_WEEKS),
     TopicSpec(MODELS_REGISTRY, partitions=1, config=_COMPACTED),
-    TopicSpec(MODELS_AUDIT, partitions=1),
+    TopicSpec(MODELS_AUDIT, partitions=1, config=_KEEP_FOR_GOOD),
     TopicSpec(MODELS_STATUS, partitions=1, config=_HEARTBEATS),
     TopicSpec(INFERENCE_SHADOW_RESULTS),
     TopicSpec(REPORTS_UNDELIVERABLE, config=_KEEP_TWO_WEEKS),

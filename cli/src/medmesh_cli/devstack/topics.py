@@ -1,4 +1,5 @@
-"""Create medmesh's topics from the contract (never by broker auto-creation)."""
+"""Create medmesh's topics from the contract (never by broker auto-creation), each with the
+settings its contract entry gives (``medmesh_contracts.topics``: the audit topic kept for good)."""
 
 from __future__ import annotations
 
@@ -10,26 +11,7 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
-from medmesh_contracts.topics import MODELS_AUDIT, TopicSpec
-
-# Topic settings added to the contract's (medmesh_contracts.topics) wherever medmesh creates its
-# topics: the dev stack, compose's and the small overlay's topics jobs (create_topics), and the
-# large overlay's KafkaTopics (deploy/k8s/generate.py). The audit topic is the only record of
-# every rollout decision (who, when, why, on which figures): kept for good (retention.ms=-1), not
-# for the broker's default 7 days. A topic created before keeps its settings until altered
-# (docs/deployment.md, "Operating a deployment").
-TOPIC_CONFIG: dict[str, dict[str, str]] = {MODELS_AUDIT: {"retention.ms": "-1"}}
-
-
-def with_topic_config(specs: list[TopicSpec]) -> list[TopicSpec]:
-    """The specs with ``TOPIC_CONFIG`` added to their config (new objects; the contract's are
-    left as they are)."""
-    return [
-        TopicSpec(s.name, s.partitions, {**s.config, **TOPIC_CONFIG[s.name]})
-        if s.name in TOPIC_CONFIG
-        else s
-        for s in specs
-    ]
+from medmesh_contracts.topics import TopicSpec
 
 
 async def create_topics(
@@ -60,7 +42,7 @@ async def create_topics(
         existing = set(await admin.list_topics())
         wanted = [
             NewTopic(s.name, s.partitions, 1, topic_configs=s.config)
-            for s in with_topic_config(specs)
+            for s in specs
             if s.name not in existing
         ]
         if wanted:
