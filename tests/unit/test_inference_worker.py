@@ -37,7 +37,8 @@ PRODUCER = Producer(service="inference", instance="worker-1")
 
 
 class WorkerConsumer(FakeConsumer):
-    """The fake group member with what the worker also uses: assignment, pause, resume, seek.
+    """The fake group member (pause, resume and seek are the fake's own), counting its polls;
+    a poll that finds nothing waits out its timeout, whatever arrives meanwhile.
 
     ``owned`` limits the partitions the group gives this member (default: all of them)."""
 
@@ -45,7 +46,6 @@ class WorkerConsumer(FakeConsumer):
         super().__init__(kafka, GROUP)
         self.kafka = kafka
         self._owned = owned
-        self._paused: set[TopicPartition] = set()
         self.listener: Any = None
         self.started = False
         self.polls = 0
@@ -73,41 +73,10 @@ class WorkerConsumer(FakeConsumer):
     ) -> Mapping[TopicPartition, Sequence[Any]]:
         """The next committed records of the unpaused partitions (the positions move on)."""
         self.polls += 1
-        out: dict[TopicPartition, Sequence[Any]] = {}
-        budget = max_records or 500
-        for tp, position in self.positions.items():
-            if tp in self._paused or budget <= 0:
-                continue
-            records = self.kafka.committed.get(tp.topic, {}).get(tp.partition, [])
-            taken = records[position : position + budget]
-            if taken:
-                out[tp] = taken
-                budget -= len(taken)
-                self.positions[tp] = taken[-1].offset + 1
+        out = self.take(max_records or 500)
         if not out:
             await asyncio.sleep(timeout_ms / 1000)
         return out
-
-    def assignment(self) -> set[Any]:
-        """The assigned partitions."""
-        return set(self.positions)
-
-    def pause(self, *partitions: Any) -> None:
-        """Fetch nothing of these partitions until resumed."""
-        self._paused.update(partitions)
-
-    def resume(self, *partitions: Any) -> None:
-        """Fetch these partitions again."""
-        self._paused.difference_update(partitions)
-
-    def paused(self) -> set[Any]:
-        """The paused partitions."""
-        return set(self._paused)
-
-    def seek(self, partition: Any, offset: int) -> None:
-        """Fetch ``partition`` from ``offset`` next."""
-        assert partition in self.positions, "seek on an unassigned partition"
-        self.positions[partition] = offset
 
 
 class FakeTritonSide:

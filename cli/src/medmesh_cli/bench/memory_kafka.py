@@ -156,13 +156,14 @@ class FakeConsumer:
     ) -> Mapping[TopicPartition, Sequence[Any]]:
         """The next records after each unpaused position (the positions move on); with none yet,
         what arrives within ``timeout_ms``."""
-        out = self._take(max_records or 500)
+        out = self.take(max_records or 500)
         if not out:
             await self._kafka.arrival(self._topics, timeout_ms / 1000)
-            out = self._take(max_records or 500)
+            out = self.take(max_records or 500)
         return out
 
-    def _take(self, budget: int) -> dict[TopicPartition, Sequence[Any]]:
+    def take(self, budget: int) -> dict[TopicPartition, Sequence[Any]]:
+        """Up to ``budget`` next records of the unpaused partitions, now (the positions move on)."""
         out: dict[TopicPartition, Sequence[Any]] = {}
         for tp, position in self.positions.items():
             if tp in self._paused:
@@ -194,7 +195,9 @@ class FakeConsumer:
         return set(self._paused)
 
     def seek(self, partition: TopicPartition, offset: int) -> None:
-        """Fetch ``partition`` from ``offset`` next."""
+        """Fetch ``partition`` from ``offset`` next (an unassigned one is a bug, as in aiokafka)."""
+        if partition not in self.positions:
+            raise ValueError(f"seek on an unassigned partition {partition}")
         self.positions[partition] = offset
 
 
