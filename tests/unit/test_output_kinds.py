@@ -3,8 +3,6 @@ conformant FHIR (classification, findings, quantity, thresholded risk score)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +17,7 @@ from medmesh_contracts.results import (
     read_outputs,
 )
 from medmesh_reporting.report import ReportBuildError, build_report
+from tests.conformance.report_cases import ISSUED, ROOT
 from tests.conformance.report_checks import check_report_bundle
 from tests.factories import (
     MODEL_OUTPUT,
@@ -30,8 +29,6 @@ from tests.factories import (
     panel_model,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-ISSUED = datetime(2026, 11, 23, 8, 31, tzinfo=UTC)
 # The fictional panel model no service names (tests.factories.panel_model), one version with a
 # classification, findings, a quantity and an explanation (its tensors are declared, never served).
 THIRD_MODEL = panel_model({1: PANEL_ALL_OUTPUTS})
