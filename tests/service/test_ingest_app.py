@@ -733,6 +733,8 @@ async def test_every_advertised_interaction_is_honoured(ingest: Harness) -> None
         assert response.json()["type"] == f"{interaction['code']}-response"
     creates = {
         "Observation": "observation-heart-rate.json",
+        # With no imaging model deployed here: accepted, nothing sent (200).
+        "ImagingStudy": "imaging/imaging-study-dx.json",
         "ServiceRequest": "service-request-order.json",
     }
     for resource in rest["resource"]:

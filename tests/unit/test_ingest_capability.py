@@ -44,13 +44,14 @@ def test_the_statement_is_valid_fhir_of_its_version(version: FhirVersion, tokens
 
 
 def test_only_honoured_interactions_are_listed() -> None:
-    """System interactions: transaction and batch; per resource: create of Observation and
-    ServiceRequest only (Patient, Encounter and Bundle cause nothing on their own), each
-    create documented as not stored."""
+    """System interactions: transaction and batch; per resource: create of Observation,
+    ImagingStudy and ServiceRequest only (Patient, Encounter, Endpoint and Bundle cause nothing
+    on their own), each create documented as not stored."""
     [rest] = statement()["rest"]
     assert sorted(i["code"] for i in rest["interaction"]) == ["batch", "transaction"]
     assert {r["type"]: [i["code"] for i in r["interaction"]] for r in rest["resource"]} == {
         "Observation": ["create"],
+        "ImagingStudy": ["create"],
         "ServiceRequest": ["create"],
     }
     for resource in rest["resource"]:

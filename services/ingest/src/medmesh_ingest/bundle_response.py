@@ -37,7 +37,7 @@ from medmesh_ingest.outcomes import Issue, outcome
 from medmesh_ingest.validation import EntryFailure, ParsedResource, entry_of, issue_entry
 
 # Resource types that can be a model's input or order: their entries always get an outcome.
-_CLINICAL = frozenset({"Observation", "ServiceRequest"})
+_CLINICAL = frozenset({"Observation", "ServiceRequest", "ImagingStudy"})
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@ Checked against the code (tests/unit/test_ingest_capability.py, tests/service/te
 
 - ``batch`` and ``transaction`` (system interactions at the base): answered with a
   batch-response / transaction-response Bundle (``bundle_response``).
-- ``create`` of Observation and ServiceRequest (POST /fhir/{type}): the only resource types
-  whose resources cause anything on their own (readings, orders). Nothing is stored, so the
+- ``create`` of Observation, ImagingStudy and ServiceRequest (POST /fhir/{type}): the only
+  resource types whose resources cause anything on their own (readings, image readings,
+  orders). Nothing is stored, so the
   answer differs from FHIR's create (202 or 200 with an OperationOutcome, no id, no Location):
   each resource's documentation says so. Patient and Encounter are read only as reference
   targets inside a Bundle, and a Bundle POSTed to /fhir is processed, not stored: none of them
@@ -33,11 +34,15 @@ _MIME_VERSIONS: dict[str, FhirVersion] = {"4.3": "R4B", "5.0": "R5"}
 _REST_DOCUMENTATION = (
     "medmesh ingest validates FHIR and has readings scored by the deployed models; it stores "
     "no resource (medmesh's reporting service delivers the reports). POST one "
-    "Observation or ServiceRequest to /fhir/{type}, or a Bundle to /fhir: batch or transaction "
+    "Observation, ImagingStudy or ServiceRequest to /fhir/{type}, or a Bundle to /fhir: batch or transaction "
     "(answered with a batch-response or transaction-response Bundle), collection, message "
     "(MessageHeader first, processed as a collection), or a Subscription notification (R4B "
-    "backport history Bundle; R5 subscription-notification). Patient and Encounter resources "
-    "are read as reference targets inside a Bundle. Any 2xx means every inference request the "
+    "backport history Bundle; R5 subscription-notification). Patient, Encounter and Endpoint "
+    "resources are read as reference targets inside a Bundle. An ImagingStudy is read by the "
+    "deployed imaging models: its first qualifying series and instance, fetched by the worker "
+    "over DICOMweb (WADO-RS) from the study's dicom-wado-rs Endpoint, which must be a PACS "
+    "ingest is configured to allow, else from the configured default PACS; a study none of "
+    "them can read is answered 422 saying why. Any 2xx means every inference request the "
     "payload caused is committed in Kafka; 503 with Retry-After means nothing was taken: send "
     "it again. FHIR R4B by default; R5 with fhirVersion=5.0 in the content type."
 )
@@ -95,7 +100,7 @@ def capability_statement(
                         "type": resource_type,
                         "interaction": [{"code": "create", "documentation": _CREATE_DOCUMENTATION}],
                     }
-                    for resource_type in ("Observation", "ServiceRequest")
+                    for resource_type in ("Observation", "ImagingStudy", "ServiceRequest")
                 ],
                 "interaction": [
                     {"code": "transaction", "documentation": _TRANSACTION_DOCUMENTATION},

@@ -4,9 +4,15 @@ For every patient (Observation subject) and every model spec, each spec input ta
 usable reading among the Observations matching any of its sources, converted as the source says.
 Extraction only extracts: whether a patient's readings are complete, and whether to ask for a
 score, is decided by ``readings.merge`` on the patient's whole state.
-Only Observations give readings; a ServiceRequest whose code names a model is an explicit order
-to score its patient now. Patient and Encounter entries matter only as targets of references,
-which validation has already resolved; any other resource is ignored. A reading whose value is
+Observations give readings, and so does an ImagingStudy to a model with an image input
+(``imaging.read_study``: its value is 1, its ``image`` the claim check of the instance the
+worker fetches). A ServiceRequest whose code names a model is an explicit order to score its
+patient now; one whose ``supportingInfo`` names an ImagingStudy of the same payload and patient
+is scored with that study. Patient, Encounter and Endpoint entries matter only as targets of
+references; any other resource is ignored. While any deployed model reads images, an
+ImagingStudy that none of them can read (no qualifying series, no allowed DICOMweb endpoint)
+makes the payload unacceptable, saying why; with no imaging model deployed it causes nothing,
+like an Observation no model reads. A reading whose value is
 physiologically impossible (``units.implausible``), or not a finite number once converted (a
 huge quantity, a waveform whose origin + factor x data overflows), makes the whole payload
 unacceptable. A waveform input reads valueSampledData as ``waveforms.read_waveform`` says (R4B
@@ -18,12 +24,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, Literal, TypeVar
 
-from medmesh_contracts.events import ModelInput
+from medmesh_contracts.events import ImageReference, ModelInput
 from medmesh_contracts.modelspec import UCUM, Coding, InputSource, InputSpec, ModelSpec
+from medmesh_ingest.imaging import (
+    UNUSABLE_STUDY_STATUSES,
+    Endpoints,
+    PacsPolicy,
+    Refusal,
+    read_study,
+)
 from medmesh_ingest.outcomes import Issue
 from medmesh_ingest.units import UnitConversionError, convert, implausible
 from medmesh_ingest.validation import ParsedResource
@@ -39,6 +52,8 @@ ORDER_INTENTS = frozenset(
 )
 
 _EARLIEST = datetime.min.replace(tzinfo=UTC)
+# No DICOMweb base allowed: every image reading is refused (tests without imaging).
+NO_PACS = PacsPolicy()
 
 _T = TypeVar("_T")
 
@@ -71,6 +86,9 @@ class Order:
     # How the report refers to the order (``ServiceRequest/<id>``), and its version.
     based_on_reference: str
     version: str | None = None
+    # Readings the order names (an ImagingStudy in its supportingInfo): scored instead of the
+    # patient's latest reading of their inputs.
+    pinned: tuple[Reading, ...] = field(default=())
 
     @property
     def key(self) -> str:
@@ -105,6 +123,8 @@ class _Reading:
     samples: tuple[float, ...] | None = None
     period_ms: float | None = None
     duration_s: float | None = None
+    # An image reading's claim check (``value`` is then 1).
+    image: ImageReference | None = None
 
     @property
     def recency(self) -> tuple[bool, datetime]:
@@ -121,17 +141,25 @@ class _UnusableValueError(Exception):
         self.rejects_payload = rejects_payload
 
 
-def extract(resources: Sequence[ParsedResource], specs: Mapping[str, ModelSpec]) -> Extraction:
+def extract(
+    resources: Sequence[ParsedResource],
+    specs: Mapping[str, ModelSpec],
+    pacs: PacsPolicy = NO_PACS,
+) -> Extraction:
     """The readings of every (patient, model) pair the resources give readings for, the orders
-    they carry, and the issues met."""
+    they carry, and the issues met. ``pacs``: the DICOMweb bases image readings may name."""
     by_subject, issues = _observations_by_subject(resources)
+    studies = _study_readings(resources, specs, pacs)
+    issues.extend(studies.issues)
     found: list[PatientReadings] = []
-    rejections: list[Issue] = []
-    for subject, patient_observations in by_subject.items():
+    rejections: list[Issue] = list(studies.rejections)
+    for subject in dict.fromkeys([*by_subject, *studies.by_subject]):
         for spec in specs.values():
-            readings, problems, impossible = _readings_for(spec, patient_observations)
+            readings, problems, impossible = _readings_for(spec, by_subject.get(subject, ()))
             issues.extend(problems)
             rejections.extend(impossible)
+            for name, images in studies.by_subject.get(subject, {}).get(spec.name, {}).items():
+                readings[name] = _latest(images)
             if not readings:
                 continue
             found.append(
@@ -146,7 +174,7 @@ def extract(resources: Sequence[ParsedResource], specs: Mapping[str, ModelSpec])
                     },
                 )
             )
-    orders, order_issues = _orders(resources, specs)
+    orders, order_issues = _orders(resources, specs, studies)
     return Extraction(
         tuple(dict.fromkeys([*issues, *order_issues])),
         tuple(found),
@@ -159,7 +187,7 @@ def extract(resources: Sequence[ParsedResource], specs: Mapping[str, ModelSpec])
 
 
 def _orders(
-    resources: Iterable[ParsedResource], specs: Mapping[str, ModelSpec]
+    resources: Iterable[ParsedResource], specs: Mapping[str, ModelSpec], studies: _Studies
 ) -> tuple[tuple[Order, ...], list[Issue]]:
     """ServiceRequests whose code names a deployed model: explicit orders to score now."""
     orders: list[Order] = []
@@ -196,11 +224,65 @@ def _orders(
             )
             continue
         version = request.meta.versionId if request.meta is not None else None
+        named = _supporting_studies(resource, studies, issues)
         orders.extend(
-            Order(m, resource.subject_reference, resource.encounter_reference, reference, version)
+            Order(
+                m,
+                resource.subject_reference,
+                resource.encounter_reference,
+                reference,
+                version,
+                _pinned(_inputs_by_name(specs[m]), m, named, studies),
+            )
             for m in models
         )
     return tuple(orders), issues
+
+
+def _inputs_by_name(spec: ModelSpec) -> dict[str, InputSpec]:
+    """The spec's inputs by name."""
+    return {i.name: i for i in spec.inputs}
+
+
+def _supporting_studies(order: ParsedResource, studies: _Studies, issues: list[Issue]) -> list[str]:
+    """The ImagingStudies of the payload the order's supportingInfo names, of its patient (in
+    order); a study of another patient is never scored for this one."""
+    named: list[str] = []
+    for i, info in enumerate(order.resource.supportingInfo or ()):
+        # R4B: a Reference; R5: a CodeableReference.
+        target = getattr(info, "reference", None)
+        literal = getattr(target, "reference", target) if target is not None else None
+        if not isinstance(literal, str):
+            continue
+        key = studies.keys.get(literal)
+        if key is None:
+            continue
+        if studies.subjects.get(key) != order.subject_reference:
+            path = f"{order.expression}.supportingInfo[{i}]"
+            issues.append(
+                Issue(
+                    "warning",
+                    "business-rule",
+                    f"{path}: names an ImagingStudy of another patient; it is not used.",
+                    (path,),
+                )
+            )
+            continue
+        named.append(key)
+    return named
+
+
+def _pinned(
+    inputs: Mapping[str, InputSpec], model: str, named: Sequence[str], studies: _Studies
+) -> tuple[Reading, ...]:
+    """The readings the named studies give the model (per input, the first study that gives
+    one)."""
+    pinned: dict[str, Reading] = {}
+    for key in named:
+        for name, reading in studies.by_study.get(key, {}).get(model, {}).items():
+            if name not in pinned:
+                pinned[name] = Reading(_model_input(inputs[name], reading), reading.version)
+    return tuple(pinned.values())
 
 
 def _orders_model(code: Any, spec: ModelSpec) -> bool:
@@ -260,6 +342,102 @@ def _readings_for(
     return found, issues, impossible
 
 
+# --- imaging studies ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Studies:
+    """What the payload's ImagingStudies give: per patient, model and input the image readings
+    (in payload order); per study (its key, ``ImagingStudy/<id>`` else its fullUrl) the same and
+    its patient; how references name each study; issues and rejections."""
+
+    by_subject: dict[str, dict[str, dict[str, list[_Reading]]]] = field(default_factory=dict)
+    by_study: dict[str, dict[str, dict[str, _Reading]]] = field(default_factory=dict)
+    subjects: dict[str, str] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+    issues: list[Issue] = field(default_factory=list)
+    rejections: list[Issue] = field(default_factory=list)
+
+
+def _study_readings(
+    resources: Sequence[ParsedResource], specs: Mapping[str, ModelSpec], pacs: PacsPolicy
+) -> _Studies:
+    """The image readings of the payload's ImagingStudies, for every image input of the specs.
+
+    A study that gives no image input a reading, while some are deployed, is refused (the
+    payload, or this entry of a batch): the sender learns at once that nothing will read it.
+    """
+    found = _Studies()
+    image_inputs = [(s.name, i) for s in specs.values() for i in s.inputs if i.image is not None]
+    studies = [r for r in resources if r.resource_type == "ImagingStudy"]
+    if not image_inputs or not studies:
+        return found
+    endpoints = Endpoints(
+        (r.resource, r.full_url) for r in resources if r.resource_type == "Endpoint"
+    )
+    for study in studies:
+        if study.resource.status in UNUSABLE_STUDY_STATUSES:
+            continue
+        if study.subject_reference is None or study.reference is None:
+            # A report must name both the patient and the study it read.
+            path, what = (
+                (f"{study.expression}.subject", "no literal Patient reference")
+                if study.subject_reference is None
+                else (f"{study.expression}.id", "neither an id nor a fullUrl to refer to it by")
+            )
+            found.issues.append(
+                Issue(
+                    "warning",
+                    "incomplete",
+                    f"{path}: {what}; the ImagingStudy is ignored.",
+                    (path,),
+                )
+            )
+            continue
+        refusals: list[tuple[str, str, Refusal]] = []
+        readings: dict[str, dict[str, _Reading]] = {}
+        for model, input_spec in image_inputs:
+            image = read_study(study.resource, study.expression, input_spec, endpoints, pacs)
+            if isinstance(image, Refusal):
+                refusals.append((model, input_spec.name, image))
+                continue
+            readings.setdefault(model, {})[input_spec.name] = _image_reading(study, image)
+        if not readings:
+            found.rejections.extend(
+                Issue(
+                    "error",
+                    "not-supported",
+                    f"{r.expression}: model {model} (input {name}) cannot read this study: "
+                    f"{r.problem}.",
+                    (r.expression,),
+                )
+                for model, name, r in refusals
+            )
+            continue
+        key = study.reference
+        found.by_study[key] = readings
+        found.subjects[key] = study.subject_reference
+        found.keys.update({ref: key for ref in (key, study.full_url) if ref})
+        patient = found.by_subject.setdefault(study.subject_reference, {})
+        for model, by_input in readings.items():
+            for name, reading in by_input.items():
+                patient.setdefault(model, {}).setdefault(name, []).append(reading)
+    return found
+
+
+def _image_reading(study: ParsedResource, image: ImageReference) -> _Reading:
+    resource = study.resource
+    meta = resource.meta
+    return _Reading(
+        value=1.0,
+        observed_at=as_aware_datetime(resource.started) if resource.started else None,
+        source_reference=study.reference,
+        encounter_reference=study.encounter_reference,
+        version=meta.versionId if meta is not None else None,
+        image=image,
+    )
+
+
 def _model_input(input_spec: InputSpec, reading: _Reading) -> ModelInput:
     return ModelInput(
         name=input_spec.name,
@@ -270,6 +448,7 @@ def _model_input(input_spec: InputSpec, reading: _Reading) -> ModelInput:
         samples=reading.samples,
         period_ms=reading.period_ms,
         duration_s=reading.duration_s,
+        image=reading.image,
     )
 
 

@@ -14,7 +14,13 @@ Rules:
 - a complete set whose fingerprint equals the last request's is not sent again (duplicates,
   re-sent Bundles); an order (ServiceRequest) is answered once per id and version;
 - a stored state is combined with each newer one (``combine``), so two instances that merged
-  readings of one patient at the same moment lose neither's readings.
+  readings of one patient at the same moment lose neither's readings;
+- an image input (an ImagingStudy) is sent only with its claim check (``ModelInput.image``):
+  that of the study in the payload (an order's ``pinned`` study first), else the one the
+  state kept. Version 1 of the contract's ``IngestedReading`` has no ``image`` field yet, so a
+  state read back holds none: until it has one, an order arriving without its study finds the
+  image input missing (the stored reading is kept; ``_image_of`` and ``_newer`` pick the field
+  up as soon as the contract carries it).
 
 Memory is bounded twice: states not updated within the retention are forgotten
 (``forget_older_than``), and the store holds at most ``max_bytes`` of states (an estimate,
@@ -36,6 +42,7 @@ from datetime import datetime, timedelta
 from opentelemetry.metrics import Counter
 
 from medmesh_contracts.events import (
+    ImageReference,
     IngestedReading,
     ModelInput,
     PatientReadingsUpdated,
@@ -103,17 +110,31 @@ def merge(
     subject, encounter = _subject_and_encounter(previous, found, order)
     stored = {r.name: r for r in previous.readings} if previous is not None else {}
     readings = dict(stored)
+    images = {name: image for name, r in stored.items() if (image := _image_of(r)) is not None}
     for name, reading in (found.readings if found is not None else {}).items():
-        readings[name] = _newer(readings.get(name), reading, received_at)
+        held = readings.get(name)
+        kept = _newer(held, reading, received_at)
+        readings[name] = kept
+        image = reading.input.image
+        if image is not None and (kept is not held or _same_resource(kept, reading)):
+            images[name] = image
     readings = _unexpired(readings, lookback)
-    missing = tuple(i.name for i in spec.inputs if i.required and i.name not in readings)
+    # What an order names (its supportingInfo's study) is scored, whatever the state holds.
+    pinned = {r.input.name: r for r in order.pinned} if order is not None else {}
+    scored = {**readings, **{n: _newer(None, r, received_at) for n, r in pinned.items()}}
+    images.update({n: r.input.image for n, r in pinned.items() if r.input.image is not None})
+    missing = tuple(
+        i.name
+        for i in spec.inputs
+        if i.required and (i.name not in scored or (i.image is not None and i.name not in images))
+    )
     fulfilled = previous.fulfilled_orders if previous is not None else ()
     last_fingerprint = previous.last_request_fingerprint if previous is not None else None
     inputs: tuple[ModelInput, ...] | None = None
     based_on: str | None = None
     duplicate = False
     if not missing:
-        candidate = _inputs(spec, readings)
+        candidate = _inputs(spec, scored, images)
         based_on = order.based_on_reference if order is not None else None
         fingerprint = _fingerprint(candidate, based_on)
         if (order is not None and order.key in fulfilled) or (
@@ -146,7 +167,7 @@ def merge(
         # instance's clock) must not make its successor look older to ``combine``.
         updated_at=max(received_at, previous.updated_at) if previous is not None else received_at,
     )
-    effective_at = max((r.observed_at for r in readings.values()), default=None)
+    effective_at = max((r.observed_at for r in scored.values()), default=None)
     return Merged(
         state=state if changed or previous is None else previous,
         changed=changed,
@@ -180,7 +201,9 @@ def _newer(
     stored: IngestedReading | None, reading: Reading, received_at: datetime
 ) -> IngestedReading:
     """The reading to keep for an input: the stored one, or the new one."""
+    fields: dict[str, object] = {"image": reading.input.image} if reading.input.image else {}
     new = IngestedReading(
+        **fields,  # ``image``: kept once the contract has the field (ignored until then)
         name=reading.input.name,
         value=reading.input.value,
         unit=reading.input.unit,
@@ -194,14 +217,26 @@ def _newer(
     )
     if stored is None:
         return new
-    same_resource = (
-        stored.source_reference is not None and stored.source_reference == new.source_reference
-    )
-    if same_resource:
+    if _same_resource(stored, reading):
         if stored.source_version is not None and stored.source_version == new.source_version:
             return stored  # the same version again: a duplicate
         return new  # another version of the same resource: a correction
     return new if new.observed_at >= stored.observed_at else stored
+
+
+def _same_resource(stored: IngestedReading, reading: Reading) -> bool:
+    """Whether a stored reading came from the resource a new reading comes from."""
+    return (
+        stored.source_reference is not None
+        and stored.source_reference == reading.input.source_reference
+    )
+
+
+def _image_of(reading: IngestedReading) -> ImageReference | None:
+    """The stored reading's claim check: none until the contract's IngestedReading keeps it
+    (version 1 has no ``image`` field: reported as a needed contract change)."""
+    image = getattr(reading, "image", None)
+    return image if isinstance(image, ImageReference) else None
 
 
 def _unexpired(
@@ -214,7 +249,11 @@ def _unexpired(
     return {name: r for name, r in readings.items() if r.observed_at >= newest - lookback}
 
 
-def _inputs(spec: ModelSpec, readings: Mapping[str, IngestedReading]) -> tuple[ModelInput, ...]:
+def _inputs(
+    spec: ModelSpec,
+    readings: Mapping[str, IngestedReading],
+    images: Mapping[str, ImageReference],
+) -> tuple[ModelInput, ...]:
     inputs: list[ModelInput] = []
     for input_spec in spec.inputs:
         reading = readings.get(input_spec.name)
@@ -232,6 +271,7 @@ def _inputs(spec: ModelSpec, readings: Mapping[str, IngestedReading]) -> tuple[M
                     samples=reading.samples,
                     period_ms=reading.period_ms,
                     duration_s=reading.duration_s,
+                    image=images.get(reading.name),
                 )
             )
     return tuple(inputs)
@@ -247,6 +287,8 @@ def _fingerprint(inputs: Sequence[ModelInput], based_on: str | None) -> str:
             if i.samples
             else []
         )
+        # An image counts by the instance it names (two studies may share a start time).
+        + ([i.image.model_dump(mode="json")] if i.image is not None else [])
         for i in inputs
     ]
     digest = hashlib.sha256(json.dumps([material, based_on]).encode())

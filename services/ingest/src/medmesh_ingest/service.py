@@ -38,7 +38,8 @@ from medmesh_contracts.events import (
 )
 from medmesh_contracts.modelspec import ModelSpec
 from medmesh_ingest.bundle_response import BundleReply, response_bundle
-from medmesh_ingest.extraction import Extraction, Order, PatientReadings, extract
+from medmesh_ingest.extraction import NO_PACS, Extraction, Order, PatientReadings, extract
+from medmesh_ingest.imaging import PacsPolicy
 from medmesh_ingest.outcomes import INVALID_FHIR, FhirRejected, Issue, outcome
 from medmesh_ingest.readings import Merged, ReadingsStore, merge, state_key
 from medmesh_ingest.validation import Limits, Payload, entry_failures, entry_of, parse
@@ -175,6 +176,7 @@ class IngestService:
         lookback: timedelta,
         max_fetched: int = 100,
         publish_timeout_s: float = 10.0,
+        pacs: PacsPolicy = NO_PACS,
     ) -> None:
         self.specs = specs
         self.pseudonymize = pseudonymize
@@ -185,6 +187,8 @@ class IngestService:
         self.lookback = lookback
         self.max_fetched = max_fetched
         self.publish_timeout_s = publish_timeout_s
+        # The DICOMweb bases image readings may name (MEDMESH_PACS_URLS).
+        self.pacs = pacs
         self._locks = [asyncio.Lock() for _ in range(_LOCK_STRIPES)]
         # Publishes that outlived their timeout (the sender was answered 503) but may still be
         # acknowledged when Kafka is back, per state key; see ``_publish_durably``.
@@ -233,7 +237,7 @@ class IngestService:
                 except FhirRejected as rejected:
                     return Answer(rejected.status, rejected.outcome)
                 notes.extend(fetched_notes)
-        extraction = extract(payload.resources, self.specs)
+        extraction = extract(payload.resources, self.specs, self.pacs)
         if extraction.rejections and payload.bundle_type == "batch" and context.answer_bundles:
             payload, extraction = self._without_impossible(payload, extraction)
         if extraction.rejections:
@@ -287,15 +291,17 @@ class IngestService:
     def _without_impossible(
         self, payload: Payload, extraction: Extraction
     ) -> tuple[Payload, Extraction]:
-        """A batch answered entry by entry: the entries holding impossible values set aside
-        (422 each), the others extracted again. Unchanged when a rejection is in no entry."""
+        """A batch answered entry by entry: the entries holding impossible values, or imaging
+        studies no deployed model can read, set aside (422 each), the others extracted again.
+        Unchanged when a rejection is in no entry."""
         found = entry_failures(INVALID_FHIR, extraction.rejections)
         if not found:
             return payload, extraction
         kept = [r for r in payload.resources if entry_of(r.expression) not in found]
         failed = sorted((*payload.failed, *found.values()), key=lambda f: f.index)
-        # Impossible values are found per reading: the entries kept hold none.
-        return replace(payload, resources=kept, failed=tuple(failed)), extract(kept, self.specs)
+        # Impossible values and unreadable studies are found per entry: the kept hold none.
+        kept_extraction = extract(kept, self.specs, self.pacs)
+        return replace(payload, resources=kept, failed=tuple(failed)), kept_extraction
 
     # --- id-only notifications -----------------------------------------------------------------
 

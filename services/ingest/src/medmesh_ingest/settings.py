@@ -88,6 +88,10 @@ class IngestSettings(ServiceSettings):
     source_token: SecretStr | None = None
     # Or SMART Backend Services for it (JSON: token_url, client_id, private_key_file, scope...).
     source_smart: SmartClientSettings | None = None
+    # DICOMweb bases (comma-separated) an ImagingStudy's dicom-wado-rs Endpoint may name; the
+    # first is the base of studies that name none. A study naming another is refused: an event
+    # never makes the worker call a host not listed here (the worker has the same allowlist).
+    pacs_urls: str = ""
     fetch_timeout_s: float = Field(default=10.0, gt=0)
     max_fetched_resources: int = Field(default=100, ge=1)
     # How long ingest waits for Kafka's acknowledgement before answering 503, and the

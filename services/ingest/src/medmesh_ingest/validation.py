@@ -34,6 +34,7 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from medmesh_contracts.events import FhirVersion
+from medmesh_ingest.imaging import IMAGING_STUDY_STATUSES
 from medmesh_ingest.outcomes import (
     INVALID_FHIR,
     NOT_FHIR,
@@ -105,11 +106,13 @@ _CODED_ELEMENTS: Mapping[str, tuple[tuple[str, frozenset[str], str], ...]] = {
         ("intent", REQUEST_INTENTS, "request-intent"),
     ),
     "SubscriptionStatus": (("type", NOTIFICATION_TYPES, "subscription-notification-type"),),
+    "ImagingStudy": (("status", IMAGING_STUDY_STATUSES, "imagingstudy-status"),),
 }
 # Reference elements checked per resource type: (element, the resource type it must target).
 _REFERENCE_ELEMENTS: Mapping[str, tuple[tuple[str, str], ...]] = {
     "Observation": (("subject", "Patient"), ("encounter", "Encounter")),
     "ServiceRequest": (("subject", "Patient"), ("encounter", "Encounter")),
+    "ImagingStudy": (("subject", "Patient"), ("encounter", "Encounter")),
 }
 
 # A FHIRPath into one entry of a Bundle: ``Bundle.entry[3]`` or ``Bundle.entry[3].resource...``.
