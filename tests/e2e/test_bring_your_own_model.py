@@ -28,6 +28,7 @@ from medmesh_cli.devstack.triton import is_model_ready
 from medmesh_cli.main import app
 from medmesh_contracts import topics
 from tests.conformance.report_checks import check_report_bundle
+from tests.e2e.answers import requests_sent
 from tests.e2e.conftest import (
     E2E_PORT_BASE,
     Record,
@@ -160,14 +161,15 @@ def _report_of(patient: str) -> Callable[[Record], bool]:
     return matches
 
 
-async def _post_fixture(stack: Stack, tap: TopicTap, fixture: str) -> dict[str, Any]:
-    """POST a fixture (with a patient of its own) to ingest; its report's resources."""
+async def _post_fixture(stack: Stack, tap: TopicTap, fixture: str, model: str) -> dict[str, Any]:
+    """POST a fixture (with a patient of its own) to ingest, which answers that it sent one
+    request for ``model``; its report's resources."""
     payload, patient = fixture_with_new_patient(fixture)
     async with httpx.AsyncClient(base_url=stack.config.ingest_url, timeout=30) as client:
         response = await client.post(
             "/fhir", content=payload, headers={"content-type": "application/fhir+json"}
         )
-    assert response.status_code == 202, response.text
+    assert list(requests_sent(response, payload).values()) == [model]
     record = await tap.wait_for(topics.REPORTS_DIAGNOSTIC, _report_of(patient), timeout_s=60)
     bundle: dict[str, Any] = record.json()
     assert check_report_bundle(bundle) == []
@@ -221,7 +223,7 @@ async def test_an_onnx_version_is_hot_deployed_and_canaried_to_100_percent(
             providers=["CPUExecutionProvider"],
         )
         for fixture, (row, band) in VITALS.items():
-            bundle = await _post_fixture(stack, tap, fixture)
+            bundle = await _post_fixture(stack, tap, fixture, "deterioration")
             observation = _by_type(bundle, "Observation")
             expected = session.run(None, {"VITALS": np.asarray([row], dtype=np.float32)})[0]
             assert abs(observation["valueQuantity"]["value"] - expected[0][1] * 100) < 1e-3
@@ -258,7 +260,7 @@ async def test_a_classifier_version_reports_its_class_and_rollback_unloads_it(
             "v2 99 %",
         )
         for _ in range(5):  # a new patient each time: one in a hundred is v1's
-            bundle = await _post_fixture(stack, tap, "ecg-af.json")
+            bundle = await _post_fixture(stack, tap, "ecg-af.json", "ecg-rhythm")
             if "model ecg-rhythm v2" in _by_type(bundle, "DiagnosticReport")["conclusion"]:
                 break
     finally:

@@ -20,6 +20,7 @@ from medmesh_cli.devstack.stack import Stack
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
 from tests.conformance.report_checks import check_report_bundle
+from tests.e2e.answers import requests_sent
 from tests.e2e.conftest import Record, TopicTap, fixture_with_new_patient
 
 R4B = "application/fhir+json"
@@ -75,11 +76,12 @@ async def _post(stack: Stack, payload: bytes, content_type: str) -> httpx.Respon
 async def test_posted_ecg_becomes_one_rhythm_report_with_its_band(
     stack: Stack, tap: TopicTap, fixture: str, content_type: str, band: str
 ) -> None:
-    """An ECG Observation posted to ingest comes back as one conformant ecg-rhythm report
-    (R5 when sent as R5) whose band is its rhythm's; no deterioration report is made of it."""
+    """An ECG Observation posted to ingest (a transaction: 200 + transaction-response naming
+    one ecg-rhythm request) comes back as one conformant ecg-rhythm report (R5 when sent as R5)
+    whose band is its rhythm's; no deterioration report is made of it."""
     payload, patient = fixture_with_new_patient(fixture)
     response = await _post(stack, payload, content_type)
-    assert response.status_code == 202, response.text
+    assert list(requests_sent(response, payload).values()) == ["ecg-rhythm"]
     report = await tap.wait_for(topics.REPORTS_DIAGNOSTIC, _ecg_report_of(patient))
     assert report.headers[h.CORRELATION_ID] == response.headers[h.CORRELATION_ID]
     assert check_report_bundle(report.json()) == []
@@ -118,8 +120,9 @@ async def test_flat_ecg_is_reported_unreadable(stack: Stack, tap: TopicTap) -> N
     bundle = json.loads(payload)
     sampled = bundle["entry"][1]["resource"]["component"][0]["valueSampledData"]
     sampled["data"] = " ".join(["0"] * len(sampled["data"].split()))
-    response = await _post(stack, json.dumps(bundle).encode(), R4B)
-    assert response.status_code == 202, response.text
+    flat = json.dumps(bundle).encode()
+    response = await _post(stack, flat, R4B)
+    assert list(requests_sent(response, flat).values()) == ["ecg-rhythm"]
     report = await tap.wait_for(topics.REPORTS_DIAGNOSTIC, _ecg_report_of(patient))
     assert _band(report) == "unreadable"
     observation = _resources(report)["Observation"]
@@ -155,7 +158,8 @@ async def test_tasks_travel_compressed(stack: Stack, tap: TopicTap) -> None:
     """Every batch the router wrote to the ecg-rhythm task topic is lz4-compressed on the broker
     (MEDMESH_KAFKA_COMPRESSION's default; the topic keeps the producer's codec)."""
     payload, patient = fixture_with_new_patient("ecg-sinus.json")
-    assert (await _post(stack, payload, R4B)).status_code == 202
+    response = await _post(stack, payload, R4B)
+    assert list(requests_sent(response, payload).values()) == ["ecg-rhythm"]
     await tap.wait_for(topics.REPORTS_DIAGNOSTIC, _ecg_report_of(patient))
     logs = stack.config.state_dir / "kafka" / "logs"
     task_topic = topics.model_task_topic("ecg-rhythm", 1)

@@ -26,6 +26,7 @@ from medmesh_contracts import headers as h
 from medmesh_contracts import topics
 from medmesh_reporting.report import report_ids
 from tests.conformance.report_checks import check_report_bundle
+from tests.e2e.answers import expected_status, requests_sent
 from tests.e2e.conftest import E2E_PORT_BASE, Record, TopicTap, fixture_with_new_patient
 
 MONOLITH_PORT = E2E_PORT_BASE + 70
@@ -103,6 +104,14 @@ async def _post(url: str, payload: bytes) -> httpx.Response:
         )
 
 
+def _without_ids(response: httpx.Response) -> Any:
+    """The answer's body with its correlation ids (one topology's own) replaced by a marker."""
+    text = response.text
+    for correlation_id in response.headers[h.CORRELATION_ID].split(","):
+        text = text.replace(correlation_id, "<correlation-id>")
+    return json.loads(text)
+
+
 def _subject_is(patient: str) -> Any:
     def matches(record: Record) -> bool:
         entries = record.json()["entry"]
@@ -148,12 +157,17 @@ def _without_timestamps(node: Any) -> Any:
 async def test_http_bundle_gives_the_same_report_in_both_topologies(
     stack: Stack, monolith: str, tap: TopicTap, fixture: str
 ) -> None:
-    """The same Bundle posted to the services and to the monolith yields equal reports."""
+    """The same Bundle posted to the services and to the monolith gets the same answer (202 +
+    OperationOutcome for a collection, 200 + batch-/transaction-response for a batch or
+    transaction, each naming its own request) and yields equal reports."""
     payload, patient = fixture_with_new_patient(fixture)
     services_answer, monolith_answer = await asyncio.gather(
         _post(stack.config.ingest_url, payload), _post(monolith, payload)
     )
-    assert services_answer.status_code == monolith_answer.status_code == 202
+    assert services_answer.status_code == monolith_answer.status_code == expected_status(payload)
+    answers = [requests_sent(a, payload) for a in (services_answer, monolith_answer)]
+    assert [list(sent.values()) for sent in answers] == [["deterioration"]] * 2
+    assert _without_ids(services_answer) == _without_ids(monolith_answer)
     ids = {services_answer.headers[h.CORRELATION_ID], monolith_answer.headers[h.CORRELATION_ID]}
     reports = await _reports_for(tap, patient, 2)
     assert {r.headers[h.CORRELATION_ID] for r in reports} == ids

@@ -21,6 +21,7 @@ from medmesh_cli.ops.connection import as_connection
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
 from medmesh_contracts.events import FhirEventRejected, Producer, new_id, to_wire
+from tests.e2e.answers import requests_sent
 from tests.e2e.conftest import fixture_with_new_patient
 
 runner = CliRunner()
@@ -106,11 +107,13 @@ def test_dlq_list_show_and_replay_of_an_inbound_event(stack: Stack) -> None:
 
 
 def test_trace_command_shows_every_hop_of_a_request(stack: Stack) -> None:
-    """`medmesh trace` finds a request by correlation id and shows its four Kafka hops."""
+    """`medmesh trace` finds a request by correlation id and shows its four Kafka hops (the id
+    the transaction-response names, also in the header)."""
     payload, _ = fixture_with_new_patient("vitals-bundle-low.json")
     response = httpx.post(f"{stack.config.ingest_url}/fhir", content=payload, timeout=30)
-    assert response.status_code == 202
-    correlation_id = response.headers[h.CORRELATION_ID]
+    [(correlation_id, model)] = requests_sent(response, payload).items()
+    assert model == "deterioration"
+    assert response.headers[h.CORRELATION_ID] == correlation_id
     spans = str(stack.config.trace_file)
 
     hop_topics = (

@@ -21,6 +21,7 @@ from medmesh_cli.devstack.paths import repo_root, run_dir
 from medmesh_cli.devstack.stack import Stack, StackConfig
 from medmesh_contracts import topics
 from tests.conformance.report_checks import check_report_bundle
+from tests.e2e.answers import requests_sent
 from tests.e2e.conftest import E2E_PORT_BASE, Record, TopicTap, e2e_ports, fixture_with_new_patient
 
 FIXTURE_MODELS = Path(__file__).resolve().parents[1] / "fixtures" / "models"
@@ -74,12 +75,13 @@ def _report_of(model_code: str, patient: str) -> Any:
     return matches
 
 
-async def _post(stack: Stack, payload: bytes) -> None:
+async def _post(stack: Stack, payload: bytes) -> list[str]:
+    """POST the batch; the models ingest says it sent requests for (200 + batch-response)."""
     async with httpx.AsyncClient(base_url=stack.config.ingest_url, timeout=30) as client:
         response = await client.post(
             "/fhir", content=payload, headers={"content-type": "application/fhir+json"}
         )
-    assert response.status_code == 202, response.text
+    return sorted(requests_sent(response, payload).values())
 
 
 def _check_shock_index_report(report: Record) -> None:
@@ -119,7 +121,7 @@ async def test_a_model_added_from_fixtures_is_served_and_reported(tmp_path: Path
         try:
             # Heart rate and systolic BP only: the shock index is scored, NEWS2 is not (yet).
             full, partial_patient = fixture_with_new_patient(BUNDLE)
-            await _post(second, _only_heart_rate_and_systolic_bp(full))
+            assert await _post(second, _only_heart_rate_and_systolic_bp(full)) == ["shock-index"]
             report = await tap.wait_for(
                 topics.REPORTS_DIAGNOSTIC, _report_of("shock-index", partial_patient)
             )
@@ -127,7 +129,7 @@ async def test_a_model_added_from_fixtures_is_served_and_reported(tmp_path: Path
 
             # Every vital sign: both models report for the same Bundle.
             payload, patient = fixture_with_new_patient(BUNDLE)
-            await _post(second, payload)
+            assert await _post(second, payload) == ["deterioration", "shock-index"]
             shock = await tap.wait_for(
                 topics.REPORTS_DIAGNOSTIC, _report_of("shock-index", patient)
             )
