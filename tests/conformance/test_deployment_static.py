@@ -620,7 +620,11 @@ def test_k8s_configmap_agrees_with_env_example(overlay: str) -> None:
     data = configmap(rendered(overlay))
     assert set(data) == set(env_example()) - secret_env_names()
     assert [k for k, v in data.items() if v == ""] == []
-    site_specific = {"MEDMESH_KAFKA_BOOTSTRAP_SERVERS", "MEDMESH_KAFKA_SECURITY_PROTOCOL"}
+    site_specific = {
+        "MEDMESH_KAFKA_BOOTSTRAP_SERVERS",
+        "MEDMESH_KAFKA_SECURITY_PROTOCOL",
+        "MEDMESH_PACS_URLS",
+    }
     for name in set(data) - site_specific:
         assert data[name] == env_example()[name], name
 

@@ -17,6 +17,7 @@ import pytest
 from medmesh_cli.devstack import studies
 from medmesh_cli.devstack.stack import Stack
 from medmesh_cli.devstack.studies import StudyIdentity, build_radiograph
+from medmesh_runtime import dicomweb
 from tests.fixtures.imaging.make_imaging_fixtures import synthetic_radiograph
 
 
@@ -123,11 +124,11 @@ def test_demo_studies_are_seeded_at_start(stack: Stack) -> None:
 
 def test_stow_of_something_that_is_not_dicom_is_refused(stack: Stack) -> None:
     """A STOW-RS part that is not DICOM is refused with 400 and nothing is stored."""
-    body, content_type = studies.multipart_related([b"not a DICOM file"], "application/dicom")
+    body, content_type = dicomweb.multipart_related([b"not a DICOM file"], "application/dicom")
     response = httpx.post(
         f"{stack.config.dicomweb_url}/studies",
         content=body,
-        headers={"Content-Type": content_type, "Accept": studies.DICOM_JSON},
+        headers={"Content-Type": content_type, "Accept": dicomweb.DICOM_JSON},
         timeout=10.0,
     )
     assert response.status_code == 400, response.text

@@ -29,6 +29,7 @@ from medmesh_cli.devstack.orthanc import (
 )
 from medmesh_cli.devstack.stack import StackConfig, StackPorts, stack_ports
 from medmesh_cli.devstack.studies import StudyIdentity, build_radiograph
+from medmesh_runtime import dicomweb
 
 
 def test_config_serves_dicomweb_on_the_stack_port_from_its_state_folder(tmp_path: Path) -> None:
@@ -245,15 +246,15 @@ def test_multipart_framing_round_trips_binary_parts() -> None:
         b"",
         studies.to_bytes(build_radiograph(radiograph(), StudyIdentity.new())),
     ]
-    body, content_type = studies.multipart_related(parts, "application/dicom")
+    body, content_type = dicomweb.multipart_related(parts, "application/dicom")
     assert content_type.startswith('multipart/related; type="application/dicom"; boundary=')
-    assert studies.multipart_parts(body, content_type) == parts
+    assert dicomweb.multipart_parts(body, content_type) == parts
 
 
 def test_multipart_parts_refuses_a_non_multipart_answer() -> None:
     """An answer without a boundary is an error, not zero parts."""
     with pytest.raises(ValueError, match="not a multipart"):
-        studies.multipart_parts(b"{}", "application/json")
+        dicomweb.multipart_parts(b"{}", "application/json")
 
 
 def _stow_answer(stored: Sequence[str], failed: Sequence[str]) -> dict[str, Any]:
@@ -287,7 +288,7 @@ def test_stow_posts_multipart_dicom_and_checks_every_instance_was_stored(
     assert result.stored == tuple(sops)
     url, content, headers = seen[0]
     assert url == "http://pacs/dicom-web/studies"
-    parts = studies.multipart_parts(content, headers["Content-Type"])
+    parts = dicomweb.multipart_parts(content, headers["Content-Type"])
     assert [pydicom.dcmread(io.BytesIO(p)).SOPInstanceUID for p in parts] == sops
     with pytest.raises(studies.StowError, match="1 of 2 instances stored, 1 failed") as caught:
         studies.stow("http://pacs/dicom-web", datasets)

@@ -212,6 +212,8 @@ def service_environment(config: StackConfig, service: ServiceSpec) -> dict[str, 
         {
             "MEDMESH_KAFKA_BOOTSTRAP_SERVERS": config.bootstrap,
             "MEDMESH_TRITON_GRPC_URL": f"127.0.0.1:{ports.triton_grpc}",
+            # The stack's Orthanc: the one PACS ingest and the workers may read images from.
+            "MEDMESH_PACS_URLS": config.dicomweb_url,
             "MEDMESH_MODEL_SPECS_DIR": str(config.specs_dir),
             "MEDMESH_TRACE_FILE": str(config.trace_file),
             "MEDMESH_INGEST_PORT": str(ports.ingest),

@@ -25,12 +25,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from medmesh_runtime.dicomweb import DICOM_JSON, multipart_parts, multipart_related
+
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 BITS_STORED = 12
 MAX_PIXEL = (1 << BITS_STORED) - 1
 SYNTHETIC_PREFIX = "MEDMESH-SYNTH-"
 MAX_LO = 64
-DICOM_JSON = "application/dicom+json"
 # DICOM JSON tags read from QIDO-RS and STOW-RS answers.
 TAG_STUDY_UID = "0020000D"
 TAG_SERIES_UID = "0020000E"
@@ -174,44 +175,6 @@ def to_bytes(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
-
-
-def multipart_related(parts: Sequence[bytes], part_type: str) -> tuple[bytes, str]:
-    """(body, Content-Type) of a multipart/related message of ``parts`` of ``part_type``."""
-    boundary = f"medmesh-{uuid.uuid4().hex}"
-    body = bytearray()
-    for part in parts:
-        body += f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode()
-        body += part
-        body += b"\r\n"
-    body += f"--{boundary}--\r\n".encode()
-    return bytes(body), f'multipart/related; type="{part_type}"; boundary={boundary}'
-
-
-def multipart_parts(body: bytes, content_type: str) -> list[bytes]:
-    """The bodies of the parts of a multipart/related answer (WADO-RS)."""
-    boundary = _parameter(content_type, "boundary")
-    if boundary is None:
-        raise ValueError(f"not a multipart answer: {content_type!r}")
-    delimiter = b"--" + boundary.encode()
-    parts: list[bytes] = []
-    for chunk in body.split(delimiter)[1:]:
-        if chunk.startswith(b"--"):
-            break
-        _head, separator, content = chunk.partition(b"\r\n\r\n")
-        if not separator:
-            raise ValueError("a multipart part without a header/body separator")
-        # Each part ends with the CRLF that precedes the next delimiter.
-        parts.append(content[:-2] if content.endswith(b"\r\n") else content)
-    return parts
-
-
-def _parameter(content_type: str, name: str) -> str | None:
-    for item in content_type.split(";")[1:]:
-        key, _, value = item.strip().partition("=")
-        if key.strip().lower() == name:
-            return value.strip().strip('"')
-    return None
 
 
 class StowError(RuntimeError):

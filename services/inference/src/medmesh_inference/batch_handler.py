@@ -18,8 +18,10 @@ from opentelemetry import trace
 from medmesh_contracts.events import InferenceCompleted, RunInference, utc_now
 from medmesh_contracts.modelspec import ModelSpec, VersionSpec
 from medmesh_inference.batching import RetryPolicy, WorkerIdentity, score_tasks
+from medmesh_inference.image_inputs import ImageInputs
 from medmesh_inference.metrics import VersionMetrics
 from medmesh_inference.outcomes import traced_outcomes
+from medmesh_inference.tensors import Images
 from medmesh_inference.triton import TritonModel
 from medmesh_inference.worker import Scored
 from medmesh_runtime.logging import get_logger
@@ -38,8 +40,11 @@ class BatchHandler:
         identity: WorkerIdentity,
         policy: RetryPolicy,
         tracer: trace.Tracer,
+        images: ImageInputs | None = None,
     ) -> None:
         self.spec = spec
+        # Fetches and prepares image inputs (None: the model reads no image).
+        self.images = images
         self.version = version
         self.triton = triton
         self.identity = identity
@@ -75,6 +80,7 @@ class BatchHandler:
                 "medmesh.model_version": self.version.version,
             },
         ) as batch_span:
+            prepared = await self._prepare_images(tasks)
             outcomes = await score_tasks(
                 tasks,
                 self.spec,
@@ -83,6 +89,7 @@ class BatchHandler:
                 self.policy,
                 utc_now,
                 self.triton.ready,
+                prepared,
             )
         self.metrics.record(outcomes, utc_now())
         scored = traced_outcomes(
@@ -96,3 +103,18 @@ class BatchHandler:
             model_version=self.version.version,
         )
         return scored
+
+    async def _prepare_images(self, tasks: Sequence[RunInference]) -> list[Images] | None:
+        """The batch's images from the PACS, in a child span that says where the time went."""
+        if self.images is None:
+            return None
+        with self.tracer.start_as_current_span("inference.images") as span:
+            prepared, times = await self.images.prepare(tasks)
+            span.set_attributes(
+                {
+                    "medmesh.images": times.images,
+                    "medmesh.fetch_ms": round(times.fetch_ms, 3),
+                    "medmesh.preprocess_ms": round(times.preprocess_ms, 3),
+                }
+            )
+        return prepared

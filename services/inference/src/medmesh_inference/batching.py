@@ -40,7 +40,15 @@ from medmesh_contracts.events import (
 )
 from medmesh_contracts.modelspec import ModelSpec, VersionSpec
 from medmesh_contracts.results import OutputError, read_outputs
-from medmesh_inference.tensors import Rows, TaskInputError, input_batch, input_rows, split_outputs
+from medmesh_inference.imaging import PreparedImage
+from medmesh_inference.tensors import (
+    Images,
+    Rows,
+    TaskInputError,
+    input_batch,
+    input_rows,
+    split_outputs,
+)
 from medmesh_inference.triton import TritonCallError
 
 Infer = Callable[
@@ -148,10 +156,12 @@ async def score_tasks(
     policy: RetryPolicy,
     now: Callable[[], datetime],
     available: Available | None = None,
+    images: Sequence[Images] | None = None,
 ) -> list[Outcome]:
     """One outcome per task, in the order of ``tasks``; ModelUnavailable when Triton is away.
 
     ``available`` is asked once the retries of a transient error are spent (None: never away).
+    ``images`` holds each task's prepared images (``image_inputs``), for image tensors.
     """
     outcomes: list[Outcome | None] = [None] * len(tasks)
     # ``infer`` calls the Triton model version of ``identity``: a task whose spec version is served
@@ -174,18 +184,19 @@ async def score_tasks(
             outcomes[i] = _failed(task, identity, "invalid-input", reason, attempts=0)
             continue
         try:
-            rows = input_rows(task, spec, version)
+            rows = input_rows(task, spec, version, images[i] if images is not None else None)
         except TaskInputError as exc:
             outcomes[i] = _failed(task, identity, "invalid-input", str(exc), attempts=0)
             continue
         group = groups.setdefault(version.version, (version, [], []))
         group[1].append(i)
         group[2].append(rows)
+    prepared = {t.event_id: images[i] for i, t in enumerate(tasks)} if images is not None else {}
     for version, positions, rows_of in groups.values():
         scored = await _score_rows(
             [tasks[i] for i in positions],
             rows_of,
-            _Scoring(spec, version, infer, identity, policy, now, available),
+            _Scoring(spec, version, infer, identity, policy, now, available, prepared),
         )
         for i, outcome in zip(positions, scored, strict=True):
             outcomes[i] = outcome
@@ -203,6 +214,8 @@ class _Scoring:
     policy: RetryPolicy
     now: Callable[[], datetime]
     available: Available | None
+    # Prepared images by task event id (their digests go on the results).
+    images: Mapping[str, Images]
 
 
 async def _score_rows(
@@ -255,6 +268,11 @@ def _completed(
         read_outputs(how.spec, how.version, values)
     except OutputError as exc:
         return _failed(task, how.identity, "invalid-output", str(exc), attempts)
+    digests = {
+        name: image.sha256
+        for name, image in how.images.get(task.event_id, {}).items()
+        if isinstance(image, PreparedImage)
+    }
     return InferenceCompleted(
         correlation_id=task.correlation_id,
         producer=how.identity.producer,
@@ -266,6 +284,7 @@ def _completed(
         batch_size=batch_size,
         inference_ms=elapsed_ms,
         completed_at=done,
+        input_digests=digests,
     )
 
 

@@ -34,6 +34,17 @@ class WorkerSettings(ServiceSettings):
     circuit_backoff_max_ms: int = 5000
     # Heartbeats on medmesh.models.status (and Triton readiness probes) this often.
     heartbeat_interval_s: float = 3.0
+    # DICOMweb bases (comma-separated) this worker may fetch image inputs from: a task naming any
+    # other PACS fails, so an event never makes a worker call an arbitrary host.
+    pacs_urls: str = ""
+    # One WADO-RS retrieve's time limit, and its tries before the PACS counts as unavailable.
+    pacs_timeout_ms: int = Field(default=10_000, ge=1)
+    pacs_max_attempts: int = Field(default=3, ge=1)
+
+    @property
+    def allowed_pacs_urls(self) -> list[str]:
+        """``pacs_urls`` as a list."""
+        return [url.strip() for url in self.pacs_urls.split(",") if url.strip()]
 
     @property
     def group_id(self) -> str:

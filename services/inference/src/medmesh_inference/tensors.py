@@ -2,7 +2,9 @@
 
 A version's spec names its input tensors and how each is fed (``InputTensor.feed``): a
 ``features`` tensor holds one value per named scalar input, a ``waveform`` tensor the samples of
-one signal. Each tensor of a batch is ``[rows, *shape]`` in its declared datatype.
+one signal, an ``image`` tensor the preprocessed pixels of one image (fetched and prepared before,
+``image_inputs``; passed in as ``images``). Each tensor of a batch is ``[rows, *shape]`` in its
+declared datatype.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy.typing as npt
 
 from medmesh_contracts.events import ModelInput, RunInference
 from medmesh_contracts.modelspec import InputSpec, InputTensor, ModelSpec, VersionSpec, WaveformSpec
+from medmesh_inference.imaging import ImageRefusedError, PreparedImage
 
 # numpy's type for each Triton datatype an input tensor may have.
 INPUT_DTYPES: dict[str, type[np.floating[Any]]] = {
@@ -24,24 +27,33 @@ INPUT_DTYPES: dict[str, type[np.floating[Any]]] = {
     "FP64": np.float64,
 }
 
-Rows = dict[str, list[float]]
+Row = Sequence[float] | npt.NDArray[np.float32]
+Rows = dict[str, Row]
+# A task's prepared images by input name; a refused image is its refusal.
+Images = Mapping[str, PreparedImage | ImageRefusedError]
 
 
 class TaskInputError(ValueError):
     """A task's inputs do not fit the model's input tensors (a poison message, never retried)."""
 
 
-def input_rows(task: RunInference, spec: ModelSpec, version: VersionSpec) -> Rows:
+def input_rows(
+    task: RunInference, spec: ModelSpec, version: VersionSpec, images: Images | None = None
+) -> Rows:
     """One row per input tensor of ``version``: the task's inputs in the tensor's order, in the
     spec's units. A waveform's samples must already be at the spec's rate and length (ingest
-    made them so)."""
+    made them so); an image tensor's row is its input's prepared image in ``images``."""
     by_name = {i.name: i for i in task.request.inputs}
-    rows = {}
+    rows: Rows = {}
     for tensor in version.triton.inputs:
-        row = _tensor_row(tensor, spec, by_name)
+        row = (
+            _image_row(tensor, spec, by_name, images or {})
+            if tensor.feed == "image"
+            else _tensor_row(tensor, spec, by_name)
+        )
         # Finite in float64 is not enough: 1e308 becomes inf in an FP32 tensor.
         limit = float(np.finfo(INPUT_DTYPES[tensor.datatype]).max)
-        if row and float(np.abs(np.asarray(row, dtype=np.float64)).max()) > limit:
+        if len(row) and float(np.abs(np.asarray(row, dtype=np.float64)).max()) > limit:
             raise TaskInputError(
                 f"input tensor {tensor.name} holds a value beyond the {tensor.datatype} range"
             )
@@ -69,6 +81,25 @@ def _tensor_row(
             raise TaskInputError(f"input {name!r} is not a finite number")
         row.append(found.value)
     return row
+
+
+def _image_row(
+    tensor: InputTensor, spec: ModelSpec, given: Mapping[str, ModelInput], images: Images
+) -> npt.NDArray[np.float32]:
+    """The prepared pixels of the image tensor's one input, flattened."""
+    (name,) = tensor.inputs
+    found = given.get(name)
+    if found is None or found.image is None:
+        raise TaskInputError(f"input {name!r} is an image but the task references none")
+    _check_unit(found, spec.input(name))
+    prepared = images.get(name)
+    if prepared is None:
+        raise TaskInputError(f"image input {name!r} was not prepared")
+    if isinstance(prepared, ImageRefusedError):
+        raise TaskInputError(f"image input {name!r}: {prepared}")
+    if not np.isfinite(prepared.tensor).all():
+        raise TaskInputError(f"image input {name!r} holds a value that is not a finite number")
+    return prepared.tensor.ravel()
 
 
 def _check_unit(given: ModelInput, column: InputSpec) -> None:
