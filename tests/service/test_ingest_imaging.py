@@ -249,11 +249,6 @@ async def test_study_of_a_device_subject_is_refused(ingest: Harness) -> None:
     assert response.json()["issue"][0]["expression"] == ["ImagingStudy.subject"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the contract's IngestedReading (version 1) has no image field: the state cannot "
-    "keep the claim check yet (contract change reported)",
-)
 async def test_later_order_uses_the_last_study_of_the_state(ingest: Harness) -> None:
     """A ServiceRequest ordering chest-opacity after the study was POSTed alone is scored with
     that study, from the patient's state."""

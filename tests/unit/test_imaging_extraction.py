@@ -309,9 +309,10 @@ def test_merge_sends_the_claim_check_and_counts_the_instance_in_the_fingerprint(
     assert again.inputs[0].image.instance_uid == "2.25.9999"
 
 
-def test_stored_image_reading_without_claim_check_counts_as_missing() -> None:
-    """An order merged on a state whose image reading has no claim check (the contract's
-    IngestedReading keeps none yet) sends nothing and names the input missing."""
+def test_an_order_uses_the_stored_study_and_a_reading_without_claim_check_is_missing() -> None:
+    """An order merged later on the patient's state is scored with the study the state kept;
+    a stored image reading without its claim check (written before the contract had one) sends
+    nothing and names the input missing."""
     (found,) = _extract(_study()).readings
     merged = merge(
         None,
@@ -324,7 +325,7 @@ def test_stored_image_reading_without_claim_check_counts_as_missing() -> None:
         producer=PRODUCER,
     )
     (order,) = _extract(_order("Patient/imaging-1", "ImagingStudy/absent")).orders
-    later = merge(
+    kept = merge(
         merged.state,
         spec=SPEC,
         pseudonym="p",
@@ -334,7 +335,21 @@ def test_stored_image_reading_without_claim_check_counts_as_missing() -> None:
         lookback=timedelta(hours=4),
         producer=PRODUCER,
     )
-    if getattr(merged.state.readings[0], "image", None) is not None:
-        pytest.skip("the contract keeps the claim check now: the service test covers it")
+    assert kept.inputs is not None
+    assert kept.inputs[0].image is not None
+    assert kept.inputs[0].image == merged.state.readings[0].image
+    stale = merged.state.model_copy(
+        update={"readings": (merged.state.readings[0].model_copy(update={"image": None}),)}
+    )
+    later = merge(
+        stale,
+        spec=SPEC,
+        pseudonym="p",
+        found=None,
+        order=order,
+        received_at=NOW,
+        lookback=timedelta(hours=4),
+        producer=PRODUCER,
+    )
     assert later.inputs is None
     assert later.missing == ("chest_radiograph",)

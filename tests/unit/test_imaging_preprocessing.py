@@ -176,3 +176,36 @@ def test_spec_image_inputs_read_imaging_studies_only(spec: ModelSpec) -> None:
     del document["inputs"][0]["image"]
     with pytest.raises(ValueError, match="no 'image'"):
         parse_spec(document)
+
+
+def test_worker_preprocessing_feeds_the_committed_model_what_it_was_trained_on(
+    image: ImageSpec,
+) -> None:
+    """The fixture radiographs, as DICOM through the spec's preprocessing, are classified right
+    by the committed chest-opacity ONNX model (the worker and the training script agree)."""
+    import onnxruntime  # noqa: PLC0415 -- only this test needs a session
+
+    from tests.fixtures.imaging.make_imaging_fixtures import (  # noqa: PLC0415
+        CLEAR_FIXTURE_SEEDS,
+        OPACITY_FIXTURE_SEEDS,
+    )
+
+    model = ROOT / "deploy" / "triton" / "models" / "chest-opacity-cnn" / "1" / "model.onnx"
+    session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    cases = [(seed, True) for seed in OPACITY_FIXTURE_SEEDS]
+    cases += [(seed, False) for seed in CLEAR_FIXTURE_SEEDS]
+    batch = np.stack(
+        [
+            image_tensor(
+                to_bytes(
+                    build_radiograph(
+                        synthetic_radiograph(seed, opacity), StudyIdentity.new(f"m{seed}")
+                    )
+                ),
+                image,
+            ).tensor
+            for seed, opacity in cases
+        ]
+    )
+    (probabilities,) = session.run(["PROBABILITIES"], {"IMAGE": batch})
+    assert [bool(p[1] > 0.5) for p in probabilities] == [opacity for _, opacity in cases]

@@ -311,6 +311,8 @@ class IngestedReading(WireModel):
     samples: tuple[float, ...] | None = None
     period_ms: float | None = None
     duration_s: float | None = None
+    # An image reading's claim check (see ModelInput); added within version 1 (issue 19).
+    image: ImageReference | None = None
 
 
 class PatientReadingsUpdated(Envelope):

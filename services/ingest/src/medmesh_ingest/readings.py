@@ -201,9 +201,8 @@ def _newer(
     stored: IngestedReading | None, reading: Reading, received_at: datetime
 ) -> IngestedReading:
     """The reading to keep for an input: the stored one, or the new one."""
-    fields: dict[str, object] = {"image": reading.input.image} if reading.input.image else {}
     new = IngestedReading(
-        **fields,  # ``image``: kept once the contract has the field (ignored until then)
+        image=reading.input.image,
         name=reading.input.name,
         value=reading.input.value,
         unit=reading.input.unit,
