@@ -17,6 +17,7 @@ from typing import Any
 
 from medmesh_contracts.events import (
     FhirVersion,
+    ImageReference,
     InferenceCompleted,
     ModelInput,
     RequestInference,
@@ -66,6 +67,13 @@ ECG_OUTPUTS: dict[str, tuple[int, dict[str, tuple[float, ...]]]] = {
 }
 
 
+# The chest-opacity CNN's probabilities (no opacity, opacity) for a study with and without one.
+IMAGING_OUTPUTS: dict[str, dict[str, tuple[float, ...]]] = {
+    "opacity": {"PROBABILITIES": (0.04, 0.96)},
+    "clear": {"PROBABILITIES": (0.95, 0.05)},
+}
+
+
 def panel_spec() -> ModelSpec:
     """The fictional panel model's spec, one version per combination of outputs."""
     return parse_spec(panel_model(_PANEL_VERSIONS))
@@ -82,6 +90,23 @@ def ecg_lead() -> ModelInput:
         samples=(0.0,) * 2500,
         period_ms=4.0,
         duration_s=9.996,
+    )
+
+
+def chest_radiograph() -> ModelInput:
+    """One frontal radiograph's claim check, as ingest hands the imaging model its input."""
+    return ModelInput(
+        name="chest_radiograph",
+        value=1.0,
+        unit="1",
+        observed_at=EFFECTIVE_AT,
+        source_reference="ImagingStudy/cxr-1",
+        image=ImageReference(
+            dicomweb_url="http://127.0.0.1:8242/dicom-web",
+            study_uid="2.25.1001",
+            series_uid="2.25.1002",
+            instance_uid="2.25.1003",
+        ),
     )
 
 
@@ -128,6 +153,7 @@ def report_cases() -> dict[str, ReportCase]:
     deterioration = load_spec(ROOT / "deploy" / "models" / "deterioration.yaml")
     ecg = load_spec(ROOT / "deploy" / "models" / "ecg-rhythm.yaml")
     panel = panel_spec()
+    imaging = load_spec(ROOT / "tests" / "fixtures" / "imaging" / "chest-opacity.yaml")
     full = make_request(
         encounter_reference="Encounter/enc-1", based_on_reference="ServiceRequest/sr-1"
     )
@@ -145,6 +171,11 @@ def report_cases() -> dict[str, ReportCase]:
         for variant, (version, outputs) in ECG_OUTPUTS.items():
             cases[f"ecg-rhythm-{variant}-{suffix}"] = ReportCase(
                 ecg, _completed(ecg_request, fhir, version, outputs)
+            )
+        imaging_request = make_request(model=imaging.name, inputs=(chest_radiograph(),))
+        for variant, outputs in IMAGING_OUTPUTS.items():
+            cases[f"chest-opacity-{variant}-{suffix}"] = ReportCase(
+                imaging, _completed(imaging_request, fhir, 1, outputs), PERFORMER
             )
         panel_request = make_request(model=panel.name)
         for version, outputs in PANEL_OUTPUTS.items():

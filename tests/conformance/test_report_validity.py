@@ -178,3 +178,19 @@ def test_validation_errors_name_elements_not_values(deterioration: ModelSpec) ->
     with pytest.raises(ReportBuildError, match=r"subject\.reference") as raised:
         validate_report(bundle, "R4B")
     assert "987654321" not in str(raised.value)
+
+
+@pytest.mark.parametrize(("fhir_version", "element"), [("R4B", "imagingStudy"), ("R5", "study")])
+def test_an_imaging_report_references_the_study_it_read(fhir_version: str, element: str) -> None:
+    """The DiagnosticReport of an image model names its ImagingStudy (R4B imagingStudy, R5
+    study), and each finding Observation is derived from it."""
+    case = report_cases()[f"chest-opacity-opacity-{fhir_version.lower()}"]
+    resources = [e["resource"] for e in case.build()["entry"]]
+    (report,) = [r for r in resources if r["resourceType"] == "DiagnosticReport"]
+    assert report[element] == [{"reference": "ImagingStudy/cxr-1"}]
+    observations = [r for r in resources if r["resourceType"] == "Observation"]
+    assert observations
+    for observation in observations:
+        assert {"reference": "ImagingStudy/cxr-1"} in observation["derivedFrom"]
+    others = report_cases()[f"deterioration-v1-{fhir_version.lower()}"].build()
+    assert element not in others["entry"][0]["resource"]

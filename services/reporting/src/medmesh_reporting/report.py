@@ -353,10 +353,13 @@ def _diagnostic_report(parts: _Parts, performer_display: str | None) -> JsonDict
     if performer_display:
         # Display only: R4B forbids a Device here, and the Organization has no resource of ours.
         report["performer"] = [{"type": "Organization", "display": performer_display}]
-    report |= {
-        "result": [{"reference": ids.url(o["id"])} for o in parts.observations],
-        "conclusion": _conclusion(parts),
-    }
+    report["result"] = [{"reference": ids.url(o["id"])} for o in parts.observations]
+    studies = _imaging_studies(request)
+    if studies:
+        # The studies the model read: R4B's imagingStudy is R5's study.
+        key = "imagingStudy" if report_fhir_version(parts.completed) == "R4B" else "study"
+        report[key] = [{"reference": r} for r in studies]
+    report["conclusion"] = _conclusion(parts)
     concepts = _conclusion_codes(parts.result.headline)
     if concepts:
         report["conclusionCode"] = concepts
@@ -786,6 +789,19 @@ def _source_references(request: RequestInference) -> list[str]:
         if i.source_reference and not i.source_reference.startswith("urn:")
     )
     return list(dict.fromkeys(refs))
+
+
+def _imaging_studies(request: RequestInference) -> list[str]:
+    """The ImagingStudy references of the request's image inputs, once each."""
+    return list(
+        dict.fromkeys(
+            i.source_reference
+            for i in request.inputs
+            if i.image is not None
+            and i.source_reference
+            and i.source_reference.startswith("ImagingStudy/")
+        )
+    )
 
 
 def _instant(moment: datetime, what: str) -> str:
