@@ -49,6 +49,7 @@ from medmesh_contracts.lifecycle import (
     LifecycleError,
     ModelDeployment,
     RolloutPolicy,
+    RoutingRule,
     advance,
     decision,
     deploy_version,
@@ -56,6 +57,7 @@ from medmesh_contracts.lifecycle import (
     resume,
     roll_back,
     seed_deployment,
+    with_rules,
 )
 from medmesh_contracts.modelspec import (
     SPEC_SCHEMA,
@@ -736,6 +738,64 @@ def pause_rollout(name: str, context: ContextOption = None, bootstrap: Bootstrap
 def resume_rollout(name: str, context: ContextOption = None, bootstrap: Bootstrap = None) -> None:
     """Let the controller judge the rollout again (the step's window starts now)."""
     _change(connect(context, bootstrap), name, resume, "resume", "manual resume")
+
+
+RULE_ATTRIBUTES = ("version", "site", "ward", "source_system")
+
+
+def parse_rule(text: str) -> RoutingRule:
+    """``version=2,site=north,ward=icu`` as a RoutingRule; ValueError naming what is wrong."""
+    given: dict[str, str] = {}
+    for item in text.split(","):
+        key, separator, value = item.partition("=")
+        key, value = key.strip().replace("-", "_"), value.strip()
+        if not separator or not value or key not in RULE_ATTRIBUTES:
+            raise ValueError(
+                f"{item.strip()!r}: a rule is key=value pairs of {', '.join(RULE_ATTRIBUTES)}"
+            )
+        if key in given:
+            raise ValueError(f"{key} is given twice")
+        given[key] = value
+    if "version" not in given or not given["version"].isdigit():
+        raise ValueError("a rule needs version=<number>")
+    if len(given) == 1:
+        raise ValueError("a rule needs at least one of site, ward, source_system")
+    return RoutingRule.model_validate(given)
+
+
+@models_app.command()
+def route(
+    name: Annotated[str, typer.Argument(help="model name")],
+    rule: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--rule",
+            help="pin matching requests to a version: version=2,site=north,ward=icu (repeatable;"
+            " the first matching rule wins)",
+        ),
+    ] = None,
+    clear: Annotated[bool, typer.Option(help="remove every routing rule")] = False,
+    context: ContextOption = None,
+    bootstrap: Bootstrap = None,
+) -> None:
+    """Replace the model's routing rules: requests from a site, ward or source system pinned to
+    a version ahead of the weights (each rule's version must be in the registry)."""
+    if bool(rule) == clear:
+        console.print("[bold red]give --rule (one or more) or --clear[/]")
+        raise typer.Exit(2)
+    try:
+        rules = tuple(parse_rule(text) for text in rule or ())
+    except ValueError as exc:
+        console.print(f"[bold red]invalid rule:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+
+    def replace(
+        current: ModelDeployment, producer: Producer, now: datetime, who: str
+    ) -> ModelDeployment:
+        return with_rules(current, rules, producer, now, who)
+
+    reason = "rules cleared" if clear else f"{len(rules)} routing rule(s) set"
+    _change(connect(context, bootstrap), name, replace, "rules", reason)
 
 
 def _run_change(change: Coroutine[Any, Any, T]) -> T:
