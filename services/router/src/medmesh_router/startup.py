@@ -2,7 +2,7 @@
 its spec's weights for each model the registry does not know; heartbeats into readiness; a
 progressing rollout's figures read back. The reads are passed in (``topic_reader``), so this
 does no I/O of its own. The registry part is shared by the router (``load``) and the monolith
-(``medmesh_monolith.app``), so both start from the same routing.
+(``medmesh_monolith.startup``), so both start from the same routing.
 """
 
 from __future__ import annotations
