@@ -5,13 +5,19 @@
 ``[n, classes]``) and ``CLASS`` = argmax (INT64 ``[n, 1]``). ``onnx_model_folder`` writes it as a
 Triton model folder for the onnxruntime backend (``platform: "onnxruntime_onnx"``), with one
 ``<version>/model.onnx`` per version (weights seeded by the version, so versions differ).
+
+``metrics_numbers`` checks the shape of a committed model's metrics.json (deploy/triton/models);
+``assert_cnn_gradients`` checks a numpy training script's backward pass (deploy/training) against
+numerical gradients on a tiny network.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -131,3 +137,54 @@ def reference_outputs(path: Path, x: npt.NDArray[Any]) -> dict[str, npt.NDArray[
 def rows(n: int, width: int = 4, seed: int = 7) -> npt.NDArray[np.float32]:
     """``n`` random input rows (FP32)."""
     return np.random.default_rng(seed).normal(size=(n, width)).astype(np.float32)
+
+
+def metrics_numbers(metrics: dict[str, Any]) -> dict[str, int | float]:
+    """metrics.json's numbers, once its shape is checked.
+
+    snake_case names; numbers only, but for the checksum and the training script's path; training
+    and held-out row counts above zero.
+    """
+    assert all(re.fullmatch(r"[a-z][a-z0-9_]*", key) for key in metrics)
+    texts = {k for k, v in metrics.items() if isinstance(v, str)}
+    assert texts == {"sha256", "training_script"}
+    numbers = {k: v for k, v in metrics.items() if k not in texts}
+    assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers.values())
+    assert numbers["train_rows"] > 0
+    assert numbers["test_rows"] > 0
+    return numbers
+
+
+def assert_cnn_gradients(
+    cnn: ModuleType,
+    blocks: Sequence[Any],
+    x_shape: tuple[int, ...],
+    labels: Sequence[int],
+) -> None:
+    """Every gradient of ``cnn.loss_and_gradients`` equals central differences to 1e-6 (relative).
+
+    On the script's network with ``blocks`` (and its classes), in float64: random weights, the
+    biases non-zero too so that every path counts, and random inputs of ``x_shape``.
+    """
+    rng = np.random.default_rng(0)
+    params = {
+        k: v + 0.1 * rng.standard_normal(v.shape)
+        for k, v in cnn.init_params(rng, blocks, np.float64).items()
+    }
+    x = rng.standard_normal(x_shape)
+    y = np.array(labels)
+    _, gradients = cnn.loss_and_gradients(params, x, y, blocks)
+    assert set(gradients) == set(params)
+    step = 1e-6
+    for name, value in params.items():
+        numerical = np.zeros_like(value)
+        for index in np.ndindex(value.shape):
+            kept = value[index]
+            value[index] = kept + step
+            up, _ = cnn.loss_and_gradients(params, x, y, blocks)
+            value[index] = kept - step
+            down, _ = cnn.loss_and_gradients(params, x, y, blocks)
+            value[index] = kept
+            numerical[index] = (up - down) / (2 * step)
+        scale = max(float(np.abs(numerical).max()), 1e-8)
+        assert float(np.abs(numerical - gradients[name]).max()) / scale < 1e-6, name

@@ -27,9 +27,7 @@ dense layer and softmax. The loss is the mean cross-entropy.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -38,55 +36,36 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 import onnx
-import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[2]
-GENERATOR = ROOT / "tests" / "fixtures" / "imaging" / "make_imaging_fixtures.py"
-MODEL_DIR = ROOT / "deploy" / "triton" / "models" / "chest-opacity-cnn"
-ONNX_PATH = MODEL_DIR / "1" / "model.onnx"
-METRICS_PATH = MODEL_DIR / "metrics.json"
-CARD_PATH = MODEL_DIR / "MODEL_CARD.md"
-SCRIPT = "deploy/training/train_chest_cnn.py"
+if str(ROOT) not in sys.path:  # run as a script: only deploy/training is on the path
+    sys.path.insert(0, str(ROOT))
+
+# Imported after the path is set (E402), which the script run needs.
+from deploy.training import numpy_nn  # noqa: E402
+from deploy.training.numpy_nn import OUTPUT, Array, Labels, Params  # noqa: E402
+
+FILES = numpy_nn.model_files("chest-opacity-cnn", "deploy/training/train_chest_cnn.py")
 
 INPUT = "IMAGE"
-OUTPUT = "PROBABILITIES"
 CLASSES = ("no-opacity", "opacity")
 SOURCE_SIZE = 256  # the generator's images
 SIZE = 64  # the model's input, SOURCE_SIZE / 4 by area averaging
 MAX_VALUE = 4095.0  # 12 bits stored
 EPS = 1e-4  # an almost uniform image stays near 0 after standardisation instead of blowing up
-OPSET = 17
-ONNX_TOLERANCE = 1e-5  # onnxruntime vs the numpy forward pass, on probabilities
-IR_VERSION = 8  # the IR version of opset 17 (onnx 1.12), for older onnxruntime builds
 
 # Output channels of each block: Conv2d 3 x 3 (padding 1) + ReLU + MaxPool 2 x 2.
 Blocks = tuple[int, ...]
 BLOCKS: Blocks = (8, 16, 16)
 KERNEL = 3
 
-SEED = 20260102
 SEED_BASE = 2_000_000  # generator seeds; the fixtures use 101-202
 TRAIN_PER_CLASS = 1000
 TEST_PER_CLASS = 500
-EPOCHS = 12
-BATCH = 32
-LEARNING_RATE = 3e-3
+SCHEDULE = numpy_nn.Schedule(epochs=12, batch=32, learning_rate=3e-3, seed=20260102)
 # Opacities smaller than this radius (source pixels) are reported apart: the hard cases.
 SMALL_RADIUS = 0.05 * SOURCE_SIZE
-
-Array = npt.NDArray[np.floating[Any]]
-Params = dict[str, Array]
-
-
-def load_file(path: Path, name: str) -> ModuleType:
-    """The standalone script at ``path``, imported as ``name``."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -149,24 +128,12 @@ def fixture_images(generator: ModuleType) -> dict[str, tuple[int, npt.NDArray[np
 
 
 def init_params(
-    rng: np.random.Generator,
-    blocks: Blocks = BLOCKS,
-    classes: int = len(CLASSES),
-    dtype: type[np.floating[Any]] = np.float32,
+    rng: np.random.Generator, blocks: Blocks = BLOCKS, dtype: numpy_nn.Float = np.float32
 ) -> Params:
-    """He-initialised weights: ``conv{i}_w`` [out, in, 3, 3] as ONNX Conv, ``dense_w`` [C, K]."""
-    params: Params = {}
-    channels = 1
-    for i, out in enumerate(blocks):
-        scale = np.sqrt(2.0 / (channels * KERNEL * KERNEL))
-        shape = (out, channels, KERNEL, KERNEL)
-        params[f"conv{i}_w"] = (scale * rng.standard_normal(shape)).astype(dtype)
-        params[f"conv{i}_b"] = np.zeros(out, dtype=dtype)
-        channels = out
-    scale = np.sqrt(1.0 / (2 * channels))
-    params["dense_w"] = (scale * rng.standard_normal((2 * channels, classes))).astype(dtype)
-    params["dense_b"] = np.zeros(classes, dtype=dtype)
-    return params
+    """He-initialised weights: ``conv{i}_w`` [out, in, 3, 3] as ONNX Conv, ``dense_w`` [2C, K]."""
+    ins = (1, *blocks[:-1])
+    convs = [(out, c, KERNEL, KERNEL) for c, out in zip(ins, blocks, strict=True)]
+    return numpy_nn.init_params(rng, convs, len(CLASSES), dtype)
 
 
 def standardise(x: Array) -> Array:
@@ -174,7 +141,7 @@ def standardise(x: Array) -> Array:
 
     In float64, as the graph does it: float32 sums over 4096 pixels differ between numpy and
     onnxruntime by a few 1e-6 relative, which a confident network turns into more than
-    ``ONNX_TOLERANCE`` on the probabilities.
+    ``numpy_nn.ONNX_TOLERANCE`` on the probabilities.
     """
     wide = x.astype(np.float64)
     centered = wide - wide.mean(axis=(1, 2), keepdims=True)
@@ -255,45 +222,19 @@ def forward(
         if keep:
             caches.append(cache)
     flat = h.reshape(h.shape[0], -1, h.shape[3])  # [B, cells, C]
-    argmax = flat.argmax(axis=1)
-    features = np.concatenate([flat.mean(axis=1), flat.max(axis=1)], axis=1)  # [B, 2C]
-    logits = features @ params["dense_w"] + params["dense_b"]
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    probabilities = exp / exp.sum(axis=1, keepdims=True)
+    probabilities, head = numpy_nn.head_forward(params, flat)
     if keep:
-        caches.append((h.shape, argmax, features))
+        caches.append((h.shape, head))
     return probabilities, caches
 
 
 def loss_and_gradients(
-    params: Params, x: Array, labels: npt.NDArray[np.int64], blocks: Blocks = BLOCKS
+    params: Params, x: Array, labels: Labels, blocks: Blocks = BLOCKS
 ) -> tuple[float, Params]:
     """Mean cross-entropy of ``x`` against ``labels`` and its gradient for every parameter."""
     probabilities, caches = forward(params, x, blocks, keep=True)
-    batch = x.shape[0]
-    picked = probabilities[np.arange(batch), labels]
-    loss = float(-np.mean(np.log(np.maximum(picked, 1e-12))))
-    d_logits = probabilities.copy()
-    d_logits[np.arange(batch), labels] -= 1
-    d_logits /= batch
-    h_shape, argmax, features = caches.pop()
-    grads: Params = {
-        "dense_w": features.T @ d_logits,
-        "dense_b": d_logits.sum(axis=0),
-    }
-    d_features = d_logits @ params["dense_w"].T
-    batch_, cells, channels = h_shape[0], h_shape[1] * h_shape[2], h_shape[3]
-    d_flat = np.broadcast_to(
-        d_features[:, np.newaxis, :channels] / cells, (batch_, cells, channels)
-    ).copy()
-    np.put_along_axis(
-        d_flat,
-        argmax[:, np.newaxis, :],
-        np.take_along_axis(d_flat, argmax[:, np.newaxis, :], axis=1)
-        + d_features[:, np.newaxis, channels:],
-        axis=1,
-    )
+    h_shape, head = caches.pop()
+    loss, grads, d_flat = numpy_nn.head_backward(params, probabilities, labels, head)
     d_h = d_flat.reshape(h_shape)
     for i in reversed(range(len(blocks))):
         d_input, grads[f"conv{i}_w"], grads[f"conv{i}_b"] = _conv_block_backward(
@@ -304,120 +245,41 @@ def loss_and_gradients(
     return loss, grads
 
 
-def train(
-    x: npt.NDArray[np.float32], labels: npt.NDArray[np.int64], seed: int = SEED
-) -> tuple[Params, list[float]]:
-    """Adam on mini-batches for ``EPOCHS`` epochs; returns the weights and each epoch's mean loss."""
-    rng = np.random.default_rng(seed)
-    params = init_params(rng)
-    first = {k: np.zeros_like(v) for k, v in params.items()}
-    second = {k: np.zeros_like(v) for k, v in params.items()}
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
-    step = 0
-    history: list[float] = []
-    for epoch in range(EPOCHS):
-        rate = LEARNING_RATE * (0.5 if epoch >= EPOCHS * 2 // 3 else 1.0)
-        order = rng.permutation(x.shape[0])
-        losses = []
-        for start in range(0, len(order), BATCH):
-            batch = order[start : start + BATCH]
-            loss, grads = loss_and_gradients(params, x[batch], labels[batch])
-            losses.append(loss)
-            step += 1
-            for k, g in grads.items():
-                first[k] = beta1 * first[k] + (1 - beta1) * g
-                second[k] = beta2 * second[k] + (1 - beta2) * g * g
-                m_hat = first[k] / (1 - beta1**step)
-                v_hat = second[k] / (1 - beta2**step)
-                params[k] = (params[k] - rate * m_hat / (np.sqrt(v_hat) + eps)).astype(np.float32)
-        history.append(float(np.mean(losses)))
-        print(f"  epoch {epoch + 1:>2}/{EPOCHS} loss {history[-1]:.4f}")
-    return params, history
-
-
-def predict(params: Params, x: Array, batch: int = 256) -> npt.NDArray[np.float32]:
-    """Probabilities [N, K] in chunks of ``batch`` images."""
-    return np.concatenate(
-        [forward(params, x[i : i + batch])[0] for i in range(0, x.shape[0], batch)]
-    ).astype(np.float32)
-
-
 # --- ONNX ----------------------------------------------------------------------------------------
 
 
 def to_onnx(params: Params) -> onnx.ModelProto:
     """The network as an ONNX graph: ``IMAGE`` FP32 [batch, 1, 64, 64] to ``PROBABILITIES`` [batch, 2]."""
-    initializers = [
-        numpy_helper.from_array(np.asarray(v, dtype=np.float32), name=k) for k, v in params.items()
-    ] + [numpy_helper.from_array(np.asarray([EPS], dtype=np.float64), name="eps")]
-    image_axes = [1, 2, 3]
+    weights = [
+        *numpy_nn.initializers(params),
+        numpy_helper.from_array(np.asarray([EPS], dtype=np.float64), name="eps"),
+    ]
     nodes = [  # the standardisation in float64 (``standardise`` says why)
         helper.make_node("Cast", [INPUT], ["image64"], to=TensorProto.DOUBLE),
-        helper.make_node("ReduceMean", ["image64"], ["mean"], axes=image_axes, keepdims=1),
-        helper.make_node("Sub", ["image64", "mean"], ["centered"]),
-        helper.make_node("Mul", ["centered", "centered"], ["squared"]),
-        helper.make_node("ReduceMean", ["squared"], ["variance"], axes=image_axes, keepdims=1),
-        helper.make_node("Add", ["variance", "eps"], ["variance_eps"]),
-        helper.make_node("Sqrt", ["variance_eps"], ["scale"]),
-        helper.make_node("Div", ["centered", "scale"], ["standardised"]),
+        *numpy_nn.standardise_nodes("image64", [1, 2, 3]),
         helper.make_node("Cast", ["standardised"], ["h0"], to=TensorProto.FLOAT),
     ]
     previous = "h0"
     pad = KERNEL // 2
     for i in range(len(BLOCKS)):
-        nodes += [
-            helper.make_node(
-                "Conv",
-                [previous, f"conv{i}_w", f"conv{i}_b"],
-                [f"conv{i}"],
-                kernel_shape=[KERNEL, KERNEL],
-                pads=[pad, pad, pad, pad],
-            ),
-            helper.make_node("Relu", [f"conv{i}"], [f"relu{i}"]),
-            helper.make_node(
-                "MaxPool", [f"relu{i}"], [f"pool{i}"], kernel_shape=[2, 2], strides=[2, 2]
-            ),
-        ]
+        nodes += numpy_nn.conv_block_nodes(
+            i, previous, [2, 2], kernel_shape=[KERNEL, KERNEL], pads=[pad, pad, pad, pad]
+        )
         previous = f"pool{i}"
-    nodes += [
-        helper.make_node("GlobalAveragePool", [previous], ["average"]),
-        helper.make_node("GlobalMaxPool", [previous], ["maximum"]),
-        helper.make_node("Concat", ["average", "maximum"], ["pooled"], axis=1),
-        helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
-        helper.make_node("Gemm", ["features", "dense_w", "dense_b"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], [OUTPUT], axis=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
+    return numpy_nn.onnx_model(
+        nodes + numpy_nn.head_nodes(previous),
         "chest_opacity_cnn",
-        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", 1, SIZE, SIZE])],
-        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", len(CLASSES)])],
-        initializers,
+        helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", 1, SIZE, SIZE]),
+        len(CLASSES),
+        weights,
+        f"chest-opacity-cnn, a demonstration trained by {FILES.script} on synthetic images",
     )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="medmesh",
-        doc_string=f"chest-opacity-cnn, a demonstration trained by {SCRIPT} on synthetic images",
-    )
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 # --- the run -------------------------------------------------------------------------------------
 
 
-def confusion(
-    labels: npt.NDArray[np.int64], predicted: npt.NDArray[np.intp]
-) -> npt.NDArray[np.int64]:
-    """Counts [true class, predicted class]."""
-    matrix = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
-    np.add.at(matrix, (labels, predicted), 1)
-    return matrix
-
-
-def roc_auc(labels: npt.NDArray[np.int64], scores: Array) -> float:
+def roc_auc(labels: Labels, scores: Array) -> float:
     """Area under the ROC curve: P(score of a positive > score of a negative), ties count half."""
     positives, negatives = scores[labels == 1], scores[labels == 0]
     greater = (positives[:, np.newaxis] > negatives[np.newaxis, :]).sum()
@@ -425,35 +287,13 @@ def roc_auc(labels: npt.NDArray[np.int64], scores: Array) -> float:
     return float((greater + 0.5 * ties) / (positives.size * negatives.size))
 
 
-def check_onnx(model: onnx.ModelProto, x: Array, expected: Array) -> float:
-    """Largest difference between onnxruntime's and the numpy forward pass's probabilities."""
-    session = onnxruntime.InferenceSession(
-        model.SerializeToString(), providers=["CPUExecutionProvider"]
-    )
-    (onnx_p,) = session.run([OUTPUT], {INPUT: np.asarray(x, dtype=np.float32)})
-    difference = float(np.max(np.abs(np.asarray(onnx_p) - expected)))
-    if difference > ONNX_TOLERANCE:
-        raise RuntimeError(f"onnxruntime and the numpy forward pass differ by {difference:.2e}")
-    return difference
-
-
-def check_fixtures(fixtures: dict[str, tuple[int, Array]], fixture_p: dict[str, Array]) -> None:
-    """Refuse a model that does not classify each held-out fixture image as its class."""
-    for name, p in fixture_p.items():
-        want = fixtures[name][0]
-        print(f"  {name:<22} {[round(float(v), 4) for v in p]}")
-        if int(p.argmax()) != want:
-            raise RuntimeError(f"{name} is not classified {CLASSES[want]}")
-
-
 def held_out_metrics(
-    labels: npt.NDArray[np.int64], probabilities: Array, radii: npt.NDArray[np.float64]
-) -> tuple[dict[str, float], npt.NDArray[np.int64]]:
+    labels: Labels, probabilities: Array, radii: npt.NDArray[np.float64]
+) -> tuple[dict[str, float], Labels]:
     """(metrics, confusion matrix) of the held-out images."""
     predicted = probabilities.argmax(axis=1)
-    matrix = confusion(labels, predicted)
+    matrix = numpy_nn.confusion(labels, predicted, len(CLASSES))
     small = (labels == 1) & (radii < SMALL_RADIUS)
-    picked = probabilities[np.arange(len(labels)), labels]
     metrics = {
         "accuracy": float(np.trace(matrix) / matrix.sum()),
         "sensitivity": float(matrix[1, 1] / matrix[1].sum()),
@@ -461,7 +301,7 @@ def held_out_metrics(
         "sensitivity_small_opacity": float(np.mean(predicted[small] == 1)),
         "small_opacity_rows": float(small.sum()),
         "auc": roc_auc(labels, probabilities[:, 1]),
-        "log_loss": float(-np.mean(np.log(np.maximum(picked, 1e-12)))),
+        "log_loss": numpy_nn.log_loss(probabilities, labels),
     }
     return metrics, matrix
 
@@ -470,66 +310,49 @@ def main() -> None:
     """Generate, train, check against onnxruntime and the fixtures, write the model and its card."""
     from threadpoolctl import threadpool_limits  # noqa: PLC0415 -- train group only
 
+    # Imported here, not at the top (PLC0415): only a run needs the fixture generator.
+    from tests.fixtures.imaging import make_imaging_fixtures as generator  # noqa: PLC0415
+
     started = time.perf_counter()
-    generator = load_file(GENERATOR, "make_imaging_fixtures")
     check_seeds(generator, 2 * (TRAIN_PER_CLASS + TEST_PER_CLASS))
     with threadpool_limits(limits=1):
         train_x, train_y, _ = dataset(generator, TRAIN_PER_CLASS, 0)
         test_x, test_y, test_radii = dataset(generator, TEST_PER_CLASS, 2 * TRAIN_PER_CLASS)
         generated = time.perf_counter() - started
         print(f"generated {train_x.shape[0]} training and {test_x.shape[0]} held-out images")
-        params, history = train(train_x, train_y)
-        test_p = predict(params, test_x)
+        params, history = numpy_nn.train(
+            train_x, train_y, init_params, loss_and_gradients, SCHEDULE
+        )
+        test_p = numpy_nn.predict(forward, params, test_x)
         fixtures = fixture_images(generator)
         fixture_x = np.stack([image for _, image in fixtures.values()])
-        fixture_p = dict(zip(fixtures, predict(params, fixture_x), strict=True))
+        fixture_p = dict(zip(fixtures, numpy_nn.predict(forward, params, fixture_x), strict=True))
     seconds = time.perf_counter() - started
 
     model = to_onnx(params)
-    difference = check_onnx(model, test_x, test_p)
-    check_fixtures(fixtures, fixture_p)
-    ONNX_PATH.parent.mkdir(parents=True, exist_ok=True)
-    ONNX_PATH.write_bytes(model.SerializeToString())
+    difference = numpy_nn.check_onnx(model, INPUT, test_x, test_p)
+    numpy_nn.check_fixtures(fixture_p, {name: fixtures[name][0] for name in fixture_p}, CLASSES)
     found, matrix = held_out_metrics(test_y, test_p, test_radii)
     found |= {"final_train_loss": history[-1], "onnx_max_abs_diff": difference}
     metrics: dict[str, Any] = {k: round(v, 4) for k, v in found.items()}
     metrics["small_opacity_rows"] = int(found["small_opacity_rows"])
     metrics["onnx_max_abs_diff"] = float(f"{difference:.1e}")  # 4 decimals would show 0.0
-    metrics |= {
-        "train_rows": int(train_x.shape[0]),
-        "test_rows": int(test_x.shape[0]),
-        "training_script": SCRIPT,
-        "sha256": hashlib.sha256(ONNX_PATH.read_bytes()).hexdigest(),
-    }
-    METRICS_PATH.write_text(json.dumps(metrics, indent=2) + "\n")
-    CARD_PATH.write_text(model_card(metrics, matrix, fixture_p, generator))
-    print(f"wrote {ONNX_PATH.relative_to(ROOT)} ({ONNX_PATH.stat().st_size} bytes)")
-    print(f"  sha256 {metrics['sha256']}")
+    metrics |= {"train_rows": int(train_x.shape[0]), "test_rows": int(test_x.shape[0])}
+    metrics = numpy_nn.write_model(
+        FILES, model, metrics, lambda m: model_card(m, matrix, fixture_p, generator)
+    )
     print(f"  held-out accuracy {metrics['accuracy']}, AUC {metrics['auc']}, confusion:")
-    for name, row in zip(CLASSES, matrix, strict=True):
-        print(f"    {name:<10} {row.tolist()}")
+    numpy_nn.print_confusion(CLASSES, matrix)
     print(f"generated in {generated:.0f} s, generated and trained in {seconds:.0f} s")
 
 
 def model_card(
     metrics: dict[str, Any],
-    matrix: npt.NDArray[np.int64],
+    matrix: Labels,
     fixture_p: dict[str, Array],
     generator: ModuleType,
 ) -> str:
     """MODEL_CARD.md: what the model is for, what it was trained on, how well, and its limits."""
-    table = (
-        "| true \\ predicted | "
-        + " | ".join(CLASSES)
-        + " |\n|---|---|---|\n"
-        + "\n".join(
-            f"| {name} | " + " | ".join(str(int(v)) for v in row) + " |"
-            for name, row in zip(CLASSES, matrix, strict=True)
-        )
-    )
-    fixtures = "\n".join(
-        f"| {name} | " + " | ".join(f"{v:.4f}" for v in p) + " |" for name, p in fixture_p.items()
-    )
     size = SIZE
     blocks = []
     for out in BLOCKS:
@@ -539,10 +362,11 @@ def model_card(
         )
     radius = [round(f * SOURCE_SIZE) for f in generator.OPACITY_RADIUS]
     peak = [round(v) for v in generator.OPACITY_PEAK]
-    weights = sum(int(np.prod(v.shape)) for v in init_params(np.random.default_rng(0)).values())
+    weights = numpy_nn.weight_count(init_params(np.random.default_rng(0)))
+    script, epochs, batch, rate, seed = FILES.script, *SCHEDULE
     return f"""# Model card: chest-opacity-cnn (version 1)
 
-Written by `{SCRIPT}`; do not edit by hand (re-run the script).
+Written by `{script}`; do not edit by hand (re-run the script).
 
 **A demonstration trained on synthetic data only.** It has never seen a real radiograph, it is
 not clinically validated, and it must not be used for clinical decisions: it is not a
@@ -560,7 +384,7 @@ For testing the medmesh pipeline only.
 - Input `{INPUT}` FP32 `[batch, 1, {SIZE}, {SIZE}]`: one preprocessed image (below).
 - Output `{OUTPUT}` FP32 `[batch, {len(CLASSES)}]`: probabilities of
   {", ".join(f"{k} `{name}`" for k, name in enumerate(CLASSES))}; each row sums to 1.
-- ONNX opset {OPSET}, IR version {IR_VERSION}; standard operators only.
+- ONNX opset {numpy_nn.OPSET}, IR version {numpy_nn.IR_VERSION}; standard operators only.
 
 ## Preprocessing the model expects (done before the graph)
 
@@ -582,8 +406,8 @@ over the whole image, so a global brightness or contrast change matters little.
 
 {weights} weights, trained in numpy (im2col convolutions, a hand-written backward pass checked
 against numerical gradients in tests/unit/test_chest_cnn.py), Adam (learning rate
-{LEARNING_RATE:g}, halved for the last third of the epochs), mini-batches of {BATCH},
-{EPOCHS} epochs, seed {SEED}, one BLAS thread; final training loss {metrics["final_train_loss"]}.
+{rate:g}, halved for the last third of the epochs), mini-batches of {batch},
+{epochs} epochs, seed {seed}, one BLAS thread; final training loss {metrics["final_train_loss"]}.
 
 ## Training data
 
@@ -607,18 +431,18 @@ its centre) inside the inner 60 % of one lung field.
 | sensitivity, opacities of radius below {SMALL_RADIUS:g} source pixels ({metrics["small_opacity_rows"]} images) | {metrics["sensitivity_small_opacity"]} |
 | ROC AUC | {metrics["auc"]} |
 | log loss | {metrics["log_loss"]} |
-| largest difference onnxruntime vs numpy (required below {ONNX_TOLERANCE:g}) | {metrics["onnx_max_abs_diff"]} |
+| largest difference onnxruntime vs numpy (required below {numpy_nn.ONNX_TOLERANCE:g}) | {metrics["onnx_max_abs_diff"]} |
 
 Confusion matrix at the argmax (rows true class, columns predicted):
 
-{table}
+{numpy_nn.confusion_table(CLASSES, matrix)}
 
 The held-out fixture images (`OPACITY_FIXTURE_SEEDS` with an opacity, `CLEAR_FIXTURE_SEEDS`
 without), which the script refuses to miss:
 
 | fixture | {" | ".join(CLASSES)} |
 |---|---|---|
-{fixtures}
+{numpy_nn.probability_rows(fixture_p)}
 
 ## Limitations
 
@@ -632,11 +456,7 @@ without), which the script refuses to miss:
 - One finding only (a generic "opacity"); no localisation, no other findings.
 - The probabilities are not calibrated beyond the held-out log loss.
 
-## Reproduce
-
-`.tools/uv/bin/uv sync --group train`, then `.venv/bin/python {SCRIPT}`: byte-identical output
-(sha256 `{metrics["sha256"]}`).
-"""
+{numpy_nn.reproduce_section(metrics)}"""
 
 
 if __name__ == "__main__":

@@ -30,9 +30,7 @@ a dense layer and softmax. The loss is the mean cross-entropy.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -41,58 +39,39 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 import onnx
-import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[2]
-GENERATOR = ROOT / "tests" / "fixtures" / "fhir" / "make_ecg_fixtures.py"
-MODEL_DIR = ROOT / "deploy" / "triton" / "models" / "ecg-rhythm-cnn"
-ONNX_PATH = MODEL_DIR / "1" / "model.onnx"
-METRICS_PATH = MODEL_DIR / "metrics.json"
-CARD_PATH = MODEL_DIR / "MODEL_CARD.md"
-SCRIPT = "deploy/training/train_ecg_cnn.py"
+if str(ROOT) not in sys.path:  # run as a script: only deploy/training is on the path
+    sys.path.insert(0, str(ROOT))
+
+# Imported after the path is set (E402), which the script run needs.
+from deploy.training import numpy_nn  # noqa: E402
+from deploy.training.numpy_nn import OUTPUT, Array, Labels, Params  # noqa: E402
+
+FILES = numpy_nn.model_files("ecg-rhythm-cnn", "deploy/training/train_ecg_cnn.py")
 
 INPUT = "ECG"
-OUTPUT = "PROBABILITIES"
 CLASSES = ("regular", "irregular", "unreadable")
 RHYTHM_CLASS = {"sinus": 0, "af": 1}  # the generator's rhythms
 RATE_HZ = 250.0
 DURATION_S = 10.0
 N_SAMPLES = 2500
 EPS = 1e-3  # mV^2: a flat line stays near 0 after standardisation instead of blowing up noise
-OPSET = 17
-ONNX_TOLERANCE = 1e-5  # onnxruntime vs the numpy forward pass, on probabilities
-IR_VERSION = 8  # the IR version of opset 17 (onnx 1.12), for older onnxruntime builds
 
 # (out channels, kernel, stride, max-pool size) of each convolution block.
 Blocks = tuple[tuple[int, int, int, int], ...]
 BLOCKS: Blocks = ((8, 7, 2, 2), (16, 7, 1, 4), (32, 7, 1, 2))
 
-SEED = 20260101
 SEED_BASE = 1_000_000  # generator seeds; the fixtures use 11-14 (and 1011-1014 internally)
 TRAIN_PER_CLASS = 900
 TEST_PER_CLASS = 200
-EPOCHS = 14
-BATCH = 32
-LEARNING_RATE = 2e-3
+SCHEDULE = numpy_nn.Schedule(epochs=14, batch=32, learning_rate=2e-3, seed=20260101)
 TEMPO = (0.8, 1.25)
 NOISE_MV = (0.005, 0.06)
 GAIN = (0.6, 1.6)
 # A second held-out set, noisier than any training ECG: how the accuracy degrades off-distribution.
 NOISY_MV = (0.08, 0.15)
-
-Array = npt.NDArray[np.floating[Any]]
-Params = dict[str, Array]
-
-
-def load_file(path: Path, name: str) -> ModuleType:
-    """The standalone script at ``path``, imported as ``name``."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -193,23 +172,12 @@ def fixture_rows(generator: ModuleType) -> dict[str, npt.NDArray[np.float32]]:
 
 
 def init_params(
-    rng: np.random.Generator,
-    blocks: Blocks = BLOCKS,
-    classes: int = len(CLASSES),
-    dtype: type[np.floating[Any]] = np.float32,
+    rng: np.random.Generator, blocks: Blocks = BLOCKS, dtype: numpy_nn.Float = np.float32
 ) -> Params:
     """He-initialised weights: ``conv{i}_w`` [out, in, kernel] as ONNX Conv, ``dense_w`` [2C, K]."""
-    params: Params = {}
-    channels = 1
-    for i, (out, kernel, _, _) in enumerate(blocks):
-        scale = np.sqrt(2.0 / (channels * kernel))
-        params[f"conv{i}_w"] = (scale * rng.standard_normal((out, channels, kernel))).astype(dtype)
-        params[f"conv{i}_b"] = np.zeros(out, dtype=dtype)
-        channels = out
-    scale = np.sqrt(1.0 / (2 * channels))
-    params["dense_w"] = (scale * rng.standard_normal((2 * channels, classes))).astype(dtype)
-    params["dense_b"] = np.zeros(classes, dtype=dtype)
-    return params
+    ins = (1, *(out for out, _, _, _ in blocks[:-1]))
+    convs = [(out, c, kernel) for c, (out, kernel, _, _) in zip(ins, blocks, strict=True)]
+    return numpy_nn.init_params(rng, convs, len(CLASSES), dtype)
 
 
 def standardise(x: Array) -> Array:
@@ -285,43 +253,18 @@ def forward(
         h, cache = _conv_block(h, params[f"conv{i}_w"], params[f"conv{i}_b"], stride, pool)
         if keep:
             caches.append(cache)
-    argmax = h.argmax(axis=1)  # [B, C]
-    features = np.concatenate([h.mean(axis=1), h.max(axis=1)], axis=1)
-    logits = features @ params["dense_w"] + params["dense_b"]
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    probabilities = exp / exp.sum(axis=1, keepdims=True)
+    probabilities, head = numpy_nn.head_forward(params, h)  # h [B, L, C]: cells are time steps
     if keep:
-        caches.append((h.shape, argmax, features))
+        caches.append(head)
     return probabilities, caches
 
 
 def loss_and_gradients(
-    params: Params, x: Array, labels: npt.NDArray[np.int64], blocks: Blocks = BLOCKS
+    params: Params, x: Array, labels: Labels, blocks: Blocks = BLOCKS
 ) -> tuple[float, Params]:
     """Mean cross-entropy of ``x`` against ``labels`` and its gradient for every parameter."""
     probabilities, caches = forward(params, x, blocks, keep=True)
-    batch = x.shape[0]
-    picked = probabilities[np.arange(batch), labels]
-    loss = float(-np.mean(np.log(np.maximum(picked, 1e-12))))
-    d_logits = probabilities.copy()
-    d_logits[np.arange(batch), labels] -= 1
-    d_logits /= batch
-    h_shape, argmax, features = caches.pop()
-    grads: Params = {
-        "dense_w": features.T @ d_logits,
-        "dense_b": d_logits.sum(axis=0),
-    }
-    d_features = d_logits @ params["dense_w"].T
-    channels = h_shape[2]
-    d_h = np.broadcast_to(d_features[:, np.newaxis, :channels] / h_shape[1], h_shape).copy()
-    np.put_along_axis(
-        d_h,
-        argmax[:, np.newaxis, :],
-        np.take_along_axis(d_h, argmax[:, np.newaxis, :], axis=1)
-        + d_features[:, np.newaxis, channels:],
-        axis=1,
-    )
+    loss, grads, d_h = numpy_nn.head_backward(params, probabilities, labels, caches.pop())
     for i in reversed(range(len(blocks))):
         d_h, grads[f"conv{i}_w"], grads[f"conv{i}_b"] = _conv_block_backward(
             d_h, params[f"conv{i}_w"], caches[i]
@@ -329,156 +272,58 @@ def loss_and_gradients(
     return loss, grads
 
 
-def train(
-    x: npt.NDArray[np.float32], labels: npt.NDArray[np.int64], seed: int = SEED
-) -> tuple[Params, list[float]]:
-    """Adam on mini-batches for ``EPOCHS`` epochs; returns the weights and each epoch's mean loss."""
-    rng = np.random.default_rng(seed)
-    params = init_params(rng)
-    first = {k: np.zeros_like(v) for k, v in params.items()}
-    second = {k: np.zeros_like(v) for k, v in params.items()}
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
-    step = 0
-    history: list[float] = []
-    for epoch in range(EPOCHS):
-        rate = LEARNING_RATE * (0.5 if epoch >= EPOCHS * 2 // 3 else 1.0)
-        order = rng.permutation(x.shape[0])
-        losses = []
-        for start in range(0, len(order), BATCH):
-            batch = order[start : start + BATCH]
-            loss, grads = loss_and_gradients(params, x[batch], labels[batch])
-            losses.append(loss)
-            step += 1
-            for k, g in grads.items():
-                first[k] = beta1 * first[k] + (1 - beta1) * g
-                second[k] = beta2 * second[k] + (1 - beta2) * g * g
-                m_hat = first[k] / (1 - beta1**step)
-                v_hat = second[k] / (1 - beta2**step)
-                params[k] = (params[k] - rate * m_hat / (np.sqrt(v_hat) + eps)).astype(np.float32)
-        history.append(float(np.mean(losses)))
-        print(f"  epoch {epoch + 1:>2}/{EPOCHS} loss {history[-1]:.4f}")
-    return params, history
-
-
-def predict(params: Params, x: Array, batch: int = 256) -> npt.NDArray[np.float32]:
-    """Probabilities [N, K] in chunks of ``batch`` rows."""
-    return np.concatenate(
-        [forward(params, x[i : i + batch])[0] for i in range(0, x.shape[0], batch)]
-    ).astype(np.float32)
-
-
 # --- ONNX ----------------------------------------------------------------------------------------
 
 
 def to_onnx(params: Params) -> onnx.ModelProto:
     """The network as an ONNX graph: ``ECG`` FP32 [batch, 2500] to ``PROBABILITIES`` [batch, 3]."""
-    initializers = [
-        numpy_helper.from_array(np.asarray(v, dtype=np.float32), name=k) for k, v in params.items()
-    ] + [
+    weights = [
+        *numpy_nn.initializers(params),
         numpy_helper.from_array(np.asarray([EPS], dtype=np.float32), name="eps"),
         numpy_helper.from_array(np.asarray([1], dtype=np.int64), name="channel_axis"),
     ]
     nodes = [
-        helper.make_node("ReduceMean", [INPUT], ["mean"], axes=[1], keepdims=1),
-        helper.make_node("Sub", [INPUT, "mean"], ["centered"]),
-        helper.make_node("Mul", ["centered", "centered"], ["squared"]),
-        helper.make_node("ReduceMean", ["squared"], ["variance"], axes=[1], keepdims=1),
-        helper.make_node("Add", ["variance", "eps"], ["variance_eps"]),
-        helper.make_node("Sqrt", ["variance_eps"], ["scale"]),
-        helper.make_node("Div", ["centered", "scale"], ["standardised"]),
+        *numpy_nn.standardise_nodes(INPUT, [1]),
         helper.make_node("Unsqueeze", ["standardised", "channel_axis"], ["h0"]),
     ]
     previous = "h0"
     for i, (_, kernel, stride, pool) in enumerate(BLOCKS):
-        nodes += [
-            helper.make_node(
-                "Conv",
-                [previous, f"conv{i}_w", f"conv{i}_b"],
-                [f"conv{i}"],
-                kernel_shape=[kernel],
-                strides=[stride],
-                pads=[kernel // 2, kernel // 2],
-            ),
-            helper.make_node("Relu", [f"conv{i}"], [f"relu{i}"]),
-            helper.make_node(
-                "MaxPool", [f"relu{i}"], [f"pool{i}"], kernel_shape=[pool], strides=[pool]
-            ),
-        ]
+        nodes += numpy_nn.conv_block_nodes(
+            i,
+            previous,
+            [pool],
+            kernel_shape=[kernel],
+            strides=[stride],
+            pads=[kernel // 2, kernel // 2],
+        )
         previous = f"pool{i}"
-    nodes += [
-        helper.make_node("GlobalAveragePool", [previous], ["average"]),
-        helper.make_node("GlobalMaxPool", [previous], ["maximum"]),
-        helper.make_node("Concat", ["average", "maximum"], ["pooled"], axis=1),
-        helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
-        helper.make_node("Gemm", ["features", "dense_w", "dense_b"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], [OUTPUT], axis=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
+    return numpy_nn.onnx_model(
+        nodes + numpy_nn.head_nodes(previous),
         "ecg_rhythm_cnn",
-        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", N_SAMPLES])],
-        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", len(CLASSES)])],
-        initializers,
+        helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", N_SAMPLES]),
+        len(CLASSES),
+        weights,
+        f"ecg-rhythm-cnn, trained by {FILES.script} on synthetic data",
     )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="medmesh",
-        doc_string=f"ecg-rhythm-cnn, trained by {SCRIPT} on synthetic data",
-    )
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 # --- the run -------------------------------------------------------------------------------------
 
 
-def confusion(
-    labels: npt.NDArray[np.int64], predicted: npt.NDArray[np.intp]
-) -> npt.NDArray[np.int64]:
-    """Counts [true class, predicted class]."""
-    matrix = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
-    np.add.at(matrix, (labels, predicted), 1)
-    return matrix
-
-
-def check_onnx(model: onnx.ModelProto, x: Array, expected: Array) -> float:
-    """Largest difference between onnxruntime's and the numpy forward pass's probabilities."""
-    session = onnxruntime.InferenceSession(
-        model.SerializeToString(), providers=["CPUExecutionProvider"]
-    )
-    (onnx_p,) = session.run([OUTPUT], {INPUT: np.asarray(x, dtype=np.float32)})
-    difference = float(np.max(np.abs(np.asarray(onnx_p) - expected)))
-    if difference > ONNX_TOLERANCE:
-        raise RuntimeError(f"onnxruntime and the numpy forward pass differ by {difference:.2e}")
-    return difference
-
-
-def check_fixtures(generator: ModuleType, fixture_p: dict[str, Array]) -> None:
-    """Refuse a model that does not classify each committed fixture as its rhythm."""
-    for name, p in fixture_p.items():
-        want = RHYTHM_CLASS[generator.FIXTURES[name][0]]
-        print(f"  {name:<18} {[round(float(v), 4) for v in p]}")
-        if int(p.argmax()) != want:
-            raise RuntimeError(f"{name} is not classified {CLASSES[want]}")
-
-
 def held_out_metrics(
-    test: tuple[npt.NDArray[np.int64], Array], noisy: tuple[npt.NDArray[np.int64], Array]
-) -> tuple[dict[str, float], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    test: tuple[Labels, Array], noisy: tuple[Labels, Array]
+) -> tuple[dict[str, float], Labels, Labels]:
     """(metrics, confusion matrix, noisy set's confusion matrix) from (labels, probabilities)."""
     labels, probabilities = test
-    matrix = confusion(labels, probabilities.argmax(axis=1))
-    noisy_matrix = confusion(noisy[0], noisy[1].argmax(axis=1))
+    matrix = numpy_nn.confusion(labels, probabilities.argmax(axis=1), len(CLASSES))
+    noisy_matrix = numpy_nn.confusion(noisy[0], noisy[1].argmax(axis=1), len(CLASSES))
     metrics = {"accuracy": float(np.trace(matrix) / matrix.sum())}
     for k, name in enumerate(CLASSES):
         metrics[f"accuracy_{name}"] = float(matrix[k, k] / matrix[k].sum())
     metrics["accuracy_noisy"] = float(np.trace(noisy_matrix) / noisy_matrix.sum())
     for k, name in enumerate(CLASSES[:2]):
         metrics[f"accuracy_noisy_{name}"] = float(noisy_matrix[k, k] / noisy_matrix[k].sum())
-    picked = probabilities[np.arange(len(labels)), labels]
-    metrics["log_loss"] = float(-np.mean(np.log(np.maximum(picked, 1e-12))))
+    metrics["log_loss"] = numpy_nn.log_loss(probabilities, labels)
     return metrics, matrix, noisy_matrix
 
 
@@ -486,8 +331,10 @@ def main() -> None:
     """Generate, train, check against onnxruntime and the fixtures, write the model and its card."""
     from threadpoolctl import threadpool_limits  # noqa: PLC0415 -- train group only
 
+    # Imported here, not at the top (PLC0415): only a run needs the fixture generator.
+    from tests.fixtures.fhir import make_ecg_fixtures as generator  # noqa: PLC0415
+
     started = time.perf_counter()
-    generator = load_file(GENERATOR, "make_ecg_fixtures")
     train_x, train_y = dataset(generator, TRAIN_PER_CLASS, 0)
     test_x, test_y = dataset(generator, TEST_PER_CLASS, 3 * TRAIN_PER_CLASS)
     noisy_first = 3 * (TRAIN_PER_CLASS + TEST_PER_CLASS)
@@ -495,18 +342,20 @@ def main() -> None:
     check_seeds(generator, noisy_first + 3 * TEST_PER_CLASS)
     print(f"generated {train_x.shape[0]} training and {test_x.shape[0]} held-out ECGs")
     with threadpool_limits(limits=1):
-        params, history = train(train_x, train_y)
-        test_p = predict(params, test_x)
-        noisy_p = predict(params, noisy_x)
+        params, history = numpy_nn.train(
+            train_x, train_y, init_params, loss_and_gradients, SCHEDULE
+        )
+        test_p = numpy_nn.predict(forward, params, test_x)
+        noisy_p = numpy_nn.predict(forward, params, noisy_x)
         rows = fixture_rows(generator)
-        fixture_p = dict(zip(rows, predict(params, np.stack(list(rows.values()))), strict=True))
+        fixture_x = np.stack(list(rows.values()))
+        fixture_p = dict(zip(rows, numpy_nn.predict(forward, params, fixture_x), strict=True))
     seconds = time.perf_counter() - started
 
     model = to_onnx(params)
-    difference = check_onnx(model, test_x, test_p)
-    check_fixtures(generator, fixture_p)
-    ONNX_PATH.parent.mkdir(parents=True, exist_ok=True)
-    ONNX_PATH.write_bytes(model.SerializeToString())
+    difference = numpy_nn.check_onnx(model, INPUT, test_x, test_p)
+    wanted = {name: RHYTHM_CLASS[generator.FIXTURES[name][0]] for name in fixture_p}
+    numpy_nn.check_fixtures(fixture_p, wanted, CLASSES)
     found, matrix, noisy_matrix = held_out_metrics((test_y, test_p), (noisy_y, noisy_p))
     found |= {"final_train_loss": history[-1], "onnx_max_abs_diff": difference}
     metrics: dict[str, Any] = {k: round(v, 4) for k, v in found.items()}
@@ -514,50 +363,36 @@ def main() -> None:
         "train_rows": int(train_x.shape[0]),
         "test_rows": int(test_x.shape[0]),
         "noisy_test_rows": int(noisy_x.shape[0]),
-        "training_script": SCRIPT,
-        "sha256": hashlib.sha256(ONNX_PATH.read_bytes()).hexdigest(),
     }
-    METRICS_PATH.write_text(json.dumps(metrics, indent=2) + "\n")
-    CARD_PATH.write_text(model_card(metrics, matrix, noisy_matrix, fixture_p))
-    print(f"wrote {ONNX_PATH.relative_to(ROOT)} ({ONNX_PATH.stat().st_size} bytes)")
-    print(f"  sha256 {metrics['sha256']}")
+    metrics = numpy_nn.write_model(
+        FILES, model, metrics, lambda m: model_card(m, matrix, noisy_matrix, fixture_p)
+    )
     for title, counts, accuracy in (
         ("held-out", matrix, metrics["accuracy"]),
         ("noisier held-out", noisy_matrix, metrics["accuracy_noisy"]),
     ):
         print(f"  {title} accuracy {accuracy}, confusion (rows true, columns predicted):")
-        for name, row in zip(CLASSES, counts, strict=True):
-            print(f"    {name:<10} {row.tolist()}")
+        numpy_nn.print_confusion(CLASSES, counts)
     print(f"generated and trained in {seconds:.0f} s")
 
 
 def model_card(
     metrics: dict[str, Any],
-    matrix: npt.NDArray[np.int64],
-    noisy_matrix: npt.NDArray[np.int64],
+    matrix: Labels,
+    noisy_matrix: Labels,
     fixture_p: dict[str, Array],
 ) -> str:
     """MODEL_CARD.md: what the model is for, what it was trained on, how well, and its limits."""
-    header = "| true \\ predicted | " + " | ".join(CLASSES) + " |\n|---|---|---|---|\n"
-
-    def table(counts: npt.NDArray[np.int64]) -> str:
-        return header + "\n".join(
-            f"| {name} | " + " | ".join(str(int(v)) for v in row) + " |"
-            for name, row in zip(CLASSES, counts, strict=True)
-        )
-
-    fixtures = "\n".join(
-        f"| `{name}` | " + " | ".join(f"{v:.4f}" for v in p) + " |" for name, p in fixture_p.items()
-    )
     blocks = "\n".join(
         f"- Conv1d to {out} channels, kernel {kernel}, stride {stride}, padding {kernel // 2}; "
         f"ReLU; MaxPool {pool}"
         for out, kernel, stride, pool in BLOCKS
     )
-    weights = sum(int(np.prod(v.shape)) for v in init_params(np.random.default_rng(0)).values())
+    weights = numpy_nn.weight_count(init_params(np.random.default_rng(0)))
+    script, epochs, batch, rate, seed = FILES.script, *SCHEDULE
     return f"""# Model card: ecg-rhythm-cnn (version 1)
 
-Written by `{SCRIPT}`; do not edit by hand (re-run the script).
+Written by `{script}`; do not edit by hand (re-run the script).
 
 ## Intended use
 
@@ -573,7 +408,7 @@ decisions and not a diagnostic device.
   sends (FHIR SampledData converted to mV, resampled, last 10 s kept).
 - Output `{OUTPUT}` FP32 `[batch, {len(CLASSES)}]`: probabilities of
   {", ".join(f"{k} {name}" for k, name in enumerate(CLASSES))}; each row sums to 1.
-- ONNX opset {OPSET}, IR version {IR_VERSION}; standard operators only.
+- ONNX opset {numpy_nn.OPSET}, IR version {numpy_nn.IR_VERSION}; standard operators only.
 
 ## Model
 
@@ -583,8 +418,8 @@ decisions and not a diagnostic device.
 
 {weights} weights, trained in numpy (im2col convolutions, a hand-written backward pass checked
 against numerical gradients in tests/unit/test_onnx_models.py), Adam (learning rate
-{LEARNING_RATE:g}, halved for the last third of the epochs), mini-batches of {BATCH},
-{EPOCHS} epochs, seed {SEED}, one BLAS thread; final training loss {metrics["final_train_loss"]}.
+{rate:g}, halved for the last third of the epochs), mini-batches of {batch},
+{epochs} epochs, seed {seed}, one BLAS thread; final training loss {metrics["final_train_loss"]}.
 
 ## Training data
 
@@ -613,24 +448,24 @@ fixtures' seeds (11-14):
 | accuracy, irregular | {metrics["accuracy_irregular"]} |
 | accuracy, unreadable | {metrics["accuracy_unreadable"]} |
 | log loss | {metrics["log_loss"]} |
-| largest difference onnxruntime vs numpy (required below {ONNX_TOLERANCE:g}) | {metrics["onnx_max_abs_diff"]} |
+| largest difference onnxruntime vs numpy (required below {numpy_nn.ONNX_TOLERANCE:g}) | {metrics["onnx_max_abs_diff"]} |
 
 Chance is 1/3. Confusion matrix (rows true class, columns predicted):
 
-{table(matrix)}
+{numpy_nn.confusion_table(CLASSES, matrix)}
 
 A second held-out set of {metrics["noisy_test_rows"]} ECGs (new seeds) whose sinus and AF ECGs are
 noisier than any training ECG (white noise {NOISY_MV[0]}-{NOISY_MV[1]} mV): accuracy
 {metrics["accuracy_noisy"]} (regular {metrics["accuracy_noisy_regular"]}, irregular
 {metrics["accuracy_noisy_irregular"]}).
 
-{table(noisy_matrix)}
+{numpy_nn.confusion_table(CLASSES, noisy_matrix)}
 
 The committed fixtures (from their generator seeds, 500 Hz taken 2:1 to 250 Hz):
 
 | fixture | {" | ".join(CLASSES)} |
 |---|---|---|---|
-{fixtures}
+{numpy_nn.probability_rows(fixture_p, "`{}`")}
 
 ## Limitations
 
@@ -644,11 +479,7 @@ The committed fixtures (from their generator seeds, 500 Hz taken 2:1 to 250 Hz):
 - "Irregular" means the generator's AF; other irregular rhythms were never seen.
 - The probabilities are not calibrated beyond the held-out log loss.
 
-## Reproduce
-
-`.tools/uv/bin/uv sync --group train`, then `.venv/bin/python {SCRIPT}`: byte-identical output
-(sha256 `{metrics["sha256"]}`).
-"""
+{numpy_nn.reproduce_section(metrics)}"""
 
 
 if __name__ == "__main__":

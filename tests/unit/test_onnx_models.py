@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -26,6 +25,7 @@ from medmesh_contracts.events import FhirVersion
 from medmesh_contracts.modelspec import ModelSpec, load_spec
 from tests.ingest_support import ingest
 from tests.modules import load_file
+from tests.onnx_models import assert_cnn_gradients, metrics_numbers
 
 ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY = ROOT / "deploy" / "triton" / "models"
@@ -101,13 +101,7 @@ def test_committed_model_is_the_one_its_metrics_describe(model: str) -> None:
 def test_metrics_json_is_a_flat_map_of_snake_case_names(model: str) -> None:
     """metrics.json maps snake_case names to numbers (plus the checksum and script path)."""
     metrics = _metrics(model)
-    assert all(re.fullmatch(r"[a-z][a-z0-9_]*", key) for key in metrics)
-    texts = {k for k, v in metrics.items() if isinstance(v, str)}
-    assert texts == {"sha256", "training_script"}
-    numbers = {k: v for k, v in metrics.items() if k not in texts}
-    assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers.values())
-    assert numbers["train_rows"] > 0
-    assert numbers["test_rows"] > 0
+    metrics_numbers(metrics)
     assert (REPOSITORY / model / "MODEL_CARD.md").read_text().count(metrics["sha256"]) == 1
 
 
@@ -232,25 +226,4 @@ def test_cnn_graph_is_the_numpy_network(sessions: dict[str, Any], cnn: ModuleTyp
 def test_cnn_backward_pass_matches_numerical_gradients(cnn: ModuleType) -> None:
     """On a tiny network (float64), every analytic gradient equals central differences to 1e-6."""
     blocks = ((3, 5, 2, 2), (4, 3, 1, 2), (5, 3, 1, 2))
-    rng = np.random.default_rng(0)
-    params = {  # non-zero biases too, so that every path counts
-        k: v + 0.1 * rng.standard_normal(v.shape)
-        for k, v in cnn.init_params(rng, blocks, 3, np.float64).items()
-    }
-    x = rng.standard_normal((4, 64))
-    labels = np.array([0, 1, 2, 1])
-    _, gradients = cnn.loss_and_gradients(params, x, labels, blocks)
-    assert set(gradients) == set(params)
-    step = 1e-6
-    for name, value in params.items():
-        numerical = np.zeros_like(value)
-        for index in np.ndindex(value.shape):
-            kept = value[index]
-            value[index] = kept + step
-            up, _ = cnn.loss_and_gradients(params, x, labels, blocks)
-            value[index] = kept - step
-            down, _ = cnn.loss_and_gradients(params, x, labels, blocks)
-            value[index] = kept
-            numerical[index] = (up - down) / (2 * step)
-        scale = max(float(np.abs(numerical).max()), 1e-8)
-        assert float(np.abs(numerical - gradients[name]).max()) / scale < 1e-6, name
+    assert_cnn_gradients(cnn, blocks, x_shape=(4, 64), labels=[0, 1, 2, 1])
