@@ -209,3 +209,14 @@ def test_worker_preprocessing_feeds_the_committed_model_what_it_was_trained_on(
     )
     (probabilities,) = session.run(["PROBABILITIES"], {"IMAGE": batch})
     assert [bool(p[1] > 0.5) for p in probabilities] == [opacity for _, opacity in cases]
+
+
+def test_a_multi_frame_instance_is_read_from_its_first_frame_only(image: ImageSpec) -> None:
+    """Only frame 1 is decoded and scored: the other frames cost no memory."""
+    first, second = synthetic_radiograph(12, False), synthetic_radiograph(13, True)
+    dataset = _radiograph(12)
+    dataset.NumberOfFrames = 2
+    dataset.PixelData = first.tobytes() + second.tobytes()
+    tensor = image_tensor(to_bytes(dataset), image).tensor
+    single = image_tensor(to_bytes(_radiograph(12)), image).tensor
+    np.testing.assert_array_equal(tensor, single)

@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels.utils import pixel_array as decode_pixels
 
 from medmesh_contracts.modelspec import ImagePreprocessing, ImageSpec, SeriesCriteria, WindowSpec
 
@@ -182,13 +183,14 @@ def _stored_pixels(dataset: Dataset) -> FloatImage:
     if rows * columns > MAX_FRAME_PIXELS:
         raise ImageRefusedError(f"a frame of {rows} x {columns} pixels is too large to read")
     try:
-        array = dataset.pixel_array
+        # Only the first frame is decoded: a multi-frame instance's other frames would cost
+        # memory in proportion to their count, which MAX_FRAME_PIXELS does not bound.
+        array = decode_pixels(dataset, index=0)
     except Exception as exc:  # decoding fails in many ways (syntax, lengths, codec): all refused
         raise ImageRefusedError(f"the pixel data cannot be decoded ({type(exc).__name__})") from exc
-    frame = array[0] if array.ndim == 3 else array
-    if frame.shape != (rows, columns):
+    if array.shape != (rows, columns):
         raise ImageRefusedError("the pixel data does not match Rows and Columns")
-    return np.asarray(frame, dtype=np.float64)
+    return np.asarray(array, dtype=np.float64)
 
 
 def _modality_range(dataset: Dataset) -> tuple[float, float, float, float]:
