@@ -53,7 +53,7 @@ test-fast: venv ## every tier but the end-to-end tests
 
 .PHONY: fuzz
 fuzz: venv ## the FHIR fuzz suite, long form: 50,000 generated payloads (FHIR, Bundles, waveforms) through ingest
-	MEDMESH_FUZZ_EXAMPLES=$(or $(EXAMPLES),50000) $(BIN)/pytest tests/unit/test_ingest_fuzz.py -p no:cacheprovider
+	MEDMESH_FUZZ_EXAMPLES=$(or $(EXAMPLES),50000) $(BIN)/pytest tests/unit/test_ingest_fuzz.py tests/unit/test_dicom_fuzz.py -p no:cacheprovider
 
 .PHONY: bench
 bench: deps ## hops, pipeline, batching, router, ingest, tracing side by side (SERIES=...); docs/benchmarks/
