@@ -18,6 +18,7 @@ from rich.console import Console
 
 from medmesh_cli.bench.batching import batching_models_markdown, run_batching
 from medmesh_cli.bench.hop import cpu_count, run_hops
+from medmesh_cli.bench.imaging import imaging_markdown, run_imaging
 from medmesh_cli.bench.ingest import ingest_markdown, run_ingest
 from medmesh_cli.bench.pipeline import load_template, run_load, vitals_events
 from medmesh_cli.bench.plots import hops_plot, latency_plot
@@ -50,6 +51,10 @@ def bench(
     tracing_rate: Annotated[
         float, typer.Option(help="offered load per tracing series, events per second")
     ] = 60.0,
+    imaging_studies: Annotated[int, typer.Option(help="studies in the imaging series")] = 200,
+    imaging_concurrency: Annotated[
+        int, typer.Option(help="studies in flight in the imaging series' closed loop")
+    ] = 32,
     out: Annotated[
         Path | None, typer.Option(help="output folder (default docs/benchmarks)")
     ] = None,
@@ -62,7 +67,15 @@ def bench(
         selected = parse_series(series)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--series") from exc
-    sizes = Sizes(hop_messages, batch_tasks, router_messages, ingest_events, tracing_rate)
+    sizes = Sizes(
+        hop_messages,
+        batch_tasks,
+        router_messages,
+        ingest_events,
+        tracing_rate,
+        imaging_studies,
+        imaging_concurrency,
+    )
     target = out or repo_root() / "docs" / "benchmarks"
     target.mkdir(parents=True, exist_ok=True)
     in_process: dict[str, Any] = {}
@@ -112,6 +125,8 @@ class Sizes:
     router_messages: int
     ingest_events: int
     tracing_rate: float
+    imaging_studies: int = 200
+    imaging_concurrency: int = 32
 
 
 async def _measure_all(
@@ -149,6 +164,11 @@ async def _measure_all(
                 for version in spec.versions
             ]
         }
+    if "imaging" in selected:
+        console.print("imaging: direct Triton vs studies through the pipeline ...")
+        extra["imaging"] = await run_imaging(
+            stack, studies=sizes.imaging_studies, concurrency=sizes.imaging_concurrency
+        )
     if "router" in selected:
         console.print("router vs pass-through ...")
         extra["router"] = await run_router(stack, messages=sizes.router_messages)
@@ -248,6 +268,11 @@ def _markdown(report: dict[str, Any]) -> str:
     for key, heading, render in (
         ("worker", "The inference worker's own costs, in process (issue 17)", worker_path_markdown),
         ("batching", "Batching gain on Triton (issue 5)", batching_models_markdown),
+        (
+            "imaging",
+            "Imaging studies: pipeline vs direct Triton, and the time split (issue 19)",
+            imaging_markdown,
+        ),
         ("router", "Router vs a pass-through relay (issue 4, burst)", router_markdown),
         (
             "ingest",

@@ -7,6 +7,7 @@ ALL_SERIES = (
     "hop",
     "pipeline",
     "batching",
+    "imaging",
     "router",
     "ingest",
     "topology",
