@@ -31,8 +31,7 @@ from medmesh_inference.batch_handler import BatchHandler
 from medmesh_inference.batching import RetryPolicy, WorkerIdentity
 from medmesh_inference.circuit import CircuitBackoff, CircuitBreaker
 from medmesh_inference.heartbeat import HealthMonitor, HeartbeatSource
-from medmesh_inference.image_inputs import ImageInputs
-from medmesh_inference.pacs import Pacs
+from medmesh_inference.image_inputs import ImageInputs, pacs_client, servable_probe
 from medmesh_inference.settings import WorkerSettings
 from medmesh_inference.triton import TritonModel
 from medmesh_inference.worker import LoopTiming, TaskWorker
@@ -69,12 +68,8 @@ def create_app(settings: WorkerSettings) -> AsgiFastStream:
     status_out = runtime.broker.publisher(topics.MODELS_STATUS, title="worker heartbeats")
     task_topic = topics.model_task_topic(spec.name, version.version)
     triton = TritonModel.for_version(settings.triton_grpc_url, version)
-    pacs = Pacs(
-        settings.allowed_pacs_urls,
-        timeout_s=settings.pacs_timeout_ms / 1000,
-        max_attempts=settings.pacs_max_attempts,
-    )
-    images = ImageInputs(spec, pacs)
+    pacs = pacs_client(settings)
+    images = ImageInputs.for_model(spec, pacs)
     tasks_running: list[asyncio.Task[None]] = []
     batches = BatchHandler(
         spec,
@@ -83,12 +78,8 @@ def create_app(settings: WorkerSettings) -> AsgiFastStream:
         WorkerIdentity(producer, version.triton.model, str(version.triton.version), "unknown"),
         policy,
         tracer,
-        images if images.needed else None,
+        images,
     )
-
-    async def servable() -> bool:
-        # An image model waits for its PACS as for Triton (the circuit's probe).
-        return await triton.ready() and (not images.needed or await pacs.ready())
 
     def dead_letter(record: Any, reason: str) -> OutgoingRecord:
         log.warning(
@@ -108,7 +99,7 @@ def create_app(settings: WorkerSettings) -> AsgiFastStream:
         max_batch=settings.worker_max_batch or version.triton.max_batch_size,
         handle=batches.handle,
         dead_letter=dead_letter,
-        probe=servable,
+        probe=servable_probe(triton.ready, images),
         on_ready=batches.refresh_device_kind,
         breaker=CircuitBreaker(
             CircuitBackoff(

@@ -18,10 +18,9 @@ from opentelemetry import trace
 from medmesh_contracts.events import InferenceCompleted, RunInference, utc_now
 from medmesh_contracts.modelspec import ModelSpec, VersionSpec
 from medmesh_inference.batching import RetryPolicy, WorkerIdentity, score_tasks
-from medmesh_inference.image_inputs import ImageInputs
+from medmesh_inference.image_inputs import ImageInputs, prepare_in_span
 from medmesh_inference.metrics import VersionMetrics
 from medmesh_inference.outcomes import traced_outcomes
-from medmesh_inference.tensors import Images
 from medmesh_inference.triton import TritonModel
 from medmesh_inference.worker import Scored
 from medmesh_runtime.logging import get_logger
@@ -80,7 +79,7 @@ class BatchHandler:
                 "medmesh.model_version": self.version.version,
             },
         ) as batch_span:
-            prepared = await self._prepare_images(tasks)
+            prepared = await prepare_in_span(self.images, tasks, self.tracer)
             outcomes = await score_tasks(
                 tasks,
                 self.spec,
@@ -103,18 +102,3 @@ class BatchHandler:
             model_version=self.version.version,
         )
         return scored
-
-    async def _prepare_images(self, tasks: Sequence[RunInference]) -> list[Images] | None:
-        """The batch's images from the PACS, in a child span that says where the time went."""
-        if self.images is None:
-            return None
-        with self.tracer.start_as_current_span("inference.images") as span:
-            prepared, times = await self.images.prepare(tasks)
-            span.set_attributes(
-                {
-                    "medmesh.images": times.images,
-                    "medmesh.fetch_ms": round(times.fetch_ms, 3),
-                    "medmesh.preprocess_ms": round(times.preprocess_ms, 3),
-                }
-            )
-        return prepared

@@ -6,6 +6,12 @@ decoding and resizing are CPU work that must not stall the event loop, and the h
 A refused image becomes the task's ``ImageRefusedError``, which ``tensors.input_rows`` turns into
 an invalid-input failure with its reason; a PACS that stays unavailable raises
 ``ModelUnavailable`` for the whole batch, which the worker rewinds and waits out like Triton.
+
+The start-up pieces both topologies share (the worker's ``app`` and the monolith's ``startup``)
+are here too: the PACS client of the settings (``pacs_client``), a model's image inputs
+(``ImageInputs.for_model``), the readiness probe that asks the PACS beside Triton
+(``servable_probe``) and a batch's preparation in its ``inference.images`` span
+(``prepare_in_span``).
 """
 
 from __future__ import annotations
@@ -15,11 +21,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from opentelemetry.trace import Tracer
+
 from medmesh_contracts.events import ImageReference, RunInference
 from medmesh_contracts.modelspec import ImageSpec, ModelSpec
-from medmesh_inference.batching import ModelUnavailable
+from medmesh_inference.batching import Available, ModelUnavailable
 from medmesh_inference.imaging import ImageRefusedError, PreparedImage, image_tensor
 from medmesh_inference.pacs import Pacs, PacsUnavailable
+from medmesh_inference.settings import WorkerSettings
 from medmesh_inference.tensors import Images
 
 
@@ -40,6 +49,12 @@ class ImageInputs:
     pacs: Pacs
     concurrency: int = 4
     _slots: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def for_model(cls, spec: ModelSpec, pacs: Pacs) -> ImageInputs | None:
+        """The model's image inputs from ``pacs``; None when no version feeds an image."""
+        images = cls(spec, pacs)
+        return images if images.needed else None
 
     @property
     def needed(self) -> bool:
@@ -97,3 +112,42 @@ class ImageInputs:
         times.fetch_ms += (fetched - started) * 1000
         times.preprocess_ms += (time.perf_counter() - fetched) * 1000
         return prepared
+
+
+def pacs_client(settings: WorkerSettings) -> Pacs:
+    """The PACS client the settings allow: MEDMESH_PACS_URLS, MEDMESH_PACS_TIMEOUT_MS and
+    MEDMESH_PACS_MAX_ATTEMPTS."""
+    return Pacs(
+        settings.allowed_pacs_urls,
+        timeout_s=settings.pacs_timeout_ms / 1000,
+        max_attempts=settings.pacs_max_attempts,
+    )
+
+
+def servable_probe(triton_ready: Available, images: ImageInputs | None) -> Available:
+    """Whether a version can be served: Triton serves it and, for an image model, the PACS
+    answers (an image model waits for its PACS as for Triton)."""
+
+    async def servable() -> bool:
+        return await triton_ready() and (images is None or await images.pacs.ready())
+
+    return servable
+
+
+async def prepare_in_span(
+    images: ImageInputs | None, tasks: Sequence[RunInference], tracer: Tracer
+) -> list[Images] | None:
+    """The batch's images from the PACS (None when the model reads none), in a child span of
+    the batch's that says where the time went; ModelUnavailable while the PACS is away."""
+    if images is None:
+        return None
+    with tracer.start_as_current_span("inference.images") as span:
+        prepared, times = await images.prepare(tasks)
+        span.set_attributes(
+            {
+                "medmesh.images": times.images,
+                "medmesh.fetch_ms": round(times.fetch_ms, 3),
+                "medmesh.preprocess_ms": round(times.preprocess_ms, 3),
+            }
+        )
+    return prepared

@@ -14,7 +14,8 @@ with the router's own start-up (``medmesh_router.startup``: seeded from the spec
 model the registry does not know; not written back). Registry changes made later, worker
 heartbeats and the rollout controller are the router service's: the monolith does not follow
 them. Tasks of every version in the specs are scored, each once Triton serves it (a worker's
-wait, ``medmesh_inference.circuit.wait_until_ready``, in ``startup.ready_stages``).
+wait, ``medmesh_inference.circuit.wait_until_ready``, in ``startup.ready_stages``); an image
+model's with its images fetched from the PACS (MEDMESH_PACS_URLS) as a worker fetches them.
 
 What the monolith promises less than the services: a 202 means the request is queued in this
 process, not stored in Kafka, so a crash loses what was queued; reports are produced with an
@@ -37,11 +38,12 @@ from medmesh_contracts import topics
 from medmesh_contracts.events import Producer
 from medmesh_contracts.modelspec import load_specs
 from medmesh_inference.batching import RetryPolicy
+from medmesh_inference.image_inputs import pacs_client
 from medmesh_ingest.app import create_app as create_ingest_app
 from medmesh_ingest.service import Outgoing
 from medmesh_monolith.pipeline import InProcessPipeline
 from medmesh_monolith.settings import SERVICE, MonolithSettings
-from medmesh_monolith.startup import load_routing, ready_stages, triton_models
+from medmesh_monolith.startup import circuit_backoff, load_routing, ready_stages, triton_models
 from medmesh_reporting.handling import ReportHandler
 from medmesh_router.readiness import Readiness
 from medmesh_router.state import RouterState
@@ -74,6 +76,8 @@ def create_app(
     state = RouterState(specs, Readiness(require_heartbeats=False))
     reports = ReportHandler(specs, producer, tracer, performer_display=settings.performer_display)
     tritons = triton_models(settings, specs)
+    # One PACS client for the process (MEDMESH_PACS_URLS ...), built as a worker builds its own.
+    pacs = pacs_client(settings)
     # Built at start, once routing is loaded and Triton serves every version.
     running: list[InProcessPipeline] = []
     started = time.monotonic()
@@ -88,7 +92,7 @@ def create_app(
         await load_routing(state, settings, producer, read_to_end)
         pipeline = InProcessPipeline(
             state=state,
-            stages=await ready_stages(settings, specs, tritons, producer),
+            stages=await ready_stages(settings, specs, tritons, producer, pacs),
             reports=reports,
             publish=publish,
             router_producer=producer,
@@ -98,6 +102,7 @@ def create_app(
             ),
             tracer=tracer,
             linger_s=settings.batch_wait_ms / 1000,
+            backoff=circuit_backoff(settings),
         )
         running.append(pipeline)
         pipeline.start(on_crash=_stop_process)
@@ -112,6 +117,7 @@ def create_app(
             await running[0].stop()
             for triton in tritons:
                 await triton.close()
+            await pacs.close()
 
     app = create_ingest_app(
         settings, service=SERVICE, publish_requests=accept, on_start=start, on_stop=stop

@@ -1,8 +1,12 @@
 """The stages after ingest, called in-process: route -> micro-batch on Triton -> report.
 
 Each stage is the services' own code: ``medmesh_router.routing.route`` over the router's
-``RouterState``, ``medmesh_inference.batching.score_tasks`` with the worker's ``TritonModel``,
-and ``medmesh_reporting.handling.ReportHandler``. What the services do with Kafka between the
+``RouterState``, ``medmesh_inference.batching.score_tasks`` with the worker's ``TritonModel``
+(for an image model after the worker's ``image_inputs.prepare_in_span`` has fetched and
+prepared the batch's images from the PACS), and ``medmesh_reporting.handling.ReportHandler``.
+A batch Triton or the PACS cannot serve (``ModelUnavailable``) waits, as a worker's does behind
+its circuit breaker (``circuit.wait_until_ready`` with the worker's ``servable_probe``), and is
+then served again whole: nothing is failed or published meanwhile. What the services do with Kafka between the
 stages is done here with one bounded asyncio queue per model version: the requests ingest is
 given (``publish_requests``) go to ``InProcessPipeline.accept`` one by one (routing, then the queue),
 and a batcher per version takes what is queued (up to the batch size, lingering like a worker for
@@ -40,6 +44,7 @@ from medmesh_contracts.events import (
 )
 from medmesh_contracts.modelspec import ModelSpec
 from medmesh_inference.batching import (
+    Available,
     Infer,
     ModelUnavailable,
     Outcome,
@@ -48,6 +53,8 @@ from medmesh_inference.batching import (
     destination,
     score_tasks,
 )
+from medmesh_inference.circuit import CircuitBackoff, CircuitBreaker, wait_until_ready
+from medmesh_inference.image_inputs import ImageInputs, prepare_in_span, servable_probe
 from medmesh_reporting.handling import ReportHandler
 from medmesh_router.routing import route
 from medmesh_router.state import RouterState
@@ -61,7 +68,6 @@ CONVERSATION_ID = "messaging.message.conversation_id"
 IN_PROCESS = "in-process:"
 # Publishes one record to an edge topic (topic, key, value, headers) and returns once acked.
 Publish = Callable[[str, bytes | None, bytes, Mapping[str, str]], Awaitable[None]]
-Available = Callable[[], Awaitable[bool]]
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,13 @@ class VersionStage:
     ready: Available
     identity: WorkerIdentity
     max_batch: int
+    # Fetches and prepares image inputs from the PACS (None: the model reads no image).
+    images: ImageInputs | None = None
+
+    @property
+    def servable(self) -> Available:
+        """The worker's readiness probe: Triton serves the version (and the PACS answers)."""
+        return servable_probe(self.ready, self.images)
 
 
 @dataclass(frozen=True)
@@ -122,6 +135,7 @@ class InProcessPipeline:
         linger_s: float,
         queue_size: int = 10_000,
         unavailable_pause_s: float = 0.5,
+        backoff: CircuitBackoff | None = None,
     ) -> None:
         self.state = state
         self.stages = {(s.spec.name, s.version): s for s in stages}
@@ -132,6 +146,8 @@ class InProcessPipeline:
         self.tracer = tracer
         self.linger_s = linger_s
         self.unavailable_pause_s = unavailable_pause_s
+        # The waits between readiness probes while a version cannot be served.
+        self.backoff = backoff or CircuitBackoff()
         self.queues: dict[tuple[str, int], asyncio.Queue[Pending]] = {
             key: asyncio.Queue(maxsize=queue_size) for key in self.stages
         }
@@ -243,7 +259,8 @@ class InProcessPipeline:
         return batch
 
     async def serve(self, stage: VersionStage, batch: Sequence[Pending]) -> None:
-        """Score one batch (waiting out Triton being away), then report or publish each outcome."""
+        """Score one batch (its images prepared first; waiting out Triton or the PACS being
+        away), then report or publish each outcome."""
         received_ns = time.time_ns()
         tasks = [p.task for p in batch]
         while True:
@@ -256,6 +273,7 @@ class InProcessPipeline:
                 },
             ) as batch_span:
                 try:
+                    prepared = await prepare_in_span(stage.images, tasks, self.tracer)
                     outcomes = await score_tasks(
                         tasks,
                         stage.spec,
@@ -264,11 +282,16 @@ class InProcessPipeline:
                         self.policy,
                         utc_now,
                         stage.ready,
+                        prepared,
                     )
                 except ModelUnavailable as exc:
-                    log.warning("Triton unavailable; the batch waits", error=str(exc)[:300])
-                    await asyncio.sleep(self.unavailable_pause_s)
-                    continue
+                    log.warning("version unavailable; the batch waits", error=str(exc)[:300])
+                    unavailable = True
+                else:
+                    unavailable = False
+            if unavailable:
+                await self._wait_until_servable(stage)
+                continue
             break
         self.scored += len(outcomes)
         link = trace.Link(batch_span.get_span_context())
@@ -278,6 +301,17 @@ class InProcessPipeline:
                 self._after_scoring(outcome, pending, stage, received_ns, len(batch), link)
             )
         await asyncio.gather(*sends)
+
+    async def _wait_until_servable(self, stage: VersionStage) -> None:
+        """Pause, then probe with the breaker's backoff until the version can be served again."""
+        await asyncio.sleep(self.unavailable_pause_s)
+        await wait_until_ready(
+            stage.servable,
+            CircuitBreaker(self.backoff, time.monotonic),
+            asyncio.sleep,
+            model=stage.spec.name,
+            version=stage.version,
+        )
 
     def _after_scoring(
         self,
