@@ -135,7 +135,8 @@ def _by_id(published: Published) -> dict[str, tuple[str, bytes | None, bytes, di
 async def test_an_image_task_is_scored_with_its_prepared_tensor_and_reported() -> None:
     """The monolith fetches the study's instance, scores the tensor the worker's preprocessing
     makes of it, and publishes a report Bundle."""
-    pacs, triton, published = FakePacs(), RecordingTriton(), []
+    pacs, triton = FakePacs(), RecordingTriton()
+    published: Published = []
     reference = pacs.store(1)
     pipeline = _pipeline(triton, pacs, published)
     await _serve(pipeline, [_image_request("c1", reference)], published)
@@ -154,7 +155,8 @@ async def test_an_image_task_is_scored_with_its_prepared_tensor_and_reported() -
 async def test_a_pacs_outage_makes_the_batch_wait_then_succeed_once() -> None:
     """While the PACS answers 503 nothing is scored or published; the batch then waits behind
     the PACS readiness probe and is served whole once: one report per task, none twice."""
-    pacs, triton, published = FakePacs(), RecordingTriton(), []
+    pacs, triton = FakePacs(), RecordingTriton()
+    published: Published = []
     requests = [_image_request("c1", pacs.store(1)), _image_request("c2", pacs.store(2))]
     attempts = MonolithSettings().pacs_max_attempts
     # Every retrieve's tries of the first preparation, then the first readiness probe.
@@ -172,7 +174,8 @@ async def test_a_pacs_outage_makes_the_batch_wait_then_succeed_once() -> None:
 async def test_a_refused_image_fails_with_its_reason_and_its_neighbour_is_reported() -> None:
     """A CT study and a missing instance become InferenceFailed on the failed topic with the
     refusal's reason; the good radiograph in the same batch is scored alone and reported."""
-    pacs, triton, published = FakePacs(), RecordingTriton(), []
+    pacs, triton = FakePacs(), RecordingTriton()
+    published: Published = []
     good = pacs.store(1)
     ct = pacs.store(3, modality="CT")
     missing = good.model_copy(update={"instance_uid": "1.2.3.4"})
