@@ -7,7 +7,7 @@ It writes, under deploy/triton/models/chest-opacity-cnn/: ``1/model.onnx``, ``me
 framework): im2col convolutions, a hand-written backward pass and Adam; fixed seeds and one BLAS
 thread, so re-running gives byte-identical files.
 
-Data: ``synthetic_radiograph(seed, opacity)`` of tests/fixtures/imaging/make_imaging_fixtures.py,
+Data: ``synthetic_radiograph(seed, opacity)`` of cli/src/medmesh_cli/devstack/radiographs.py,
 256 x 256 12-bit MONOCHROME2 images, half of them with a soft bright opacity in a lung field.
 Classes, in the order of the output columns: 0 ``no-opacity``, 1 ``opacity``. Every image has
 its own seed (``generator_seed``), far from the fixtures' (101-202), which are held out and must
@@ -311,7 +311,7 @@ def main() -> None:
     from threadpoolctl import threadpool_limits  # noqa: PLC0415 -- train group only
 
     # Imported here, not at the top (PLC0415): only a run needs the fixture generator.
-    from tests.fixtures.imaging import make_imaging_fixtures as generator  # noqa: PLC0415
+    from medmesh_cli.devstack import radiographs as generator  # noqa: PLC0415
 
     started = time.perf_counter()
     check_seeds(generator, 2 * (TRAIN_PER_CLASS + TEST_PER_CLASS))
@@ -413,7 +413,7 @@ against numerical gradients in tests/unit/test_chest_cnn.py), Adam (learning rat
 
 Synthetic only: {metrics["train_rows"]} training and {metrics["test_rows"]} held-out images, half
 per class, from `synthetic_radiograph(seed, opacity)` of
-tests/fixtures/imaging/make_imaging_fixtures.py. Each image has its own seed (from {SEED_BASE};
+cli/src/medmesh_cli/devstack/radiographs.py. Each image has its own seed (from {SEED_BASE};
 the training and held-out images take consecutive ranges) and none is a fixture's seed. The
 generator draws a chest-like picture from geometric shapes: a bright body outline on dark air,
 two darker elliptical lung fields, spine, heart shadow, evenly spaced rib-like bands, an

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medmesh_contracts.events import (
+    BodySiteCoding,
     FhirVersion,
     ImageReference,
     InferenceCompleted,
@@ -106,6 +107,9 @@ def chest_radiograph() -> ModelInput:
             study_uid="2.25.1001",
             series_uid="2.25.1002",
             instance_uid="2.25.1003",
+            body_site=BodySiteCoding(
+                system="http://snomed.info/sct", code="51185008", display="Thoracic structure"
+            ),
         ),
     )
 
@@ -153,7 +157,7 @@ def report_cases() -> dict[str, ReportCase]:
     deterioration = load_spec(ROOT / "deploy" / "models" / "deterioration.yaml")
     ecg = load_spec(ROOT / "deploy" / "models" / "ecg-rhythm.yaml")
     panel = panel_spec()
-    imaging = load_spec(ROOT / "tests" / "fixtures" / "imaging" / "chest-opacity.yaml")
+    imaging = load_spec(ROOT / "deploy" / "models" / "chest-opacity.yaml")
     full = make_request(
         encounter_reference="Encounter/enc-1", based_on_reference="ServiceRequest/sr-1"
     )

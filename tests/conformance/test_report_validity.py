@@ -180,10 +180,13 @@ def test_validation_errors_name_elements_not_values(deterioration: ModelSpec) ->
     assert "987654321" not in str(raised.value)
 
 
+THORAX = {"system": "http://snomed.info/sct", "code": "51185008", "display": "Thoracic structure"}
+
+
 @pytest.mark.parametrize(("fhir_version", "element"), [("R4B", "imagingStudy"), ("R5", "study")])
 def test_an_imaging_report_references_the_study_it_read(fhir_version: str, element: str) -> None:
     """The DiagnosticReport of an image model names its ImagingStudy (R4B imagingStudy, R5
-    study), and each finding Observation is derived from it."""
+    study), and each finding Observation is derived from it and names the series' body site."""
     case = report_cases()[f"chest-opacity-opacity-{fhir_version.lower()}"]
     resources = [e["resource"] for e in case.build()["entry"]]
     (report,) = [r for r in resources if r["resourceType"] == "DiagnosticReport"]
@@ -192,5 +195,6 @@ def test_an_imaging_report_references_the_study_it_read(fhir_version: str, eleme
     assert observations
     for observation in observations:
         assert {"reference": "ImagingStudy/cxr-1"} in observation["derivedFrom"]
+        assert observation["bodySite"] == {"coding": [THORAX]}
     others = report_cases()[f"deterioration-v1-{fhir_version.lower()}"].build()
     assert element not in others["entry"][0]["resource"]

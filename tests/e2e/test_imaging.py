@@ -1,66 +1,45 @@
 """Imaging end to end: a study announced in FHIR is fetched from a real PACS, scored on Triton by
 the chest-opacity CNN and reported.
 
-A separate stack (its own ports and state) serves deploy/models/*.yaml plus the imaging spec
-tests/fixtures/imaging/chest-opacity.yaml; Triton loads deploy/triton/models (chest-opacity-cnn
-among them) and the stack's Orthanc holds the studies, stored by STOW-RS from the synthetic
-radiograph generator. Nothing but the spec is added: the services are the same code as always.
+A separate stack (its own ports and state) serves deploy/models/*.yaml, the imaging spec
+chest-opacity.yaml among them; Triton loads deploy/triton/models (chest-opacity-cnn among them)
+and the stack's Orthanc holds the studies, stored by STOW-RS from the synthetic radiograph
+generator.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import shutil
 import uuid
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from medmesh_cli.devstack.paths import repo_root, run_dir
-from medmesh_cli.devstack.stack import Stack, StackConfig
-from medmesh_cli.devstack.studies import StudyIdentity, build_radiograph, stow
-from medmesh_contracts import topics
-from tests.conformance.report_checks import check_report_bundle
-from tests.e2e.conftest import E2E_PORT_BASE, Record, TopicTap, e2e_ports
-from tests.fixtures.imaging.make_imaging_fixtures import (
+from medmesh_cli.devstack.paths import run_dir
+from medmesh_cli.devstack.radiographs import (
     CLEAR_FIXTURE_SEEDS,
     OPACITY_FIXTURE_SEEDS,
     synthetic_radiograph,
 )
+from medmesh_cli.devstack.stack import Stack, StackConfig
+from medmesh_cli.devstack.studies import StudyIdentity, build_radiograph, imaging_study, stow
+from medmesh_contracts import topics
+from tests.conformance.report_checks import check_report_bundle
+from tests.e2e.conftest import E2E_PORT_BASE, Record, TopicTap, e2e_ports
 
-ROOT = Path(__file__).resolve().parents[2]
-IMAGING_SPEC = ROOT / "tests" / "fixtures" / "imaging" / "chest-opacity.yaml"
-STUDY_TEMPLATE = ROOT / "tests" / "fixtures" / "fhir" / "imaging" / "imaging-study-dx.json"
 IMAGING_PORT_BASE = E2E_PORT_BASE + 600
 OPACITY = "radiographic-opacity"
-
-
-def _specs(tmp: Path) -> Path:
-    specs = tmp / "specs"
-    specs.mkdir()
-    for spec in [*(repo_root() / "deploy" / "models").glob("*.yaml"), IMAGING_SPEC]:
-        shutil.copy2(spec, specs / spec.name)
-    return specs
 
 
 def _study_resource(
     identity: StudyIdentity, patient: str, dicomweb_url: str, modality: str = "DX"
 ) -> dict[str, Any]:
     """The ImagingStudy announcing ``identity``'s study, its endpoint the stack's PACS."""
-    study: dict[str, Any] = copy.deepcopy(json.loads(STUDY_TEMPLATE.read_text()))
-    study["id"] = f"cxr-{uuid.uuid4().hex[:8]}"
-    study["contained"][0]["address"] = dicomweb_url
-    study["identifier"][0]["value"] = f"urn:oid:{identity.study_uid}"
-    study["subject"]["reference"] = f"Patient/{patient}"
-    series = study["series"][0]
-    series["uid"] = identity.series_uid
-    series["modality"]["code"] = modality
-    series["instance"][0]["uid"] = identity.sop_uid
-    return study
+    resource_id = f"cxr-{uuid.uuid4().hex[:8]}"
+    return imaging_study(identity, resource_id, patient, dicomweb_url, modality)
 
 
 def _resources(record: Record) -> dict[str, list[dict[str, Any]]]:
@@ -94,7 +73,7 @@ async def _announce(client: httpx.AsyncClient, study: dict[str, Any]) -> httpx.R
     )
 
 
-async def test_a_study_announced_in_fhir_gets_a_report_from_the_cnn(tmp_path: Path) -> None:
+async def test_a_study_announced_in_fhir_gets_a_report_from_the_cnn() -> None:
     """Radiographs with and without an opacity, announced as ImagingStudy, are fetched from
     Orthanc, scored by the CNN on Triton and reported with the finding only where the opacity
     is; each report is valid and derived from its study. A CT study is refused with an
@@ -107,7 +86,6 @@ async def test_a_study_announced_in_fhir_gets_a_report_from_the_cnn(tmp_path: Pa
             state_dir=state,
             kafka_heap="512m",
             partitions=1,
-            specs_dir_override=_specs(tmp_path),
         )
     )
     try:

@@ -15,10 +15,10 @@ import numpy.typing as npt
 import pytest
 
 from medmesh_cli.devstack import studies
+from medmesh_cli.devstack.radiographs import synthetic_radiograph
 from medmesh_cli.devstack.stack import Stack
 from medmesh_cli.devstack.studies import StudyIdentity, build_radiograph
 from medmesh_runtime import dicomweb
-from tests.fixtures.imaging.make_imaging_fixtures import synthetic_radiograph
 
 
 def _pixels(seed: int) -> npt.NDArray[np.uint16]:
@@ -97,7 +97,7 @@ def test_wado_returns_the_pixels_that_were_sent(
 
 
 def test_project_radiograph_with_an_opacity_round_trips(stack: Stack) -> None:
-    """A study of the project's synthetic radiograph (tests/fixtures/imaging, with an opacity)
+    """A study of the project's synthetic radiograph (medmesh_cli.devstack.radiographs, with an opacity)
     is stored by STOW-RS and read back by WADO-RS pixel for pixel."""
     pixels = synthetic_radiograph(7, opacity=True)
     identity = StudyIdentity.new()
@@ -109,7 +109,7 @@ def test_project_radiograph_with_an_opacity_round_trips(stack: Stack) -> None:
 
 def test_demo_studies_are_seeded_at_start(stack: Stack) -> None:
     """The stack seeded the demo studies, with the UIDs derived from their seeds, and their
-    pixels are the placeholder images."""
+    pixels are the generator's held-out images."""
     url = stack.config.dicomweb_url
     expected = [studies.demo_identity(seed) for seed, _ in studies.DEMO_STUDIES]
     assert stack.seeded_studies == expected
@@ -119,7 +119,7 @@ def test_demo_studies_are_seeded_at_start(stack: Stack) -> None:
         ds = studies.retrieve_instance(
             url, identity.study_uid, identity.series_uid, identity.sop_uid
         )
-        np.testing.assert_array_equal(ds.pixel_array, studies.placeholder_radiograph(seed, opacity))
+        np.testing.assert_array_equal(ds.pixel_array, synthetic_radiograph(seed, opacity))
 
 
 def test_stow_of_something_that_is_not_dicom_is_refused(stack: Stack) -> None:

@@ -13,14 +13,20 @@ from typing import Any
 import httpx
 import pytest
 
-from medmesh_contracts.events import ImageReference, PatientReadingsUpdated, RequestInference
+from medmesh_contracts.events import (
+    BodySiteCoding,
+    ImageReference,
+    PatientReadingsUpdated,
+    RequestInference,
+)
 from medmesh_ingest.settings import IngestSettings
-from tests.service.conftest import FIXTURES, REPO, SPECS_DIR
+from tests.service.conftest import FIXTURES, SPECS_DIR
 from tests.service.test_ingest_app import Harness, running
 
 IMAGING = FIXTURES / "imaging"
 PACS = "http://pacs.test:8042/dicom-web"
 OTHER_PACS = "http://pacs-b.test/dicom-web"
+SNOMED = "http://snomed.info/sct"
 R4B = {"content-type": "application/fhir+json"}
 R5 = {"content-type": "application/fhir+json; fhirVersion=5.0"}
 
@@ -31,12 +37,9 @@ def settings(specs_dir: Path = SPECS_DIR, **overrides: Any) -> IngestSettings:
 
 
 @pytest.fixture
-def specs_dir(tmp_path: Path) -> Path:
-    """The deployed specs plus chest-opacity (still beside the imaging fixtures)."""
-    for spec in SPECS_DIR.glob("*.yaml"):
-        shutil.copy(spec, tmp_path / spec.name)
-    shutil.copy(REPO / "tests" / "fixtures" / "imaging" / "chest-opacity.yaml", tmp_path)
-    return tmp_path
+def specs_dir() -> Path:
+    """The deployed specs, chest-opacity among them."""
+    return SPECS_DIR
 
 
 @pytest.fixture
@@ -77,7 +80,11 @@ async def test_r4b_study_posted_becomes_a_chest_opacity_request(ingest: Harness)
     assert image_input.observed_at is not None
     assert image_input.observed_at.isoformat() == "2026-12-05T09:30:00+00:00"
     assert image_input.image == ImageReference(
-        dicomweb_url=PACS, study_uid="2.25.1001", series_uid="2.25.1002", instance_uid="2.25.1003"
+        dicomweb_url=PACS,
+        study_uid="2.25.1001",
+        series_uid="2.25.1002",
+        instance_uid="2.25.1003",
+        body_site=BodySiteCoding(system=SNOMED, code="51185008", display="Thoracic structure"),
     )
     assert request.subject_reference == "Patient/imaging-1"
     (state,) = ingest.captured.states
@@ -95,7 +102,11 @@ async def test_r5_study_posted_becomes_a_chest_opacity_request(ingest: Harness) 
     request = _image_request(ingest)
     assert request.source.fhir_version == "R5"
     assert request.inputs[0].image == ImageReference(
-        dicomweb_url=PACS, study_uid="2.25.2001", series_uid="2.25.2002", instance_uid="2.25.2003"
+        dicomweb_url=PACS,
+        study_uid="2.25.2001",
+        series_uid="2.25.2002",
+        instance_uid="2.25.2003",
+        body_site=BodySiteCoding(system=SNOMED, code="51185008"),
     )
 
 
@@ -112,8 +123,13 @@ async def test_transaction_with_study_and_order_uses_the_named_study(ingest: Har
     request = _image_request(ingest)
     assert request.based_on_reference == "ServiceRequest/order-cxr-1"
     assert request.subject_reference == "Patient/imaging-3"
-    assert request.inputs[0].image == ImageReference(
-        dicomweb_url=PACS, study_uid="2.25.3001", series_uid="2.25.3002", instance_uid="2.25.3003"
+    image = request.inputs[0].image
+    assert image is not None
+    assert (image.dicomweb_url, image.study_uid, image.series_uid, image.instance_uid) == (
+        PACS,
+        "2.25.3001",
+        "2.25.3002",
+        "2.25.3003",
     )
 
 
@@ -175,6 +191,39 @@ async def test_study_without_endpoint_uses_the_default_pacs(ingest: Harness) -> 
     assert image.dicomweb_url == PACS
 
 
+async def test_study_without_endpoint_is_fetched_from_its_sources_own_pacs(
+    specs_dir: Path,
+) -> None:
+    """A named source with its own DICOMweb base: its studies naming no endpoint are fetched
+    from that base, not the first allowed one; the default source's from the first."""
+    study = _fixture("imaging-study-dx.json")
+    del study["contained"], study["endpoint"]
+    sources = {"radiology": {"token": "radiology-token", "dicomweb_url": f"{OTHER_PACS}/"}}
+    configured = settings(
+        specs_dir,
+        pacs_urls=f"{PACS},{OTHER_PACS}",
+        ingest_tokens="default-token",
+        ingest_sources=sources,
+    )
+    async with running(configured) as harness:
+        for token in ("radiology-token", "default-token"):
+            headers = {**R4B, "authorization": f"Bearer {token}"}
+            response = await _post(harness, study, "/fhir/ImagingStudy", headers=headers)
+            assert response.status_code == 202, response.text
+        bases = [
+            RequestInference.model_validate_json(raw).inputs[0].image
+            for raw in harness.captured.requests
+        ]
+    assert [b.dicomweb_url if b else None for b in bases] == [OTHER_PACS, PACS]
+
+
+def test_a_sources_pacs_outside_the_allowlist_stops_ingest_at_start() -> None:
+    """A source whose dicomweb_url is not one of MEDMESH_PACS_URLS is a settings error."""
+    sources = {"radiology": {"token": "radiology-token", "dicomweb_url": OTHER_PACS}}
+    with pytest.raises(ValueError, match="must be one of MEDMESH_PACS_URLS"):
+        settings(pacs_urls=PACS, ingest_sources=sources)
+
+
 async def test_study_without_endpoint_or_configured_pacs_is_refused(specs_dir: Path) -> None:
     """Without MEDMESH_PACS_URLS a study naming no endpoint has no usable one: 422."""
     study = _fixture("imaging-study-dx.json")
@@ -213,10 +262,12 @@ async def test_batch_refuses_only_the_unreadable_study(ingest: Harness) -> None:
     assert _image_request(ingest).inputs[0].source_reference == "ImagingStudy/cxr-r4b"
 
 
-async def test_study_when_no_imaging_model_is_deployed_causes_nothing() -> None:
-    """With only the deployed (non-imaging) specs, a study is 200 and sends nothing, like an
+async def test_study_when_no_imaging_model_is_deployed_causes_nothing(tmp_path: Path) -> None:
+    """With only non-imaging specs deployed, a study is 200 and sends nothing, like an
     Observation no model reads."""
-    async with running(settings(pacs_urls=PACS)) as harness:
+    for spec in ("deterioration.yaml", "ecg-rhythm.yaml"):
+        shutil.copy(SPECS_DIR / spec, tmp_path / spec)
+    async with running(settings(tmp_path, pacs_urls=PACS)) as harness:
         response = await _post(harness, _fixture("imaging-study-dx.json"), "/fhir/ImagingStudy")
         assert harness.captured.requests == []
         assert harness.captured.states == []

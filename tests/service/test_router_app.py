@@ -139,8 +139,8 @@ async def test_empty_registry_is_seeded_from_the_spec_and_audited() -> None:
         await router.started()
         await router.stopping()
     seeded = {d.model: d.weights for d in map(ModelDeployment.model_validate_json, registry)}
-    assert seeded == {"deterioration": {1: 100}, "ecg-rhythm": {1: 100}}
-    assert [LifecycleDecision.model_validate_json(a).action for a in audit] == ["seed", "seed"]
+    assert seeded == {"deterioration": {1: 100}, "ecg-rhythm": {1: 100}, "chest-opacity": {1: 100}}
+    assert [LifecycleDecision.model_validate_json(a).action for a in audit] == ["seed"] * 3
 
 
 async def test_state_is_rebuilt_from_the_registry_records() -> None:

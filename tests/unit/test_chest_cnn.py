@@ -1,7 +1,7 @@
 """The committed imaging model deploy/triton/models/chest-opacity-cnn (a demonstration).
 
 It is trained by deploy/training/train_chest_cnn.py on synthetic radiograph-like images of
-tests/fixtures/imaging/make_imaging_fixtures.py; CI never retrains it. These tests check the
+cli/src/medmesh_cli/devstack/radiographs.py; CI never retrains it. These tests check the
 committed files: the checksum against metrics.json, the graph against config.pbtxt (parsed with
 Triton's own ModelConfig protobuf), the held-out fixture images through the preprocessing the
 model card documents (written here again in numpy) with onnxruntime, and the rendering of the
@@ -23,6 +23,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from medmesh_cli.devstack import radiographs as generator
 from medmesh_cli.devstack.model_repository import render_model_repository, repository_models
 from medmesh_cli.devstack.onnx_runner import OnnxSession, run_requests
 from tests.modules import load_file
@@ -34,7 +35,6 @@ MODEL = "chest-opacity-cnn"
 MODEL_DIR = REPOSITORY / MODEL
 ONNX_PATH = MODEL_DIR / "1" / "model.onnx"
 TRAINING = ROOT / "deploy" / "training" / "train_chest_cnn.py"
-GENERATOR = ROOT / "tests" / "fixtures" / "imaging" / "make_imaging_fixtures.py"
 # onnxruntime, protobuf and tritonclient ship no type information: loaded untyped.
 onnxruntime: Any = importlib.import_module("onnxruntime")
 text_format: Any = importlib.import_module("google.protobuf.text_format")
@@ -43,7 +43,6 @@ model_config_pb2: Any = importlib.import_module("tritonclient.grpc.model_config_
 INPUT, OUTPUT = "IMAGE", "PROBABILITIES"
 NO_OPACITY, OPACITY = 0, 1
 
-generator = load_file(GENERATOR, "make_imaging_fixtures_under_test")
 FIXTURES = [(seed, True, OPACITY) for seed in generator.OPACITY_FIXTURE_SEEDS] + [
     (seed, False, NO_OPACITY) for seed in generator.CLEAR_FIXTURE_SEEDS
 ]

@@ -293,16 +293,3 @@ def test_stow_posts_multipart_dicom_and_checks_every_instance_was_stored(
     with pytest.raises(studies.StowError, match="1 of 2 instances stored, 1 failed") as caught:
         studies.stow("http://pacs/dicom-web", datasets)
     assert "SYNTHETIC" not in str(caught.value)
-
-
-def test_placeholder_radiograph_fits_and_shows_its_opacity() -> None:
-    """The seeded placeholder images are 256x256, within 12 bits, the same for the same seed,
-    and the one with an opacity is brighter where the opacity is."""
-    clear = studies.placeholder_radiograph(1, opacity=False)
-    again = studies.placeholder_radiograph(1, opacity=False)
-    shaded = studies.placeholder_radiograph(1, opacity=True)
-    np.testing.assert_array_equal(clear, again)
-    assert clear.shape == (256, 256)
-    assert int(clear.max()) <= studies.MAX_PIXEL
-    patch = (slice(136, 146), slice(72, 82))
-    assert shaded[patch].mean() > clear[patch].mean() + 500

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from medmesh_contracts.events import FhirVersion, ImageReference, Producer
+from medmesh_contracts.events import BodySiteCoding, FhirVersion, ImageReference, Producer
 from medmesh_contracts.modelspec import ModelSpec
 from medmesh_ingest.extraction import Extraction, extract
 from medmesh_ingest.imaging import PacsPolicy
@@ -23,7 +23,7 @@ from medmesh_ingest.validation import parse
 REPO = Path(__file__).resolve().parents[2]
 IMAGING = REPO / "tests" / "fixtures" / "fhir" / "imaging"
 SPEC = ModelSpec.model_validate(
-    yaml.safe_load((REPO / "tests" / "fixtures" / "imaging" / "chest-opacity.yaml").read_text())
+    yaml.safe_load((REPO / "deploy" / "models" / "chest-opacity.yaml").read_text())
 )
 SPECS = {SPEC.name: SPEC}
 PACS = "http://pacs.test:8042/dicom-web"
@@ -121,6 +121,23 @@ def test_r5_body_site_as_a_body_structure_reference_qualifies() -> None:
     study = _study("imaging-study-cr-r5.json")
     study["series"][0]["bodySite"] = {"reference": {"reference": "BodyStructure/x"}}
     assert _image(_extract(study, version="R5")).instance_uid == "2.25.2003"
+
+
+THORAX = BodySiteCoding(
+    system="http://snomed.info/sct", code="51185008", display="Thoracic structure"
+)
+
+
+def test_the_series_body_site_rides_with_the_claim_check() -> None:
+    """An R4B series' bodySite Coding and an R5 one's CodeableReference concept become the
+    reference's body_site; an R5 BodyStructure reference alone gives none."""
+    assert _image(_extract(_study())).body_site == THORAX
+    r5 = _study("imaging-study-cr-r5.json")
+    assert _image(_extract(r5, version="R5")).body_site == BodySiteCoding(
+        system="http://snomed.info/sct", code="51185008"
+    )
+    r5["series"][0]["bodySite"] = {"reference": {"reference": "BodyStructure/x"}}
+    assert _image(_extract(r5, version="R5")).body_site is None
 
 
 def test_other_body_site_is_refused_naming_the_rule_not_the_values() -> None:

@@ -132,12 +132,13 @@ def test_config_serves_every_spec_version_on_cpu(
 
 def test_bands_of_the_models_are_the_spec_bands() -> None:
     """The specs declare exactly the band values the models emit: deterioration 0-3 (RISK_BAND),
-    ecg-rhythm 0-2 (RHYTHM_BAND: regular, irregular, unreadable)."""
+    ecg-rhythm 0-2 (RHYTHM_BAND: regular, irregular, unreadable); chest-opacity reports findings,
+    no band."""
     bands = {
         name: sorted({b.index for v in spec.versions for b in getattr(v.headline, "bands", ())})
         for name, spec in SPECS.items()
     }
-    assert bands == {"deterioration": [0, 1, 2, 3], "ecg-rhythm": [0, 1, 2]}
+    assert bands == {"deterioration": [0, 1, 2, 3], "ecg-rhythm": [0, 1, 2], "chest-opacity": []}
 
 
 @pytest.mark.parametrize("model_file", MODEL_FILES, ids=lambda p: "/".join(p.parts[-3:-1]))

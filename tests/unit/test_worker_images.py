@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from medmesh_cli.devstack.radiographs import synthetic_radiograph
 from medmesh_cli.devstack.studies import StudyIdentity, build_radiograph, to_bytes
 from medmesh_contracts.events import (
     ImageReference,
@@ -29,10 +30,9 @@ from medmesh_inference.imaging import ImageRefusedError
 from medmesh_inference.pacs import Pacs, PacsUnavailable
 from medmesh_runtime.dicomweb import multipart_related
 from tests.factories import make_request, make_task
-from tests.fixtures.imaging.make_imaging_fixtures import synthetic_radiograph
 
 SPEC: ModelSpec = load_spec(
-    Path(__file__).resolve().parents[1] / "fixtures" / "imaging" / "chest-opacity.yaml"
+    Path(__file__).resolve().parents[2] / "deploy" / "models" / "chest-opacity.yaml"
 )
 PACS_URL = "http://pacs.test/dicom-web"
 IDENTITY = WorkerIdentity(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -22,6 +23,7 @@ from medmesh_cli.bench.stats import markdown_table
 from medmesh_cli.devstack.overlay import with_overlay
 from medmesh_cli.devstack.paths import repo_root, run_dir
 from medmesh_cli.devstack.stack import Stack, StackConfig
+from medmesh_cli.devstack.studies import DEMO_STUDIES, imaging_study
 from medmesh_cli.models import models_app
 from medmesh_cli.ops import commands as ops
 from medmesh_cli.reports import summarize
@@ -199,7 +201,9 @@ async def _serve(stack: Stack, demo: bool, signals: StopSignals) -> None:
     signals.on_stop = request_stop
     stopped = asyncio.create_task(stop.wait())
     watcher = asyncio.create_task(_watch_reports(config.bootstrap))
-    sender = asyncio.create_task(_send_demo(config.ingest_url)) if demo else None
+    sender = (
+        asyncio.create_task(_send_demo(config.ingest_url, demo_studies(stack))) if demo else None
+    )
     tasks = {stopped, watcher, *([sender] if sender is not None else [])}
     refused = ""
     tick = 0
@@ -232,9 +236,27 @@ async def _serve(stack: Stack, demo: bool, signals: StopSignals) -> None:
 WIND_DOWN_S = 3.0
 
 
-async def _send_demo(ingest_url: str) -> None:
+def demo_studies(stack: Stack) -> list[dict[str, Any]]:
+    """The ImagingStudy resources ``up --demo`` announces: one per study the stack seeded in its
+    PACS (a held-out synthetic radiograph without, then one with an opacity), each read by the
+    chest-opacity CNN."""
+    return [
+        imaging_study(
+            identity,
+            f"demo-cxr-{seed}",
+            f"demo-cxr-{'opacity' if opacity else 'clear'}",
+            stack.config.dicomweb_url,
+        )
+        for (seed, opacity), identity in zip(DEMO_STUDIES, stack.seeded_studies, strict=True)
+    ]
+
+
+async def _send_demo(ingest_url: str, studies: list[dict[str, Any]]) -> None:
     await asyncio.sleep(1.0)  # let the report consumer join before the first report lands
     await _send_files(ingest_url, sample_events())
+    async with httpx.AsyncClient(base_url=ingest_url, timeout=30) as client:
+        for study in studies:
+            await _post(client, f"ImagingStudy/{study['id']}", json.dumps(study).encode())
 
 
 # Every 3 s the stack takes in model versions added to the specs and model folders (hot deploy).
@@ -263,17 +285,20 @@ REPORT_ROW = "{:<16} {:<14} {:<7} {:<12} {:<11} {:>10}"
 async def _send_files(ingest_url: str, files: list[Path]) -> None:
     async with httpx.AsyncClient(base_url=ingest_url, timeout=30) as client:
         for path in files:
-            sent = time.perf_counter()
-            response = await client.post(
-                "/fhir",
-                content=path.read_bytes(),
-                headers={"content-type": "application/fhir+json"},
-            )
-            ids = [i for i in response.headers.get(h.CORRELATION_ID, "").split(",") if i]
-            for correlation_id in ids:
-                SENT_AT[correlation_id] = sent
-            summary = answer_summary(response.json())[:160]
-            console.print(f"[cyan]sent[/] {path.name}: HTTP {response.status_code} {summary}")
+            await _post(client, path.name, path.read_bytes())
+
+
+async def _post(client: httpx.AsyncClient, name: str, body: bytes) -> None:
+    """POST one FHIR resource or Bundle to ingest's /fhir and print the answer."""
+    sent = time.perf_counter()
+    response = await client.post(
+        "/fhir", content=body, headers={"content-type": "application/fhir+json"}
+    )
+    ids = [i for i in response.headers.get(h.CORRELATION_ID, "").split(",") if i]
+    for correlation_id in ids:
+        SENT_AT[correlation_id] = sent
+    summary = answer_summary(response.json())[:160]
+    console.print(f"[cyan]sent[/] {name}: HTTP {response.status_code} {summary}")
 
 
 def answer_summary(body: dict[str, Any]) -> str:

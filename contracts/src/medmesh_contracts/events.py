@@ -63,19 +63,30 @@ class SourceContext(WireModel):
     ward: str | None = None
 
 
+class BodySiteCoding(WireModel):
+    """The anatomy an image shows, as the announcing ImagingStudy's series coded it (a FHIR
+    Coding, e.g. SNOMED CT 51185008 Thoracic structure)."""
+
+    system: str
+    code: str
+    display: str | None = None
+
+
 class ImageReference(WireModel):
     """Where one DICOM instance of an imaging study is: the claim check of an image input.
 
     Pixels never ride Kafka. The worker fetches the instance with WADO-RS from ``dicomweb_url``
     (which must be a PACS its settings allow: an event never makes a worker call an arbitrary
     host) and preprocesses it there; the SHA-256 of the bytes it read is reported with the
-    result. The UIDs identify images, not patients, and still stay out of logs.
+    result. The UIDs identify images, not patients, and still stay out of logs. ``body_site``
+    is the series' bodySite as announced (None: not coded), for the findings' Observation.bodySite.
     """
 
     dicomweb_url: str
     study_uid: str
     series_uid: str
     instance_uid: str
+    body_site: BodySiteCoding | None = None
 
 
 class ModelInput(WireModel):

@@ -5,8 +5,9 @@ Every instance is a Digital X-Ray (For Presentation) chest radiograph: MONOCHROM
 allocated, 12 stored, little-endian explicit VR, fresh 2.25 UIDs (derived from a seed when one is
 given, so the demo studies have the same UIDs on every start). The patient is visibly synthetic
 (``SYNTHETIC^PATIENT``, ids starting ``MEDMESH-SYNTH-``) with no birth date and no accession
-number. The pixels come from the caller: production code cannot import tests/, where the
-project's radiograph generator lives (tests/fixtures/imaging).
+number. The pixels come from the caller; the demo studies `medmesh up` seeds are the held-out
+images of the project's radiograph generator (``radiographs``), which the demonstration CNN
+classifies correctly. ``imaging_study`` is the FHIR ImagingStudy that announces a study.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from medmesh_cli.devstack import radiographs
 from medmesh_runtime.dicomweb import DICOM_JSON, multipart_parts, multipart_related
 
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -283,27 +285,12 @@ def retrieve_frame(
     return parts[0]
 
 
-def placeholder_radiograph(seed: int, opacity: bool, size: int = 256) -> npt.NDArray[np.uint16]:
-    """A plain radiograph-like image for the studies `medmesh up` seeds: two darker lung
-    fields on a brighter body, noise, and with ``opacity`` a brighter round patch in the right
-    lung. A placeholder: the project's generator (tests/fixtures/imaging, which production code
-    cannot import) replaces it once it moves where the CLI can use it; nothing is trained or
-    measured on these images."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    image = np.full((size, size), 2600.0)
-    for centre in (0.3, 0.7):
-        lung = ((x - centre) / 0.16) ** 2 + ((y - 0.5) / 0.3) ** 2 < 1.0
-        image[lung] = 900.0
-    if opacity:
-        blob = ((x - 0.3) ** 2 + (y - 0.55) ** 2) < 0.06**2
-        image[blob] = 2200.0
-    image += rng.normal(0.0, 60.0, image.shape)
-    return np.clip(image, 0, MAX_PIXEL).astype(np.uint16)
-
-
-# The studies `medmesh up` seeds: (seed, opacity). Their UIDs are derived from the seed.
-DEMO_STUDIES: tuple[tuple[int, bool], ...] = ((1, False), (2, True))
+# The studies `medmesh up` seeds: (generator seed, opacity), held-out images the model was never
+# trained on. Their UIDs are derived from the seed.
+DEMO_STUDIES: tuple[tuple[int, bool], ...] = (
+    (radiographs.CLEAR_FIXTURE_SEEDS[0], False),
+    (radiographs.OPACITY_FIXTURE_SEEDS[0], True),
+)
 
 
 def demo_identity(seed: int) -> StudyIdentity:
@@ -312,7 +299,7 @@ def demo_identity(seed: int) -> StudyIdentity:
 
 
 def seed_demo_studies(dicomweb_url: str) -> list[StudyIdentity]:
-    """Store the demo studies (one without, one with a placeholder opacity) by STOW-RS."""
+    """Store the demo studies (one without, one with a synthetic opacity) by STOW-RS."""
     identities: list[StudyIdentity] = []
     datasets: list[Dataset] = []
     for seed, opacity in DEMO_STUDIES:
@@ -320,7 +307,7 @@ def seed_demo_studies(dicomweb_url: str) -> list[StudyIdentity]:
         label = "opacity" if opacity else "clear"
         datasets.append(
             build_radiograph(
-                placeholder_radiograph(seed, opacity),
+                radiographs.synthetic_radiograph(seed, opacity),
                 identity,
                 description=f"Synthetic chest radiograph, {label} (medmesh demo)",
             )
@@ -328,3 +315,65 @@ def seed_demo_studies(dicomweb_url: str) -> list[StudyIdentity]:
         identities.append(identity)
     stow(dicomweb_url, datasets)
     return identities
+
+
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+MODALITY_DISPLAY = {"DX": "Digital Radiography", "CR": "Computed Radiography", "CT": "CT"}
+THORAX = {"system": "http://snomed.info/sct", "code": "51185008", "display": "Thoracic structure"}
+
+
+def imaging_study(
+    identity: StudyIdentity,
+    resource_id: str,
+    patient: str,
+    dicomweb_url: str,
+    modality: str = "DX",
+    started: str = "2026-12-05T09:30:00Z",
+) -> dict[str, Any]:
+    """The FHIR ImagingStudy (R4B and R5 alike) announcing ``identity``'s one-instance chest
+    study: its PACS as a contained ``dicom-wado-rs`` Endpoint at ``dicomweb_url``, the study UID
+    as identifier, one series of ``modality`` over the thorax with the instance's SOP class."""
+    return {
+        "resourceType": "ImagingStudy",
+        "id": resource_id,
+        "contained": [
+            {
+                "resourceType": "Endpoint",
+                "id": "pacs",
+                "status": "active",
+                "connectionType": {
+                    "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
+                    "code": "dicom-wado-rs",
+                },
+                "payloadType": [{"text": "DICOM"}],
+                "address": dicomweb_url,
+            }
+        ],
+        "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{identity.study_uid}"}],
+        "status": "available",
+        "subject": {"reference": f"Patient/{patient}"},
+        "started": started,
+        "endpoint": [{"reference": "#pacs"}],
+        "series": [
+            {
+                "uid": identity.series_uid,
+                "number": 1,
+                "modality": {
+                    "system": DCM,
+                    "code": modality,
+                    "display": MODALITY_DISPLAY.get(modality, modality),
+                },
+                "bodySite": THORAX,
+                "instance": [
+                    {
+                        "uid": identity.sop_uid,
+                        "number": 1,
+                        "sopClass": {
+                            "system": "urn:ietf:rfc:3986",
+                            "code": f"urn:oid:{DX_FOR_PRESENTATION}",
+                        },
+                    }
+                ],
+            }
+        ],
+    }

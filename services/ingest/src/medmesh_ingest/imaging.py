@@ -18,10 +18,14 @@ one image each (the tensor is one preprocessed instance); reading several images
 (views, slices) would need a spec of how they combine, which no model has yet. The worker checks
 the instance's own DICOM header again (body part, rows and columns, which only the header gives).
 
+The series' first coded ``bodySite`` rides along (``ImageReference.body_site``) for the findings'
+Observation.bodySite.
+
 Where the worker fetches it: the first ``dicom-wado-rs`` Endpoint the series names, else the
 study (a contained ``#id`` or an entry of the same payload), whose ``address`` must be one of
 ``MEDMESH_PACS_URLS``, compared without a trailing slash; an event never makes the worker call
-an arbitrary host. A study naming no such endpoint is fetched from the first allowed base.
+an arbitrary host. A study naming no such endpoint is fetched from its source's own base
+(``dicomweb_url`` of a source in ``MEDMESH_INGEST_SOURCES``), else from the first allowed base.
 
 Refusals name FHIRPaths and the spec's own terms, never values from the payload: no UIDs (they
 identify images, not patients, and still stay out of answers and logs), no addresses.
@@ -31,10 +35,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from medmesh_contracts.events import ImageReference
+from medmesh_contracts.events import BodySiteCoding, ImageReference
 from medmesh_contracts.modelspec import Coding, InputSpec, SeriesCriteria
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -62,14 +66,31 @@ _ENDPOINT_REFERENCE = re.compile(r"(?:^|/)(Endpoint/[A-Za-z0-9\-.]{1,64})(?:/_hi
 @dataclass(frozen=True)
 class PacsPolicy:
     """The DICOMweb bases the worker may be sent to (``MEDMESH_PACS_URLS``); the first one is
-    the base of studies that name no endpoint."""
+    the base of studies that name no endpoint, unless their source has its own
+    (``by_source``: source name to base, each one of ``allowed``)."""
 
     allowed: tuple[str, ...] = ()
+    by_source: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_setting(cls, value: str) -> PacsPolicy:
         """The policy of a comma-separated list of bases (the setting's form)."""
         return cls(tuple(normalized(u) for u in value.split(",") if u.strip()))
+
+    def with_sources(self, bases: Mapping[str, str]) -> PacsPolicy:
+        """This policy with each named source's own default base (each must be allowed)."""
+        for name, base in bases.items():
+            if self.allows(base) is None:
+                raise ValueError(f"source {name!r}: its DICOMweb base is not an allowed PACS")
+        return replace(self, by_source={n: normalized(b) for n, b in bases.items()})
+
+    def for_source(self, source: str | None) -> PacsPolicy:
+        """The policy for a payload of ``source`` (None: the default source): its own base as
+        the default when it has one."""
+        base = self.by_source.get(source) if source is not None else None
+        if base is None:
+            return self
+        return PacsPolicy((base, *(a for a in self.allowed if a != base)), self.by_source)
 
     @property
     def default(self) -> str | None:
@@ -170,6 +191,7 @@ def read_study(
         study_uid=study_uid,
         series_uid=series.uid,
         instance_uid=instance.uid,
+        body_site=_body_site(series.bodySite),
     )
 
 
@@ -211,6 +233,16 @@ def _body_part_matches(body_site: Any, body_parts: Sequence[str]) -> bool:
             if snomed is not None and coding.system == SNOMED and coding.code == snomed:
                 return True
     return False
+
+
+def _body_site(body_site: Any) -> BodySiteCoding | None:
+    """The series' first bodySite coding with a system and a code (None: none coded)."""
+    for coding in _codings(body_site):
+        if coding.system and coding.code:
+            return BodySiteCoding(
+                system=str(coding.system), code=str(coding.code), display=coding.display
+            )
+    return None
 
 
 def _first_instance(series: Any, criteria: SeriesCriteria) -> Any:

@@ -23,7 +23,6 @@ from medmesh_contracts.events import (
 from medmesh_contracts.modelspec import load_specs
 from medmesh_ingest.auth import Authenticator, Source
 from medmesh_ingest.fetch import http_fetcher
-from medmesh_ingest.imaging import PacsPolicy
 from medmesh_ingest.inbound import DeliverRequests
 from medmesh_ingest.outcomes import TOO_LARGE, FhirRejected, too_large_outcome
 from medmesh_ingest.pseudonym import Pseudonymizer
@@ -86,7 +85,7 @@ class Ingest:
             lookback=timedelta(minutes=settings.readings_lookback_minutes),
             max_fetched=settings.max_fetched_resources,
             publish_timeout_s=settings.publish_timeout_s,
-            pacs=PacsPolicy.from_setting(settings.pacs_urls),
+            pacs=settings.pacs_policy(),
         )
 
     async def publish(

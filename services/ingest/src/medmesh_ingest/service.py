@@ -237,9 +237,10 @@ class IngestService:
                 except FhirRejected as rejected:
                     return Answer(rejected.status, rejected.outcome)
                 notes.extend(fetched_notes)
-        extraction = extract(payload.resources, self.specs, self.pacs)
+        pacs = self.pacs.for_source(context.source.source_system)
+        extraction = extract(payload.resources, self.specs, pacs)
         if extraction.rejections and payload.bundle_type == "batch" and context.answer_bundles:
-            payload, extraction = self._without_impossible(payload, extraction)
+            payload, extraction = self._without_impossible(payload, extraction, pacs)
         if extraction.rejections:
             return Answer(INVALID_FHIR, outcome(extraction.rejections))
         reply: BundleReply | None = None
@@ -289,7 +290,7 @@ class IngestService:
         return answers
 
     def _without_impossible(
-        self, payload: Payload, extraction: Extraction
+        self, payload: Payload, extraction: Extraction, pacs: PacsPolicy
     ) -> tuple[Payload, Extraction]:
         """A batch answered entry by entry: the entries holding impossible values, or imaging
         studies no deployed model can read, set aside (422 each), the others extracted again.
@@ -300,7 +301,7 @@ class IngestService:
         kept = [r for r in payload.resources if entry_of(r.expression) not in found]
         failed = sorted((*payload.failed, *found.values()), key=lambda f: f.index)
         # Impossible values and unreadable studies are found per entry: the kept hold none.
-        kept_extraction = extract(kept, self.specs, self.pacs)
+        kept_extraction = extract(kept, self.specs, pacs)
         return replace(payload, resources=kept, failed=tuple(failed)), kept_extraction
 
     # --- id-only notifications -----------------------------------------------------------------

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from medmesh_contracts.topics import READINGS_RETENTION_HOURS
+from medmesh_ingest.imaging import PacsPolicy
 from medmesh_runtime.settings import ServiceSettings
 from medmesh_runtime.smart import SmartClientSettings
 
@@ -46,6 +47,9 @@ class SourceSettings(BaseModel):
     fetch_token: SecretStr | None = None
     # Or SMART Backend Services (client credentials, signed JWT) for those fetches.
     fetch_smart: SmartClientSettings | None = None
+    # Its PACS: the DICOMweb base of its ImagingStudies that name no dicom-wado-rs Endpoint
+    # (one of MEDMESH_PACS_URLS).
+    dicomweb_url: str | None = None
 
 
 class IngestSettings(ServiceSettings):
@@ -89,7 +93,8 @@ class IngestSettings(ServiceSettings):
     # Or SMART Backend Services for it (JSON: token_url, client_id, private_key_file, scope...).
     source_smart: SmartClientSettings | None = None
     # DICOMweb bases (comma-separated) an ImagingStudy's dicom-wado-rs Endpoint may name; the
-    # first is the base of studies that name none. A study naming another is refused: an event
+    # first is the base of studies that name none, unless their source has its own
+    # (``dicomweb_url`` in MEDMESH_INGEST_SOURCES). A study naming another is refused: an event
     # never makes the worker call a host not listed here (the worker has the same allowlist).
     pacs_urls: str = ""
     fetch_timeout_s: float = Field(default=10.0, gt=0)
@@ -112,6 +117,28 @@ class IngestSettings(ServiceSettings):
     readings_max_bytes: int = Field(default=READINGS_MAX_BYTES, ge=16 * 1024 * 1024)
     # Read medmesh.ingest.readings to its end before serving (off only for in-memory tests).
     rebuild_readings_on_start: bool = True
+
+    @model_validator(mode="after")
+    def _source_pacs_are_allowed(self) -> IngestSettings:
+        allowed = PacsPolicy.from_setting(self.pacs_urls)
+        for name, source in self.ingest_sources.items():
+            if source.dicomweb_url is not None and allowed.allows(source.dicomweb_url) is None:
+                raise ValueError(
+                    f"source {name!r}: its dicomweb_url must be one of MEDMESH_PACS_URLS "
+                    "(the workers fetch only from those)"
+                )
+        return self
+
+    def pacs_policy(self) -> PacsPolicy:
+        """Where image readings may be fetched from: MEDMESH_PACS_URLS, and each source's own
+        default base."""
+        return PacsPolicy.from_setting(self.pacs_urls).with_sources(
+            {
+                name: source.dicomweb_url
+                for name, source in self.ingest_sources.items()
+                if source.dicomweb_url is not None
+            }
+        )
 
     @model_validator(mode="after")
     def _retention_covers_the_lookback(self) -> IngestSettings:

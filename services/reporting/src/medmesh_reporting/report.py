@@ -546,6 +546,9 @@ def _observation(
     observation |= {"effectiveDateTime": parts.effective_at, "issued": parts.issued_at, **value}
     if interpretation is not None:
         observation["interpretation"] = [interpretation]
+    body_sites = _body_sites(request)
+    if body_sites:
+        observation["bodySite"] = {"coding": body_sites}
     observation |= {
         **(reference_range or {}),
         "method": {"text": parts.version.algorithm},
@@ -802,6 +805,14 @@ def _imaging_studies(request: RequestInference) -> list[str]:
             and i.source_reference.startswith("ImagingStudy/")
         )
     )
+
+
+def _body_sites(request: RequestInference) -> list[JsonDict]:
+    """The anatomy the request's images show, as their series coded it, once each."""
+    sites = dict.fromkeys(
+        i.image.body_site for i in request.inputs if i.image is not None and i.image.body_site
+    )
+    return [site.model_dump(exclude_none=True) for site in sites if site is not None]
 
 
 def _instant(moment: datetime, what: str) -> str:
