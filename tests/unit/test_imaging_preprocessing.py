@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom import config
 from pydicom.dataset import Dataset
 
+from medmesh_cli.devstack.radiographs import synthetic_radiograph
 from medmesh_cli.devstack.studies import StudyIdentity, build_radiograph, to_bytes
 from medmesh_contracts.modelspec import (
     ImagePreprocessing,
@@ -25,10 +29,9 @@ from medmesh_inference.imaging import (
     image_tensor,
     linear_window,
 )
-from tests.fixtures.imaging.make_imaging_fixtures import synthetic_radiograph
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC_PATH = ROOT / "tests" / "fixtures" / "imaging" / "chest-opacity.yaml"
+SPEC_PATH = ROOT / "deploy" / "models" / "chest-opacity.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +150,24 @@ def test_refusals_name_the_attribute_never_its_value(image: ImageSpec) -> None:
         assert patient_id not in reason
 
 
+def test_values_that_break_their_vr_are_never_logged_or_warned_by_pydicom(
+    image: ImageSpec, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An instance whose read values break their VR is refused without pydicom logging or
+    warning them (its warnings quote the value: patient data, and a flood from a hostile file)."""
+    hostile = _radiograph(12)
+    marker = "not-a-code!"
+    with config.disable_value_validation():
+        hostile.Modality = "\\".join([marker] * 50)
+        data = to_bytes(hostile)
+    with warnings.catch_warnings(record=True) as warned, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")
+        reason = _refusal(data, image)
+    assert "Modality" in reason
+    assert [str(w.message) for w in warned] == []
+    assert marker not in caplog.text
+
+
 def test_an_instance_over_the_size_limit_is_refused_before_parsing() -> None:
     """More bytes than ``max_instance_bytes`` is refused without reading the instance."""
     tight = ImageSpec(
@@ -185,7 +206,7 @@ def test_worker_preprocessing_feeds_the_committed_model_what_it_was_trained_on(
     by the committed chest-opacity ONNX model (the worker and the training script agree)."""
     import onnxruntime  # noqa: PLC0415 -- only this test needs a session
 
-    from tests.fixtures.imaging.make_imaging_fixtures import (  # noqa: PLC0415
+    from medmesh_cli.devstack.radiographs import (  # noqa: PLC0415
         CLEAR_FIXTURE_SEEDS,
         OPACITY_FIXTURE_SEEDS,
     )

@@ -37,6 +37,12 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from medmesh_contracts.modelspec import ImagePreprocessing, ImageSpec, SeriesCriteria, WindowSpec
 
+# pydicom checks each value it converts against its VR and logs a warning per invalid value that
+# quotes the value: an invalid PatientName would reach the worker's log, and an instance with
+# thousands of malformed values would flood it (seconds in the log redaction, found by the fuzz).
+# The values this module reads are checked here, and refusals never quote them.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
 FloatImage = npt.NDArray[np.float64]
 # More pixels than this in one frame is refused before decoding (e.g. a mammogram's 4096 x 5000
 # fits; a whole-slide image does not belong in one tensor).
