@@ -15,8 +15,10 @@ from collections.abc import Callable
 
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from typer.testing import CliRunner
 
 from medmesh_cli.devstack.stack import Stack
+from medmesh_cli.main import app
 from medmesh_contracts import topics
 from medmesh_contracts.events import Producer, ReportUndeliverable, to_wire
 from medmesh_reporting.delivery import Deliverer, DeliveryBackoff, DeliveryLoop
@@ -26,6 +28,7 @@ from tests.factories import make_completed, make_request, make_task
 from tests.fhir_receiver import FhirTestServer
 
 REPORTS = 20
+runner = CliRunner()
 
 
 async def _wait(what: str, done: Callable[[], bool], timeout_s: float = 60.0) -> None:
@@ -36,7 +39,8 @@ async def _wait(what: str, done: Callable[[], bool], timeout_s: float = 60.0) ->
         await asyncio.sleep(0.1)
 
 
-async def _undeliverable(bootstrap: str, run: str) -> list[ReportUndeliverable]:
+async def _undeliverable(bootstrap: str, run: str) -> list[tuple[str, ReportUndeliverable]]:
+    """The undeliverable events of this run, each with its PARTITION:OFFSET."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed"
     )
@@ -55,7 +59,7 @@ async def _undeliverable(bootstrap: str, run: str) -> list[ReportUndeliverable]:
                 for record in records:
                     event = ReportUndeliverable.model_validate_json(record.value or b"")
                     if event.correlation_id.startswith(run):
-                        found.append(event)
+                        found.append((f"{record.partition}:{record.offset}", event))
         return found
     finally:
         await consumer.stop()
@@ -71,12 +75,16 @@ def _run_ids(server: FhirTestServer, run: str) -> list[str]:
 
 
 async def test_reports_reach_the_fhir_server_once_across_outage_and_restart(stack: Stack) -> None:
-    """Server down, then up, loop restarted: each report once; a refused one is undeliverable."""
+    """Server down, then up, loop restarted: each report once; a refused one is undeliverable,
+    and once the cause is fixed `medmesh dlq replay` of it (twice) stores it exactly once."""
     run = f"dlv-{uuid.uuid4().hex[:8]}"
     refused = f"{run}-07"
+    fixed = asyncio.Event()
     server = FhirTestServer(
         down_for=8,
-        reject_when=lambda b: "unknown patient" if refused in json.dumps(b) else None,
+        reject_when=lambda b: (
+            "unknown patient" if refused in json.dumps(b) and not fixed.is_set() else None
+        ),
     )
     producer = AIOKafkaProducer(bootstrap_servers=stack.config.bootstrap, acks="all")
     await producer.start()
@@ -109,17 +117,41 @@ async def test_reports_reach_the_fhir_server_once_across_outage_and_restart(stac
     try:
         await _wait("every report", lambda: len(_run_ids(server, run)) == REPORTS - 1)
         await asyncio.sleep(2.0)  # time for a duplicate to show up, were there one
+
+        delivered = _run_ids(server, run)
+        assert sorted(delivered) == sorted(f"{run}-{i:02d}" for i in range(REPORTS) if i != 7)
+        # At least once: a crash between publishing the event and committing its offset repeats
+        # it.
+        events = await _undeliverable(stack.config.bootstrap, run)
+        assert {e.correlation_id for _, e in events} == {refused}
+        position, event = events[0]
+        assert event.status_code == 422
+        assert event.operation_outcome is not None
+        assert event.report["identifier"]["value"] == refused
+
+        # The cause fixed, the entry is replayed twice (an operator's second try): delivered
+        # through the delivery-request topic, stored once.
+        fixed.set()
+        for _ in range(2):
+            replayed = await asyncio.to_thread(
+                runner.invoke,
+                app,
+                [
+                    "dlq",
+                    "replay",
+                    topics.REPORTS_UNDELIVERABLE,
+                    "--entry",
+                    position,
+                    "--bootstrap",
+                    stack.config.bootstrap,
+                ],
+            )
+            assert replayed.exit_code == 0, replayed.output
+            assert f"-> {topics.REPORTS_DELIVERY_REQUESTS}" in replayed.output
+        await _wait("the replayed report", lambda: refused in _run_ids(server, run))
+        await asyncio.sleep(2.0)  # time for a second copy to show up, were there one
     finally:
         second.cancel()
         await asyncio.gather(second, return_exceptions=True)
         await client.aclose()
-
-    delivered = _run_ids(server, run)
-    assert sorted(delivered) == sorted(f"{run}-{i:02d}" for i in range(REPORTS) if i != 7)
-    # At least once: a crash between publishing the event and committing its offset repeats it.
-    events = await _undeliverable(stack.config.bootstrap, run)
-    assert {e.correlation_id for e in events} == {refused}
-    event = events[0]
-    assert event.status_code == 422
-    assert event.operation_outcome is not None
-    assert event.report["identifier"]["value"] == refused
+    assert sorted(_run_ids(server, run)) == sorted(f"{run}-{i:02d}" for i in range(REPORTS))

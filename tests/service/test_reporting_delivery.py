@@ -13,7 +13,7 @@ from aiokafka import TopicPartition
 
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
-from medmesh_contracts.events import Producer, ReportUndeliverable
+from medmesh_contracts.events import DeliverReport, Producer, ReportUndeliverable, to_wire
 from medmesh_contracts.modelspec import ModelSpec, load_spec
 from medmesh_reporting.delivery import (
     Delivered,
@@ -158,8 +158,14 @@ async def test_token_is_sent_as_bearer(spec: ModelSpec) -> None:
 
 
 class _Record:
-    def __init__(self, offset: int, value: bytes, correlation_id: str) -> None:
-        self.topic = topics.REPORTS_DIAGNOSTIC
+    def __init__(
+        self,
+        offset: int,
+        value: bytes,
+        correlation_id: str,
+        topic: str = topics.REPORTS_DIAGNOSTIC,
+    ) -> None:
+        self.topic = topic
         self.partition = 0
         self.offset = offset
         self.key = b"pseudo"
@@ -264,3 +270,56 @@ async def test_a_report_the_deliverer_cannot_handle_is_refused_and_the_next_deli
     event = ReportUndeliverable.model_validate_json(value)
     assert event.correlation_id == "req-odd"
     assert "delivering raised 3 times" in event.reason
+
+
+async def test_a_delivery_request_delivers_its_report_once_however_often_it_is_sent(
+    spec: ModelSpec,
+) -> None:
+    """A DeliverReport command (a replayed undeliverable report) is delivered like a report;
+    sent twice, the server still holds one copy, and nothing is published but the commits."""
+    server = FhirTestServer()
+    consumer, kafka = _Consumer([]), _Kafka()
+    command = DeliverReport(
+        correlation_id="req-again",
+        producer=Producer(service="cli", instance="t"),
+        report=_report(spec, "req-again"),
+        replay_of=f"{topics.REPORTS_UNDELIVERABLE}/0/4",
+    )
+    requests = topics.REPORTS_DELIVERY_REQUESTS
+    consumer.records = [
+        _Record(offset, to_wire(command), "req-again", requests) for offset in (0, 1)
+    ]
+    loop = DeliveryLoop(
+        lambda: (consumer, kafka), _deliverer(server), Producer(service="reporting", instance="t")
+    )
+
+    assert await loop.process_batch(consumer, kafka) == 2
+
+    assert (loop.delivered, loop.undeliverable) == (2, 0)
+    assert kafka.sent == []
+    assert len(server.of_type("DiagnosticReport")) == 1
+
+
+async def test_a_delivery_request_that_is_no_command_is_undeliverable_without_its_values(
+    spec: ModelSpec,
+) -> None:
+    """A record on the delivery-request topic that is not a DeliverReport is recorded as
+    undeliverable, naming the invalid fields but quoting none of its values."""
+    consumer, kafka = _Consumer([]), _Kafka()
+    consumer.records = [
+        _Record(0, b'{"report": "Jane Doe 1970-01-01"}', "req-x", topics.REPORTS_DELIVERY_REQUESTS)
+    ]
+    loop = DeliveryLoop(
+        lambda: (consumer, kafka),
+        _deliverer(FhirTestServer()),
+        Producer(service="reporting", instance="t"),
+    )
+
+    assert await loop.process_batch(consumer, kafka) == 1
+
+    ((topic, value),) = kafka.sent
+    assert topic == topics.REPORTS_UNDELIVERABLE
+    event = ReportUndeliverable.model_validate_json(value)
+    assert event.reason.startswith("not a DeliverReport command: invalid at ")
+    assert "report" in event.reason
+    assert "Jane" not in event.reason

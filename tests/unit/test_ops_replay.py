@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 from medmesh_cli.main import app
 from medmesh_cli.ops import kafka_io
 from medmesh_cli.ops.connection import Connection
-from medmesh_cli.ops.dlq import replay_of
+from medmesh_cli.ops.dlq import REPLAY_HEADER, replay_of
+from medmesh_contracts import headers as h
 from medmesh_contracts import topics
-from medmesh_contracts.events import Producer, ReportUndeliverable, to_wire
+from medmesh_contracts.events import DeliverReport, Producer, ReportUndeliverable, to_wire
 
 runner = CliRunner()
 
@@ -35,29 +36,21 @@ def _undeliverable() -> dict[str, Any]:
     return loaded
 
 
-def test_an_undeliverable_report_is_not_replayed_as_a_second_report() -> None:
-    """replay_of refuses a ReportUndeliverable: sending it back would duplicate the report."""
-    with pytest.raises(ValueError, match="publish the report a second time"):
-        replay_of(_undeliverable(), b"pseudonym", "test")
-
-
-def test_replaying_the_undeliverable_topic_is_refused_before_kafka(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """`dlq replay medmesh.reports.undeliverable` exits 2 explaining why and what to do instead,
-    without opening a Kafka client."""
-
-    def no_kafka(*_args: Any, **_kwargs: Any) -> Any:
-        raise AssertionError("no Kafka client may be built")
-
-    monkeypatch.setattr(kafka_io, "consumer", no_kafka)
-    monkeypatch.setattr(kafka_io, "producer", no_kafka)
-    result = runner.invoke(app, ["dlq", "replay", topics.REPORTS_UNDELIVERABLE])
-    assert result.exit_code == 2
-    output = " ".join(result.output.split())
-    assert "publish the report a second time" in output
-    assert "medmesh-reporting-delivery" in output
-    assert "Undeliverable reports" in output
+def test_an_undeliverable_report_is_replayed_as_a_delivery_request_not_a_report() -> None:
+    """replay_of turns a ReportUndeliverable into a DeliverReport command on the delivery-request
+    topic (never back to medmesh.reports.diagnostic), same report, key and correlation id."""
+    event = _undeliverable()
+    replay = replay_of(event, b"pseudonym", "medmesh.reports.undeliverable/0/4")
+    assert replay.topic == topics.REPORTS_DELIVERY_REQUESTS
+    assert replay.key == b"pseudonym"
+    command = DeliverReport.model_validate_json(replay.value)
+    assert command.report == event["report"]
+    assert command.correlation_id == "c-1"
+    assert command.replay_of == "medmesh.reports.undeliverable/0/4"
+    headers = dict(replay.headers)
+    assert headers[h.SCHEMA] == b"medmesh.DeliverReport/1"
+    assert headers[h.CORRELATION_ID] == b"c-1"
+    assert headers[REPLAY_HEADER] == b"medmesh.reports.undeliverable/0/4"
 
 
 class FakeConsumer:
@@ -124,3 +117,31 @@ def test_an_entry_that_cannot_be_replayed_is_skipped_not_fatal(
         {TopicPartition(topics.FHIR_INVALID, 0): 1},
         {TopicPartition(topics.FHIR_INVALID, 0): 2},
     ]
+
+
+def test_replaying_the_undeliverable_topic_sends_delivery_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`dlq replay medmesh.reports.undeliverable` sends each report as a DeliverReport command to
+    medmesh.reports.delivery-requests and commits past it; nothing goes to the report topic."""
+    entries = [kafka_io.Entry(0, 3, 0, b"k", json.dumps(_undeliverable()).encode(), {})]
+    consumer, producer = FakeConsumer(), FakeProducer()
+
+    @asynccontextmanager
+    async def fake_consumer(_c: Connection, group_id: str | None = None) -> AsyncIterator[Any]:
+        yield consumer
+
+    @asynccontextmanager
+    async def fake_producer(_c: Connection) -> AsyncIterator[Any]:
+        yield producer
+
+    async def fake_read_range(*_args: Any, **_kwargs: Any) -> list[kafka_io.Entry]:
+        return entries
+
+    monkeypatch.setattr(kafka_io, "consumer", fake_consumer)
+    monkeypatch.setattr(kafka_io, "producer", fake_producer)
+    monkeypatch.setattr(kafka_io, "read_range", fake_read_range)
+    result = runner.invoke(app, ["dlq", "replay", topics.REPORTS_UNDELIVERABLE])
+    assert result.exit_code == 0, result.output
+    assert [topic for topic, _value in producer.sent] == [topics.REPORTS_DELIVERY_REQUESTS]
+    assert consumer.commits == [{TopicPartition(topics.REPORTS_UNDELIVERABLE, 0): 4}]

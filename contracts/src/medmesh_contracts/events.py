@@ -372,6 +372,25 @@ class ReportUndeliverable(Envelope):
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
 
+class DeliverReport(Envelope):
+    """Command to reporting: deliver this report to the hospital's FHIR server again.
+
+    Published on medmesh.reports.delivery-requests keyed by the patient pseudonym, e.g. by
+    ``medmesh dlq replay medmesh.reports.undeliverable`` once the cause is fixed. The report is
+    never published on medmesh.reports.diagnostic again (no second report for its readers), and
+    delivery creates conditionally on identifiers (no second copy on the server).
+    """
+
+    schema_id: Literal["medmesh.DeliverReport/1"] = Field(
+        default="medmesh.DeliverReport/1", alias="schema"
+    )
+    report: dict[str, Any]
+    # Where the command comes from, e.g. "medmesh.reports.undeliverable/0/42".
+    replay_of: str | None = None
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+
 ALL_EVENTS: tuple[type[Envelope], ...] = (
     RequestInference,
     RunInference,
@@ -382,6 +401,7 @@ ALL_EVENTS: tuple[type[Envelope], ...] = (
     WorkerHeartbeat,
     PatientReadingsUpdated,
     ReportUndeliverable,
+    DeliverReport,
 )
 
 

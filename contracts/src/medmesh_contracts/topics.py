@@ -26,6 +26,9 @@ MODELS_STATUS = "medmesh.models.status"
 INFERENCE_SHADOW_RESULTS = "medmesh.inference.shadow-results"
 # Reports a FHIR server refused or that could not be delivered, with the server's answer.
 REPORTS_UNDELIVERABLE = "medmesh.reports.undeliverable"
+# DeliverReport commands: reports to deliver to the FHIR server again (never published as reports
+# a second time), e.g. `medmesh dlq replay medmesh.reports.undeliverable` after a fix.
+REPORTS_DELIVERY_REQUESTS = "medmesh.reports.delivery-requests"
 # Ingest's per-patient latest readings (compacted, key = pseudonym + model), rebuilt on start;
 # states not updated within READINGS_RETENTION_HOURS are deleted.
 INGEST_READINGS = "medmesh.ingest.readings"
@@ -90,6 +93,7 @@ STATIC_TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(MODELS_STATUS, partitions=1, config=_HEARTBEATS),
     TopicSpec(INFERENCE_SHADOW_RESULTS),
     TopicSpec(REPORTS_UNDELIVERABLE, config=_KEEP_TWO_WEEKS),
+    TopicSpec(REPORTS_DELIVERY_REQUESTS, config=_KEEP_TWO_WEEKS),
     TopicSpec(INGEST_READINGS, config=_READINGS_STATE),
 )
 

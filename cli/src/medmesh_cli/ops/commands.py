@@ -19,7 +19,7 @@ from medmesh_cli.devstack.paths import run_dir
 from medmesh_cli.devstack.stack import StackConfig, service_specs
 from medmesh_cli.ops import kafka_io
 from medmesh_cli.ops.connection import BootstrapOption, Connection, ContextOption, connect
-from medmesh_cli.ops.dlq import DEAD_LETTER_TOPICS, NOT_REPLAYABLE, replay_of, summary
+from medmesh_cli.ops.dlq import DEAD_LETTER_TOPICS, replay_of, summary
 from medmesh_cli.ops.waterfall import hops, read_spans, render, spans_of, trace_ids_for
 
 console = Console()
@@ -142,13 +142,11 @@ def dlq_replay(
 ) -> None:
     """Send dead letters back to their source topic after a fix; each entry is replayed once.
 
-    An entry that cannot be replayed (its record kept only in part, or nothing to replay) is
-    skipped, saying why, and the command exits 1. medmesh.reports.undeliverable is refused
-    (exit 2): replaying a report would publish it twice."""
+    An undeliverable report is not published again: it becomes a DeliverReport command on
+    medmesh.reports.delivery-requests, which reporting delivers to the FHIR server (conditional
+    creates: one copy however often). An entry that cannot be replayed (its record kept only in
+    part, or nothing to replay) is skipped, saying why, and the command exits 1."""
     _check_topic(topic)
-    if topic in NOT_REPLAYABLE:
-        console.print(f"[bold red]refused:[/] {escape(NOT_REPLAYABLE[topic])}", soft_wrap=True)
-        raise typer.Exit(2)
     connection = connect(context, bootstrap)
     group = f"medmesh-dlq-replay.{topic}"
     skipped: list[str] = []

@@ -10,7 +10,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from medmesh_cli.models import PRODUCER
+from medmesh_contracts import headers as h
 from medmesh_contracts import topics
+from medmesh_contracts.events import DeliverReport, new_id, schema_of, to_wire
 
 # Every topic where medmesh parks what it could not process, and what each holds.
 DEAD_LETTER_TOPICS: dict[str, str] = {
@@ -23,26 +26,10 @@ DEAD_LETTER_TOPICS: dict[str, str] = {
 }
 REPLAY_HEADER = "medmesh-replay-of"
 
-# Dead-letter topics `medmesh dlq replay` refuses, and why (with what to do instead).
-#
-# An undeliverable report is already on medmesh.reports.diagnostic: the only topic it could go
-# back to. Sent there again, it would be a second report (every reader of reports would take it
-# twice; the FHIR server's conditional creates hide the duplicate from the server only). A safe
-# replay asks reporting to deliver that one report again through a delivery-request topic, which
-# reporting does not read yet (issue 20 item 6).
-NOT_REPLAYABLE: dict[str, str] = {
-    topics.REPORTS_UNDELIVERABLE: (
-        f"{topics.REPORTS_UNDELIVERABLE} is not replayed: each of its reports is already on"
-        f" {topics.REPORTS_DIAGNOSTIC}, and sending it back there would publish the report a"
-        " second time (a duplicate for every reader of reports). Redelivering one report needs a"
-        " delivery-request topic that reporting does not read yet. Instead: fix the cause"
-        f" (`medmesh dlq show {topics.REPORTS_UNDELIVERABLE}`), then move reporting's delivery"
-        " group (MEDMESH_DELIVERY_GROUP_ID, default medmesh-reporting-delivery) back to the"
-        f" report's offset on {topics.REPORTS_DIAGNOSTIC}: delivery is idempotent (conditional"
-        " creates), so the reports delivered since are not written twice (docs/deployment.md,"
-        " 'Undeliverable reports')."
-    ),
-}
+# An undeliverable report is already on medmesh.reports.diagnostic; sent back there it would be a
+# second report for every reader of reports. Its replay is a DeliverReport command instead, which
+# reporting's delivery reads from medmesh.reports.delivery-requests and delivers with the same
+# conditional creates: the server keeps one copy, and no reader sees the report twice.
 
 
 @dataclass(frozen=True)
@@ -73,8 +60,18 @@ def replay_of(event: dict[str, Any], key: bytes | None, origin: str) -> Replay:
 
     ValueError when the entry cannot be replayed safely or at all (the message says why)."""
     headers = [(REPLAY_HEADER, origin.encode())]
-    if "report" in event and "fhir_server" in event:  # ReportUndeliverable
-        raise ValueError(NOT_REPLAYABLE[topics.REPORTS_UNDELIVERABLE])
+    if "report" in event and "fhir_server" in event:  # ReportUndeliverable: deliver it again
+        command = DeliverReport(
+            correlation_id=str(event.get("correlation_id") or new_id()),
+            producer=PRODUCER,
+            report=event["report"],
+            replay_of=origin,
+        )
+        headers += [
+            (h.CORRELATION_ID, command.correlation_id.encode()),
+            (h.SCHEMA, schema_of(DeliverReport).encode()),
+        ]
+        return Replay(topics.REPORTS_DELIVERY_REQUESTS, key, to_wire(command), headers)
     if event.get("raw_truncated"):
         raise ValueError(
             f"this dead letter keeps only the start of a {event.get('raw_size')}-byte record"

@@ -10,8 +10,12 @@ no token (SMART Backend Services, ``medmesh_runtime.smart``), 408, 429 and 5xx a
 (doubling pauses, capped, or what the server's ``Retry-After`` asks when that is longer) until
 ``give_up_after_s``; any other answer is final. A report that is
 refused or given up on becomes a ``ReportUndeliverable`` event carrying the server's
-OperationOutcome. ``DeliveryLoop`` reads committed reports from medmesh.reports.diagnostic and
-commits each offset only after the report was delivered or recorded as undeliverable.
+OperationOutcome. ``DeliveryLoop`` reads committed reports from medmesh.reports.diagnostic, and
+``DeliverReport`` commands (a report to deliver again, e.g. replayed from the undeliverable topic
+after a fix) from medmesh.reports.delivery-requests, and commits each offset only after the
+report was delivered or recorded as undeliverable. A command's report is never published as a
+report again, and the conditional creates keep the server at one copy: a redelivery cannot
+duplicate a report.
 """
 
 from __future__ import annotations
@@ -28,10 +32,18 @@ from urllib.parse import quote
 
 import httpx
 from aiokafka import TopicPartition
+from pydantic import ValidationError
 
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
-from medmesh_contracts.events import Producer, ReportUndeliverable, new_id, schema_of, to_wire
+from medmesh_contracts.events import (
+    DeliverReport,
+    Producer,
+    ReportUndeliverable,
+    new_id,
+    schema_of,
+    to_wire,
+)
 from medmesh_reporting.handling import ConsumedRecord
 from medmesh_reporting.report import JsonDict
 from medmesh_runtime.kafka import message_headers, record_headers
@@ -186,6 +198,28 @@ def undeliverable_event(
     )
 
 
+# Reports as reporting published them, and reports asked to be delivered again.
+DELIVERED_FROM = [topics.REPORTS_DIAGNOSTIC, topics.REPORTS_DELIVERY_REQUESTS]
+
+
+def report_of(record: ConsumedRecord) -> tuple[JsonDict, Refused | None]:
+    """The report a record asks to deliver (a report, or a DeliverReport command's), or the
+    record's text and why it holds none."""
+    raw = {"raw": (record.value or b"").decode(errors="replace")}
+    if record.topic == topics.REPORTS_DELIVERY_REQUESTS:
+        try:
+            return DeliverReport.model_validate_json(record.value or b"").report, None
+        except ValidationError as exc:
+            # Field paths only: pydantic's own message quotes the input (patient data).
+            where = ", ".join(".".join(map(str, e["loc"])) or "(root)" for e in exc.errors())
+            return raw, Refused(f"not a DeliverReport command: invalid at {where[:200]}", 0)
+    try:
+        report = json.loads(record.value or b"")
+    except ValueError as exc:
+        return raw, Refused(f"not a JSON report: {exc}", 0)
+    return report, None
+
+
 class DeliveryConsumer(Protocol):
     """The part of an AIOKafkaConsumer (read_committed, no auto commit) used here."""
 
@@ -238,7 +272,7 @@ class DeliveryLoop:
             consumer, kafka = self._clients()
             try:
                 await kafka.start()
-                consumer.subscribe([topics.REPORTS_DIAGNOSTIC])
+                consumer.subscribe(DELIVERED_FROM)
                 await consumer.start()
                 while True:
                     await self.process_batch(consumer, kafka)
@@ -282,16 +316,16 @@ class DeliveryLoop:
     async def settle(self, record: ConsumedRecord, kafka: EventProducer) -> Outcome:
         """Deliver one report record; record it as undeliverable when the server does not take it."""
         correlation_id = record_headers(record).get(h.CORRELATION_ID) or new_id()
-        try:
-            report = json.loads(record.value or b"")
-        except ValueError as exc:
-            outcome: Outcome = Refused(f"not a JSON report: {exc}", 0)
-            report = {"raw": (record.value or b"").decode(errors="replace")}
-        else:
-            outcome = await self._delivered(report)
+        report, unreadable = report_of(record)
+        outcome = unreadable or await self._delivered(report)
         if isinstance(outcome, Delivered):
             self.delivered += 1
-            log.info("report delivered", correlation_id=correlation_id, attempts=outcome.attempts)
+            log.info(
+                "report delivered",
+                correlation_id=correlation_id,
+                attempts=outcome.attempts,
+                redelivery=record.topic == topics.REPORTS_DELIVERY_REQUESTS,
+            )
             return outcome
         event = undeliverable_event(
             report, outcome, self._deliverer.base_url, self._producer, correlation_id
