@@ -52,7 +52,7 @@ test-fast: venv ## every tier but the end-to-end tests
 	$(BIN)/pytest -m "not e2e"
 
 .PHONY: fuzz
-fuzz: venv ## the FHIR fuzz suite, long form: 50,000 generated payloads (FHIR, Bundles, waveforms) through ingest
+fuzz: venv ## the fuzz suites, long form: 50,000 generated FHIR payloads (resources, Bundles, waveforms) through ingest, and 50,000 mutated DICOM instances through the worker's image_tensor
 	MEDMESH_FUZZ_EXAMPLES=$(or $(EXAMPLES),50000) $(BIN)/pytest tests/unit/test_ingest_fuzz.py tests/unit/test_dicom_fuzz.py -p no:cacheprovider
 
 .PHONY: bench

@@ -48,15 +48,8 @@ from medmesh_inference.imaging import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-# The production spec; it moves from the imaging fixtures to deploy/models (issue 19).
-SPEC_PATH = next(
-    path
-    for path in (
-        ROOT / "deploy" / "models" / "chest-opacity.yaml",
-        ROOT / "tests" / "fixtures" / "imaging" / "chest-opacity.yaml",
-    )
-    if path.exists()
-)
+# The production spec.
+SPEC_PATH = ROOT / "deploy" / "models" / "chest-opacity.yaml"
 _IMAGE = load_spec(SPEC_PATH).input("chest_radiograph").image
 assert _IMAGE is not None
 IMAGE: ImageSpec = _IMAGE
