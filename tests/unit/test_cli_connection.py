@@ -6,11 +6,16 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
 
 from medmesh_cli import models
@@ -342,3 +347,51 @@ def test_status_checks_the_configured_endpoints_not_loopback(
     assert commands._ready("ingest", "http://ingest:8080")
     assert commands._ready("triton", "http://triton:8000")
     assert asked == ["http://ingest:8080/readyz", "http://triton:8000/v2/health/ready"]
+
+
+def _client_certificate(path: Path) -> None:
+    """A self-signed client certificate for CN=ops-alice, O=Example Hospital (its key beside it,
+    .key)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, "ops-alice"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example Hospital"),
+        ]
+    )
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    path.with_suffix(".key").write_bytes(key_pem)
+
+
+def test_the_audit_actor_is_the_principal_the_broker_authenticates(
+    contexts: Path, tmp_path: Path
+) -> None:
+    """SASL: the SASL user; a client certificate: its subject DN (Kafka's SSL principal);
+    PLAINTEXT: the OS user, marked unauthenticated."""
+    assert resolve("prod").principal() == "sasl:medmesh-ops"
+    assert resolve("filed").principal() == "sasl:ops"
+    _client_certificate(tmp_path / "client.pem")
+    contexts.write_text(
+        contexts.read_text()
+        + '\n[contexts.mtls]\nsecurity_protocol = "SSL"\nssl_certfile = "client.pem"\n'
+        + 'ssl_keyfile = "client.key"\n'
+    )
+    assert resolve("mtls").principal() == "mtls:O=Example Hospital,CN=ops-alice"
+    assert resolve().principal().startswith("unauthenticated:")
+

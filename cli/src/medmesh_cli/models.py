@@ -11,7 +11,6 @@ takes effect within moments; ``status`` asks the router (``GET /models``) for li
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
 import os
 import shutil
@@ -109,11 +108,6 @@ Repository = Annotated[
 PRODUCER = Producer(service="cli", instance=f"{socket.gethostname()}-{os.getpid()}")
 
 
-def actor() -> str:
-    """Who is acting: ``cli:<user>@<host>``."""
-    return f"cli:{getpass.getuser()}@{socket.gethostname()}"
-
-
 # --- registry I/O ------------------------------------------------------------------------------
 
 
@@ -182,7 +176,7 @@ def _change(
         current = (await read_registry(kafka)).get(name)
         if current is None:
             raise LifecycleError(f"model {name!r} is not in the registry")
-        now, who = utc_now(), actor()
+        now, who = utc_now(), kafka.principal()
         changed = transition(current, PRODUCER, now, who)
         await write_change(
             kafka, changed, decision(current, changed, action, who, reason, PRODUCER, now)
@@ -305,7 +299,7 @@ def deploy(
 
     async def run() -> ModelDeployment:
         await ensure_task_topic(kafka, spec.name, version)
-        now, who = utc_now(), actor()
+        now, who = utc_now(), kafka.principal()
         current = (await read_registry(kafka)).get(spec.name)
         if current is None:
             current = seed_deployment(spec.name, spec.routing.weights, PRODUCER, now, who, policy)

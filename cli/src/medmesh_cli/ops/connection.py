@@ -35,7 +35,9 @@ Passwords never sit in the file: only the name of a variable or of a file that h
 
 from __future__ import annotations
 
+import getpass
 import os
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from cryptography import x509
 from pydantic import ValidationError
 
 from medmesh_runtime.kafka import aiokafka_security
@@ -110,6 +113,23 @@ class Connection:
     def bootstrap(self) -> str:
         """The Kafka bootstrap servers."""
         return self.settings.kafka_bootstrap_servers
+
+    def principal(self) -> str:
+        """Who the broker authenticates this command as (the audit trail's actor):
+        ``sasl:<user>`` with SASL, ``mtls:<subject DN>`` with a client certificate (Kafka's own
+        SSL principal), else ``unauthenticated:<OS user>@<host>``: over PLAINTEXT (the dev stack)
+        the broker checks no one, and the record says so."""
+        settings = self.settings
+        if settings.kafka_security_protocol.startswith("SASL_") and settings.kafka_sasl_username:
+            return f"sasl:{settings.kafka_sasl_username}"
+        if settings.kafka_ssl_certfile is not None:
+            try:
+                pem = settings.kafka_ssl_certfile.read_bytes()
+                subject = x509.load_pem_x509_certificate(pem).subject.rfc4514_string()
+            except (OSError, ValueError) as exc:
+                raise ContextError(f"the client certificate names no subject: {exc}") from exc
+            return f"mtls:{subject}"
+        return f"unauthenticated:{getpass.getuser()}@{socket.gethostname()}"
 
     def security(self) -> dict[str, Any]:
         """Security arguments of a plain aiokafka client (consumer, producer, admin): the
