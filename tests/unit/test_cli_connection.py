@@ -394,4 +394,3 @@ def test_the_audit_actor_is_the_principal_the_broker_authenticates(
     )
     assert resolve("mtls").principal() == "mtls:O=Example Hospital,CN=ops-alice"
     assert resolve().principal().startswith("unauthenticated:")
-
