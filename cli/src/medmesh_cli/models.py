@@ -717,7 +717,7 @@ async def ensure_task_topic(kafka: Connection | str, model: str, version: int) -
         await consumer.stop()
     await create_topics(
         connection.bootstrap,
-        [topics.TopicSpec(topics.model_task_topic(model, version), partitions)],
+        [topics.task_topic_spec(model, version, partitions)],
         security=connection.security(),
     )
 

@@ -52,6 +52,8 @@ class TopicSpec:
     name: str
     partitions: int = 3
     config: dict[str, str] = field(default_factory=dict)
+    # The schema ids of the records it carries (the medmesh-schema header; docs/asyncapi.yaml).
+    carries: tuple[str, ...] = ()
 
 
 # Dead-letter and failure topics keep two weeks so ops can inspect and replay them.
@@ -78,23 +80,39 @@ _HEARTBEATS = {"cleanup.policy": "compact,delete", "retention.ms": str(24 * 3600
 # settings until altered (docs/deployment.md, "Operating a deployment").
 _KEEP_FOR_GOOD = {"retention.ms": "-1"}
 
+# Schema ids of payloads that are FHIR JSON rather than medmesh events (headers.FHIR_*).
+_FHIR = ("fhir.R4B+json", "fhir.R5+json")
+_DEAD_LETTER = ("medmesh.MessageDeadLettered/1",)
+
 STATIC_TOPICS: tuple[TopicSpec, ...] = (
-    TopicSpec(FHIR_INBOUND),
-    TopicSpec(FHIR_INVALID, config=_KEEP_TWO_WEEKS),
-    TopicSpec(INFERENCE_REQUESTS),
-    TopicSpec(INFERENCE_RESULTS),
-    TopicSpec(INFERENCE_FAILED, config=_KEEP_TWO_WEEKS),
-    TopicSpec(REPORTS_DIAGNOSTIC),
-    TopicSpec(ROUTER_DEADLETTER, config=_KEEP_TWO_WEEKS),
-    TopicSpec(INFERENCE_DEADLETTER, config=_KEEP_TWO_WEEKS),
-    TopicSpec(REPORTING_DEADLETTER, config=_KEEP_TWO_WEEKS),
-    TopicSpec(MODELS_REGISTRY, partitions=1, config=_COMPACTED),
-    TopicSpec(MODELS_AUDIT, partitions=1, config=_KEEP_FOR_GOOD),
-    TopicSpec(MODELS_STATUS, partitions=1, config=_HEARTBEATS),
-    TopicSpec(INFERENCE_SHADOW_RESULTS),
-    TopicSpec(REPORTS_UNDELIVERABLE, config=_KEEP_TWO_WEEKS),
-    TopicSpec(REPORTS_DELIVERY_REQUESTS, config=_KEEP_TWO_WEEKS),
-    TopicSpec(INGEST_READINGS, config=_READINGS_STATE),
+    TopicSpec(FHIR_INBOUND, carries=_FHIR),
+    TopicSpec(FHIR_INVALID, config=_KEEP_TWO_WEEKS, carries=("medmesh.FhirEventRejected/1",)),
+    TopicSpec(INFERENCE_REQUESTS, carries=("medmesh.RequestInference/1",)),
+    TopicSpec(INFERENCE_RESULTS, carries=("medmesh.InferenceCompleted/1",)),
+    TopicSpec(INFERENCE_FAILED, config=_KEEP_TWO_WEEKS, carries=("medmesh.InferenceFailed/1",)),
+    TopicSpec(REPORTS_DIAGNOSTIC, carries=_FHIR),
+    TopicSpec(ROUTER_DEADLETTER, config=_KEEP_TWO_WEEKS, carries=_DEAD_LETTER),
+    TopicSpec(INFERENCE_DEADLETTER, config=_KEEP_TWO_WEEKS, carries=_DEAD_LETTER),
+    TopicSpec(REPORTING_DEADLETTER, config=_KEEP_TWO_WEEKS, carries=_DEAD_LETTER),
+    TopicSpec(
+        MODELS_REGISTRY, partitions=1, config=_COMPACTED, carries=("medmesh.ModelDeployment/1",)
+    ),
+    TopicSpec(
+        MODELS_AUDIT, partitions=1, config=_KEEP_FOR_GOOD, carries=("medmesh.LifecycleDecision/1",)
+    ),
+    TopicSpec(
+        MODELS_STATUS, partitions=1, config=_HEARTBEATS, carries=("medmesh.WorkerHeartbeat/1",)
+    ),
+    TopicSpec(INFERENCE_SHADOW_RESULTS, carries=("medmesh.InferenceCompleted/1",)),
+    TopicSpec(
+        REPORTS_UNDELIVERABLE, config=_KEEP_TWO_WEEKS, carries=("medmesh.ReportUndeliverable/1",)
+    ),
+    TopicSpec(
+        REPORTS_DELIVERY_REQUESTS, config=_KEEP_TWO_WEEKS, carries=("medmesh.DeliverReport/1",)
+    ),
+    TopicSpec(
+        INGEST_READINGS, config=_READINGS_STATE, carries=("medmesh.PatientReadingsUpdated/1",)
+    ),
 )
 
 
@@ -102,8 +120,18 @@ def all_topics(
     model_versions: list[tuple[str, int]], partitions: int | None = None
 ) -> list[TopicSpec]:
     """Every topic the pipeline needs for the given deployed model versions."""
-    specs = [*STATIC_TOPICS, *(TopicSpec(model_task_topic(m, v)) for m, v in model_versions)]
+    specs = [*STATIC_TOPICS, *(task_topic_spec(m, v) for m, v in model_versions)]
     if partitions is None:
         return specs
     # Single-partition topics (registry, audit, status) stay single: their order is their meaning.
-    return [TopicSpec(s.name, partitions if s.partitions > 1 else 1, dict(s.config)) for s in specs]
+    return [
+        TopicSpec(s.name, partitions if s.partitions > 1 else 1, dict(s.config), s.carries)
+        for s in specs
+    ]
+
+
+def task_topic_spec(model: str, version: int, partitions: int = 3) -> TopicSpec:
+    """The task topic of one deployed model version (RunInference commands)."""
+    return TopicSpec(
+        model_task_topic(model, version), partitions, carries=("medmesh.RunInference/1",)
+    )
