@@ -811,3 +811,35 @@ def test_dockerfile_final_stage_is_pinned_non_root_and_has_a_healthcheck() -> No
     # The health check reads the same settings classes as the services.
     for module, (cls, port_field) in SERVICES.items():
         assert f'"{module}": ("{cls.__name__}", "{port_field}")' in final
+
+
+def _build_context_includes(path: str) -> bool:
+    """Whether .dockerignore sends ``path`` to the builder (its patterns in order, the last
+    match deciding, as Docker reads them; the allowlist uses plain paths and ``**/`` suffixes)."""
+    included = True
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        pattern = line.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        keep = pattern.startswith("!")
+        pattern = pattern.removeprefix("!")
+        name = pattern.removeprefix("**/").replace(".", r"\.").replace("*", ".*")
+        by_name = pattern.startswith("**/") and re.fullmatch(name, path.rsplit("/", 1)[-1])
+        if pattern in ("*", path) or path.startswith(pattern + "/") or by_name:
+            included = keep
+    return included
+
+
+def test_the_build_context_is_what_the_dockerfile_copies_and_nothing_secret() -> None:
+    """.dockerignore sends every path the Dockerfile copies from the context, and not .env, var/,
+    .venv, .git, tests or bytecode."""
+    sources = [
+        source
+        for args in re.findall(r"^COPY (?!--from)(?!<<)(.+)$", dockerfile(), re.M)
+        for source in args.split()[:-1]
+    ]
+    assert "contracts" in sources
+    assert [s for s in sources if not _build_context_includes(s.rstrip("/"))] == []
+    for private in (".env", "services/ingest/.env", "var", ".venv", ".git", "tests", ".tools"):
+        assert not _build_context_includes(private), private
+    assert not _build_context_includes("services/ingest/src/medmesh_ingest/__pycache__")
