@@ -115,7 +115,7 @@ spec:
       app.kubernetes.io/name: {name}
 """
 
-KAFKA_TOPIC = """apiVersion: kafka.strimzi.io/v1beta2
+KAFKA_TOPIC = """apiVersion: kafka.strimzi.io/v1
 kind: KafkaTopic
 metadata:
   name: {resource}

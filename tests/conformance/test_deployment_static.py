@@ -532,7 +532,7 @@ def test_custom_resources_have_the_structure_their_operators_need() -> None:
     kinds = {d["kind"] for d in docs if "strimzi" in d["apiVersion"] or "keda" in d["apiVersion"]}
     assert kinds == {"KafkaTopic", "KafkaUser", "ScaledObject", "TriggerAuthentication"}
     for topic in by_kind(docs, "KafkaTopic").values():
-        assert topic["apiVersion"] == "kafka.strimzi.io/v1beta2"
+        assert topic["apiVersion"] == "kafka.strimzi.io/v1"
         assert topic["metadata"]["labels"]["strimzi.io/cluster"]
         spec = topic["spec"]
         assert isinstance(spec["topicName"], str)
@@ -540,7 +540,7 @@ def test_custom_resources_have_the_structure_their_operators_need() -> None:
         assert isinstance(spec["replicas"], int)
         assert all(isinstance(v, str) for v in spec["config"].values())
     for user in by_kind(docs, "KafkaUser").values():
-        assert user["apiVersion"] == "kafka.strimzi.io/v1beta2"
+        assert user["apiVersion"] == "kafka.strimzi.io/v1"
         assert user["spec"]["authentication"]["type"] == "scram-sha-512"
     auths = by_kind(docs, "TriggerAuthentication")
     for scaled in by_kind(docs, "ScaledObject").values():
