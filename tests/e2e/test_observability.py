@@ -134,7 +134,8 @@ async def test_metrics_endpoint_counts_the_messages_a_service_processed(stack: S
 async def test_worker_metrics_show_per_version_requests_and_consumer_lag(
     stack: Stack, tap: TopicTap
 ) -> None:
-    """A worker's /metrics has per-version request counts and its group's lag per partition."""
+    """A worker's /metrics has per-version request counts and its group's lag per partition;
+    the router's has the request's task, the weights and the rollout step."""
     payload, _ = fixture_with_new_patient("vitals-bundle-low.json")
     async with httpx.AsyncClient(base_url=stack.config.ingest_url, timeout=30) as client:
         response = await client.post("/fhir", content=payload)
@@ -150,8 +151,15 @@ async def test_worker_metrics_show_per_version_requests_and_consumer_lag(
                 break
             await asyncio.sleep(0.5)
     assert 'medmesh_inference_requests_total{model="deterioration",model_version="1"' in text
-    assert "medmesh_inference_triton_duration_milliseconds_bucket" in text
+    assert "medmesh_inference_triton_duration_seconds_bucket" in text
     assert 'consumer_group="medmesh-worker-deterioration-v1"' in text
+    # The router that routed it counts tasks per version and reason, and shows the weights.
+    router = f"http://127.0.0.1:{stack.config.ports.router}/metrics"
+    async with httpx.AsyncClient(timeout=10) as client:
+        text = (await client.get(router)).text
+    assert 'medmesh_router_tasks_total{model="deterioration",model_version="1"' in text
+    assert 'medmesh_router_weight_percent{model="deterioration"' in text
+    assert 'medmesh_router_rollout_step{model="deterioration"' in text
 
 
 async def test_each_inbound_event_of_a_poll_keeps_its_own_trace(

@@ -34,9 +34,16 @@ def test_outcomes_batches_and_ages_are_counted_per_version() -> None:
     assert requests == {"completed": 2.0, "invalid-input": 1.0}
     assert any(line.startswith("medmesh_inference_batch_size") for line in lines)
     age_sum = next(
-        line for line in lines if line.startswith("medmesh_inference_request_age_milliseconds_sum")
+        line for line in lines if line.startswith("medmesh_inference_request_duration_seconds_sum")
     )
-    assert float(age_sum.rsplit(" ", 1)[1]) == 750.0
+    assert float(age_sum.rsplit(" ", 1)[1]) == 0.75
+    # Seconds in buckets made for them: a 250 ms age falls below the 0.5 s bound.
+    assert any(
+        line.startswith("medmesh_inference_request_duration_seconds_bucket")
+        and 'le="0.5"' in line
+        and line.endswith(" 3.0")
+        for line in lines
+    )
 
 
 def _samples(prefix: str, version: str) -> dict[str, float]:
@@ -68,7 +75,5 @@ def test_batches_add_up_per_outcome_and_only_completed_ones_time_triton() -> Non
     requests = _samples("medmesh_inference_requests_total", "8")
     assert sorted(requests.values()) == [2.0, 5.0]
     assert list(_samples("medmesh_inference_batch_size_count", "8").values()) == [2.0]
-    assert list(_samples("medmesh_inference_triton_duration_milliseconds_count", "8").values()) == [
-        1.0
-    ]
-    assert list(_samples("medmesh_inference_request_age_milliseconds_count", "8").values()) == [7.0]
+    assert list(_samples("medmesh_inference_triton_duration_seconds_count", "8").values()) == [1.0]
+    assert list(_samples("medmesh_inference_request_duration_seconds_count", "8").values()) == [7.0]

@@ -9,6 +9,26 @@ from medmesh_contracts.events import InferenceCompleted
 from medmesh_inference.batching import Outcome
 from medmesh_runtime.metrics import meter
 
+# 1 ms to 60 s: a lone NEWS2 row is scored in milliseconds, a request waiting out an outage in
+# seconds to a minute.
+SECONDS_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+
 
 class VersionMetrics:
     """Requests, failures, batch sizes, Triton time and request age for one model version."""
@@ -25,15 +45,19 @@ class VersionMetrics:
         self._batch = m.create_histogram(
             "medmesh.inference.batch_size", unit="{request}", description="Requests per Triton call"
         )
+        # Durations in seconds (OpenTelemetry's base unit), with buckets for their range: the
+        # SDK's default boundaries (0-10,000) are made for milliseconds.
         self._triton = m.create_histogram(
-            "medmesh.inference.triton_duration",
-            unit="ms",
+            "medmesh.inference.triton.duration",
+            unit="s",
             description="Triton call time per batch (retries included)",
+            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
         )
         self._age = m.create_histogram(
-            "medmesh.inference.request_age",
-            unit="ms",
+            "medmesh.inference.request.duration",
+            unit="s",
             description="From ingest's receipt of the request to its result",
+            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
         )
 
     def record(self, outcomes: Sequence[Outcome], now: datetime) -> None:
@@ -45,19 +69,18 @@ class VersionMetrics:
         labels = self._labels
         self._batch.record(len(outcomes), labels)
         kinds: dict[str, int] = {}
-        triton_ms: float | None = None
+        triton_s: float | None = None
         for outcome in outcomes:
             if isinstance(outcome, InferenceCompleted):
                 kind = "completed"
-                if triton_ms is None:
-                    triton_ms = outcome.inference_ms
+                if triton_s is None:
+                    triton_s = outcome.inference_ms / 1000
             else:
                 kind = outcome.error_kind
             kinds[kind] = kinds.get(kind, 0) + 1
-            age = (now - outcome.task.request.received_at).total_seconds() * 1000
-            self._age.record(age, labels)
-        if triton_ms is not None:
-            self._triton.record(triton_ms, labels)
+            self._age.record((now - outcome.task.request.received_at).total_seconds(), labels)
+        if triton_s is not None:
+            self._triton.record(triton_s, labels)
         for kind, count in kinds.items():
             self._outcomes.add(count, self._outcome_labels(kind))
 

@@ -24,6 +24,7 @@ from medmesh_contracts.lifecycle import LifecycleDecision, ModelDeployment
 from medmesh_router import startup
 from medmesh_router.analysis import Analysis, headlines
 from medmesh_router.followers import Followers
+from medmesh_router.metrics import RouterMetrics
 from medmesh_router.readiness import Readiness
 from medmesh_router.requests import RequestRouting
 from medmesh_router.rollout import Rollout
@@ -64,6 +65,7 @@ class Router:
         readiness = Readiness(require_heartbeats=settings.router_require_heartbeats)
         self.state = RouterState(self.catalog.specs, readiness)
         self.analysis = Analysis(headlines(self.catalog.specs), mirrored=self.state.mirrored)
+        metrics = RouterMetrics(self.state)
         self.rollout = Rollout(
             self.state,
             self.analysis,
@@ -72,6 +74,7 @@ class Router:
             self.publish_change,
             self.publish_audit,
             controller=settings.router_controller,
+            metrics=metrics,
         )
         self.registry_out = self.broker.publisher(topics.MODELS_REGISTRY, title="model registry")
         self.audit_out = self.broker.publisher(topics.MODELS_AUDIT, title="lifecycle audit")
@@ -79,7 +82,9 @@ class Router:
         dead_letters = DeadLetters(self.broker.publisher(topics.ROUTER_DEADLETTER), self.producer)
         self.followers = Followers(self.state, self.analysis, self.rollout, dead_letters, learn)
         self.followers.subscribe(self.broker)
-        routing = RequestRouting(self.state, self.producer, tracer, settings.router_group_id)
+        routing = RequestRouting(
+            self.state, self.producer, tracer, settings.router_group_id, metrics
+        )
         self.requests = TransactionalLoop(
             requests_clients
             or stage_clients(

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from medmesh_contracts import topics
 from medmesh_contracts.events import Producer, RunInference, schema_of, utc_now
+from medmesh_router.metrics import RouterMetrics
 from medmesh_router.routing import (
     NotARequestError,
     RoutedWire,
@@ -34,20 +35,31 @@ class RequestRouting:
     """Routes the records of a requests poll by the current routing tables."""
 
     def __init__(
-        self, state: RouterState, producer: Producer, tracer: Tracer, group_id: str
+        self,
+        state: RouterState,
+        producer: Producer,
+        tracer: Tracer,
+        group_id: str,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self.state = state
         self.producer = producer
         self.tracer = tracer
         self.group_id = group_id
+        self.metrics = metrics
 
     async def route_records(self, records: Sequence[Any]) -> list[list[OutgoingRecord]]:
         """Each request's tasks (or its dead letter), to commit with the poll's offsets."""
-        routed = [self._route_record(record) for record in records]
+        decided: list[tuple[str, list[RoutedWire]]] = []
+        routed = [self._route_record(record, decided) for record in records]
+        if self.metrics is not None:
+            self.metrics.routed(decided)
         log.info("requests routed", records=len(records), tasks=sum(len(out) for out in routed))
         return routed
 
-    def _route_record(self, record: Any) -> list[OutgoingRecord]:
+    def _route_record(
+        self, record: Any, decided: list[tuple[str, list[RoutedWire]]]
+    ) -> list[OutgoingRecord]:
         """Route one request on its key and headers, in its own trace (each request continues
         the trace in its headers: the poll has none of its own)."""
         with consumer_span(self.tracer, record, self.group_id):
@@ -65,6 +77,7 @@ class RequestRouting:
                     span.set_attribute("medmesh.shadow_copies", len(tasks) - 1)
             except (ValidationError, UnknownModelError, NotARequestError) as exc:
                 return [self.dead_letter(record, f"{type(exc).__name__}: {exc}")]
+            decided.append((key.model, tasks))
             # DEBUG: per request at the router's rate, the poll's summary is logged at INFO.
             log.debug(
                 "request routed",

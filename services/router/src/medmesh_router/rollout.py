@@ -27,6 +27,7 @@ from medmesh_contracts.lifecycle import (
 )
 from medmesh_router.analysis import Analysis
 from medmesh_router.controller import judge
+from medmesh_router.metrics import RouterMetrics
 from medmesh_router.state import RouterState
 
 # Publishes a new registry record and its audit event; publishes one audit event.
@@ -47,6 +48,7 @@ class Rollout:
         publish_audit: PublishAudit,
         *,
         controller: bool = True,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self.state = state
         self.analysis = analysis
@@ -56,6 +58,7 @@ class Rollout:
         self._publish_audit = publish_audit
         # Off: readiness is still audited, but no rollout is judged (one controller per fleet).
         self.controller = controller
+        self.metrics = metrics
         # When a "hold" was last audited per (model, revision, step): once per interval at most.
         self._last_hold: dict[tuple[str, int, int], float] = {}
 
@@ -107,6 +110,10 @@ class Rollout:
             return
         figures = self.figures(deployment, version, now)
         verdict = judge(deployment, figures, now)
+        if self.metrics is not None:
+            self.metrics.evaluated(
+                deployment.model, "pending" if verdict is None else verdict.action
+            )
         if verdict is None:
             return
         if verdict.action == "hold":
