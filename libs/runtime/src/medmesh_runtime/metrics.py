@@ -8,11 +8,14 @@ letters) with ``meter(...)``.
 from __future__ import annotations
 
 from opentelemetry import metrics
+from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import Meter
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from medmesh_runtime.otel import otlp_metrics_from_environment, service_resource
 
 PROMETHEUS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -20,14 +23,16 @@ _provider: MeterProvider | None = None
 
 
 def configure_metrics(service: str, instance: str) -> MeterProvider:
-    """The process's MeterProvider, read by Prometheus (created once per process)."""
+    """The process's MeterProvider, read by Prometheus (created once per process), and pushed
+    over OTLP too when OTEL_METRICS_EXPORTER names otlp (medmesh_runtime.otel)."""
     global _provider  # noqa: PLW0603 -- one Prometheus registry per process, like the tracer provider
     if _provider is None:
+        readers: list[MetricReader] = [PrometheusMetricReader()]
+        if otlp_metrics_from_environment():
+            # Endpoint and interval from OTEL_EXPORTER_OTLP_* and OTEL_METRIC_EXPORT_INTERVAL.
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
         _provider = MeterProvider(
-            resource=Resource.create(
-                {"service.name": f"medmesh-{service}", "service.instance.id": instance}
-            ),
-            metric_readers=[PrometheusMetricReader()],
+            resource=service_resource(service, instance), metric_readers=readers
         )
         metrics.set_meter_provider(_provider)
     return _provider

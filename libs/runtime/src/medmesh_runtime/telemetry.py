@@ -22,20 +22,19 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     SpanExporter,
     SpanExportResult,
 )
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Status
 from opentelemetry.util.types import Attributes, AttributeValue
 
 from medmesh_contracts import headers as h
 from medmesh_runtime.kafka import record_headers
 from medmesh_runtime.logging import REDACTED, is_patient_data_key, redact_text
+from medmesh_runtime.otel import otlp_traces_from_environment, service_resource, traces_sampler
 from medmesh_runtime.settings import ServiceSettings
 
 # --- patient data out of spans ---------------------------------------------------------------
@@ -220,17 +219,18 @@ def configure_tracing(
     otlp_endpoint: str | None = None,
     sample_ratio: float = 1.0,
 ) -> TracerProvider:
-    """Install and return the process's TracerProvider (parent-based ratio sampling)."""
+    """Install and return the process's TracerProvider (parent-based ratio sampling), the
+    standard OTEL_* variables honoured (medmesh_runtime.otel)."""
     provider = TracerProvider(
-        resource=Resource.create(
-            {"service.name": f"medmesh-{service}", "service.instance.id": instance}
-        ),
-        sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
+        resource=service_resource(service, instance), sampler=traces_sampler(sample_ratio)
     )
     if trace_file is not None:
         provider.add_span_processor(exporting(JsonLinesSpanExporter(trace_file)))
     if otlp_endpoint:
         provider.add_span_processor(exporting(OTLPSpanExporter(endpoint=otlp_endpoint)))
+    elif otlp_traces_from_environment():
+        # Endpoint, headers, certificate and timeout from the OTEL_EXPORTER_OTLP_* variables.
+        provider.add_span_processor(exporting(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     return provider
 
