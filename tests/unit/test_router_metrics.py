@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Literal
 
-from medmesh_contracts.events import Producer, RouteDecision, utc_now
+from medmesh_contracts.events import Producer, RouteDecision, WorkerHeartbeat, utc_now
 from medmesh_contracts.lifecycle import deploy_version, seed_deployment
 from medmesh_contracts.modelspec import load_spec
 from medmesh_router.metrics import RouterMetrics
@@ -68,3 +69,33 @@ def test_weights_and_the_rollout_step_are_read_from_the_state() -> None:
     assert step is not None
     evaluations = "medmesh_router_rollout_evaluations_total"
     assert _sample(text, evaluations, model=SPEC.name, verdict="pending") == 1.0
+
+
+def test_live_workers_are_shown_for_versions_that_ever_sent_a_heartbeat() -> None:
+    """A version with a ready worker's recent heartbeat shows 1; one never heard from shows
+    nothing (its workers may send none); once its only worker says it is stopping, 0."""
+    configure_metrics("test", "router-metrics-test")
+    state = RouterState({SPEC.name: SPEC}, Readiness())
+    RouterMetrics(state)
+    now = utc_now()
+    state.apply(seed_deployment(SPEC.name, {1: 100}, PRODUCER, now, "t"), now)
+    state.apply(deploy_version(state.deployments[SPEC.name], 2, PRODUCER, now, "t"), now)
+    beat = WorkerHeartbeat(
+        correlation_id="hb",
+        producer=PRODUCER,
+        model=SPEC.name,
+        model_version=1,
+        instance="w-1",
+        state="ready",
+        triton_ready=True,
+        interval_s=3.0,
+        sent_at=now,
+    )
+    state.readiness.observe(beat)
+    live = "medmesh_router_live_workers"
+    text = prometheus_text().decode()
+    assert _sample(text, live, model=SPEC.name, model_version="1") == 1.0
+    assert _sample(text, live, model=SPEC.name, model_version="2") is None
+    stopping = {"state": "stopping", "sent_at": now + timedelta(seconds=1)}
+    state.readiness.observe(beat.model_copy(update=stopping))
+    assert _sample(prometheus_text().decode(), live, model=SPEC.name, model_version="1") == 0.0

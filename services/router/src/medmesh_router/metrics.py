@@ -8,6 +8,8 @@
 - ``medmesh.router.weight`` (gauge): each version's effective share of traffic in percent.
 - ``medmesh.router.rollout.step`` (gauge): the step index of each model's rollout (-1 before the
   first), labelled with the rollout's phase and the version it rolls out.
+- ``medmesh.router.live_workers`` (gauge): the ready workers with a recent heartbeat of each
+  deployed version whose workers have ever sent one (0 then means its heartbeats stopped).
 
 Counts are added once per poll (or judgement), not per record: routing is the router's hot path.
 The gauges are read from the router's state when Prometheus scrapes: the state of the latest
@@ -22,6 +24,7 @@ from collections.abc import Iterable, Sequence
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from medmesh_contracts.events import utc_now
 from medmesh_router.routing import RoutedWire
 from medmesh_router.state import RouterState
 from medmesh_runtime.metrics import meter
@@ -56,6 +59,12 @@ class RouterMetrics:
             callbacks=[self._steps],
             unit="{step}",
             description="The rollout's step index per model (-1 before the first step)",
+        )
+        m.create_observable_gauge(
+            "medmesh.router.live_workers",
+            callbacks=[self._live_workers],
+            unit="{worker}",
+            description="Ready workers with a recent heartbeat, per version that ever sent one",
         )
 
     def routed(self, model_tasks: Iterable[tuple[str, Sequence[RoutedWire]]]) -> None:
@@ -98,3 +107,17 @@ class RouterMetrics:
                     "model_version": "" if rollout.version is None else str(rollout.version),
                 },
             )
+
+    @staticmethod
+    def _live_workers(_options: CallbackOptions) -> Iterable[Observation]:
+        state = RouterMetrics.observed
+        if state is None:
+            return
+        now = utc_now()
+        for model, deployment in list(state.deployments.items()):
+            for version in deployment.versions:
+                if state.readiness.seen(model, version.version):
+                    yield Observation(
+                        state.readiness.live_workers(model, version.version, now),
+                        {"model": model, "model_version": str(version.version)},
+                    )
