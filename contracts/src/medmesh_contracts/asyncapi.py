@@ -38,7 +38,11 @@ CONTRACT_VERSION = "1"
 # The parameterised channel of every model version's task topic.
 TASK_CHANNEL = "medmesh.model.{model}.v{version}.tasks"
 KAFKA_BINDING_VERSION = "0.5.0"
-FHIR_SPECIFICATION = {"R4B": "https://hl7.org/fhir/R4B/", "R5": "https://hl7.org/fhir/R5/"}
+FHIR_SPECIFICATION = {
+    "R4": "https://hl7.org/fhir/R4/",
+    "R4B": "https://hl7.org/fhir/R4B/",
+    "R5": "https://hl7.org/fhir/R5/",
+}
 
 
 def message_name(schema_id: str) -> str:

@@ -18,7 +18,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from medmesh_contracts import headers as h
 
 # The FHIR versions medmesh speaks: what a source sends in, and what its reports are written in.
-FhirVersion = Literal["R4B", "R5"]
+# R4 (4.0.1) was added within contract v1 (additive: a new value of the enum).
+FhirVersion = Literal["R4", "R4B", "R5"]
 
 
 def utc_now() -> datetime:

@@ -18,5 +18,6 @@ WARD = "medmesh-ward"
 SOURCE_SYSTEM = "medmesh-source-system"
 
 # Schema ids for payloads that are FHIR rather than medmesh events.
+FHIR_R4_JSON = "fhir.R4+json"
 FHIR_R4B_JSON = "fhir.R4B+json"
 FHIR_R5_JSON = "fhir.R5+json"

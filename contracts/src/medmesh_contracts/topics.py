@@ -81,7 +81,7 @@ _HEARTBEATS = {"cleanup.policy": "compact,delete", "retention.ms": str(24 * 3600
 _KEEP_FOR_GOOD = {"retention.ms": "-1"}
 
 # Schema ids of payloads that are FHIR JSON rather than medmesh events (headers.FHIR_*).
-_FHIR = ("fhir.R4B+json", "fhir.R5+json")
+_FHIR = ("fhir.R4+json", "fhir.R4B+json", "fhir.R5+json")
 _DEAD_LETTER = ("medmesh.MessageDeadLettered/1",)
 
 STATIC_TOPICS: tuple[TopicSpec, ...] = (
