@@ -31,10 +31,19 @@ def kafka_version() -> str:
     return match.group(1)
 
 
+def _jars_folder() -> Path:
+    return cache_dir() / f"kafka-{kafka_version()}" / "lib"
+
+
+def kafka_jars_cached() -> bool:
+    """Whether the pinned version's broker jars are already resolved (no Maven run needed)."""
+    return (_jars_folder() / ".complete").exists()
+
+
 def ensure_kafka_jars() -> Path:
     """The folder of broker jars, resolving them with Maven on first use."""
     version = kafka_version()
-    lib = cache_dir() / f"kafka-{version}" / "lib"
+    lib = _jars_folder()
     marker = lib / ".complete"
     if marker.exists():
         return lib

@@ -12,13 +12,19 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import httpx
 
-from medmesh_cli.devstack.kafka import KafkaConfig, KafkaServer
+from medmesh_cli.devstack.kafka import (
+    KafkaConfig,
+    KafkaServer,
+    ensure_kafka_jars,
+    kafka_jars_cached,
+)
 from medmesh_cli.devstack.model_repository import version_folders
 from medmesh_cli.devstack.orthanc import (
     OrthancConfig,
@@ -35,6 +41,15 @@ from medmesh_contracts.modelspec import load_specs
 from medmesh_contracts.topics import all_topics
 
 Topology = Literal["services", "monolith"]
+
+# How Stack.start tells its caller what it is doing (``medmesh up`` shows it as progress; the
+# devstack stays free of any terminal library): ``on_step(component, state)``, every component
+# first WAITING (in start order), then STARTING, READY; any other state is a detail of a long
+# step (fetching the broker jars). Triton starts in a thread: its calls come from that thread.
+StepCallback = Callable[[str, str], None]
+WAITING, STARTING, READY = "waiting", "starting", "ready"
+# The components besides the services, in the order Stack.start reports them.
+INFRASTRUCTURE_STEPS = ("kafka", "orthanc", "studies", "topics", "triton")
 
 # Stack.stop: how long services, then Triton and Kafka, get to stop on SIGTERM before SIGKILL.
 # Together with the SIGKILL waits they fit the promise that `medmesh up` stops within 15 s.
@@ -233,8 +248,10 @@ def service_environment(config: StackConfig, service: ServiceSpec) -> dict[str, 
 class Stack:
     """Start and stop the whole local stack."""
 
-    def __init__(self, config: StackConfig) -> None:
+    def __init__(self, config: StackConfig, on_step: StepCallback | None = None) -> None:
         self.config = config
+        # Told each step of start (and each service that becomes ready); None: nobody listens.
+        self.on_step = on_step
         self.kafka = KafkaServer(
             KafkaConfig(
                 data_dir=config.state_dir / "kafka",
@@ -280,36 +297,57 @@ class Stack:
             self.stop()
             raise
 
+    def _step(self, component: str, state: str) -> None:
+        if self.on_step is not None:
+            self.on_step(component, state)
+
     def _start_all(self, timeout_s: float) -> None:
         # Before anything starts: a machine without Orthanc learns how to get it at once.
         orthanc_binary()
         dicomweb_plugin()
+        services = service_specs(self.config)
+        for component in (*INFRASTRUCTURE_STEPS, *(s.name for s in services)):
+            self._step(component, WAITING)
         triton_error: list[BaseException] = []
         triton_thread = threading.Thread(
             target=self._start_triton, args=(triton_error,), name="triton-start", daemon=True
         )
         triton_thread.start()
+        self._step("kafka", STARTING)
+        if not kafka_jars_cached():
+            self._step("kafka", "fetching the broker jars (Maven, first run only)")
+            ensure_kafka_jars()
         self.kafka.start()
+        self._step("kafka", READY)
+        self._step("orthanc", STARTING)
         self.orthanc.start()
+        self._step("orthanc", READY)
+        self._step("studies", STARTING)
         self.seeded_studies = seed_demo_studies(self.orthanc.dicomweb_url)
+        self._step("studies", READY)
+        self._step("topics", STARTING)
         specs = load_specs(self.config.specs_dir)
         versions = [(s.name, v.version) for s in specs.values() for v in s.versions]
         asyncio.run(
             create_topics(self.config.bootstrap, all_topics(versions, self.config.partitions))
         )
+        self._step("topics", READY)
         triton_thread.join()
         if triton_error:
             raise RuntimeError(f"Triton did not start: {triton_error[0]}") from triton_error[0]
-        for service in service_specs(self.config):
+        for service in services:
+            self._step(service.name, STARTING)
             self._start_service(service)
         self._wait_ready(timeout_s)
 
     def _start_triton(self, errors: list[BaseException]) -> None:
+        self._step("triton", STARTING)
         try:
             self.triton.start()
         except BaseException as exc:  # noqa: BLE001 -- handed to the starting thread, which raises it
             errors.append(exc)
             return
+        self._step("triton", READY)
         if self.config.echo:
             self._tail(self.config.state_dir / "triton.log", "triton")
 
@@ -386,6 +424,7 @@ class Stack:
                     continue
                 if response.status_code == 204:
                     del pending[name]
+                    self._step(name, READY)
             return not pending
 
         try:
