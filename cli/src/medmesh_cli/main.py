@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from medmesh_cli.devstack.overlay import with_overlay
 from medmesh_cli.devstack.paths import repo_root, run_dir
 from medmesh_cli.devstack.stack import Stack, StackConfig
 from medmesh_cli.devstack.studies import DEMO_STUDIES, imaging_study
+from medmesh_cli.logfiles import follow as follow_log
+from medmesh_cli.logfiles import log_files, tail
 from medmesh_cli.models import models_app
 from medmesh_cli.ops import commands as ops
 from medmesh_cli.reports import summarize
@@ -374,6 +377,41 @@ def down() -> None:
         time.sleep(0.5)
     console.print("medmesh did not stop within 60s")
     raise typer.Exit(1)
+
+
+@app.command()
+def logs(
+    name: Annotated[
+        str, typer.Argument(help="a component: ingest, router, reporting, a worker, kafka, ...")
+    ],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="keep printing new lines until Ctrl-C")
+    ] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="how many last lines")] = 40,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(help="the stack's state folder (default: var/stack, where `up` writes)"),
+    ] = None,
+) -> None:
+    """Print the last lines of one component's log from the local stack (`medmesh up`)."""
+    folder = state_dir if state_dir is not None else run_dir("stack")
+    found = log_files(folder)
+    if name not in found:
+        known = ", ".join(found) if found else "none (has `medmesh up` run here?)"
+        typer.echo(f"medmesh: no log named {name!r} in {folder}; logs: {known}", err=True)
+        raise typer.Exit(2)
+    # Written as they are: a log line is not rich markup, and JSON brackets must stay as they are.
+    last, size = tail(found[name], lines)
+    sys.stdout.writelines(last)
+    sys.stdout.flush()
+    if not follow:
+        return
+    try:
+        for line in follow_log(found[name], size):
+            sys.stdout.write(line)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return  # Ctrl-C is how --follow ends
 
 
 @app.command()
