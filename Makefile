@@ -7,7 +7,7 @@ TOOLS := .tools
 UV := $(TOOLS)/uv/bin/uv
 VENV := .venv
 BIN := $(VENV)/bin
-PY_SOURCES := contracts libs services cli tests deploy/triton deploy/drills deploy/training deploy/gpu
+PY_SOURCES := contracts libs services cli tests deploy/triton deploy/drills deploy/training deploy/gpu deploy/observability
 
 .PHONY: help
 help: ## list the recipes

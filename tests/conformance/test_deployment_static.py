@@ -843,3 +843,19 @@ def test_the_build_context_is_what_the_dockerfile_copies_and_nothing_secret() ->
     for private in (".env", "services/ingest/.env", "var", ".venv", ".git", "tests", ".tools"):
         assert not _build_context_includes(private), private
     assert not _build_context_includes("services/ingest/src/medmesh_ingest/__pycache__")
+
+
+def test_k8s_observability_carries_the_dashboards_and_alert_rules() -> None:
+    """deploy/k8s/observability renders a valid ConfigMap holding every Grafana dashboard (for
+    the dashboard sidecar) and a PrometheusRule holding every alert of deploy/observability."""
+    docs = render(K8S / "observability")
+    config_map = by_kind(docs, "ConfigMap")["medmesh-grafana-dashboards"]
+    kubernetes_validate.validate(config_map, K8S_VERSION, strict=True)
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    grafana = ROOT / "deploy" / "observability" / "grafana"
+    assert config_map["data"] == {p.name: p.read_text() for p in grafana.glob("*.json")}
+    rule = by_kind(docs, "PrometheusRule")["medmesh"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["namespace"] == "medmesh"
+    alerts = yaml.safe_load((ROOT / "deploy" / "observability" / "alerts.yml").read_text())
+    assert rule["spec"] == alerts

@@ -1,4 +1,5 @@
-"""The compose observability layer: valid Compose, every medmesh service exports traces."""
+"""The compose observability layer: valid Compose, every medmesh service exports traces, the
+dashboards and alert rules generated, current and provisioned."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from tests.modules import load_file
+
 ROOT = Path(__file__).resolve().parents[2]
 LAYER = ROOT / "deploy" / "observability" / "compose.observability.yaml"
+DASHBOARDS = load_file(
+    ROOT / "deploy" / "observability" / "dashboards.py", "observability_dashboards"
+)
 
 
 def test_observability_layer_is_valid_compose() -> None:
@@ -42,14 +48,33 @@ def test_layer_mounts_only_files_that_exist() -> None:
             assert (LAYER.parent / source).is_file(), source
 
 
-def test_dashboard_queries_metrics_the_services_export() -> None:
-    """The Grafana dashboard queries the faststream messaging and medmesh dead-letter metrics."""
-    dashboard = json.loads((LAYER.parent / "grafana" / "medmesh-pipeline.json").read_text())
-    queries = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
-    for metric in (
-        "messaging_process_messages_total",
-        "messaging_publish_duration_seconds_bucket",
-        "medmesh_dead_letters_total",
-        "nv_inference_request_success",
-    ):
-        assert metric in queries
+def test_dashboards_and_alerts_are_generated_and_current() -> None:
+    """The Grafana dashboards and the alert rules are what deploy/observability/dashboards.py
+    writes (run it after changing a panel or an alert)."""
+    for path, text in DASHBOARDS.outputs().items():
+        assert path.read_text() == text, f"{path.name} is out of date"
+
+
+def test_every_dashboard_and_the_alert_rules_are_provisioned() -> None:
+    """The layer mounts every generated dashboard into Grafana and the rule file into
+    Prometheus, whose configuration loads it."""
+    layer = yaml.safe_load(LAYER.read_text())["services"]
+    grafana = {v.split(":")[0] for v in layer["grafana"]["volumes"]}
+    for dashboard in DASHBOARDS.DASHBOARDS:
+        assert f"./grafana/{dashboard.uid}.json" in grafana
+    mounts = dict(v.split(":")[:2] for v in layer["prometheus"]["volumes"])
+    config = yaml.safe_load((LAYER.parent / "prometheus.yml").read_text())
+    assert config["rule_files"] == [mounts["./alerts.yml"]]
+
+
+def test_alert_rules_have_the_shape_prometheus_loads() -> None:
+    """Each rule has a unique alert name, an expression, a duration, a severity and a summary."""
+    rules = yaml.safe_load((LAYER.parent / "alerts.yml").read_text())["groups"][0]["rules"]
+    names = [r["alert"] for r in rules]
+    assert len(set(names)) == len(names) >= 5
+    for rule in rules:
+        assert rule["expr"]
+        assert rule["for"].endswith("m")
+        assert rule["labels"]["severity"] in ("warning", "critical")
+        assert rule["annotations"]["summary"]
+        assert rule["annotations"]["description"]

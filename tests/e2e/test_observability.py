@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,16 @@ from typing import Any
 import httpx
 from aiokafka import AIOKafkaProducer
 
-from medmesh_cli.devstack.stack import Stack
+from medmesh_cli.devstack.stack import Stack, service_specs
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
 from tests.e2e.conftest import Record, TopicTap, fixture_with_new_patient
+from tests.modules import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARDS = load_file(
+    ROOT / "deploy" / "observability" / "dashboards.py", "observability_dashboards"
+)
 
 
 def _patient_data(bundle: dict[str, Any]) -> list[str]:
@@ -123,12 +130,19 @@ def _assert_trace_structure(span_file: Path, trace_id: str) -> None:
 
 
 async def test_metrics_endpoint_counts_the_messages_a_service_processed(stack: Stack) -> None:
-    """The router's /metrics exposes per-topic message counts from the telemetry middleware."""
+    """The router's /metrics exposes per-topic message counts from the telemetry middleware
+    (its followers are faststream subscribers: the workers' heartbeats arrive every few
+    seconds)."""
     port = stack.config.ports.router
+    text = ""
     async with httpx.AsyncClient(timeout=10) as client:
-        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-    assert "messaging_process" in text
-    assert topics.INFERENCE_REQUESTS in text
+        for _ in range(30):
+            text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+            if "messaging_process_messages_message_total" in text:
+                break
+            await asyncio.sleep(0.5)
+    counted = [line for line in text.splitlines() if line.startswith("messaging_process_messages")]
+    assert any(topics.MODELS_STATUS in line for line in counted)
 
 
 async def test_worker_metrics_show_per_version_requests_and_consumer_lag(
@@ -142,7 +156,8 @@ async def test_worker_metrics_show_per_version_requests_and_consumer_lag(
     await tap.wait_for(
         topics.REPORTS_DIAGNOSTIC, _for_correlation(response.headers[h.CORRELATION_ID])
     )
-    worker = f"http://127.0.0.1:{stack.config.ports.first_worker}/metrics"
+    port = next(s.port for s in service_specs(stack.config) if s.name == "deterioration-v1")
+    worker = f"http://127.0.0.1:{port}/metrics"
     text = ""
     async with httpx.AsyncClient(timeout=10) as client:
         for _ in range(30):  # lag is sampled every 5 s
@@ -188,3 +203,43 @@ async def test_each_inbound_event_of_a_poll_keeps_its_own_trace(
         subject = f'"Patient/{patient}"'.encode()
         record = await tap.wait_for(topics.INFERENCE_REQUESTS, _with_bytes(subject))
         assert record.headers["traceparent"].split("-")[1] == trace_id, patient
+
+
+# Exported only while a rollout is being judged; tests/unit/test_router_metrics.py checks that
+# the router exports it under this name.
+ONLY_DURING_A_ROLLOUT = {"medmesh_router_rollout_evaluations_total"}
+_QUERIED = re.compile(r"\b(?:medmesh|messaging|nv)_[a-z0-9_]+")
+# "by (label, ...)": label names, not metrics.
+_GROUPING = re.compile(r"\bby \([^)]*\)")
+
+
+async def test_every_metric_the_dashboards_and_alerts_query_is_exported(
+    stack: Stack, tap: TopicTap, producer: AIOKafkaProducer
+) -> None:
+    """Each metric that a Grafana dashboard or an alert rule queries is exported by a service of
+    the running stack or by Triton, once a request went through and the router dead-lettered
+    one undecodable record."""
+    payload, _ = fixture_with_new_patient("vitals-bundle-low.json")
+    async with httpx.AsyncClient(base_url=stack.config.ingest_url, timeout=30) as client:
+        response = await client.post("/fhir", content=payload)
+    await tap.wait_for(
+        topics.REPORTS_DIAGNOSTIC, _for_correlation(response.headers[h.CORRELATION_ID])
+    )
+    await producer.send_and_wait(topics.INFERENCE_REQUESTS, b"{not a request", key=b"poison")
+    queried = {
+        name
+        for query in DASHBOARDS.queries()
+        for name in _QUERIED.findall(_GROUPING.sub("", query))
+    } - ONLY_DURING_A_ROLLOUT
+    ports = [s.port for s in service_specs(stack.config)] + [stack.config.ports.triton_metrics]
+    exported: set[str] = set()
+    async with httpx.AsyncClient(timeout=10) as client:
+        for _ in range(40):  # lag is sampled every 5 s; the dead letter takes a poll
+            exported = set()
+            for port in ports:
+                text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+                exported |= {line.split("{")[0].split(" ")[0] for line in text.splitlines()}
+            if queried <= exported:
+                break
+            await asyncio.sleep(0.5)
+    assert sorted(queried - exported) == []

@@ -9,26 +9,6 @@ from medmesh_contracts.events import InferenceCompleted
 from medmesh_inference.batching import Outcome
 from medmesh_runtime.metrics import meter
 
-# 1 ms to 60 s: a lone NEWS2 row is scored in milliseconds, a request waiting out an outage in
-# seconds to a minute.
-SECONDS_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-)
-
 
 class VersionMetrics:
     """Requests, failures, batch sizes, Triton time and request age for one model version."""
@@ -45,19 +25,16 @@ class VersionMetrics:
         self._batch = m.create_histogram(
             "medmesh.inference.batch_size", unit="{request}", description="Requests per Triton call"
         )
-        # Durations in seconds (OpenTelemetry's base unit), with buckets for their range: the
-        # SDK's default boundaries (0-10,000) are made for milliseconds.
+        # Durations in seconds (OpenTelemetry's base unit; medmesh_runtime.metrics buckets them).
         self._triton = m.create_histogram(
             "medmesh.inference.triton.duration",
             unit="s",
             description="Triton call time per batch (retries included)",
-            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
         )
         self._age = m.create_histogram(
             "medmesh.inference.request.duration",
             unit="s",
             description="From ingest's receipt of the request to its result",
-            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
         )
 
     def record(self, outcomes: Sequence[Outcome], now: datetime) -> None:
