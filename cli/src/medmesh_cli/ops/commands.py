@@ -20,6 +20,7 @@ from medmesh_cli.devstack.stack import StackConfig, service_specs
 from medmesh_cli.ops import kafka_io
 from medmesh_cli.ops.connection import BootstrapOption, Connection, ContextOption, connect
 from medmesh_cli.ops.dlq import DEAD_LETTER_TOPICS, replay_of, summary
+from medmesh_cli.ops.jaeger import find_traces
 from medmesh_cli.ops.waterfall import hops, read_spans, render, spans_of, trace_ids_for
 
 console = Console()
@@ -33,16 +34,29 @@ def trace(
     spans: Annotated[
         Path | None, typer.Option(help="span file (default: var/stack/spans.jsonl)")
     ] = None,
+    context: ContextOption = None,
 ) -> None:
-    """Show one clinical request's trace as a waterfall, with Kafka wait vs work per hop."""
-    path = spans or run_dir("stack") / "spans.jsonl"
-    if not path.exists():
-        console.print(f"no span file at {path}: is `medmesh up` running (or pass --spans)?")
-        raise typer.Exit(1)
-    every = read_spans(path)
+    """Show one clinical request's trace as a waterfall, with Kafka wait vs work per hop: from
+    Jaeger when the context or MEDMESH_JAEGER_URL names it, else from the local span file."""
+    jaeger = None if spans is not None else connect(context, None).endpoints.get("jaeger")
+    if jaeger is not None:
+        try:
+            with httpx.Client(timeout=30) as client:
+                every = find_traces(client, jaeger, correlation_id)
+        except (httpx.HTTPError, ValueError) as exc:
+            console.print(f"[bold red]Jaeger at {jaeger} did not answer:[/] {escape(str(exc))}")
+            raise typer.Exit(1) from exc
+        where = f"Jaeger at {jaeger} (flushed spans only)"
+    else:
+        path = spans or run_dir("stack") / "spans.jsonl"
+        if not path.exists():
+            console.print(f"no span file at {path}: is `medmesh up` running (or pass --spans)?")
+            raise typer.Exit(1)
+        every = read_spans(path)
+        where = f"{path} (spans flush every ~5 s)"
     found = trace_ids_for(every, correlation_id)
     if not found:
-        console.print(f"no spans mention correlation id {correlation_id} (spans flush every ~5 s)")
+        console.print(f"no spans mention correlation id {correlation_id} in {where}")
         raise typer.Exit(1)
     for trace_id in found:
         trace_spans = spans_of(every, trace_id)
@@ -208,7 +222,8 @@ def service_endpoints(connection: Connection) -> dict[str, str]:
     """The services `status` checks: the endpoints the context or the MEDMESH_*_URL variables
     name, else every service of the local stack (`medmesh up`, one port per worker)."""
     if connection.endpoints:
-        return dict(connection.endpoints)
+        # Jaeger is where traces are read, not a service with /readyz.
+        return {name: url for name, url in connection.endpoints.items() if name != "jaeger"}
     try:
         local = service_specs(StackConfig())
     except (RuntimeError, OSError, ValueError):  # no checkout (its model specs) to read
