@@ -27,20 +27,30 @@ def statement(
     )
 
 
-@pytest.mark.parametrize("version", ["R4B", "R5"])
+@pytest.mark.parametrize("version", ["R4", "R4B", "R5"])
 @pytest.mark.parametrize("tokens", [False, True])
 def test_the_statement_is_valid_fhir_of_its_version(version: FhirVersion, tokens: bool) -> None:
-    """R4B and R5 statements, with and without tokens, validate with fhir.resources and keep
-    the invariants fhir.resources does not check (cpb-1 rest, cpb-2 software, cpb-14 an
-    instance has an implementation)."""
+    """R4, R4B and R5 statements, with and without tokens, validate with fhir.resources (R4
+    with the R4B model, whose CapabilityStatement is R4's) and keep the invariants
+    fhir.resources does not check (cpb-1 rest, cpb-2 software, cpb-14 an instance has an
+    implementation)."""
     body = statement(tokens=tokens, version=version)
     model = R5CapabilityStatement if version == "R5" else R4BCapabilityStatement
     model.model_validate(body)
-    assert body["fhirVersion"] == {"R4B": "4.3.0", "R5": "5.0.0"}[version]
+    assert body["fhirVersion"] == {"R4": "4.0.1", "R4B": "4.3.0", "R5": "5.0.0"}[version]
     assert body["rest"]
     assert body["software"]
     assert body["implementation"]
     assert body["kind"] == "instance"
+
+
+def test_every_statement_names_the_versions_accepted() -> None:
+    """A statement has one fhirVersion, so its documentation names the three versions read."""
+    for version in ("R4", "R4B", "R5"):
+        text = statement(version=version)["rest"][0]["documentation"]
+        assert "R4 (4.0.1) with fhirVersion=4.0" in text
+        assert "R4B by default" in text
+        assert "R5 with fhirVersion=5.0" in text
 
 
 def test_only_honoured_interactions_are_listed() -> None:
@@ -94,6 +104,8 @@ def test_security_says_who_speaks_tls() -> None:
         ("application/fhir+json; fhirVersion=5.0", "R5"),
         ("application/json, application/fhir+json;fhirversion=4.3.0", "R4B"),
         ('application/fhir+json; fhirVersion="5.0.0"', "R5"),
+        ("application/fhir+json; fhirVersion=4.0", "R4"),
+        ("application/fhir+json; fhirVersion=4.0.1", "R4"),
         ("application/fhir+json; fhirVersion=3.0", None),
     ],
 )

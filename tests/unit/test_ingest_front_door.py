@@ -73,12 +73,14 @@ def test_listen_check_needs_tokens_beyond_loopback() -> None:
         (None, "R4B"),
         ("application/fhir+json", "R4B"),
         ("application/fhir+json; fhirVersion=4.3", "R4B"),
+        ("application/fhir+json; fhirVersion=4.0", "R4"),
+        ("application/fhir+json; fhirVersion=4.0.1", "R4"),
         ("application/fhir+json; fhirVersion=5.0", "R5"),
         ('application/json; charset=utf-8; fhirversion="5.0.0"', "R5"),
     ],
 )
 def test_content_type_names_the_version(content_type: str | None, version: str) -> None:
-    """fhirVersion in the content type picks R4B or R5; without it the source default holds."""
+    """fhirVersion in the content type picks R4, R4B or R5; without it the source default holds."""
     assert requested_version(content_type, "R4B") == version
 
 
@@ -88,13 +90,27 @@ def test_source_default_applies_without_fhir_version() -> None:
 
 
 @pytest.mark.parametrize(
-    "content_type", ["application/fhir+json; fhirVersion=4.0", "text/plain", "application/xml"]
+    "content_type",
+    [
+        "application/fhir+json; fhirVersion=3.0",
+        "application/fhir+json; fhirVersion=4.1",
+        "text/plain",
+        "application/xml",
+    ],
 )
 def test_unknown_versions_and_media_types_are_415(content_type: str) -> None:
-    """R4 (4.0), STU3 and non-JSON media types are 415."""
+    """STU3 (3.0), the R4B ballot (4.1) and non-JSON media types are 415."""
     with pytest.raises(FhirRejected) as caught:
         requested_version(content_type, "R4B")
     assert caught.value.status == 415
+
+
+def test_415_names_the_versions_spoken() -> None:
+    """The 415 for an unspoken fhirVersion lists R4 (4.0), R4B (4.3) and R5 (5.0)."""
+    with pytest.raises(FhirRejected) as caught:
+        requested_version("application/fhir+json; fhirVersion=3.0", "R4B")
+    text = caught.value.outcome["issue"][0]["diagnostics"]
+    assert "R4 (4.0), R4B (4.3) and R5 (5.0)" in text
 
 
 # --- limits ------------------------------------------------------------------------------------

@@ -14,8 +14,12 @@ Checked against the code (tests/unit/test_ingest_capability.py, tests/service/te
 - ``security``: the bearer tokens in use (static, configured per sender), or none, as the
   settings say; no CORS.
 
-R4B by default; ``Accept: application/fhir+json; fhirVersion=5.0`` asks for the R5 statement
-(the same content; ingest reads R5 payloads sent with that content type).
+The default FHIR version's statement by default (R4B unless MEDMESH_DEFAULT_FHIR_VERSION says
+otherwise); ``Accept: application/fhir+json; fhirVersion=5.0`` asks for the R5 statement and
+``fhirVersion=4.0`` for the R4 one (fhirVersion 4.0.1): the same content, since ingest reads
+payloads of each of the three versions sent with that content type. A CapabilityStatement has
+one fhirVersion, so each statement's documentation names the other versions too. R4 is read
+with the R4B definitions (``medmesh_ingest.r4``), so the R4 statement is built the same way.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ from typing import Any
 from medmesh_contracts.events import FhirVersion
 from medmesh_contracts.modelspec import ModelSpec
 
-FHIR_RELEASES: dict[FhirVersion, str] = {"R4B": "4.3.0", "R5": "5.0.0"}
+FHIR_RELEASES: dict[FhirVersion, str] = {"R4": "4.0.1", "R4B": "4.3.0", "R5": "5.0.0"}
 # fhirVersion MIME parameter values (``4.3``, ``4.3.0``, ``5.0``...) and the version they name.
-_MIME_VERSIONS: dict[str, FhirVersion] = {"4.3": "R4B", "5.0": "R5"}
+_MIME_VERSIONS: dict[str, FhirVersion] = {"4.0": "R4", "4.3": "R4B", "5.0": "R5"}
 
 _REST_DOCUMENTATION = (
     "medmesh ingest validates FHIR and has readings scored by the deployed models; it stores "
@@ -37,14 +41,17 @@ _REST_DOCUMENTATION = (
     "Observation, ImagingStudy or ServiceRequest to /fhir/{type}, or a Bundle to /fhir: batch or transaction "
     "(answered with a batch-response or transaction-response Bundle), collection, message "
     "(MessageHeader first, processed as a collection), or a Subscription notification (R4B "
-    "backport history Bundle; R5 subscription-notification). Patient, Encounter and Endpoint "
+    "backport history Bundle, SubscriptionStatus first; R4 backport history Bundle, its "
+    "backport-subscription-status-r4 Parameters first; R5 subscription-notification). Patient, Encounter and Endpoint "
     "resources are read as reference targets inside a Bundle. An ImagingStudy is read by the "
     "deployed imaging models: its first qualifying series and instance, fetched by the worker "
     "over DICOMweb (WADO-RS) from the study's dicom-wado-rs Endpoint, which must be a PACS "
     "ingest is configured to allow, else from the configured default PACS; a study none of "
     "them can read is answered 422 saying why. Any 2xx means every inference request the "
     "payload caused is committed in Kafka; 503 with Retry-After means nothing was taken: send "
-    "it again. FHIR R4B by default; R5 with fhirVersion=5.0 in the content type."
+    "it again. FHIR R4B by default (or the version configured for the sending system); R4 "
+    "(4.0.1) with fhirVersion=4.0 in the content type, R5 with fhirVersion=5.0. Reports are "
+    "written in the version the source spoke."
 )
 _CREATE_DOCUMENTATION = (
     "Accepted for scoring, not stored: 202 Accepted with an OperationOutcome naming the "

@@ -47,7 +47,8 @@ def fhir_routes(ingest: Ingest) -> APIRouter:
             issue = Issue(
                 "error",
                 "not-supported",
-                "the CapabilityStatement is available in R4B (fhirVersion=4.3) and R5 (5.0)",
+                "the CapabilityStatement is available in R4 (fhirVersion=4.0), R4B (4.3) and R5 "
+                "(5.0)",
             )
             return JSONResponse(outcome((issue,)), status_code=406, media_type=FHIR_JSON)
         statement = capability_statement(

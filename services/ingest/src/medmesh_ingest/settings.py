@@ -40,7 +40,7 @@ class SourceSettings(BaseModel):
 
     token: SecretStr
     # The FHIR version it speaks when its content type names none.
-    fhir_version: Literal["R4B", "R5"] = "R4B"
+    fhir_version: Literal["R4", "R4B", "R5"] = "R4B"
     site: str | None = None
     # Its FHIR server: id-only Subscription notifications are fetched from here, with this token.
     base_url: str | None = None
@@ -86,7 +86,7 @@ class IngestSettings(ServiceSettings):
     # Named sources with their own token, FHIR version, site and FHIR server (JSON object).
     ingest_sources: dict[str, SourceSettings] = Field(default_factory=dict)
     # FHIR version of payloads whose content type and source name none.
-    default_fhir_version: Literal["R4B", "R5"] = "R4B"
+    default_fhir_version: Literal["R4", "R4B", "R5"] = "R4B"
     # FHIR server to fetch id-only notification content from, for sources without their own.
     source_base_url: str | None = None
     source_token: SecretStr | None = None

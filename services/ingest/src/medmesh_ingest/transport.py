@@ -1,4 +1,8 @@
-"""HTTP transport checks that come before FHIR validation: media type and FHIR version."""
+"""HTTP transport checks that come before FHIR validation: media type and FHIR version.
+
+``fhirVersion=4.0`` (or ``4.0.1``) names R4, which ingest reads with the R4B models
+(``medmesh_ingest.r4`` says why they serve).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from medmesh_ingest.outcomes import UNSUPPORTED_VERSION, rejected
 
 _JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 # fhirVersion parameter values (FHIR's version-specific MIME parameter) and what they mean.
-_VERSIONS: dict[str, FhirVersion] = {"4.3": "R4B", "5.0": "R5"}
+_VERSIONS: dict[str, FhirVersion] = {"4.0": "R4", "4.3": "R4B", "5.0": "R5"}
 
 
 def requested_version(content_type: str | None, default: FhirVersion) -> FhirVersion:
@@ -34,8 +38,8 @@ def requested_version(content_type: str | None, default: FhirVersion) -> FhirVer
             raise rejected(
                 UNSUPPORTED_VERSION,
                 "not-supported",
-                f"fhirVersion {wanted[:20]} is not supported; this endpoint speaks R4B (4.3) "
-                "and R5 (5.0)",
+                f"fhirVersion {wanted[:20]} is not supported; this endpoint speaks R4 (4.0), "
+                "R4B (4.3) and R5 (5.0)",
             )
         return version
     return default

@@ -1,4 +1,9 @@
-"""Parsing and checking inbound FHIR payloads (R4B, or R5 when asked), before extraction.
+"""Parsing and checking inbound FHIR payloads (R4B, or R4 or R5 when asked), before extraction.
+
+R4 (4.0.1) payloads are validated with fhir.resources' R4B models: fhir.resources has no R4
+models, and R4B is a technical correction of R4 whose definitions of the resources medmesh reads
+are R4's (``medmesh_ingest.r4`` says what was compared); the R4 types R4B cannot judge are
+refused, naming the type.
 
 ``parse`` turns raw bytes into the resources to consider (and, for Subscription notifications,
 what kind of notification it is and which resources it only names), or raises ``FhirRejected``
@@ -34,6 +39,7 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from medmesh_contracts.events import FhirVersion
+from medmesh_ingest import r4
 from medmesh_ingest.imaging import IMAGING_STUDY_STATUSES
 from medmesh_ingest.outcomes import (
     INVALID_FHIR,
@@ -95,8 +101,9 @@ NOTIFICATION_TYPES = frozenset(
 HTTP_VERBS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"})
 
 ACCEPTED_BUNDLE_TYPES = ("collection", "batch", "transaction", "message")
-# Bundle types accepted only as Subscription notifications (first entry a SubscriptionStatus).
-NOTIFICATION_BUNDLE_TYPES = {"R4B": "history", "R5": "subscription-notification"}
+# Bundle types accepted only as Subscription notifications (first entry a SubscriptionStatus;
+# in R4, the Subscriptions Backport IG's Parameters).
+NOTIFICATION_BUNDLE_TYPES = {"R4": "history", "R4B": "history", "R5": "subscription-notification"}
 
 # Coded elements checked per resource type: (element, allowed codes, value set name).
 _CODED_ELEMENTS: Mapping[str, tuple[tuple[str, frozenset[str], str], ...]] = {
@@ -341,7 +348,7 @@ def parse(
 
 def _decode_json(
     raw: bytes, limits: Limits, version: FhirVersion
-) -> tuple[dict[str, Any], list[_PathLink]]:
+) -> tuple[dict[str, Any], list[tuple[_PathLink, object]]]:
     """The decoded object, and where it nests resources of unknown type (see ``_scan``)."""
     try:
         # As json.loads decodes bytes; done here so that the node count reads the same text.
@@ -451,13 +458,24 @@ def _resource_type_of(data: Mapping[str, Any], version: FhirVersion) -> str:
             NOT_FHIR, "structure", "The payload is not a FHIR resource: no resourceType."
         )
     if not _is_resource_type(resource_type, version):
+        reason = _unreadable_reason(resource_type, version)
         raise rejected(
             NOT_FHIR,
             "not-supported",
-            f"The payload is not a FHIR resource: resourceType is not an {version} resource type.",
+            f"The payload is not a FHIR resource: resourceType is not an {version} resource type."
+            if reason is None
+            else f"The payload's resourceType: {reason}.",
             ["resourceType"],
         )
     return resource_type
+
+
+def _unreadable_reason(name: object, version: FhirVersion) -> str | None:
+    """Why a resource type ingest cannot read in ``version`` is not, named (R4 only: a type
+    R4B's models know but R4 has not, or the reverse); None for an unknown name."""
+    if version != "R4" or not isinstance(name, str) or not _RESOURCE_TYPE_NAME.match(name):
+        return None
+    return r4.unreadable_reason(name)
 
 
 def _model_class(name: str, version: FhirVersion) -> Any:
@@ -475,6 +493,8 @@ def _is_resource_type_name(name: str, version: FhirVersion) -> bool:
     """Whether ``name`` is a concrete resource type of ``version`` (cached: a class lookup)."""
     if name in ("Resource", "DomainResource", "CanonicalResource", "MetadataResource"):
         return False  # abstract
+    if version == "R4" and r4.unreadable_reason(name) is not None:
+        return False
     try:
         model_class = _model_class(name, version)
     except (ValueError, KeyError, AttributeError, ImportError):
@@ -493,10 +513,11 @@ def _check_hint(resource_type: str, hint: str | None) -> None:
         )
 
 
-def _scan(data: Any, limits: Limits, version: FhirVersion) -> list[_PathLink]:
+def _scan(data: Any, limits: Limits, version: FhirVersion) -> list[tuple[_PathLink, object]]:
     """One pass over the decoded JSON: 413 when objects and arrays nest deeper than
     ``limits.max_depth``; otherwise where nested resources (entries, contained) of unknown
-    type are (fhir.resources fails on them with a KeyError instead of a validation error).
+    type are, with the type they declare (fhir.resources fails on them with a KeyError instead
+    of a validation error).
 
     Iterative, so that no payload can exhaust the interpreter's recursion limit. One pass
     instead of two (a tenth of ingest's CPU per event went to the two). A node's path is kept as
@@ -506,7 +527,7 @@ def _scan(data: Any, limits: Limits, version: FhirVersion) -> list[_PathLink]:
     """
     if limits.max_depth < 1:
         raise _too_deep(limits)
-    unknown: list[_PathLink] = []
+    unknown: list[tuple[_PathLink, object]] = []
     # (link, node, depth, inside a resource of unknown type: not looked into for more)
     stack: list[tuple[_PathLink, Any, int, bool]] = [((None, ""), data, 1, False)]
     while stack:
@@ -525,15 +546,19 @@ def _scan(data: Any, limits: Limits, version: FhirVersion) -> list[_PathLink]:
             child_link: _PathLink = (link, key)
             unknown_here = not inside_unknown and _declares_unknown_resource_type(child, version)
             if unknown_here:
-                unknown.append(child_link)
+                declared = child.get("resourceType") if isinstance(child, dict) else None
+                unknown.append((child_link, declared))
             found.append((child_link, child, depth + 1, inside_unknown or unknown_here))
         stack.extend(reversed(found))
     return unknown
 
 
-def _unknown_type_issue(link: _PathLink, root: str, version: FhirVersion) -> Issue:
+def _unknown_type_issue(found: tuple[_PathLink, object], root: str, version: FhirVersion) -> Issue:
+    link, name = found
     at = f"{_spelled(link, root)}.resourceType"
-    return Issue("error", "not-supported", f"{at}: not an {version} resource type.", (at,))
+    reason = _unreadable_reason(name, version)
+    text = f"not an {version} resource type" if reason is None else reason
+    return Issue("error", "not-supported", f"{at}: {text}.", (at,))
 
 
 # (parent link, key): a path from the root, spelled out only when an issue names it.
@@ -682,15 +707,9 @@ def _first_entry_issues(bundle: Any, resource_type: str, bundle_type: str) -> li
 def _notification_entries(
     bundle: Any, version: FhirVersion
 ) -> tuple[list[ParsedResource], Notification]:
-    """A Subscription notification: SubscriptionStatus first, then full or id-only content."""
-    bundle_type = NOTIFICATION_BUNDLE_TYPES[version]
-    _raise_if_errors(_first_entry_issues(bundle, "SubscriptionStatus", bundle_type))
-    status = bundle.entry[0].resource
-    status_entry = ParsedResource(status, "Bundle.entry[0].resource", bundle.entry[0].fullUrl)
-    _raise_if_errors(list(_coded_element_issues(status_entry)))
-    if status.type is None:
-        path = "Bundle.entry[0].resource.type"
-        raise rejected(INVALID_FHIR, "required", f"{path} is required.", [path])
+    """A Subscription notification: its status first (a SubscriptionStatus; in R4 a backport
+    Parameters), then full or id-only content."""
+    notification_type, foci = _notification_status(bundle, version)
     entries: list[ParsedResource] = []
     carried: set[str] = set()
     named: list[str] = []
@@ -701,14 +720,44 @@ def _notification_entries(
             carried.update(r for r in (parsed.reference, entry.fullUrl) if r)
         elif entry.fullUrl:
             named.append(entry.fullUrl)
-    for event in status.notificationEvent or ():
-        focus = event.focus.reference if event.focus is not None else None
-        if focus:
-            named.append(focus)
+    named.extend(foci)
     id_only = tuple(
         dict.fromkeys(r for r in named if r not in carried and not _carried(r, carried))
     )
-    return entries, Notification(str(status.type), id_only)
+    return entries, Notification(notification_type, id_only)
+
+
+def _notification_status(bundle: Any, version: FhirVersion) -> tuple[str, list[str]]:
+    """The notification's type and the focus references of its events, from its first entry:
+    an R4B or R5 SubscriptionStatus, or the R4 backport IG's Parameters (R4 has no
+    SubscriptionStatus)."""
+    bundle_type = NOTIFICATION_BUNDLE_TYPES[version]
+    status_type = "Parameters" if version == "R4" else "SubscriptionStatus"
+    _raise_if_errors(_first_entry_issues(bundle, status_type, bundle_type))
+    status = bundle.entry[0].resource
+    where = "Bundle.entry[0].resource"
+    if version == "R4":
+        read, issues = r4.notification_status(status, where)
+        _raise_if_errors(issues)
+        if read.type not in NOTIFICATION_TYPES:
+            path = f"{where}.parameter.where(name = 'type').valueCode"
+            raise rejected(
+                INVALID_FHIR,
+                "value",
+                f"{path} is not a code of the subscription-notification-type value set.",
+                [path],
+            )
+        return str(read.type), [event.focus for event in read.events if event.focus]
+    _raise_if_errors(list(_coded_element_issues(ParsedResource(status, where))))
+    if status.type is None:
+        path = f"{where}.type"
+        raise rejected(INVALID_FHIR, "required", f"{path} is required.", [path])
+    foci = [
+        event.focus.reference
+        for event in status.notificationEvent or ()
+        if event.focus is not None and event.focus.reference
+    ]
+    return str(status.type), foci
 
 
 def _carried(reference: str, carried: set[str]) -> bool:
