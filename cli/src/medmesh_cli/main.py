@@ -17,19 +17,21 @@ import httpx
 import typer
 from aiokafka import AIOKafkaConsumer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from medmesh_cli.bench.command import bench
 from medmesh_cli.bench.pipeline import load_template, run_load, vitals_events
 from medmesh_cli.bench.stats import markdown_table
 from medmesh_cli.devstack.overlay import with_overlay
 from medmesh_cli.devstack.paths import repo_root, run_dir
-from medmesh_cli.devstack.stack import Stack, StackConfig
+from medmesh_cli.devstack.stack import READY, Stack, StackConfig
 from medmesh_cli.devstack.studies import DEMO_STUDIES, imaging_study
 from medmesh_cli.logfiles import follow as follow_log
 from medmesh_cli.logfiles import log_files, tail
 from medmesh_cli.models import models_app
 from medmesh_cli.ops import commands as ops
 from medmesh_cli.reports import summarize
+from medmesh_cli.startup import StartupLines, StartupProgress
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
 
@@ -55,7 +57,13 @@ def up(
     demo: Annotated[
         bool, typer.Option(help="send the sample events and print each report")
     ] = False,
-    logs: Annotated[bool, typer.Option(help="stream every process's log with a prefix")] = True,
+    logs: Annotated[
+        bool,
+        typer.Option(
+            help="echo every component's output with its name as a prefix, instead of showing "
+            "progress (the logs are in var/stack either way: `medmesh logs NAME`)"
+        ),
+    ] = False,
     topology: Annotated[
         str,
         typer.Option(
@@ -88,13 +96,26 @@ def up(
     try:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         pid_file.write_text(str(os.getpid()))  # `medmesh down` works from the start on
-        stack = Stack(config)
+        stack = starting = Stack(config)
+        # Echoed output and a live display would overwrite each other: with --logs, plain lines.
+        display = StartupLines(console) if logs else StartupProgress(console)
+
+        def on_step(component: str, state: str) -> None:
+            seeded = component == "studies" and state == READY
+            display.step(
+                component, state, f"{len(starting.seeded_studies)} seeded" if seeded else ""
+            )
+
+        stack.on_step = on_step
         started = time.monotonic()
-        console.print("[bold]medmesh[/] starting Kafka, Triton and the services ...")
-        stack.start()
+        console.print("[bold]medmesh[/] starting Kafka, Orthanc, Triton and the services ...")
+        with display:
+            stack.start()
+        stack.on_step = None  # workers started later by a hot deploy are reported by _reconcile
         console.print(
             f"[bold green]medmesh is up[/] in {time.monotonic() - started:.1f}s: "
-            f"POST FHIR to {config.ingest_url}/fhir; state and logs in {config.state_dir}"
+            f"POST FHIR to {config.ingest_url}/fhir; logs: `medmesh logs NAME` "
+            f"(files in {config.state_dir})"
         )
         asyncio.run(_serve(stack, demo, signals))
     except KeyboardInterrupt:
@@ -442,7 +463,18 @@ def load(
         prefix=f"load-{os.getpid()}-{time.time_ns() % 10**6}",
     )
     console.print(f"sending {count} Bundles over {patients} patients at {rate:g}/s ...")
-    result = asyncio.run(run_load(url, bootstrap, events, rate))
+    # Drawn only on a terminal: piped or in CI, rich prints the bar once at the end.
+    with Progress(
+        TextColumn("answered"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        answered = progress.add_task("answered", total=count)
+        result = asyncio.run(
+            run_load(url, bootstrap, events, rate, on_answer=lambda: progress.advance(answered))
+        )
     console.print(markdown_table([result.http, result.end_to_end]))
     console.print(f"non-2xx answers: {result.non_2xx}; reports missing: {result.missing}")
 

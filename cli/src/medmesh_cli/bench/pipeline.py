@@ -12,6 +12,7 @@ import copy
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,9 +72,15 @@ def vitals_events(
 
 
 async def run_load(
-    ingest_url: str, bootstrap: str, events: list[bytes], rate_per_s: float, settle_s: float = 20.0
+    ingest_url: str,
+    bootstrap: str,
+    events: list[bytes],
+    rate_per_s: float,
+    settle_s: float = 20.0,
+    on_answer: Callable[[], None] | None = None,
 ) -> PipelineResult:
-    """Send ``events`` at ``rate_per_s`` and wait up to ``settle_s`` for their reports."""
+    """Send ``events`` at ``rate_per_s`` and wait up to ``settle_s`` for their reports;
+    ``on_answer()`` after each HTTP answer (``medmesh load`` counts them in a progress bar)."""
     planned: dict[str, float] = {}
     arrived: dict[str, float] = {}
     http_ms: list[float] = []
@@ -97,6 +104,8 @@ async def run_load(
                 "/fhir", content=payload, headers={"content-type": "application/fhir+json"}
             )
             http_ms.append((time.perf_counter() - at) * 1000)
+            if on_answer is not None:
+                on_answer()
             if response.status_code // 100 != 2:
                 non_2xx += 1
                 return
