@@ -16,7 +16,9 @@ from pathlib import Path
 import yaml
 
 from medmesh_contracts.modelspec import load_specs
-from medmesh_contracts.topics import all_topics, model_task_topic
+from medmesh_contracts.topics import FHIR_INBOUND, INFERENCE_RESULTS, all_topics, model_task_topic
+from medmesh_ingest.settings import IngestSettings
+from medmesh_reporting.settings import ReportingSettings
 
 HERE = Path(__file__).resolve().parent
 SPECS_DIR = HERE.parent / "models"
@@ -29,6 +31,9 @@ LARGE_REPLICAS = 3
 LARGE_MIN_INSYNC = "2"
 STRIMZI_CLUSTER = "medmesh"
 KAFKA_BOOTSTRAP_TLS = "medmesh-kafka-bootstrap:9093"
+# The consumer groups of the scaled stages: their settings' defaults.
+INGEST_GROUP = str(IngestSettings.model_fields["ingest_group_id"].default)
+REPORTING_GROUP = str(ReportingSettings.model_fields["reporting_group_id"].default)
 # KEDA: add a worker per this many unconsumed tasks, up to one worker per partition.
 LAG_THRESHOLD = 50
 
@@ -200,8 +205,65 @@ def kafka_topics_yaml() -> str:
     return GENERATED + "---\n".join(docs)
 
 
+# The stages besides the workers that scale out on their consumer group's lag: ingest (its
+# inbound-topic consumer; HTTP load shows as CPU) and reporting, from the overlay's 3 replicas
+# (availability) up. (kind, name, group, topic, minimum replicas, CPU utilisation target or
+# None.) The router stays single: it runs the rollout controller.
+SCALED_STAGES = (
+    ("Deployment", "ingest", INGEST_GROUP, FHIR_INBOUND, 3, 70),
+    ("StatefulSet", "reporting", REPORTING_GROUP, INFERENCE_RESULTS, 3, None),
+)
+
+SCALED_STAGE = """apiVersion: keda.sh/v1alpha1
+kind: ScaledObject
+metadata:
+  name: {name}
+spec:
+  scaleTargetRef:
+    kind: {kind}
+    name: {name}
+  minReplicaCount: {minimum}
+  # More consumers than partitions would sit idle on the topic.
+  maxReplicaCount: {partitions}
+  pollingInterval: 15
+  cooldownPeriod: 300
+  triggers:
+    - type: kafka
+      authenticationRef:
+        name: medmesh-kafka
+      metadata:
+        bootstrapServers: {bootstrap}
+        consumerGroup: {group}
+        topic: {topic}
+        lagThreshold: "{lag}"
+        offsetResetPolicy: earliest
+        sasl: scram_sha512
+        tls: enable
+"""
+CPU_TRIGGER = """    - type: cpu
+      metricType: Utilization
+      metadata:
+        value: "{cpu}"
+"""
+
+
 def scaled_objects_yaml() -> str:
-    """overlays/large/scaled-objects.yaml: workers scaled on their consumer group's lag."""
+    """overlays/large/scaled-objects.yaml: workers, ingest and reporting scaled on their
+    consumer group's lag (ingest on its CPU too)."""
+    stages = [
+        SCALED_STAGE.format(
+            kind=kind,
+            name=name,
+            minimum=minimum,
+            group=group,
+            topic=topic,
+            partitions=LARGE_PARTITIONS,
+            bootstrap=KAFKA_BOOTSTRAP_TLS,
+            lag=LAG_THRESHOLD,
+        )
+        + (CPU_TRIGGER.format(cpu=cpu) if cpu is not None else "")
+        for kind, name, group, topic, minimum, cpu in SCALED_STAGES
+    ]
     docs = [
         SCALED_OBJECT.format(
             name=worker_name(m, v),
@@ -214,7 +276,7 @@ def scaled_objects_yaml() -> str:
         )
         for m, v in model_versions()
     ]
-    return GENERATED + "---\n".join(docs)
+    return GENERATED + "---\n".join([*stages, *docs])
 
 
 OBSERVABILITY = HERE.parent / "observability"

@@ -546,12 +546,25 @@ def test_custom_resources_have_the_structure_their_operators_need() -> None:
     for scaled in by_kind(docs, "ScaledObject").values():
         assert scaled["apiVersion"] == "keda.sh/v1alpha1"
         spec = scaled["spec"]
-        assert spec["scaleTargetRef"]["name"] in by_kind(docs, "Deployment")
-        assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+        target = spec["scaleTargetRef"]
+        workload = by_kind(docs, target.get("kind", "Deployment"))[target["name"]]
+        assert workload["spec"]["replicas"] <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+        assert "kafka" in {t["type"] for t in spec["triggers"]}
         for trigger in spec["triggers"]:
-            assert trigger["type"] == "kafka"
-            assert trigger["authenticationRef"]["name"] in auths
+            assert trigger["type"] in ("kafka", "cpu")
+            if trigger["type"] == "kafka":
+                assert trigger["authenticationRef"]["name"] in auths
+            else:
+                assert trigger["metricType"] == "Utilization"
+                # A CPU trigger needs the pods' CPU requests to compute utilisation.
+                [container] = workload["spec"]["template"]["spec"]["containers"]
+                assert container["resources"]["requests"]["cpu"]
             assert all(isinstance(v, str) for v in trigger["metadata"].values())
+    scaled_stages = {
+        s["spec"]["scaleTargetRef"]["name"] for s in by_kind(docs, "ScaledObject").values()
+    }
+    assert {"ingest", "reporting"} <= scaled_stages
+    assert "router" not in scaled_stages
     for auth in auths.values():
         assert {r["parameter"] for r in auth["spec"]["secretTargetRef"]} >= {"username", "password"}
 
@@ -756,14 +769,30 @@ def test_k8s_large_kafka_topics_match_the_contract() -> None:
 
 
 def test_k8s_large_scales_each_worker_group_on_its_lag() -> None:
-    """One ScaledObject per model version: its worker group and task topic, at most one pod per partition."""
+    """One ScaledObject per model version (its worker group and task topic) and one each for
+    ingest and reporting (their groups and input topics), at most one pod per partition."""
     docs = rendered("large")
     scaled = by_kind(docs, "ScaledObject")
     partitions = {
         t["spec"]["topicName"]: t["spec"]["partitions"]
         for t in by_kind(docs, "KafkaTopic").values()
     }
-    assert set(scaled) == {worker_name(m, v) for m, v in model_versions()}
+    assert set(scaled) == {worker_name(m, v) for m, v in model_versions()} | {
+        "ingest",
+        "reporting",
+    }
+    for name, group, topic in (
+        ("ingest", IngestSettings.model_fields["ingest_group_id"].default, "medmesh.fhir.inbound"),
+        (
+            "reporting",
+            ReportingSettings.model_fields["reporting_group_id"].default,
+            "medmesh.inference.results",
+        ),
+    ):
+        spec = scaled[name]["spec"]
+        [lag] = [t for t in spec["triggers"] if t["type"] == "kafka"]
+        assert (lag["metadata"]["consumerGroup"], lag["metadata"]["topic"]) == (group, topic)
+        assert spec["maxReplicaCount"] <= partitions[topic]
     for model, version in model_versions():
         spec = scaled[worker_name(model, version)]["spec"]
         settings = WorkerSettings(worker_model=model, worker_model_version=version)
