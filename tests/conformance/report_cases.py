@@ -41,7 +41,7 @@ from tests.factories import (
 ROOT = Path(__file__).resolve().parents[2]
 ISSUED = datetime(2026, 11, 23, 8, 31, tzinfo=UTC)
 PERFORMER = "St Elsewhere NHS Trust clinical AI service"
-FHIR_VERSIONS: tuple[FhirVersion, ...] = ("R4B", "R5")
+FHIR_VERSIONS: tuple[FhirVersion, ...] = ("R4", "R4B", "R5")
 
 
 # The fictional panel model (tests.factories.panel_model): version 1 has a classification headline

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from medmesh_contracts.events import InferenceCompleted, SourceContext
+from medmesh_contracts.events import FhirVersion, InferenceCompleted, SourceContext
 from medmesh_contracts.modelspec import ModelSpec, load_spec
 from medmesh_reporting.report import ai_disclaimer, build_report
 from tests.conformance.report_checks import check_report_bundle
@@ -29,17 +29,20 @@ ISSUED = datetime(2026, 11, 23, 8, 31, tzinfo=UTC)
 PERFORMER = "St Elsewhere NHS Trust clinical AI service"
 
 
-def _completed(model_version: int, fhir_version: str = "R4B") -> InferenceCompleted:
+def _completed(model_version: int, fhir_version: FhirVersion = "R4B") -> InferenceCompleted:
     request = make_request(
         encounter_reference="Encounter/enc-1", based_on_reference="ServiceRequest/sr-1"
     )
-    if fhir_version == "R5":
-        source = SourceContext(channel="http", fhir_version="R5", site="site-a")
+    if fhir_version in ("R4", "R5"):
+        source = SourceContext(channel="http", fhir_version=fhir_version, site="site-a")
         request = request.model_copy(update={"source": source})
     return make_completed(make_task(request, model_version=model_version))
 
 
-CASES = {
+CASES: dict[str, tuple[int, FhirVersion]] = {
+    "deterioration-v1-r4": (1, "R4"),
+    "deterioration-v2-r4": (2, "R4"),
+    "deterioration-v3-r4": (3, "R4"),
     "deterioration-v1-r4b": (1, "R4B"),
     "deterioration-v2-r4b": (2, "R4B"),
     "deterioration-v1-r5": (1, "R5"),

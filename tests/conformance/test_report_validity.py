@@ -17,7 +17,12 @@ import pytest
 from medmesh_contracts.events import InferenceCompleted
 from medmesh_contracts.modelspec import ModelSpec, OutputSpec, load_spec, parse_spec
 from medmesh_reporting import report as report_module
-from medmesh_reporting.report import ReportBuildError, build_report, validate_report
+from medmesh_reporting.report import (
+    ReportBuildError,
+    build_report,
+    report_schema,
+    validate_report,
+)
 from tests.conformance.report_cases import FHIR_VERSIONS, ISSUED, ROOT, report_cases
 from tests.conformance.report_checks import check_report_bundle
 from tests.factories import make_completed, make_request, make_task
@@ -36,7 +41,7 @@ def test_every_kind_of_report_is_valid_fhir(name: str) -> None:
 
 def test_the_cases_cover_every_output_kind_in_every_fhir_version() -> None:
     """Every output kind a spec may declare, a negative findings result and a no-result band
-    are among the cases, in R4B and in R5: a new kind needs a case here."""
+    are among the cases, in R4, R4B and R5: a new kind needs a case here."""
     kinds = {model.model_fields["kind"].default for model in get_args(get_args(OutputSpec)[0])}
     for fhir_version in FHIR_VERSIONS:
         cases = [c for c in report_cases().values() if c.fhir_version == fhir_version]
@@ -183,10 +188,13 @@ def test_validation_errors_name_elements_not_values(deterioration: ModelSpec) ->
 THORAX = {"system": "http://snomed.info/sct", "code": "51185008", "display": "Thoracic structure"}
 
 
-@pytest.mark.parametrize(("fhir_version", "element"), [("R4B", "imagingStudy"), ("R5", "study")])
+@pytest.mark.parametrize(
+    ("fhir_version", "element"), [("R4", "imagingStudy"), ("R4B", "imagingStudy"), ("R5", "study")]
+)
 def test_an_imaging_report_references_the_study_it_read(fhir_version: str, element: str) -> None:
-    """The DiagnosticReport of an image model names its ImagingStudy (R4B imagingStudy, R5
-    study), and each finding Observation is derived from it and names the series' body site."""
+    """The DiagnosticReport of an image model names its ImagingStudy (R4 and R4B imagingStudy,
+    R5 study), and each finding Observation is derived from it and names the series' body
+    site."""
     case = report_cases()[f"chest-opacity-opacity-{fhir_version.lower()}"]
     resources = [e["resource"] for e in case.build()["entry"]]
     (report,) = [r for r in resources if r["resourceType"] == "DiagnosticReport"]
@@ -198,3 +206,29 @@ def test_an_imaging_report_references_the_study_it_read(fhir_version: str, eleme
         assert observation["bodySite"] == {"coding": [THORAX]}
     others = report_cases()[f"deterioration-v1-{fhir_version.lower()}"].build()
     assert element not in others["entry"][0]["resource"]
+
+
+def test_an_r4_report_keeps_r4s_narrower_subject_targets() -> None:
+    """R4B lets a DiagnosticReport's subject be a Practitioner, R4 does not: the R4 validation
+    refuses what the R4B models alone would pass, naming the element."""
+    bundle = report_cases()["deterioration-v1-r4"].build()
+    validate_report(bundle, "R4")
+    bundle["entry"][0]["resource"]["subject"] = {"reference": "Practitioner/p-1"}
+
+    validate_report(bundle, "R4B")
+    with pytest.raises(ReportBuildError, match=r"entry\[0\]\.resource\.subject targets a Pr"):
+        validate_report(bundle, "R4")
+
+
+def test_an_r4_report_is_the_r4b_report_labelled_r4() -> None:
+    """The report to an R4 source has the R4B report's content, and its schema header says R4."""
+    for name in (
+        "deterioration-v1",
+        "ecg-rhythm-irregular",
+        "chest-opacity-opacity",
+        "vitals-panel-v1",
+    ):
+        r4, r4b = report_cases()[f"{name}-r4"], report_cases()[f"{name}-r4b"]
+        assert r4.build() == r4b.build(), name
+        assert report_schema(r4.completed) == "fhir.R4+json"
+        assert report_schema(r4b.completed) == "fhir.R4B+json"

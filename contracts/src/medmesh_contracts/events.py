@@ -369,6 +369,8 @@ class ReportUndeliverable(Envelope):
     operation_outcome: dict[str, Any] | None = None
     reason: str
     attempts: int
+    # The report's FHIR version, when known (added within v1): a replay delivers it labelled so.
+    fhir_version: FhirVersion | None = None
 
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
@@ -388,6 +390,9 @@ class DeliverReport(Envelope):
     report: dict[str, Any]
     # Where the command comes from, e.g. "medmesh.reports.undeliverable/0/42".
     replay_of: str | None = None
+    # The report's FHIR version, when known (added within v1): the delivery's content type
+    # names it (``fhirVersion=4.0`` for R4); None: the server's default.
+    fhir_version: FhirVersion | None = None
 
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 

@@ -66,6 +66,7 @@ def replay_of(event: dict[str, Any], key: bytes | None, origin: str) -> Replay:
             producer=PRODUCER,
             report=event["report"],
             replay_of=origin,
+            fhir_version=event.get("fhir_version"),
         )
         headers += [
             (h.CORRELATION_ID, command.correlation_id.encode()),

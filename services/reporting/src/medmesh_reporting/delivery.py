@@ -4,6 +4,11 @@
 resource with an identifier is created conditionally (``ifNoneExist: identifier=system|value``),
 so the report, its Observation and the model's Device exist once however often it is sent; the
 Provenance, which has no identifier in R4B, is written with ``PUT`` to its deterministic id.
+The transaction's content type names the report's FHIR version (``application/fhir+json;
+fhirVersion=4.0`` for a report to an R4 source, 4.3 for R4B, 5.0 for R5): the version of the
+record's ``medmesh-schema`` header, or of the ``DeliverReport`` command; a report of unknown
+version goes without it (the server's default). An R4 report is built with the R4B models,
+whose resources of a report are R4's (medmesh_reporting.report says why).
 
 ``Deliverer`` posts it with backoff: connection errors, timeouts, a token endpoint that issues
 no token (SMART Backend Services, ``medmesh_runtime.smart``), 408, 429 and 5xx are retried
@@ -38,6 +43,7 @@ from medmesh_contracts import headers as h
 from medmesh_contracts import topics
 from medmesh_contracts.events import (
     DeliverReport,
+    FhirVersion,
     Producer,
     ReportUndeliverable,
     new_id,
@@ -54,6 +60,14 @@ from medmesh_runtime.smart import TokenUnavailableError, retry_after_s
 log = get_logger("medmesh.reporting.delivery")
 
 FHIR_JSON = "application/fhir+json"
+# FHIR's fhirVersion MIME parameter of each version (http.html, "FHIR Version parameter").
+MIME_VERSIONS: dict[FhirVersion, str] = {"R4": "4.0", "R4B": "4.3", "R5": "5.0"}
+# The schema header of a report record and the version it names.
+SCHEMA_VERSIONS: dict[str, FhirVersion] = {
+    h.FHIR_R4_JSON: "R4",
+    h.FHIR_R4B_JSON: "R4B",
+    h.FHIR_R5_JSON: "R5",
+}
 RETRIED_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
@@ -135,17 +149,17 @@ class Deliverer:
         """The FHIR server's base URL."""
         return self._base_url
 
-    async def deliver(self, report: JsonDict) -> Outcome:
-        """Send one report until the server answers for good, or the backoff gives up."""
+    async def deliver(self, report: JsonDict, fhir_version: FhirVersion | None = None) -> Outcome:
+        """Send one report until the server answers for good, or the backoff gives up; its
+        content type names ``fhir_version`` when given."""
         body = json.dumps(transaction_bundle(report), separators=(",", ":")).encode()
+        headers = {**self._headers, "content-type": content_type(fhir_version)}
         started = time.monotonic()
         attempt = 0
         while True:
             attempt += 1
             try:
-                response = await self._client.post(
-                    self._base_url, content=body, headers=self._headers
-                )
+                response = await self._client.post(self._base_url, content=body, headers=headers)
             except (httpx.TransportError, TokenUnavailableError) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
                 status = None
@@ -172,6 +186,14 @@ class Deliverer:
             await self._sleep(pause)
 
 
+def content_type(fhir_version: FhirVersion | None) -> str:
+    """The content type of a report in ``fhir_version``: ``application/fhir+json;
+    fhirVersion=4.0`` for R4; plain ``application/fhir+json`` when the version is unknown."""
+    if fhir_version is None:
+        return FHIR_JSON
+    return f"{FHIR_JSON}; fhirVersion={MIME_VERSIONS[fhir_version]}"
+
+
 def _operation_outcome(response: httpx.Response) -> JsonDict | None:
     try:
         body = response.json()
@@ -183,9 +205,15 @@ def _operation_outcome(response: httpx.Response) -> JsonDict | None:
 
 
 def undeliverable_event(
-    report: JsonDict, refused: Refused, fhir_server: str, producer: Producer, correlation_id: str
+    report: JsonDict,
+    refused: Refused,
+    fhir_server: str,
+    producer: Producer,
+    correlation_id: str,
+    fhir_version: FhirVersion | None = None,
 ) -> ReportUndeliverable:
-    """The event recording a report the server did not take, with its answer."""
+    """The event recording a report the server did not take, with its answer (and its FHIR
+    version, so that a replay is delivered labelled the same)."""
     return ReportUndeliverable(
         correlation_id=correlation_id,
         producer=producer,
@@ -195,6 +223,7 @@ def undeliverable_event(
         operation_outcome=refused.operation_outcome,
         reason=refused.reason,
         attempts=refused.attempts,
+        fhir_version=fhir_version,
     )
 
 
@@ -202,22 +231,25 @@ def undeliverable_event(
 DELIVERED_FROM = [topics.REPORTS_DIAGNOSTIC, topics.REPORTS_DELIVERY_REQUESTS]
 
 
-def report_of(record: ConsumedRecord) -> tuple[JsonDict, Refused | None]:
-    """The report a record asks to deliver (a report, or a DeliverReport command's), or the
-    record's text and why it holds none."""
+def report_of(record: ConsumedRecord) -> tuple[JsonDict, FhirVersion | None, Refused | None]:
+    """The report a record asks to deliver (a report, or a DeliverReport command's) and its FHIR
+    version (a report record's ``medmesh-schema`` header names it, a DeliverReport command
+    carries it; None when neither does), or the record's text and why it holds none."""
     raw = {"raw": (record.value or b"").decode(errors="replace")}
     if record.topic == topics.REPORTS_DELIVERY_REQUESTS:
         try:
-            return DeliverReport.model_validate_json(record.value or b"").report, None
+            command = DeliverReport.model_validate_json(record.value or b"")
         except ValidationError as exc:
             # Field paths only: pydantic's own message quotes the input (patient data).
             where = ", ".join(".".join(map(str, e["loc"])) or "(root)" for e in exc.errors())
-            return raw, Refused(f"not a DeliverReport command: invalid at {where[:200]}", 0)
+            return raw, None, Refused(f"not a DeliverReport command: invalid at {where[:200]}", 0)
+        return command.report, command.fhir_version, None
+    version = SCHEMA_VERSIONS.get(record_headers(record).get(h.SCHEMA) or "")
     try:
         report = json.loads(record.value or b"")
     except ValueError as exc:
-        return raw, Refused(f"not a JSON report: {exc}", 0)
-    return report, None
+        return raw, version, Refused(f"not a JSON report: {exc}", 0)
+    return report, version, None
 
 
 class DeliveryConsumer(Protocol):
@@ -297,14 +329,14 @@ class DeliveryLoop:
                 count += 1
         return count
 
-    async def _delivered(self, report: Any) -> Outcome:
+    async def _delivered(self, report: Any, fhir_version: FhirVersion | None) -> Outcome:
         """The deliverer's outcome; an error it raises (a report it cannot handle: the
         deliverer itself retries what the server or the network may fix) is retried, then the
         report is refused with the error's kind, so that it cannot stall the partition."""
         try:
             async for attempt in retrying(self.max_attempts, self.retry_backoff_s):
                 with attempt:
-                    return await self._deliverer.deliver(report)
+                    return await self._deliverer.deliver(report, fhir_version)
         except Exception as exc:  # noqa: BLE001 -- every attempt failed: the report is refused
             return Refused(
                 f"delivering raised {self.max_attempts} times; last error: "
@@ -316,8 +348,8 @@ class DeliveryLoop:
     async def settle(self, record: ConsumedRecord, kafka: EventProducer) -> Outcome:
         """Deliver one report record; record it as undeliverable when the server does not take it."""
         correlation_id = record_headers(record).get(h.CORRELATION_ID) or new_id()
-        report, unreadable = report_of(record)
-        outcome = unreadable or await self._delivered(report)
+        report, fhir_version, unreadable = report_of(record)
+        outcome = unreadable or await self._delivered(report, fhir_version)
         if isinstance(outcome, Delivered):
             self.delivered += 1
             log.info(
@@ -328,7 +360,7 @@ class DeliveryLoop:
             )
             return outcome
         event = undeliverable_event(
-            report, outcome, self._deliverer.base_url, self._producer, correlation_id
+            report, outcome, self._deliverer.base_url, self._producer, correlation_id, fhir_version
         )
         headers = message_headers(correlation_id, schema_of(ReportUndeliverable))
         await kafka.send_and_wait(

@@ -14,7 +14,17 @@ conclusion and conclusionCode.
 Every id is derived from the correlation id (uuid5), and every value from the event, the spec and
 ``issued``, so a redelivered result (with the same ``issued``) yields a byte-identical report.
 
-R4B does not let DiagnosticReport.performer be a Device: the model is recorded as a Device that
+Written in the FHIR version the source spoke. An R4 (4.0.1) report is the R4B one, labelled R4
+(schema header ``fhir.R4+json``): fhir.resources has no R4 models, and the resources of a report
+(Bundle, DiagnosticReport, Observation, Device, Provenance) are defined alike in R4 and R4B, as
+far as the builder writes them. Compared element by element (names, cardinality, types,
+reference targets, required codes) between fhir.resources 6.2.2, generated from R4 4.0.1, and
+its R4B models: Bundle, Device and Provenance are identical; DiagnosticReport and Observation
+differ only in ``subject``, whose targets R4B widened (R4: Patient, Group, Device, Location),
+and a report's subject is the request's Patient. ``validate_report`` checks that narrower R4
+rule too.
+
+R4B (and R4) does not let DiagnosticReport.performer be a Device: the model is recorded as a Device that
 Observation.device and Provenance.agent.who point at, and the AI output is labelled with the
 ``AIAST`` security label (AI Transparency on FHIR). Every resource carries a generated XHTML
 narrative (narrative.py) that ends with the AI disclaimer, in the label's words.
@@ -147,14 +157,17 @@ _DATA_ABSENT_DISPLAY = {
 
 # The fhir.resources models each report resource is validated with, per FHIR version (by
 # validate_report: in the conformance suite, not on the hot path).
+_R4B_MODELS: dict[str, Any] = {
+    "Bundle": Bundle,
+    "DiagnosticReport": DiagnosticReport,
+    "Observation": Observation,
+    "Device": Device,
+    "Provenance": Provenance,
+}
 _RESOURCE_MODELS: dict[FhirVersion, dict[str, Any]] = {
-    "R4B": {
-        "Bundle": Bundle,
-        "DiagnosticReport": DiagnosticReport,
-        "Observation": Observation,
-        "Device": Device,
-        "Provenance": Provenance,
-    },
+    # R4 with the R4B models: the module's docstring says why they serve.
+    "R4": _R4B_MODELS,
+    "R4B": _R4B_MODELS,
     "R5": {
         "Bundle": r5_bundle.Bundle,
         "DiagnosticReport": r5_diagnosticreport.DiagnosticReport,
@@ -163,7 +176,17 @@ _RESOURCE_MODELS: dict[FhirVersion, dict[str, Any]] = {
         "Provenance": r5_provenance.Provenance,
     },
 }
-_SCHEMAS: dict[FhirVersion, str] = {"R4B": headers.FHIR_R4B_JSON, "R5": headers.FHIR_R5_JSON}
+_SCHEMAS: dict[FhirVersion, str] = {
+    "R4": headers.FHIR_R4_JSON,
+    "R4B": headers.FHIR_R4B_JSON,
+    "R5": headers.FHIR_R5_JSON,
+}
+# R4's subject targets of the report's DiagnosticReport and Observations (R4B widened them).
+_R4_SUBJECT_TYPES = ("Patient", "Group", "Device", "Location")
+# A literal reference's type: [base/]Type/id[/_history/version] (a urn names none).
+_LITERAL_REFERENCE = re.compile(
+    r"(?:^|/)(?P<type>[A-Z][A-Za-z]+)/[A-Za-z0-9\-.]{1,64}(?:/_history/[A-Za-z0-9\-.]{1,64})?$"
+)
 
 
 class ReportBuildError(ValueError):
@@ -224,7 +247,7 @@ def read_result(completed: InferenceCompleted, spec: ModelSpec) -> VersionReadin
 
 
 def report_fhir_version(completed: InferenceCompleted) -> FhirVersion:
-    """The FHIR version of the report: the one the source spoke (R4B unless it opted into R5)."""
+    """The FHIR version of the report: the one the source spoke (R4B unless it named R4 or R5)."""
     return completed.task.request.source.fhir_version
 
 
@@ -242,8 +265,8 @@ def build_report(
 ) -> JsonDict:
     """The collection Bundle reporting one completed inference.
 
-    The Bundle is FHIR R4B, or R5 when the request's source spoke R5 (the resources differ only in
-    the Device). Raises ReportBuildError when the event does not fit the spec or the result is not
+    The Bundle is FHIR R4B, R4 when the request's source spoke R4 (the same Bundle), or R5 when
+    it spoke R5 (the resources differ only in the Device and the DiagnosticReport's studies). Raises ReportBuildError when the event does not fit the spec or the result is not
     valid FHIR (of the rules its inputs can break: see the module's docstring).
     """
     fhir_version = report_fhir_version(completed)
@@ -255,7 +278,7 @@ def build_report(
         issued=issued,
         issued_at=_instant(issued, "issued"),
     )
-    device = _device(parts) if fhir_version == "R4B" else _device_r5(parts)
+    device = _device_r5(parts) if fhir_version == "R5" else _device(parts)
     resources = [
         _diagnostic_report(parts, performer_display),
         *parts.observations,
@@ -356,8 +379,8 @@ def _diagnostic_report(parts: _Parts, performer_display: str | None) -> JsonDict
     report["result"] = [{"reference": ids.url(o["id"])} for o in parts.observations]
     studies = _imaging_studies(request)
     if studies:
-        # The studies the model read: R4B's imagingStudy is R5's study.
-        key = "imagingStudy" if report_fhir_version(parts.completed) == "R4B" else "study"
+        # The studies the model read: R4's and R4B's imagingStudy is R5's study.
+        key = "study" if report_fhir_version(parts.completed) == "R5" else "imagingStudy"
         report[key] = [{"reference": r} for r in studies]
     report["conclusion"] = _conclusion(parts)
     concepts = _conclusion_codes(parts.result.headline)
@@ -937,3 +960,22 @@ def validate_report(bundle: JsonDict, fhir_version: FhirVersion) -> None:
         errors = exc.errors(include_url=False, include_input=False)
         where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
         raise ReportBuildError(f"the report is not valid FHIR {fhir_version}: {where}") from exc
+    if fhir_version == "R4":
+        _check_r4_subjects(bundle)
+
+
+def _check_r4_subjects(bundle: JsonDict) -> None:
+    """ReportBuildError when a DiagnosticReport's or Observation's subject targets a type R4
+    does not allow there (the R4B models allow more: the module's docstring)."""
+    for index, entry in enumerate(bundle["entry"]):
+        resource = entry["resource"]
+        if resource["resourceType"] not in ("DiagnosticReport", "Observation"):
+            continue
+        reference = str((resource.get("subject") or {}).get("reference") or "")
+        match = _LITERAL_REFERENCE.search(reference)
+        target = match["type"] if match else None
+        if target is not None and target not in _R4_SUBJECT_TYPES:
+            raise ReportBuildError(
+                f"the report is not valid FHIR R4: Bundle.entry[{index}].resource.subject "
+                f"targets a {target}, not one of {', '.join(_R4_SUBJECT_TYPES)}"
+            )
