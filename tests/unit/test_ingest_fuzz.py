@@ -48,6 +48,7 @@ SEEDS = [
         "observation-heart-rate.json",
         "subscription-event-full.json",
         "subscription-heartbeat.json",
+        "r4-subscription-event-full.json",
         "message-bundle.json",
         "transaction-bundle.json",
         "service-request-order.json",
@@ -61,6 +62,7 @@ UNITS = ["/min", "%", "Cel", "[degF]", "K", "mm[Hg]", "kPa", "L/min", "kg", "bpm
 CONTENT_TYPES = [
     "application/fhir+json",
     "application/json",
+    "application/fhir+json; fhirVersion=4.0",
     "application/fhir+json; fhirVersion=4.3",
     "application/fhir+json; fhirVersion=5.0",
     "application/fhir+json; fhirVersion=9.9",
