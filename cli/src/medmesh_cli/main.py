@@ -115,7 +115,8 @@ def up(
         console.print(
             f"[bold green]medmesh is up[/] in {time.monotonic() - started:.1f}s: "
             f"POST FHIR to {config.ingest_url}/fhir; logs: `medmesh logs NAME` "
-            f"(files in {config.state_dir})"
+            f"(files in {config.state_dir})",
+            soft_wrap=True,
         )
         asyncio.run(_serve(stack, demo, signals))
     except KeyboardInterrupt:
@@ -302,8 +303,9 @@ def _reconcile(stack: Stack, refused: str) -> str:
 
 
 SENT_AT: dict[str, float] = {}
-REPORT_COLUMNS = ("patient", "model", "version", "score", "band", "end-to-end")
-REPORT_ROW = "{:<16} {:<14} {:<7} {:<12} {:<11} {:>10}"
+# "result": a risk model's band, or what a findings or classification model found.
+REPORT_COLUMNS = ("patient", "model", "version", "score", "result", "end-to-end")
+REPORT_ROW = "{:<16} {:<14} {:<7} {:<12} {:<20} {:>10}"
 
 
 async def _send_files(ingest_url: str, files: list[Path]) -> None:
@@ -322,7 +324,8 @@ async def _post(client: httpx.AsyncClient, name: str, body: bytes) -> None:
     for correlation_id in ids:
         SENT_AT[correlation_id] = sent
     summary = answer_summary(response.json())[:160]
-    console.print(f"[cyan]sent[/] {name}: HTTP {response.status_code} {summary}")
+    # One line each (soft_wrap: the terminal folds a long one, rich does not break it).
+    console.print(f"[cyan]sent[/] {name}: HTTP {response.status_code} {summary}", soft_wrap=True)
 
 
 def answer_summary(body: dict[str, Any]) -> str:
@@ -352,7 +355,11 @@ async def _watch_reports(bootstrap: str) -> None:
         isolation_level="read_committed",
     )
     await consumer.start()
-    console.print(f"[bold magenta]       {REPORT_ROW.format(*REPORT_COLUMNS)}[/]", highlight=False)
+    console.print(
+        f"[bold magenta]       {REPORT_ROW.format(*REPORT_COLUMNS)}[/]",
+        highlight=False,
+        soft_wrap=True,
+    )
     try:
         async for record in consumer:
             arrived = time.perf_counter()
@@ -368,7 +375,7 @@ async def _watch_reports(bootstrap: str) -> None:
                 report.band,
                 latency,
             )
-            console.print(f"[bold]report[/] {row}", highlight=False)
+            console.print(f"[bold]report[/] {row}", highlight=False, soft_wrap=True)
     finally:
         await consumer.stop()
 

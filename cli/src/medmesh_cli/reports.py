@@ -12,12 +12,18 @@ from medmesh_contracts.formatting import format_number, human_unit
 V3_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 
 
+# Units whose singular differs, for a score of exactly 1 (reporting's narrative does the same).
+_SINGULAR = {"points": "point", "beats": "beat"}
+
+
 def format_score(score: float | int | None, ucum_code: str) -> str:
     """A report's score for people: rounded, with a human unit (``-`` when there is none)."""
     if score is None:
         return "-"
-    unit = human_unit(ucum_code)
-    return f"{format_number(score)} {unit}" if unit else format_number(score)
+    unit, shown = human_unit(ucum_code), format_number(score)
+    if shown == "1":
+        unit = _SINGULAR.get(unit, unit)
+    return f"{shown} {unit}" if unit else shown
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,7 @@ class ReportSummary:
     model_version: str
     score: float | int | None
     score_unit: str  # its UCUM code, as the report has it
-    band: str
+    band: str  # the model's band; or what was found (a finding, a class, no-finding)
     trace_id: str | None
 
     @property
@@ -44,6 +50,22 @@ def _first(resources: list[dict[str, Any]], resource_type: str) -> dict[str, Any
         if resource.get("resourceType") == resource_type:
             return resource
     raise ValueError(f"the report bundle has no {resource_type}")
+
+
+def _finding(observation: dict[str, Any]) -> str:
+    """What a report without a band found: the class or "no-finding" of a valueCodeableConcept,
+    or the code of a finding present (interpretation POS); "" for neither (a quantity)."""
+    concept = observation.get("valueCodeableConcept")
+    if concept is not None:
+        return next((c.get("code", "") for c in concept.get("coding", [])), "")
+    positive = any(
+        c.get("system") == V3_INTERPRETATION and c.get("code") == "POS"
+        for i in observation.get("interpretation", [])
+        for c in i.get("coding", [])
+    )
+    if positive:
+        return next((c.get("code", "") for c in observation.get("code", {}).get("coding", [])), "")
+    return ""
 
 
 def summarize(key: bytes | None, value: bytes, headers: dict[str, str]) -> ReportSummary:
@@ -70,6 +92,8 @@ def summarize(key: bytes | None, value: bytes, headers: dict[str, str]) -> Repor
         ),
         "",
     )
+    if not band:
+        band = _finding(observation)
     names = device.get("deviceName", [])
     versions = device.get("version", [])
     traceparent = headers.get(h.TRACEPARENT)
