@@ -7,6 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +22,7 @@ from medmesh_contracts.events import RequestInference
 from medmesh_ingest.app import create_app
 from medmesh_ingest.parts import Ingest
 from medmesh_ingest.settings import IngestSettings
+from medmesh_runtime.metrics import prometheus_text
 from tests.service.conftest import FIXTURES, SPECS_DIR
 from tests.transactional_kafka import FakeKafka
 from tests.unit.test_ingest_bundle_response import response_problems
@@ -746,3 +748,33 @@ async def _honours_every_advertised_interaction(ingest: Harness) -> None:
         assert [i["code"] for i in resource["interaction"]] == ["create"]
         response = await _post(ingest, creates[resource["type"]], f"/fhir/{resource['type']}")
         assert response.status_code in (200, 202), response.text
+
+
+async def test_a_post_is_one_server_span_by_the_http_conventions(tmp_path: Path) -> None:
+    """A POST /fhir is one SERVER span named by its route, continuing the caller's traceparent,
+    with the stable HTTP attributes (no header recorded), and counted in the seconds histogram
+    http.server.request.duration; the probes make no span."""
+    spans_file = tmp_path / "spans.jsonl"
+    caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    async with running(settings(trace_file=spans_file)) as ingest:
+        await ingest.client.get("/readyz")
+        response = await ingest.client.post(
+            "/fhir",
+            content=(FIXTURES / "vitals-bundle-low.json").read_bytes(),
+            headers={
+                "content-type": "application/fhir+json",
+                "traceparent": f"00-{caller_trace}-00f067aa0ba902b7-01",
+            },
+        )
+        assert response.status_code == 200, response.text  # a batch: its batch-response
+        metrics = prometheus_text().decode()
+    spans = [json.loads(line) for line in spans_file.read_text().splitlines()]
+    servers = [s for s in spans if s["kind"] == "SERVER"]
+    assert [s["name"] for s in servers] == ["POST /fhir"]
+    [server] = servers
+    assert server["trace_id"] == caller_trace
+    assert server["attributes"]["http.request.method"] == "POST"
+    assert server["attributes"]["http.response.status_code"] == 200
+    assert not [k for k in server["attributes"] if k.startswith("http.request.header")]
+    assert 'http_route="/fhir"' in metrics
+    assert "http_server_request_duration_seconds_bucket" in metrics

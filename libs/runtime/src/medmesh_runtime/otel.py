@@ -9,6 +9,8 @@
   none.
 - ``OTEL_TRACES_SAMPLER`` (with ``OTEL_TRACES_SAMPLER_ARG``) replaces the sampler of
   ``MEDMESH_TRACE_SAMPLE_RATIO``.
+- ``OTEL_SEMCONV_STABILITY_OPT_IN`` chooses the HTTP instrumentation's conventions; unset, the
+  stable ones (seconds).
 - ``OTEL_METRICS_EXPORTER`` naming ``otlp`` pushes metrics over OTLP/HTTP too (every
   ``OTEL_METRIC_EXPORT_INTERVAL``); ``/metrics`` (Prometheus) is always served: it is how the
   compose and Kubernetes deployments are scraped.
@@ -56,6 +58,14 @@ def otlp_traces_from_environment(environ: Mapping[str, str] = os.environ) -> boo
     if "none" in _listed("OTEL_TRACES_EXPORTER", environ):
         return False
     return any(environ.get(name) for name in _TRACES_ENDPOINTS)
+
+
+def use_stable_http_conventions() -> None:
+    """HTTP instrumentations (e.g. FastAPI's) record the stable HTTP conventions
+    (``http.server.request.duration`` in seconds, ``http.request.method``...) instead of the
+    old ones (milliseconds), unless OTEL_SEMCONV_STABILITY_OPT_IN already says otherwise. Set
+    before the first instrumentation reads it (once per process)."""
+    os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http")
 
 
 def otlp_metrics_from_environment(environ: Mapping[str, str] = os.environ) -> bool:

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from starlette.routing import Route
 
 from medmesh_contracts import topics
@@ -25,6 +26,7 @@ from medmesh_ingest.state_topic import ReadingsFollower
 from medmesh_runtime.health import health_routes
 from medmesh_runtime.kafka import stage_clients
 from medmesh_runtime.logging import get_logger
+from medmesh_runtime.otel import use_stable_http_conventions
 from medmesh_runtime.service import ServiceRuntime
 from medmesh_runtime.transactional import GroupCommit, LoopSettings, StageClients, TransactionalLoop
 
@@ -121,6 +123,16 @@ def create_app(
         openapi_url="/openapi.json" if docs else None,
     )
     app.include_router(fhir_routes(ingest))
+    # One SERVER span per request, named by its route ("POST /fhir"), and the http.server.*
+    # metrics, by OpenTelemetry's stable HTTP conventions (durations in seconds); the probes
+    # would only add noise. No header is recorded (Authorization carries a token).
+    use_stable_http_conventions()
+    FastAPIInstrumentor.instrument_app(
+        app,
+        tracer_provider=runtime.tracer_provider,
+        excluded_urls="/healthz,/readyz",
+        exclude_spans=["receive", "send"],
+    )
 
     async def ready() -> bool:
         return ingest.ready
