@@ -778,3 +778,41 @@ async def test_a_post_is_one_server_span_by_the_http_conventions(tmp_path: Path)
     assert not [k for k in server["attributes"] if k.startswith("http.request.header")]
     assert 'http_route="/fhir"' in metrics
     assert "http_server_request_duration_seconds_bucket" in metrics
+
+
+async def test_the_encounters_ward_and_site_reach_the_request_and_its_headers(
+    ingest: Harness,
+) -> None:
+    """A Bundle whose Encounter is in a bed of the ICU ward, at a named service provider, gives
+    a request whose source (and routing headers, what the router's rules read) say ward icu and
+    that site."""
+    bundle = json.loads((FIXTURES / "vitals-bundle-high.json").read_text())
+    ward = "http://terminology.hl7.org/CodeSystem/location-physical-type"
+    for entry in bundle["entry"]:
+        if entry["resource"]["resourceType"] == "Encounter":
+            entry["resource"]["location"] = [
+                {"location": {"reference": "Location/icu-bed-4"}, "status": "active"}
+            ]
+            entry["resource"]["serviceProvider"] = {"display": "North"}
+    bundle["entry"] += [
+        {
+            "fullUrl": f"https://ehr.example/fhir/Location/{ident}",
+            "resource": {
+                "resourceType": "Location",
+                "id": ident,
+                "name": name,
+                "physicalType": {"coding": [{"system": ward, "code": code}]},
+                **({"partOf": {"reference": "Location/icu"}} if ident != "icu" else {}),
+            },
+        }
+        for ident, name, code in (("icu", "icu", "wa"), ("icu-bed-4", "ICU bed 4", "bd"))
+    ]
+    response = await ingest.client.post(
+        "/fhir", content=json.dumps(bundle), headers={"content-type": "application/fhir+json"}
+    )
+    assert response.status_code == 202, response.text  # a collection: accepted
+    [record] = ingest.kafka.records(topics.INFERENCE_REQUESTS)
+    request = RequestInference.model_validate_json(record.value or b"")
+    assert (request.source.ward, request.source.site) == ("icu", "North")
+    headers = {k: v.decode() for k, v in record.headers}
+    assert (headers[h.WARD], headers[h.SITE]) == ("icu", "North")

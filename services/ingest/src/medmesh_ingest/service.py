@@ -40,6 +40,7 @@ from medmesh_contracts.modelspec import ModelSpec
 from medmesh_ingest.bundle_response import BundleReply, response_bundle
 from medmesh_ingest.extraction import NO_PACS, Extraction, Order, PatientReadings, extract
 from medmesh_ingest.imaging import PacsPolicy
+from medmesh_ingest.locations import Placement, placements
 from medmesh_ingest.outcomes import INVALID_FHIR, FhirRejected, Issue, outcome
 from medmesh_ingest.readings import Merged, ReadingsStore, merge, state_key
 from medmesh_ingest.validation import Limits, Payload, entry_failures, entry_of, parse
@@ -147,6 +148,8 @@ class Prepared:
     issues: tuple[Issue, ...]
     # A batch or transaction to answer with a response Bundle (None: an OperationOutcome).
     reply: BundleReply | None = None
+    # The ward and site each Encounter of the payload names, by its reference.
+    placements: Mapping[str, Placement] = field(default_factory=dict)
 
 
 @dataclass
@@ -252,7 +255,12 @@ class IngestService:
                 payload.failed,
             )
         return Prepared(
-            context, received_at, self._groups(extraction), (*notes, *extraction.issues), reply
+            context,
+            received_at,
+            self._groups(extraction),
+            (*notes, *extraction.issues),
+            reply,
+            placements(payload.resources),
         )
 
     async def apply(
@@ -482,8 +490,19 @@ class IngestService:
             inputs=merged.inputs,
             effective_at=merged.effective_at or payload.received_at,
             received_at=payload.received_at,
-            source=payload.context.source,
+            source=_placed(payload.context.source, payload.placements, state.encounter_reference),
         )
+
+
+def _placed(
+    source: SourceContext, placed: Mapping[str, Placement], encounter: str | None
+) -> SourceContext:
+    """The source context with the ward and site the request's encounter names in the payload
+    (a site configured for the source wins)."""
+    placement = placed.get(encounter) if encounter is not None else None
+    if placement is None:
+        return source
+    return source.model_copy(update={"ward": placement.ward, "site": source.site or placement.site})
 
 
 def _stripe(pseudonym: str) -> int:
