@@ -106,3 +106,31 @@ def test_up_shows_the_start_as_progress_then_says_it_is_up(
     assert "medmesh is up" in result.output
     assert "medmesh logs NAME" in result.output
     assert echo == [flag == ["--logs"]]
+
+
+def test_a_part_that_does_not_start_is_told_in_a_line_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stack.start's error (its message quotes log lines with brackets) is printed as it is,
+    `up` exits 1 after stopping, and the rows show how far the start got."""
+    monkeypatch.setenv("MEDMESH_REPO_ROOT", str(tmp_path))
+    stopped: list[bool] = []
+
+    def start_all(self: Stack, timeout_s: float) -> None:
+        self._step("kafka", WAITING)
+        self._step("kafka", STARTING)
+        raise RuntimeError("Kafka: port 9092 is already in use\n[KafkaServer id=1] shutting down")
+
+    monkeypatch.setattr(Stack, "_start_all", start_all)
+    monkeypatch.setattr(Stack, "stop", lambda self: stopped.append(True))
+    monkeypatch.setattr(main, "console", Console(width=100, color_system=None))
+
+    result = CliRunner().invoke(main.app, ["up"])
+
+    assert result.exit_code == 1, result.output
+    assert "medmesh: Kafka: port 9092 is already in use" in result.output
+    assert "[KafkaServer id=1] shutting down" in result.output
+    assert re.search(r"kafka\s+starting", result.output)
+    assert isinstance(result.exception, SystemExit)  # typer.Exit(1), not the RuntimeError
+    assert stopped
+    assert "medmesh is up" not in result.output

@@ -17,6 +17,7 @@ import httpx
 import typer
 from aiokafka import AIOKafkaConsumer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from medmesh_cli.bench.command import bench
@@ -96,22 +97,9 @@ def up(
     try:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         pid_file.write_text(str(os.getpid()))  # `medmesh down` works from the start on
-        stack = starting = Stack(config)
-        # Echoed output and a live display would overwrite each other: with --logs, plain lines.
-        display = StartupLines(console) if logs else StartupProgress(console)
-
-        def on_step(component: str, state: str) -> None:
-            seeded = component == "studies" and state == READY
-            display.step(
-                component, state, f"{len(starting.seeded_studies)} seeded" if seeded else ""
-            )
-
-        stack.on_step = on_step
+        stack = Stack(config)
         started = time.monotonic()
-        console.print("[bold]medmesh[/] starting Kafka, Orthanc, Triton and the services ...")
-        with display:
-            stack.start()
-        stack.on_step = None  # workers started later by a hot deploy are reported by _reconcile
+        _start(stack, logs)
         console.print(
             f"[bold green]medmesh is up[/] in {time.monotonic() - started:.1f}s: "
             f"POST FHIR to {config.ingest_url}/fhir; logs: `medmesh logs NAME` "
@@ -121,8 +109,9 @@ def up(
         asyncio.run(_serve(stack, demo, signals))
     except KeyboardInterrupt:
         pass  # a signal while starting (or outside the serve loop): stop below
-    except ProcessExitedError as exc:
-        console.print(f"[bold red]medmesh: {exc}[/]")
+    except (ProcessExitedError, StartFailedError) as exc:
+        # escaped: the message quotes log lines, whose brackets are not rich markup
+        console.print(f"[bold red]medmesh:[/] {escape(str(exc))}", highlight=False)
         failed = True
     finally:
         signals.stopping = True  # from here on, signals cannot cut the stop short
@@ -135,6 +124,27 @@ def up(
         console.print("[bold]medmesh[/] stopped")
     if failed:
         raise typer.Exit(1)
+
+
+def _start(stack: Stack, echoed: bool) -> None:
+    """Start the stack, showing its steps as progress rows (as plain lines when every
+    component's output is ``echoed``: a live display and echoed output would overwrite each
+    other). StartFailedError with what did not start and why."""
+    display = StartupLines(console) if echoed else StartupProgress(console)
+
+    def on_step(component: str, state: str) -> None:
+        seeded = component == "studies" and state == READY
+        display.step(component, state, f"{len(stack.seeded_studies)} seeded" if seeded else "")
+
+    stack.on_step = on_step
+    console.print("[bold]medmesh[/] starting Kafka, Orthanc, Triton and the services ...")
+    with display:
+        try:
+            stack.start()
+        except RuntimeError as exc:  # what did not start and why (log tails), not a traceback
+            raise StartFailedError(str(exc)) from exc
+        finally:
+            stack.on_step = None  # workers a hot deploy starts later are reported by _reconcile
 
 
 class StopSignals:
@@ -211,6 +221,10 @@ def _running_up_pid(pid_file: Path) -> int | None:
 
 class ProcessExitedError(RuntimeError):
     """A process of the stack exited while the stack was up."""
+
+
+class StartFailedError(RuntimeError):
+    """A part of the stack did not start (Stack.start has stopped the rest)."""
 
 
 async def _serve(stack: Stack, demo: bool, signals: StopSignals) -> None:
