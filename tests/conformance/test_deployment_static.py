@@ -32,6 +32,7 @@ from pydantic import BaseModel, SecretStr
 from pydantic_settings import BaseSettings
 
 from medmesh_cli.devstack.model_repository import main as render_main
+from medmesh_console.settings import ConsoleSettings
 from medmesh_contracts.modelspec import load_specs
 from medmesh_contracts.topics import STATIC_TOPICS, all_topics, model_task_topic
 from medmesh_inference.settings import WorkerSettings
@@ -66,6 +67,8 @@ SERVICES: dict[str, tuple[type[ServiceSettings], str]] = {
 SETTINGS_CLASSES: tuple[type[BaseSettings], ...] = (
     ServiceSettings,
     *tuple(cls for cls, _ in SERVICES.values()),
+    # not yet in compose.yaml or Kubernetes, but its variables belong in .env.example
+    ConsoleSettings,
 )
 # Environment variables of medmesh containers that are not medmesh settings: OpenSSL's trust store
 # (the Strimzi cluster CA in the large overlay).
