@@ -16,7 +16,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypedDict, TypeVar
 
 from opentelemetry import propagate
 from opentelemetry.metrics import Counter
@@ -111,26 +111,58 @@ def _base64_prefix(raw: bytes, budget: int) -> str:
     return base64.b64encode(raw[: max(budget, 0) // 4 * 3]).decode("ascii")
 
 
-def bounded_event(
-    build: Callable[[str, Encoding, bool], E], raw: bytes, key: bytes | None, max_bytes: int
-) -> E:
-    """The event ``build(raw_value, raw_encoding, raw_truncated)`` makes of a record's value,
-    its wire form and the key together at most ``max_bytes``: the whole value when that fits,
-    else the longest start of it that does (text stays text, anything else base64).
+class KeptRecord(TypedDict):
+    """What every dead letter (MessageDeadLettered, FhirEventRejected) keeps of its source
+    record: where it was, and its value (whole or its start) with the whole value's size and
+    SHA-256."""
 
-    ``build`` sets everything else (the whole value's size and SHA-256 among it).
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    raw_value: str
+    raw_encoding: Encoding
+    raw_truncated: bool
+    raw_size: int
+    raw_sha256: str
+
+
+def bounded_event(build: Callable[[KeptRecord], E], record: Any, max_bytes: int) -> E:
+    """The event ``build(kept)`` makes of a consumed record (aiokafka ConsumerRecord), its wire
+    form and the record's key together at most ``max_bytes``: ``kept`` holds the whole value
+    when that fits, else the longest start of it that does (text stays text, anything else
+    base64).
+
+    ``build`` sets the fields the event has beyond ``KeptRecord`` (its correlation id, its
+    producer, its reason or OperationOutcome).
     """
+    raw: bytes = record.value or b""
+    sha256 = hashlib.sha256(raw).hexdigest()
+
+    def build_with(value: str, encoding: Encoding, truncated: bool) -> E:
+        return build(
+            KeptRecord(
+                source_topic=record.topic,
+                source_partition=record.partition,
+                source_offset=record.offset,
+                raw_value=value,
+                raw_encoding=encoding,
+                raw_truncated=truncated,
+                raw_size=len(raw),
+                raw_sha256=sha256,
+            )
+        )
+
     value, encoding = encode_raw(raw)
-    limit = max_bytes - len(key or b"")
+    limit = max_bytes - len(record.key or b"")
     if len(value) <= limit:  # else it cannot fit: each character takes a byte or more
-        event = build(value, encoding, False)
+        event = build_with(value, encoding, False)
         if len(to_wire(event)) <= limit:
             return event
     # The envelope with an empty value: the budget for the value's JSON string content.
-    budget = limit - len(to_wire(build("", encoding, True)))
+    budget = limit - len(to_wire(build_with("", encoding, True)))
     for _ in range(3):
         prefix = _text_prefix(raw, budget) if encoding == "utf-8" else _base64_prefix(raw, budget)
-        event = build(prefix, encoding, True)
+        event = build_with(prefix, encoding, True)
         over = len(to_wire(event)) - limit
         if over <= 0:
             break
@@ -154,27 +186,15 @@ def dead_letter_event(
     Every dead letter built is counted (medmesh_dead_letters_total by source topic and service).
     """
     _dead_letters().add(1, {"source_topic": record.topic, "service": producer.service})
-    raw: bytes = record.value or b""
     correlation_id = correlation_of(record)
-    sha256 = hashlib.sha256(raw).hexdigest()
     cut_reason = _reason(reason)
 
-    def build(value: str, encoding: Encoding, truncated: bool) -> MessageDeadLettered:
+    def build(kept: KeptRecord) -> MessageDeadLettered:
         return MessageDeadLettered(
-            correlation_id=correlation_id,
-            producer=producer,
-            source_topic=record.topic,
-            source_partition=record.partition,
-            source_offset=record.offset,
-            raw_value=value,
-            raw_encoding=encoding,
-            reason=cut_reason,
-            raw_truncated=truncated,
-            raw_size=len(raw),
-            raw_sha256=sha256,
+            correlation_id=correlation_id, producer=producer, reason=cut_reason, **kept
         )
 
-    return bounded_event(build, raw, record.key, max_bytes or configured_max_bytes())
+    return bounded_event(build, record, max_bytes or configured_max_bytes())
 
 
 def _bounded_outcome(outcome: Mapping[str, Any], max_bytes: int) -> dict[str, Any]:
@@ -210,27 +230,15 @@ def rejected_event(
     It starts a correlation of its own: an inbound record's headers are its sender's.
     """
     limit = max_bytes or configured_max_bytes()
-    raw: bytes = record.value or b""
     correlation_id = new_id()
-    sha256 = hashlib.sha256(raw).hexdigest()
     outcome = _bounded_outcome(operation_outcome, limit // _OUTCOME_SHARE)
 
-    def build(value: str, encoding: Encoding, truncated: bool) -> FhirEventRejected:
+    def build(kept: KeptRecord) -> FhirEventRejected:
         return FhirEventRejected(
-            correlation_id=correlation_id,
-            producer=producer,
-            source_topic=record.topic,
-            source_partition=record.partition,
-            source_offset=record.offset,
-            raw_value=value,
-            raw_encoding=encoding,
-            operation_outcome=outcome,
-            raw_truncated=truncated,
-            raw_size=len(raw),
-            raw_sha256=sha256,
+            correlation_id=correlation_id, producer=producer, operation_outcome=outcome, **kept
         )
 
-    return bounded_event(build, raw, record.key, limit)
+    return bounded_event(build, record, limit)
 
 
 def dead_letter_record(topic: str, record: Any, reason: str, producer: Producer) -> OutgoingRecord:
