@@ -1,0 +1,237 @@
+"""HAPI FHIR's instance validator, run offline over files, for the conformance tests.
+
+The validator's jars are resolved by Maven from deploy/hapi-validator/pom.xml into the cache the
+Kafka jars use (~/.cache/medmesh, outside the repository) once, and the launcher
+deploy/hapi-validator/src/.../ValidateFiles.java is compiled there with javac, again once per
+source. A run starts one JVM per FHIR version and validates every file of that version in it:
+starting Java and loading a version's core definitions takes tens of seconds, a file well under
+one. Nothing is fetched while validating (no terminology server): codes of systems with no local
+definition, such as LOINC and SNOMED CT, come back as warnings, not errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+from medmesh_cli.devstack.paths import cache_dir, repo_root
+
+ValidatorFhirVersion = Literal["R4", "R4B", "R5"]
+FHIR_VERSIONS: tuple[ValidatorFhirVersion, ...] = get_args(ValidatorFhirVersion)
+MAIN_CLASS = "dev.medmesh.validator.ValidateFiles"
+# A version's core definitions fit in 1 GiB; a small heap with the serial collector keeps the
+# validators side by side within a two-core, shared CI machine. A run is short and mostly parses
+# definitions once: the quick C1 compiler alone costs about 20 % less CPU than C1 and C2.
+JVM_OPTIONS = ("-Xmx1g", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1")
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One message of the validator about one file."""
+
+    severity: str
+    location: str
+    message: str
+    message_id: str
+
+    @property
+    def is_error(self) -> bool:
+        """An error or a fatal error (not a warning or information)."""
+        return self.severity in ("error", "fatal")
+
+    def __str__(self) -> str:
+        return f"{self.severity} {self.location}: {self.message} [{self.message_id}]"
+
+
+@dataclass(frozen=True)
+class Validator:
+    """The resolved jars and the compiled launcher: what ``java -cp`` needs."""
+
+    lib: Path
+    classes: Path
+    java: str
+
+    @property
+    def classpath(self) -> str:
+        """The launcher's classes, then every jar of the validator."""
+        return f"{self.classes}:{self.lib}/*"
+
+
+def _project() -> Path:
+    return repo_root() / "deploy" / "hapi-validator"
+
+
+def hapi_version() -> str:
+    """The HAPI FHIR version pinned in deploy/hapi-validator/pom.xml."""
+    pom = (_project() / "pom.xml").read_text()
+    match = re.search(r"<hapi.version>([^<]+)</hapi.version>", pom)
+    if match is None:
+        raise RuntimeError("deploy/hapi-validator/pom.xml has no <hapi.version>")
+    return match.group(1)
+
+
+def _launcher_sources() -> list[Path]:
+    return sorted((_project() / "src" / "main" / "java").rglob("*.java"))
+
+
+def _require(tool: str, why: str) -> str:
+    found = shutil.which(tool)
+    if found is None:
+        raise RuntimeError(f"HAPI validator: {tool!r} is not on PATH; {why}")
+    return found
+
+
+def _ensure_jars(lib: Path) -> None:
+    marker = lib / ".complete"
+    if marker.exists():
+        return
+    mvn = _require("mvn", "Apache Maven is needed once to fetch the validator's jars")
+    lib.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [
+            mvn,
+            "-q",
+            "-B",
+            "-f",
+            str(_project() / "pom.xml"),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={lib}",
+            "-DincludeScope=runtime",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            "HAPI validator: Maven could not resolve the validator jars:\n"
+            f"{result.stdout[-3000:]}{result.stderr[-3000:]}"
+        )
+    marker.write_text(hapi_version())
+
+
+def _ensure_classes(root: Path, lib: Path) -> Path:
+    sources = _launcher_sources()
+    if not sources:
+        raise RuntimeError("HAPI validator: no launcher source under deploy/hapi-validator/src")
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(source.read_bytes())
+    # Keyed by the sources' hash: an edited launcher is compiled afresh, an unchanged one never.
+    classes = root / f"classes-{digest.hexdigest()[:16]}"
+    marker = classes / ".complete"
+    if marker.exists():
+        return classes
+    javac = _require("javac", "a Java 17+ JDK is needed to compile the validator's launcher")
+    shutil.rmtree(classes, ignore_errors=True)
+    classes.mkdir(parents=True)
+    result = subprocess.run(
+        [javac, "-d", str(classes), "-cp", f"{lib}/*", *map(str, sources)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"HAPI validator: javac failed on the launcher:\n{result.stdout}{result.stderr}"
+        )
+    marker.write_text("")
+    return classes
+
+
+def ensure_validator() -> Validator:
+    """The validator, resolving its jars (Maven) and compiling its launcher (javac) on first use."""
+    java = _require("java", "the validator needs Java 17+")
+    root = cache_dir() / f"hapi-validator-{hapi_version()}"
+    lib = root / "lib"
+    _ensure_jars(lib)
+    return Validator(lib=lib, classes=_ensure_classes(root, lib), java=java)
+
+
+def _command(validator: Validator, version: ValidatorFhirVersion, paths: list[Path]) -> list[str]:
+    if version not in FHIR_VERSIONS:
+        raise ValueError(f"HAPI validator: unknown FHIR version {version!r}")
+    return [
+        validator.java,
+        *JVM_OPTIONS,
+        "-cp",
+        validator.classpath,
+        MAIN_CLASS,
+        version,
+        *map(str, paths),
+    ]
+
+
+def _parse(
+    version: str, paths: list[Path], returncode: int, stdout: str, stderr: str
+) -> dict[Path, list[Issue]]:
+    if returncode != 0:
+        raise RuntimeError(
+            f"HAPI validator ({version}) exited {returncode}:\n{stdout[-2000:]}{stderr[-3000:]}"
+        )
+    by_name = {str(path): path for path in paths}
+    results: dict[Path, list[Issue]] = {}
+    for line in stdout.splitlines():
+        # Only the launcher's lines: a library that prints to stdout must not break the parse.
+        if not line.startswith('{"file":'):
+            continue
+        record = json.loads(line)
+        results[by_name[record["file"]]] = [
+            Issue(
+                severity=issue["severity"],
+                location=issue["location"] or "",
+                message=issue["message"] or "",
+                message_id=issue["id"] or "",
+            )
+            for issue in record["issues"]
+        ]
+    missing = [str(path) for path in paths if path not in results]
+    if missing:
+        raise RuntimeError(
+            f"HAPI validator ({version}) gave no result for {missing}:\n{stderr[-3000:]}"
+        )
+    return results
+
+
+def validate_all(
+    files: Mapping[ValidatorFhirVersion, Iterable[Path]],
+) -> dict[ValidatorFhirVersion, dict[Path, list[Issue]]]:
+    """Every file validated in its FHIR version: one JVM per version, the versions side by side
+    (each spends most of its time loading its own definitions, mostly on one core)."""
+    validator = ensure_validator()
+    batches = {version: list(paths) for version, paths in files.items() if paths}
+    running = {
+        version: subprocess.Popen(
+            _command(validator, version, paths),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for version, paths in batches.items()
+    }
+    results: dict[ValidatorFhirVersion, dict[Path, list[Issue]]] = {}
+    try:
+        for version, process in running.items():
+            stdout, stderr = process.communicate()
+            results[version] = _parse(version, batches[version], process.returncode, stdout, stderr)
+    finally:
+        for process in running.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return results
+
+
+def validate(version: ValidatorFhirVersion, paths: Iterable[Path]) -> dict[Path, list[Issue]]:
+    """Every file validated as FHIR ``version`` in one JVM: each file's messages, all severities."""
+    batch = list(paths)
+    if not batch:
+        return {}
+    return validate_all({version: batch})[version]
