@@ -26,7 +26,7 @@ import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from medmesh_contracts.events import ImageReference, ModelInput
 from medmesh_contracts.modelspec import UCUM, Coding, InputSource, InputSpec, ModelSpec
@@ -438,18 +438,47 @@ def _image_reading(study: ParsedResource, image: ImageReference) -> _Reading:
     )
 
 
-def _model_input(input_spec: InputSpec, reading: _Reading) -> ModelInput:
+class ReadingValues(Protocol):
+    """What a reading carries into a model input, in whichever form it is held: a reading of
+    this payload (``_Reading``) or one the patient's state kept (``IngestedReading``)."""
+
+    @property
+    def value(self) -> float: ...
+    @property
+    def observed_at(self) -> datetime | None: ...
+    @property
+    def source_reference(self) -> str | None: ...
+    @property
+    def samples(self) -> tuple[float, ...] | None: ...
+    @property
+    def period_ms(self) -> float | None: ...
+    @property
+    def duration_s(self) -> float | None: ...
+
+
+def model_input(
+    name: str, unit: str, reading: ReadingValues, image: ImageReference | None
+) -> ModelInput:
+    """The model input ``name`` (in ``unit``) a reading gives: its value, when and from which
+    resource it was taken, a waveform's samples and an image's claim check.
+
+    The one place a reading becomes a ModelInput, for a payload's readings and for stored
+    ones alike, so a field the contract adds to both reaches every request."""
     return ModelInput(
-        name=input_spec.name,
+        name=name,
         value=reading.value,
-        unit=input_spec.unit,
+        unit=unit,
         observed_at=reading.observed_at,
         source_reference=reading.source_reference,
         samples=reading.samples,
         period_ms=reading.period_ms,
         duration_s=reading.duration_s,
-        image=reading.image,
+        image=image,
     )
+
+
+def _model_input(input_spec: InputSpec, reading: _Reading) -> ModelInput:
+    return model_input(input_spec.name, input_spec.unit, reading, reading.image)
 
 
 def _encounter_of(readings: Sequence[_Reading]) -> str | None:

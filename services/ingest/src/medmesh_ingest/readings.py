@@ -50,7 +50,7 @@ from medmesh_contracts.events import (
     new_id,
 )
 from medmesh_contracts.modelspec import ModelSpec
-from medmesh_ingest.extraction import Order, PatientReadings, Reading
+from medmesh_ingest.extraction import Order, PatientReadings, Reading, model_input
 from medmesh_runtime.logging import get_logger
 from medmesh_runtime.metrics import meter
 
@@ -261,17 +261,7 @@ def _inputs(
             inputs.append(ModelInput(name=input_spec.name, value=default, unit=input_spec.unit))
         else:
             inputs.append(
-                ModelInput(
-                    name=reading.name,
-                    value=reading.value,
-                    unit=reading.unit,
-                    observed_at=reading.observed_at,
-                    source_reference=reading.source_reference,
-                    samples=reading.samples,
-                    period_ms=reading.period_ms,
-                    duration_s=reading.duration_s,
-                    image=images.get(reading.name),
-                )
+                model_input(reading.name, reading.unit, reading, images.get(reading.name))
             )
     return tuple(inputs)
 
