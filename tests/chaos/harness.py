@@ -2,8 +2,9 @@
 read_committed reader of the reports topic that times arrivals, the per-fault result row, and for
 the poison fault the poison records and a reader of the dead-letter topics.
 
-An event is one vital-signs Bundle of a fresh patient (ingest dedupes identical content), so a
-report is matched to its event by the DiagnosticReport's subject.
+An event is one vital-signs Bundle of a fresh patient, or for the PACS fault one ImagingStudy of
+a fresh patient (ingest dedupes identical content), so a report is matched to its event by the
+DiagnosticReport's subject; an imaging report's subject is the ImagingStudy's.
 """
 
 from __future__ import annotations

@@ -1,12 +1,15 @@
-"""The fault suite (issue 9 item 4, issue 16): under steady HTTP load, kill -9 each service,
-restart Triton, restart the Kafka broker, stall reporting, the router and a worker with SIGSTOP
-past their session timeout beside a second instance, and produce poison records to every
-consumed topic; no event accepted with a 2xx may be lost, no report duplicated.
+"""The fault suite (issue 9 item 4, issue 16, issue 19): under steady HTTP load, kill -9 each
+service, restart Triton, restart the Kafka broker, stop and restart the PACS (Orthanc), stall
+reporting, the router and a worker with SIGSTOP past their session timeout beside a second
+instance, and produce poison records to every consumed topic; no event accepted with a 2xx may be
+lost, no report duplicated.
 
-Each test sends its own fresh patients at a steady rate, injects its fault half-way through and
-restarts the part, keeps sending (events answered 503 or not answered are sent again), then reads
-the reports with a read_committed consumer. Its result row (with recovery time) is printed and
-written to var/chaos-<base>/chaos-results.{json,md}.
+Each test sends its own fresh patients at a steady rate (vital-signs Bundles; for the PACS fault,
+ImagingStudy resources announcing a study already stored in Orthanc, each fetched by WADO-RS and
+scored by the chest-opacity CNN), injects its fault half-way through and restarts the part, keeps
+sending (events answered 503 or not answered are sent again), then reads the reports with a
+read_committed consumer. Its result row (with recovery time) is printed and written to
+var/chaos-<base>/chaos-results.{json,md}.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import functools
 import json
 import signal
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ import httpx
 import pytest
 
 from medmesh_cli.devstack.stack import Stack, service_specs
+from medmesh_cli.devstack.studies import StudyIdentity, imaging_study
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
 from medmesh_inference.settings import WorkerSettings
@@ -48,9 +53,13 @@ from tests.chaos.harness import (
 from tests.e2e.conftest import fixture_with_new_patient
 
 BUNDLE = "vitals-bundle-high.json"
-# How long a stopped Triton or broker stays down before it is started again. The broker stays
-# down longer than ingest's publish timeout (10 s), so that ingest has to answer 503.
-DOWN_S = {"triton": 5.0, "kafka": 12.0}
+# How long a stopped Triton, broker or PACS stays down before it is started again. The broker
+# stays down longer than ingest's publish timeout (10 s), so that ingest has to answer 503. The
+# PACS stays down 8 s: a stopped Orthanc refuses connections at once, so the worker's fetches
+# fail fast (its 10 s fetch timeout never comes into it) and its circuit opens within a second;
+# its probes back off exponentially (up to 5 s), so 8 s spans several failed probes and a
+# rewound batch retried while the PACS is still away, yet keeps the short form short.
+DOWN_S = {"triton": 5.0, "kafka": 12.0, "pacs": 8.0}
 # After the last planned send: how long events may keep being retried, and reports awaited.
 ACCEPT_WITHIN_S = 90.0
 REPORTS_WITHIN_S = 90.0
@@ -59,10 +68,17 @@ DUPLICATE_GRACE_S = 3.0
 SERVICES = ("ingest", "router", "worker", "reporting")
 
 
-async def _serving_worker(stack: Stack, reader: ReportReader) -> str:
+def _vitals_event() -> tuple[bytes, str]:
+    """A vital-signs Bundle of a fresh patient (payload, patient id)."""
+    return fixture_with_new_patient(BUNDLE)
+
+
+async def _serving_worker(
+    stack: Stack, reader: ReportReader, make_event: Callable[[], tuple[bytes, str]] = _vitals_event
+) -> str:
     """Send one event and wait for its report: the pipeline works, and the report names the
     model version (so the worker that serves the traffic) that produced it."""
-    payload, patient = fixture_with_new_patient(BUNDLE)
+    payload, patient = make_event()
     async with httpx.AsyncClient(base_url=stack.config.ingest_url, timeout=30) as client:
         response = await client.post(
             "/fhir", content=payload, headers={"content-type": "application/fhir+json"}
@@ -87,6 +103,8 @@ def _inject(stack: Stack, fault: str, worker: str) -> float:
         stack.restart_triton(down_s=DOWN_S[fault])
     elif fault == "kafka":
         stack.restart_kafka(down_s=DOWN_S[fault])
+    elif fault == "pacs":
+        stack.restart_orthanc(down_s=DOWN_S[fault])
     else:
         raise ValueError(f"unknown fault {fault}")
     return time.monotonic() - started
@@ -109,15 +127,18 @@ class LoadRun:
 
 
 async def _load_with_fault(
-    chaos: ChaosRun, inject: Callable[[], Awaitable[float]], patients: int | None = None
+    chaos: ChaosRun,
+    inject: Callable[[], Awaitable[float]],
+    patients: int | None = None,
+    make_event: Callable[[], tuple[bytes, str]] = _vitals_event,
 ) -> LoadRun:
-    """Send fresh patients' events at the steady rate; half-way through, await ``inject()``
-    (it returns how long the part was away) while the sends go on; return once every event
-    was accepted or given up."""
+    """Send fresh patients' events (``make_event()``: payload, patient id) at the steady rate;
+    half-way through, await ``inject()`` (it returns how long the part was away) while the sends
+    go on; return once every event was accepted or given up."""
     count = chaos.events if patients is None else patients
     events = [
         Event(patient=patient, payload=payload)
-        for payload, patient in (fixture_with_new_patient(BUNDLE) for _ in range(count))
+        for payload, patient in (make_event() for _ in range(count))
     ]
     started = time.monotonic()
     for i, event in enumerate(events):
@@ -158,6 +179,53 @@ async def test_fault_under_load_loses_no_accepted_event_and_duplicates_no_report
         await reader.stop()
     title = f"kill -9 {worker}" if fault == "worker" else _title(fault)
     await _record(chaos, title, run, arrivals, [])
+
+
+# --- the PACS: stopped and started while studies are announced ----------------------------------
+
+IMAGING_WORKER = "chest-opacity-v1"
+
+
+def _study_event(stack: Stack, study: StudyIdentity) -> tuple[bytes, str]:
+    """An ImagingStudy of a fresh patient (and a fresh resource id, so ingest sees new content)
+    announcing ``study``, stored in the stack's PACS (payload, patient id)."""
+    patient = f"chaos-img-{uuid.uuid4().hex[:12]}"
+    resource = imaging_study(
+        study, f"cxr-{uuid.uuid4().hex[:12]}", patient, stack.config.dicomweb_url
+    )
+    return json.dumps(resource).encode(), patient
+
+
+async def test_pacs_stopped_under_imaging_load_loses_no_study_and_duplicates_no_report(
+    chaos: ChaosRun,
+) -> None:
+    """Under imaging load the PACS stopped and started: every accepted study gets one report."""
+    stack = chaos.stack
+    assert stack.exited() == [], f"parts of the stack are down before the fault: {stack.exited()}"
+    assert stack.seeded_studies, "the stack stored no demo study in its PACS"
+    make_event = functools.partial(_study_event, stack, stack.seeded_studies[0])
+    reader = ReportReader(stack.config.bootstrap)
+    await reader.start()
+    try:
+        worker = await _serving_worker(stack, reader, make_event)
+        assert worker == IMAGING_WORKER, f"the warm-up study was scored by {worker}"
+        loop = asyncio.get_running_loop()
+        run = await _load_with_fault(
+            chaos,
+            lambda: loop.run_in_executor(chaos.restarter, _inject, stack, "pacs", worker),
+            make_event=make_event,
+        )
+        accepted = {e.patient for e in run.events if e.accepted_at is not None}
+        await reader.wait_for_all(accepted, REPORTS_WITHIN_S, DUPLICATE_GRACE_S)
+        arrivals = reader.of({e.patient for e in run.events})
+    finally:
+        await reader.stop()
+    more = [
+        f"a report of {a.patient} names {a.model_version}, not chest-opacity/v1"
+        for a in arrivals
+        if a.model_version != "chest-opacity/v1"
+    ]
+    await _record(chaos, _title("pacs"), run, arrivals, more)
 
 
 async def _record(
