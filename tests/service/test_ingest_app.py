@@ -814,5 +814,5 @@ async def test_the_encounters_ward_and_site_reach_the_request_and_its_headers(
     [record] = ingest.kafka.records(topics.INFERENCE_REQUESTS)
     request = RequestInference.model_validate_json(record.value or b"")
     assert (request.source.ward, request.source.site) == ("icu", "North")
-    headers = {k: v.decode() for k, v in record.headers}
+    headers = {k: (v or b"").decode() for k, v in record.headers}
     assert (headers[h.WARD], headers[h.SITE]) == ("icu", "North")
