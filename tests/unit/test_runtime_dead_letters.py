@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from medmesh_contracts.events import FhirEventRejected, MessageDeadLettered, Producer, to_wire
 from medmesh_runtime.deadletter import (
@@ -21,6 +22,7 @@ from medmesh_runtime.deadletter import (
     dead_letter_event,
     rejected_event,
 )
+from medmesh_runtime.logging import DEAD_LETTER_LOG_REASON_CHARS, get_logger, log_dead_letter
 
 PRODUCER = Producer(service="router", instance="router-1")
 MIB = 1024 * 1024
@@ -135,3 +137,19 @@ def test_a_rejected_inbound_record_with_a_huge_outcome_fits_with_its_first_issue
     kept = event.operation_outcome["issue"]
     assert kept[0] == issues[0]
     assert kept[-1]["diagnostics"].startswith(f"{20_000 - (len(kept) - 1)} further issues")
+
+
+def test_a_dead_letter_is_logged_with_where_it_was_and_the_start_of_its_reason() -> None:
+    """log_dead_letter (every stage's dead-letter log line) names the stage's kind of record,
+    its topic, partition and offset, and cuts the reason to DEAD_LETTER_LOG_REASON_CHARS."""
+    record = Record(b"{}")
+    with capture_logs() as logs:
+        log_dead_letter(
+            get_logger("test"), "request", record, "E: " + "y" * 10_000, truncated=False
+        )
+    (line,) = logs
+    assert line["event"] == "request dead-lettered"
+    assert line["log_level"] == "warning"
+    assert (line["source_topic"], line["partition"], line["offset"]) == (record.topic, 3, 41)
+    assert line["reason"] == ("E: " + "y" * 10_000)[:DEAD_LETTER_LOG_REASON_CHARS]
+    assert line["truncated"] is False

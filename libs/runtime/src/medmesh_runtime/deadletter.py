@@ -31,7 +31,7 @@ from medmesh_contracts.events import (
     to_wire,
 )
 from medmesh_runtime.kafka import encode_raw, message_headers
-from medmesh_runtime.logging import get_logger
+from medmesh_runtime.logging import get_logger, log_dead_letter
 from medmesh_runtime.metrics import meter
 from medmesh_runtime.settings import DeadLetterSettings
 from medmesh_runtime.transactional import OutgoingRecord, encoded_headers
@@ -265,11 +265,4 @@ class DeadLetters:
             key=record.key,
             headers=message_headers(event.correlation_id, schema_of(MessageDeadLettered)),
         )
-        log.warning(
-            "message dead-lettered",
-            source_topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            reason=reason[:500],
-            truncated=event.raw_truncated,
-        )
+        log_dead_letter(log, "message", record, reason, truncated=event.raw_truncated)

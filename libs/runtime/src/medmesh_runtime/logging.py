@@ -180,3 +180,25 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     """A structlog logger; its lines go through the processors configured above."""
     logger: structlog.stdlib.BoundLogger = structlog.get_logger(name)
     return logger
+
+
+# A dead letter's reason quotes an exception, which can quote a large input: its log line keeps
+# only the start (the dead letter itself keeps more, medmesh_runtime.deadletter.REASON_MAX_CHARS).
+DEAD_LETTER_LOG_REASON_CHARS = 500
+
+
+def log_dead_letter(
+    logger: structlog.stdlib.BoundLogger, what: str, record: Any, reason: str, **fields: Any
+) -> None:
+    """Warn that one consumed record (``what``: "record", "request", "task", ...) was
+    dead-lettered: where it was (topic, partition, offset), the start of the reason and any
+    ``fields``. Every stage logs its dead letters through here, so they read and search alike.
+    """
+    logger.warning(
+        f"{what} dead-lettered",
+        source_topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        reason=reason[:DEAD_LETTER_LOG_REASON_CHARS],
+        **fields,
+    )

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
-from medmesh_runtime.logging import get_logger, redact_text
+from medmesh_runtime.logging import get_logger, log_dead_letter, redact_text
 from medmesh_runtime.retry import retrying
 from medmesh_runtime.settings import PRODUCER_MAX_REQUEST_SIZE
 
@@ -427,13 +427,7 @@ class PoisonIsolation:
 
     def _dead_lettered(self, record: Any, reason: str) -> OutgoingRecord:
         self.stats.dead_lettered += 1
-        log.warning(
-            "record dead-lettered",
-            source_topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            reason=reason[:500],
-        )
+        log_dead_letter(log, "record", record, reason)
         return self.dead_letter(record, reason)
 
 

@@ -41,7 +41,7 @@ from medmesh_runtime.kafka import (
     message_headers,
     transactional_producers,
 )
-from medmesh_runtime.logging import get_logger
+from medmesh_runtime.logging import get_logger, log_dead_letter
 from medmesh_runtime.service import ServiceRuntime
 from medmesh_runtime.transactional import OutgoingRecord
 
@@ -82,12 +82,7 @@ def create_app(settings: WorkerSettings) -> AsgiFastStream:
     )
 
     def dead_letter(record: Any, reason: str) -> OutgoingRecord:
-        log.warning(
-            "task dead-lettered",
-            partition=record.partition,
-            offset=record.offset,
-            reason=reason[:500],
-        )
+        log_dead_letter(log, "task", record, reason)
         return dead_letter_record(topics.INFERENCE_DEADLETTER, record, reason, producer)
 
     client_id = f"medmesh-{SERVICE}-{settings.instance_id}"

@@ -28,7 +28,7 @@ from medmesh_contracts.events import (
 from medmesh_contracts.modelspec import ModelSpec
 from medmesh_reporting.report import build_report, report_schema
 from medmesh_runtime.deadletter import dead_letter_event
-from medmesh_runtime.logging import get_logger
+from medmesh_runtime.logging import get_logger, log_dead_letter
 from medmesh_runtime.telemetry import consumer_span, publish_headers
 from medmesh_runtime.transactional import OutgoingRecord, encoded_headers
 
@@ -156,13 +156,7 @@ class ReportHandler:
             event.correlation_id,
             schema_of(MessageDeadLettered),
         )
-        log.warning(
-            "result dead-lettered",
-            source_topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            reason=reason[:500],
-        )
+        log_dead_letter(log, "result", record, reason)
         return OutgoingRecord(
             topics.REPORTING_DEADLETTER, record.key, to_wire(event), encoded_headers(headers)
         )

@@ -24,7 +24,7 @@ from medmesh_router.routing import (
 from medmesh_router.state import RouterState
 from medmesh_runtime.deadletter import dead_letter_record
 from medmesh_runtime.kafka import record_headers
-from medmesh_runtime.logging import get_logger
+from medmesh_runtime.logging import get_logger, log_dead_letter
 from medmesh_runtime.telemetry import consumer_span, publish_headers
 from medmesh_runtime.transactional import OutgoingRecord, encoded_headers
 
@@ -97,10 +97,5 @@ class RequestRouting:
 
     def dead_letter(self, record: Any, reason: str) -> OutgoingRecord:
         """The dead letter of a request that cannot be routed, with its reason."""
-        log.warning(
-            "request dead-lettered",
-            partition=record.partition,
-            offset=record.offset,
-            reason=reason[:500],
-        )
+        log_dead_letter(log, "request", record, reason)
         return dead_letter_record(topics.ROUTER_DEADLETTER, record, reason, self.producer)
