@@ -60,7 +60,8 @@ FailureKind = Literal["invalid-input", "invalid-output", "retries-exhausted", "m
 
 
 class ModelUnavailable(Exception):  # noqa: N818 -- a condition, not an error of the caller
-    """Triton kept failing transiently and the model version is not ready: nothing was scored."""
+    """Triton (or the PACS an image input comes from) kept failing transiently and the model
+    version is not ready: nothing was scored."""
 
 
 @dataclass(frozen=True)

@@ -398,7 +398,7 @@ class TaskWorker:
             outputs = await self.isolation.outputs(records)
         except ModelUnavailable as exc:
             self._rewind(records)
-            self._open(f"Triton unavailable: {exc}")
+            self._open(f"model version unavailable: {exc}")  # Triton, or the PACS of its images
             return
         except KafkaError as exc:
             # Nothing is committed: the batch is fetched and scored again.
