@@ -128,23 +128,32 @@ def test_a_deploy_starts_a_rollout_and_its_decisions_follow_it() -> None:
     """Decisions split into rollouts at each deploy, per model, the latest started first."""
     decisions = [
         audit(0, "seed", None, {1: 100}),
+        audit(0, "readiness-restored", 1, {1: 100}),
         audit(1, "deploy", 2, {1: 100}),
         audit(2, "step", 2, {1: 95, 2: 5}),
         audit(3, "hold", 2, {1: 95, 2: 5}),
+        audit(3, "readiness-lost", 1, {1: 95, 2: 5}),
         audit(4, "rollback", 2, {1: 100}),
         audit(5, "deploy", 3, {1: 100}, agreement=0.97),
         audit(6, "promote", 3, {3: 100}, agreement=0.96),
         audit(2, "deploy", 7, {6: 100}, model="other"),
     ]
-    found = timelines(reversed(decisions))
+    found = timelines(decisions[4:] + decisions[:4])  # out of order, the seed before its readiness
     assert [(t.model, t.version, t.outcome) for t in found] == [
         ("deterioration", 3, "promote"),
         ("other", 7, "deploy"),
         ("deterioration", 2, "rollback"),
-        ("deterioration", None, "seed"),
+        ("deterioration", None, "readiness-restored"),
     ]
     rollback = found[2]
-    assert [rollback.weight_after(d) for d in rollback.decisions] == [0, 5, 5, 0]
+    assert [d.action for d in rollback.decisions] == [
+        "deploy",
+        "step",
+        "hold",
+        "readiness-lost",
+        "rollback",
+    ]
+    assert [rollback.weight_after(d) for d in rollback.decisions] == [0, 5, 5, 5, 0]
 
 
 def test_the_step_plot_draws_one_marker_per_decision_with_its_figures() -> None:
@@ -206,9 +215,12 @@ def test_dead_letters_are_counted_per_topic_and_reason() -> None:
 
 
 def test_lag_rows_list_every_group_and_topic() -> None:
-    """Lag is listed per group, then topic, in name order."""
-    rows = lag_rows({"medmesh-router": {"b": 0, "a": 4}, "medmesh-ingest": {"c": 1}})
+    """Lag is listed per group, then topic, in name order; a group without offsets says so."""
+    rows = lag_rows(
+        {"medmesh-router": {"b": 0, "a": 4}, "medmesh-ingest": {"c": 1}, "medmesh-idle": {}}
+    )
     assert [(r.group, r.topic, r.lag) for r in rows] == [
+        ("medmesh-idle", None, None),
         ("medmesh-ingest", "c", 1),
         ("medmesh-router", "a", 4),
         ("medmesh-router", "b", 0),

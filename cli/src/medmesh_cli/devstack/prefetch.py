@@ -1,9 +1,11 @@
-"""Fetch what the local stack needs before the first run: Kafka jars, Triton's backend, Orthanc."""
+"""Fetch what the local stack needs before the first run: Kafka jars, Triton's backend, Orthanc,
+and chromium for the console's browser test."""
 
 from __future__ import annotations
 
 import sys
 
+from medmesh_cli.devstack.chromium import ChromiumMissingError, ensure_chromium
 from medmesh_cli.devstack.kafka import ensure_kafka_jars
 from medmesh_cli.devstack.orthanc import OrthancMissingError, ensure_orthanc
 from medmesh_cli.devstack.triton import prepare_backend_directory, tritonserver_binary
@@ -12,7 +14,7 @@ from medmesh_cli.devstack.triton import prepare_backend_directory, tritonserver_
 def main() -> None:
     """Resolve the Kafka jars (Maven, once), prepare the Triton python backend folder, and make
     sure Orthanc and its DICOMweb plugin are installed (apt-get as root; otherwise how to get
-    them, and exit 1)."""
+    them, and exit 1), and chromium likewise."""
     sys.stdout.write(f"kafka jars: {ensure_kafka_jars()}\n")
     sys.stdout.write(f"tritonserver: {tritonserver_binary()}\n")
     sys.stdout.write(f"triton backends: {prepare_backend_directory()}\n")
@@ -22,6 +24,12 @@ def main() -> None:
         sys.stderr.write(f"medmesh: {exc}\n")
         raise SystemExit(1) from exc
     sys.stdout.write(f"orthanc: {binary}\northanc dicomweb plugin: {plugin}\n")
+    try:
+        chromium = ensure_chromium()
+    except ChromiumMissingError as exc:
+        sys.stderr.write(f"medmesh: {exc}\n")
+        raise SystemExit(1) from exc
+    sys.stdout.write(f"chromium: {chromium}\n")
 
 
 if __name__ == "__main__":

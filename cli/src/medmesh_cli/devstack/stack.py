@@ -70,6 +70,7 @@ class StackPorts:
     router: int = 8181
     first_worker: int = 8182
     reporting: int = 8184
+    console: int = 8190
     # Not Orthanc's usual 8042: a machine may run the orthanc package's own service there.
     orthanc_http: int = 8242
 
@@ -86,6 +87,7 @@ class StackPorts:
             router=base + 81,
             first_worker=base + 82,
             reporting=base + 90,
+            console=base + 95,
             orthanc_http=base + 42,
         )
 
@@ -160,7 +162,8 @@ class StackConfig:
 
 
 def service_specs(config: StackConfig) -> list[ServiceSpec]:
-    """ingest, router, one worker per deployed model version, reporting (or the monolith)."""
+    """ingest, router, one worker per deployed model version, reporting and the console (or the
+    monolith alone)."""
     ports = config.ports
     if config.topology == "monolith":
         return [ServiceSpec("monolith", "medmesh_monolith", ports.ingest)]
@@ -185,6 +188,15 @@ def service_specs(config: StackConfig) -> list[ServiceSpec]:
             )
             port = next_free_port(port + 1, stack_ports(ports))
     services.append(ServiceSpec("reporting", "medmesh_reporting", ports.reporting))
+    router_url = f"http://127.0.0.1:{ports.router}"
+    services.append(
+        ServiceSpec(
+            "console",
+            "medmesh_console",
+            ports.console,
+            {"MEDMESH_CONSOLE_PORT": str(ports.console), "MEDMESH_ROUTER_URL": router_url},
+        )
+    )
     return services
 
 
@@ -199,6 +211,7 @@ def stack_ports(ports: StackPorts) -> set[int]:
         ports.ingest,
         ports.router,
         ports.reporting,
+        ports.console,
         ports.orthanc_http,
     }
 
@@ -209,6 +222,7 @@ PORT_VARIABLES = {
     "medmesh_router": "MEDMESH_ROUTER_PORT",
     "medmesh_inference": "MEDMESH_WORKER_PORT",
     "medmesh_reporting": "MEDMESH_REPORTING_PORT",
+    "medmesh_console": "MEDMESH_CONSOLE_PORT",
 }
 
 

@@ -190,10 +190,13 @@ def lag_body(rows: Sequence[LagRow]) -> Html:
     """Lag per consumer group and topic."""
     if not rows:
         return Html('<p class="muted">No medmesh consumer group has committed offsets yet.</p>')
-    total = sum(r.lag for r in rows)
+    total = sum(r.lag or 0 for r in rows)
     return Html(
         f"<p>{total} messages not yet processed in all.</p>"
-        + table(["group", "topic", "lag (messages)"], [[r.group, r.topic, r.lag] for r in rows])
+        + table(
+            ["group", "topic", "lag (messages)"],
+            [[r.group, r.topic or "(no committed offset yet)", r.lag] for r in rows],
+        )
     )
 
 

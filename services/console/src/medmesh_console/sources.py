@@ -5,14 +5,18 @@ Every read happens when a page asks for it; the clients are built in the app's l
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 import httpx
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
 
-from medmesh_cli.models import read_topic
 from medmesh_cli.ops.connection import CliSettings, Connection
 from medmesh_cli.ops.dlq import DEAD_LETTER_TOPICS
-from medmesh_cli.ops.kafka_io import consumer, group_lags, read_range
+from medmesh_cli.ops.kafka_io import read_range
 from medmesh_console.settings import ConsoleSettings
 from medmesh_console.views import ReportRecord
 from medmesh_contracts import topics
@@ -27,6 +31,40 @@ _KAFKA_FIELDS = {
     "kafka_sasl_username",
     "kafka_sasl_password",
 }
+
+
+# Consumer groups whose lag is shown (every medmesh service's, as `medmesh status` shows them).
+GROUP_PREFIX = "medmesh-"
+
+
+@asynccontextmanager
+async def consumer(connection: Connection) -> AsyncIterator[AIOKafkaConsumer]:
+    """A read_committed consumer without a group (nothing is ever committed)."""
+    kafka = AIOKafkaConsumer(
+        **connection.kafka(
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+        )
+    )
+    await kafka.start()
+    try:
+        yield kafka
+    finally:
+        await _stop(kafka)
+
+
+async def _stop(kafka: AIOKafkaConsumer) -> None:
+    """Stop a consumer. aiokafka's group-less consumer cancels a task of its own on stop and
+    awaits it; stopped before that task first ran, the task's CancelledError comes out of
+    stop(). That one is not a cancellation of this request and must not end it; a real one is
+    passed on."""
+    try:
+        await kafka.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
 
 
 class Sources(Protocol):
@@ -73,9 +111,13 @@ class LiveSources:
     async def decisions(self) -> tuple[list[LifecycleDecision], int]:
         """Every record of medmesh.models.audit that validates as a decision."""
         decisions, unreadable = [], 0
-        for value in await read_topic(self._connection, topics.MODELS_AUDIT):
+        async with consumer(self._connection) as kafka:
+            entries = await read_range(kafka, topics.MODELS_AUDIT)
+        for entry in entries:
+            if not entry.value:
+                continue
             try:
-                decisions.append(LifecycleDecision.model_validate_json(value))
+                decisions.append(LifecycleDecision.model_validate_json(entry.value))
             except ValueError:
                 unreadable += 1
         return decisions, unreadable
@@ -89,8 +131,28 @@ class LiveSources:
         return found
 
     async def lags(self) -> dict[str, dict[str, int]]:
-        """``medmesh status``'s lag: end offset minus committed offset per group and topic."""
-        return await group_lags(self._connection)
+        """End offset minus committed offset, summed per medmesh group and topic (what
+        ``medmesh_runtime.lag`` samples and ``medmesh status`` shows)."""
+        admin = AIOKafkaAdminClient(**self._connection.kafka())
+        await admin.start()
+        try:
+            groups = sorted(
+                g[0] for g in await admin.list_consumer_groups() if g[0].startswith(GROUP_PREFIX)
+            )
+            committed = {g: await admin.list_consumer_group_offsets(g) for g in groups}
+        finally:
+            await admin.close()
+        lags: dict[str, dict[str, int]] = {}
+        async with consumer(self._connection) as kafka:
+            for group, offsets in committed.items():
+                per_topic = lags.setdefault(group, {})
+                if not offsets:
+                    continue
+                ends = await kafka.end_offsets(list(offsets))
+                for part, meta in offsets.items():
+                    behind = max(0, ends[part] - meta.offset)
+                    per_topic[part.topic] = per_topic.get(part.topic, 0) + behind
+        return lags
 
     async def reports(self, limit: int) -> list[ReportRecord]:
         """The newest records of the reports topic, ``limit`` per partition at most."""

@@ -112,9 +112,10 @@ class Timeline:
 
 
 def timelines(decisions: Iterable[LifecycleDecision]) -> tuple[Timeline, ...]:
-    """Every rollout in the audit trail, newest first: a ``deploy`` starts one, and the decisions
-    about the same model and version that follow belong to it. Decisions before any deploy (the
-    seed, rules) form their own timeline without a version."""
+    """Every rollout in the audit trail, the latest started first: a ``deploy`` starts one, and
+    every decision about the model until its next deploy belongs to it (a readiness change of
+    another version is part of what the rollout went through). Decisions before any deploy (the
+    seed, readiness at start, rules) form a timeline without a version."""
     by_model: dict[str, list[LifecycleDecision]] = {}
     for decision in decisions:
         by_model.setdefault(decision.model, []).append(decision)
@@ -123,14 +124,10 @@ def timelines(decisions: Iterable[LifecycleDecision]) -> tuple[Timeline, ...]:
         current: list[LifecycleDecision] = []
         version: int | None = None
         for decision in sorted(ordered, key=lambda d: d.decided_at):
-            starts = decision.action == "deploy" or (
-                decision.version is not None and decision.version != version
-            )
-            if current and starts:
-                found.append(Timeline(model, version, tuple(current)))
-                current = []
-            if not current:
-                version = decision.version if decision.action != "seed" else None
+            if decision.action == "deploy":
+                if current:
+                    found.append(Timeline(model, version, tuple(current)))
+                current, version = [], decision.version
             current.append(decision)
         if current:
             found.append(Timeline(model, version, tuple(current)))
@@ -171,17 +168,19 @@ class LagRow:
     """One consumer group's lag on one topic."""
 
     group: str
-    topic: str
-    lag: int
+    topic: str | None  # None: the group has committed no offset yet
+    lag: int | None
 
 
 def lag_rows(lags: Mapping[str, Mapping[str, int]]) -> tuple[LagRow, ...]:
-    """``group_lags``'s answer as rows by group and topic."""
-    return tuple(
-        LagRow(group, topic, lag)
-        for group, per_topic in sorted(lags.items())
-        for topic, lag in sorted(per_topic.items())
-    )
+    """Lag per group and topic as rows, in name order; a group without committed offsets gets
+    one row that says so."""
+    rows: list[LagRow] = []
+    for group, per_topic in sorted(lags.items()):
+        if not per_topic:
+            rows.append(LagRow(group, None, None))
+        rows.extend(LagRow(group, topic, lag) for topic, lag in sorted(per_topic.items()))
+    return tuple(rows)
 
 
 # --- reports -----------------------------------------------------------------------------------

@@ -1,0 +1,70 @@
+"""Debian's chromium for the console's browser test (tests/e2e/test_console_browser.py).
+
+Playwright drives it as an installed executable: Playwright's own browser downloads are never
+used (they come from a CDN, unpinned by the lock). ``make deps`` installs the Debian package when
+it runs as root with apt-get, as it does Orthanc; otherwise it says how to get it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+DEBIAN_PACKAGE = "chromium"
+BINARY_VARIABLE = "MEDMESH_CHROMIUM_BINARY"
+BINARY_CANDIDATES = (Path("/usr/bin/chromium"), Path("/usr/bin/chromium-browser"))
+
+
+class ChromiumMissingError(RuntimeError):
+    """No chromium executable; the message says how to get one."""
+
+
+def install_hint() -> str:
+    """How to get chromium on a machine that has none."""
+    return (
+        "The console's browser test drives Debian's chromium. On Debian run as root:\n"
+        f"  apt-get install -y --no-install-recommends {DEBIAN_PACKAGE}\n"
+        "(`make deps` does this itself when run as root). Elsewhere install Chromium and set "
+        f"{BINARY_VARIABLE} to its executable."
+    )
+
+
+def chromium_binary() -> Path:
+    """The chromium executable: $MEDMESH_CHROMIUM_BINARY, then where Debian puts it."""
+    override = os.environ.get(BINARY_VARIABLE)
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise ChromiumMissingError(
+                f"{BINARY_VARIABLE}={override} is not a file.\n{install_hint()}"
+            )
+        return path
+    for candidate in BINARY_CANDIDATES:
+        if candidate.is_file():
+            return candidate
+    raise ChromiumMissingError(f"no chromium executable found.\n{install_hint()}")
+
+
+def ensure_chromium() -> Path:
+    """The chromium executable, installing the Debian package first when it is missing and this
+    runs as root with apt-get; otherwise ChromiumMissingError saying how to get it."""
+    try:
+        return chromium_binary()
+    except ChromiumMissingError:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            raise
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    command = ["apt-get", "install", "-y", "--no-install-recommends", DEBIAN_PACKAGE]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if first.returncode != 0:
+        # A fresh machine may have no package lists yet: refreshed once, then tried again.
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True, text=True, check=False)
+        second = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        if second.returncode != 0:
+            raise ChromiumMissingError(
+                f"apt-get could not install {DEBIAN_PACKAGE} (exit {second.returncode}):\n"
+                f"{first.stderr[-1500:]}{second.stderr[-1500:]}\n{install_hint()}"
+            )
+    return chromium_binary()
