@@ -16,10 +16,12 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import IO, Literal, get_args
 
 from medmesh_cli.devstack.paths import cache_dir, repo_root
 
@@ -207,26 +209,39 @@ def validate_all(
     (each spends most of its time loading its own definitions, mostly on one core)."""
     validator = ensure_validator()
     batches = {version: list(paths) for version, paths in files.items() if paths}
-    running = {
-        version: subprocess.Popen(
-            _command(validator, version, paths),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for version, paths in batches.items()
-    }
     results: dict[ValidatorFhirVersion, dict[Path, list[Issue]]] = {}
-    try:
-        for version, process in running.items():
-            stdout, stderr = process.communicate()
-            results[version] = _parse(version, batches[version], process.returncode, stdout, stderr)
-    finally:
-        for process in running.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    with ExitStack() as stack:
+        running: dict[ValidatorFhirVersion, tuple[subprocess.Popen[bytes], IO[bytes], IO[bytes]]]
+        running = {}
+        for version, paths in batches.items():
+            # Files, not pipes: a validator whose output filled a pipe would stall until the
+            # ones before it had finished and been read.
+            stdout = stack.enter_context(tempfile.TemporaryFile())
+            stderr = stack.enter_context(tempfile.TemporaryFile())
+            process = subprocess.Popen(
+                _command(validator, version, paths), stdout=stdout, stderr=stderr
+            )
+            stack.callback(_end, process)
+            running[version] = (process, stdout, stderr)
+        for version, (process, out, err) in running.items():
+            returncode = process.wait()
+            out.seek(0)
+            err.seek(0)
+            results[version] = _parse(
+                version,
+                batches[version],
+                returncode,
+                out.read().decode(),
+                err.read().decode(errors="replace"),
+            )
     return results
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    """Stop a validator still running when the batch is abandoned (another version failed)."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
 
 
 def validate(version: ValidatorFhirVersion, paths: Iterable[Path]) -> dict[Path, list[Issue]]:
