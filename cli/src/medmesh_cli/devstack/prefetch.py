@@ -1,21 +1,24 @@
-"""Fetch what the local stack needs before the first run: Kafka jars, Triton's backend, Orthanc,
-and chromium for the console's browser test."""
+"""Fetch what the local stack needs before the first run: Kafka jars, HAPI's FHIR validator
+(the conformance tests), Triton's backend, Orthanc, and chromium for the console's browser
+test."""
 
 from __future__ import annotations
 
 import sys
 
 from medmesh_cli.devstack.chromium import ChromiumMissingError, ensure_chromium
+from medmesh_cli.devstack.hapi_validator import ensure_validator
 from medmesh_cli.devstack.kafka import ensure_kafka_jars
 from medmesh_cli.devstack.orthanc import OrthancMissingError, ensure_orthanc
 from medmesh_cli.devstack.triton import prepare_backend_directory, tritonserver_binary
 
 
 def main() -> None:
-    """Resolve the Kafka jars (Maven, once), prepare the Triton python backend folder, and make
+    """Resolve the Kafka jars and the validator's (Maven, once), prepare the Triton python backend folder, and make
     sure Orthanc and its DICOMweb plugin are installed (apt-get as root; otherwise how to get
     them, and exit 1), and chromium likewise."""
     sys.stdout.write(f"kafka jars: {ensure_kafka_jars()}\n")
+    sys.stdout.write(f"HAPI FHIR validator: {ensure_validator()}\n")
     sys.stdout.write(f"tritonserver: {tritonserver_binary()}\n")
     sys.stdout.write(f"triton backends: {prepare_backend_directory()}\n")
     try:
