@@ -15,11 +15,13 @@ import socket
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medmesh_cli.devstack.paths import cache_dir, repo_root
 from medmesh_cli.devstack.process import ManagedProcess, wait_until
+from medmesh_cli.devstack.tls import TlsFiles
 
 
 def kafka_version() -> str:
@@ -91,25 +93,79 @@ class KafkaConfig:
     host: str = "127.0.0.1"
     heap: str = "512m"
     partitions: int = 3
+    # An optional SASL_SSL listener (SCRAM-SHA-512 over TLS) beside PLAINTEXT, for tests of
+    # clients with a deployment's security; off unless a port is given. The broker's own
+    # traffic (controller, inter-broker) stays PLAINTEXT on loopback.
+    sasl_ssl_port: int | None = None
+    # SCRAM-SHA-512 users (name -> password), created when the storage is formatted.
+    sasl_users: Mapping[str, str] = field(default_factory=dict)
+    # The listener's certificate and key (devstack.tls.generate_tls).
+    tls: TlsFiles | None = None
+
+    def __post_init__(self) -> None:
+        if self.sasl_ssl_port is not None and (self.tls is None or not self.sasl_users):
+            raise ValueError("a SASL_SSL listener needs tls files and at least one sasl user")
 
     @property
     def bootstrap(self) -> str:
         """The bootstrap address clients use."""
         return f"{self.host}:{self.port}"
 
+    @property
+    def sasl_ssl_bootstrap(self) -> str:
+        """The bootstrap address of the SASL_SSL listener."""
+        if self.sasl_ssl_port is None:
+            raise RuntimeError("this broker has no SASL_SSL listener")
+        return f"{self.host}:{self.sasl_ssl_port}"
 
-def server_properties(config: KafkaConfig, log_dir: Path) -> str:
-    """The broker's server.properties: one combined KRaft node, replication factor 1."""
+
+def keystore_pem(tls: TlsFiles) -> str:
+    """The listener's PEM keystore: the private key (PKCS#8) followed by its certificate."""
+    return tls.server_key.read_text() + tls.server_cert.read_text()
+
+
+def _sasl_ssl_properties(config: KafkaConfig, keystore: Path) -> list[str]:
+    """The SASL_SSL listener's settings (KIP-651 PEM keystore, KRaft SCRAM from KIP-900)."""
+    prefix = "listener.name.sasl_ssl"
+    return [
+        f"{prefix}.sasl.enabled.mechanisms=SCRAM-SHA-512",
+        f"{prefix}.scram-sha-512.sasl.jaas.config="
+        "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+        f"{prefix}.ssl.keystore.type=PEM",
+        f"{prefix}.ssl.keystore.location={keystore}",
+        # No client certificate asked for: SCRAM authenticates the client.
+        f"{prefix}.ssl.client.auth=none",
+    ]
+
+
+def server_properties(config: KafkaConfig, log_dir: Path, keystore: Path | None = None) -> str:
+    """The broker's server.properties: one combined KRaft node, replication factor 1, with the
+    SASL_SSL listener when the config asks for one (``keystore``: its PEM keystore file)."""
+    listeners = [
+        f"PLAINTEXT://{config.host}:{config.port}",
+        f"CONTROLLER://{config.host}:{config.controller_port}",
+    ]
+    advertised = [f"PLAINTEXT://{config.host}:{config.port}"]
+    protocols = ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
+    extra: list[str] = []
+    if config.sasl_ssl_port is not None:
+        if keystore is None:
+            raise ValueError("the SASL_SSL listener needs its keystore file")
+        listeners.append(f"SASL_SSL://{config.sasl_ssl_bootstrap}")
+        advertised.append(f"SASL_SSL://{config.sasl_ssl_bootstrap}")
+        protocols.append("SASL_SSL:SASL_SSL")
+        extra = _sasl_ssl_properties(config, keystore)
     return "\n".join(
         [
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.bootstrap.servers={config.host}:{config.controller_port}",
-            f"listeners=PLAINTEXT://{config.host}:{config.port},CONTROLLER://{config.host}:{config.controller_port}",
-            f"advertised.listeners=PLAINTEXT://{config.host}:{config.port}",
+            f"listeners={','.join(listeners)}",
+            f"advertised.listeners={','.join(advertised)}",
             "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            f"listener.security.protocol.map={','.join(protocols)}",
             "inter.broker.listener.name=PLAINTEXT",
+            *extra,
             f"log.dirs={log_dir}",
             f"num.partitions={config.partitions}",
             # medmesh creates its topics from the contract; auto-creation would hide typos.
@@ -126,6 +182,19 @@ def server_properties(config: KafkaConfig, log_dir: Path) -> str:
             "",
         ]
     )
+
+
+def scram_arguments(config: KafkaConfig) -> list[str]:
+    """``kafka-storage format`` arguments that create the config's SCRAM-SHA-512 users."""
+    arguments: list[str] = []
+    for name, password in sorted(config.sasl_users.items()):
+        # The tool's own small grammar: a comma, bracket or quote would end the value early.
+        if not re.fullmatch(r"[A-Za-z0-9_.@-]+", name) or not re.fullmatch(
+            r"[A-Za-z0-9_.@!-]+", password
+        ):
+            raise ValueError(f"SASL user {name!r}: names and passwords of [A-Za-z0-9_.@!-] only")
+        arguments.append(f"--add-scram=SCRAM-SHA-512=[name={name},password={password}]")
+    return arguments
 
 
 class KafkaServer:
@@ -165,7 +234,12 @@ class KafkaServer:
         shutil.rmtree(data, ignore_errors=True)
         (data / "logs").mkdir(parents=True)
         props = data / "server.properties"
-        props.write_text(server_properties(self.config, data / "logs"))
+        keystore: Path | None = None
+        if self.config.tls is not None and self.config.sasl_ssl_port is not None:
+            keystore = data / "sasl-ssl-keystore.pem"
+            keystore.write_text(keystore_pem(self.config.tls))
+            keystore.chmod(0o600)
+        props.write_text(server_properties(self.config, data / "logs", keystore))
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         fmt = subprocess.run(
             self._java_argv(
@@ -177,12 +251,14 @@ class KafkaServer:
                 f"--cluster-id={cluster_id}",
                 "-c",
                 str(props),
+                *scram_arguments(self.config),
             ),
             capture_output=True,
             text=True,
             check=False,
         )
         if fmt.returncode != 0:
+            # The SCRAM arguments hold the test users' passwords: the tool's output does not.
             raise RuntimeError(f"Kafka: storage format failed:\n{fmt.stdout}{fmt.stderr}")
         self.launch(timeout_s)
 
