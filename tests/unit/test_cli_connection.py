@@ -4,6 +4,7 @@ arguments every CLI Kafka client gets."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import ssl
 from datetime import UTC, datetime, timedelta
@@ -12,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from aiokafka.errors import KafkaConnectionError
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -394,3 +396,46 @@ def test_the_audit_actor_is_the_principal_the_broker_authenticates(
     )
     assert resolve("mtls").principal() == "mtls:O=Example Hospital,CN=ops-alice"
     assert resolve().principal().startswith("unauthenticated:")
+
+
+class RefusedConsumer(_Client):
+    """A consumer whose broker refuses the login: aiokafka logs why, then raises a bare
+    'Unable to bootstrap'."""
+
+    stopped = 0
+
+    async def start(self) -> None:
+        logging.getLogger("aiokafka.client").error(
+            'Unable connect to "kafka.hospital.example:9094": [Error 58] SaslAuthenticationFailed:'
+            " Authentication failed during authentication due to invalid credentials"
+        )
+        raise KafkaConnectionError("Unable to bootstrap from [('kafka.hospital.example', 9094)]")
+
+    async def stop(self) -> None:
+        RefusedConsumer.stopped += 1
+
+
+@pytest.mark.parametrize(
+    "command", [["dlq", "list"], ["models", "history", "m"], ["models", "pause", "m"]]
+)
+def test_a_refused_login_ends_the_command_with_the_reason_not_a_traceback(
+    contexts: Path,
+    clients: list[tuple[str, dict[str, Any]]],
+    monkeypatch: pytest.MonkeyPatch,
+    command: list[str],
+) -> None:
+    """A broker that refuses the credentials: exit 1, one line naming the broker, the security
+    in use and aiokafka's reason; no traceback, no password, the failed client closed."""
+    for module in (kafka_io, models):
+        monkeypatch.setattr(module, "AIOKafkaConsumer", RefusedConsumer)
+    RefusedConsumer.stopped = 0
+    result = CliRunner().invoke(app, [*command, "--context", "prod"])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert (
+        "Kafka at kafka.hospital.example:9094 (context 'prod': SASL_SSL, SCRAM-SHA-512 as"
+        " medmesh-ops, CA of the system store) refused or unreachable:"
+    ) in result.output
+    assert "SaslAuthenticationFailed" in result.output
+    assert FROM_VARIABLE not in result.output
+    assert RefusedConsumer.stopped == 1

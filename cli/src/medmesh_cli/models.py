@@ -10,7 +10,6 @@ takes effect within moments; ``status`` asks the router (``GET /models``) for li
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -38,6 +37,7 @@ from medmesh_cli.ops.connection import (
     ContextOption,
     as_connection,
     connect,
+    run_kafka,
 )
 from medmesh_contracts import topics
 from medmesh_contracts.events import Producer, schema_of, to_wire, utc_now
@@ -114,8 +114,9 @@ PRODUCER = Producer(service="cli", instance=f"{socket.gethostname()}-{os.getpid(
 async def read_topic(kafka: Connection | str, topic: str) -> list[bytes]:
     """Every non-empty value of ``topic`` up to its current end, in order per partition."""
     consumer = AIOKafkaConsumer(**as_connection(kafka).kafka(enable_auto_commit=False))
-    await consumer.start()
     try:
+        # Inside: a start that fails (a refused login) still closes what it opened.
+        await consumer.start()
         partitions = await topic_partitions(consumer, topic)
         if not partitions:
             raise LifecycleError(f"topic {topic} does not exist (is Kafka up?)")
@@ -153,8 +154,8 @@ async def write_change(
 ) -> None:
     """Publish the new registry record and its audit event (acks=all)."""
     producer = AIOKafkaProducer(**as_connection(kafka).kafka(acks="all", enable_idempotence=True))
-    await producer.start()
     try:
+        await producer.start()
         key = deployment.model.encode()
         for topic, event in ((topics.MODELS_REGISTRY, deployment), (topics.MODELS_AUDIT, audit)):
             headers = [
@@ -183,7 +184,7 @@ def _change(
         )
         return changed
 
-    changed = _run_change(run())
+    changed = _run_change(kafka, run())
     console.print(
         f"{name}: {action} -> revision {changed.revision}, weights {changed.weights}, "
         f"rollout {changed.rollout.phase}"
@@ -319,7 +320,7 @@ def deploy(
         )
         return changed
 
-    changed = _run_change(run())
+    changed = _run_change(kafka, run())
     console.print(
         f"{spec.name} v{version} registered ({changed.version(version).state}, revision "
         f"{changed.revision}); rollout {changed.rollout.phase}, steps {list(policy.steps)}"
@@ -515,7 +516,8 @@ def migrate(
 @models_app.command("list")
 def list_models(context: ContextOption = None, bootstrap: Bootstrap = None) -> None:
     """Every model in the registry: its versions, states, weights and rollout."""
-    registry = _run_change(read_registry(connect(context, bootstrap)))
+    kafka = connect(context, bootstrap)
+    registry = _run_change(kafka, read_registry(kafka))
     table = Table("model", "revision", "versions", "rollout", "changed by")
     for name, d in sorted(registry.items()):
         versions = ", ".join(
@@ -539,7 +541,8 @@ def history(
     bootstrap: Bootstrap = None,
 ) -> None:
     """The audit trail of a model: who decided what, when, why, on which figures."""
-    decisions = _run_change(read_audit(connect(context, bootstrap), name))[-last:]
+    kafka = connect(context, bootstrap)
+    decisions = _run_change(kafka, read_audit(kafka, name))[-last:]
     table = Table("at", "action", "version", "weights", "by", "why")
     for d in decisions:
         weights = f"{d.weights_before or '-'} -> {d.weights_after}"
@@ -710,8 +713,8 @@ async def ensure_task_topic(kafka: Connection | str, model: str, version: int) -
     partition count, unless it exists."""
     connection = as_connection(kafka)
     consumer = AIOKafkaConsumer(**connection.kafka(enable_auto_commit=False))
-    await consumer.start()
     try:
+        await consumer.start()
         partitions = len(await topic_partitions(consumer, topics.INFERENCE_REQUESTS)) or 1
     finally:
         await consumer.stop()
@@ -792,10 +795,11 @@ def route(
     _change(connect(context, bootstrap), name, replace, "rules", reason)
 
 
-def _run_change(change: Coroutine[Any, Any, T]) -> T:
-    """Run a registry read or change; a refused one (LifecycleError) is printed and exits 1."""
+def _run_change(kafka: Connection, change: Coroutine[Any, Any, T]) -> T:
+    """Run a registry read or change; a refused one (LifecycleError), or a Kafka that cannot be
+    reached or refuses the credentials (``run_kafka``), is printed and exits 1."""
     try:
-        return asyncio.run(change)
+        return run_kafka(kafka, change)
     except LifecycleError as exc:
         console.print(f"[bold red]{exc}[/]")
         raise typer.Exit(1) from exc

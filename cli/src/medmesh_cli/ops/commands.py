@@ -18,7 +18,13 @@ from rich.table import Table
 from medmesh_cli.devstack.paths import run_dir
 from medmesh_cli.devstack.stack import StackConfig, service_specs
 from medmesh_cli.ops import kafka_io
-from medmesh_cli.ops.connection import BootstrapOption, Connection, ContextOption, connect
+from medmesh_cli.ops.connection import (
+    BootstrapOption,
+    Connection,
+    ContextOption,
+    connect,
+    run_kafka,
+)
 from medmesh_cli.ops.dlq import DEAD_LETTER_TOPICS, replay_of, summary
 from medmesh_cli.ops.jaeger import find_traces
 from medmesh_cli.ops.waterfall import hops, read_spans, render, spans_of, trace_ids_for
@@ -96,7 +102,7 @@ def dlq_list(context: ContextOption = None, bootstrap: Bootstrap = None) -> None
                 table.add_row(topic, str(count), meaning)
         console.print(table)
 
-    asyncio.run(run())
+    run_kafka(connection, run())
 
 
 @dlq_app.command("show")
@@ -142,7 +148,7 @@ def dlq_show(
         if not entries:
             console.print(f"{topic} is empty")
 
-    asyncio.run(run())
+    run_kafka(connection, run())
 
 
 @dlq_app.command("replay")
@@ -202,7 +208,7 @@ def dlq_replay(
                         await kafka.commit({TopicPartition(topic, item.partition): item.offset + 1})
             return replayed
 
-    count = asyncio.run(run())
+    count = run_kafka(connection, run())
     console.print(f"replayed {count} entr{'y' if count == 1 else 'ies'} from {topic}")
     if skipped:
         console.print(f"[bold red]not replayable, skipped:[/] {', '.join(skipped)}")

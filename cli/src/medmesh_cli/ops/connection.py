@@ -36,21 +36,27 @@ Passwords never sit in the file: only the name of a variable or of a file that h
 
 from __future__ import annotations
 
+import asyncio
 import getpass
+import logging
 import os
 import socket
+import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO, TypeVar
 
 import typer
+from aiokafka.errors import KafkaError
 from cryptography import x509
 from pydantic import ValidationError
 
 from medmesh_runtime.kafka import aiokafka_security
 from medmesh_runtime.settings import ServiceSettings
+
+T = TypeVar("T")
 
 CONTEXTS_FILE_VARIABLE = "MEDMESH_CONTEXTS_FILE"
 CONTEXT_VARIABLE = "MEDMESH_CONTEXT"
@@ -342,3 +348,50 @@ def as_connection(kafka: Connection | str) -> Connection:
     """A connection as it is, or a bootstrap address with the ``MEDMESH_*`` settings (what the
     local stack and the tests pass)."""
     return kafka if isinstance(kafka, Connection) else resolve(None, kafka)
+
+
+class _KafkaReasons(logging.StreamHandler[TextIO]):
+    """aiokafka's warnings and errors on stderr, as Python's last-resort handler shows them
+    without any handler, keeping the last error: the only place aiokafka says why it could not
+    connect (a refused SCRAM login, a certificate that does not verify); its exception says
+    only "Unable to bootstrap"."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.setLevel(logging.WARNING)
+        self.last_error: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR:
+            self.last_error = record.getMessage()
+        super().emit(record)
+
+
+def describe(connection: Connection) -> str:
+    """Which Kafka a command talks to, and how (never the password)."""
+    settings = connection.settings
+    protocol = settings.kafka_security_protocol
+    how: str = protocol
+    if protocol.startswith("SASL_"):
+        how += f", {settings.kafka_sasl_mechanism} as {settings.kafka_sasl_username}"
+    if protocol in ("SSL", "SASL_SSL"):
+        how += f", CA {settings.kafka_ssl_cafile or 'of the system store'}"
+    where = f"context {connection.context!r}: " if connection.context else ""
+    return f"Kafka at {connection.bootstrap} ({where}{how})"
+
+
+def run_kafka(connection: Connection, work: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(work)``; a Kafka that cannot be reached, or refuses the command's
+    credentials or certificate, ends the command with one line naming the broker, the security
+    in use and aiokafka's reason (exit 1), not a traceback."""
+    reasons = _KafkaReasons()
+    logger = logging.getLogger("aiokafka")
+    logger.addHandler(reasons)
+    try:
+        return asyncio.run(work)
+    except KafkaError as exc:
+        reason = reasons.last_error or f"{type(exc).__name__}: {exc}"
+        typer.secho(f"{describe(connection)} refused or unreachable: {reason}", fg="red", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        logger.removeHandler(reasons)

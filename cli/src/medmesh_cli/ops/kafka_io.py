@@ -39,8 +39,9 @@ async def consumer(
             auto_offset_reset="earliest",
         )
     )
-    await kafka.start()
     try:
+        # Inside: a start that fails (a refused login) still closes what it opened.
+        await kafka.start()
         yield kafka
     finally:
         await kafka.stop()
@@ -88,8 +89,9 @@ async def read_range(
 async def producer(connection: Connection) -> AsyncIterator[AIOKafkaProducer]:
     """A durable producer (acks=all, idempotent)."""
     kafka = AIOKafkaProducer(**connection.kafka(acks="all", enable_idempotence=True))
-    await kafka.start()
     try:
+        # Inside: a start that fails (a refused login) still closes what it opened.
+        await kafka.start()
         yield kafka
     finally:
         await kafka.stop()
@@ -98,8 +100,8 @@ async def producer(connection: Connection) -> AsyncIterator[AIOKafkaProducer]:
 async def group_lags(connection: Connection, prefix: str = "medmesh-") -> dict[str, dict[str, int]]:
     """Consumer lag per medmesh consumer group and topic (end offset minus committed offset)."""
     admin = AIOKafkaAdminClient(**connection.kafka())
-    await admin.start()
     try:
+        await admin.start()
         groups = [g[0] for g in await admin.list_consumer_groups() if g[0].startswith(prefix)]
         committed = {g: await admin.list_consumer_group_offsets(g) for g in sorted(groups)}
     finally:
