@@ -17,10 +17,8 @@ Rules:
   readings of one patient at the same moment lose neither's readings;
 - an image input (an ImagingStudy) is sent only with its claim check (``ModelInput.image``):
   that of the study in the payload (an order's ``pinned`` study first), else the one the
-  state kept. Version 1 of the contract's ``IngestedReading`` has no ``image`` field yet, so a
-  state read back holds none: until it has one, an order arriving without its study finds the
-  image input missing (the stored reading is kept; ``_image_of`` and ``_newer`` pick the field
-  up as soon as the contract carries it).
+  state kept (``IngestedReading.image``, added within version 1), so an order arriving without
+  its study scores the study announced before.
 
 Memory is bounded twice: states not updated within the retention are forgotten
 (``forget_older_than``), and the store holds at most ``max_bytes`` of states (an estimate,
@@ -232,10 +230,8 @@ def _same_resource(stored: IngestedReading, reading: Reading) -> bool:
 
 
 def _image_of(reading: IngestedReading) -> ImageReference | None:
-    """The stored reading's claim check: none until the contract's IngestedReading keeps it
-    (version 1 has no ``image`` field: reported as a needed contract change)."""
-    image = getattr(reading, "image", None)
-    return image if isinstance(image, ImageReference) else None
+    """The stored reading's claim check (None: not an image reading)."""
+    return reading.image
 
 
 def _unexpired(
