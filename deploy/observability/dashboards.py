@@ -1,11 +1,10 @@
-"""Write the Grafana dashboards and the Prometheus alert rules of medmesh from one definition.
+"""The Grafana dashboards and the Prometheus alert rules of medmesh, defined once.
 
-    .venv/bin/python deploy/observability/dashboards.py
+    .venv/bin/python deploy/k8s/generate.py
 
-writes deploy/observability/grafana/*.json (provisioned by compose.observability.yaml) and
-deploy/observability/alerts.yml (Prometheus' rule file there); deploy/k8s/generate.py wraps the
-same files for Kubernetes (a ConfigMap for Grafana's dashboard sidecar, a PrometheusRule for the
-Prometheus Operator). tests/conformance/test_observability_static.py fails while the files are
+writes them as deploy/observability/grafana/*.json (provisioned by compose.observability.yaml)
+and deploy/observability/alerts.yml (Prometheus' rule file there), and wraps them for Kubernetes
+(a ConfigMap for Grafana's dashboard sidecar, a PrometheusRule for the Prometheus Operator). tests/conformance/test_observability_static.py fails while the files are
 out of date, and tests/e2e/test_observability.py checks that every metric they query is one the
 running services (or Triton) export.
 """
@@ -13,7 +12,6 @@ running services (or Triton) export.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -391,16 +389,3 @@ def queries() -> list[str]:
         *(expr for d in DASHBOARDS for _, expr in d.annotations),
         *(expr for _, expr, *_ in ALERTS),
     ]
-
-
-def main() -> int:
-    """Write every generated file; print the ones that changed."""
-    for path, text in outputs().items():
-        if not path.exists() or path.read_text() != text:
-            path.write_text(text)
-            print(f"wrote {path.relative_to(HERE.parent.parent)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -50,7 +50,7 @@ def test_layer_mounts_only_files_that_exist() -> None:
 
 def test_dashboards_and_alerts_are_generated_and_current() -> None:
     """The Grafana dashboards and the alert rules are what deploy/observability/dashboards.py
-    writes (run it after changing a panel or an alert)."""
+    defines (run deploy/k8s/generate.py after changing a panel or an alert)."""
     for path, text in DASHBOARDS.outputs().items():
         assert path.read_text() == text, f"{path.name} is out of date"
 
