@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal, get_args
 
+from medmesh_cli.devstack.maven import copy_dependencies
 from medmesh_cli.devstack.paths import cache_dir, repo_root
 
 ValidatorFhirVersion = Literal["R4", "R4B", "R5"]
@@ -95,27 +96,7 @@ def _ensure_jars(lib: Path) -> None:
     if marker.exists():
         return
     mvn = _require("mvn", "Apache Maven is needed once to fetch the validator's jars")
-    lib.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        [
-            mvn,
-            "-q",
-            "-B",
-            "-f",
-            str(_project() / "pom.xml"),
-            "dependency:copy-dependencies",
-            f"-DoutputDirectory={lib}",
-            "-DincludeScope=runtime",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(
-            "HAPI validator: Maven could not resolve the validator jars:\n"
-            f"{result.stdout[-3000:]}{result.stderr[-3000:]}"
-        )
+    copy_dependencies(mvn, _project() / "pom.xml", lib, "HAPI validator")
     marker.write_text(hapi_version())
 
 

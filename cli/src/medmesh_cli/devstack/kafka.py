@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medmesh_cli.devstack.maven import copy_dependencies
 from medmesh_cli.devstack.paths import cache_dir, repo_root
 from medmesh_cli.devstack.process import ManagedProcess, wait_until
 from medmesh_cli.devstack.tls import TlsFiles
@@ -53,26 +54,7 @@ def ensure_kafka_jars() -> Path:
         raise RuntimeError(
             "Kafka: 'mvn' (Apache Maven) is not on PATH; it is needed once to fetch the broker jars"
         )
-    lib.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        [
-            "mvn",
-            "-q",
-            "-B",
-            "-f",
-            str(repo_root() / "deploy" / "kafka" / "pom.xml"),
-            "dependency:copy-dependencies",
-            f"-DoutputDirectory={lib}",
-            "-DincludeScope=runtime",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"Kafka: Maven could not resolve the broker jars:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
-        )
+    copy_dependencies("mvn", repo_root() / "deploy" / "kafka" / "pom.xml", lib, "Kafka")
     marker.write_text(version)
     return lib
 
