@@ -25,6 +25,7 @@ class FakeSources:
     def __init__(self) -> None:
         self.status: dict[str, Any] = router_status()
         self.audit: list[LifecycleDecision] = [
+            audit(-1, "seed", None, {1: 100}),
             audit(0, "deploy", 2, {1: 100}),
             audit(1, "step", 2, {1: 95, 2: 5}, agreement=0.97),
             audit(2, "rollback", 2, {1: 100}).model_copy(update={"reason": HOSTILE}),
@@ -114,9 +115,10 @@ async def test_the_models_page_shows_states_weights_and_figures(
 async def test_the_rollouts_page_plots_each_rollout_and_escapes_reasons(
     open_client: httpx.AsyncClient,
 ) -> None:
-    """A rollout is an inline SVG with its decisions; a hostile reason is shown as text."""
+    """A rollout is an SVG plot (a seed only a table); a hostile reason is shown as text."""
     text = (await open_client.get("/rollouts")).text
     assert text.count("<svg") == 1
+    assert "deterioration (no rollout): seed" in text
     assert "shadow agreement 97.0% of 50" in text
     assert "1 audit records could not be read" in text
     assert HOSTILE not in text

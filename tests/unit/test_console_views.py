@@ -214,6 +214,16 @@ def test_dead_letters_are_counted_per_topic_and_reason() -> None:
     ]
 
 
+def test_dead_letter_reasons_lose_the_values_pydantic_quotes() -> None:
+    """A validation error's quoted input is hidden, so equal errors add up and no value shows."""
+    error = '1 validation error for X [type=json_invalid, input_value=b\'{{"name": "{}"\', input_type=bytes]'
+    values = [json.dumps({"reason": error.format(n)}).encode() for n in ("Jane", "John")]
+    (count,) = dead_letter_counts([("dl.router", v) for v in values])
+    assert count.count == 2
+    assert "Jane" not in count.reason
+    assert "input_value=(hidden), input_type=bytes" in count.reason
+
+
 def test_lag_rows_list_every_group_and_topic() -> None:
     """Lag is listed per group, then topic, in name order; a group without offsets says so."""
     rows = lag_rows(

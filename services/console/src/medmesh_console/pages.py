@@ -166,8 +166,10 @@ def rollouts_body(found: Sequence[Timeline], unreadable: int) -> Html:
         version = f" v{timeline.version}" if timeline.version is not None else " (no rollout)"
         parts.append(
             f"<h2>{escape(timeline.model)}{escape(version)}: {escape(timeline.outcome)}</h2>"
-            + step_plot(timeline)
         )
+        # Plotted: a rolled-out version's share. Before any deploy there is no such version.
+        if timeline.version is not None:
+            parts.append(step_plot(timeline))
         rows = [
             [
                 number,

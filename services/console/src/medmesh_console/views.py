@@ -7,6 +7,7 @@ a report's subject reference, names and values never leave this module.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -137,6 +138,16 @@ def timelines(decisions: Iterable[LifecycleDecision]) -> tuple[Timeline, ...]:
 # --- dead letters and lag ----------------------------------------------------------------------
 
 
+# pydantic's errors quote the value they refused (``input_value=b'...'``): a dead letter's reason
+# may carry a piece of the record. The console shows the error without it, and counts alike
+# errors together.
+_INPUT_VALUE = re.compile(r"input_value=.*?, input_type=", re.S)
+
+
+def _without_values(reason: str) -> str:
+    return _INPUT_VALUE.sub("input_value=(hidden), input_type=", reason)
+
+
 @dataclass(frozen=True)
 class DeadLetterCount:
     """How many entries of one dead-letter topic share one reason."""
@@ -148,7 +159,7 @@ class DeadLetterCount:
 
 def dead_letter_counts(entries: Iterable[tuple[str, bytes]]) -> tuple[DeadLetterCount, ...]:
     """(topic, value) pairs counted per topic and reason (``medmesh dlq``'s one-line summary,
-    which carries no raw values), most frequent first."""
+    without the values pydantic quotes), most frequent first."""
     counts: Counter[tuple[str, str]] = Counter()
     for topic, value in entries:
         try:
@@ -156,7 +167,7 @@ def dead_letter_counts(entries: Iterable[tuple[str, bytes]]) -> tuple[DeadLetter
             reason = summary(event) if isinstance(event, dict) else "not a JSON object"
         except ValueError:
             reason = "not JSON"
-        counts[topic, reason or "(no reason given)"] += 1
+        counts[topic, _without_values(reason) or "(no reason given)"] += 1
     return tuple(
         DeadLetterCount(topic, reason, n)
         for (topic, reason), n in sorted(counts.items(), key=lambda c: (c[0][0], -c[1], c[0][1]))
