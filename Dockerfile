@@ -25,6 +25,7 @@ COPY services/router/pyproject.toml services/router/pyproject.toml
 COPY services/inference/pyproject.toml services/inference/pyproject.toml
 COPY services/reporting/pyproject.toml services/reporting/pyproject.toml
 COPY services/monolith/pyproject.toml services/monolith/pyproject.toml
+COPY services/console/pyproject.toml services/console/pyproject.toml
 COPY cli/pyproject.toml cli/pyproject.toml
 # --no-dev: the runtime image needs neither test tools nor the local Triton wheel.
 RUN uv sync --frozen --no-dev --no-install-workspace
