@@ -10,8 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -20,7 +24,7 @@ from aiokafka import AIOKafkaProducer
 from playwright.async_api import Page, Request, Route, async_playwright
 
 from medmesh_cli.devstack.chromium import ChromiumMissingError, chromium_binary
-from medmesh_cli.devstack.stack import Stack
+from medmesh_cli.devstack.stack import ServiceSpec, Stack, service_environment
 from medmesh_cli.models import write_change
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
@@ -166,3 +170,77 @@ async def test_the_console_shows_the_stack_in_a_real_browser(
         finally:
             await browser.close()
     assert outside == []
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def _console_with_token(stack: Stack, token: str) -> Iterator[str]:
+    """A second console on the stack, asking for ``token``; its base URL while open."""
+    port = _free_port()
+    spec = ServiceSpec("console-signed", "medmesh_console", port)
+    env = {
+        **service_environment(stack.config, spec),
+        "MEDMESH_CONSOLE_PORT": str(port),
+        "MEDMESH_CONSOLE_TOKENS": token,
+        "MEDMESH_ROUTER_URL": f"http://127.0.0.1:{stack.config.ports.router}",
+    }
+    log = Path(stack.config.state_dir) / "console-signed.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "medmesh_console"], env=env, stdout=out, stderr=out
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 204:
+                        break
+                assert process.poll() is None, log.read_text(errors="replace")[-2000:]
+                time.sleep(0.3)
+            else:
+                pytest.fail("the console with a token never became ready")
+            yield base
+        finally:
+            process.terminate()
+            process.wait(timeout=15)
+
+
+async def test_the_console_signs_a_browser_in_with_a_token_once(stack: Stack) -> None:
+    """Without a token chromium gets 401; ?token= once sets an HttpOnly cookie that opens all."""
+    try:
+        executable = chromium_binary()
+    except ChromiumMissingError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    token = secrets.token_urlsafe(16)
+    with _console_with_token(stack, token) as base:
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(
+                executable_path=str(executable), args=["--no-sandbox"]
+            )
+            try:
+                context = await browser.new_context(java_script_enabled=False)
+                page = await context.new_page()
+                refused = await page.goto(f"{base}/")
+                assert refused is not None
+                assert refused.status == 401
+                assert "deterioration" not in await page.content()
+                signed = await page.goto(f"{base}/?token={token}")
+                assert signed is not None
+                assert signed.status == 200
+                assert page.url == f"{base}/"  # the token left the address at once
+                assert "deterioration" in await page.content()
+                (cookie,) = await context.cookies()
+                assert cookie["httpOnly"] is True
+                assert cookie["sameSite"] == "Strict"
+                later = await page.goto(f"{base}/rollouts")
+                assert later is not None
+                assert later.status == 200
+            finally:
+                await browser.close()
