@@ -320,6 +320,6 @@ async def test_a_delivery_request_that_is_no_command_is_undeliverable_without_it
     ((topic, value),) = kafka.sent
     assert topic == topics.REPORTS_UNDELIVERABLE
     event = ReportUndeliverable.model_validate_json(value)
-    assert event.reason.startswith("not a DeliverReport command: invalid at ")
+    assert event.reason.startswith("not a DeliverReport command: ValidationError: ")
     assert "report" in event.reason
     assert "Jane" not in event.reason

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from structlog.testing import capture_logs
 
 from medmesh_contracts.events import FhirEventRejected, MessageDeadLettered, Producer, to_wire
@@ -22,7 +23,12 @@ from medmesh_runtime.deadletter import (
     dead_letter_event,
     rejected_event,
 )
-from medmesh_runtime.logging import DEAD_LETTER_LOG_REASON_CHARS, get_logger, log_dead_letter
+from medmesh_runtime.logging import (
+    DEAD_LETTER_LOG_REASON_CHARS,
+    error_reason,
+    get_logger,
+    log_dead_letter,
+)
 
 PRODUCER = Producer(service="router", instance="router-1")
 MIB = 1024 * 1024
@@ -153,3 +159,15 @@ def test_a_dead_letter_is_logged_with_where_it_was_and_the_start_of_its_reason()
     assert (line["source_topic"], line["partition"], line["offset"]) == (record.topic, 3, 41)
     assert line["reason"] == ("E: " + "y" * 10_000)[:DEAD_LETTER_LOG_REASON_CHARS]
     assert line["truncated"] is False
+
+
+def test_a_validation_error_is_described_without_its_input() -> None:
+    """error_reason names a ValidationError's paths and kinds, never the input pydantic's own
+    message quotes; another error keeps its kind and redacted text."""
+    try:
+        Producer.model_validate_json(b'{"service": "Jane Doe 1970-01-01", "instance": 7}')
+    except ValidationError as exc:
+        reason = error_reason(exc)
+    assert reason == "ValidationError: 1 errors at instance: string_type"
+    assert "Jane" not in reason
+    assert error_reason(KeyError("medmesh.model")).startswith("KeyError: ")

@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 from opentelemetry import trace
+from pydantic import ValidationError
 
 REDACTED = "[redacted]"
 
@@ -88,6 +89,18 @@ def redact_text(text: str) -> str:
     for pattern in _PATTERNS:
         text = pattern.sub(REDACTED, text)
     return text
+
+
+def error_reason(exc: BaseException) -> str:
+    """An error as a log field or a dead letter's reason, without patient data: a pydantic
+    ValidationError by the paths and kinds of its errors (its own message quotes the input),
+    any other error by its kind and its text with patient-data shapes redacted."""
+    if isinstance(exc, ValidationError):
+        where = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['type']}" for e in exc.errors()
+        )
+        return f"ValidationError: {exc.error_count()} errors at {where}"[:2000]
+    return redact_text(f"{type(exc).__name__}: {exc}")[:2000]
 
 
 def _scrub(value: Any) -> Any:

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
-from medmesh_runtime.logging import get_logger, log_dead_letter, redact_text
+from medmesh_runtime.logging import error_reason, get_logger, log_dead_letter, redact_text
 from medmesh_runtime.retry import retrying
 from medmesh_runtime.settings import PRODUCER_MAX_REQUEST_SIZE
 
@@ -432,8 +432,8 @@ class PoisonIsolation:
 
 
 def _reason(exc: BaseException) -> str:
-    """An error as a dead letter's reason: its kind and its text with patient data redacted."""
-    return redact_text(f"{type(exc).__name__}: {exc}")[:2000]
+    """An error as a dead letter's reason (``error_reason``: never the input)."""
+    return error_reason(exc)
 
 
 @dataclass(frozen=True)

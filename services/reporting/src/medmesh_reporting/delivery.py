@@ -53,7 +53,7 @@ from medmesh_contracts.events import (
 from medmesh_reporting.handling import ConsumedRecord
 from medmesh_reporting.report import JsonDict
 from medmesh_runtime.kafka import message_headers, record_headers
-from medmesh_runtime.logging import get_logger, redact_text
+from medmesh_runtime.logging import error_reason, get_logger, redact_text
 from medmesh_runtime.retry import retrying
 from medmesh_runtime.smart import TokenUnavailableError, retry_after_s
 
@@ -240,9 +240,7 @@ def report_of(record: ConsumedRecord) -> tuple[JsonDict, FhirVersion | None, Ref
         try:
             command = DeliverReport.model_validate_json(record.value or b"")
         except ValidationError as exc:
-            # Field paths only: pydantic's own message quotes the input (patient data).
-            where = ", ".join(".".join(map(str, e["loc"])) or "(root)" for e in exc.errors())
-            return raw, None, Refused(f"not a DeliverReport command: invalid at {where[:200]}", 0)
+            return raw, None, Refused(f"not a DeliverReport command: {error_reason(exc)}", 0)
         return command.report, command.fhir_version, None
     version = SCHEMA_VERSIONS.get(record_headers(record).get(h.SCHEMA) or "")
     try:

@@ -28,7 +28,7 @@ from medmesh_contracts.events import (
 from medmesh_contracts.modelspec import ModelSpec
 from medmesh_reporting.report import build_report, report_schema
 from medmesh_runtime.deadletter import dead_letter_event
-from medmesh_runtime.logging import get_logger, log_dead_letter
+from medmesh_runtime.logging import error_reason, get_logger, log_dead_letter
 from medmesh_runtime.telemetry import consumer_span, publish_headers
 from medmesh_runtime.transactional import OutgoingRecord, encoded_headers
 
@@ -77,7 +77,7 @@ class ReportHandler:
             try:
                 completed = InferenceCompleted.model_validate_json(record.value or b"")
             except ValueError as exc:
-                return [self._dead_letter(record, f"{type(exc).__name__}: {exc}")]
+                return [self._dead_letter(record, error_reason(exc))]
             return self.for_result(record, completed)
 
     def for_result(

@@ -24,7 +24,7 @@ from medmesh_router.routing import (
 from medmesh_router.state import RouterState
 from medmesh_runtime.deadletter import dead_letter_record
 from medmesh_runtime.kafka import record_headers
-from medmesh_runtime.logging import get_logger, log_dead_letter
+from medmesh_runtime.logging import error_reason, get_logger, log_dead_letter
 from medmesh_runtime.telemetry import consumer_span, publish_headers
 from medmesh_runtime.transactional import OutgoingRecord, encoded_headers
 
@@ -76,7 +76,7 @@ class RequestRouting:
                     span.set_attribute("medmesh.route_detail", tasks[0].decision.detail)
                     span.set_attribute("medmesh.shadow_copies", len(tasks) - 1)
             except (ValidationError, UnknownModelError, NotARequestError) as exc:
-                return [self.dead_letter(record, f"{type(exc).__name__}: {exc}")]
+                return [self.dead_letter(record, error_reason(exc))]
             decided.append((key.model, tasks))
             # DEBUG: per request at the router's rate, the poll's summary is logged at INFO.
             log.debug(
