@@ -67,7 +67,9 @@ async def byom_stack() -> AsyncIterator[Stack]:
     specs.mkdir(parents=True)
     for path in SPECS.glob("*.yaml"):
         document = yaml.safe_load(path.read_text())
-        (specs / path.name).write_text(yaml.safe_dump(_without_onnx_versions(document)))
+        if document["name"] in ONNX_VERSIONS:  # the other models are deployed as they are
+            document = _without_onnx_versions(document)
+        (specs / path.name).write_text(yaml.safe_dump(document))
     onnx_folders = {folder for _, folder in ONNX_VERSIONS.values()}
     shutil.copytree(
         MODELS, models, ignore=lambda _d, names: [n for n in names if n in onnx_folders]
