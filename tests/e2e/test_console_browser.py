@@ -2,7 +2,9 @@
 the end-to-end stack, after a report, a dead letter and a short rollout went through it.
 
 Chromium missing is a failure that says how to get it (``make deps`` installs it), never a skip.
-Each page's screenshot is written to docs/console/.
+Each page's screenshot is written to the stack's run folder, or to the folder
+MEDMESH_CONSOLE_SCREENSHOTS names (``MEDMESH_CONSOLE_SCREENSHOTS=docs/console`` refreshes the
+committed ones; a plain test run leaves the tree as it was).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import socket
 import subprocess
@@ -24,6 +27,7 @@ from aiokafka import AIOKafkaProducer
 from playwright.async_api import Page, Request, Route, async_playwright
 
 from medmesh_cli.devstack.chromium import ChromiumMissingError, chromium_binary
+from medmesh_cli.devstack.paths import run_dir
 from medmesh_cli.devstack.stack import ServiceSpec, Stack, service_environment
 from medmesh_cli.models import write_change
 from medmesh_contracts import headers as h
@@ -36,11 +40,13 @@ from medmesh_contracts.lifecycle import (
     deploy_version,
     roll_back,
 )
-from tests.e2e.conftest import Record, TopicTap, fixture_with_new_patient
+from tests.e2e.conftest import E2E_PORT_BASE, Record, TopicTap, fixture_with_new_patient
 from tests.e2e.router_view import current_deployment, wait_for_view
 from tests.e2e.test_observability import _patient_data
 
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
+SCREENSHOTS = Path(
+    os.environ.get("MEDMESH_CONSOLE_SCREENSHOTS") or run_dir(f"e2e-{E2E_PORT_BASE}") / "console"
+)
 MODEL = "deterioration"
 PRODUCER = Producer(service="e2e", instance="console-browser")
 POISON_KEY = b"console-browser-poison"
@@ -121,7 +127,7 @@ async def test_the_console_shows_the_stack_in_a_real_browser(
 
     base = f"http://127.0.0.1:{stack.config.ports.console}"
     outside: list[str] = []
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(SCREENSHOTS.mkdir, parents=True, exist_ok=True)
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(
             executable_path=str(executable), args=["--no-sandbox"]
