@@ -20,11 +20,9 @@ metrics are computed from the exported graph's outputs (onnxruntime), what Trito
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -35,6 +33,8 @@ from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType
 from sklearn.ensemble import GradientBoostingClassifier
 from threadpoolctl import threadpool_limits
+
+from medmesh_cli.pyfiles import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 FIT_LOGISTIC = ROOT / "deploy" / "triton" / "fit_logistic.py"
@@ -68,16 +68,6 @@ HYPERPARAMETERS: dict[str, Any] = {
 }
 # The exported probabilities must equal scikit-learn's up to float32 rounding.
 ONNX_TOLERANCE = 1e-5
-
-
-def load_file(path: Path, name: str) -> ModuleType:
-    """The standalone script or Triton model.py at ``path``, imported as ``name``."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def cohort() -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.bool_]]:

@@ -34,14 +34,14 @@ is measured on the held-out 20 %.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from medmesh_cli.pyfiles import load_file
 
 HERE = Path(__file__).resolve().parent
 MODEL_DIR = HERE / "models" / "deterioration"
@@ -55,16 +55,6 @@ INTERCEPT_TRUE = -4.5
 NEWS2_SLOPE_TRUE = 0.55
 FRAILTY_SD = 0.5
 UNWELL_FRACTION = 0.25
-
-
-def _load(path: Path, name: str) -> ModuleType:
-    """Import a model.py by path (the model folders are not packages)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _normal(
@@ -86,7 +76,7 @@ def _normal(
 
 def synthetic_cohort(rng: np.random.Generator, n: int) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """(vitals float64 [n, 7], outcome 0/1 [n]) drawn as the module doc describes."""
-    news2 = _load(MODEL_DIR / "1" / "model.py", "deterioration_v1_model").news2
+    news2 = load_file(MODEL_DIR / "1" / "model.py", "deterioration_v1_model").news2
     unwell = rng.random(n) < UNWELL_FRACTION
     vitals = np.stack(
         [
@@ -142,7 +132,7 @@ def auc(score: npt.NDArray[Any], outcome: npt.NDArray[Any]) -> float:
 
 def fit(seed: int = SEED, n: int = N_PATIENTS) -> dict[str, Any]:
     """Draw the cohort, fit, and return the content of weights.json."""
-    v2 = _load(MODEL_DIR / "2" / "model.py", "deterioration_v2_model")
+    v2 = load_file(MODEL_DIR / "2" / "model.py", "deterioration_v2_model")
     rng = np.random.default_rng(seed)
     vitals, outcome = synthetic_cohort(rng, n)
     x = v2.features(vitals)
