@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
-from aiokafka import TopicPartition
 
-from medmesh_contracts import headers as h
 from medmesh_contracts import topics
 from medmesh_contracts.events import DeliverReport, Producer, ReportUndeliverable, to_wire
 from medmesh_contracts.modelspec import ModelSpec, load_spec
@@ -24,6 +21,7 @@ from medmesh_reporting.delivery import (
     transaction_bundle,
 )
 from medmesh_reporting.report import build_report
+from tests.delivery_clients import DeliveryConsumer, DeliveryRecord, SentEvents
 from tests.factories import make_completed, make_request, make_task
 from tests.fhir_receiver import FhirTestServer
 from tests.service.conftest import SPECS_DIR
@@ -157,76 +155,15 @@ async def test_token_is_sent_as_bearer(spec: ModelSpec) -> None:
     assert str(seen[0].url) == BASE
 
 
-class _Record:
-    def __init__(
-        self,
-        offset: int,
-        value: bytes,
-        correlation_id: str,
-        topic: str = topics.REPORTS_DIAGNOSTIC,
-    ) -> None:
-        self.topic = topic
-        self.partition = 0
-        self.offset = offset
-        self.key = b"pseudo"
-        self.value = value
-        self.headers = ((h.CORRELATION_ID, correlation_id.encode()),)
-
-
-class _Consumer:
-    def __init__(self, records: list[_Record]) -> None:
-        self.records = records
-        self.commits: list[int] = []
-
-    def subscribe(self, topics: Sequence[str]) -> None:
-        return None
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-    async def getmany(
-        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
-    ) -> Mapping[TopicPartition, Sequence[Any]]:
-        records, self.records = self.records, []
-        return {TopicPartition(topics.REPORTS_DIAGNOSTIC, 0): records} if records else {}
-
-    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
-        self.commits.extend(offsets.values())
-
-
-class _Kafka:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes]] = []
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-    async def send_and_wait(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        *,
-        headers: Sequence[tuple[str, bytes]] | None = None,
-    ) -> Any:
-        self.sent.append((topic, value or b""))
-
-
 async def test_loop_delivers_or_records_undeliverable_then_commits(spec: ModelSpec) -> None:
     """One report delivered, one refused (to the undeliverable topic); both offsets committed."""
     server = FhirTestServer(
         reject_when=lambda b: "rejected" if "req-bad" in json.dumps(b) else None
     )
-    consumer, kafka = _Consumer([]), _Kafka()
+    consumer, kafka = DeliveryConsumer([]), SentEvents()
     consumer.records = [
-        _Record(0, json.dumps(_report(spec, "req-good")).encode(), "req-good"),
-        _Record(1, json.dumps(_report(spec, "req-bad")).encode(), "req-bad"),
+        DeliveryRecord(0, json.dumps(_report(spec, "req-good")).encode(), "req-good"),
+        DeliveryRecord(1, json.dumps(_report(spec, "req-bad")).encode(), "req-bad"),
     ]
     loop = DeliveryLoop(
         lambda: (consumer, kafka), _deliverer(server), Producer(service="reporting", instance="t")
@@ -252,10 +189,10 @@ async def test_a_report_the_deliverer_cannot_handle_is_refused_and_the_next_deli
     """A report whose delivery raises (JSON, but not a report Bundle) is retried, then recorded
     as undeliverable with the error kind; the report after it is delivered, both committed."""
     server = FhirTestServer()
-    consumer, kafka = _Consumer([]), _Kafka()
+    consumer, kafka = DeliveryConsumer([]), SentEvents()
     consumer.records = [
-        _Record(0, b'{"resourceType": "Bundle", "entry": "not a list"}', "req-odd"),
-        _Record(1, json.dumps(_report(spec, "req-good")).encode(), "req-good"),
+        DeliveryRecord(0, b'{"resourceType": "Bundle", "entry": "not a list"}', "req-odd"),
+        DeliveryRecord(1, json.dumps(_report(spec, "req-good")).encode(), "req-good"),
     ]
     loop = DeliveryLoop(
         lambda: (consumer, kafka), _deliverer(server), Producer(service="reporting", instance="t")
@@ -278,7 +215,7 @@ async def test_a_delivery_request_delivers_its_report_once_however_often_it_is_s
     """A DeliverReport command (a replayed undeliverable report) is delivered like a report;
     sent twice, the server still holds one copy, and nothing is published but the commits."""
     server = FhirTestServer()
-    consumer, kafka = _Consumer([]), _Kafka()
+    consumer, kafka = DeliveryConsumer([]), SentEvents()
     command = DeliverReport(
         correlation_id="req-again",
         producer=Producer(service="cli", instance="t"),
@@ -287,7 +224,7 @@ async def test_a_delivery_request_delivers_its_report_once_however_often_it_is_s
     )
     requests = topics.REPORTS_DELIVERY_REQUESTS
     consumer.records = [
-        _Record(offset, to_wire(command), "req-again", requests) for offset in (0, 1)
+        DeliveryRecord(offset, to_wire(command), "req-again", requests) for offset in (0, 1)
     ]
     loop = DeliveryLoop(
         lambda: (consumer, kafka), _deliverer(server), Producer(service="reporting", instance="t")
@@ -305,9 +242,11 @@ async def test_a_delivery_request_that_is_no_command_is_undeliverable_without_it
 ) -> None:
     """A record on the delivery-request topic that is not a DeliverReport is recorded as
     undeliverable, naming the invalid fields but quoting none of its values."""
-    consumer, kafka = _Consumer([]), _Kafka()
+    consumer, kafka = DeliveryConsumer([]), SentEvents()
     consumer.records = [
-        _Record(0, b'{"report": "Jane Doe 1970-01-01"}', "req-x", topics.REPORTS_DELIVERY_REQUESTS)
+        DeliveryRecord(
+            0, b'{"report": "Jane Doe 1970-01-01"}', "req-x", topics.REPORTS_DELIVERY_REQUESTS
+        )
     ]
     loop = DeliveryLoop(
         lambda: (consumer, kafka),

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from typing import Any
 
 import httpx
 import pytest
-from aiokafka import TopicPartition
 
 from medmesh_cli.ops.dlq import replay_of
 from medmesh_contracts import headers as h
@@ -26,6 +23,7 @@ from medmesh_contracts.modelspec import ModelSpec, load_spec
 from medmesh_reporting.delivery import Deliverer, DeliveryLoop
 from medmesh_reporting.report import build_report, validate_report
 from tests.conformance.report_checks import check_report_bundle
+from tests.delivery_clients import DeliveryConsumer, DeliveryRecord, SentEvents
 from tests.factories import make_completed, make_request, make_task
 from tests.fhir_receiver import FhirTestServer
 from tests.service.conftest import SPECS_DIR
@@ -49,64 +47,9 @@ def _completed(fhir_version: FhirVersion, correlation_id: str = "req-r4") -> Inf
     return make_completed(make_task(request))
 
 
-class _Record:
-    def __init__(self, offset: int, value: bytes, topic: str, schema: str | None) -> None:
-        self.topic = topic
-        self.partition = 0
-        self.offset = offset
-        self.key = b"pseudo"
-        self.value = value
-        headers = [(h.CORRELATION_ID, b"req-r4")]
-        if schema is not None:
-            headers.append((h.SCHEMA, schema.encode()))
-        self.headers = tuple(headers)
-
-
-class _Consumer:
-    def __init__(self, records: list[_Record]) -> None:
-        self.records = records
-
-    def subscribe(self, topics: Sequence[str]) -> None:
-        return None
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-    async def getmany(
-        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
-    ) -> Mapping[TopicPartition, Sequence[Any]]:
-        records, self.records = self.records, []
-        return {TopicPartition(topics.REPORTS_DIAGNOSTIC, 0): records} if records else {}
-
-    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
-        return None
-
-
-class _Kafka:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes]] = []
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-    async def send_and_wait(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        *,
-        headers: Sequence[tuple[str, bytes]] | None = None,
-    ) -> Any:
-        self.sent.append((topic, value or b""))
-
-
-async def _deliver(records: list[_Record], server: FhirTestServer) -> tuple[list[str], _Kafka]:
+async def _deliver(
+    records: list[DeliveryRecord], server: FhirTestServer
+) -> tuple[list[str], SentEvents]:
     """Run the delivery loop over ``records``; the content types the server was sent."""
     seen: list[httpx.Request] = []
 
@@ -115,7 +58,7 @@ async def _deliver(records: list[_Record], server: FhirTestServer) -> tuple[list
         return server(request)
 
     client = httpx.AsyncClient(transport=httpx.MockTransport(record))
-    consumer, kafka = _Consumer(records), _Kafka()
+    consumer, kafka = DeliveryConsumer(records), SentEvents()
     loop = DeliveryLoop(lambda: (consumer, kafka), Deliverer(client, BASE), PRODUCER)
     await loop.process_batch(consumer, kafka)
     return [r.headers["content-type"] for r in seen], kafka
@@ -150,7 +93,9 @@ async def test_a_report_is_delivered_in_the_version_its_header_names(
     """The transaction's content type names the FHIR version of the report record's schema
     header (fhirVersion=4.0 for R4); a record without one is sent without it."""
     report = build_report(_completed("R4"), spec, issued=ISSUED)
-    record = _Record(0, json.dumps(report).encode(), topics.REPORTS_DIAGNOSTIC, schema)
+    record = DeliveryRecord(
+        0, json.dumps(report).encode(), "req-r4", topics.REPORTS_DIAGNOSTIC, schema
+    )
 
     content_types, kafka = await _deliver([record], FhirTestServer())
 
@@ -162,7 +107,9 @@ async def test_a_refused_r4_report_is_replayed_as_r4(spec: ModelSpec) -> None:
     """A refused R4 report's undeliverable event says R4, its replay command carries R4, and
     the command is delivered with fhirVersion=4.0."""
     report = build_report(_completed("R4"), spec, issued=ISSUED)
-    record = _Record(0, json.dumps(report).encode(), topics.REPORTS_DIAGNOSTIC, h.FHIR_R4_JSON)
+    record = DeliveryRecord(
+        0, json.dumps(report).encode(), "req-r4", topics.REPORTS_DIAGNOSTIC, h.FHIR_R4_JSON
+    )
     _, kafka = await _deliver([record], FhirTestServer(reject_when=lambda _b: "refused"))
     ((topic, value),) = kafka.sent
     event = ReportUndeliverable.model_validate_json(value)
@@ -173,5 +120,7 @@ async def test_a_refused_r4_report_is_replayed_as_r4(spec: ModelSpec) -> None:
     command = DeliverReport.model_validate_json(replay.value)
     assert command.fhir_version == "R4"
     requests = topics.REPORTS_DELIVERY_REQUESTS
-    content_types, _ = await _deliver([_Record(0, replay.value, requests, None)], FhirTestServer())
+    content_types, _ = await _deliver(
+        [DeliveryRecord(0, replay.value, "req-r4", requests, None)], FhirTestServer()
+    )
     assert content_types == ["application/fhir+json; fhirVersion=4.0"]

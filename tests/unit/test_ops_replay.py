@@ -73,6 +73,30 @@ class FakeProducer:
         self.sent.append((topic, value))
 
 
+def _kafka_holding(
+    monkeypatch: pytest.MonkeyPatch, entries: list[kafka_io.Entry]
+) -> tuple[FakeConsumer, FakeProducer]:
+    """The CLI's Kafka I/O replaced: the topic holds ``entries``; what is sent and committed is
+    kept."""
+    consumer, producer = FakeConsumer(), FakeProducer()
+
+    @asynccontextmanager
+    async def fake_consumer(_c: Connection, group_id: str | None = None) -> AsyncIterator[Any]:
+        yield consumer
+
+    @asynccontextmanager
+    async def fake_producer(_c: Connection) -> AsyncIterator[Any]:
+        yield producer
+
+    async def fake_read_range(*_args: Any, **_kwargs: Any) -> list[kafka_io.Entry]:
+        return entries
+
+    monkeypatch.setattr(kafka_io, "consumer", fake_consumer)
+    monkeypatch.setattr(kafka_io, "producer", fake_producer)
+    monkeypatch.setattr(kafka_io, "read_range", fake_read_range)
+    return consumer, producer
+
+
 def test_an_entry_that_cannot_be_replayed_is_skipped_not_fatal(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -92,22 +116,7 @@ def test_an_entry_that_cannot_be_replayed_is_skipped_not_fatal(
         kafka_io.Entry(0, offset, 0, b"k", json.dumps(event).encode(), {})
         for offset, event in enumerate([truncated, whole])
     ]
-    consumer, producer = FakeConsumer(), FakeProducer()
-
-    @asynccontextmanager
-    async def fake_consumer(_c: Connection, group_id: str | None = None) -> AsyncIterator[Any]:
-        yield consumer
-
-    @asynccontextmanager
-    async def fake_producer(_c: Connection) -> AsyncIterator[Any]:
-        yield producer
-
-    async def fake_read_range(*_args: Any, **_kwargs: Any) -> list[kafka_io.Entry]:
-        return entries
-
-    monkeypatch.setattr(kafka_io, "consumer", fake_consumer)
-    monkeypatch.setattr(kafka_io, "producer", fake_producer)
-    monkeypatch.setattr(kafka_io, "read_range", fake_read_range)
+    consumer, producer = _kafka_holding(monkeypatch, entries)
     result = runner.invoke(app, ["dlq", "replay", topics.FHIR_INVALID])
     assert result.exit_code == 1, result.output
     assert "skipped 0:0:" in result.output
@@ -125,22 +134,7 @@ def test_replaying_the_undeliverable_topic_sends_delivery_requests(
     """`dlq replay medmesh.reports.undeliverable` sends each report as a DeliverReport command to
     medmesh.reports.delivery-requests and commits past it; nothing goes to the report topic."""
     entries = [kafka_io.Entry(0, 3, 0, b"k", json.dumps(_undeliverable()).encode(), {})]
-    consumer, producer = FakeConsumer(), FakeProducer()
-
-    @asynccontextmanager
-    async def fake_consumer(_c: Connection, group_id: str | None = None) -> AsyncIterator[Any]:
-        yield consumer
-
-    @asynccontextmanager
-    async def fake_producer(_c: Connection) -> AsyncIterator[Any]:
-        yield producer
-
-    async def fake_read_range(*_args: Any, **_kwargs: Any) -> list[kafka_io.Entry]:
-        return entries
-
-    monkeypatch.setattr(kafka_io, "consumer", fake_consumer)
-    monkeypatch.setattr(kafka_io, "producer", fake_producer)
-    monkeypatch.setattr(kafka_io, "read_range", fake_read_range)
+    consumer, producer = _kafka_holding(monkeypatch, entries)
     result = runner.invoke(app, ["dlq", "replay", topics.REPORTS_UNDELIVERABLE])
     assert result.exit_code == 0, result.output
     assert [topic for topic, _value in producer.sent] == [topics.REPORTS_DELIVERY_REQUESTS]
