@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
+
+from medmesh_cli.devstack.apt import AptInstallError, apt_install
 
 DEBIAN_PACKAGE = "chromium"
 BINARY_VARIABLE = "MEDMESH_CHROMIUM_BINARY"
@@ -55,16 +56,8 @@ def ensure_chromium() -> Path:
     except ChromiumMissingError:
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
             raise
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    command = ["apt-get", "install", "-y", "--no-install-recommends", DEBIAN_PACKAGE]
-    first = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if first.returncode != 0:
-        # A fresh machine may have no package lists yet: refreshed once, then tried again.
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, text=True, check=False)
-        second = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-        if second.returncode != 0:
-            raise ChromiumMissingError(
-                f"apt-get could not install {DEBIAN_PACKAGE} (exit {second.returncode}):\n"
-                f"{first.stderr[-1500:]}{second.stderr[-1500:]}\n{install_hint()}"
-            )
+    try:
+        apt_install((DEBIAN_PACKAGE,))
+    except AptInstallError as exc:
+        raise ChromiumMissingError(f"{exc}\n{install_hint()}") from exc
     return chromium_binary()

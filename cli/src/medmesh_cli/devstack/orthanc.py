@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from medmesh_cli.devstack.apt import AptInstallError, apt_install
 from medmesh_cli.devstack.process import ManagedProcess, wait_until
 
 DEBIAN_PACKAGES = ("orthanc", "orthanc-dicomweb")
@@ -120,7 +120,12 @@ def ensure_orthanc() -> tuple[Path, Path]:
             "Orthanc is missing and this is not root on a machine with apt-get, so it cannot "
             f"be installed here.\n{install_hint()}"
         )
-    _apt_install(DEBIAN_PACKAGES)
+    try:
+        # The packages' own service may or may not start (it does not in a container); it never
+        # matters: the stack runs its own Orthanc on its own ports, configuration and storage.
+        apt_install(DEBIAN_PACKAGES)
+    except AptInstallError as exc:
+        raise OrthancMissingError(f"{exc}\n{install_hint()}") from exc
     found = find_orthanc()
     if found is None:
         raise OrthancMissingError(
@@ -128,28 +133,6 @@ def ensure_orthanc() -> tuple[Path, Path]:
             f"not where expected.\n{install_hint()}"
         )
     return found
-
-
-def _apt_install(packages: tuple[str, ...]) -> None:
-    """apt-get install, non-interactive and without recommends; the package lists are
-    refreshed once when the first try fails (a fresh machine may have none). The packages'
-    own service may or may not start (it does not in a container); it never matters: the stack
-    runs its own Orthanc on its own ports with its own configuration and storage."""
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    command = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
-    first = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if first.returncode == 0:
-        return
-    update = subprocess.run(
-        ["apt-get", "update"], env=env, capture_output=True, text=True, check=False
-    )
-    second = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if second.returncode != 0:
-        raise OrthancMissingError(
-            f"apt-get could not install {' '.join(packages)} (exit {second.returncode}):\n"
-            f"{first.stderr[-1500:]}{update.stderr[-1000:]}{second.stdout[-1500:]}"
-            f"{second.stderr[-1500:]}\n{install_hint()}"
-        )
 
 
 @dataclass(frozen=True)
