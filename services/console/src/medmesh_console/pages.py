@@ -10,6 +10,7 @@ from html import escape
 from medmesh_cli.ops.dlq import DEAD_LETTER_TOPICS
 from medmesh_console.svg import COLOURS, figures_text, step_plot
 from medmesh_console.views import (
+    DEAD_LETTERS_PER_PARTITION,
     DeadLetterCount,
     LagRow,
     ModelView,
@@ -208,7 +209,9 @@ def dead_letters_body(counts: Sequence[DeadLetterCount]) -> Html:
         topic: sum(c.count for c in counts if c.topic == topic) for topic in DEAD_LETTER_TOPICS
     }
     return Html(
-        table(
+        f'<p class="muted">Counted over the newest {DEAD_LETTERS_PER_PARTITION} entries of each'
+        " partition (<code>medmesh dlq list</code> counts them all).</p>"
+        + table(
             ["topic", "holds", "entries"],
             [[t, what, per_topic[t]] for t, what in DEAD_LETTER_TOPICS.items()],
         )

@@ -18,7 +18,7 @@ from medmesh_cli.ops.connection import CliSettings, Connection
 from medmesh_cli.ops.dlq import DEAD_LETTER_TOPICS
 from medmesh_cli.ops.kafka_io import read_range
 from medmesh_console.settings import ConsoleSettings
-from medmesh_console.views import ReportRecord
+from medmesh_console.views import DEAD_LETTERS_PER_PARTITION, ReportRecord
 from medmesh_contracts import topics
 from medmesh_contracts.lifecycle import LifecycleDecision
 from medmesh_runtime.kafka import read_to_end, record_headers, topic_partitions
@@ -79,7 +79,8 @@ class Sources(Protocol):
         ...
 
     async def dead_letters(self) -> list[tuple[str, bytes]]:
-        """(topic, value) of every entry of every dead-letter topic."""
+        """(topic, value) of the newest DEAD_LETTERS_PER_PARTITION entries of each partition of
+        every dead-letter topic."""
         ...
 
     async def lags(self) -> dict[str, dict[str, int]]:
@@ -123,11 +124,15 @@ class LiveSources:
         return decisions, unreadable
 
     async def dead_letters(self) -> list[tuple[str, bytes]]:
-        """Every dead-letter topic read to its end (a topic that does not exist has none)."""
+        """The newest entries of each dead-letter topic (a topic that does not exist has none):
+        a page load must not hold 14 days of dead letters, each up to
+        MEDMESH_DEAD_LETTER_MAX_BYTES, in memory."""
         found: list[tuple[str, bytes]] = []
-        async with consumer(self._connection) as kafka:
-            for topic in DEAD_LETTER_TOPICS:
-                found.extend((topic, entry.value) for entry in await read_range(kafka, topic))
+        for topic in DEAD_LETTER_TOPICS:
+            # A consumer per topic: seeking a consumer already assigned by an earlier read hung.
+            async with consumer(self._connection) as kafka:
+                records = await _newest(kafka, topic, DEAD_LETTERS_PER_PARTITION)
+            found.extend((topic, record.value or b"") for record in records)
         return found
 
     async def lags(self) -> dict[str, dict[str, int]]:
@@ -156,21 +161,21 @@ class LiveSources:
 
     async def reports(self, limit: int) -> list[ReportRecord]:
         """The newest records of the reports topic, ``limit`` per partition at most."""
-        found: list[ReportRecord] = []
         async with consumer(self._connection) as kafka:
-            parts = await topic_partitions(kafka, topics.REPORTS_DIAGNOSTIC)
-            if not parts:
-                return found
-            begin = await kafka.beginning_offsets(parts)
-            end = await kafka.end_offsets(parts)
-            starts: dict[Any, int | None] = {p: max(begin[p], end[p] - limit) for p in parts}
+            records = await _newest(kafka, topics.REPORTS_DIAGNOSTIC, limit)
+        return [
+            ReportRecord(r.key, r.value or b"", record_headers(r), r.timestamp) for r in records
+        ]
 
-            def keep(record: Any) -> None:
-                found.append(
-                    ReportRecord(
-                        record.key, record.value or b"", record_headers(record), record.timestamp
-                    )
-                )
 
-            await read_to_end(kafka, parts, keep, starts=starts)
-        return found
+async def _newest(kafka: AIOKafkaConsumer, topic: str, limit: int) -> list[Any]:
+    """The newest ``limit`` records of each partition of ``topic`` (none: no such topic)."""
+    parts = await topic_partitions(kafka, topic)
+    if not parts:
+        return []
+    begin = await kafka.beginning_offsets(parts)
+    end = await kafka.end_offsets(parts)
+    starts: dict[Any, int | None] = {p: max(begin[p], end[p] - limit) for p in parts}
+    found: list[Any] = []
+    await read_to_end(kafka, parts, found.append, starts=starts)
+    return found

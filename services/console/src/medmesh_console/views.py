@@ -157,6 +157,10 @@ class DeadLetterCount:
     count: int
 
 
+# The dead letters page counts at most this many of the newest entries per partition.
+DEAD_LETTERS_PER_PARTITION = 1000
+
+
 def dead_letter_counts(entries: Iterable[tuple[str, bytes]]) -> tuple[DeadLetterCount, ...]:
     """(topic, value) pairs counted per topic and reason (``medmesh dlq``'s one-line summary,
     without the values pydantic quotes), most frequent first."""
