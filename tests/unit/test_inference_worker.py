@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError
+from structlog.testing import capture_logs
 
 from medmesh_contracts import topics
 from medmesh_contracts.events import (
@@ -143,6 +144,10 @@ def _results(kafka: FakeKafka) -> list[str]:
         InferenceCompleted.model_validate_json(v).correlation_id
         for v in kafka.values(topics.INFERENCE_RESULTS)
     ]
+
+
+def _dead_letter_lines(logs: Sequence[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
+    return [line for line in logs if str(line["event"]).endswith("dead-lettered")]
 
 
 def _dead_letters(kafka: FakeKafka) -> list[MessageDeadLettered]:
@@ -325,8 +330,10 @@ async def test_undecodable_records_are_dead_lettered_and_committed() -> None:
     kafka.append(TOPIC, b"{not json")
     _add(kafka, "c")
     worker = _worker(kafka, side)
-    await _run_until(worker, lambda: _committed(kafka) == 3)
+    with capture_logs() as logs:
+        await _run_until(worker, lambda: _committed(kafka) == 3)
     assert _results(kafka) == ["a", "c"]
+    assert len(_dead_letter_lines(logs)) == 1
     dead = _dead_letters(kafka)
     assert len(dead) == 1
     assert "not a RunInference" in dead[0].reason
@@ -358,8 +365,10 @@ async def test_a_task_that_always_raises_is_dead_lettered_beside_committed_neigh
         _add(kafka, cid)
     side.poison = {"b": -1}
     worker = _worker(kafka, side)
-    await _run_until(worker, lambda: _committed(kafka) == 3)
+    with capture_logs() as logs:
+        await _run_until(worker, lambda: _committed(kafka) == 3)
     assert _results(kafka) == ["a", "c"]
+    assert len(_dead_letter_lines(logs)) == 1
     dead = _dead_letters(kafka)
     assert len(dead) == 1
     assert dead[0].source_offset == 1

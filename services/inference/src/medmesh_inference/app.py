@@ -41,7 +41,7 @@ from medmesh_runtime.kafka import (
     message_headers,
     transactional_producers,
 )
-from medmesh_runtime.logging import get_logger, log_dead_letter
+from medmesh_runtime.logging import get_logger
 from medmesh_runtime.service import ServiceRuntime
 from medmesh_runtime.transactional import OutgoingRecord
 
@@ -82,7 +82,7 @@ def create_app(settings: WorkerSettings) -> AsgiFastStream:
     )
 
     def dead_letter(record: Any, reason: str) -> OutgoingRecord:
-        log_dead_letter(log, "task", record, reason)
+        # Not logged here: the worker logs each dead letter where it decides on it.
         return dead_letter_record(topics.INFERENCE_DEADLETTER, record, reason, producer)
 
     client_id = f"medmesh-{SERVICE}-{settings.instance_id}"

@@ -43,7 +43,7 @@ from pydantic import ValidationError
 from medmesh_contracts.events import InferenceFailed, RunInference
 from medmesh_inference.batching import Linger, ModelUnavailable, Outcome
 from medmesh_inference.circuit import CircuitBreaker, wait_until_ready
-from medmesh_runtime.logging import get_logger, redact_text
+from medmesh_runtime.logging import get_logger, log_dead_letter, redact_text
 from medmesh_runtime.transactional import (
     OutgoingRecord,
     PartitionLostError,
@@ -485,6 +485,8 @@ class TaskWorker:
                 tasks.append(RunInference.model_validate_json(record.value or b""))
             except ValidationError as exc:
                 reason = f"not a RunInference: {exc.error_count()} errors"
+                # The poison isolation logs the dead letters it makes; this one is the worker's.
+                log_dead_letter(log, "task", record, reason)
                 outputs[i] = [self._dead_letter(record, reason)]
                 kinds[_position(record)] = "undecodable"
                 continue
