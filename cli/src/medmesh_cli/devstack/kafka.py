@@ -81,12 +81,19 @@ class KafkaConfig:
     sasl_ssl_port: int | None = None
     # SCRAM-SHA-512 users (name -> password), created when the storage is formatted.
     sasl_users: Mapping[str, str] = field(default_factory=dict)
-    # The listener's certificate and key (devstack.tls.generate_tls).
+    # An optional SSL listener that requires a client certificate signed by the CA of ``tls``
+    # (mutual TLS: the certificate's subject DN is the client's principal); off unless a port
+    # is given.
+    ssl_port: int | None = None
+    # The TLS listeners' certificate and key, and the CA client certificates must chain to
+    # (devstack.tls.generate_tls).
     tls: TlsFiles | None = None
 
     def __post_init__(self) -> None:
         if self.sasl_ssl_port is not None and (self.tls is None or not self.sasl_users):
             raise ValueError("a SASL_SSL listener needs tls files and at least one sasl user")
+        if self.ssl_port is not None and self.tls is None:
+            raise ValueError("an SSL listener needs tls files")
 
     @property
     def bootstrap(self) -> str:
@@ -99,6 +106,18 @@ class KafkaConfig:
         if self.sasl_ssl_port is None:
             raise RuntimeError("this broker has no SASL_SSL listener")
         return f"{self.host}:{self.sasl_ssl_port}"
+
+    @property
+    def ssl_bootstrap(self) -> str:
+        """The bootstrap address of the mutual-TLS (SSL) listener."""
+        if self.ssl_port is None:
+            raise RuntimeError("this broker has no SSL listener")
+        return f"{self.host}:{self.ssl_port}"
+
+    @property
+    def tls_listener(self) -> bool:
+        """Whether the broker has a TLS listener (and so needs a keystore)."""
+        return self.sasl_ssl_port is not None or self.ssl_port is not None
 
 
 def keystore_pem(tls: TlsFiles) -> str:
@@ -120,9 +139,23 @@ def _sasl_ssl_properties(config: KafkaConfig, keystore: Path) -> list[str]:
     ]
 
 
+def _mtls_properties(keystore: Path, truststore: Path) -> list[str]:
+    """The SSL listener's settings: a client certificate the truststore's CA signed is required
+    (PEM keystore and truststore, KIP-651)."""
+    prefix = "listener.name.ssl"
+    return [
+        f"{prefix}.ssl.keystore.type=PEM",
+        f"{prefix}.ssl.keystore.location={keystore}",
+        f"{prefix}.ssl.truststore.type=PEM",
+        f"{prefix}.ssl.truststore.location={truststore}",
+        f"{prefix}.ssl.client.auth=required",
+    ]
+
+
 def server_properties(config: KafkaConfig, log_dir: Path, keystore: Path | None = None) -> str:
     """The broker's server.properties: one combined KRaft node, replication factor 1, with the
-    SASL_SSL listener when the config asks for one (``keystore``: its PEM keystore file)."""
+    SASL_SSL and SSL (mutual TLS) listeners the config asks for (``keystore``: their PEM
+    keystore file)."""
     listeners = [
         f"PLAINTEXT://{config.host}:{config.port}",
         f"CONTROLLER://{config.host}:{config.controller_port}",
@@ -137,6 +170,13 @@ def server_properties(config: KafkaConfig, log_dir: Path, keystore: Path | None 
         advertised.append(f"SASL_SSL://{config.sasl_ssl_bootstrap}")
         protocols.append("SASL_SSL:SASL_SSL")
         extra = _sasl_ssl_properties(config, keystore)
+    if config.ssl_port is not None:
+        if keystore is None or config.tls is None:
+            raise ValueError("the SSL listener needs its keystore file and the CA")
+        listeners.append(f"SSL://{config.ssl_bootstrap}")
+        advertised.append(f"SSL://{config.ssl_bootstrap}")
+        protocols.append("SSL:SSL")
+        extra += _mtls_properties(keystore, config.tls.ca_cert)
     return "\n".join(
         [
             "process.roles=broker,controller",
@@ -217,8 +257,8 @@ class KafkaServer:
         (data / "logs").mkdir(parents=True)
         props = data / "server.properties"
         keystore: Path | None = None
-        if self.config.tls is not None and self.config.sasl_ssl_port is not None:
-            keystore = data / "sasl-ssl-keystore.pem"
+        if self.config.tls is not None and self.config.tls_listener:
+            keystore = data / "tls-keystore.pem"
             keystore.write_text(keystore_pem(self.config.tls))
             keystore.chmod(0o600)
         props.write_text(server_properties(self.config, data / "logs", keystore))
