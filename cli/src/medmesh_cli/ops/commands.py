@@ -251,6 +251,8 @@ def status(context: ContextOption = None, bootstrap: Bootstrap = None) -> None:
         lags = await kafka_io.group_lags(connection)
         table = Table("consumer group", "topic", "lag", box=None)
         for group, per_topic in lags.items():
+            if not per_topic:
+                table.add_row(group, "(no offset committed yet)", "-")
             for topic, lag in sorted(per_topic.items()):
                 table.add_row(group, topic, str(lag))
         console.print(table)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -44,7 +45,23 @@ async def consumer(
         await kafka.start()
         yield kafka
     finally:
+        await stop_consumer(kafka)
+
+
+async def stop_consumer(kafka: AIOKafkaConsumer) -> None:
+    """Stop a consumer, passing on only a cancellation of the task that stops it.
+
+    aiokafka's group-less consumer starts a task of its own in start() and cancels and awaits it
+    in stop(). Stopped before that task first ran (no request made in between: `medmesh status`
+    on a stack whose groups have committed nothing yet), the task's CancelledError comes out of
+    stop(); it is not a cancellation of the caller, and, a BaseException, it would escape the
+    command's error handling as a traceback."""
+    try:
         await kafka.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
 
 
 async def sizes(kafka: AIOKafkaConsumer, topic: str) -> tuple[int, dict[TopicPartition, int]]:
@@ -98,7 +115,8 @@ async def producer(connection: Connection) -> AsyncIterator[AIOKafkaProducer]:
 
 
 async def group_lags(connection: Connection, prefix: str = "medmesh-") -> dict[str, dict[str, int]]:
-    """Consumer lag per medmesh consumer group and topic (end offset minus committed offset)."""
+    """Consumer lag per medmesh consumer group and topic (end offset minus committed offset),
+    groups in name order; a group that has committed no offset yet maps to an empty dict."""
     admin = AIOKafkaAdminClient(**connection.kafka())
     try:
         await admin.start()
@@ -109,14 +127,11 @@ async def group_lags(connection: Connection, prefix: str = "medmesh-") -> dict[s
     lags: dict[str, dict[str, int]] = {}
     async with consumer(connection) as kafka:
         for group, offsets in committed.items():
-            parts = list(offsets)
-            if not parts:
+            per_topic = lags.setdefault(group, {})
+            if not offsets:
                 continue
-            end = await kafka.end_offsets(parts)
-            per_topic: dict[str, int] = {}
+            end = await kafka.end_offsets(list(offsets))
             for part, meta in offsets.items():
-                per_topic[part.topic] = per_topic.get(part.topic, 0) + max(
-                    0, end[part] - meta.offset
-                )
-            lags[group] = per_topic
+                behind = max(0, end[part] - meta.offset)
+                per_topic[part.topic] = per_topic.get(part.topic, 0) + behind
     return lags

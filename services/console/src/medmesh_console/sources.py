@@ -5,18 +5,14 @@ Every read happens when a page asks for it; the clients are built in the app's l
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 import httpx
 from aiokafka import AIOKafkaConsumer
-from aiokafka.admin import AIOKafkaAdminClient
 
 from medmesh_cli.ops.connection import CliSettings, Connection
 from medmesh_cli.ops.dlq import DEAD_LETTER_TOPICS
-from medmesh_cli.ops.kafka_io import read_range
+from medmesh_cli.ops.kafka_io import consumer, group_lags, read_range
 from medmesh_console.settings import ConsoleSettings
 from medmesh_console.views import DEAD_LETTERS_PER_PARTITION, ReportRecord
 from medmesh_contracts import topics
@@ -35,36 +31,6 @@ _KAFKA_FIELDS = {
 
 # Consumer groups whose lag is shown (every medmesh service's, as `medmesh status` shows them).
 GROUP_PREFIX = "medmesh-"
-
-
-@asynccontextmanager
-async def consumer(connection: Connection) -> AsyncIterator[AIOKafkaConsumer]:
-    """A read_committed consumer without a group (nothing is ever committed)."""
-    kafka = AIOKafkaConsumer(
-        **connection.kafka(
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            auto_offset_reset="earliest",
-        )
-    )
-    await kafka.start()
-    try:
-        yield kafka
-    finally:
-        await _stop(kafka)
-
-
-async def _stop(kafka: AIOKafkaConsumer) -> None:
-    """Stop a consumer. aiokafka's group-less consumer cancels a task of its own on stop and
-    awaits it; stopped before that task first ran, the task's CancelledError comes out of
-    stop(). That one is not a cancellation of this request and must not end it; a real one is
-    passed on."""
-    try:
-        await kafka.stop()
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise
 
 
 class Sources(Protocol):
@@ -138,26 +104,7 @@ class LiveSources:
     async def lags(self) -> dict[str, dict[str, int]]:
         """End offset minus committed offset, summed per medmesh group and topic (what
         ``medmesh_runtime.lag`` samples and ``medmesh status`` shows)."""
-        admin = AIOKafkaAdminClient(**self._connection.kafka())
-        await admin.start()
-        try:
-            groups = sorted(
-                g[0] for g in await admin.list_consumer_groups() if g[0].startswith(GROUP_PREFIX)
-            )
-            committed = {g: await admin.list_consumer_group_offsets(g) for g in groups}
-        finally:
-            await admin.close()
-        lags: dict[str, dict[str, int]] = {}
-        async with consumer(self._connection) as kafka:
-            for group, offsets in committed.items():
-                per_topic = lags.setdefault(group, {})
-                if not offsets:
-                    continue
-                ends = await kafka.end_offsets(list(offsets))
-                for part, meta in offsets.items():
-                    behind = max(0, ends[part] - meta.offset)
-                    per_topic[part.topic] = per_topic.get(part.topic, 0) + behind
-        return lags
+        return await group_lags(self._connection, GROUP_PREFIX)
 
     async def reports(self, limit: int) -> list[ReportRecord]:
         """The newest records of the reports topic, ``limit`` per partition at most."""
