@@ -5,15 +5,21 @@ Each follower skips what the start-up read already (``startup.Loaded.offsets``).
 record or heartbeat that does not parse is dead-lettered; an outcome that does not parse is
 reporting's dead letter, so here it is logged and counted (``GET /models``:
 ``unreadable_outcomes``) without a second dead letter.
+
+Every follower receives the consumed record itself (``record_of``, the subscribers' decoder),
+never faststream's ``KafkaMessage``: a handler parameter resolved from faststream's context costs
+one thread-pool round trip per message (fast-depends resolves it with a synchronous ``use()``
+through ``anyio.to_thread``), paid here once per result, shadow result and failure.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
+from aiokafka import ConsumerRecord
 from faststream.kafka import KafkaBroker
-from faststream.kafka.annotations import KafkaMessage
+from faststream.message import StreamMessage
 from pydantic import ValidationError
 
 from medmesh_contracts import topics
@@ -27,6 +33,13 @@ from medmesh_runtime.logging import get_logger
 
 Outcome = TypeVar("Outcome", InferenceCompleted, InferenceFailed)
 log = get_logger("medmesh.router")
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
+
+
+async def record_of(message: StreamMessage[Any]) -> Any:
+    """The subscribers' decoder: the consumed record as aiokafka gave it (topic, partition,
+    offset, value), so that a handler takes it as its body, with no context to resolve."""
+    return message.raw_message
 
 
 class Followers:
@@ -52,10 +65,16 @@ class Followers:
     def subscribe(self, broker: KafkaBroker) -> None:
         """Register the followers on ``broker``."""
         broker.subscriber(
-            topics.MODELS_REGISTRY, auto_offset_reset="earliest", title="model registry (follow)"
+            topics.MODELS_REGISTRY,
+            auto_offset_reset="earliest",
+            title="model registry (follow)",
+            decoder=record_of,
         )(self.on_registry)
         broker.subscriber(
-            topics.MODELS_STATUS, auto_offset_reset="earliest", title="worker heartbeats"
+            topics.MODELS_STATUS,
+            auto_offset_reset="earliest",
+            title="worker heartbeats",
+            decoder=record_of,
         )(self.on_heartbeat)
         # read_committed: outcomes are produced in transactions; an aborted one is not evidence.
         observed = (
@@ -64,11 +83,12 @@ class Followers:
             (topics.INFERENCE_FAILED, "failures (observed)", self.on_failed),
         )
         for topic, title, handler in observed:
-            broker.subscriber(topic, isolation_level="read_committed", title=title)(handler)
+            broker.subscriber(
+                topic, isolation_level="read_committed", title=title, decoder=record_of
+            )(handler)
 
-    async def on_registry(self, message: KafkaMessage) -> None:
+    async def on_registry(self, record: Record) -> None:
         """A registry record written after the start: applied when newer than the held one."""
-        record: Any = message.raw_message
         if self._seen_at_start(record) or not record.value:
             return  # read at start already (or a tombstone)
         try:
@@ -86,9 +106,8 @@ class Followers:
                 by=deployment.changed_by,
             )
 
-    async def on_heartbeat(self, message: KafkaMessage) -> None:
+    async def on_heartbeat(self, record: Record) -> None:
         """A worker heartbeat: readiness, audited at once when the beat is fresh."""
-        record: Any = message.raw_message
         if self._seen_at_start(record) or not record.value:
             return
         try:
@@ -103,15 +122,17 @@ class Followers:
             # so the replay does not audit every intermediate state.
             await self.rollout.audit_readiness(now)
 
-    async def on_result(self, message: KafkaMessage) -> None:
+    async def on_result(self, record: Record) -> None:
         """A result (or shadow result) counted in its version's figures."""
-        self._observe(message.raw_message, InferenceCompleted, self.analysis.completed)
+        self._observe(record, InferenceCompleted, self.analysis.completed)
 
-    async def on_failed(self, message: KafkaMessage) -> None:
+    async def on_failed(self, record: Record) -> None:
         """A failure counted in its version's figures."""
-        self._observe(message.raw_message, InferenceFailed, self.analysis.failed)
+        self._observe(record, InferenceFailed, self.analysis.failed)
 
-    def _observe(self, record: Any, model: type[Outcome], apply: Callable[[Outcome], None]) -> None:
+    def _observe(
+        self, record: Record, model: type[Outcome], apply: Callable[[Outcome], None]
+    ) -> None:
         try:
             event = model.model_validate_json(record.value or b"")
         except ValidationError as exc:
@@ -126,6 +147,6 @@ class Followers:
             return
         apply(event)
 
-    def _seen_at_start(self, record: Any) -> bool:
+    def _seen_at_start(self, record: Record) -> bool:
         loaded = self.loaded.get((record.topic, record.partition), -1)
         return bool(record.offset <= loaded)
