@@ -59,6 +59,20 @@ def ensure_kafka_jars() -> Path:
     return lib
 
 
+# The local stack's JVM: serial GC and the C1 compiler only, small and quick to start beside
+# Triton and the services on two cores.
+DEV_JVM: tuple[str, ...] = ("-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1")
+# Kafka's own launcher defaults (kafka-run-class.sh: G1, full tiered compilation), for
+# benchmarks whose broker CPU per message should be a deployment's, not the dev stack's.
+PRODUCTION_JVM: tuple[str, ...] = (
+    "-server",
+    "-XX:+UseG1GC",
+    "-XX:MaxGCPauseMillis=20",
+    "-XX:InitiatingHeapOccupancyPercent=35",
+    "-XX:+ExplicitGCInvokesConcurrent",
+)
+
+
 def _port_open(host: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
@@ -75,6 +89,7 @@ class KafkaConfig:
     host: str = "127.0.0.1"
     heap: str = "512m"
     partitions: int = 3
+    jvm_options: tuple[str, ...] = DEV_JVM
     # An optional SASL_SSL listener (SCRAM-SHA-512 over TLS) beside PLAINTEXT, for tests of
     # clients with a deployment's security; off unless a port is given. The broker's own
     # traffic (controller, inter-broker) stays PLAINTEXT on loopback.
@@ -236,8 +251,7 @@ class KafkaServer:
             java,
             f"-Xmx{self.config.heap}",
             "-Xms128m",
-            "-XX:+UseSerialGC",
-            "-XX:TieredStopAtLevel=1",
+            *self.config.jvm_options,
             f"-Dlog4j2.configurationFile={log4j}",
             "-cp",
             f"{lib}/*",
