@@ -10,6 +10,7 @@ from html import escape
 from medmesh_cli.ops.dlq import DEAD_LETTER_TOPICS
 from medmesh_console.svg import COLOURS, figures_text, step_plot
 from medmesh_console.views import (
+    AUDIT_DECISIONS_PER_PARTITION,
     DEAD_LETTERS_PER_PARTITION,
     DeadLetterCount,
     LagRow,
@@ -158,7 +159,12 @@ def _legend() -> Html:
 
 def rollouts_body(found: Sequence[Timeline], unreadable: int) -> Html:
     """Each rollout: its share of traffic over time, and every decision with its figures."""
-    parts: list[str] = [_legend()]
+    parts: list[str] = [
+        _legend(),
+        f'<p class="muted">Drawn from the newest {AUDIT_DECISIONS_PER_PARTITION} decisions of'
+        " medmesh.models.audit (<code>medmesh models history NAME --last N</code> reads further"
+        " back): an older rollout may begin part-way.</p>",
+    ]
     if unreadable:
         parts.append(f'<p class="error">{unreadable} audit records could not be read.</p>')
     if not found:

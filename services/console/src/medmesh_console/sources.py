@@ -12,9 +12,13 @@ from aiokafka import AIOKafkaConsumer
 
 from medmesh_cli.ops.connection import CliSettings, Connection
 from medmesh_cli.ops.dlq import DEAD_LETTER_TOPICS
-from medmesh_cli.ops.kafka_io import consumer, group_lags, read_range
+from medmesh_cli.ops.kafka_io import consumer, group_lags
 from medmesh_console.settings import ConsoleSettings
-from medmesh_console.views import DEAD_LETTERS_PER_PARTITION, ReportRecord
+from medmesh_console.views import (
+    AUDIT_DECISIONS_PER_PARTITION,
+    DEAD_LETTERS_PER_PARTITION,
+    ReportRecord,
+)
 from medmesh_contracts import topics
 from medmesh_contracts.lifecycle import LifecycleDecision
 from medmesh_runtime.kafka import read_to_end, record_headers, topic_partitions
@@ -41,7 +45,8 @@ class Sources(Protocol):
         ...
 
     async def decisions(self) -> tuple[list[LifecycleDecision], int]:
-        """Every lifecycle decision, and how many audit records did not validate."""
+        """The newest AUDIT_DECISIONS_PER_PARTITION lifecycle decisions of each partition of
+        medmesh.models.audit, and how many of those records did not validate."""
         ...
 
     async def dead_letters(self) -> list[tuple[str, bytes]]:
@@ -76,15 +81,16 @@ class LiveSources:
         return found
 
     async def decisions(self) -> tuple[list[LifecycleDecision], int]:
-        """Every record of medmesh.models.audit that validates as a decision."""
+        """The newest records of medmesh.models.audit that validate as decisions: the topic is
+        kept for good, and a page load must not read every decision ever made."""
         decisions, unreadable = [], 0
         async with consumer(self._connection) as kafka:
-            entries = await read_range(kafka, topics.MODELS_AUDIT)
-        for entry in entries:
-            if not entry.value:
+            records = await _newest(kafka, topics.MODELS_AUDIT, AUDIT_DECISIONS_PER_PARTITION)
+        for record in records:
+            if not record.value:
                 continue
             try:
-                decisions.append(LifecycleDecision.model_validate_json(entry.value))
+                decisions.append(LifecycleDecision.model_validate_json(record.value))
             except ValueError:
                 unreadable += 1
         return decisions, unreadable

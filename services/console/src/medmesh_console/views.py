@@ -159,6 +159,9 @@ class DeadLetterCount:
 
 # The dead letters page counts at most this many of the newest entries per partition.
 DEAD_LETTERS_PER_PARTITION = 1000
+# The rollouts page draws at most this many of the newest audit decisions per partition: the
+# audit topic is kept for good, so reading all of it would grow with every decision ever made.
+AUDIT_DECISIONS_PER_PARTITION = 1000
 
 
 def dead_letter_counts(entries: Iterable[tuple[str, bytes]]) -> tuple[DeadLetterCount, ...]:
