@@ -134,6 +134,7 @@ _INTERPRETATION_DISPLAY = {
     "LL": "Critical low",
     "IND": "Indeterminate",
     "POS": "Positive",
+    "NEG": "Negative",
 }
 
 # Displays of the data-absent-reason codes a band may name (BandSpec.data_absent_reason).
@@ -468,7 +469,9 @@ def _observations(parts: _Parts, reading: Reading, *, headline: bool) -> list[Js
                     parts,
                     code=[FINDINGS_CODE],
                     value={"valueCodeableConcept": _concept(NO_FINDING)},
-                    interpretation=None,
+                    # v3 NEG: absent "based on the established threshold", which is what the
+                    # value says (every label below its threshold); findings present are POS.
+                    interpretation=_v3_interpretation("NEG"),
                     components=[
                         {
                             "code": {"coding": [_coding(label.code)]},
