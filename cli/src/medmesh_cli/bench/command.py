@@ -23,6 +23,7 @@ from medmesh_cli.bench.ingest import ingest_markdown, run_ingest
 from medmesh_cli.bench.pipeline import load_template, run_load, vitals_events
 from medmesh_cli.bench.plots import hops_plot, latency_plot
 from medmesh_cli.bench.router import router_markdown, run_router
+from medmesh_cli.bench.scaling import run_scaling, scaling_markdown
 from medmesh_cli.bench.series import ALL_SERIES, STACKLESS, parse_series
 from medmesh_cli.bench.stats import Summary, markdown_table
 from medmesh_cli.bench.topology import machine_details, run_topology, topology_markdown
@@ -61,6 +62,9 @@ def bench(
     port_base: Annotated[
         int, typer.Option(help="first port of the private stack (two benches side by side)")
     ] = 26000,
+    partitions: Annotated[
+        int, typer.Option(help="partitions of the stack's topics (scaling: a multiple of 2)")
+    ] = 3,
 ) -> None:
     """Start a private stack and measure the selected series side by side (ratios)."""
     try:
@@ -87,7 +91,9 @@ def bench(
     else:
         state = run_dir("bench" if port_base == 26000 else f"bench-{port_base}")
         stack = Stack(
-            StackConfig(ports=StackPorts.from_base(port_base), state_dir=state, partitions=3)
+            StackConfig(
+                ports=StackPorts.from_base(port_base), state_dir=state, partitions=partitions
+            )
         )
         console.print("starting the benchmark stack ...")
         stack.start()
@@ -212,6 +218,9 @@ async def _measure_all(
             ),
             sizes.tracing_rate,
         )
+    if "scaling" in selected:
+        console.print("scaling: N = 1 and 2 pinned instances of each consumer stage (ABBA) ...")
+        extra["scaling"] = await run_scaling(stack, template, seconds)
     return {
         **_run_facts(
             [h.as_dict() for h in hops],
@@ -281,6 +290,11 @@ def _markdown(report: dict[str, Any]) -> str:
         ),
         ("tracing", "Pipeline throughput by trace sampling (issue 7)", tracing_markdown),
         ("topology", "Services vs monolith, same loads (issue 9)", topology_markdown),
+        (
+            "scaling",
+            "Scaling out: N = 1 and 2 pinned instances per stage (issue 17)",
+            scaling_markdown,
+        ),
     ):
         if key in report:
             sections.append(f"## {heading}\n\n" + render(report[key]))

@@ -12,6 +12,8 @@ ALL_SERIES = (
     "ingest",
     "topology",
     "tracing",
+    # Last: it leaves the other services working through the backlogs it left (see scaling.py).
+    "scaling",
 )
 # Series measured in process, without the bench stack (run first, before it starts).
 STACKLESS = frozenset({"worker"})
