@@ -376,6 +376,12 @@ def describe(connection: Connection) -> str:
         how += f", {settings.kafka_sasl_mechanism} as {settings.kafka_sasl_username}"
     if protocol in ("SSL", "SASL_SSL"):
         how += f", CA {settings.kafka_ssl_cafile or 'of the system store'}"
+    # A broker that requires client certificates only closes the connection on a missing or
+    # untrusted one (TLS 1.3 checks it after the client's handshake): say which was sent.
+    if settings.kafka_ssl_certfile is not None:
+        how += f", client certificate {settings.kafka_ssl_certfile}"
+    elif protocol == "SSL":
+        how += ", no client certificate"
     where = f"context {connection.context!r}: " if connection.context else ""
     return f"Kafka at {connection.bootstrap} ({where}{how})"
 
