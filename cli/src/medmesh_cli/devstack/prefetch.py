@@ -9,6 +9,7 @@ import sys
 from medmesh_cli.devstack.chromium import ChromiumMissingError, ensure_chromium
 from medmesh_cli.devstack.hapi_validator import ensure_validator
 from medmesh_cli.devstack.kafka import ensure_kafka_jars
+from medmesh_cli.devstack.kustomize import ensure_kustomize
 from medmesh_cli.devstack.orthanc import OrthancMissingError, ensure_orthanc
 from medmesh_cli.devstack.triton import prepare_backend_directory, tritonserver_binary
 
@@ -19,6 +20,7 @@ def main() -> None:
     them, and exit 1), and chromium likewise."""
     sys.stdout.write(f"kafka jars: {ensure_kafka_jars()}\n")
     sys.stdout.write(f"HAPI FHIR validator: {ensure_validator()}\n")
+    sys.stdout.write(f"kustomize: {ensure_kustomize()}\n")
     sys.stdout.write(f"tritonserver: {tritonserver_binary()}\n")
     sys.stdout.write(f"triton backends: {prepare_backend_directory()}\n")
     try:
