@@ -16,7 +16,6 @@ import copy
 import importlib
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from functools import cache
@@ -31,6 +30,7 @@ import yaml
 from pydantic import BaseModel, SecretStr
 from pydantic_settings import BaseSettings
 
+from medmesh_cli.devstack.kustomize import KUSTOMIZE_VERSION, install_command, kustomize_binary
 from medmesh_cli.devstack.model_repository import main as render_main
 from medmesh_console.settings import ConsoleSettings
 from medmesh_contracts.modelspec import load_specs
@@ -572,23 +572,23 @@ def test_custom_resources_have_the_structure_their_operators_need() -> None:
         assert {r["parameter"] for r in auth["spec"]["secretTargetRef"]} >= {"username", "password"}
 
 
-def _real_kustomize(directory: Path) -> list[Doc] | None:
-    if shutil.which("kustomize"):
-        command = ["kustomize", "build", str(directory)]
-    elif shutil.which("kubectl"):
-        command = ["kubectl", "kustomize", str(directory)]
-    else:
-        return None
+def _real_kustomize(directory: Path) -> list[Doc]:
+    """The objects the project's pinned kustomize renders (make deps builds it)."""
+    binary = kustomize_binary()
+    if not binary.is_file():
+        pytest.fail(
+            f"kustomize {KUSTOMIZE_VERSION} is not at {binary}: run {install_command()}",
+            pytrace=False,
+        )
+    command = [str(binary), "build", str(directory)]
     out = subprocess.run(command, check=True, capture_output=True, text=True, timeout=60).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_renderer_matches_real_kustomize(overlay: str) -> None:
-    """Where kustomize (or kubectl) is installed, it renders the same objects as this test's renderer."""
+    """The pinned kustomize renders the same objects as this test's renderer."""
     real = _real_kustomize(K8S / "overlays" / overlay)
-    if real is None:
-        pytest.skip("neither kustomize nor kubectl is installed")
 
     def key(d: Doc) -> str:
         return f"{d['kind']}/{d['metadata']['name']}"
