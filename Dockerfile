@@ -69,6 +69,7 @@ SERVICES = {
     "medmesh_router": ("RouterSettings", "router_port"),
     "medmesh_inference": ("WorkerSettings", "worker_port"),
     "medmesh_reporting": ("ReportingSettings", "reporting_port"),
+    "medmesh_console": ("ConsoleSettings", "console_port"),
 }
 args = Path("/proc/1/cmdline").read_bytes().decode().split("\0")
 module = next(a for a in args if a in SERVICES)

@@ -22,6 +22,7 @@ from functools import cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any, get_args
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate  # type: ignore[import-untyped]
@@ -32,6 +33,7 @@ from pydantic_settings import BaseSettings
 
 from medmesh_cli.devstack.kustomize import KUSTOMIZE_VERSION, install_command, kustomize_binary
 from medmesh_cli.devstack.model_repository import main as render_main
+from medmesh_cli.devstack.stack import PORT_VARIABLES
 from medmesh_console.settings import ConsoleSettings
 from medmesh_contracts.modelspec import load_specs
 from medmesh_contracts.topics import STATIC_TOPICS, all_topics, model_task_topic
@@ -63,12 +65,11 @@ SERVICES: dict[str, tuple[type[ServiceSettings], str]] = {
     "medmesh_router": (RouterSettings, "router_port"),
     "medmesh_inference": (WorkerSettings, "worker_port"),
     "medmesh_reporting": (ReportingSettings, "reporting_port"),
+    "medmesh_console": (ConsoleSettings, "console_port"),
 }
 SETTINGS_CLASSES: tuple[type[BaseSettings], ...] = (
     ServiceSettings,
     *tuple(cls for cls, _ in SERVICES.values()),
-    # not yet in compose.yaml or Kubernetes, but its variables belong in .env.example
-    ConsoleSettings,
 )
 # Environment variables of medmesh containers that are not medmesh settings: OpenSSL's trust store
 # (the Strimzi cluster CA in the large overlay).
@@ -341,10 +342,32 @@ def test_compose_services_have_healthchecks_limits_and_healthy_dependencies() ->
         assert compose()["services"][infra]["deploy"]["resources"]["limits"]["memory"]
 
 
-def test_compose_publishes_ingest_on_its_configured_port() -> None:
-    """The only published port is ingest's FHIR endpoint, on MEDMESH_INGEST_PORT inside."""
+def test_every_service_medmesh_up_runs_is_checked_here() -> None:
+    """The services these checks cover are every service module the local stack runs: a new
+    service (as the console was) fails here until compose, Kubernetes and the health check
+    carry it."""
+    assert set(SERVICES) == set(PORT_VARIABLES)
+
+
+def test_compose_publishes_ingest_and_the_console_on_their_configured_ports() -> None:
+    """The published ports: ingest's FHIR endpoint on MEDMESH_INGEST_PORT inside, and the console
+    on MEDMESH_CONSOLE_PORT inside, on the host's loopback only."""
     published = {n: s["ports"] for n, s in compose()["services"].items() if "ports" in s}
-    assert published == {"ingest": [f"8080:{env_example()['MEDMESH_INGEST_PORT']}"]}
+    assert published == {
+        "ingest": [f"8080:{env_example()['MEDMESH_INGEST_PORT']}"],
+        "console": [f"127.0.0.1:8190:{env_example()['MEDMESH_CONSOLE_PORT']}"],
+    }
+
+
+def test_compose_console_reads_the_router_of_compose() -> None:
+    """The console's MEDMESH_ROUTER_URL is the compose router service on MEDMESH_ROUTER_PORT, and
+    the console starts once that router is healthy."""
+    url = urlsplit(env_example()["MEDMESH_ROUTER_URL"])
+    assert (url.hostname, url.port) == ("router", int(env_example()["MEDMESH_ROUTER_PORT"]))
+    assert "router" in compose()["services"]
+    assert compose()["services"]["console"]["depends_on"]["router"] == {
+        "condition": "service_healthy"
+    }
 
 
 def test_compose_triton_reserves_the_gpu_and_has_a_cpu_profile() -> None:
@@ -688,6 +711,73 @@ def test_k8s_services_listen_and_probe_on_their_configured_port(overlay: str) ->
     for service in by_kind(docs, "Service").values():
         workload = workloads(docs).get(service["spec"]["selector"]["app.kubernetes.io/name"])
         assert workload is not None, service["metadata"]["name"]
+
+
+def _selects(policy: Doc, labels: dict[str, str]) -> bool:
+    """Whether a NetworkPolicy's podSelector selects pods with ``labels``."""
+    selector = policy["spec"]["podSelector"]
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def _pod_labels(docs: list[Doc], name: str) -> dict[str, str]:
+    labels: dict[str, str] = workloads(docs)[name]["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_console_talks_only_to_kafka_and_the_router(overlay: str) -> None:
+    """The console's NetworkPolicies: ingress on its port only; egress to DNS, the Kafka ports
+    and the router's HTTP port only, which the router admits from the console; its tokens come
+    from the Secret and MEDMESH_ROUTER_URL names the router Service's http port."""
+    docs = rendered(overlay)
+    data = configmap(docs)
+    console_labels = _pod_labels(docs, "console")
+    policies = [p for p in by_kind(docs, "NetworkPolicy").values() if _selects(p, console_labels)]
+    ingress = [rule for p in policies for rule in p["spec"].get("ingress", [])]
+    assert ingress, "nothing may reach the console"
+    console_port = int(data["MEDMESH_CONSOLE_PORT"])
+    # Besides its pages: Prometheus' scrape ports (metrics-from-monitoring, every pod).
+    for rule in ingress:
+        assert {port["port"] for port in rule["ports"]} <= {console_port, 9100, 8002}, rule
+    router_port = int(data["MEDMESH_ROUTER_PORT"])
+    egress_ports = set()
+    for policy in policies:
+        for rule in policy["spec"].get("egress", []):
+            ports = {port["port"] for port in rule["ports"]}
+            egress_ports |= ports
+            if router_port in ports:
+                assert rule["to"] == [
+                    {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "router"}}}
+                ], rule
+    assert egress_ports == {53, 9092, 9093, router_port}
+    router_labels = _pod_labels(docs, "router")
+    admitted = [
+        rule
+        for p in by_kind(docs, "NetworkPolicy").values()
+        if _selects(p, router_labels)
+        for rule in p["spec"].get("ingress", [])
+        if router_port in {port["port"] for port in rule["ports"]}
+    ]
+    assert admitted, "the router admits nobody on its HTTP port"
+    for rule in admitted:
+        for source in rule["from"]:
+            assert _selects({"spec": {"podSelector": source["podSelector"]}}, console_labels)
+    url = urlsplit(data["MEDMESH_ROUTER_URL"])
+    service = by_kind(docs, "Service")[str(url.hostname)]
+    assert service["spec"]["selector"] == {"app.kubernetes.io/name": "router"}
+    assert {"name": "http", "port": url.port, "targetPort": "http"} in service["spec"]["ports"]
+    container = dict(medmesh_containers(docs))["console"]
+    tokens = next(e for e in container["env"] if e["name"] == "MEDMESH_CONSOLE_TOKENS")
+    assert tokens["valueFrom"]["secretKeyRef"] == {
+        "name": "medmesh-secrets",
+        "key": "MEDMESH_CONSOLE_TOKENS",
+    }
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

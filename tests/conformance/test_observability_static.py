@@ -78,3 +78,24 @@ def test_alert_rules_have_the_shape_prometheus_loads() -> None:
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"]
         assert rule["annotations"]["description"]
+
+
+def test_prometheus_scrapes_every_medmesh_service_of_compose() -> None:
+    """Prometheus' configuration names each medmesh service of compose.yaml (static targets on
+    MEDMESH_METRICS_PORT, or a worker service by DNS), the console included."""
+    base = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    medmesh = {
+        name
+        for name, svc in base.items()
+        if svc.get("command", [None, None, ""])[:2] == ["python", "-m"]
+        and str(svc["command"][2]).startswith("medmesh_")
+    }
+    assert "console" in medmesh
+    config = yaml.safe_load((LAYER.parent / "prometheus.yml").read_text())
+    scraped = set()
+    for job in config["scrape_configs"]:
+        for static in job.get("static_configs", []):
+            scraped |= {target.split(":")[0] for target in static["targets"]}
+        for found in job.get("dns_sd_configs", []):
+            scraped |= set(found["names"])
+    assert medmesh - scraped == set()
