@@ -46,12 +46,12 @@ class FakeSources:
         self._check()
         return self.audit, 1
 
-    async def dead_letters(self) -> list[tuple[str, bytes]]:
+    async def dead_letters(self) -> list[tuple[str, str]]:
         """Two dead letters of the router, one with markup in its reason."""
         self._check()
         return [
-            ("medmesh.deadletter.router", b'{"reason": "unknown model"}'),
-            ("medmesh.deadletter.router", b'{"reason": "' + HOSTILE.encode() + b'"}'),
+            ("medmesh.deadletter.router", "unknown model"),
+            ("medmesh.deadletter.router", HOSTILE),
         ]
 
     async def lags(self) -> dict[str, dict[str, int]]:

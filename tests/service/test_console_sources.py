@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -121,9 +122,12 @@ def test_rollouts_page_reads_only_the_newest_audit_decisions(sources: LiveSource
 
 def test_dead_letters_page_reads_only_the_newest_entries(sources: LiveSources) -> None:
     """Each dead-letter topic holds many times the bound: one load fetches at most
-    DEAD_LETTERS_PER_PARTITION records of each of its partitions."""
+    DEAD_LETTERS_PER_PARTITION records of each of its partitions, and keeps each entry's reason
+    (a short line), never its value (up to MEDMESH_DEAD_LETTER_MAX_BYTES)."""
+    large = json.dumps({"reason": "unknown model", "raw": "x" * 500_000}).encode()
     for topic in DEAD_LETTER_TOPICS:
-        Broker.fill(topic, [b'{"reason": "unknown model"}'] * HELD)
+        Broker.fill(topic, [large] * HELD)
     entries = asyncio.run(sources.dead_letters())
     assert Broker.fetched <= DEAD_LETTERS_PER_PARTITION * len(DEAD_LETTER_TOPICS)
     assert len(entries) == DEAD_LETTERS_PER_PARTITION * len(DEAD_LETTER_TOPICS)
+    assert {reason for _, reason in entries} == {"unknown model"}

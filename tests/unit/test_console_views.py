@@ -14,6 +14,7 @@ from medmesh_console.svg import figures_text, step_plot
 from medmesh_console.views import (
     ReportRecord,
     dead_letter_counts,
+    dead_letter_reason,
     lag_rows,
     models_view,
     report_rows,
@@ -204,9 +205,8 @@ def test_dead_letters_are_counted_per_topic_and_reason() -> None:
     """Equal reasons add up per topic; a value that is not JSON is counted as such."""
     reason = json.dumps({"reason": "no such model"}).encode()
     other = json.dumps({"reason": "bad schema"}).encode()
-    counts = dead_letter_counts(
-        [("dl.router", reason), ("dl.router", reason), ("dl.router", other), ("dl.x", b"{")]
-    )
+    values = [("dl.router", reason), ("dl.router", reason), ("dl.router", other), ("dl.x", b"{")]
+    counts = dead_letter_counts((topic, dead_letter_reason(value)) for topic, value in values)
     assert [(c.topic, c.reason, c.count) for c in counts] == [
         ("dl.router", "no such model", 2),
         ("dl.router", "bad schema", 1),
@@ -218,7 +218,7 @@ def test_dead_letter_reasons_lose_the_values_pydantic_quotes() -> None:
     """A validation error's quoted input is hidden, so equal errors add up and no value shows."""
     error = '1 validation error for X [type=json_invalid, input_value=b\'{{"name": "{}"\', input_type=bytes]'
     values = [json.dumps({"reason": error.format(n)}).encode() for n in ("Jane", "John")]
-    (count,) = dead_letter_counts([("dl.router", v) for v in values])
+    (count,) = dead_letter_counts([("dl.router", dead_letter_reason(v)) for v in values])
     assert count.count == 2
     assert "Jane" not in count.reason
     assert "input_value=(hidden), input_type=bytes" in count.reason

@@ -5,7 +5,8 @@ Every read happens when a page asks for it; the clients are built in the app's l
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import httpx
 from aiokafka import AIOKafkaConsumer
@@ -18,6 +19,7 @@ from medmesh_console.views import (
     AUDIT_DECISIONS_PER_PARTITION,
     DEAD_LETTERS_PER_PARTITION,
     ReportRecord,
+    dead_letter_reason,
 )
 from medmesh_contracts import topics
 from medmesh_contracts.lifecycle import LifecycleDecision
@@ -35,6 +37,7 @@ _KAFKA_FIELDS = {
 
 # Consumer groups whose lag is shown (every medmesh service's, as `medmesh status` shows them).
 GROUP_PREFIX = "medmesh-"
+T = TypeVar("T")
 
 
 class Sources(Protocol):
@@ -49,9 +52,9 @@ class Sources(Protocol):
         medmesh.models.audit, and how many of those records did not validate."""
         ...
 
-    async def dead_letters(self) -> list[tuple[str, bytes]]:
-        """(topic, value) of the newest DEAD_LETTERS_PER_PARTITION entries of each partition of
-        every dead-letter topic."""
+    async def dead_letters(self) -> list[tuple[str, str]]:
+        """(topic, reason: ``dead_letter_reason``) of the newest DEAD_LETTERS_PER_PARTITION
+        entries of each partition of every dead-letter topic."""
         ...
 
     async def lags(self) -> dict[str, dict[str, int]]:
@@ -85,26 +88,34 @@ class LiveSources:
         kept for good, and a page load must not read every decision ever made."""
         decisions, unreadable = [], 0
         async with consumer(self._connection) as kafka:
-            records = await _newest(kafka, topics.MODELS_AUDIT, AUDIT_DECISIONS_PER_PARTITION)
-        for record in records:
-            if not record.value:
+            values = await _newest(
+                kafka, topics.MODELS_AUDIT, AUDIT_DECISIONS_PER_PARTITION, _value
+            )
+        for value in values:
+            if not value:
                 continue
             try:
-                decisions.append(LifecycleDecision.model_validate_json(record.value))
+                decisions.append(LifecycleDecision.model_validate_json(value))
             except ValueError:
                 unreadable += 1
         return decisions, unreadable
 
-    async def dead_letters(self) -> list[tuple[str, bytes]]:
-        """The newest entries of each dead-letter topic (a topic that does not exist has none):
-        a page load must not hold 14 days of dead letters, each up to
-        MEDMESH_DEAD_LETTER_MAX_BYTES, in memory."""
-        found: list[tuple[str, bytes]] = []
+    async def dead_letters(self) -> list[tuple[str, str]]:
+        """The reasons of the newest entries of each dead-letter topic (a topic that does not
+        exist has none): a page load must not hold 14 days of dead letters in memory, nor the
+        values of the newest, each up to MEDMESH_DEAD_LETTER_MAX_BYTES: each is cut to its
+        reason as it is read."""
+        found: list[tuple[str, str]] = []
         for topic in DEAD_LETTER_TOPICS:
             # A consumer per topic: seeking a consumer already assigned by an earlier read hung.
             async with consumer(self._connection) as kafka:
-                records = await _newest(kafka, topic, DEAD_LETTERS_PER_PARTITION)
-            found.extend((topic, record.value or b"") for record in records)
+                reasons = await _newest(
+                    kafka,
+                    topic,
+                    DEAD_LETTERS_PER_PARTITION,
+                    lambda record: dead_letter_reason(record.value or b""),
+                )
+            found.extend((topic, reason) for reason in reasons)
         return found
 
     async def lags(self) -> dict[str, dict[str, int]]:
@@ -115,20 +126,29 @@ class LiveSources:
     async def reports(self, limit: int) -> list[ReportRecord]:
         """The newest records of the reports topic, ``limit`` per partition at most."""
         async with consumer(self._connection) as kafka:
-            records = await _newest(kafka, topics.REPORTS_DIAGNOSTIC, limit)
-        return [
-            ReportRecord(r.key, r.value or b"", record_headers(r), r.timestamp) for r in records
-        ]
+            return await _newest(kafka, topics.REPORTS_DIAGNOSTIC, limit, _report_record)
 
 
-async def _newest(kafka: AIOKafkaConsumer, topic: str, limit: int) -> list[Any]:
-    """The newest ``limit`` records of each partition of ``topic`` (none: no such topic)."""
+def _value(record: Any) -> bytes:
+    value: bytes = record.value or b""
+    return value
+
+
+def _report_record(record: Any) -> ReportRecord:
+    return ReportRecord(record.key, record.value or b"", record_headers(record), record.timestamp)
+
+
+async def _newest(
+    kafka: AIOKafkaConsumer, topic: str, limit: int, keep: Callable[[Any], T]
+) -> list[T]:
+    """What ``keep`` takes of each of the newest ``limit`` records of each partition of
+    ``topic``, as it is read (none: no such topic)."""
     parts = await topic_partitions(kafka, topic)
     if not parts:
         return []
     begin = await kafka.beginning_offsets(parts)
     end = await kafka.end_offsets(parts)
     starts: dict[Any, int | None] = {p: max(begin[p], end[p] - limit) for p in parts}
-    found: list[Any] = []
-    await read_to_end(kafka, parts, found.append, starts=starts)
+    found: list[T] = []
+    await read_to_end(kafka, parts, lambda record: found.append(keep(record)), starts=starts)
     return found

@@ -164,17 +164,22 @@ DEAD_LETTERS_PER_PARTITION = 1000
 AUDIT_DECISIONS_PER_PARTITION = 1000
 
 
-def dead_letter_counts(entries: Iterable[tuple[str, bytes]]) -> tuple[DeadLetterCount, ...]:
-    """(topic, value) pairs counted per topic and reason (``medmesh dlq``'s one-line summary,
-    without the values pydantic quotes), most frequent first."""
-    counts: Counter[tuple[str, str]] = Counter()
-    for topic, value in entries:
-        try:
-            event = json.loads(value)
-            reason = summary(event) if isinstance(event, dict) else "not a JSON object"
-        except ValueError:
-            reason = "not JSON"
-        counts[topic, _without_values(reason) or "(no reason given)"] += 1
+def dead_letter_reason(value: bytes) -> str:
+    """Why one dead letter is there: ``medmesh dlq``'s one-line summary (at most 300 characters),
+    without the values pydantic quotes. The console keeps this, never the value, of each entry
+    it reads: a value may take MEDMESH_DEAD_LETTER_MAX_BYTES."""
+    try:
+        event = json.loads(value)
+        reason = summary(event) if isinstance(event, dict) else "not a JSON object"
+    except ValueError:
+        reason = "not JSON"
+    return _without_values(reason) or "(no reason given)"
+
+
+def dead_letter_counts(entries: Iterable[tuple[str, str]]) -> tuple[DeadLetterCount, ...]:
+    """(topic, reason) pairs (``dead_letter_reason``) counted per topic and reason, most
+    frequent first."""
+    counts: Counter[tuple[str, str]] = Counter(entries)
     return tuple(
         DeadLetterCount(topic, reason, n)
         for (topic, reason), n in sorted(counts.items(), key=lambda c: (c[0][0], -c[1], c[0][1]))
