@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +18,7 @@ from rich.table import Table
 
 from medmesh_cli.devstack.paths import run_dir
 from medmesh_cli.devstack.stack import StackConfig, service_specs
-from medmesh_cli.ops import kafka_io
+from medmesh_cli.ops import jaeger, kafka_io, tempo
 from medmesh_cli.ops.connection import (
     BootstrapOption,
     Connection,
@@ -26,13 +27,17 @@ from medmesh_cli.ops.connection import (
     run_kafka,
 )
 from medmesh_cli.ops.dlq import DEAD_LETTER_TOPICS, replay_of, summary
-from medmesh_cli.ops.jaeger import find_traces
-from medmesh_cli.ops.waterfall import hops, read_spans, render, spans_of, trace_ids_for
+from medmesh_cli.ops.waterfall import Span, hops, read_spans, render, spans_of, trace_ids_for
 
 console = Console()
 # Kafka, its security and the services' URLs: --context, the MEDMESH_* variables the services
 # read, or the local stack (medmesh_cli.ops.connection).
 Bootstrap = BootstrapOption
+# Where a deployment's traces are read (endpoint name: label, search), in the order asked.
+TRACE_STORES: dict[str, tuple[str, Callable[[httpx.Client, str, str], list[Span]]]] = {
+    "tempo": ("Tempo", tempo.find_traces),
+    "jaeger": ("Jaeger", jaeger.find_traces),
+}
 
 
 def trace(
@@ -43,16 +48,20 @@ def trace(
     context: ContextOption = None,
 ) -> None:
     """Show one clinical request's trace as a waterfall, with Kafka wait vs work per hop: from
-    Jaeger when the context or MEDMESH_JAEGER_URL names it, else from the local span file."""
-    jaeger = None if spans is not None else connect(context, None).endpoints.get("jaeger")
-    if jaeger is not None:
+    Tempo or Jaeger when the context or MEDMESH_TEMPO_URL / MEDMESH_JAEGER_URL names one (Tempo
+    first), else from the local span file."""
+    endpoints = {} if spans is not None else connect(context, None).endpoints
+    store = next((name for name in TRACE_STORES if name in endpoints), None)
+    if store is not None:
+        label, find_traces = TRACE_STORES[store]
+        url = endpoints[store]
         try:
             with httpx.Client(timeout=30) as client:
-                every = find_traces(client, jaeger, correlation_id)
+                every = find_traces(client, url, correlation_id)
         except (httpx.HTTPError, ValueError) as exc:
-            console.print(f"[bold red]Jaeger at {jaeger} did not answer:[/] {escape(str(exc))}")
+            console.print(f"[bold red]{label} at {url} did not answer:[/] {escape(str(exc))}")
             raise typer.Exit(1) from exc
-        where = f"Jaeger at {jaeger} (flushed spans only)"
+        where = f"{label} at {url} (flushed spans only)"
     else:
         path = spans or run_dir("stack") / "spans.jsonl"
         if not path.exists():
@@ -228,8 +237,8 @@ def service_endpoints(connection: Connection) -> dict[str, str]:
     """The services `status` checks: the endpoints the context or the MEDMESH_*_URL variables
     name, else every service of the local stack (`medmesh up`, one port per worker)."""
     if connection.endpoints:
-        # Jaeger is where traces are read, not a service with /readyz.
-        return {name: url for name, url in connection.endpoints.items() if name != "jaeger"}
+        # Tempo and Jaeger are where traces are read, not services with /readyz.
+        return {n: url for n, url in connection.endpoints.items() if n not in TRACE_STORES}
     try:
         local = service_specs(StackConfig())
     except (RuntimeError, OSError, ValueError):  # no checkout (its model specs) to read

@@ -28,6 +28,7 @@ file (``MEDMESH_CONTEXTS_FILE``, default ``$XDG_CONFIG_HOME/medmesh/contexts.tom
     ingest = "http://127.0.0.1:18080"
     reporting = "http://127.0.0.1:18184"
     jaeger = "http://127.0.0.1:16686"              # Jaeger's query service (`medmesh trace`)
+    # tempo = "http://127.0.0.1:3200"              # or Grafana Tempo's HTTP API (wins over jaeger)
 
 What a context sets wins over the ``MEDMESH_*`` variables; what it leaves out comes from them
 (then the defaults: the local stack of ``medmesh up``). A ``--bootstrap`` option wins over both.
@@ -104,6 +105,8 @@ class CliSettings(ServiceSettings):
     triton_http_url: str | None = None
     # Jaeger's query service (`medmesh trace` reads a deployment's traces there).
     jaeger_url: str | None = None
+    # Or Grafana Tempo's HTTP API (`medmesh trace` asks Tempo when both are set).
+    tempo_url: str | None = None
     kafka_ssl_cafile: Path | None = None
     kafka_ssl_certfile: Path | None = None
     kafka_ssl_keyfile: Path | None = None
@@ -277,6 +280,7 @@ def _env_endpoints(settings: CliSettings) -> dict[str, str]:
         "reporting": settings.reporting_url,
         "triton": settings.triton_http_url,
         "jaeger": settings.jaeger_url,
+        "tempo": settings.tempo_url,
     }
     return {service: url.rstrip("/") for service, url in named.items() if url}
 
