@@ -88,11 +88,14 @@ INSTANCES = (1, 2)
 DRAIN_TRIM = 0.1
 # Backlog bounds: enough records for a drain to settle; few enough to publish in a couple of
 # seconds, well inside the stopped instances' session timeouts (reporting's is 6 s).
-MIN_BACKLOG, MAX_BACKLOG = 200, 4000
+MIN_BACKLOG, MAX_BACKLOG = 200, 6000
 CALIBRATION_EVENTS = 200
 WARMUP_EVENTS = 50
-# Offered HTTP loads against one ingest, as fractions of its N = 1 Kafka rate.
-HTTP_FRACTIONS = (0.5, 0.8, 1.2)
+# ABBA repetitions per stage: two give four trials of each N.
+REPETITIONS = 2
+# Offered HTTP loads against one ingest, as fractions of its N = 1 Kafka rate (HTTP costs it
+# more per event); the ramp ends at the first level it does not sustain.
+HTTP_FRACTIONS = (0.2, 0.35, 0.5, 0.65, 0.8)
 WORKER_MODEL, WORKER_VERSION = "deterioration", 1
 # NEWS2 7 (high), as deterioration v1 answers the bench's vital signs.
 NEWS2_OUTPUTS = {
@@ -168,19 +171,19 @@ def partition_bound(partitions: int, instances: int) -> float:
     return partitions / (instances * math.ceil(partitions / instances))
 
 
-def http_capacity(levels: Sequence[dict[str, Any]]) -> float:
-    """The highest offered HTTP load answered in full: every answer 2xx, answered at
-    >= ACHIEVED_SHARE of the offered rate, p99 <= P99_BOUND_MS (0 when none was)."""
-    return max(
-        (
-            level["offered_per_s"]
-            for level in levels
-            if level["non_2xx"] == 0
-            and level["http"]["per_second"] >= ACHIEVED_SHARE * level["offered_per_s"]
-            and level["http"]["p99_ms"] <= P99_BOUND_MS
-        ),
-        default=0.0,
+def http_sustained(level: dict[str, Any]) -> bool:
+    """An HTTP load level answered in full: every answer 2xx, answered at >= ACHIEVED_SHARE of
+    the offered rate, p99 <= P99_BOUND_MS."""
+    return bool(
+        level["non_2xx"] == 0
+        and level["http"]["per_second"] >= ACHIEVED_SHARE * level["offered_per_s"]
+        and level["http"]["p99_ms"] <= P99_BOUND_MS
     )
+
+
+def http_capacity(levels: Sequence[dict[str, Any]]) -> float:
+    """The highest offered HTTP load sustained (0 when none was)."""
+    return max((lv["offered_per_s"] for lv in levels if http_sustained(lv)), default=0.0)
 
 
 # --- stages -----------------------------------------------------------------------------------
@@ -380,6 +383,7 @@ class Trial:
     instances: int
     events: int
     missing: int
+    publish_s: float
     sustained_per_s: float
     drain_per_s: float
     # CPU ms per drained event: the stage's instances, the broker, Triton, the bench client.
@@ -391,6 +395,12 @@ class Trial:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return asdict(self)
+
+
+def busy_share(trial: Trial) -> float:
+    """The share of its core each instance kept busy while draining (1 = CPU-bound): events
+    per second x CPU seconds per event / instances."""
+    return trial.sustained_per_s * trial.stage_cpu_ms / 1000 / trial.instances
 
 
 class _StageRun:
@@ -436,7 +446,9 @@ class _StageRun:
         """Publish ``count`` fresh events while the instances are stopped, then time the drain."""
         messages = self.stage.messages(count, run_id())
         with stopped(self.stack, self.names):
+            publishing = time.perf_counter()
             sent = await publish_burst(self.producer, self.stage.source, messages)
+            publish_s = time.perf_counter() - publishing
             meter = UsageMeter(stack_pids(self.stack))
             started = time.perf_counter()
             resumed = time.time()
@@ -455,6 +467,7 @@ class _StageRun:
             instances=len(self.names),
             events=done,
             missing=missing,
+            publish_s=publish_s,
             sustained_per_s=sustained_rate(stamps),
             drain_per_s=done / (last - resumed) if last > resumed else math.nan,
             stage_cpu_ms=per_event_ms(self.names),
@@ -470,7 +483,7 @@ def _restart_router(stack: Stack, name: str) -> None:
 
 
 async def measure_stage(
-    stack: Stack, stage: Stage, seconds: float, repetitions: int = 1
+    stack: Stack, stage: Stage, seconds: float, repetitions: int = REPETITIONS
 ) -> dict[str, Any]:
     """Warm up, size the backlog to about ``seconds`` of draining by one instance, then the ABBA
     trials. The stage's first instance is left running and pinned (the caller stops it)."""
@@ -486,7 +499,9 @@ async def measure_stage(
     try:
         await run.trial(WARMUP_EVENTS)
         calibration = await run.trial(CALIBRATION_EVENTS)
-        rate = calibration.sustained_per_s
+        # The whole drain, not the sustained rate: a stage that sends a poll's records together
+        # (reporting: 200 a transaction) bunches a short drain's timestamps.
+        rate = calibration.drain_per_s
         backlog = int(min(MAX_BACKLOG, max(MIN_BACKLOG, rate * seconds if rate > 0 else 0)))
         print(f"{stage.label}: calibration {rate:.0f}/s, backlog {backlog}")
         trials = []
@@ -522,6 +537,7 @@ async def measure_stage(
                 "stage_cpu_ms": asdict(spread([t.stage_cpu_ms for t in ts])),
                 "broker_cpu_ms": asdict(spread([t.broker_cpu_ms for t in ts])),
                 "triton_cpu_ms": asdict(spread([t.triton_cpu_ms for t in ts])),
+                "busy_per_instance": asdict(spread([busy_share(t) for t in ts])),
             }
             for n, ts in by_n.items()
         },
@@ -551,27 +567,31 @@ async def ingest_http(
         wall = time.perf_counter() - started
         usage = {u.name: u.cpu_cores for u in meter.usage()}
         answered = result.http.count - result.non_2xx
+
+        per_request_ms = {
+            name: usage.get(name, 0.0) * wall / answered * 1000 if answered else math.nan
+            for name in ("ingest", "kafka", CLIENT)
+        }
         level = {
             "offered_per_s": rate,
             "http": result.http.as_dict(),
             "non_2xx": result.non_2xx,
-            "ingest_cpu_ms": usage.get("ingest", 0.0) * wall / answered * 1000
-            if answered
-            else math.nan,
-            "broker_cpu_ms": usage.get("kafka", 0.0) * wall / answered * 1000
-            if answered
-            else math.nan,
+            "ingest_cpu_ms": per_request_ms["ingest"],
+            "broker_cpu_ms": per_request_ms["kafka"],
+            "client_cpu_ms": per_request_ms[CLIENT],
         }
         levels.append(level)
         print(
             f"ingest HTTP @ {rate:g}/s: answered {result.http.per_second:.1f}/s, "
             f"p99 {result.http.p99_ms:.0f} ms, non-2xx {result.non_2xx}"
         )
+        if not http_sustained(level):
+            break  # past capacity: a deeper overload only takes longer
     return {"levels": levels, "capacity_per_s": http_capacity(levels)}
 
 
 async def run_scaling(
-    stack: Stack, template: dict[str, Any], seconds: float = 10.0, repetitions: int = 1
+    stack: Stack, template: dict[str, Any], seconds: float = 10.0, repetitions: int = REPETITIONS
 ) -> dict[str, Any]:
     """Every consumer stage at N = 1 and 2 (ABBA), then ingest over HTTP; the other services
     stopped meanwhile and continued at the end (with backlogs to work through)."""
@@ -581,6 +601,7 @@ async def run_scaling(
     every = list(stack.services)
     results = []
     http: dict[str, Any] = {}
+    started, load_before = time.perf_counter(), os.getloadavg()
     with stopped(stack, every):
         for stage in stages:
             result = await measure_stage(stack, stage, seconds, repetitions)
@@ -603,6 +624,9 @@ async def run_scaling(
         "stages": results[::-1],  # pipeline order: ingest, router, worker, reporting
         "ingest_http": http,
         "broker_cpu_ms_per_pipeline_event": per_pipeline_event,
+        # Other jobs on the box take cores too: the load average around the series says so.
+        "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
+        "wall_s": time.perf_counter() - started,
     }
 
 
@@ -620,10 +644,12 @@ def scaling_markdown(report: dict[str, Any]) -> str:
         f"Each instance pinned to one core of {report['cores']}; topics with "
         f"{report['partitions']} partitions; ABBA x {report['repetitions']}; median [range] of "
         "the sustained rate (10th to 90th percentile of the output timestamps). The broker, "
-        "Triton and the bench client are not pinned: they share the same cores.\n",
+        "Triton and the bench client are not pinned: they share the same cores. Busy = the "
+        "share of its core each instance used (1 = CPU-bound).\n",
         "| stage | backlog | N=1 events/s | N=2 events/s | efficiency | partition bound "
-        "| stage CPU ms/event N=1 / N=2 | broker CPU ms/event N=1 / N=2 | Triton CPU ms/event |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| busy per instance N=1 / N=2 | stage CPU ms/event N=1 / N=2 "
+        "| broker CPU ms/event N=1 / N=2 | Triton CPU ms/event |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for stage in report["stages"]:
         one, two = stage["per_instances"]["1"], stage["per_instances"]["2"]
@@ -633,6 +659,8 @@ def scaling_markdown(report: dict[str, Any]) -> str:
             f"| {_spread_text(one['sustained_per_s'])} | {_spread_text(two['sustained_per_s'])} "
             f"| {_spread_text(stage['efficiency'], percent=True)} "
             f"| {stage['partition_bound']:.0%} "
+            f"| {one['busy_per_instance']['median']:.2f} / "
+            f"{two['busy_per_instance']['median']:.2f} "
             f"| {one['stage_cpu_ms']['median']:.2f} / {two['stage_cpu_ms']['median']:.2f} "
             f"| {one['broker_cpu_ms']['median']:.2f} / {two['broker_cpu_ms']['median']:.2f} "
             f"| {triton:.2f} |"
@@ -641,15 +669,15 @@ def scaling_markdown(report: dict[str, Any]) -> str:
         "",
         "Trials in run order:",
         "",
-        "| stage | N | events | missing | sustained /s | whole drain /s | stage ms/event "
-        "| broker ms/event | Triton ms/event | bench client ms/event |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| stage | N | events | missing | publish s | sustained /s | whole drain /s "
+        "| stage ms/event | broker ms/event | Triton ms/event | bench client ms/event |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for stage in report["stages"][::-1]:
         for t in stage["trials"]:
             lines.append(
                 f"| {stage['stage']} | {t['instances']} | {t['events']} | {t['missing']} "
-                f"| {t['sustained_per_s']:.1f} | {t['drain_per_s']:.1f} "
+                f"| {t['publish_s']:.1f} | {t['sustained_per_s']:.1f} | {t['drain_per_s']:.1f} "
                 f"| {t['stage_cpu_ms']:.2f} | {t['broker_cpu_ms']:.2f} "
                 f"| {t['triton_cpu_ms']:.2f} | {t['client_cpu_ms']:.2f} |"
             )
@@ -660,20 +688,26 @@ def scaling_markdown(report: dict[str, Any]) -> str:
             "One ingest over HTTP (pinned to one core; open loop; downstream stopped):",
             "",
             "| offered /s | answered /s | p50 ms | p99 ms | non-2xx | ingest CPU ms/request "
-            "| broker CPU ms/request |",
-            "|---|---|---|---|---|---|---|",
+            "| broker CPU ms/request | load generator CPU ms/request |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for level in http["levels"]:
             lines.append(
                 f"| {level['offered_per_s']:g} | {level['http']['per_second']:.1f} "
                 f"| {level['http']['p50_ms']:.1f} | {level['http']['p99_ms']:.1f} "
                 f"| {level['non_2xx']} | {level['ingest_cpu_ms']:.2f} "
-                f"| {level['broker_cpu_ms']:.2f} |"
+                f"| {level['broker_cpu_ms']:.2f} | {level.get('client_cpu_ms', math.nan):.2f} |"
             )
         lines.append(
             f"\nCapacity of one ingest over HTTP (every answer 2xx, >= "
             f"{ACHIEVED_SHARE:.0%} of offered, p99 <= {P99_BOUND_MS:g} ms): "
             f"{http['capacity_per_s']:g}/s."
+        )
+    load = report.get("load_average_1_5_15_min")
+    if load:
+        lines.append(
+            f"\nLoad average (1, 5, 15 min) before the series {load['before']}, after "
+            f"{load['after']}; the series took {report.get('wall_s', math.nan):.0f} s."
         )
     total = report["broker_cpu_ms_per_pipeline_event"]
     lines.append(
