@@ -25,7 +25,7 @@ $(VENV)/.synced: $(UV) uv.lock pyproject.toml */pyproject.toml services/*/pyproj
 venv: $(VENV)/.synced ## create .venv from the lockfile (uv sync --frozen)
 
 .PHONY: deps
-deps: venv ## fetch the Kafka broker jars (Maven), prepare Triton's python backend, install Orthanc + DICOMweb (apt-get, as root)
+deps: venv ## fetch the Kafka broker jars (Maven), build kustomize (go install), prepare Triton's python backend, install Orthanc + DICOMweb (apt-get, as root)
 	$(BIN)/python -m medmesh_cli.devstack.prefetch
 
 .PHONY: run
