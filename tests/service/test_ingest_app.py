@@ -447,11 +447,13 @@ async def test_r5_notification_by_content_type_is_processed(ingest: Harness) -> 
     assert request.subject_reference == "Patient/example-r5"
 
 
-async def test_r5_bundle_type_is_refused_as_r4b(ingest: Harness) -> None:
-    """Without fhirVersion=5.0, a subscription-notification Bundle is not R4B: 422."""
+async def test_subscription_notification_bundle_is_read_as_r4b_too(ingest: Harness) -> None:
+    """R4B has the subscription-notification Bundle type too: without fhirVersion, such a
+    Bundle (a SubscriptionStatus first, R4B's shape) is processed as a notification."""
     response = await _post(ingest, "r5-subscription-notification.json")
-    assert response.status_code == 422
-    assert "Bundle.type" in json.dumps(response.json())
+    assert response.status_code == 202, response.text
+    [request] = requests_of(ingest)
+    assert request.subject_reference == "Patient/example-r5"
 
 
 async def test_message_bundle_becomes_a_request(ingest: Harness) -> None:

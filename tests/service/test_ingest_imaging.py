@@ -284,6 +284,9 @@ async def test_study_in_a_subscription_notification_is_read(ingest: Harness) -> 
         {
             "fullUrl": "http://fhir.test/ImagingStudy/cxr-r4b",
             "resource": _fixture("imaging-study-dx.json"),
+            # A history Bundle's entries carry a request and a response (bdl-3, bdl-4).
+            "request": {"method": "POST", "url": "ImagingStudy"},
+            "response": {"status": "201 Created"},
         },
     ]
     response = await _post(ingest, notification)

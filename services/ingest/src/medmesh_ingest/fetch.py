@@ -1,4 +1,6 @@
-"""Fetching the resources an id-only Subscription notification names, from the sender's server.
+"""Fetching the resources an id-only Subscription notification names, and the events a
+subscription's source sent but ingest missed (the backport IG's ``$events``), from the sender's
+server.
 
 Only references on the configured FHIR base URL (or relative ``Type/id`` ones, resolved against
 it) are fetched, with the source's own token or SMART Backend Services client
@@ -15,7 +17,7 @@ from collections.abc import Sequence
 import httpx
 
 from medmesh_ingest.outcomes import INVALID_FHIR, rejected
-from medmesh_ingest.service import Fetch, SourceUnavailableError
+from medmesh_ingest.service import Fetch, Recover, SourceUnavailableError
 
 _RELATIVE = re.compile(
     r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}(?:/_history/[A-Za-z0-9\-.]{1,64})?$"
@@ -76,3 +78,60 @@ def http_fetcher(
         return bodies
 
     return fetch
+
+
+def events_url(base_url: str, subscription: str) -> str | None:
+    """The ``$events`` URL of a Subscription on the source server (``[base]/Subscription/[id]/
+    $events``), or None when the reference names no Subscription there."""
+    url = resource_url(base_url, subscription)
+    if url is None or "/_history/" in url or url.rsplit("/", 2)[-2] != "Subscription":
+        return None
+    return f"{url}/$events"
+
+
+def http_recoverer(
+    base_url: str,
+    token: str | None,
+    *,
+    timeout_s: float,
+    max_bytes: int,
+    client: httpx.AsyncClient,
+    auth: httpx.Auth | None = None,
+) -> Recover:
+    """A Recover asking ``base_url`` for a subscription's events ``first`` to ``last`` with full
+    resources (``GET [base]/Subscription/[id]/$events?eventsSinceNumber=..&eventsUntilNumber=..
+    &content=full-resource``), authenticated as ``http_fetcher`` is."""
+    headers = {"accept": "application/fhir+json"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+
+    async def recover(subscription: str, first: int, last: int) -> bytes:
+        url = events_url(base_url, subscription)
+        if url is None:
+            raise SourceUnavailableError(
+                "the notification's subscription is not on the source's FHIR server"
+            )
+        params = {
+            "eventsSinceNumber": str(first),
+            "eventsUntilNumber": str(last),
+            "content": "full-resource",
+        }
+        try:
+            response = await client.get(
+                url,
+                params=params,
+                headers=headers,
+                timeout=timeout_s,
+                auth=auth or httpx.USE_CLIENT_DEFAULT,
+            )
+        except httpx.HTTPError as exc:
+            raise SourceUnavailableError(
+                f"asking the source for missed events failed: {type(exc).__name__}"
+            ) from exc
+        if response.status_code != 200:
+            raise SourceUnavailableError(f"the source answered {response.status_code} to $events")
+        if len(response.content) > max_bytes:
+            raise SourceUnavailableError("the source's $events answer exceeds the size limit")
+        return response.content
+
+    return recover

@@ -89,6 +89,7 @@ async def on_http(ingest: Ingest, request: Request, resource_type: str | None) -
         version,
         resource_type,
         ingest.fetcher(source),
+        ingest.recoverer(source),
         answer_bundles=True,
     )
     try:

@@ -22,7 +22,7 @@ from medmesh_contracts.events import (
 )
 from medmesh_contracts.modelspec import load_specs
 from medmesh_ingest.auth import Authenticator, Source
-from medmesh_ingest.fetch import http_fetcher
+from medmesh_ingest.fetch import http_fetcher, http_recoverer
 from medmesh_ingest.inbound import DeliverRequests
 from medmesh_ingest.outcomes import TOO_LARGE, FhirRejected, too_large_outcome
 from medmesh_ingest.pseudonym import Pseudonymizer
@@ -36,6 +36,7 @@ from medmesh_ingest.service import (
     KafkaUnavailableError,
     Outgoing,
     Prepared,
+    Recover,
 )
 from medmesh_ingest.settings import IngestSettings
 from medmesh_ingest.transport import requested_version
@@ -120,6 +121,20 @@ class Ingest:
             auth=source.fetch_auth,
         )
 
+    def recoverer(self, source: Source) -> Recover | None:
+        """How to ask this source for missed notifications ($events; None: not configured):
+        the same server, token or SMART client as the id-only fetch."""
+        if source.base_url is None or self.http_client is None:
+            return None
+        return http_recoverer(
+            source.base_url,
+            source.fetch_token,
+            timeout_s=self.settings.fetch_timeout_s,
+            max_bytes=self.settings.max_payload_bytes,
+            client=self.http_client,
+            auth=source.fetch_auth,
+        )
+
     async def handle(self, raw: bytes, context: Context) -> Answer:
         """The service's answer to one payload, inside a span."""
         with self.tracer.start_as_current_span("ingest.handle"):
@@ -138,6 +153,7 @@ class Ingest:
                 SourceContext(channel="kafka", fhir_version=version),
                 version,
                 fetch=self.fetcher(source),
+                recover=self.recoverer(source),
                 trace=otel_context.get_current(),  # its requests are published in this span
             )
             return await self.service.prepare(raw, context, utc_now())

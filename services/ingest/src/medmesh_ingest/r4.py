@@ -104,11 +104,25 @@ def unreadable_reason(name: str) -> str | None:
     return None
 
 
+# Where the event counters sit in the status Parameters (to name them in an issue).
+EVENTS_SINCE_START_PATH = "parameter.where(name = 'events-since-subscription-start').valueString"
+
+
+def event_number_path(index: int) -> str:
+    """The FHIRPath of the ``index``-th notification-event's event-number."""
+    return (
+        f"parameter.where(name = 'notification-event')[{index}]"
+        ".part.where(name = 'event-number').valueString"
+    )
+
+
 @dataclass(frozen=True)
 class NotificationEvent:
-    """One ``notification-event`` of the status: its focus reference, if any."""
+    """One ``notification-event`` of the status: its focus reference and its event number
+    (a string, as the profile has it), if any."""
 
     focus: str | None
+    number: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +131,8 @@ class NotificationStatus:
 
     type: str | None
     events: tuple[NotificationEvent, ...]
+    subscription: str | None = None
+    events_since_start: str | None = None
 
 
 def notification_status(parameters: Any, expression: str) -> tuple[NotificationStatus, list[Issue]]:
@@ -126,11 +142,13 @@ def notification_status(parameters: Any, expression: str) -> tuple[NotificationS
     ``event-notification``...); each ``notification-event`` part's ``focus`` valueReference
     names a resource the notification is about. The profile requires ``subscription`` (a
     valueReference) and ``type``; ``status``, ``topic`` and ``events-since-subscription-start``
-    are read by nothing here.
+    are read for the event counters (``subscriptions.py``).
     """
     issues: list[Issue] = []
     kind: str | None = None
     events: list[NotificationEvent] = []
+    subscription: str | None = None
+    since_start: str | None = None
     for i, parameter in enumerate(parameters.parameter or ()):
         where = f"{expression}.parameter[{i}]"
         if parameter.name == "type":
@@ -142,13 +160,33 @@ def notification_status(parameters: Any, expression: str) -> tuple[NotificationS
                 issues.append(
                     _issue(f"{where}.valueReference", "is required in the subscription parameter")
                 )
+            else:
+                subscription = parameter.valueReference.reference
+        elif parameter.name == "events-since-subscription-start":
+            since_start = _count(parameter)
         elif parameter.name == "notification-event":
-            events.append(NotificationEvent(_focus(parameter)))
+            events.append(NotificationEvent(_focus(parameter), _event_number(parameter)))
     names = {parameter.name for parameter in parameters.parameter or ()}
     for required in ("subscription", "type"):
         if required not in names:
             issues.append(_issue(f"{expression}.parameter", f"needs a {required} parameter"))
-    return NotificationStatus(kind, tuple(events)), issues
+    return NotificationStatus(kind, tuple(events), subscription, since_start), issues
+
+
+def _count(parameter: Any) -> str | None:
+    """A counter's value: the profile types it string (integer64 has no R4 type); an R4 sender
+    may use an unsignedInt or integer as well."""
+    for value in (parameter.valueString, parameter.valueUnsignedInt, parameter.valueInteger):
+        if value is not None:
+            return str(value)
+    return None
+
+
+def _event_number(event: Any) -> str | None:
+    for part in _parts(event):
+        if part.name == "event-number":
+            return _count(part)
+    return None
 
 
 def _focus(event: Any) -> str | None:

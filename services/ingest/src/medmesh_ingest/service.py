@@ -43,7 +43,21 @@ from medmesh_ingest.imaging import PacsPolicy
 from medmesh_ingest.locations import Placement, placements
 from medmesh_ingest.outcomes import INVALID_FHIR, FhirRejected, Issue, outcome
 from medmesh_ingest.readings import Merged, ReadingsStore, merge, state_key
-from medmesh_ingest.validation import Limits, Payload, entry_failures, entry_of, parse
+from medmesh_ingest.subscriptions import (
+    Gap,
+    SubscriptionProgress,
+    gaps_counter,
+    progress,
+    subscription_id,
+)
+from medmesh_ingest.validation import (
+    Limits,
+    Notification,
+    Payload,
+    entry_failures,
+    entry_of,
+    parse,
+)
 from medmesh_runtime.logging import get_logger
 
 # Commits requests (each with its payload's tracing context) and new patient states in one
@@ -55,6 +69,10 @@ Publish = Callable[
 ]
 # Fetches resources named by an id-only notification: (references, version) -> raw JSON each.
 Fetch = Callable[[Sequence[str]], Awaitable[list[bytes]]]
+# Asks the source for a subscription's events it sent but ingest did not receive (the
+# backport IG's $events): (the Subscription's reference, first, last event number) -> the
+# raw JSON of the notification Bundle the source answers with.
+Recover = Callable[[str, int, int], Awaitable[bytes]]
 
 # Notification types that carry no clinical content: acknowledged, nothing else.
 _ACKNOWLEDGED_ONLY = frozenset({"handshake", "heartbeat", "query-status"})
@@ -79,6 +97,8 @@ class Context:
     resource_type_hint: str | None = None
     # How to fetch id-only notification content from the sender's FHIR server (None: cannot).
     fetch: Fetch | None = None
+    # How to ask the sender's FHIR server for missed notifications (None: cannot).
+    recover: Recover | None = None
     # The caller's tracing context, handed back with each request the payload causes (the
     # requests of a poll are published after its events were handled, each in its own trace).
     trace: object | None = None
@@ -150,6 +170,18 @@ class Prepared:
     reply: BundleReply | None = None
     # The ward and site each Encounter of the payload names, by its reference.
     placements: Mapping[str, Placement] = field(default_factory=dict)
+    # A notification's subscription and the highest event number handled once this payload
+    # is committed (None: not a numbered notification).
+    handled: _Handled | None = None
+
+
+@dataclass(frozen=True)
+class _Handled:
+    """Events of a subscription handled up to ``highest``, once the payload is committed."""
+
+    source: str
+    subscription: str
+    highest: int
 
 
 @dataclass
@@ -196,6 +228,8 @@ class IngestService:
         # Publishes that outlived their timeout (the sender was answered 503) but may still be
         # acknowledged when Kafka is back, per state key; see ``_publish_durably``.
         self._in_doubt: dict[str, asyncio.Future[None]] = {}
+        # The highest event number handled per source and subscription (missed notifications).
+        self.subscriptions = SubscriptionProgress()
 
     async def handle(self, raw: bytes, context: Context, received_at: datetime) -> Answer:
         """Everything ingest does with one payload; raises KafkaUnavailableError or
@@ -226,14 +260,32 @@ class IngestService:
             return Answer(rejected.status, rejected.outcome)
         notes: list[Issue] = []
         notification = payload.notification
+        recovered: Extraction | None = None
+        handled: _Handled | None = None
         if notification is not None:
-            if notification.type in _ACKNOWLEDGED_ONLY:
+            handled, gap, stale = self._counted(notification, context)
+            if stale:
+                note = Issue(
+                    "information",
+                    "duplicate",
+                    f"Subscription {notification.type}: its events were already handled; "
+                    "nothing was sent again",
+                )
+                return Answer(200, outcome((note,)), issues=(note,))
+            if gap is not None:
+                assert notification.subscription is not None  # noqa: S101 -- a gap names one
+                recovered, recovery_notes, handled = await self._recover(
+                    notification.subscription, gap, context, handled
+                )
+                notes.extend(recovery_notes)
+            if notification.type in _ACKNOWLEDGED_ONLY and recovered is None:
                 note = Issue(
                     "information",
                     "informational",
                     f"Subscription {notification.type} acknowledged; nothing to score.",
                 )
-                return Answer(200, outcome((note,)), issues=(note,))
+                self._advance(handled)
+                return Answer(200, outcome((*notes, note)), issues=(*notes, note))
             if notification.id_only:
                 try:
                     payload, fetched_notes = await self._with_fetched(payload, context)
@@ -254,13 +306,18 @@ class IngestService:
                 tuple(payload.resources),
                 payload.failed,
             )
+        groups = self._groups(extraction)
+        if recovered is not None:
+            # The missed events happened before this notification's: merged first.
+            groups = (*self._groups(recovered), *groups)
         return Prepared(
             context,
             received_at,
-            self._groups(extraction),
+            groups,
             (*notes, *extraction.issues),
             reply,
             placements(payload.resources),
+            handled,
         )
 
     async def apply(
@@ -293,6 +350,8 @@ class IngestService:
                 answers.append(self._merge_payload(payload, pending))
             if pending.requests or pending.states:
                 await self._publish_durably(pending, publish or self.publish, len(answers))
+            for payload in prepared[: len(answers)]:
+                self._advance(payload.handled)
         if blocked is not None:
             raise blocked
         return answers
@@ -311,6 +370,92 @@ class IngestService:
         # Impossible values and unreadable studies are found per entry: the kept hold none.
         kept_extraction = extract(kept, self.specs, pacs)
         return replace(payload, resources=kept, failed=tuple(failed)), kept_extraction
+
+    # --- missed notifications -------------------------------------------------------------------
+
+    def _counted(
+        self, notification: Notification, context: Context
+    ) -> tuple[_Handled | None, Gap | None, bool]:
+        """Where a notification stands in its subscription's event numbers: what it handles,
+        the events missed before it, and whether it brings only events already handled."""
+        if notification.subscription is None:
+            return None, None, False
+        source = context.source.source_system or "default"
+        found = progress(
+            self.subscriptions.highest(source, notification.subscription),
+            notification_type=notification.type,
+            events_since_start=notification.events_since_start,
+            event_numbers=notification.event_numbers,
+        )
+        handled = (
+            None
+            if found.highest is None
+            else _Handled(source, notification.subscription, found.highest)
+        )
+        return handled, found.gap, found.stale
+
+    def _advance(self, handled: _Handled | None) -> None:
+        if handled is not None:
+            self.subscriptions.advance(handled.source, handled.subscription, handled.highest)
+
+    async def _recover(
+        self, subscription: str, gap: Gap, context: Context, handled: _Handled | None
+    ) -> tuple[Extraction | None, list[Issue], _Handled | None]:
+        """The missed events, asked of the source ($events) and extracted as if notified, with
+        what to tell the sender. When the source cannot give them, the notification itself is
+        still processed, and the highest event number stays where it was, so the next
+        notification asks for them again; the gap is logged and counted (``failed``)."""
+        where = {
+            "subscription": subscription_id(subscription),
+            "first_missing": gap.first,
+            "last_missing": gap.last,
+            "source": context.source.source_system or "default",
+        }
+        try:
+            extraction = await self._recovered(subscription, gap, context)
+        except (_RecoveryFailedError, SourceUnavailableError, FhirRejected) as exc:
+            reason = _recovery_failure(exc)
+            gaps_counter().add(1, {"outcome": "failed"})
+            log.warning("missed subscription events not recovered", reason=reason, **where)
+            warning = Issue(
+                "warning",
+                "incomplete",
+                f"events {gap.first} to {gap.last} of this subscription never arrived and could "
+                f"not be asked for again ($events: {reason}); they are asked for again with the "
+                "next notification",
+            )
+            # Not past the gap: the next notification finds it again.
+            return None, [warning], _before(handled, gap)
+        gaps_counter().add(1, {"outcome": "recovered"})
+        log.info("missed subscription events recovered", events=gap.size, **where)
+        note = Issue(
+            "information",
+            "informational",
+            f"events {gap.first} to {gap.last} of this subscription never arrived: asked for "
+            "again from the source ($events) and processed",
+        )
+        return extraction, [note], handled
+
+    async def _recovered(self, subscription: str, gap: Gap, context: Context) -> Extraction:
+        """The missed events' readings and orders, from the source's $events answer (a
+        notification Bundle, its content fetched when id-only). Raises _RecoveryFailedError,
+        SourceUnavailableError or FhirRejected."""
+        if context.recover is None:
+            raise _RecoveryFailedError("no FHIR server is configured for this source")
+        raw = await context.recover(subscription, gap.first, gap.last)
+        payload = parse(raw, "Bundle", context.fhir_version, self.limits)
+        if payload.notification is None:
+            raise _RecoveryFailedError("the source's $events answer is not a notification")
+        if payload.notification.id_only:
+            payload, _ = await self._with_fetched(payload, context)
+        extraction = extract(
+            payload.resources, self.specs, self.pacs.for_source(context.source.source_system)
+        )
+        if extraction.rejections:
+            raise _RecoveryFailedError(
+                f"the missed events hold {len(extraction.rejections)} invalid value(s)"
+            )
+        return extraction
 
     # --- id-only notifications -----------------------------------------------------------------
 
@@ -503,6 +648,26 @@ def _placed(
     if placement is None:
         return source
     return source.model_copy(update={"ward": placement.ward, "site": source.site or placement.site})
+
+
+class _RecoveryFailedError(Exception):
+    """Missed events could not be had from the source (the text says why; no patient data)."""
+
+
+def _recovery_failure(exc: Exception) -> str:
+    """Why a recovery failed, for the log and the sender: the error's own words for ours, the
+    first issue's diagnostics for a refused answer (they name elements, never values)."""
+    if isinstance(exc, FhirRejected):
+        issues = exc.outcome.get("issue") or [{}]
+        return f"the source's answer is not valid: {issues[0].get('diagnostics', 'invalid')}"
+    return str(exc)
+
+
+def _before(handled: _Handled | None, gap: Gap) -> _Handled | None:
+    """What is handled when a gap is not: the events before it."""
+    if handled is None or gap.first <= 0:
+        return None
+    return replace(handled, highest=min(handled.highest, gap.first - 1))
 
 
 def _stripe(pseudonym: str) -> int:

@@ -45,6 +45,7 @@ from medmesh_ingest.outcomes import (
     INVALID_FHIR,
     NOT_FHIR,
     TOO_LARGE,
+    FhirRejected,
     Issue,
     rejected,
     rejection,
@@ -93,8 +94,13 @@ BUNDLE_TYPES = frozenset(
         "collection",
     }
 )
-# R5 adds one Bundle type: the Subscription notification.
+# R4B added one Bundle type, R5 kept it: the Subscription notification.
 R5_BUNDLE_TYPES = BUNDLE_TYPES | {"subscription-notification"}
+BUNDLE_TYPES_BY_VERSION: Mapping[FhirVersion, frozenset[str]] = {
+    "R4": BUNDLE_TYPES,
+    "R4B": R5_BUNDLE_TYPES,
+    "R5": R5_BUNDLE_TYPES,
+}
 NOTIFICATION_TYPES = frozenset(
     {"handshake", "heartbeat", "event-notification", "query-status", "query-event"}
 )
@@ -102,8 +108,14 @@ HTTP_VERBS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"})
 
 ACCEPTED_BUNDLE_TYPES = ("collection", "batch", "transaction", "message")
 # Bundle types accepted only as Subscription notifications (first entry a SubscriptionStatus;
-# in R4, the Subscriptions Backport IG's Parameters).
-NOTIFICATION_BUNDLE_TYPES = {"R4": "history", "R4B": "history", "R5": "subscription-notification"}
+# in R4, the Subscriptions Backport IG's Parameters). R4 and R4B senders follow the backport IG
+# (a history Bundle); R4B also has the subscription-notification type R5 uses, which is read
+# the same way.
+NOTIFICATION_BUNDLE_TYPES: Mapping[FhirVersion, frozenset[str]] = {
+    "R4": frozenset({"history"}),
+    "R4B": frozenset({"history", "subscription-notification"}),
+    "R5": frozenset({"subscription-notification"}),
+}
 
 # Coded elements checked per resource type: (element, allowed codes, value set name).
 _CODED_ELEMENTS: Mapping[str, tuple[tuple[str, frozenset[str], str], ...]] = {
@@ -192,6 +204,12 @@ class Notification:
     type: str
     # References (``Type/id`` or absolute URLs) of id-only content, to fetch from the source.
     id_only: tuple[str, ...] = ()
+    # The Subscription it is about (its reference as the status gives it), and its event
+    # counters: how many events the source has sent since the subscription started, and the
+    # numbers of the events this notification carries (see ``subscriptions.py``).
+    subscription: str | None = None
+    events_since_start: int | None = None
+    event_numbers: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -667,7 +685,7 @@ def _bundle_entries(
     bundle: Any, version: FhirVersion, checks: _Checks
 ) -> tuple[list[ParsedResource], Notification | None]:
     bundle_type = _check_bundle_type(bundle.type, version)
-    if bundle_type == NOTIFICATION_BUNDLE_TYPES[version]:
+    if bundle_type in NOTIFICATION_BUNDLE_TYPES[version]:
         return _notification_entries(bundle, version)
     needs_request = bundle_type in ("batch", "transaction")
     entries: list[ParsedResource] = []
@@ -709,7 +727,8 @@ def _notification_entries(
 ) -> tuple[list[ParsedResource], Notification]:
     """A Subscription notification: its status first (a SubscriptionStatus; in R4 a backport
     Parameters), then full or id-only content."""
-    notification_type, foci = _notification_status(bundle, version)
+    _raise_if_errors(list(_history_entry_issues(bundle)))
+    status = _notification_status(bundle, version)
     entries: list[ParsedResource] = []
     carried: set[str] = set()
     named: list[str] = []
@@ -720,19 +739,69 @@ def _notification_entries(
             carried.update(r for r in (parsed.reference, entry.fullUrl) if r)
         elif entry.fullUrl:
             named.append(entry.fullUrl)
-    named.extend(foci)
+    named.extend(status.foci)
     id_only = tuple(
         dict.fromkeys(r for r in named if r not in carried and not _carried(r, carried))
     )
-    return entries, Notification(notification_type, id_only)
+    return entries, Notification(
+        status.type, id_only, status.subscription, status.events_since_start, status.event_numbers
+    )
 
 
-def _notification_status(bundle: Any, version: FhirVersion) -> tuple[str, list[str]]:
+@dataclass(frozen=True)
+class _Status:
+    """What a notification's first entry says, whichever resource carried it."""
+
+    type: str
+    foci: list[str]
+    subscription: str | None
+    events_since_start: int | None
+    event_numbers: tuple[int, ...]
+
+
+def _event_count(value: object, path: str) -> int | None:
+    """An event counter (an integer64, a string in R4 and R4B): None when absent; 422 naming
+    the element (never the value) when it is not a whole number of 0 or more."""
+    if value is None:
+        return None
+    text = str(value)
+    if not text.isdigit() or len(text) > 19:
+        raise rejected(
+            INVALID_FHIR,
+            "value",
+            f"{path} is not an event count (a whole number of 0 or more).",
+            [path],
+        )
+    return int(text)
+
+
+def _history_entry_issues(bundle: Any) -> Iterator[Issue]:
+    """bdl-3 and bdl-4: every entry of a history Bundle (a backport IG notification) carries a
+    request and a response (a subscription-notification Bundle may, need not). Only the entry's
+    index and the rule are named, never a value."""
+    if bundle.type != "history":
+        return
+    for i, entry in enumerate(bundle.entry or ()):
+        for element, rule in (("request", "bdl-3"), ("response", "bdl-4")):
+            if getattr(entry, element) is None:
+                path = f"Bundle.entry[{i}].{element}"
+                yield Issue(
+                    "error",
+                    "required",
+                    f"{path} is required: every entry of a history Bundle has a {element} "
+                    f"({rule}; the Subscriptions backport IG's notifications carry them too).",
+                    (path,),
+                )
+
+
+def _notification_status(bundle: Any, version: FhirVersion) -> _Status:
     """The notification's type and the focus references of its events, from its first entry:
     an R4B or R5 SubscriptionStatus, or the R4 backport IG's Parameters (R4 has no
     SubscriptionStatus)."""
-    bundle_type = NOTIFICATION_BUNDLE_TYPES[version]
+    bundle_type = str(bundle.type)
     status_type = "Parameters" if version == "R4" else "SubscriptionStatus"
+    if version != "R4" and _first_resource_type(bundle) == "Parameters":
+        raise _r4_status_not_r4(version)
     _raise_if_errors(_first_entry_issues(bundle, status_type, bundle_type))
     status = bundle.entry[0].resource
     where = "Bundle.entry[0].resource"
@@ -747,17 +816,68 @@ def _notification_status(bundle: Any, version: FhirVersion) -> tuple[str, list[s
                 f"{path} is not a code of the subscription-notification-type value set.",
                 [path],
             )
-        return str(read.type), [event.focus for event in read.events if event.focus]
+        return _Status(
+            str(read.type),
+            [event.focus for event in read.events if event.focus],
+            read.subscription,
+            _event_count(read.events_since_start, f"{where}.{r4.EVENTS_SINCE_START_PATH}"),
+            tuple(
+                number
+                for i, event in enumerate(read.events)
+                if (number := _event_count(event.number, f"{where}.{r4.event_number_path(i)}"))
+                is not None
+            ),
+        )
     _raise_if_errors(list(_coded_element_issues(ParsedResource(status, where))))
     if status.type is None:
         path = f"{where}.type"
         raise rejected(INVALID_FHIR, "required", f"{path} is required.", [path])
-    foci = [
-        event.focus.reference
-        for event in status.notificationEvent or ()
-        if event.focus is not None and event.focus.reference
-    ]
-    return str(status.type), foci
+    events = status.notificationEvent or ()
+    return _Status(
+        str(status.type),
+        [
+            event.focus.reference
+            for event in events
+            if event.focus is not None and event.focus.reference
+        ],
+        status.subscription.reference if status.subscription is not None else None,
+        _event_count(status.eventsSinceSubscriptionStart, f"{where}.eventsSinceSubscriptionStart"),
+        tuple(
+            number
+            for i, event in enumerate(events)
+            if (
+                number := _event_count(
+                    event.eventNumber, f"{where}.notificationEvent[{i}].eventNumber"
+                )
+            )
+            is not None
+        ),
+    )
+
+
+def _first_resource_type(bundle: Any) -> str | None:
+    first = (bundle.entry or [None])[0]
+    if first is None or first.resource is None:
+        return None
+    return str(first.resource.get_resource_type())
+
+
+def _r4_status_not_r4(version: FhirVersion) -> FhirRejected:
+    """A notification whose status is the backport IG's R4 Parameters, read as another version
+    (usually: sent without ``fhirVersion``, so read as the default R4B)."""
+    path = "Bundle.entry[0].resource"
+    release = "R5 (fhirVersion=5.0)" if version == "R5" else "R4B (fhirVersion 4.3, the default)"
+    return rejected(
+        INVALID_FHIR,
+        "invalid",
+        f"{path} is a Parameters: the Subscriptions backport IG's R4 notification status "
+        f"(backport-subscription-status-r4), but the payload was read as {release}, whose "
+        "notifications start with a SubscriptionStatus. Send an R4 notification with "
+        "'Content-Type: application/fhir+json; fhirVersion=4.0' (on the inbound topic, a "
+        "content-type header saying so), or configure the source's fhir_version as R4; or send "
+        f"a SubscriptionStatus first as {version}.",
+        [path],
+    )
 
 
 def _carried(reference: str, carried: set[str]) -> bool:
@@ -771,7 +891,7 @@ def _carried(reference: str, carried: set[str]) -> bool:
 def _check_bundle_type(bundle_type: str | None, version: FhirVersion) -> str:
     if bundle_type is None:
         raise rejected(INVALID_FHIR, "required", "Bundle.type is required.", ["Bundle.type"])
-    known = R5_BUNDLE_TYPES if version == "R5" else BUNDLE_TYPES
+    known = BUNDLE_TYPES_BY_VERSION[version]
     if bundle_type not in known:
         raise rejected(
             INVALID_FHIR,
@@ -779,7 +899,7 @@ def _check_bundle_type(bundle_type: str | None, version: FhirVersion) -> str:
             f"Bundle.type is not a code of the {version} bundle-type value set.",
             ["Bundle.type"],
         )
-    accepted = (*ACCEPTED_BUNDLE_TYPES, NOTIFICATION_BUNDLE_TYPES[version])
+    accepted = (*ACCEPTED_BUNDLE_TYPES, *sorted(NOTIFICATION_BUNDLE_TYPES[version]))
     if bundle_type not in accepted:
         raise rejected(
             INVALID_FHIR,

@@ -1,0 +1,131 @@
+"""Missed Subscription notifications: found from the event counters, asked for again.
+
+A source numbers the events of each subscription (the Subscriptions backport IG and R5:
+``notificationEvent.eventNumber``, and ``eventsSinceSubscriptionStart`` on every notification,
+heartbeats and handshakes included). Ingest keeps, per source and subscription, the highest
+event number it has handled. A notification whose numbers jump past it, or whose
+``eventsSinceSubscriptionStart`` exceeds it, shows events that never arrived (lost on the way,
+sent while ingest answered 5xx and given up by the source); ``progress`` says which. The service
+then asks the source for them with the IG's ``$events`` operation and processes them as if
+notified (``service.IngestService``). Events at or below the highest number are not handled
+twice: a notification carrying only those (a late original, a resend) is acknowledged, nothing
+else.
+
+The first notification seen of a subscription sets where counting starts (nothing before it is
+asked for: that may be the subscription's whole history; a handshake starts at its counter, 0
+for a new subscription). The highest number moves only once what the notification caused is
+committed to Kafka, so a notification answered 503 and resent is not taken for a duplicate.
+
+The numbers are held in memory (``SubscriptionProgress``): after a restart the first
+notification of each subscription starts counting again, so a gap spanning the restart is not
+seen. Keeping them on a compacted topic, keyed by source and subscription and written in the
+transaction of the requests they caused (as the readings states are), would close that; left.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from opentelemetry.metrics import Counter
+
+from medmesh_runtime.metrics import meter
+
+# Most events asked for in one recovery: a source that restarted its numbering (or a wrong
+# counter) must not make ingest ask for millions of events at once. Beyond it the newest are
+# asked for and the rest is reported as lost.
+MAX_RECOVERED_EVENTS = 1000
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Events a subscription's source sent that were not received: ``first`` to ``last``."""
+
+    first: int
+    last: int
+
+    @property
+    def size(self) -> int:
+        """How many events are missing."""
+        return self.last - self.first + 1
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What one notification's counters say, against the highest event number handled."""
+
+    # Events missed before (or between) this notification's, to ask the source for.
+    gap: Gap | None
+    # The notification carries numbered events and all of them were already handled.
+    stale: bool
+    # The highest event number once this notification (and the gap) is handled.
+    highest: int | None
+
+
+def progress(
+    highest: int | None,
+    *,
+    notification_type: str,
+    events_since_start: int | None,
+    event_numbers: tuple[int, ...],
+) -> Progress:
+    """Where a notification stands, given the highest event number handled (None: the
+    subscription was never seen)."""
+    top_event = max(event_numbers, default=None)
+    top = max((n for n in (top_event, events_since_start) if n is not None), default=None)
+    if highest is None:
+        if notification_type == "handshake":
+            return Progress(None, False, events_since_start or 0)
+        return Progress(None, False, top)
+    fresh = {n for n in event_numbers if n > highest}
+    stale = bool(event_numbers) and not fresh
+    if top is None or top <= highest:
+        return Progress(None, stale, highest)
+    # The missing events lie between the lowest and highest number neither handled nor here
+    # (walked over this notification's own numbers only: bounded by its entries).
+    first, last = highest + 1, top
+    while first in fresh:
+        first += 1
+    while last in fresh:
+        last -= 1
+    if first > last:
+        return Progress(None, stale, top)
+    return Progress(Gap(max(first, last - MAX_RECOVERED_EVENTS + 1), last), stale, top)
+
+
+def subscription_id(reference: str) -> str | None:
+    """The logical id in a Subscription reference (``.../Subscription/<id>``); None when the
+    reference names no Subscription."""
+    parts = reference.rstrip("/").split("/")
+    if len(parts) >= 2 and parts[-2] == "Subscription" and parts[-1]:
+        return parts[-1]
+    return None
+
+
+class SubscriptionProgress:
+    """The highest event number handled, per source and subscription (in memory)."""
+
+    def __init__(self) -> None:
+        self._highest: dict[tuple[str, str], int] = {}
+
+    def highest(self, source: str, subscription: str) -> int | None:
+        """The highest event number handled of this subscription; None: never seen."""
+        return self._highest.get((source, subscription))
+
+    def advance(self, source: str, subscription: str, highest: int) -> None:
+        """Record that events up to ``highest`` are handled (never moves back)."""
+        key = (source, subscription)
+        self._highest[key] = max(highest, self._highest.get(key, highest))
+
+
+@functools.cache
+def gaps_counter() -> Counter:
+    """Missed-event gaps found, by outcome (recovered / failed); no subscription or patient
+    label: which subscription is in the log line."""
+    # Built once: OpenTelemetry's proxy meter binds it to the provider once metrics are set up.
+    return meter("medmesh.ingest").create_counter(
+        "medmesh.ingest.subscription_gaps",
+        unit="{gap}",
+        description="Subscription notifications found missing from the event counters, by "
+        "whether the source gave them again ($events)",
+    )

@@ -1,0 +1,189 @@
+"""Missed Subscription notifications, end to end through the ingest app on the in-memory
+broker: a gap in the event numbers (or a heartbeat's counter) is asked of the source with the
+backport IG's $events and processed as if notified; events already handled are not processed
+twice; a source that cannot answer leaves a warning and a counted gap, never a crash."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from medmesh_contracts.events import RequestInference
+from medmesh_runtime.metrics import prometheus_text
+from tests.service.conftest import FIXTURES
+from tests.service.test_ingest_app import Harness, running, settings
+
+BASE = "https://ehr.st-elsewhere.example/fhir"
+EVENTS_URL = f"{BASE}/Subscription/medmesh-vitals/$events"
+
+
+def _load(name: str) -> Any:
+    return json.loads((FIXTURES / name).read_text())
+
+
+async def _post(harness: Harness, payload: Any) -> httpx.Response:
+    return await harness.client.post(
+        "/fhir",
+        content=json.dumps(payload).encode(),
+        headers={"content-type": "application/fhir+json"},
+    )
+
+
+def _requests(harness: Harness) -> list[RequestInference]:
+    return [RequestInference.model_validate_json(v) for v in harness.captured.requests]
+
+
+def _inputs(request: RequestInference) -> dict[str, float]:
+    return {i.name: i.value for i in request.inputs}
+
+
+def _heartbeat(since: int) -> Any:
+    heartbeat = _load("subscription-heartbeat.json")
+    heartbeat["entry"][0]["resource"]["eventsSinceSubscriptionStart"] = str(since)
+    return heartbeat
+
+
+def _gap_count(outcome: str) -> float:
+    for line in prometheus_text().decode().splitlines():
+        if line.startswith("medmesh_ingest_subscription_gaps_total{") and (
+            f'outcome="{outcome}"' in line
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _source(seen: list[httpx.Request], status: int = 200) -> httpx.MockTransport:
+    """The EHR's FHIR server: answers $events with the recovered-events fixture (or ``status``)."""
+    recovered = (FIXTURES / "subscription-events-recovered.json").read_bytes()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if str(request.url).split("?")[0] != EVENTS_URL or status != 200:
+            return httpx.Response(status if status != 200 else 404)
+        return httpx.Response(200, content=recovered)
+
+    return httpx.MockTransport(answer)
+
+
+@pytest.fixture
+async def ehr_source() -> Any:
+    """Ingest with a FHIR server configured for its default source (token ``fetch-secret``)."""
+    configured = settings(source_base_url=BASE, source_token="fetch-secret")  # noqa: S106 -- a test token
+    async with running(configured) as harness:
+        yield harness
+
+
+async def test_jump_in_event_numbers_is_recovered_with_events(ehr_source: Harness) -> None:
+    """Events 1-7, then event 10: ingest asks $events for 8 to 9 (full resources, with the
+    source's token) and the request it sends holds the recovered readings."""
+    seen: list[httpx.Request] = []
+    ehr_source.ingest.http_client = httpx.AsyncClient(transport=_source(seen))
+    before = _gap_count("recovered")
+    assert (await _post(ehr_source, _load("subscription-event-full.json"))).status_code == 202
+    response = await _post(ehr_source, _load("subscription-event-gap.json"))
+    assert response.status_code == 202, response.text
+    [asked] = seen
+    assert str(asked.url).split("?")[0] == EVENTS_URL
+    assert dict(asked.url.params) == {
+        "eventsSinceNumber": "8",
+        "eventsUntilNumber": "9",
+        "content": "full-resource",
+    }
+    assert asked.headers["authorization"] == "Bearer fetch-secret"
+    # As if notified: the missed events' readings are merged first (one request, as their own
+    # notification would have made), then the notification's own.
+    _, recovered, notified = _requests(ehr_source)
+    assert _inputs(recovered) | {"heart_rate": 0} == _inputs(notified) | {"heart_rate": 0}
+    assert (_inputs(recovered)["respiratory_rate"], _inputs(recovered)["spo2"]) == (20, 95)
+    assert (_inputs(recovered)["heart_rate"], _inputs(notified)["heart_rate"]) == (118, 104)
+    assert "asked for again" in json.dumps(response.json())
+    assert _gap_count("recovered") == before + 1
+
+
+async def test_heartbeat_counter_shows_missed_events(ehr_source: Harness) -> None:
+    """A heartbeat saying 9 events were sent after events 1-7 were handled: events 8-9 are
+    recovered and scored, though a heartbeat alone scores nothing."""
+    seen: list[httpx.Request] = []
+    ehr_source.ingest.http_client = httpx.AsyncClient(transport=_source(seen))
+    await _post(ehr_source, _load("subscription-event-full.json"))
+    response = await _post(ehr_source, _heartbeat(9))
+    assert response.status_code == 202, response.text
+    assert len(seen) == 1
+    assert len(_requests(ehr_source)) == 2
+    # Nothing is missing any more: the next heartbeat asks nothing.
+    assert (await _post(ehr_source, _heartbeat(9))).status_code == 200
+    assert len(seen) == 1
+
+
+async def test_late_original_is_not_processed_twice(ehr_source: Harness) -> None:
+    """After events 8-9 were recovered, their original notification arriving late is
+    acknowledged as already handled: no request, no state, no $events."""
+    seen: list[httpx.Request] = []
+    ehr_source.ingest.http_client = httpx.AsyncClient(transport=_source(seen))
+    await _post(ehr_source, _load("subscription-event-full.json"))
+    await _post(ehr_source, _load("subscription-event-gap.json"))
+    requests, states = len(ehr_source.captured.requests), len(ehr_source.captured.states)
+    original = _load("subscription-events-recovered.json")
+    original["entry"][0]["resource"]["type"] = "event-notification"
+    response = await _post(ehr_source, original)
+    assert response.status_code == 200, response.text
+    assert response.json()["issue"][0]["code"] == "duplicate"
+    assert len(ehr_source.captured.requests) == requests
+    assert len(ehr_source.captured.states) == states
+    assert len(seen) == 1
+
+
+async def test_source_that_cannot_answer_events_leaves_a_warning(ehr_source: Harness) -> None:
+    """$events answered 501: the notification itself is still processed (202), the answer
+    warns which events are missing, the gap is counted as failed, and the next notification
+    asks for them again."""
+    seen: list[httpx.Request] = []
+    ehr_source.ingest.http_client = httpx.AsyncClient(transport=_source(seen, status=501))
+    before = _gap_count("failed")
+    await _post(ehr_source, _load("subscription-event-full.json"))
+    response = await _post(ehr_source, _load("subscription-event-gap.json"))
+    assert response.status_code == 202, response.text
+    warnings = [i for i in response.json()["issue"] if i["severity"] == "warning"]
+    assert any("events 8 to 9" in w["diagnostics"] and "501" in w["diagnostics"] for w in warnings)
+    assert _gap_count("failed") == before + 1
+    await _post(ehr_source, _heartbeat(10))
+    assert len(seen) == 2
+    assert dict(seen[1].url.params)["eventsSinceNumber"] == "8"
+
+
+async def test_gap_without_a_source_server_is_reported() -> None:
+    """No FHIR server configured for the source: the gap is reported in the answer (a
+    warning), the notification processed."""
+    async with running(settings()) as harness:
+        await _post(harness, _load("subscription-event-full.json"))
+        response = await _post(harness, _load("subscription-event-gap.json"))
+    assert response.status_code == 202, response.text
+    assert "no FHIR server is configured" in json.dumps(response.json())
+
+
+async def test_inbound_topic_recovers_missed_events(ehr_source: Harness) -> None:
+    """The same on medmesh.fhir.inbound: event 10 after 1-7 recovers 8-9 before it commits."""
+    seen: list[httpx.Request] = []
+    ehr_source.ingest.http_client = httpx.AsyncClient(transport=_source(seen))
+    await ehr_source.inbound((FIXTURES / "subscription-event-full.json").read_bytes())
+    await ehr_source.inbound((FIXTURES / "subscription-event-gap.json").read_bytes())
+    assert len(seen) == 1
+    _, recovered, notified = _requests(ehr_source)
+    assert _inputs(recovered)["respiratory_rate"] == 20
+    assert _inputs(notified)["heart_rate"] == 104
+
+
+async def test_notification_answered_503_is_not_taken_for_a_duplicate(
+    ehr_source: Harness,
+) -> None:
+    """Kafka refuses the commit of events 1-7 (503): the highest event handled does not move,
+    so the sender's resend is processed (202), not acknowledged as already handled."""
+    ehr_source.kafka.fail_sends = 1
+    first = await _post(ehr_source, _load("subscription-event-full.json"))
+    assert first.status_code == 503
+    resent = await _post(ehr_source, _load("subscription-event-full.json"))
+    assert resent.status_code == 202, resent.text
+    assert len(_requests(ehr_source)) == 1

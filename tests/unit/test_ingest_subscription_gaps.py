@@ -1,0 +1,245 @@
+"""Subscription notifications as EHRs send them: the Bundle rules of a history notification,
+R4B's subscription-notification type, the event counters read in R4, R4B and R5, and the pure
+logic that finds missed events from them (medmesh_ingest.subscriptions)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from medmesh_contracts.events import FhirVersion
+from medmesh_ingest.fetch import events_url
+from medmesh_ingest.outcomes import FhirRejected
+from medmesh_ingest.subscriptions import (
+    MAX_RECOVERED_EVENTS,
+    Gap,
+    SubscriptionProgress,
+    progress,
+    subscription_id,
+)
+from medmesh_ingest.validation import Limits, parse
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "fhir"
+SUBSCRIPTION = "https://ehr.st-elsewhere.example/fhir/Subscription/medmesh-vitals"
+
+
+def fixture(name: str) -> Any:
+    return json.loads((FIXTURES / name).read_text())
+
+
+def rejection(payload: dict[str, Any], version: FhirVersion = "R4B") -> FhirRejected:
+    with pytest.raises(FhirRejected) as caught:
+        parse(json.dumps(payload).encode(), None, version, Limits())
+    return caught.value
+
+
+def _issues(rejected: FhirRejected) -> list[dict[str, Any]]:
+    return list(rejected.outcome["issue"])
+
+
+# --- bdl-3 / bdl-4 ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "version"),
+    [("subscription-event-full.json", "R4B"), ("r4-subscription-event-full.json", "R4")],
+)
+@pytest.mark.parametrize(("element", "rule"), [("request", "bdl-3"), ("response", "bdl-4")])
+def test_history_entry_without_request_or_response_is_refused(
+    name: str, version: FhirVersion, element: str, rule: str
+) -> None:
+    """A history notification whose entry lacks request (bdl-3) or response (bdl-4) is 422,
+    naming the entry's index and the rule, never a value of the entry."""
+    bundle = fixture(name)
+    del bundle["entry"][3][element]
+    rejected = rejection(bundle, version)
+    assert rejected.status == 422
+    [issue] = _issues(rejected)
+    assert issue["expression"] == [f"Bundle.entry[3].{element}"]
+    assert rule in issue["diagnostics"]
+    assert "example-subscription" not in json.dumps(rejected.outcome)
+
+
+def test_the_status_entry_needs_request_and_response_too() -> None:
+    """The SubscriptionStatus entry of a history Bundle is an entry like the others: both
+    missing are two issues at entry 0."""
+    bundle = fixture("subscription-heartbeat.json")
+    del bundle["entry"][0]["request"], bundle["entry"][0]["response"]
+    expressions = [i["expression"][0] for i in _issues(rejection(bundle))]
+    assert expressions == ["Bundle.entry[0].request", "Bundle.entry[0].response"]
+
+
+def test_subscription_notification_entries_need_neither() -> None:
+    """A subscription-notification Bundle (R5) may leave request and response out."""
+    payload = parse((FIXTURES / "r5-subscription-notification.json").read_bytes(), None, "R5")
+    assert payload.notification is not None
+    assert payload.notification.type == "event-notification"
+
+
+# --- R4B's subscription-notification type -------------------------------------------------------
+
+
+def test_r4b_reads_the_subscription_notification_bundle_type() -> None:
+    """R4B has the subscription-notification Bundle type: a SubscriptionStatus-first Bundle of
+    that type is a notification in R4B, with its counters."""
+    bundle = fixture("subscription-event-full.json")
+    bundle["type"] = "subscription-notification"
+    payload = parse(json.dumps(bundle).encode(), None, "R4B")
+    assert payload.notification is not None
+    assert payload.notification.event_numbers == (1, 2, 3, 4, 5, 6, 7)
+
+
+def test_r4_has_no_subscription_notification_bundle_type() -> None:
+    """R4's bundle-type value set has no subscription-notification: 422 at Bundle.type."""
+    bundle = fixture("r4-subscription-event-full.json")
+    bundle["type"] = "subscription-notification"
+    [issue] = _issues(rejection(bundle, "R4"))
+    assert issue["expression"] == ["Bundle.type"]
+
+
+# --- a Parameters-first notification read as R4B ------------------------------------------------
+
+
+def test_r4_status_sent_without_fhir_version_says_what_to_send() -> None:
+    """The backport IG's R4 Parameters first, read as R4B (no fhirVersion): 422 saying the
+    first entry is the R4 status and naming fhirVersion=4.0 as the fix."""
+    [issue] = _issues(rejection(fixture("r4-subscription-event-full.json"), "R4B"))
+    assert issue["expression"] == ["Bundle.entry[0].resource"]
+    text = issue["diagnostics"]
+    assert "backport-subscription-status-r4" in text
+    assert "fhirVersion=4.0" in text
+    assert "read as R4B" in text
+
+
+# --- event counters -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "version"),
+    [
+        ("subscription-event-full.json", "R4B"),
+        ("r4-subscription-event-full.json", "R4"),
+        ("r5-subscription-notification.json", "R5"),
+    ],
+)
+def test_event_counters_are_read_in_every_version(name: str, version: FhirVersion) -> None:
+    """The subscription, eventsSinceSubscriptionStart and each event's number are read from
+    the R4B / R5 SubscriptionStatus and the R4 backport Parameters alike."""
+    payload = parse((FIXTURES / name).read_bytes(), None, version)
+    notification = payload.notification
+    assert notification is not None
+    assert notification.subscription == SUBSCRIPTION
+    assert notification.events_since_start == 7
+    assert notification.event_numbers == (1, 2, 3, 4, 5, 6, 7)
+
+
+def test_a_counter_that_is_not_a_number_is_refused_without_its_value() -> None:
+    """An eventNumber that is not a whole number is 422 at the element; the value is not
+    echoed."""
+    bundle = fixture("subscription-event-full.json")
+    bundle["entry"][0]["resource"]["notificationEvent"][2]["eventNumber"] = "-3x"
+    [issue] = _issues(rejection(bundle))
+    assert issue["expression"] == ["Bundle.entry[0].resource.notificationEvent[2].eventNumber"]
+    assert "-3x" not in issue["diagnostics"]
+
+
+# --- the gap logic ------------------------------------------------------------------------------
+
+
+def _progress(
+    highest: int | None, numbers: tuple[int, ...] = (), since: int | None = None, kind: str = ""
+) -> Any:
+    return progress(
+        highest,
+        notification_type=kind or ("event-notification" if numbers else "heartbeat"),
+        events_since_start=since,
+        event_numbers=numbers,
+    )
+
+
+def test_first_notification_sets_where_counting_starts() -> None:
+    """A subscription never seen: no gap (its history is not asked for), counting from its
+    highest number."""
+    found = _progress(None, (12, 13), since=13)
+    assert (found.gap, found.stale, found.highest) == (None, False, 13)
+
+
+def test_first_handshake_starts_at_its_counter() -> None:
+    """A handshake of a new subscription starts the count at 0 (or at its counter)."""
+    assert _progress(None, kind="handshake").highest == 0
+    assert _progress(None, since=4, kind="handshake").highest == 4
+
+
+def test_next_events_in_order_are_no_gap() -> None:
+    """Events following the highest handled, with a matching counter: nothing missing."""
+    found = _progress(7, (8, 9), since=9)
+    assert (found.gap, found.stale, found.highest) == (None, False, 9)
+
+
+def test_a_jump_in_event_numbers_is_a_gap() -> None:
+    """Event 10 after 7: events 8 and 9 are missing."""
+    found = _progress(7, (10,), since=10)
+    assert found.gap == Gap(8, 9)
+    assert found.highest == 10
+
+
+def test_a_hole_between_the_notifications_own_events_is_a_gap() -> None:
+    """Events 8 and 11 in one notification: 9 and 10 are missing."""
+    assert _progress(7, (8, 11), since=11).gap == Gap(9, 10)
+
+
+def test_a_heartbeat_counter_beyond_the_highest_is_a_gap() -> None:
+    """A heartbeat saying 9 events were sent, 7 handled: 8 and 9 are missing."""
+    found = _progress(7, since=9)
+    assert found.gap == Gap(8, 9)
+    assert not found.stale
+
+
+def test_a_counter_beyond_the_notifications_events_is_a_gap() -> None:
+    """Events 8-9 carried, but 11 sent: 10 and 11 are missing (sent after, not received)."""
+    assert _progress(7, (8, 9), since=11).gap == Gap(10, 11)
+
+
+def test_events_already_handled_are_stale() -> None:
+    """A notification with only events at or below the highest (a late original, a resend)
+    is stale and moves nothing."""
+    found = _progress(9, (8, 9), since=9)
+    assert (found.gap, found.stale, found.highest) == (None, True, 9)
+
+
+def test_a_heartbeat_is_never_stale() -> None:
+    """A notification without numbered events is not stale, whatever its counter."""
+    assert not _progress(9, since=5).stale
+
+
+def test_a_huge_gap_asks_for_the_newest_events_only() -> None:
+    """A counter far beyond the highest asks for at most MAX_RECOVERED_EVENTS events, the
+    newest."""
+    gap = _progress(7, since=1_000_000).gap
+    assert gap == Gap(1_000_000 - MAX_RECOVERED_EVENTS + 1, 1_000_000)
+    assert gap.size == MAX_RECOVERED_EVENTS
+
+
+def test_progress_never_moves_back() -> None:
+    """The highest handled only grows, per source and subscription."""
+    store = SubscriptionProgress()
+    store.advance("ehr", SUBSCRIPTION, 9)
+    store.advance("ehr", SUBSCRIPTION, 4)
+    store.advance("other", SUBSCRIPTION, 2)
+    assert store.highest("ehr", SUBSCRIPTION) == 9
+    assert store.highest("other", SUBSCRIPTION) == 2
+    assert store.highest("ehr", "Subscription/else") is None
+
+
+def test_events_url_is_on_the_source_server_only() -> None:
+    """$events is asked of the subscription on the source's server; a subscription elsewhere
+    (or not a Subscription) gives no URL."""
+    base = "https://ehr.st-elsewhere.example/fhir"
+    assert events_url(base, SUBSCRIPTION) == f"{SUBSCRIPTION}/$events"
+    assert events_url(base, "Subscription/abc") == f"{base}/Subscription/abc/$events"
+    assert events_url(base, "https://evil.example/fhir/Subscription/abc") is None
+    assert events_url(base, "Observation/abc") is None
+    assert subscription_id(SUBSCRIPTION) == "medmesh-vitals"
