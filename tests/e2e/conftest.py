@@ -1,8 +1,9 @@
 """End-to-end fixtures: the real Kafka broker, the real Triton server, the real PACS (Orthanc
-with DICOMweb, seeded with the demo studies) and the four services, started once per test session
+with DICOMweb, seeded with the demo studies), the real FHIR server (HAPI's JPA server) and the
+four services, started once per test session
 exactly as `medmesh up` starts them (on separate ports).
 
-If Kafka, Triton or Orthanc cannot start (or Orthanc is not installed), every end-to-end test
+If Kafka, Triton, Orthanc or the FHIR server cannot start (or Orthanc is not installed), every end-to-end test
 errors with the reason: never a skip.
 """
 
@@ -52,14 +53,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def stack() -> Iterator[Stack]:
     """The whole local stack, started once for the session and stopped at its end."""
     config = StackConfig(
-        ports=E2E_PORTS, state_dir=run_dir(f"e2e-{E2E_PORT_BASE}"), kafka_heap="512m", partitions=2
+        ports=E2E_PORTS,
+        state_dir=run_dir(f"e2e-{E2E_PORT_BASE}"),
+        kafka_heap="512m",
+        partitions=2,
+        # The FHIR server runs, but the stack's reporting does not deliver to it: the other
+        # tests' patients are not on it, and the delivery tests run their own delivery loops.
+        deliver_reports=False,
     )
     running = Stack(config)
     try:
         running.start(timeout_s=240)
     except Exception as exc:  # noqa: BLE001 -- re-raised as a failure that names the broken part
         pytest.fail(
-            f"the end-to-end stack did not start (Kafka, Triton, Orthanc or a service): {exc}",
+            f"the end-to-end stack did not start (Kafka, Triton, Orthanc, the FHIR server or a "
+            f"service): {exc}",
             pytrace=False,
         )
     yield running

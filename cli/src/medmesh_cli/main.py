@@ -25,7 +25,7 @@ from medmesh_cli.bench.pipeline import load_template, run_load, vitals_events
 from medmesh_cli.bench.stats import markdown_table
 from medmesh_cli.devstack.overlay import with_overlay
 from medmesh_cli.devstack.paths import repo_root, run_dir
-from medmesh_cli.devstack.stack import READY, Stack, StackConfig
+from medmesh_cli.devstack.stack import READY, Stack, StackConfig, ready_summary
 from medmesh_cli.devstack.studies import DEMO_STUDIES, imaging_study
 from medmesh_cli.logfiles import follow as follow_log
 from medmesh_cli.logfiles import log_files, tail
@@ -102,8 +102,7 @@ def up(
         _start(stack, logs)
         console.print(
             f"[bold green]medmesh is up[/] in {time.monotonic() - started:.1f}s: "
-            f"POST FHIR to {config.ingest_url}/fhir; logs: `medmesh logs NAME` "
-            f"(files in {config.state_dir})",
+            f"{ready_summary(config)}",
             soft_wrap=True,
         )
         asyncio.run(_serve(stack, demo, signals))

@@ -4,6 +4,8 @@ broker, HAPI's FHIR validator): each part's pom in deploy/ lists them, and
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -32,3 +34,44 @@ def copy_dependencies(mvn: str, pom: Path, lib: Path, what: str) -> None:
             f"{what}: Maven could not resolve the jars of {pom}:\n"
             f"{result.stdout[-3000:]}{result.stderr[-3000:]}"
         )
+
+
+def ensure_java_launcher(project: Path, root: Path, what: str) -> tuple[Path, Path]:
+    """The jars of ``project``'s pom resolved into ``root``/lib (once) and its launcher sources
+    (``project``/src/main/java) compiled with javac into ``root``/classes-<hash of the sources>
+    (once per source): (lib, classes). RuntimeError naming ``what`` when Maven, javac or the
+    sources are missing or fail."""
+    lib = root / "lib"
+    if not (lib / ".complete").exists():
+        mvn = shutil.which("mvn")
+        if mvn is None:
+            raise RuntimeError(
+                f"{what}: 'mvn' (Apache Maven) is not on PATH; it fetches the jars once"
+            )
+        copy_dependencies(mvn, project / "pom.xml", lib, what)
+        (lib / ".complete").write_text("")
+    sources = sorted((project / "src" / "main" / "java").rglob("*.java"))
+    if not sources:
+        raise RuntimeError(f"{what}: no launcher source under {project}/src/main/java")
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(source.read_bytes())
+    # Keyed by the sources' hash: an edited launcher is compiled afresh, an unchanged one never.
+    classes = root / f"classes-{digest.hexdigest()[:16]}"
+    if (classes / ".complete").exists():
+        return lib, classes
+    javac = shutil.which("javac")
+    if javac is None:
+        raise RuntimeError(f"{what}: 'javac' is not on PATH; a Java 17+ JDK compiles the launcher")
+    shutil.rmtree(classes, ignore_errors=True)
+    classes.mkdir(parents=True)
+    result = subprocess.run(
+        [javac, "-d", str(classes), "-cp", f"{lib}/*", *map(str, sources)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{what}: javac failed on the launcher:\n{result.stdout}{result.stderr}")
+    (classes / ".complete").write_text("")
+    return lib, classes

@@ -1,5 +1,5 @@
-"""The whole local stack: Kafka, Triton, Orthanc (the PACS) and the four services, each its own
-OS process.
+"""The whole local stack: Kafka, Triton, Orthanc (the PACS), HAPI FHIR (the hospital's FHIR
+server, which reporting delivers its reports to) and the four services, each its own OS process.
 
 Used by ``medmesh up`` and by the end-to-end test fixtures, so tests run exactly what users run.
 """
@@ -19,6 +19,14 @@ from typing import Literal
 
 import httpx
 
+from medmesh_cli.devstack.hapi_server import (
+    FhirServer,
+    FhirServerConfig,
+    demo_patients,
+    ensure_fhir_server,
+    fhir_server_cached,
+    put_patients,
+)
 from medmesh_cli.devstack.kafka import (
     KafkaConfig,
     KafkaServer,
@@ -49,7 +57,7 @@ Topology = Literal["services", "monolith"]
 StepCallback = Callable[[str, str], None]
 WAITING, STARTING, READY = "waiting", "starting", "ready"
 # The components besides the services, in the order Stack.start reports them.
-INFRASTRUCTURE_STEPS = ("kafka", "orthanc", "studies", "topics", "triton")
+INFRASTRUCTURE_STEPS = ("kafka", "orthanc", "studies", "topics", "triton", "fhir-server")
 
 # Stack.stop: how long services, then Triton and Kafka, get to stop on SIGTERM before SIGKILL.
 # Together with the SIGKILL waits they fit the promise that `medmesh up` stops within 15 s.
@@ -73,6 +81,8 @@ class StackPorts:
     console: int = 8190
     # Not Orthanc's usual 8042: a machine may run the orthanc package's own service there.
     orthanc_http: int = 8242
+    # HAPI FHIR's JPA server: the FHIR server reports are delivered to.
+    fhir_server: int = 8244
 
     @classmethod
     def from_base(cls, base: int) -> StackPorts:
@@ -89,6 +99,7 @@ class StackPorts:
             reporting=base + 90,
             console=base + 95,
             orthanc_http=base + 42,
+            fhir_server=base + 44,
         )
 
 
@@ -118,6 +129,8 @@ class StackConfig:
     # "services": one process per service; "monolith": the four stages in one process
     # (medmesh_monolith) on ingest's port, with Kafka only at the edges.
     topology: Topology = "services"
+    # Reporting delivers every report to the stack's FHIR server (MEDMESH_FHIR_SERVER_URL).
+    deliver_reports: bool = True
 
     @property
     def specs_dir(self) -> Path:
@@ -159,6 +172,32 @@ class StackConfig:
     def dicomweb_url(self) -> str:
         """Base URL of the PACS's DICOMweb API (QIDO-RS, WADO-RS, STOW-RS)."""
         return self.orthanc.dicomweb_url
+
+    @property
+    def fhir_server(self) -> FhirServerConfig:
+        """The stack's FHIR server: where it listens and keeps its database."""
+        return FhirServerConfig(
+            state_dir=self.state_dir / "fhir-server", port=self.ports.fhir_server
+        )
+
+    @property
+    def fhir_server_url(self) -> str:
+        """Base URL of the stack's FHIR server (the delivered reports are searchable there)."""
+        return self.fhir_server.base_url
+
+    @property
+    def console_url(self) -> str:
+        """The operator console's page."""
+        return f"http://127.0.0.1:{self.ports.console}/"
+
+
+def ready_summary(config: StackConfig) -> str:
+    """Where to go once the stack is up: FHIR in, the console, the reports on the FHIR server."""
+    return (
+        f"POST FHIR to {config.ingest_url}/fhir; console: {config.console_url}; "
+        f"reports: {config.fhir_server_url}/DiagnosticReport; logs: `medmesh logs NAME` "
+        f"(files in {config.state_dir})"
+    )
 
 
 def service_specs(config: StackConfig) -> list[ServiceSpec]:
@@ -213,6 +252,7 @@ def stack_ports(ports: StackPorts) -> set[int]:
         ports.reporting,
         ports.console,
         ports.orthanc_http,
+        ports.fhir_server,
     }
 
 
@@ -254,6 +294,8 @@ def service_environment(config: StackConfig, service: ServiceSpec) -> dict[str, 
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if config.deliver_reports:
+        env["MEDMESH_FHIR_SERVER_URL"] = config.fhir_server_url
     env.update(config.extra_env)
     env.update(service.env)
     return env
@@ -278,6 +320,9 @@ class Stack:
         )
         self.triton = self._new_triton()
         self.orthanc = OrthancServer(config.orthanc, echo=config.echo)
+        self.fhir_server = FhirServer(config.fhir_server, echo=config.echo)
+        # The Patients put on the FHIR server at start (the demo's), as references.
+        self.seeded_patients: list[str] = []
         # The studies seeded into the PACS at start (their UIDs are the same on every start).
         self.seeded_studies: list[StudyIdentity] = []
         self.services: dict[str, ManagedProcess] = {}
@@ -327,6 +372,12 @@ class Stack:
             target=self._start_triton, args=(triton_error,), name="triton-start", daemon=True
         )
         triton_thread.start()
+        # HAPI starts in a JVM of its own for tens of seconds, beside Kafka and Triton.
+        fhir_error: list[BaseException] = []
+        fhir_thread = threading.Thread(
+            target=self._start_fhir_server, args=(fhir_error,), name="fhir-start", daemon=True
+        )
+        fhir_thread.start()
         self._step("kafka", STARTING)
         if not kafka_jars_cached():
             self._step("kafka", "fetching the broker jars (Maven, first run only)")
@@ -349,6 +400,9 @@ class Stack:
         triton_thread.join()
         if triton_error:
             raise RuntimeError(f"Triton did not start: {triton_error[0]}") from triton_error[0]
+        fhir_thread.join()
+        if fhir_error:
+            raise RuntimeError(f"the FHIR server did not start: {fhir_error[0]}") from fhir_error[0]
         for service in services:
             self._step(service.name, STARTING)
             self._start_service(service)
@@ -364,6 +418,19 @@ class Stack:
         self._step("triton", READY)
         if self.config.echo:
             self._tail(self.config.state_dir / "triton.log", "triton")
+
+    def _start_fhir_server(self, errors: list[BaseException]) -> None:
+        self._step("fhir-server", STARTING)
+        try:
+            if not fhir_server_cached():
+                self._step("fhir-server", "fetching HAPI's jars (Maven, first run only)")
+            ensure_fhir_server()
+            self.fhir_server.start()
+            self.seeded_patients = put_patients(self.fhir_server.base_url, demo_patients())
+        except BaseException as exc:  # noqa: BLE001 -- handed to the starting thread, which raises it
+            errors.append(exc)
+            return
+        self._step("fhir-server", READY)
 
     def reconcile(self) -> list[str]:
         """Take in what was added while the stack runs (a hot deploy, locally): render every
@@ -546,6 +613,11 @@ class Stack:
         """Stop the PACS and start it again with its studies, on the same port."""
         self.orthanc.restart(down_s)
 
+    def restart_fhir_server(self, down_s: float = 0.0) -> None:
+        """Stop the FHIR server and start it again with its database, on the same port (an
+        outage that reporting's delivery must ride out)."""
+        self.fhir_server.restart(down_s)
+
     def exited(self) -> list[str]:
         """Names of the stack's processes that have exited on their own."""
         dead = [name for name, process in self.services.items() if not process.running()]
@@ -555,10 +627,13 @@ class Stack:
             dead.append("triton")
         if self.orthanc.exited():
             dead.append("orthanc")
+        if self.fhir_server.exited():
+            dead.append("fhir-server")
         return dead
 
     def stop(self) -> None:
-        """Stop services first (they flush to Kafka), then Triton, Orthanc and Kafka together.
+        """Stop services first (they flush to Kafka), then Triton, Orthanc, the FHIR server and
+        Kafka together.
         Each step sends SIGTERM to all its processes at once and SIGKILL to those still running
         after its grace, so the whole stop ends within about ``SERVICES_STOP_GRACE_S +
         INFRA_STOP_GRACE_S`` plus the SIGKILL waits. Calling it again finishes a stop that was
@@ -579,6 +654,14 @@ class Stack:
             daemon=True,
         )
         orthanc.start()
+        fhir_server = threading.Thread(
+            target=self.fhir_server.stop,
+            kwargs={"grace_s": INFRA_STOP_GRACE_S},
+            name="fhir-server-stop",
+            daemon=True,
+        )
+        fhir_server.start()
         self.kafka.stop(grace_s=INFRA_STOP_GRACE_S)
         triton.join()
         orthanc.join()
+        fhir_server.join()
