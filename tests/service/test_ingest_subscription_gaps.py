@@ -154,14 +154,39 @@ async def test_source_that_cannot_answer_events_leaves_a_warning(ehr_source: Har
     assert dict(seen[1].url.params)["eventsSinceNumber"] == "8"
 
 
-async def test_gap_without_a_source_server_is_reported() -> None:
+async def test_gap_without_a_source_server_is_reported_once() -> None:
     """No FHIR server configured for the source: the gap is reported in the answer (a
-    warning), the notification processed."""
+    warning) and the notification processed; nothing can ever recover it, so the next
+    notification does not report it again."""
     async with running(settings()) as harness:
         await _post(harness, _load("subscription-event-full.json"))
         response = await _post(harness, _load("subscription-event-gap.json"))
+        assert response.status_code == 202, response.text
+        assert "no FHIR server is configured" in json.dumps(response.json())
+        assert "not asked for again" in json.dumps(response.json())
+        heartbeat = await _post(harness, _heartbeat(10))
+    assert heartbeat.status_code == 200
+    assert "never arrived" not in json.dumps(heartbeat.json())
+
+
+async def test_invalid_events_answer_is_reported_once(ehr_source: Harness) -> None:
+    """$events answered with a Bundle that is not a valid notification (an entry without its
+    request): the gap is reported, naming the rule, and not asked for again."""
+    seen: list[httpx.Request] = []
+    broken = _load("subscription-events-recovered.json")
+    del broken["entry"][1]["request"]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=broken)
+
+    ehr_source.ingest.http_client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    await _post(ehr_source, _load("subscription-event-full.json"))
+    response = await _post(ehr_source, _load("subscription-event-gap.json"))
     assert response.status_code == 202, response.text
-    assert "no FHIR server is configured" in json.dumps(response.json())
+    assert "bdl-3" in json.dumps(response.json())
+    await _post(ehr_source, _heartbeat(10))
+    assert len(seen) == 1
 
 
 async def test_inbound_topic_recovers_missed_events(ehr_source: Harness) -> None:

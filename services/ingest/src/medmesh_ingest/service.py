@@ -403,8 +403,10 @@ class IngestService:
     ) -> tuple[Extraction | None, list[Issue], _Handled | None]:
         """The missed events, asked of the source ($events) and extracted as if notified, with
         what to tell the sender. When the source cannot give them, the notification itself is
-        still processed, and the highest event number stays where it was, so the next
-        notification asks for them again; the gap is logged and counted (``failed``)."""
+        still processed and the gap is logged and counted (``failed``). A failure that may pass
+        (the server unreachable, an error status) keeps the highest event number before the gap,
+        so the next notification asks again; one that will not (no server configured, an answer
+        that is not a valid notification) is reported once and the count moves past it."""
         where = {
             "subscription": subscription_id(subscription),
             "first_missing": gap.first,
@@ -415,17 +417,24 @@ class IngestService:
             extraction = await self._recovered(subscription, gap, context)
         except (_RecoveryFailedError, SourceUnavailableError, FhirRejected) as exc:
             reason = _recovery_failure(exc)
+            retried = isinstance(exc, SourceUnavailableError)
             gaps_counter().add(1, {"outcome": "failed"})
-            log.warning("missed subscription events not recovered", reason=reason, **where)
+            log.warning(
+                "missed subscription events not recovered", reason=reason, retried=retried, **where
+            )
+            then = (
+                "they are asked for again with the next notification"
+                if retried
+                else "they are not asked for again"
+            )
             warning = Issue(
                 "warning",
                 "incomplete",
                 f"events {gap.first} to {gap.last} of this subscription never arrived and could "
-                f"not be asked for again ($events: {reason}); they are asked for again with the "
-                "next notification",
+                f"not be asked for again ($events: {reason}); {then}",
             )
-            # Not past the gap: the next notification finds it again.
-            return None, [warning], _before(handled, gap)
+            # A failure that may pass: not past the gap, so the next notification finds it.
+            return None, [warning], _before(handled, gap) if retried else handled
         gaps_counter().add(1, {"outcome": "recovered"})
         log.info("missed subscription events recovered", events=gap.size, **where)
         note = Issue(
