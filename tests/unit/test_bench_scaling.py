@@ -36,6 +36,10 @@ def test_sustained_rate_leaves_out_start_and_tail() -> None:
     assert sustained_rate(steady) == pytest.approx(100.0)
     slowed = [0.0, *steady[1:-1], 30.0]
     assert sustained_rate(slowed) == pytest.approx(100.0)
+    # A poll's records sent together: 100 per second all the same, whatever the poll size.
+    for size in (50, 200, 250):
+        polled = [size / 100 * (i // size) for i in range(1000)]
+        assert sustained_rate(polled) == pytest.approx(100.0)
     assert math.isnan(sustained_rate([1.0, 2.0]))
     assert math.isnan(sustained_rate([5.0, 5.0, 5.0]))
 

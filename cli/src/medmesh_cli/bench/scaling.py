@@ -88,8 +88,9 @@ INSTANCES = (1, 2)
 DRAIN_TRIM = 0.1
 # Backlog bounds: enough records for a drain to settle; few enough to publish in a couple of
 # seconds, well inside the stopped instances' session timeouts (reporting's is 6 s).
-MIN_BACKLOG, MAX_BACKLOG = 200, 6000
-CALIBRATION_EVENTS = 200
+MIN_BACKLOG, MAX_BACKLOG = 1000, 10000
+# Enough polls (up to 500 records each) for the calibration's sustained rate to mean something.
+CALIBRATION_EVENTS = 1000
 WARMUP_EVENTS = 50
 # ABBA repetitions per stage: two give four trials of each N.
 REPETITIONS = 2
@@ -115,14 +116,18 @@ def abba(first: int, second: int, repetitions: int = 1) -> list[int]:
 
 def sustained_rate(stamps: Sequence[float], trim: float = DRAIN_TRIM) -> float:
     """Records per second between the ``trim`` and ``1 - trim`` quantiles of their timestamps
-    (seconds); NaN with fewer than 3 records or no time between them."""
+    (seconds): the records stamped after the first and up to the second, over the time between.
+    A stage that sends a poll's records together stamps them alike: counting whole polls after
+    the first keeps such a staircase's rate exact. NaN with fewer than 3 records or no time
+    between the quantiles."""
     ordered = sorted(stamps)
     if len(ordered) < 3:
         return math.nan
-    low = int(trim * (len(ordered) - 1))
-    high = max(low + 1, math.ceil((1 - trim) * (len(ordered) - 1)))
-    span = ordered[high] - ordered[low]
-    return (high - low) / span if span > 0 else math.nan
+    start = ordered[int(trim * (len(ordered) - 1))]
+    end = ordered[math.ceil((1 - trim) * (len(ordered) - 1))]
+    if end <= start:
+        return math.nan
+    return sum(1 for t in ordered if start < t <= end) / (end - start)
 
 
 @dataclass(frozen=True)
@@ -487,6 +492,7 @@ async def measure_stage(
 ) -> dict[str, Any]:
     """Warm up, size the backlog to about ``seconds`` of draining by one instance, then the ABBA
     trials. The stage's first instance is left running and pinned (the caller stops it)."""
+    stage_started = time.perf_counter()
     run = _StageRun(stack, stage)
     if stage.service == "router":
         await asyncio.to_thread(_restart_router, stack, stage.service)
@@ -499,9 +505,7 @@ async def measure_stage(
     try:
         await run.trial(WARMUP_EVENTS)
         calibration = await run.trial(CALIBRATION_EVENTS)
-        # The whole drain, not the sustained rate: a stage that sends a poll's records together
-        # (reporting: 200 a transaction) bunches a short drain's timestamps.
-        rate = calibration.drain_per_s
+        rate = calibration.sustained_per_s
         backlog = int(min(MAX_BACKLOG, max(MIN_BACKLOG, rate * seconds if rate > 0 else 0)))
         print(f"{stage.label}: calibration {rate:.0f}/s, backlog {backlog}")
         trials = []
@@ -529,6 +533,7 @@ async def measure_stage(
         "source": stage.source,
         "partitions": partitions,
         "backlog": backlog,
+        "wall_s": time.perf_counter() - stage_started,
         "calibration_per_s": rate,
         "trials": [t.as_dict() for t in trials],
         "per_instances": {
