@@ -6,9 +6,10 @@ import asyncio
 import json
 import platform
 import re
+import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,14 +27,17 @@ from medmesh_cli.bench.router import router_markdown, run_router
 from medmesh_cli.bench.scaling import run_scaling, scaling_markdown
 from medmesh_cli.bench.series import ALL_SERIES, STACKLESS, parse_series
 from medmesh_cli.bench.stats import Summary, markdown_table
-from medmesh_cli.bench.topology import machine_details, run_topology, topology_markdown
+from medmesh_cli.bench.topology import Plan, machine_details, run_topology, topology_markdown
 from medmesh_cli.bench.tracing import run_tracing, tracing_markdown
 from medmesh_cli.bench.worker import run_worker_path, worker_path_markdown
+from medmesh_cli.devstack.kafka import PRODUCTION_JVM
 from medmesh_cli.devstack.paths import repo_root, run_dir
 from medmesh_cli.devstack.stack import Stack, StackConfig, StackPorts
 from medmesh_contracts.modelspec import load_specs
 
 console = Console()
+# Kafka's launcher default heap (kafka-run-class.sh), with PRODUCTION_JVM for the topology series.
+PRODUCTION_HEAP = "1g"
 
 
 def bench(
@@ -65,6 +69,17 @@ def bench(
     partitions: Annotated[
         int, typer.Option(help="partitions of the stack's topics (scaling: a multiple of 2)")
     ] = 3,
+    quick: Annotated[
+        bool, typer.Option(help="topology: one ABBA repetition and 8 s probes (a smoke run)")
+    ] = False,
+    profile: Annotated[
+        bool,
+        typer.Option(help="topology: py-spy flame graphs of every service during one level"),
+    ] = False,
+    budget_minutes: Annotated[
+        float | None,
+        typer.Option(help="topology: skip fixed-load repetitions that would start past this"),
+    ] = None,
 ) -> None:
     """Start a private stack and measure the selected series side by side (ratios)."""
     try:
@@ -95,17 +110,36 @@ def bench(
                 ports=StackPorts.from_base(port_base), state_dir=state, partitions=partitions
             )
         )
+        if "topology" in selected:
+            # A deployment's broker JVM, so that Kafka's CPU per event is not the dev stack's.
+            stack.kafka.config = replace(
+                stack.kafka.config, jvm_options=PRODUCTION_JVM, heap=PRODUCTION_HEAP
+            )
+        budget = budget_minutes * 60 if budget_minutes is not None else None
+        plan = Plan.quick(budget) if quick else Plan(budget_s=budget)
+        flames = state / "flames" if profile else None
         console.print("starting the benchmark stack ...")
         stack.start()
         try:
             report = asyncio.run(
                 _measure_all(
-                    stack, [float(r) for r in rates.split(",")], seconds, patients, sizes, selected
+                    stack,
+                    [float(r) for r in rates.split(",")],
+                    seconds,
+                    patients,
+                    sizes,
+                    selected,
+                    plan,
+                    flames,
                 )
             )
         finally:
             stack.stop()
         report = {**report, **in_process}
+        if flames is not None:
+            for svg in sorted(flames.glob("flame-*.svg")):
+                shutil.copyfile(svg, target / svg.name)
+                console.print(f"flame graph: {target / svg.name}")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     (target / f"bench-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
     if "topology" in report:
@@ -142,6 +176,8 @@ async def _measure_all(
     patients: int,
     sizes: Sizes,
     selected: list[str],
+    plan: Plan | None = None,
+    flames: Path | None = None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     run = uuid.uuid4().hex[:6]  # fresh patients per run and series: ingest dedupes repeats
@@ -193,16 +229,19 @@ async def _measure_all(
             f"p99 {result.end_to_end.p99_ms:.1f} ms, missing {result.missing}"
         )
     if "topology" in selected:
-        console.print("topology: the same loads against services, then the monolith ...")
+        console.print("topology: services vs monolith, ABBA, capacity by bisection ...")
         extra["topology"] = await run_topology(
             stack,
-            rates,
-            lambda label, rate: vitals_events(
+            # A distinct patient per event (each Bundle a new event whatever ingest merges),
+            # at the given rate for the given seconds.
+            lambda label, rate, level_s: vitals_events(
                 template,
-                patients,
-                max(1, int(rate * seconds)),
+                max(1, int(rate * level_s)),
+                max(1, int(rate * level_s)),
                 prefix=f"bench-{run}-{label}-{rate:g}",
             ),
+            plan or Plan(),
+            flames,
         )
     if "tracing" in selected:
         console.print("tracing at 100%, 10% parent-based and off ...")

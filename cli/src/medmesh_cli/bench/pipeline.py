@@ -45,6 +45,8 @@ class PipelineResult:
     non_2xx: int
     # The correlation ids ingest answered with (for per-hop figures from the level's traces).
     correlation_ids: tuple[str, ...] = ()
+    # Every end-to-end latency, for percentiles pooled over several levels.
+    latencies_ms: tuple[float, ...] = ()
 
 
 def vitals_events(
@@ -130,6 +132,7 @@ async def run_load(
         missing=len(set(planned) - set(arrived)),
         non_2xx=non_2xx,
         correlation_ids=tuple(planned),
+        latencies_ms=tuple(latencies),
     )
 
 

@@ -47,39 +47,43 @@ def latency_plot(report: dict[str, Any], path: Path, note: str) -> Path:
 
 
 def hops_plot(report: dict[str, Any], path: Path, note: str) -> Path:
-    """Per topology at the lowest load: the median in-pipeline time split into the median wait
-    of each hop (a Kafka topic in the services; hatched, an in-process queue in the monolith)
-    and the rest (the stages' work)."""
+    """Per topology at half capacity: the median in-pipeline time split into the median wait
+    of each hop (one Kafka topic traversal in the services; hatched, an in-process queue in the
+    monolith) and the rest (the stages' work); medians over the ABBA phases."""
     figure, axes = plt.subplots(figsize=(8, 3.4))
     names = list(report["topologies"])
     colours: dict[str, Any] = {}
     palette = iter(HOP_COLOURS)
     for row, name in enumerate(names):
-        level = report["topologies"][name]["levels"][0]
+        half = report["topologies"][name]["half_capacity"]
         left = 0.0
-        for hop in level["hops"]:
+        for hop in half["hops"]:
             topic = hop["hop"].removeprefix("in-process:")
             if topic not in colours:
-                colours[topic] = next(palette)
+                colours[topic] = next(palette, "tab:gray")
+            wait = hop["wait_p50_ms"]["median"]
             axes.barh(
                 row,
-                hop["wait_p50_ms"],
+                wait,
                 left=left,
                 color=colours[topic],
                 hatch="//" if hop["hop"] != topic else None,
                 edgecolor="white",
             )
-            left += hop["wait_p50_ms"]
-        rest = max(0.0, level["in_pipeline"]["p50_ms"] - left)
+            left += wait
+        rest = max(0.0, half["in_pipeline_p50_ms"]["median"] - left)
         axes.barh(row, rest, left=left, color="lightgrey", edgecolor="white")
     handles = [
         Rectangle((0, 0), 1, 1, color=c, label=f"wait: {topic}") for topic, c in colours.items()
     ]
     handles.append(Rectangle((0, 0), 1, 1, color="lightgrey", label="stage work (rest)"))
     axes.legend(handles=handles, fontsize=7, loc="lower right")
-    axes.set_yticks(range(len(names)), [f"{n}\n@ {report['rates'][0]:g}/s" for n in names])
+    labels = [
+        f"{n}\n@ {report['topologies'][n]['half_capacity']['offered_per_s']:g}/s" for n in names
+    ]
+    axes.set_yticks(range(len(names)), labels)
     axes.set_xlabel("median ms: HTTP receipt -> report publish (hop waits, then the rest)")
-    axes.set_title(f"per-hop breakdown ({note})", fontsize=9)
+    axes.set_title(f"per-hop breakdown at half capacity ({note})", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

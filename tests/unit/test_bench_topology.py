@@ -1,0 +1,158 @@
+"""The topology bench's pure parts (issue 17): ABBA order, capacity bisection, marginal CPU per
+event, medians and ranges, targets, the py-spy command and the in-process floor."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from medmesh_cli.bench.floor import floor_cpu_per_event
+from medmesh_cli.bench.pipeline import load_template, vitals_events
+from medmesh_cli.bench.profile import record_argv
+from medmesh_cli.bench.stats import summarize
+from medmesh_cli.bench.topology import (
+    CLIENT,
+    Bisection,
+    Level,
+    Target,
+    Usage,
+    abba,
+    marginal_ms_per_event,
+    medmesh_processes,
+    spread,
+    targets,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _level(reports: int, wall_s: float, cores: dict[str, float]) -> Level:
+    return Level(
+        topology="services",
+        label="",
+        offered_per_s=reports / wall_s,
+        end_to_end=summarize("e2e", [10.0] * reports, wall_s),
+        http=summarize("http", [], wall_s),
+        in_pipeline=summarize("in", [], wall_s),
+        missing=0,
+        non_2xx=0,
+        usage=[Usage(name, value, 100.0) for name, value in cores.items()],
+        hops=[],
+        wall_s=wall_s,
+    )
+
+
+def test_abba_alternates_which_topology_runs_first() -> None:
+    """Each repetition runs A B B A, so A and B each lead half of the adjacent pairs."""
+    assert abba("services", "monolith", 2) == [
+        (0, "services"),
+        (0, "monolith"),
+        (0, "monolith"),
+        (0, "services"),
+        (1, "services"),
+        (1, "monolith"),
+        (1, "monolith"),
+        (1, "services"),
+    ]
+
+
+def test_bisection_doubles_until_a_failure_then_halves_the_bracket() -> None:
+    """From 20/s: 20 and 40 hold, 80 fails, so 60 is probed; 60 fails, so 50; capacity is the
+    highest rate that held."""
+    bisection = Bisection(20.0)
+    verdicts = {20.0: True, 40.0: True, 80.0: False, 60.0: False, 50.0: True}
+    probed = []
+    for _ in range(5):
+        rate = bisection.next_rate()
+        probed.append(rate)
+        bisection.record(rate, verdicts[rate])
+    assert probed == [20.0, 40.0, 80.0, 60.0, 50.0]
+    assert bisection.sustained == 50.0
+    assert bisection.failed == 60.0
+
+
+def test_bisection_below_the_start_rate_halves_towards_zero() -> None:
+    """A failed first probe bisects between nothing sustained and the start rate."""
+    bisection = Bisection(20.0)
+    bisection.record(bisection.next_rate(), False)
+    assert bisection.next_rate() == 10.0
+
+
+def test_marginal_cpu_is_the_extra_cores_over_the_extra_reports() -> None:
+    """0.3 cores at 10 reports/s and 0.5 at 20/s: 20 ms per extra event; the constant (idle)
+    part and the load generator do not count."""
+    low = _level(100, 10.0, {"ingest": 0.2, "router": 0.1, CLIENT: 0.5})
+    high = _level(200, 10.0, {"ingest": 0.35, "router": 0.15, CLIENT: 0.9})
+    assert medmesh_processes([low, high]) == ["ingest", "router"]
+    assert math.isclose(marginal_ms_per_event(low, high, ["ingest", "router"]), 20.0)
+    assert math.isclose(marginal_ms_per_event(low, high, ["ingest"]), 15.0)
+    assert math.isnan(marginal_ms_per_event(high, high, ["ingest"]))
+
+
+def test_spread_gives_median_and_range_without_nans() -> None:
+    """Median and range of repeated figures, NaNs left out."""
+    assert spread([3.0, 1.0, math.nan, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert spread([])["n"] == 0
+
+
+def test_targets_compare_ratios_and_latencies_with_their_bounds() -> None:
+    """Services at 4x the floor miss the 3.5x target, the monolith at 1.5x meets 2x; 45/50
+    capacity meets 80 %; a p99 of 120 ms misses 100 ms."""
+
+    def topology(cpu: float, cap: float, p50: float, p99: float) -> dict[str, object]:
+        return {
+            "capacity_per_s": cap,
+            "cpu_ms_per_event": {"marginal_medmesh": {"median": cpu}},
+            "half_capacity": {"end_to_end": {"p50_ms": p50, "p99_ms": p99}},
+        }
+
+    found = {
+        t.name: t.met
+        for t in targets(
+            {
+                "services": topology(20.0, 45.0, 25.0, 120.0),
+                "monolith": topology(7.5, 50.0, 20.0, 80.0),
+            },
+            {"cpu_ms_per_event": 5.0},
+        )
+    }
+    assert found == {
+        "services CPU/event (marginal, medmesh processes) / floor": False,
+        "monolith CPU/event (marginal) / floor": True,
+        "services capacity / monolith capacity": True,
+        "services p50 at half capacity, ms (pooled)": True,
+        "services p99 at half capacity, ms (pooled)": False,
+        "monolith p50 at half capacity, ms (pooled)": True,
+        "monolith p99 at half capacity, ms (pooled)": True,
+    }
+    assert not Target("x", math.nan, 1.0, True).met
+
+
+def test_py_spy_records_one_pid_as_a_flame_graph_without_pausing_it(tmp_path: Path) -> None:
+    """The recorder targets the pid for the level's duration, non-blocking, into the SVG."""
+    svg = tmp_path / "flame-router.svg"
+    assert record_argv("py-spy", 4242, 20, svg) == [
+        "py-spy",
+        "record",
+        "--pid",
+        "4242",
+        "--format",
+        "flamegraph",
+        "--duration",
+        "20",
+        "--rate",
+        "50",
+        "--nonblocking",
+        "-o",
+        str(svg),
+    ]
+
+
+def test_floor_runs_every_stage_and_reports_each_event() -> None:
+    """The in-process floor takes each Bundle through ingest, routing, NEWS2 and reporting:
+    one report per event, and a positive CPU time per event."""
+    template = load_template(REPO / "tests" / "fixtures" / "fhir" / "vitals-bundle-high.json")
+    events = vitals_events(template, 12, 12, prefix="floor-test")
+    floor = floor_cpu_per_event(events, warmup=2, service_logging=False)
+    assert (floor["events"], floor["reports"]) == (10, 10)
+    assert floor["cpu_ms_per_event"] > 0
