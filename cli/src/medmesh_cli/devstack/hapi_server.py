@@ -11,8 +11,10 @@ R4, because HAPI's JPA server serves one FHIR version per server and R4 is the v
 run; the demo's reports are R4 or R4B (the sources' versions), and an R4B report's resources are
 R4's as the report builder writes them (medmesh_reporting.report). Its database lives in the
 stack's state folder: ``start`` begins empty, ``restart`` (an outage) keeps what it committed.
-HAPI enforces referential integrity, as a hospital's server does: a report is stored only when
-its subject Patient is there, so the stack seeds the demo's patients (``demo_patients``).
+A hospital's server holds the resources a report points at (its Patient, the Observations it was
+derived from); this one creates a placeholder for each it lacks (the launcher says why), and the
+stack puts the demo's patients there at start (``demo_patients``), so that a search by subject
+shows who they are.
 """
 
 from __future__ import annotations

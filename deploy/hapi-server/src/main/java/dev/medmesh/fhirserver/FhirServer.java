@@ -40,9 +40,10 @@ import org.springframework.orm.jpa.LocalContainerEntityManagerFactoryBean;
  *
  * <p>Plain Spring, no Spring Boot: HAPI's JPA configuration classes plus the few beans they expect
  * the application to provide (the database, the entity manager and its transactions, the storage
- * and partition settings, the paging provider). HAPI's defaults are kept, in particular
- * referential integrity on write: a report whose subject the server does not hold is refused
- * (400 with an OperationOutcome), as a hospital's server refuses it.
+ * and partition settings, the paging provider). HAPI's defaults are kept but one: a reference to
+ * a resource the server does not hold (the report's Patient, the Observations it was derived from,
+ * which a hospital's server holds since the EHR wrote them) creates a placeholder of it instead of
+ * refusing the report.
  */
 public final class FhirServer {
   private static final String DATABASE_FOLDER = "medmesh.fhir.database";
@@ -104,7 +105,9 @@ public final class FhirServer {
 
     @Bean
     public JpaStorageSettings storageSettings() {
-      return new JpaStorageSettings();
+      JpaStorageSettings settings = new JpaStorageSettings();
+      settings.setAutoCreatePlaceholderReferenceTargets(true);
+      return settings;
     }
 
     @Bean
