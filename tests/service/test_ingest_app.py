@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from faststream.kafka import KafkaBroker, TestKafkaBroker
+from faststream.kafka.annotations import KafkaMessage
 from fhir.resources.capabilitystatement import CapabilityStatement as R5CapabilityStatement
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement as R4BCapabilityStatement
 
@@ -60,6 +61,8 @@ class Harness:
     kafka: FakeKafka
     captured: Captured
     ingest: Ingest
+    # What ingest published (not in transactions) to the topics ``running`` was asked to observe.
+    published: dict[str, list[bytes]]
 
     async def inbound(self, *values: bytes) -> None:
         """Write ``values`` to medmesh.fhir.inbound (one poll) and wait until ingest committed
@@ -75,15 +78,28 @@ class Harness:
 
 
 @asynccontextmanager
-async def running(settings: IngestSettings) -> AsyncIterator[Harness]:
-    """The real ingest app, started (its lifespan), on an in-memory transactional Kafka."""
+async def running(
+    settings: IngestSettings, observe: tuple[str, ...] = ()
+) -> AsyncIterator[Harness]:
+    """The real ingest app, started (its lifespan), on an in-memory transactional Kafka;
+    what it publishes outside transactions to the ``observe`` topics is collected."""
     kafka = FakeKafka()
     app = create_app(settings, clients=kafka.clients(GROUP))
     broker: KafkaBroker = app.state.broker
+    published: dict[str, list[bytes]] = {topic: [] for topic in observe}
+    for topic in observe:
+        broker.subscriber(topic)(_collector(published[topic]))
     async with TestKafkaBroker(broker), app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://ingest") as client:
-            yield Harness(client, kafka, Captured(kafka), app.state.ingest)
+            yield Harness(client, kafka, Captured(kafka), app.state.ingest, published)
+
+
+def _collector(into: list[bytes]) -> Callable[[KafkaMessage], Awaitable[None]]:
+    async def collect(message: KafkaMessage) -> None:
+        into.append(message.body)  # the bytes as published, not decoded as JSON
+
+    return collect
 
 
 def settings(**overrides: Any) -> IngestSettings:

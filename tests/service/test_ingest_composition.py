@@ -66,7 +66,7 @@ async def composed(hooks: Composed) -> AsyncIterator[Harness]:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://ingest") as client:
-                yield Harness(client, kafka, Captured(kafka), app.state.ingest)
+                yield Harness(client, kafka, Captured(kafka), app.state.ingest, {})
 
 
 async def test_http_requests_are_handed_over_and_the_states_still_commit() -> None:

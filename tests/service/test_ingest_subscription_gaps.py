@@ -6,12 +6,15 @@ twice; a source that cannot answer leaves a warning and a counted gap, never a c
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 
-from medmesh_contracts.events import RequestInference
+from medmesh_contracts import topics
+from medmesh_contracts.events import RequestInference, SubscriptionEventsHandled
+from medmesh_ingest.state_topic import ReadingsFollower
 from medmesh_runtime.metrics import prometheus_text
 from tests.service.conftest import FIXTURES
 from tests.service.test_ingest_app import Harness, running, settings
@@ -212,3 +215,54 @@ async def test_notification_answered_503_is_not_taken_for_a_duplicate(
     resent = await _post(ehr_source, _load("subscription-event-full.json"))
     assert resent.status_code == 202, resent.text
     assert len(_requests(ehr_source)) == 1
+
+
+async def test_handled_event_numbers_are_kept_on_kafka_and_found_after_a_restart() -> None:
+    """Once events 1-7 are committed, their highest number (7) is published on
+    medmesh.ingest.subscriptions; an ingest that read it back (a restart) finds events 8-9
+    missing when event 10 comes, where one that did not takes event 10 as its first."""
+    async with running(settings(), observe=(topics.INGEST_SUBSCRIPTIONS,)) as first:
+        assert (await _post(first, _load("subscription-event-full.json"))).status_code == 202
+        records = first.published[topics.INGEST_SUBSCRIPTIONS]
+    [written] = [SubscriptionEventsHandled.model_validate_json(value) for value in records]
+    assert (written.source_system, written.subscription, written.highest_event_number) == (
+        "default",
+        f"{BASE}/Subscription/medmesh-vitals",
+        7,
+    )
+    counter = SimpleNamespace(
+        topic=topics.INGEST_SUBSCRIPTIONS, partition=0, offset=0, key=b"k", value=records[0]
+    )
+    answers = {}
+    for learned in (True, False):
+        async with running(settings()) as restarted:
+            if learned:
+                ingest = restarted.ingest
+                follower = ReadingsFollower(
+                    ingest.store, ingest.settings, ingest.service.subscriptions
+                )
+                follower.apply_record(counter)
+            response = await _post(restarted, _load("subscription-event-gap.json"))
+            # 200: the restarted instance holds no readings state (nothing to rebuild it from).
+            assert response.status_code == 200, response.text
+            answers[learned] = json.dumps(response.json())
+    assert "events 8 to 9" in answers[True]
+    assert "never arrived" not in answers[False]
+
+
+async def test_a_number_already_held_is_not_written_again(ehr_source: Harness) -> None:
+    """A resent notification (events already handled) and a heartbeat that moves nothing write
+    no counter record; a counter record that does not parse is skipped when read back."""
+    async with running(settings(), observe=(topics.INGEST_SUBSCRIPTIONS,)) as harness:
+        await _post(harness, _load("subscription-event-full.json"))
+        await _post(harness, _load("subscription-event-full.json"))
+        await _post(harness, _heartbeat(7))
+        assert len(harness.published[topics.INGEST_SUBSCRIPTIONS]) == 1
+        ingest = harness.ingest
+        follower = ReadingsFollower(ingest.store, ingest.settings, ingest.service.subscriptions)
+        follower.apply_record(
+            SimpleNamespace(
+                topic=topics.INGEST_SUBSCRIPTIONS, partition=0, offset=1, key=b"k", value=b"{"
+            )
+        )
+    assert follower.skipped == 1

@@ -183,6 +183,9 @@ def test_store_keeps_the_newest_state_per_key() -> None:
     assert state_key("pabc", "deterioration") == "pabc|deterioration"
 
 
+READINGS = "medmesh.ingest.readings"
+
+
 async def test_follower_skips_its_own_acknowledged_write_and_applies_the_others() -> None:
     """The follower does not parse back this instance's acknowledged write (same key and
     offset); another instance's record of the same key, at a later offset, is applied."""
@@ -195,8 +198,8 @@ async def test_follower_skips_its_own_acknowledged_write_and_applies_the_others(
     store.put(mine)
     store.written(key, 41)
     records = [
-        SimpleNamespace(key=key.encode(), offset=41, value=to_wire(unread)),
-        SimpleNamespace(key=key.encode(), offset=42, value=to_wire(theirs)),
+        SimpleNamespace(topic=READINGS, key=key.encode(), offset=41, value=to_wire(unread)),
+        SimpleNamespace(topic=READINGS, key=key.encode(), offset=42, value=to_wire(theirs)),
     ]
 
     class OnePoll:

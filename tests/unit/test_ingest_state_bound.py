@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from medmesh_cli.bench.state_memory import measure
 from medmesh_cli.devstack.paths import repo_root
+from medmesh_contracts import topics
 from medmesh_contracts.events import IngestedReading, PatientReadingsUpdated, Producer, to_wire
 from medmesh_ingest.readings import ReadingsStore, state_bytes, state_key
 from medmesh_ingest.settings import READINGS_MAX_BYTES, IngestSettings
@@ -165,7 +166,10 @@ async def test_rebuilding_from_the_topic_respects_the_bound() -> None:
     half = len(states) // 2
     records = [
         SimpleNamespace(
-            key=state_key(s.patient_pseudonym, s.model).encode(), offset=n, value=to_wire(s)
+            topic=topics.INGEST_READINGS,
+            key=state_key(s.patient_pseudonym, s.model).encode(),
+            offset=n,
+            value=to_wire(s),
         )
         for n, s in enumerate(states[half:] + states[:half])
     ]

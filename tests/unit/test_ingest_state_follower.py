@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from medmesh_contracts import topics
 from medmesh_contracts.events import to_wire
 from medmesh_ingest.readings import ReadingsStore, state_key
 from medmesh_ingest.settings import IngestSettings
@@ -25,7 +26,9 @@ class OnePoll:
 
 
 def _record(offset: int, value: bytes | None, key: bytes = b"k") -> SimpleNamespace:
-    return SimpleNamespace(key=key, offset=offset, partition=0, value=value)
+    return SimpleNamespace(
+        topic=topics.INGEST_READINGS, key=key, offset=offset, partition=0, value=value
+    )
 
 
 async def test_an_unreadable_record_is_skipped_counted_and_its_neighbours_applied() -> None:

@@ -397,6 +397,27 @@ class DeliverReport(Envelope):
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
 
+class SubscriptionEventsHandled(Envelope):
+    """Event from ingest: a source's Subscription has had its events handled up to
+    ``highest_event_number`` (its notifications' ``eventNumber``s).
+
+    Published on medmesh.ingest.subscriptions (compacted) keyed by ``<source>|<subscription>``
+    once what those events caused is committed; ingest reads it back on start, so a gap in a
+    subscription's event numbers that spans a restart is still found and asked for.
+    """
+
+    schema_id: Literal["medmesh.SubscriptionEventsHandled/1"] = Field(
+        default="medmesh.SubscriptionEventsHandled/1", alias="schema"
+    )
+    # The source system's name (MEDMESH_INGEST_SOURCES; "default" for an unnamed source).
+    source_system: str
+    # The Subscription's reference as the source's notifications give it (no patient data).
+    subscription: str
+    highest_event_number: int = Field(ge=0)
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+
 ALL_EVENTS: tuple[type[Envelope], ...] = (
     RequestInference,
     RunInference,
@@ -408,6 +429,7 @@ ALL_EVENTS: tuple[type[Envelope], ...] = (
     PatientReadingsUpdated,
     ReportUndeliverable,
     DeliverReport,
+    SubscriptionEventsHandled,
 )
 
 

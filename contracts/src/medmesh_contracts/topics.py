@@ -32,6 +32,9 @@ REPORTS_DELIVERY_REQUESTS = "medmesh.reports.delivery-requests"
 # Ingest's per-patient latest readings (compacted, key = pseudonym + model), rebuilt on start;
 # states not updated within READINGS_RETENTION_HOURS are deleted.
 INGEST_READINGS = "medmesh.ingest.readings"
+# Ingest's highest handled event number per source and Subscription (compacted, key = source +
+# subscription), read back on start to find missed notifications across restarts.
+INGEST_SUBSCRIPTIONS = "medmesh.ingest.subscriptions"
 
 _MODEL_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 
@@ -112,6 +115,12 @@ STATIC_TOPICS: tuple[TopicSpec, ...] = (
     ),
     TopicSpec(
         INGEST_READINGS, config=_READINGS_STATE, carries=("medmesh.PatientReadingsUpdated/1",)
+    ),
+    TopicSpec(
+        INGEST_SUBSCRIPTIONS,
+        partitions=1,
+        config=_COMPACTED,
+        carries=("medmesh.SubscriptionEventsHandled/1",),
     ),
 )
 

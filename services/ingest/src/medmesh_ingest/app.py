@@ -85,11 +85,12 @@ def create_app(
             log.warning("development pseudonym key in use; set MEDMESH_PSEUDONYM_KEY in production")
         if not ingest.auth.required:
             log.warning("no bearer tokens configured: listening on loopback only")
-        follower = ReadingsFollower(ingest.store, settings)
+        follower = ReadingsFollower(ingest.store, settings, ingest.service.subscriptions)
         if settings.rebuild_readings_on_start:
             ingest.records.state_partitions = await follower.start()
         ingest.http_client = httpx.AsyncClient(follow_redirects=False)
         await broker.start()
+        ingest.broker = broker
         # Per instance: a restart with the same MEDMESH_INSTANCE_ID aborts what it left open.
         ingest.group_commit = GroupCommit(
             kafka.producer, f"{settings.ingest_group_id}-http-{settings.instance_id}"

@@ -10,14 +10,19 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
+from faststream.kafka import KafkaBroker
 from opentelemetry import context as otel_context
 from opentelemetry.trace import Tracer
 
+from medmesh_contracts import topics
 from medmesh_contracts.events import (
     FhirVersion,
     PatientReadingsUpdated,
     Producer,
     SourceContext,
+    SubscriptionEventsHandled,
+    schema_of,
+    to_wire,
     utc_now,
 )
 from medmesh_contracts.modelspec import load_specs
@@ -41,7 +46,7 @@ from medmesh_ingest.service import (
 from medmesh_ingest.settings import IngestSettings
 from medmesh_ingest.transport import requested_version
 from medmesh_ingest.validation import Limits
-from medmesh_runtime.kafka import record_headers
+from medmesh_runtime.kafka import message_headers, record_headers
 from medmesh_runtime.transactional import GroupCommit
 
 SERVICE = "ingest"
@@ -67,6 +72,8 @@ class Ingest:
         self.records = Records(tracer, self.producer, settings.dead_letter_max_bytes)
         # Set when the app starts: commits the HTTP path's requests and states together.
         self.group_commit: GroupCommit | None = None
+        # Set when the app starts: writes the subscriptions' event numbers.
+        self.broker: KafkaBroker | None = None
         self.store = ReadingsStore(max_bytes=settings.readings_max_bytes)
         self.ready = False
         self.http_client: httpx.AsyncClient | None = None
@@ -87,6 +94,7 @@ class Ingest:
             max_fetched=settings.max_fetched_resources,
             publish_timeout_s=settings.publish_timeout_s,
             pacs=settings.pacs_policy(),
+            record_progress=self.record_progress,
         )
 
     async def publish(
@@ -107,6 +115,18 @@ class Ingest:
             [*self.records.requests(requests), *self.records.states(states)]
         )
         return [getattr(w, "offset", None) for w in written[len(requests) :]]
+
+    async def record_progress(self, handled: SubscriptionEventsHandled) -> None:
+        """Keep a subscription's highest handled event number on medmesh.ingest.subscriptions
+        (compacted: the key's latest record is its number)."""
+        if self.broker is None:
+            raise KafkaUnavailableError("ingest has not started its Kafka producer")
+        await self.broker.publish(
+            to_wire(handled),
+            topic=topics.INGEST_SUBSCRIPTIONS,
+            key=f"{handled.source_system}|{handled.subscription}".encode(),
+            headers=message_headers(handled.correlation_id, schema_of(SubscriptionEventsHandled)),
+        )
 
     def fetcher(self, source: Source) -> Fetch | None:
         """How to fetch id-only notification content for this source (None: not configured)."""

@@ -34,6 +34,7 @@ from medmesh_contracts.events import (
     Producer,
     RequestInference,
     SourceContext,
+    SubscriptionEventsHandled,
     new_id,
 )
 from medmesh_contracts.modelspec import ModelSpec
@@ -48,6 +49,7 @@ from medmesh_ingest.subscriptions import (
     SubscriptionProgress,
     gaps_counter,
     progress,
+    progress_not_kept_counter,
     subscription_id,
 )
 from medmesh_ingest.validation import (
@@ -73,6 +75,9 @@ Fetch = Callable[[Sequence[str]], Awaitable[list[bytes]]]
 # backport IG's $events): (the Subscription's reference, first, last event number) -> the
 # raw JSON of the notification Bundle the source answers with.
 Recover = Callable[[str, int, int], Awaitable[bytes]]
+# Keeps a subscription's highest handled event number on medmesh.ingest.subscriptions (raises
+# when Kafka did not take it).
+RecordProgress = Callable[[SubscriptionEventsHandled], Awaitable[None]]
 
 # Notification types that carry no clinical content: acknowledged, nothing else.
 _ACKNOWLEDGED_ONLY = frozenset({"handshake", "heartbeat", "query-status"})
@@ -212,6 +217,7 @@ class IngestService:
         max_fetched: int = 100,
         publish_timeout_s: float = 10.0,
         pacs: PacsPolicy = NO_PACS,
+        record_progress: RecordProgress | None = None,
     ) -> None:
         self.specs = specs
         self.pseudonymize = pseudonymize
@@ -230,6 +236,8 @@ class IngestService:
         self._in_doubt: dict[str, asyncio.Future[None]] = {}
         # The highest event number handled per source and subscription (missed notifications).
         self.subscriptions = SubscriptionProgress()
+        # None: the numbers are kept in memory only (tests, tools).
+        self.record_progress = record_progress
 
     async def handle(self, raw: bytes, context: Context, received_at: datetime) -> Answer:
         """Everything ingest does with one payload; raises KafkaUnavailableError or
@@ -284,7 +292,7 @@ class IngestService:
                     "informational",
                     f"Subscription {notification.type} acknowledged; nothing to score.",
                 )
-                self._advance(handled)
+                await self._keep_progress(self._advance(handled))
                 return Answer(200, outcome((*notes, note)), issues=(*notes, note))
             if notification.id_only:
                 try:
@@ -350,8 +358,8 @@ class IngestService:
                 answers.append(self._merge_payload(payload, pending))
             if pending.requests or pending.states:
                 await self._publish_durably(pending, publish or self.publish, len(answers))
-            for payload in prepared[: len(answers)]:
-                self._advance(payload.handled)
+            advanced = [self._advance(payload.handled) for payload in prepared[: len(answers)]]
+        await self._keep_progress(*advanced)
         if blocked is not None:
             raise blocked
         return answers
@@ -394,9 +402,41 @@ class IngestService:
         )
         return handled, found.gap, found.stale
 
-    def _advance(self, handled: _Handled | None) -> None:
-        if handled is not None:
-            self.subscriptions.advance(handled.source, handled.subscription, handled.highest)
+    def _advance(self, handled: _Handled | None) -> _Handled | None:
+        """Move a subscription's highest number in memory; what moved, to keep on Kafka."""
+        if handled is None:
+            return None
+        moved = self.subscriptions.advance(handled.source, handled.subscription, handled.highest)
+        return handled if moved else None
+
+    async def _keep_progress(self, *advanced: _Handled | None) -> None:
+        """Write the numbers that moved to medmesh.ingest.subscriptions, after the commit of
+        what their events caused (outside the patients' locks)."""
+        if self.record_progress is None:
+            return
+        for handled in advanced:
+            if handled is None:
+                continue
+            event = SubscriptionEventsHandled(
+                correlation_id=new_id(),
+                producer=self.producer,
+                source_system=handled.source,
+                subscription=handled.subscription,
+                highest_event_number=handled.highest,
+            )
+            try:
+                await asyncio.wait_for(self.record_progress(event), self.publish_timeout_s)
+            except Exception as exc:  # noqa: BLE001 -- the number is kept in memory; see below
+                # Nothing is lost: the payload is committed and answered; the topic lags behind
+                # until this subscription's next number is written, and a restart before that
+                # asks the source again for events whose readings send nothing twice.
+                progress_not_kept_counter().add(1)
+                log.warning(
+                    "a subscription's event number was not kept on Kafka",
+                    subscription=subscription_id(handled.subscription),
+                    highest=handled.highest,
+                    error=type(exc).__name__,
+                )
 
     async def _recover(
         self, subscription: str, gap: Gap, context: Context, handled: _Handled | None

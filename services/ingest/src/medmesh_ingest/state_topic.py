@@ -1,6 +1,7 @@
-"""The readings state on Kafka: rebuilt from medmesh.ingest.readings on start and followed
-afterwards, partitioned by patient pseudonym (the same partition a RequestInference keyed by
-that pseudonym goes to)."""
+"""Ingest's state on Kafka, rebuilt on start and followed afterwards: the patients' readings
+(medmesh.ingest.readings, partitioned by patient pseudonym: the same partition a
+RequestInference keyed by that pseudonym goes to) and the subscriptions' highest handled event
+numbers (medmesh.ingest.subscriptions)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.partitioner import murmur2
+from pydantic import ValidationError
 
 from medmesh_contracts import topics
-from medmesh_contracts.events import PatientReadingsUpdated
+from medmesh_contracts.events import PatientReadingsUpdated, SubscriptionEventsHandled
 from medmesh_ingest.readings import ReadingsStore
 from medmesh_ingest.settings import IngestSettings
+from medmesh_ingest.subscriptions import SubscriptionProgress
 from medmesh_runtime.kafka import aiokafka_security, read_to_end, topic_partitions
 from medmesh_runtime.logging import get_logger
 
@@ -43,9 +46,16 @@ class ReadingsFollower:
     neither instance's readings are lost.
     """
 
-    def __init__(self, store: ReadingsStore, settings: IngestSettings) -> None:
+    def __init__(
+        self,
+        store: ReadingsStore,
+        settings: IngestSettings,
+        subscriptions: SubscriptionProgress | None = None,
+    ) -> None:
         self.store = store
         self.settings = settings
+        # None: the subscriptions' event numbers are not read (tools that need only readings).
+        self.subscriptions = subscriptions
         self.applied = 0
         # Records that could not be applied (logged one by one, with their offsets).
         self.skipped = 0
@@ -78,10 +88,16 @@ class ReadingsFollower:
         parts = await topic_partitions(consumer, topics.INGEST_READINGS)
         if not parts:
             raise RuntimeError(f"topic {topics.INGEST_READINGS} does not exist")
+        followed = list(parts)
+        if self.subscriptions is not None:
+            counters = await topic_partitions(consumer, topics.INGEST_SUBSCRIPTIONS)
+            if not counters:
+                raise RuntimeError(f"topic {topics.INGEST_SUBSCRIPTIONS} does not exist")
+            followed += counters
         try:
-            await read_to_end(consumer, parts, self._apply_record, timeout_s=timeout_s)
+            await read_to_end(consumer, followed, self.apply_record, timeout_s=timeout_s)
         except TimeoutError:
-            raise TimeoutError(f"reading {topics.INGEST_READINGS} took over {timeout_s}s") from None
+            raise TimeoutError(f"reading ingest's state took over {timeout_s}s") from None
         self.forget_stale()  # the topic deletes whole segments, so older states may remain
         # Evicted: states the rebuild read but could not keep under MEDMESH_READINGS_MAX_BYTES.
         log.info(
@@ -91,6 +107,7 @@ class ReadingsFollower:
             bytes=self.store.bytes,
             evicted=self.store.evicted,
             partitions=len(parts),
+            subscriptions=None if self.subscriptions is None else len(self.subscriptions),
         )
         return len(parts)
 
@@ -98,9 +115,13 @@ class ReadingsFollower:
         batches = await consumer.getmany(timeout_ms=timeout_ms)
         for records in batches.values():
             for record in records:
-                self._apply_record(record)
+                self.apply_record(record)
 
-    def _apply_record(self, record: Any) -> None:
+    def apply_record(self, record: Any) -> None:
+        """Apply one record of either topic (read at start or followed)."""
+        if record.topic == topics.INGEST_SUBSCRIPTIONS:
+            self._apply_counter(record)
+            return
         self.applied += 1
         if record.key is not None and self.store.wrote(
             bytes(record.key).decode(errors="replace"), record.offset
@@ -119,6 +140,24 @@ class ReadingsFollower:
                 offset=record.offset,
                 error=type(exc).__name__,
             )
+
+    def _apply_counter(self, record: Any) -> None:
+        if self.subscriptions is None or record.value is None:
+            return  # not followed, or a tombstone
+        try:
+            handled = SubscriptionEventsHandled.model_validate_json(record.value)
+        except ValidationError as exc:
+            # Ingest's own record, not an input to dead-letter: skipping it only means that
+            # subscription's counting restarts at its next notification (as on a first one).
+            self.skipped += 1
+            log.warning(
+                "subscription counter record skipped",
+                partition=record.partition,
+                offset=record.offset,
+                errors=exc.error_count(),
+            )
+            return
+        self.subscriptions.learn(handled)
 
     async def _follow(self, consumer: AIOKafkaConsumer) -> None:
         swept = time.monotonic()

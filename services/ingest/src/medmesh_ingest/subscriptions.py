@@ -16,10 +16,14 @@ asked for: that may be the subscription's whole history; a handshake starts at i
 for a new subscription). The highest number moves only once what the notification caused is
 committed to Kafka, so a notification answered 503 and resent is not taken for a duplicate.
 
-The numbers are held in memory (``SubscriptionProgress``): after a restart the first
-notification of each subscription starts counting again, so a gap spanning the restart is not
-seen. Keeping them on a compacted topic, keyed by source and subscription and written in the
-transaction of the requests they caused (as the readings states are), would close that; left.
+The numbers are held in memory (``SubscriptionProgress``) and kept on the compacted topic
+medmesh.ingest.subscriptions (``SubscriptionEventsHandled``, keyed by source and subscription),
+written once what the events caused is committed and read back on start (and followed, so an
+instance sees what the others handled): a gap that spans a restart is still found. The write
+follows the commit rather than joining its transaction, so the topic can only lag behind what
+was handled, never lead: after a crash between the two, the next notification asks for events
+that were in fact handled, and their readings, already in the patients' states, send nothing
+again.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 
 from opentelemetry.metrics import Counter
 
+from medmesh_contracts.events import SubscriptionEventsHandled
 from medmesh_runtime.metrics import meter
 
 # Most events asked for in one recovery: a source that restarted its numbering (or a wrong
@@ -103,19 +108,31 @@ def subscription_id(reference: str) -> str | None:
 
 
 class SubscriptionProgress:
-    """The highest event number handled, per source and subscription (in memory)."""
+    """The highest event number handled, per source and subscription."""
 
     def __init__(self) -> None:
         self._highest: dict[tuple[str, str], int] = {}
+
+    def __len__(self) -> int:
+        return len(self._highest)
 
     def highest(self, source: str, subscription: str) -> int | None:
         """The highest event number handled of this subscription; None: never seen."""
         return self._highest.get((source, subscription))
 
-    def advance(self, source: str, subscription: str, highest: int) -> None:
-        """Record that events up to ``highest`` are handled (never moves back)."""
+    def advance(self, source: str, subscription: str, highest: int) -> bool:
+        """Record that events up to ``highest`` are handled (never moves back); whether that
+        moved the subscription's number (or is its first)."""
         key = (source, subscription)
-        self._highest[key] = max(highest, self._highest.get(key, highest))
+        held = self._highest.get(key)
+        if held is not None and held >= highest:
+            return False
+        self._highest[key] = highest
+        return True
+
+    def learn(self, handled: SubscriptionEventsHandled) -> None:
+        """Take a number read from medmesh.ingest.subscriptions (this or another instance's)."""
+        self.advance(handled.source_system, handled.subscription, handled.highest_event_number)
 
 
 @functools.cache
@@ -128,4 +145,15 @@ def gaps_counter() -> Counter:
         unit="{gap}",
         description="Subscription notifications found missing from the event counters, by "
         "whether the source gave them again ($events)",
+    )
+
+
+@functools.cache
+def progress_not_kept_counter() -> Counter:
+    """Subscription event numbers handled but not written to medmesh.ingest.subscriptions."""
+    return meter("medmesh.ingest").create_counter(
+        "medmesh.ingest.subscription_progress_unsaved",
+        unit="{write}",
+        description="Subscription event numbers handled but not kept on Kafka (Kafka did not "
+        "take the write in time); the next number written replaces them",
     )
