@@ -20,7 +20,9 @@ its trials are over. The stages run downstream first (reporting, worker, router,
 backlogs a stage leaves on its output topic wait for stages already measured. The router
 restarts before its turn, so the results it observed while stopped are not read during its
 trials (it follows every result, outside any group). After the series the continued services
-work through those backlogs: run the series alone (``medmesh bench --series scaling``).
+work through those backlogs: run the series alone (``medmesh bench --series scaling``). Each
+finished stage is also written to ``scaling-stages.json`` in the stack's state folder, so a run
+cut short by a time limit keeps what it measured.
 
 Ingest also gets an open-loop HTTP load at fractions of its N = 1 Kafka rate (one instance,
 pinned; ``pipeline.run_load``): how far one ingest goes over HTTP. The broker's CPU per event at
@@ -30,6 +32,7 @@ each stage, added up, says how far one broker goes.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import signal
@@ -88,10 +91,12 @@ INSTANCES = (1, 2)
 DRAIN_TRIM = 0.1
 # Backlog bounds: enough records for a drain to settle; few enough to publish in a couple of
 # seconds, well inside the stopped instances' session timeouts (reporting's is 6 s).
-MIN_BACKLOG, MAX_BACKLOG = 1000, 10000
+MIN_BACKLOG, MAX_BACKLOG = 1000, 5000
 # Enough polls (up to 500 records each) for the calibration's sustained rate to mean something.
 CALIBRATION_EVENTS = 1000
 WARMUP_EVENTS = 50
+# Spread over the partitions by key, so each of two instances gets about half.
+NEW_INSTANCE_WARMUP_EVENTS = 400
 # ABBA repetitions per stage: two give four trials of each N.
 REPETITIONS = 2
 # Offered HTTP loads against one ingest, as fractions of its N = 1 Kafka rate (HTTP costs it
@@ -436,16 +441,23 @@ class _StageRun:
                 pin(pid, {self.cores[index % len(self.cores)]})
 
     async def scale_to(self, instances: int) -> None:
-        """Start or stop the second instance; wait until the group has settled."""
+        """Start or stop the second instance; wait until the group has settled. A new instance
+        is warmed up (not recorded): its first events build caches (fhir.resources' model
+        classes, say) and cost it several times more, which a smoke run showed as N = 2 trials
+        at half the N = 1 rate right after the start."""
+        started = False
         if instances == 2 and len(self.names) == 1:
             extra = await asyncio.to_thread(
                 self.stack.start_instance, self.stage.service, 2, self.stage.second_env
             )
             self.names.append(extra)
+            started = True
         elif instances == 1 and len(self.names) == 2:
             await asyncio.to_thread(self.stack.stop_instance, self.names.pop())
         self.pin_all()
         await settle_group(self.stack.config.bootstrap, self.stage.group, instances)
+        if started:
+            await self.trial(NEW_INSTANCE_WARMUP_EVENTS)
 
     async def trial(self, count: int) -> Trial:
         """Publish ``count`` fresh events while the instances are stopped, then time the drain."""
@@ -611,6 +623,10 @@ async def run_scaling(
         for stage in stages:
             result = await measure_stage(stack, stage, seconds, repetitions)
             results.append(result)
+            # A run cut short (a time limit) keeps the stages it finished.
+            (stack.config.state_dir / "scaling-stages.json").write_text(
+                json.dumps(results, indent=2) + "\n"
+            )
             if stage.service == "ingest":
                 rate = result["per_instances"]["1"]["sustained_per_s"]["median"]
                 http = await ingest_http(stack, template, rate, seconds)
