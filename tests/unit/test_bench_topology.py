@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from medmesh_cli.bench.flames import summary as flame_summary
 from medmesh_cli.bench.floor import floor_cpu_per_event
 from medmesh_cli.bench.pipeline import load_template, vitals_events
 from medmesh_cli.bench.profile import record_argv
@@ -156,3 +157,38 @@ def test_floor_runs_every_stage_and_reports_each_event() -> None:
     floor = floor_cpu_per_event(events, warmup=2, service_logging=False)
     assert (floor["events"], floor["reports"]) == (10, 10)
     assert floor["cpu_ms_per_event"] > 0
+
+
+def _svg_frame(name: str, y: int, x: int, w: int) -> str:
+    return (
+        f"<g><title>{name} ({w} samples, {w}%)</title>"
+        f'<rect x="{x}%" y="{y}" width="{w}%" height="15" fill="red" fg:x="{x}" fg:w="{w}"/></g>'
+    )
+
+
+def test_flame_summary_reads_self_time_and_families(tmp_path: Path) -> None:
+    """A root of 10 samples calling a logging frame (6, which calls another logging frame of
+    3) and a socket write (2): self time is what a frame's children leave, and a family counts
+    each sample once even where its frames nest."""
+    svg = tmp_path / "flame-router.svg"
+    svg.write_text(
+        "<svg>"
+        + _svg_frame("run (medmesh/app.py:1)", 0, 0, 10)
+        + _svg_frame("emit (logging/__init__.py:1113)", 16, 0, 6)
+        + _svg_frame("format (logging/__init__.py:900)", 32, 0, 3)
+        + _svg_frame("_SelectorSocketTransport.write (asyncio/selector_events.py:1)", 16, 6, 2)
+        + "</svg>"
+    )
+    found = flame_summary(svg)
+    assert found["samples"] == 10
+    assert found["top_self"] == [
+        {"frame": "emit (logging/__init__.py:1113)", "share": 0.3},
+        {"frame": "format (logging/__init__.py:900)", "share": 0.3},
+        {"frame": "run (medmesh/app.py:1)", "share": 0.2},
+        {"frame": "_SelectorSocketTransport.write (asyncio/selector_events.py:1)", "share": 0.2},
+    ]
+    families = found["families"]
+    assert isinstance(families, dict)
+    assert families["logging (stdlib handlers, structlog)"] == 0.6
+    assert families["socket writes (asyncio transport)"] == 0.2
+    assert families["OpenTelemetry (spans, export, metrics)"] == 0.0

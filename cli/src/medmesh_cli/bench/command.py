@@ -18,6 +18,8 @@ import typer
 from rich.console import Console
 
 from medmesh_cli.bench.batching import batching_models_markdown, run_batching
+from medmesh_cli.bench.flames import flames_markdown
+from medmesh_cli.bench.flames import summary as flame_summary
 from medmesh_cli.bench.hop import cpu_count, run_hops
 from medmesh_cli.bench.imaging import imaging_markdown, run_imaging
 from medmesh_cli.bench.ingest import ingest_markdown, run_ingest
@@ -137,8 +139,10 @@ def bench(
             stack.stop()
         report = {**report, **in_process}
         if flames is not None:
+            report["flames"] = {}
             for svg in sorted(flames.glob("flame-*.svg")):
                 shutil.copyfile(svg, target / svg.name)
+                report["flames"][svg.stem.removeprefix("flame-")] = flame_summary(svg)
                 console.print(f"flame graph: {target / svg.name}")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     (target / f"bench-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -328,7 +332,16 @@ def _markdown(report: dict[str, Any]) -> str:
             ingest_markdown,
         ),
         ("tracing", "Pipeline throughput by trace sampling (issue 7)", tracing_markdown),
-        ("topology", "Services vs monolith, same loads (issue 9)", topology_markdown),
+        (
+            "topology",
+            "Services vs monolith, interleaved ABBA, with the in-process floor (issues 9, 17)",
+            topology_markdown,
+        ),
+        (
+            "flames",
+            "Flame graphs, one half-capacity level per topology (py-spy, flame-<process>.svg)",
+            flames_markdown,
+        ),
         (
             "scaling",
             "Scaling out: N = 1 and 2 pinned instances per stage (issue 17)",

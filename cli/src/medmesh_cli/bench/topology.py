@@ -62,6 +62,8 @@ SPAN_FLUSH_S = 6.0
 # A probe's reports still missing this long after its last send fail it (drain() then waits
 # for the backlog to clear before the next level).
 PROBE_SETTLE_S = 10.0
+# Drained: the pipeline uses at most this many cores more than when it was idle.
+DRAIN_MARGIN_CORES = 0.1
 WARMUP_S = 4.0
 CLIENT = "bench client (load generator)"
 PROC = Path("/proc")
@@ -485,15 +487,20 @@ def _finish(pending: _Pending, spans: Sequence[Span]) -> Level:
     )
 
 
-async def drain(stack: Stack, idle_cores: float = 0.25, max_s: float = 120.0) -> float:
-    """Wait until the pipeline's processes are idle (a probe past capacity leaves a backlog
-    the next level would inherit); the seconds waited."""
-    started = time.perf_counter()
+async def pipeline_cores(stack: Stack, seconds: float = 2.0) -> float:
+    """Cores the pipeline's processes use over the next ``seconds``."""
     trees = [process_tree(pid) for pid in _pipeline_pids(stack).values()]
+    before = sum(tree_cpu_s(t) for t in trees)
+    await asyncio.sleep(seconds)
+    return (sum(tree_cpu_s(t) for t in trees) - before) / seconds
+
+
+async def drain(stack: Stack, idle_cores: float, max_s: float = 120.0) -> float:
+    """Wait until the pipeline's processes are back to ``idle_cores`` (a probe past capacity
+    leaves a backlog the next level would inherit); the seconds waited."""
+    started = time.perf_counter()
     while time.perf_counter() - started < max_s:
-        before = sum(tree_cpu_s(t) for t in trees)
-        await asyncio.sleep(2.0)
-        if (sum(tree_cpu_s(t) for t in trees) - before) / 2.0 < idle_cores:
+        if await pipeline_cores(stack) <= idle_cores:
             break
     return time.perf_counter() - started
 
@@ -546,6 +553,8 @@ async def _capacity_block(
     """One ABBA block of bisection probes (each topology's probes continue its bisection)."""
     for _, topology in abba(SERVICES, MONOLITH, 1):
         await _enter(stack, topology, loadgen, events)
+        # Idle: heartbeats, polls, the console; a drained pipeline is back near this.
+        idle = await pipeline_cores(stack)
         bisection = run.bisections[topology]
         for _ in range(plan.probes_per_phase):
             rate = bisection.next_rate()
@@ -562,7 +571,8 @@ async def _capacity_block(
             level = _finish(pending, [])
             bisection.record(rate, level.sustained)
             run.probes.setdefault(topology, []).append(level)
-            await drain(stack)
+            waited = await drain(stack, idle + DRAIN_MARGIN_CORES)
+            print(f"drained in {waited:.0f} s", flush=True)
 
 
 async def _fixed_phase(
