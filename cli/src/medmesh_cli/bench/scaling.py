@@ -62,9 +62,7 @@ from medmesh_cli.bench.ingest import bench_events, subject_of
 from medmesh_cli.bench.pipeline import run_load, vitals_events
 from medmesh_cli.bench.router import request_messages
 from medmesh_cli.bench.topology import (
-    ACHIEVED_SHARE,
     CLIENT,
-    P99_BOUND_MS,
     UsageMeter,
     process_tree,
     stack_pids,
@@ -100,8 +98,12 @@ NEW_INSTANCE_WARMUP_EVENTS = 400
 # ABBA repetitions per stage: two give four trials of each N.
 REPETITIONS = 2
 # Offered HTTP loads against one ingest, as fractions of its N = 1 Kafka rate (HTTP costs it
-# more per event); the ramp ends at the first level it does not sustain.
-HTTP_FRACTIONS = (0.2, 0.35, 0.5, 0.65, 0.8)
+# more per event, and the load generator's HTTP client shares the cores); the ramp ends at the
+# first level it does not sustain. Each level lasts twice the series' seconds.
+HTTP_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.65)
+# Open loop: a load over capacity queues, so the last answers wait ever longer: over 2 x 4 s
+# an overload of 7 % or more lifts the p99 past this.
+HTTP_P99_BOUND_MS = 500.0
 WORKER_MODEL, WORKER_VERSION = "deterioration", 1
 # NEWS2 7 (high), as deterioration v1 answers the bench's vital signs.
 NEWS2_OUTPUTS = {
@@ -182,13 +184,9 @@ def partition_bound(partitions: int, instances: int) -> float:
 
 
 def http_sustained(level: dict[str, Any]) -> bool:
-    """An HTTP load level answered in full: every answer 2xx, answered at >= ACHIEVED_SHARE of
-    the offered rate, p99 <= P99_BOUND_MS."""
-    return bool(
-        level["non_2xx"] == 0
-        and level["http"]["per_second"] >= ACHIEVED_SHARE * level["offered_per_s"]
-        and level["http"]["p99_ms"] <= P99_BOUND_MS
-    )
+    """An HTTP load level kept up with: every answer 2xx and p99 <= HTTP_P99_BOUND_MS (the
+    answered rate, to the last answer, undercounts a short level by that answer's latency)."""
+    return bool(level["non_2xx"] == 0 and level["http"]["p99_ms"] <= HTTP_P99_BOUND_MS)
 
 
 def http_capacity(levels: Sequence[dict[str, Any]]) -> float:
@@ -574,7 +572,7 @@ async def ingest_http(
     base = kafka_rate if kafka_rate > 0 else 50.0
     for fraction in HTTP_FRACTIONS:
         rate = max(1.0, round(base * fraction))
-        count = max(1, int(rate * seconds))
+        count = max(1, int(rate * seconds * 2))
         events = vitals_events(template, count, count, prefix=f"scale-{run_id()}-http")
         meter = UsageMeter(stack_pids(stack))
         started = time.perf_counter()
@@ -720,9 +718,8 @@ def scaling_markdown(report: dict[str, Any]) -> str:
                 f"| {level['broker_cpu_ms']:.2f} | {level.get('client_cpu_ms', math.nan):.2f} |"
             )
         lines.append(
-            f"\nCapacity of one ingest over HTTP (every answer 2xx, >= "
-            f"{ACHIEVED_SHARE:.0%} of offered, p99 <= {P99_BOUND_MS:g} ms): "
-            f"{http['capacity_per_s']:g}/s."
+            f"\nCapacity of one ingest over HTTP (every answer 2xx, p99 <= "
+            f"{HTTP_P99_BOUND_MS:g} ms): {http['capacity_per_s']:g}/s."
         )
     load = report.get("load_average_1_5_15_min")
     if load:
