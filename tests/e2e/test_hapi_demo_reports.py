@@ -52,7 +52,7 @@ async def _send_demo(stack: Stack) -> None:
 async def _search(base_url: str, subject: str) -> list[dict[str, Any]]:
     async with httpx.AsyncClient(timeout=30.0) as client:
         response = await client.get(
-            f"{base_url}/DiagnosticReport", params={"subject": subject, "_count": "200"}
+            f"{base_url}/DiagnosticReport", params={"subject": subject, "_count": "50"}
         )
     assert response.status_code == 200, response.text[:500]
     return [entry["resource"] for entry in response.json().get("entry", [])]

@@ -23,7 +23,7 @@ from medmesh_cli.devstack.stack import Stack
 from medmesh_cli.main import app
 from medmesh_contracts import topics
 from medmesh_contracts.events import Producer, ReportUndeliverable, to_wire
-from medmesh_reporting.delivery import Deliverer, DeliveryBackoff, DeliveryLoop
+from medmesh_reporting.delivery import DELIVERED_FROM, Deliverer, DeliveryBackoff, DeliveryLoop
 from medmesh_reporting.kafka import delivery_clients
 from medmesh_reporting.report import REPORT_IDENTIFIER_SYSTEM
 from medmesh_reporting.settings import ReportingSettings
@@ -73,6 +73,29 @@ async def _undeliverable(bootstrap: str, run: str) -> list[tuple[str, ReportUnde
 
 def _patient(run: str, i: int) -> str:
     return f"{run}-p{i:02d}"
+
+
+async def _start_group_at_end(bootstrap: str, group: str) -> None:
+    """Commit the delivery group's offsets at the end of what it reads, as for a delivery that
+    starts now: the reports of earlier tests are not this test's to deliver."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+    )
+    await consumer.start()
+    try:
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in DELIVERED_FROM
+            for p in sorted(consumer.partitions_for_topic(topic) or {0, 1})
+        ]
+        consumer.assign(partitions)
+        await consumer.seek_to_end(*partitions)
+        await consumer.commit({tp: await consumer.position(tp) for tp in partitions})
+    finally:
+        await consumer.stop()
 
 
 async def _produce_results(bootstrap: str, run: str, numbers: range) -> None:
@@ -139,13 +162,31 @@ async def _delete(base_url: str, ids: list[str]) -> None:
             assert response.is_success, response.text[:500]
 
 
+async def _refused_entry(bootstrap: str, run: str, refused: str, base_url: str) -> str:
+    """The PARTITION:OFFSET of the refused report's undeliverable event, after checking that it
+    is the run's only one and carries HAPI's answer."""
+    # At least once: a crash between publishing the event and committing its offset repeats it.
+    events = await _undeliverable(bootstrap, run)
+    assert {e.correlation_id for _, e in events} == {refused}
+    position, event = events[0]
+    assert event.status_code == 412
+    assert event.fhir_server == base_url
+    assert event.operation_outcome is not None
+    issue = event.operation_outcome["issue"][0]
+    assert issue["severity"] == "error"
+    assert "HAPI-0958" in issue["diagnostics"]  # the match URL matched 2 resources
+    assert event.report["identifier"]["value"] == refused
+    return position
+
+
 class StoredReports:
     """Searches the FHIR server for the run's DiagnosticReports, by their patients."""
 
     def __init__(self, base_url: str, run: str) -> None:
         subjects = ",".join(f"Patient/{_patient(run, i)}" for i in range(REPORTS))
         self.url = f"{base_url}/DiagnosticReport"
-        self.params = {"subject": subjects, "_count": "200", "_elements": "identifier"}
+        # HAPI's largest page is 50: more than the run's reports.
+        self.params = {"subject": subjects, "_count": "50", "_elements": "identifier"}
 
     async def ids(self) -> list[str]:
         """Every stored report's identifier value, once per stored copy (empty while the server
@@ -192,6 +233,7 @@ async def test_reports_reach_the_fhir_server_once_across_outage_and_restart(stac
     async def first_half_stored() -> bool:
         return len(set(await stored.ids())) >= len(FIRST_HALF) - 1
 
+    await _start_group_at_end(stack.config.bootstrap, settings.delivery_group_id)
     await _produce_results(stack.config.bootstrap, run, FIRST_HALF)
     first = start()
     await _wait("the first half on the FHIR server", first_half_stored, 240.0)
@@ -215,18 +257,7 @@ async def test_reports_reach_the_fhir_server_once_across_outage_and_restart(stac
 
         expected = sorted(f"{run}-{i:02d}" for i in range(REPORTS) if i != REFUSED)
         assert sorted(await stored.ids()) == expected
-        # At least once: a crash between publishing the event and committing its offset repeats
-        # it.
-        events = await _undeliverable(stack.config.bootstrap, run)
-        assert {e.correlation_id for _, e in events} == {refused}
-        position, event = events[0]
-        assert event.status_code == 412
-        assert event.fhir_server == base_url
-        assert event.operation_outcome is not None
-        issue = event.operation_outcome["issue"][0]
-        assert issue["severity"] == "error"
-        assert "HAPI-0958" in issue["diagnostics"]  # the match URL matched 2 resources
-        assert event.report["identifier"]["value"] == refused
+        position = await _refused_entry(stack.config.bootstrap, run, refused, base_url)
 
         # The cause fixed (the two conflicting reports removed), the entry is replayed twice
         # (an operator's second try): delivered through the delivery-request topic, stored once.
