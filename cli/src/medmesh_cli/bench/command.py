@@ -120,6 +120,8 @@ def bench(
         budget = budget_minutes * 60 if budget_minutes is not None else None
         plan = Plan.quick(budget) if quick else Plan(budget_s=budget)
         flames = state / "flames" if profile else None
+        if flames is not None:
+            shutil.rmtree(flames, ignore_errors=True)  # an earlier run's graphs are not this one's
         console.print("starting the benchmark stack ...")
         stack.start()
         try:
