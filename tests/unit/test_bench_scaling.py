@@ -12,6 +12,7 @@ from medmesh_cli.bench.scaling import (
     Trial,
     abba,
     busy_share,
+    cpu_efficiency,
     efficiency,
     http_capacity,
     partition_bound,
@@ -59,6 +60,12 @@ def test_efficiency_of_medians_with_range() -> None:
     assert e.high == pytest.approx(200.0 / 200.0)
     assert math.isnan(efficiency([], [100.0]).median)
     assert math.isnan(efficiency([0.0], [100.0]).median)
+
+
+def test_cpu_efficiency_compares_cost_per_event() -> None:
+    """A second instance that costs 10 % more CPU per event is 91 % CPU-efficient."""
+    assert cpu_efficiency([2.0, 2.2, 1.8], [2.2, 2.2]) == pytest.approx(2.0 / 2.2)
+    assert math.isnan(cpu_efficiency([1.0], []))
 
 
 def test_partition_bound_counts_the_busiest_instance() -> None:
@@ -138,6 +145,7 @@ def _stage(name: str, one: list[float], two: list[float]) -> dict[str, Any]:
         "per_instances": per,
         "trials": trials,
         "efficiency": efficiency(one, two).__dict__,
+        "cpu_efficiency": 0.9,
         "partition_bound": 1.0,
     }
 
@@ -155,8 +163,8 @@ def test_markdown_table_shows_rates_efficiency_and_broker_total() -> None:
     }
     text = scaling_markdown(json.loads(json.dumps(report)))
     assert (
-        "| router | 100 | 110 [100-120] | 190 [180-200] | 86% [75%-100%] | 100% | 0.50 / 0.50 |"
-        in text
+        "| router | 100 | 110 [100-120] | 190 [180-200] | 86% [75%-100%] | 100% | 0.50 / 0.50 "
+        "| 4.00 / 4.00 | 90% |" in text
     )
     assert text.count("| router | ") == 5  # the summary row and four trials
     assert "about 500 events/s per broker core" in text

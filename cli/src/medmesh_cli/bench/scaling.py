@@ -95,6 +95,9 @@ CALIBRATION_EVENTS = 1000
 # Unrecorded, before the calibration: the first stage's first trials in smoke runs went at a
 # fifth of the later ones, the broker spending twice its later CPU per event (a young JVM).
 WARMUP_EVENTS = 500
+# The first stage warms the young broker for the whole series (its N = 1 trials still rose
+# threefold over the first minutes with 500).
+FIRST_STAGE_WARMUP_EVENTS = 3000
 # Spread over the partitions by key, so each of two instances gets about half.
 NEW_INSTANCE_WARMUP_EVENTS = 400
 # ABBA repetitions per stage: two give four trials of each N.
@@ -175,6 +178,13 @@ def efficiency(one: Sequence[float], two: Sequence[float]) -> Spread:
         double.low / (2 * single.high),
         double.high / (2 * single.low),
     )
+
+
+def cpu_efficiency(one_ms: Sequence[float], two_ms: Sequence[float]) -> float:
+    """CPU per event of one instance over that of two (medians): 1 when a second instance
+    costs nothing extra per event, the efficiency scaling out has where cores are free."""
+    single, double = spread(one_ms).median, spread(two_ms).median
+    return single / double if double > 0 else math.nan
 
 
 def partition_bound(partitions: int, instances: int) -> float:
@@ -500,7 +510,11 @@ def _restart_router(stack: Stack, name: str) -> None:
 
 
 async def measure_stage(
-    stack: Stack, stage: Stage, seconds: float, repetitions: int = REPETITIONS
+    stack: Stack,
+    stage: Stage,
+    seconds: float,
+    repetitions: int = REPETITIONS,
+    warmup: int = WARMUP_EVENTS,
 ) -> dict[str, Any]:
     """Warm up, size the backlog to about ``seconds`` of draining by one instance, then the ABBA
     trials. The stage's first instance is left running and pinned (the caller stops it)."""
@@ -515,7 +529,7 @@ async def measure_stage(
     await run.sink.start()
     await run.producer.start()
     try:
-        await run.trial(WARMUP_EVENTS)
+        await run.trial(warmup)
         calibration = await run.trial(CALIBRATION_EVENTS)
         rate = calibration.sustained_per_s
         backlog = int(min(MAX_BACKLOG, max(MIN_BACKLOG, rate * seconds if rate > 0 else 0)))
@@ -560,6 +574,9 @@ async def measure_stage(
         },
         "efficiency": asdict(
             efficiency([t.sustained_per_s for t in by_n[1]], [t.sustained_per_s for t in by_n[2]])
+        ),
+        "cpu_efficiency": cpu_efficiency(
+            [t.stage_cpu_ms for t in by_n[1]], [t.stage_cpu_ms for t in by_n[2]]
         ),
         "partition_bound": partition_bound(partitions, 2),
     }
@@ -620,8 +637,9 @@ async def run_scaling(
     http: dict[str, Any] = {}
     started, load_before = time.perf_counter(), os.getloadavg()
     with stopped(stack, every):
-        for stage in stages:
-            result = await measure_stage(stack, stage, seconds, repetitions)
+        for index, stage in enumerate(stages):
+            warmup = FIRST_STAGE_WARMUP_EVENTS if index == 0 else WARMUP_EVENTS
+            result = await measure_stage(stack, stage, seconds, repetitions, warmup)
             results.append(result)
             # A run cut short (a time limit) keeps the stages it finished.
             (stack.config.state_dir / "scaling-stages.json").write_text(
@@ -666,11 +684,12 @@ def scaling_markdown(report: dict[str, Any]) -> str:
         f"{report['partitions']} partitions; ABBA x {report['repetitions']}; median [range] of "
         "the sustained rate (10th to 90th percentile of the output timestamps). The broker, "
         "Triton and the bench client are not pinned: they share the same cores. Busy = the "
-        "share of its core each instance used (1 = CPU-bound).\n",
+        "share of its core each instance used (1 = CPU-bound); CPU efficiency = stage CPU per "
+        "event at N=1 over N=2 (medians).\n",
         "| stage | backlog | N=1 events/s | N=2 events/s | efficiency | partition bound "
-        "| busy per instance N=1 / N=2 | stage CPU ms/event N=1 / N=2 "
+        "| busy per instance N=1 / N=2 | stage CPU ms/event N=1 / N=2 | CPU efficiency "
         "| broker CPU ms/event N=1 / N=2 | Triton CPU ms/event |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for stage in report["stages"]:
         one, two = stage["per_instances"]["1"], stage["per_instances"]["2"]
@@ -683,6 +702,7 @@ def scaling_markdown(report: dict[str, Any]) -> str:
             f"| {one['busy_per_instance']['median']:.2f} / "
             f"{two['busy_per_instance']['median']:.2f} "
             f"| {one['stage_cpu_ms']['median']:.2f} / {two['stage_cpu_ms']['median']:.2f} "
+            f"| {stage.get('cpu_efficiency', math.nan):.0%} "
             f"| {one['broker_cpu_ms']['median']:.2f} / {two['broker_cpu_ms']['median']:.2f} "
             f"| {triton:.2f} |"
         )
