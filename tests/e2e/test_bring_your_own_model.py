@@ -80,6 +80,7 @@ async def byom_stack() -> AsyncIterator[Stack]:
         partitions=1,
         specs_dir_override=specs,
         model_repository_override=models,
+        with_fhir_server=False,  # reports are checked on Kafka; no delivery here
     )
     stack = Stack(config)
     try:

@@ -86,6 +86,7 @@ async def test_a_study_announced_in_fhir_gets_a_report_from_the_cnn() -> None:
             state_dir=state,
             kafka_heap="512m",
             partitions=1,
+            with_fhir_server=False,  # reports are checked on Kafka; no delivery here
         )
     )
     try:

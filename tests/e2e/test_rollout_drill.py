@@ -36,7 +36,12 @@ async def drill_stack() -> AsyncIterator[Stack]:
     state = run_dir("e2e-rollout-drill")
     shutil.rmtree(state / "kafka", ignore_errors=True)  # a fresh registry for the walkthrough
     config = with_overlay(
-        StackConfig(ports=e2e_ports(DRILL_PORT_BASE), state_dir=state, partitions=1),
+        StackConfig(
+            ports=e2e_ports(DRILL_PORT_BASE),
+            state_dir=state,
+            partitions=1,
+            with_fhir_server=False,  # the drill reads the audit and results; no delivery here
+        ),
         repo_root() / "deploy" / "drills" / "broken-v4",
     )
     stack = Stack(config)

@@ -108,6 +108,7 @@ async def test_a_model_added_from_fixtures_is_served_and_reported(tmp_path: Path
             partitions=1,
             specs_dir_override=specs,
             model_repository_override=repository,
+            with_fhir_server=False,  # reports are checked on Kafka; no delivery here
         )
     )
     try:

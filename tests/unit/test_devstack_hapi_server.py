@@ -69,3 +69,14 @@ def test_up_names_the_console_and_the_fhir_servers_reports(tmp_path: Path) -> No
     assert "http://127.0.0.1:24080/fhir" in line
     assert "console: http://127.0.0.1:24095/" in line
     assert "http://127.0.0.1:24044/fhir/DiagnosticReport" in line
+
+
+def test_a_stack_without_the_fhir_server_neither_delivers_nor_names_it(tmp_path: Path) -> None:
+    """with_fhir_server=False (benchmarks, the fault suite): no MEDMESH_FHIR_SERVER_URL for the
+    services and no reports URL in the ready line; the start does not wait for the server."""
+    config = StackConfig(
+        ports=StackPorts.from_base(24000), state_dir=tmp_path, with_fhir_server=False
+    )
+    env = service_environment(config, ServiceSpec("reporting", "medmesh_reporting", 24090))
+    assert "MEDMESH_FHIR_SERVER_URL" not in env
+    assert "DiagnosticReport" not in ready_summary(config)

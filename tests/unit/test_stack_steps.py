@@ -8,6 +8,7 @@ Nothing is started: Kafka, Orthanc, Triton, the topics and the service processes
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,18 @@ def test_without_a_callback_the_stack_starts_as_before(
     assert set(in_threads) <= set(started)
     assert set(stack.services) == {s.name for s in service_specs(stack.config)}
     assert all(p.running() for p in stack.services.values())
+
+
+def test_a_stack_without_the_fhir_server_neither_starts_nor_announces_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """with_fhir_server=False: the FHIR server is never started nor shown as a step, and the
+    rest of the stack starts as usual."""
+    stack, started = _stack(tmp_path, monkeypatch)
+    stack.config = replace(stack.config, with_fhir_server=False)
+    steps: list[tuple[str, str]] = []
+    stack.on_step = lambda component, state: steps.append((component, state))
+    stack.start()
+    assert "fhir-server" not in started
+    assert "fhir-server" not in {component for component, _ in steps}
+    assert {"kafka", "orthanc", "triton"} <= set(started)

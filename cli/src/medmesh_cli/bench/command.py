@@ -109,7 +109,10 @@ def bench(
         state = run_dir("bench" if port_base == 26000 else f"bench-{port_base}")
         stack = Stack(
             StackConfig(
-                ports=StackPorts.from_base(port_base), state_dir=state, partitions=partitions
+                ports=StackPorts.from_base(port_base),
+                state_dir=state,
+                partitions=partitions,
+                with_fhir_server=False,  # the pipeline's CPU, not a FHIR server's
             )
         )
         if "topology" in selected:

@@ -325,7 +325,11 @@ def soak(
     window = min(60.0, max(sample_every * 2, (duration - warmup) / 2))
     if duration - warmup < 2 * sample_every * 2:
         raise typer.BadParameter("--duration must leave room for two memory windows after warm-up")
-    stack = Stack(StackConfig(ports=SOAK_PORTS, state_dir=run_dir("soak"), partitions=3))
+    stack = Stack(
+        StackConfig(
+            ports=SOAK_PORTS, state_dir=run_dir("soak"), partitions=3, with_fhir_server=False
+        )
+    )
     print("starting the soak stack ...")
     stack.start()
     try:
