@@ -11,7 +11,6 @@ definition, such as LOINC and SNOMED CT, come back as warnings, not errors.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal, get_args
 
-from medmesh_cli.devstack.maven import copy_dependencies
+from medmesh_cli.devstack.maven import ensure_java_launcher
 from medmesh_cli.devstack.paths import cache_dir, repo_root
 
 ValidatorFhirVersion = Literal["R4", "R4B", "R5"]
@@ -80,62 +79,14 @@ def hapi_version() -> str:
     return match.group(1)
 
 
-def _launcher_sources() -> list[Path]:
-    return sorted((_project() / "src" / "main" / "java").rglob("*.java"))
-
-
-def _require(tool: str, why: str) -> str:
-    found = shutil.which(tool)
-    if found is None:
-        raise RuntimeError(f"HAPI validator: {tool!r} is not on PATH; {why}")
-    return found
-
-
-def _ensure_jars(lib: Path) -> None:
-    marker = lib / ".complete"
-    if marker.exists():
-        return
-    mvn = _require("mvn", "Apache Maven is needed once to fetch the validator's jars")
-    copy_dependencies(mvn, _project() / "pom.xml", lib, "HAPI validator")
-    marker.write_text(hapi_version())
-
-
-def _ensure_classes(root: Path, lib: Path) -> Path:
-    sources = _launcher_sources()
-    if not sources:
-        raise RuntimeError("HAPI validator: no launcher source under deploy/hapi-validator/src")
-    digest = hashlib.sha256()
-    for source in sources:
-        digest.update(source.read_bytes())
-    # Keyed by the sources' hash: an edited launcher is compiled afresh, an unchanged one never.
-    classes = root / f"classes-{digest.hexdigest()[:16]}"
-    marker = classes / ".complete"
-    if marker.exists():
-        return classes
-    javac = _require("javac", "a Java 17+ JDK is needed to compile the validator's launcher")
-    shutil.rmtree(classes, ignore_errors=True)
-    classes.mkdir(parents=True)
-    result = subprocess.run(
-        [javac, "-d", str(classes), "-cp", f"{lib}/*", *map(str, sources)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"HAPI validator: javac failed on the launcher:\n{result.stdout}{result.stderr}"
-        )
-    marker.write_text("")
-    return classes
-
-
 def ensure_validator() -> Validator:
     """The validator, resolving its jars (Maven) and compiling its launcher (javac) on first use."""
-    java = _require("java", "the validator needs Java 17+")
+    java = shutil.which("java")
+    if java is None:
+        raise RuntimeError("HAPI validator: 'java' is not on PATH; the validator needs Java 17+")
     root = cache_dir() / f"hapi-validator-{hapi_version()}"
-    lib = root / "lib"
-    _ensure_jars(lib)
-    return Validator(lib=lib, classes=_ensure_classes(root, lib), java=java)
+    lib, classes = ensure_java_launcher(_project(), root, "HAPI validator")
+    return Validator(lib=lib, classes=classes, java=java)
 
 
 def _command(validator: Validator, version: ValidatorFhirVersion, paths: list[Path]) -> list[str]:
