@@ -25,11 +25,11 @@ $(VENV)/.synced: $(UV) uv.lock pyproject.toml */pyproject.toml services/*/pyproj
 venv: $(VENV)/.synced ## create .venv from the lockfile (uv sync --frozen)
 
 .PHONY: deps
-deps: venv ## fetch the Kafka broker jars (Maven), build kustomize (go install), prepare Triton's python backend, install Orthanc + DICOMweb (apt-get, as root)
+deps: venv ## fetch the Kafka broker and HAPI FHIR server jars (Maven), build kustomize (go install), prepare Triton's python backend, install Orthanc + DICOMweb (apt-get, as root)
 	$(BIN)/python -m medmesh_cli.devstack.prefetch
 
 .PHONY: run
-run: deps ## start Kafka, Triton and the four services, send the demo events, stay up until Ctrl-C
+run: deps ## start Kafka, Triton, Orthanc, a HAPI FHIR server, the services and the console, send the demo events (reports delivered to the FHIR server), stay up until Ctrl-C
 	$(BIN)/medmesh up --demo
 
 .PHONY: lint
