@@ -115,7 +115,7 @@ def bench(
                 with_fhir_server=False,  # the pipeline's CPU, not a FHIR server's
             )
         )
-        if "topology" in selected:
+        if {"topology", "scaling"} & set(selected):
             # A deployment's broker JVM, so that Kafka's CPU per event is not the dev stack's.
             stack.kafka.config = replace(
                 stack.kafka.config, jvm_options=PRODUCTION_JVM, heap=PRODUCTION_HEAP
