@@ -20,7 +20,6 @@ shows who they are.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import socket
 import time
@@ -31,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from medmesh_cli.devstack.maven import ensure_java_launcher
+from medmesh_cli.devstack.maven import ensure_java_launcher, pom_property
 from medmesh_cli.devstack.paths import cache_dir, repo_root
 from medmesh_cli.devstack.process import ManagedProcess, wait_until
 
@@ -52,11 +51,7 @@ def _project() -> Path:
 
 def hapi_version() -> str:
     """The HAPI FHIR version pinned in deploy/hapi-server/pom.xml."""
-    pom = (_project() / "pom.xml").read_text()
-    match = re.search(r"<hapi.version>([^<]+)</hapi.version>", pom)
-    if match is None:
-        raise RuntimeError("deploy/hapi-server/pom.xml has no <hapi.version>")
-    return match.group(1)
+    return pom_property(_project(), "hapi.version")
 
 
 def _root() -> Path:

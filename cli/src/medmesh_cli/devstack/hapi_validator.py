@@ -12,7 +12,6 @@ definition, such as LOINC and SNOMED CT, come back as warnings, not errors.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import tempfile
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal, get_args
 
-from medmesh_cli.devstack.maven import ensure_java_launcher
+from medmesh_cli.devstack.maven import ensure_java_launcher, pom_property
 from medmesh_cli.devstack.paths import cache_dir, repo_root
 
 ValidatorFhirVersion = Literal["R4", "R4B", "R5"]
@@ -72,11 +71,7 @@ def _project() -> Path:
 
 def hapi_version() -> str:
     """The HAPI FHIR version pinned in deploy/hapi-validator/pom.xml."""
-    pom = (_project() / "pom.xml").read_text()
-    match = re.search(r"<hapi.version>([^<]+)</hapi.version>", pom)
-    if match is None:
-        raise RuntimeError("deploy/hapi-validator/pom.xml has no <hapi.version>")
-    return match.group(1)
+    return pom_property(_project(), "hapi.version")
 
 
 def ensure_validator() -> Validator:

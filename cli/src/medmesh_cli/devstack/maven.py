@@ -1,13 +1,23 @@
 """Jars from Maven Central for the parts of the local stack that run on the JVM (the Kafka
-broker, HAPI's FHIR validator): each part's pom in deploy/ lists them, and
+broker, HAPI's FHIR validator and JPA server): each part's pom in deploy/ lists them, and
 ``copy_dependencies`` resolves them once into a cache folder outside the repository."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import subprocess
 from pathlib import Path
+
+
+def pom_property(project: Path, name: str) -> str:
+    """A property ``<name>`` pinned in ``project``/pom.xml (e.g. ``hapi.version``)."""
+    pom = (project / "pom.xml").read_text()
+    match = re.search(rf"<{re.escape(name)}>([^<]+)</{re.escape(name)}>", pom)
+    if match is None:
+        raise RuntimeError(f"{project / 'pom.xml'} has no <{name}>")
+    return match.group(1)
 
 
 def copy_dependencies(mvn: str, pom: Path, lib: Path, what: str) -> None:
