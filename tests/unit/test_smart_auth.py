@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from medmesh_ingest.fetch import http_fetcher
+from medmesh_ingest.fetch import SourceServer, http_fetcher
 from medmesh_ingest.service import SourceUnavailableError
 from medmesh_reporting.delivery import Delivered, Deliverer, DeliveryBackoff, Refused
 from medmesh_runtime.smart import (
@@ -276,7 +276,9 @@ async def test_the_notification_fetch_uses_the_sources_smart_client() -> None:
     """An id-only notification's resource is fetched with a SMART token; a token endpoint that
     refuses makes the fetch a SourceUnavailableError (the sender gets 503 and retries)."""
     auth, server, client, _ = _auth()
-    fetch = http_fetcher(FHIR, None, timeout_s=5, max_bytes=10_000, client=client, auth=auth)
+    fetch = http_fetcher(
+        SourceServer(FHIR, None, timeout_s=5, max_bytes=10_000, client=client, auth=auth)
+    )
     (body,) = await fetch(["Observation/o-1"])
     assert json.loads(body)["id"] == "o-1"
     assert server.seen_by_fhir == ["Bearer token-1"]

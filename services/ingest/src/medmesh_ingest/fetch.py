@@ -12,7 +12,8 @@ notification is answered 503 and the sender retries it.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import httpx
 
@@ -34,25 +35,48 @@ def resource_url(base_url: str, reference: str) -> str | None:
     return f"{base}/{reference}"
 
 
-def http_fetcher(
-    base_url: str,
-    token: str | None,
-    *,
-    timeout_s: float,
-    max_bytes: int,
-    client: httpx.AsyncClient,
-    auth: httpx.Auth | None = None,
-) -> Fetch:
-    """A Fetch reading each reference from ``base_url`` with the bearer ``token``, or with
-    ``auth`` (SMART Backend Services) when given."""
-    headers = {"accept": "application/fhir+json"}
-    if token:
-        headers["authorization"] = f"Bearer {token}"
+@dataclass(frozen=True)
+class SourceServer:
+    """A source's FHIR server as ingest calls it: its base URL, the source's bearer ``token``
+    or ``auth`` (SMART Backend Services) when given, and the bounds of every call."""
+
+    base_url: str
+    token: str | None
+    timeout_s: float
+    max_bytes: int
+    client: httpx.AsyncClient
+    auth: httpx.Auth | None = None
+
+    async def get(self, url: str, what: str, params: Mapping[str, str] | None = None) -> bytes:
+        """The body of a 200 answer to GET ``url``; SourceUnavailableError naming ``what``
+        (the server unreachable, another status, a body over ``max_bytes``)."""
+        headers = {"accept": "application/fhir+json"}
+        if self.token:
+            headers["authorization"] = f"Bearer {self.token}"
+        try:
+            response = await self.client.get(
+                url,
+                params=params,
+                headers=headers,
+                timeout=self.timeout_s,
+                auth=self.auth or httpx.USE_CLIENT_DEFAULT,
+            )
+        except httpx.HTTPError as exc:
+            raise SourceUnavailableError(f"{what} failed: {type(exc).__name__}") from exc
+        if response.status_code != 200:
+            raise SourceUnavailableError(f"the source answered {response.status_code} to {what}")
+        if len(response.content) > self.max_bytes:
+            raise SourceUnavailableError(f"the source's answer to {what} exceeds the size limit")
+        return response.content
+
+
+def http_fetcher(server: SourceServer) -> Fetch:
+    """A Fetch reading each reference from the source's server."""
 
     async def fetch(references: Sequence[str]) -> list[bytes]:
         bodies: list[bytes] = []
         for reference in references:
-            url = resource_url(base_url, reference)
+            url = resource_url(server.base_url, reference)
             if url is None:
                 raise rejected(
                     INVALID_FHIR,
@@ -60,21 +84,7 @@ def http_fetcher(
                     "the notification names a resource outside the source's FHIR server; "
                     "ingest fetches only from the server configured for the source",
                 )
-            try:
-                response = await client.get(
-                    url, headers=headers, timeout=timeout_s, auth=auth or httpx.USE_CLIENT_DEFAULT
-                )
-            except httpx.HTTPError as exc:
-                raise SourceUnavailableError(
-                    f"fetching from the source failed: {type(exc).__name__}"
-                ) from exc
-            if response.status_code != 200:
-                raise SourceUnavailableError(
-                    f"the source answered {response.status_code} for a notification's resource"
-                )
-            if len(response.content) > max_bytes:
-                raise SourceUnavailableError("a fetched resource exceeds the size limit")
-            bodies.append(response.content)
+            bodies.append(await server.get(url, "fetching a notification's resource"))
         return bodies
 
     return fetch
@@ -89,24 +99,13 @@ def events_url(base_url: str, subscription: str) -> str | None:
     return f"{url}/$events"
 
 
-def http_recoverer(
-    base_url: str,
-    token: str | None,
-    *,
-    timeout_s: float,
-    max_bytes: int,
-    client: httpx.AsyncClient,
-    auth: httpx.Auth | None = None,
-) -> Recover:
-    """A Recover asking ``base_url`` for a subscription's events ``first`` to ``last`` with full
-    resources (``GET [base]/Subscription/[id]/$events?eventsSinceNumber=..&eventsUntilNumber=..
-    &content=full-resource``), authenticated as ``http_fetcher`` is."""
-    headers = {"accept": "application/fhir+json"}
-    if token:
-        headers["authorization"] = f"Bearer {token}"
+def http_recoverer(server: SourceServer) -> Recover:
+    """A Recover asking the source's server for a subscription's events ``first`` to ``last``
+    with full resources (``GET [base]/Subscription/[id]/$events?eventsSinceNumber=..
+    &eventsUntilNumber=..&content=full-resource``)."""
 
     async def recover(subscription: str, first: int, last: int) -> bytes:
-        url = events_url(base_url, subscription)
+        url = events_url(server.base_url, subscription)
         if url is None:
             raise SourceUnavailableError(
                 "the notification's subscription is not on the source's FHIR server"
@@ -116,22 +115,6 @@ def http_recoverer(
             "eventsUntilNumber": str(last),
             "content": "full-resource",
         }
-        try:
-            response = await client.get(
-                url,
-                params=params,
-                headers=headers,
-                timeout=timeout_s,
-                auth=auth or httpx.USE_CLIENT_DEFAULT,
-            )
-        except httpx.HTTPError as exc:
-            raise SourceUnavailableError(
-                f"asking the source for missed events failed: {type(exc).__name__}"
-            ) from exc
-        if response.status_code != 200:
-            raise SourceUnavailableError(f"the source answered {response.status_code} to $events")
-        if len(response.content) > max_bytes:
-            raise SourceUnavailableError("the source's $events answer exceeds the size limit")
-        return response.content
+        return await server.get(url, "$events", params)
 
     return recover

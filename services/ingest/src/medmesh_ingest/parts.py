@@ -27,7 +27,7 @@ from medmesh_contracts.events import (
 )
 from medmesh_contracts.modelspec import load_specs
 from medmesh_ingest.auth import Authenticator, Source
-from medmesh_ingest.fetch import http_fetcher, http_recoverer
+from medmesh_ingest.fetch import SourceServer, http_fetcher, http_recoverer
 from medmesh_ingest.inbound import DeliverRequests
 from medmesh_ingest.outcomes import TOO_LARGE, FhirRejected, too_large_outcome
 from medmesh_ingest.pseudonym import Pseudonymizer
@@ -128,11 +128,12 @@ class Ingest:
             headers=message_headers(handled.correlation_id, schema_of(SubscriptionEventsHandled)),
         )
 
-    def fetcher(self, source: Source) -> Fetch | None:
-        """How to fetch id-only notification content for this source (None: not configured)."""
+    def source_server(self, source: Source) -> SourceServer | None:
+        """The source's FHIR server, for id-only fetches and missed notifications ($events)
+        alike (None: none configured)."""
         if source.base_url is None or self.http_client is None:
             return None
-        return http_fetcher(
+        return SourceServer(
             source.base_url,
             source.fetch_token,
             timeout_s=self.settings.fetch_timeout_s,
@@ -141,19 +142,15 @@ class Ingest:
             auth=source.fetch_auth,
         )
 
+    def fetcher(self, source: Source) -> Fetch | None:
+        """How to fetch id-only notification content for this source (None: not configured)."""
+        server = self.source_server(source)
+        return None if server is None else http_fetcher(server)
+
     def recoverer(self, source: Source) -> Recover | None:
-        """How to ask this source for missed notifications ($events; None: not configured):
-        the same server, token or SMART client as the id-only fetch."""
-        if source.base_url is None or self.http_client is None:
-            return None
-        return http_recoverer(
-            source.base_url,
-            source.fetch_token,
-            timeout_s=self.settings.fetch_timeout_s,
-            max_bytes=self.settings.max_payload_bytes,
-            client=self.http_client,
-            auth=source.fetch_auth,
-        )
+        """How to ask this source for missed notifications ($events; None: not configured)."""
+        server = self.source_server(source)
+        return None if server is None else http_recoverer(server)
 
     async def handle(self, raw: bytes, context: Context) -> Answer:
         """The service's answer to one payload, inside a span."""
