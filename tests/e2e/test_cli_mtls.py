@@ -13,29 +13,20 @@ medmesh_cli.main``), so that what an operator sees on the terminal is checked on
 
 from __future__ import annotations
 
-import asyncio
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
 from medmesh_cli.devstack.kafka import KafkaConfig, KafkaServer
 from medmesh_cli.devstack.tls import TlsFiles, generate_tls
-from medmesh_cli.devstack.topics import create_topics
-from medmesh_cli.main import app
-from medmesh_cli.models import PRODUCER, write_change
-from medmesh_cli.ops.connection import resolve
 from medmesh_cli.ops.dlq import DEAD_LETTER_TOPICS
-from medmesh_contracts.events import utc_now
-from medmesh_contracts.lifecycle import decision, seed_deployment
-from medmesh_contracts.topics import all_topics
 from tests.e2e.conftest import E2E_PORT_BASE
+from tests.e2e.secured_cli import run_cli, run_cli_process, seed_registry
 
 MTLS_PORT_BASE = E2E_PORT_BASE + 65
 CLIENT = "ops-alice"
@@ -69,49 +60,14 @@ def _contexts_file(path: Path, bootstrap: str, tls: TlsFiles, rogue: TlsFiles) -
     )
 
 
-def _clean_env() -> dict[str, str | None]:
-    # Nothing of the developer's own Kafka settings or context may leak into the commands.
-    return {k: None for k in os.environ if k.startswith(("MEDMESH_KAFKA_", "MEDMESH_CONTEXT"))}
-
-
 def medmesh(kafka: MtlsKafka, *args: str) -> Result:
     """Run ``medmesh ARGS`` (CliRunner) with the test's contexts file."""
-    env = _clean_env()
-    env.update({"MEDMESH_CONTEXTS_FILE": str(kafka.contexts), "COLUMNS": "200"})
-    return CliRunner().invoke(app, list(args), env=env)
+    return run_cli(kafka.contexts, *args)
 
 
-def medmesh_process(
-    kafka: MtlsKafka, *args: str, timeout_s: float = 120.0
-) -> subprocess.CompletedProcess[str]:
+def medmesh_process(kafka: MtlsKafka, *args: str) -> subprocess.CompletedProcess[str]:
     """Run ``medmesh ARGS`` in a child process with the test's contexts file."""
-    env = {k: v for k, v in os.environ.items() if k not in _clean_env()}
-    env.update({"MEDMESH_CONTEXTS_FILE": str(kafka.contexts), "COLUMNS": "200"})
-    return subprocess.run(
-        [sys.executable, "-m", "medmesh_cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
-
-
-def _seed(kafka: MtlsKafka) -> None:
-    """Create the topics and register one model, over mutual TLS with the context's settings."""
-    env = {k: v for k, v in os.environ.items() if k not in _clean_env()}
-    env["MEDMESH_CONTEXTS_FILE"] = str(kafka.contexts)
-    connection = resolve("t", environ=env)
-    seeded = seed_deployment(MODEL, {1: 100}, PRODUCER, utc_now(), connection.principal())
-    audit = decision(None, seeded, "seed", seeded.changed_by, "test seed", PRODUCER, utc_now())
-
-    async def run() -> None:
-        await create_topics(
-            connection.bootstrap, all_topics([], partitions=1), security=connection.security()
-        )
-        await write_change(connection, seeded, audit)
-
-    asyncio.run(run())
+    return run_cli_process(kafka.contexts, *args)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +93,7 @@ def mtls_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MtlsKafka]:
         server.start(timeout_s=120)
         kafka = MtlsKafka(config.ssl_bootstrap, folder / "contexts.toml", keys)
         _contexts_file(kafka.contexts, kafka.bootstrap, tls, rogue)
-        _seed(kafka)
+        seed_registry(kafka.contexts, "t", MODEL)
     except Exception as exc:  # noqa: BLE001 -- re-raised as a failure naming what did not start
         server.stop()
         pytest.fail(f"Kafka with an mTLS (SSL) listener did not start: {exc}", pytrace=False)

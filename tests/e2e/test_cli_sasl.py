@@ -12,29 +12,20 @@ an operator would see on the terminal, a traceback included, is checked once as 
 
 from __future__ import annotations
 
-import asyncio
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
 from medmesh_cli.devstack.kafka import KafkaConfig, KafkaServer
 from medmesh_cli.devstack.tls import generate_tls
-from medmesh_cli.devstack.topics import create_topics
-from medmesh_cli.main import app
-from medmesh_cli.models import PRODUCER, write_change
-from medmesh_cli.ops.connection import resolve
 from medmesh_cli.ops.dlq import DEAD_LETTER_TOPICS
-from medmesh_contracts.events import utc_now
-from medmesh_contracts.lifecycle import decision, seed_deployment
-from medmesh_contracts.topics import all_topics
 from tests.e2e.conftest import E2E_PORT_BASE
+from tests.e2e.secured_cli import run_cli, run_cli_process, seed_registry
 
 SASL_PORT_BASE = E2E_PORT_BASE + 60
 USER = "ops"
@@ -69,63 +60,16 @@ def _contexts_file(path: Path, bootstrap: str, ca: Path) -> None:
     )
 
 
-def _env(contexts: Path, password: str = PASSWORD) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        # Nothing of the developer's own Kafka settings or context may leak into the commands.
-        if not k.startswith(("MEDMESH_KAFKA_", "MEDMESH_CONTEXT"))
-    }
-    env.update(
-        {
-            "MEDMESH_CONTEXTS_FILE": str(contexts),
-            PASSWORD_VARIABLE: password,
-            # Rich's tables at a width that never folds a cell (the actor column above all).
-            "COLUMNS": "200",
-        }
-    )
-    return env
-
-
 def medmesh(kafka: SaslKafka, *args: str, password: str = PASSWORD) -> Result:
     """Run ``medmesh ARGS`` (CliRunner) with the test's contexts file and password."""
-    env: dict[str, str | None] = {
-        # Nothing of the developer's own Kafka settings or context may leak into the commands.
-        k: None
-        for k in os.environ
-        if k.startswith(("MEDMESH_KAFKA_", "MEDMESH_CONTEXT"))
-    }
-    env.update({"MEDMESH_CONTEXTS_FILE": str(kafka.contexts), PASSWORD_VARIABLE: password})
-    return CliRunner().invoke(app, list(args), env=env)
+    return run_cli(kafka.contexts, *args, extra={PASSWORD_VARIABLE: password})
 
 
 def medmesh_process(
-    kafka: SaslKafka, *args: str, password: str = PASSWORD, timeout_s: float = 120.0
+    kafka: SaslKafka, *args: str, password: str = PASSWORD
 ) -> subprocess.CompletedProcess[str]:
     """Run ``medmesh ARGS`` in a child process with the test's contexts file and password."""
-    return subprocess.run(
-        [sys.executable, "-m", "medmesh_cli.main", *args],
-        env=_env(kafka.contexts, password),
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
-
-
-def _seed(kafka: SaslKafka) -> None:
-    """Create the topics and register one model, over SASL_SSL with the context's settings."""
-    connection = resolve("t", environ=_env(kafka.contexts))
-    seeded = seed_deployment(MODEL, {1: 100}, PRODUCER, utc_now(), connection.principal())
-    audit = decision(None, seeded, "seed", seeded.changed_by, "test seed", PRODUCER, utc_now())
-
-    async def run() -> None:
-        await create_topics(
-            connection.bootstrap, all_topics([], partitions=1), security=connection.security()
-        )
-        await write_change(connection, seeded, audit)
-
-    asyncio.run(run())
+    return run_cli_process(kafka.contexts, *args, extra={PASSWORD_VARIABLE: password})
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +93,7 @@ def sasl_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SaslKafka]:
         server.start(timeout_s=120)
         kafka = SaslKafka(config.sasl_ssl_bootstrap, folder / "contexts.toml")
         _contexts_file(kafka.contexts, kafka.bootstrap, tls.ca_cert)
-        _seed(kafka)
+        seed_registry(kafka.contexts, "t", MODEL, {PASSWORD_VARIABLE: PASSWORD})
     except Exception as exc:  # noqa: BLE001 -- re-raised as a failure naming what did not start
         server.stop()
         pytest.fail(f"Kafka with a SASL_SSL listener did not start: {exc}", pytrace=False)
