@@ -40,7 +40,9 @@ GROUP = "medmesh-router"
 MODEL = "deterioration"
 
 
-def _router(*records: ModelDeployment, kafka: FakeKafka | None = None) -> Router:
+def router_on(*records: ModelDeployment, kafka: FakeKafka | None = None) -> Router:
+    """A router (not loaded yet) on an in-memory Kafka, its registry holding ``records``."""
+
     async def read(
         _settings: RouterSettings,
         topic: str,
@@ -65,7 +67,7 @@ async def _route(
     await run_until(router.requests, lambda: kafka.offset(GROUP, topics.INFERENCE_REQUESTS) == end)
 
 
-def _canary(min_requests: int = 50, max_error_rate: float = 0.05) -> ModelDeployment:
+def canary_at_half(min_requests: int = 50, max_error_rate: float = 0.05) -> ModelDeployment:
     """v1 stable and v2 canary at the 50 % step of (50, 100), progressing."""
     seeded = seed_deployment(MODEL, {1: 100}, PRODUCER, utc_now(), "test")
     deployed = deploy_version(
@@ -103,7 +105,7 @@ def _patient_on(version: int) -> str:
 async def test_request_becomes_a_task_on_the_version_topic() -> None:
     """A RequestInference is published as a RunInference on medmesh.model.deterioration.v1.tasks."""
     kafka = FakeKafka()
-    router = _router(kafka=kafka)
+    router = router_on(kafka=kafka)
     await router.load()
     request = make_request()
     await _route(router, kafka, to_wire(request), key=request.patient_pseudonym.encode())
@@ -118,7 +120,7 @@ async def test_undecodable_request_is_dead_lettered_with_the_reason() -> None:
     """A value that is not a RequestInference goes to the router's dead-letter topic, with a
     reason that names what is wrong but quotes none of the value (it may hold patient data)."""
     kafka = FakeKafka()
-    router = _router(kafka=kafka)
+    router = router_on(kafka=kafka)
     await router.load()
     await _route(router, kafka, b"{not json")
     dead = kafka.values(topics.ROUTER_DEADLETTER)
@@ -133,7 +135,7 @@ async def test_undecodable_request_is_dead_lettered_with_the_reason() -> None:
 
 async def test_empty_registry_is_seeded_from_the_spec_and_audited() -> None:
     """With no registry record, each spec's 100 % v1 is published to the registry with a 'seed'."""
-    router = _router()
+    router = router_on()
     registry = _capture(router.broker, topics.MODELS_REGISTRY)
     audit = _capture(router.broker, topics.MODELS_AUDIT)
     await router.load()
@@ -148,7 +150,7 @@ async def test_empty_registry_is_seeded_from_the_spec_and_audited() -> None:
 async def test_state_is_rebuilt_from_the_registry_records() -> None:
     """A registry holding a 50 % v2 canary routes a patient of the upper half to v2, not seeded."""
     kafka = FakeKafka()
-    router = _router(_canary(), kafka=kafka)
+    router = router_on(canary_at_half(), kafka=kafka)
     await router.load()
     request = make_request(patient_pseudonym=_patient_on(2))
     await _route(router, kafka, to_wire(request))
@@ -160,7 +162,7 @@ async def test_state_is_rebuilt_from_the_registry_records() -> None:
 async def test_dead_canary_gives_its_share_to_stable_and_is_audited() -> None:
     """v2 seen ready, then silent past 3 intervals: readiness-lost audited, patients go to v1."""
     kafka = FakeKafka()
-    router = _router(_canary(), kafka=kafka)
+    router = router_on(canary_at_half(), kafka=kafka)
     await router.load()
     audit = _capture(router.broker, topics.MODELS_AUDIT)
     beat = WorkerHeartbeat(
@@ -189,7 +191,7 @@ async def test_dead_canary_gives_its_share_to_stable_and_is_audited() -> None:
 
 async def test_failures_of_the_canary_roll_it_back_with_figures() -> None:
     """5 failures of v2 with min_requests 5: the controller retires v2 and audits the rollback."""
-    router = _router(_canary(min_requests=5, max_error_rate=0.1))
+    router = router_on(canary_at_half(min_requests=5, max_error_rate=0.1))
     await router.load()
     registry = _capture(router.broker, topics.MODELS_REGISTRY)
     audit = _capture(router.broker, topics.MODELS_AUDIT)
@@ -219,7 +221,7 @@ async def test_failures_of_the_canary_roll_it_back_with_figures() -> None:
 async def test_a_restart_reads_back_the_current_steps_results_and_failures() -> None:
     """At start the router reads results and failures since the step began: a restarted
     router judges the step on the evidence gathered before it went down."""
-    canary = _canary()
+    canary = canary_at_half()
     asked_since: list[datetime | None] = []
 
     def completed(i: int) -> bytes:
@@ -269,7 +271,7 @@ async def test_a_restart_reads_back_the_current_steps_results_and_failures() -> 
 async def test_a_hold_is_audited_once_per_interval_not_every_tick() -> None:
     """A step past its interval with too few requests holds: the first tick audits the hold,
     ticks within the next interval audit nothing, a tick an interval later audits it again."""
-    router = _router(_canary(min_requests=50))
+    router = router_on(canary_at_half(min_requests=50))
     await router.load()
     audits: list[LifecycleDecision] = []
 

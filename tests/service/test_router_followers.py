@@ -3,8 +3,6 @@ read it without a thread-pool round trip per message (issue 17)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 import anyio.to_thread
@@ -15,45 +13,19 @@ from medmesh_contracts import topics
 from medmesh_contracts.events import InferenceFailed, Producer, to_wire, utc_now
 from medmesh_contracts.lifecycle import (
     ModelDeployment,
-    RolloutPolicy,
-    advance,
-    deploy_version,
     seed_deployment,
 )
 from medmesh_router.app import Router
-from medmesh_router.settings import RouterSettings
-from medmesh_router.topic_reader import Consumed
 from tests.factories import make_completed, make_request, make_task
-from tests.service.conftest import SPECS_DIR
-from tests.transactional_kafka import FakeKafka
+from tests.service.test_router_app import canary_at_half, router_on
 
 PRODUCER = Producer(service="test", instance="t-1")
 MODEL = "deterioration"
 RECORDS = 10
 
 
-def _canary() -> ModelDeployment:
-    """v1 stable and v2 canary at the 50 % step, progressing (its outcomes are counted)."""
-    seeded = seed_deployment(MODEL, {1: 100}, PRODUCER, utc_now(), "test")
-    deployed = deploy_version(
-        seeded, 2, PRODUCER, utc_now(), "test", policy=RolloutPolicy(steps=(50, 100))
-    )
-    return advance(deployed, PRODUCER, utc_now(), "test")
-
-
 async def _loaded_router(*records: ModelDeployment) -> Router:
-    async def read(
-        _settings: RouterSettings,
-        topic: str,
-        since: datetime | None = None,
-        apply: Callable[[Consumed], None] | None = None,
-    ) -> list[Consumed]:
-        if topic != topics.MODELS_REGISTRY:
-            return []
-        return [Consumed(0, offset, to_wire(d)) for offset, d in enumerate(records)]
-
-    settings = RouterSettings(model_specs_dir=SPECS_DIR, router_tick_s=3600)
-    router = Router(settings, read, FakeKafka().clients("medmesh-router"))
+    router = router_on(*records)
     await router.load()
     return router
 
@@ -81,7 +53,7 @@ async def test_outcomes_are_followed_without_a_thread_hop_per_record(
 ) -> None:
     """Results, shadow results and failures reach the rollout's figures with no
     anyio.to_thread.run_sync call per record (a ``KafkaMessage`` parameter would cost one)."""
-    router = await _loaded_router(_canary())
+    router = await _loaded_router(canary_at_half())
     hops = 0
     run_sync = anyio.to_thread.run_sync
 
@@ -105,7 +77,7 @@ async def test_outcomes_are_followed_without_a_thread_hop_per_record(
 async def test_registry_records_read_at_start_are_skipped_by_topic_partition_and_offset() -> None:
     """A registry record at or below the offset the start-up read reached (same topic and
     partition) is not applied again; one past it is."""
-    router = await _loaded_router(_canary())
+    router = await _loaded_router(canary_at_half())
     promoted = seed_deployment(MODEL, {2: 100}, PRODUCER, utc_now(), "test")
     promoted = promoted.model_copy(
         update={"revision": router.state.deployments[MODEL].revision + 5}
@@ -122,7 +94,7 @@ async def test_registry_records_read_at_start_are_skipped_by_topic_partition_and
 
 async def test_an_unreadable_outcome_is_counted_not_applied() -> None:
     """An outcome that does not parse raises the unreadable count and changes no figures."""
-    router = await _loaded_router(_canary())
+    router = await _loaded_router(canary_at_half())
     async with TestKafkaBroker(router.broker) as broker:
         await broker.publish(b"{", topic=topics.INFERENCE_RESULTS)
         await broker.publish(b"", topic=topics.INFERENCE_FAILED)
