@@ -72,6 +72,16 @@ def _jaeger_answer() -> dict[str, Any]:
     }
 
 
+def route_http_clients(monkeypatch: pytest.MonkeyPatch, transport: httpx.BaseTransport) -> None:
+    """Every httpx.Client the CLI makes from now on sends through ``transport``."""
+    real_client = httpx.Client
+
+    def client(**kwargs: Any) -> httpx.Client:
+        return real_client(transport=transport, **kwargs)
+
+    monkeypatch.setattr(httpx, "Client", client)
+
+
 def test_jaeger_json_becomes_the_waterfalls_spans_and_hops() -> None:
     """Ids padded to W3C width, microseconds to nanoseconds, the CHILD_OF parent, the span
     kind and service; the hop's Kafka wait is the publish start to the process start."""
@@ -120,12 +130,7 @@ def test_the_trace_command_reads_jaeger_when_it_is_configured(
     file needed)."""
     seen: list[httpx.Request] = []
     transport = _jaeger_server(seen)
-    real_client = httpx.Client
-
-    def client(**kwargs: Any) -> httpx.Client:
-        return real_client(transport=transport, **kwargs)
-
-    monkeypatch.setattr(httpx, "Client", client)
+    route_http_clients(monkeypatch, transport)
     monkeypatch.setenv("MEDMESH_JAEGER_URL", "http://jaeger:16686")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     result = CliRunner().invoke(app, ["trace", CORRELATION])

@@ -17,6 +17,7 @@ from medmesh_cli.ops import commands
 from medmesh_cli.ops.connection import resolve
 from medmesh_cli.ops.tempo import LOOKBACK_S, find_traces, spans_from_otlp, traceql
 from medmesh_cli.ops.waterfall import hops, trace_ids_for
+from tests.unit.test_ops_jaeger import route_http_clients
 
 CORRELATION = "3f2c0d1e-8a7b-4c6d-9e0f-1a2b3c4d5e6f"
 TRACE = "00000000000000004bf92f3577b34da6"  # high half zero: the search drops the leading zeros
@@ -215,12 +216,7 @@ def test_the_trace_command_reads_tempo_first_when_it_is_configured(
     Tempo and asks Jaeger nothing."""
     seen: list[httpx.Request] = []
     transport = _tempo_server(seen)
-    real_client = httpx.Client
-
-    def client(**kwargs: Any) -> httpx.Client:
-        return real_client(transport=transport, **kwargs)
-
-    monkeypatch.setattr(httpx, "Client", client)
+    route_http_clients(monkeypatch, transport)
     monkeypatch.setenv("MEDMESH_TEMPO_URL", "http://tempo:3200")
     monkeypatch.setenv("MEDMESH_JAEGER_URL", "http://jaeger:16686")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
@@ -235,13 +231,7 @@ def test_a_tempo_that_fails_ends_the_command_in_one_line(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A Tempo answering 500 ends `medmesh trace` with exit 1 naming Tempo, no traceback."""
-    real_client = httpx.Client
-
-    def client(**kwargs: Any) -> httpx.Client:
-        failing = httpx.MockTransport(lambda _: httpx.Response(500, text="boom"))
-        return real_client(transport=failing, **kwargs)
-
-    monkeypatch.setattr(httpx, "Client", client)
+    route_http_clients(monkeypatch, httpx.MockTransport(lambda _: httpx.Response(500, text="boom")))
     monkeypatch.setenv("MEDMESH_TEMPO_URL", "http://tempo:3200")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     result = CliRunner().invoke(app, ["trace", CORRELATION])
