@@ -95,9 +95,10 @@ CALIBRATION_EVENTS = 1000
 # Unrecorded, before the calibration: the first stage's first trials in smoke runs went at a
 # fifth of the later ones, the broker spending twice its later CPU per event (a young JVM).
 WARMUP_EVENTS = 500
-# The first stage warms the young broker for the whole series (its N = 1 trials still rose
-# threefold over the first minutes with 500).
-FIRST_STAGE_WARMUP_EVENTS = 3000
+# The first stage warms the young broker for the whole series: with 500 its N = 1 trials rose
+# threefold over the first minutes, and with 3000 the deployment's JVM (C2) still spent three
+# times its later CPU per event on the first trials.
+FIRST_STAGE_WARMUP_EVENTS = 8000
 # Spread over the partitions by key, so each of two instances gets about half.
 NEW_INSTANCE_WARMUP_EVENTS = 400
 # ABBA repetitions per stage: two give four trials of each N.
