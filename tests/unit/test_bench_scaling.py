@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 from medmesh_cli.bench.scaling import (
     Trial,
     abba,
+    box_cpu_times,
+    box_shares,
     busy_share,
     cpu_efficiency,
     efficiency,
@@ -68,6 +71,18 @@ def test_cpu_efficiency_compares_cost_per_event() -> None:
     assert math.isnan(cpu_efficiency([1.0], []))
 
 
+def test_box_shares_from_proc_stat(tmp_path: Path) -> None:
+    """Busy = all but idle and I/O wait; steal apart; the first eight fields of the cpu line."""
+    (tmp_path / "stat").write_text("cpu  100 0 50 800 50 0 0 0 7 7\ncpu0 1 2 3 4 5 6 7 8\n")
+    before = box_cpu_times(tmp_path)
+    assert before == (100, 0, 50, 800, 50, 0, 0, 0)
+    after = (160, 0, 70, 900, 50, 0, 0, 20)
+    busy, steal = box_shares(before, after)
+    assert busy == pytest.approx(100 / 200)
+    assert steal == pytest.approx(20 / 200)
+    assert math.isnan(box_shares(before, before)[0])
+
+
 def test_partition_bound_counts_the_busiest_instance() -> None:
     """Three partitions on two instances cap the gain at 75 %; an even split reaches 100 %."""
     assert partition_bound(3, 2) == pytest.approx(0.75)
@@ -80,7 +95,7 @@ def test_partition_bound_counts_the_busiest_instance() -> None:
 
 def test_busy_share_is_cpu_used_per_instance() -> None:
     """200 events/s at 4 ms each on two instances keeps each instance's core 40 % busy."""
-    trial = Trial(2, 1000, 0, 0.5, 200.0, 190.0, 4.0, 1.0, 0.0, 0.1)
+    trial = Trial(2, 1000, 0, 0.5, 200.0, 190.0, 4.0, 1.0, 0.0, 0.1, 0.9, 0.0)
     assert busy_share(trial) == pytest.approx(0.4)
 
 
@@ -121,6 +136,7 @@ def _stage(name: str, one: list[float], two: list[float]) -> dict[str, Any]:
             "broker_cpu_ms": ms(1.5),
             "triton_cpu_ms": ms(0.0),
             "busy_per_instance": ms(0.5),
+            "box_busy": ms(0.95),
         }
         for n, rates in ((1, one), (2, two))
     }
@@ -136,6 +152,8 @@ def _stage(name: str, one: list[float], two: list[float]) -> dict[str, Any]:
             "broker_cpu_ms": 1.5,
             "triton_cpu_ms": 0.0,
             "client_cpu_ms": 0.2,
+            "box_busy": 0.95,
+            "box_steal": 0.01,
         }
         for n, r in ((1, one[0]), (2, two[0]), (2, two[1]), (1, one[1]))
     ]
@@ -164,7 +182,7 @@ def test_markdown_table_shows_rates_efficiency_and_broker_total() -> None:
     text = scaling_markdown(json.loads(json.dumps(report)))
     assert (
         "| router | 100 | 110 [100-120] | 190 [180-200] | 86% [75%-100%] | 100% | 0.50 / 0.50 "
-        "| 4.00 / 4.00 | 90% |" in text
+        "| 95% / 95% | 4.00 / 4.00 | 90% |" in text
     )
     assert text.count("| router | ") == 5  # the summary row and four trials
     assert "about 500 events/s per broker core" in text

@@ -188,6 +188,28 @@ def cpu_efficiency(one_ms: Sequence[float], two_ms: Sequence[float]) -> float:
     return single / double if double > 0 else math.nan
 
 
+# /proc/stat's "cpu" line: user nice system idle iowait irq softirq steal (guest time is already
+# in user), in clock ticks since boot.
+CpuTimes = tuple[int, ...]
+
+
+def box_cpu_times(proc: Path = Path("/proc")) -> CpuTimes:
+    """The whole machine's CPU times so far (the first eight fields of /proc/stat's cpu line)."""
+    first = (proc / "stat").read_text().split("\n", 1)[0].split()
+    return tuple(int(v) for v in first[1:9])
+
+
+def box_shares(before: CpuTimes, after: CpuTimes) -> tuple[float, float]:
+    """Between two readings: the share of all cores busy (neither idle nor waiting for I/O)
+    and the share stolen by the hypervisor; NaN when no time passed."""
+    delta = [a - b for a, b in zip(after, before, strict=True)]
+    total = sum(delta)
+    if total <= 0:
+        return math.nan, math.nan
+    idle = delta[3] + delta[4]
+    return (total - idle) / total, delta[7] / total
+
+
 def partition_bound(partitions: int, instances: int) -> float:
     """The best efficiency ``instances`` consumers can reach on ``partitions`` evenly loaded
     partitions: the busiest instance holds ceil(P / N) of them, so the drain takes that long."""
@@ -412,6 +434,10 @@ class Trial:
     broker_cpu_ms: float
     triton_cpu_ms: float
     client_cpu_ms: float
+    # The whole box over the drain (/proc/stat, every process, this bench's or not): the share
+    # of all cores busy, and the share the hypervisor took away (steal).
+    box_busy: float = math.nan
+    box_steal: float = math.nan
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -478,10 +504,12 @@ class _StageRun:
             sent = await publish_burst(self.producer, self.stage.source, messages)
             publish_s = time.perf_counter() - publishing
             meter = UsageMeter(stack_pids(self.stack))
+            box_before = box_cpu_times()
             started = time.perf_counter()
             resumed = time.time()
         missing = await self.sink.wait_for(sent, timeout_s=60 + count / 20)
         usage = {u.name: u.cpu_cores for u in meter.usage()}
+        box = box_shares(box_before, box_cpu_times())
         wall = time.perf_counter() - started
         stamps = [self.stamps[i] for i in sent if i in self.stamps]
         done = len(stamps)
@@ -502,6 +530,8 @@ class _StageRun:
             broker_cpu_ms=per_event_ms(["kafka"]),
             triton_cpu_ms=per_event_ms(["triton"]),
             client_cpu_ms=per_event_ms([CLIENT]),
+            box_busy=box[0],
+            box_steal=box[1],
         )
 
 
@@ -570,6 +600,7 @@ async def measure_stage(
                 "broker_cpu_ms": asdict(spread([t.broker_cpu_ms for t in ts])),
                 "triton_cpu_ms": asdict(spread([t.triton_cpu_ms for t in ts])),
                 "busy_per_instance": asdict(spread([busy_share(t) for t in ts])),
+                "box_busy": asdict(spread([t.box_busy for t in ts])),
             }
             for n, ts in by_n.items()
         },
@@ -686,11 +717,12 @@ def scaling_markdown(report: dict[str, Any]) -> str:
         "the sustained rate (10th to 90th percentile of the output timestamps). The broker, "
         "Triton and the bench client are not pinned: they share the same cores. Busy = the "
         "share of its core each instance used (1 = CPU-bound); CPU efficiency = stage CPU per "
-        "event at N=1 over N=2 (medians).\n",
+        "event at N=1 over N=2 (medians); box busy = the share of all cores busy during the "
+        "drains, whoever used them (steal included).\n",
         "| stage | backlog | N=1 events/s | N=2 events/s | efficiency | partition bound "
-        "| busy per instance N=1 / N=2 | stage CPU ms/event N=1 / N=2 | CPU efficiency "
-        "| broker CPU ms/event N=1 / N=2 | Triton CPU ms/event |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| busy per instance N=1 / N=2 | box busy N=1 / N=2 | stage CPU ms/event N=1 / N=2 "
+        "| CPU efficiency | broker CPU ms/event N=1 / N=2 | Triton CPU ms/event |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for stage in report["stages"]:
         one, two = stage["per_instances"]["1"], stage["per_instances"]["2"]
@@ -702,6 +734,8 @@ def scaling_markdown(report: dict[str, Any]) -> str:
             f"| {stage['partition_bound']:.0%} "
             f"| {one['busy_per_instance']['median']:.2f} / "
             f"{two['busy_per_instance']['median']:.2f} "
+            f"| {one.get('box_busy', {}).get('median', math.nan):.0%} / "
+            f"{two.get('box_busy', {}).get('median', math.nan):.0%} "
             f"| {one['stage_cpu_ms']['median']:.2f} / {two['stage_cpu_ms']['median']:.2f} "
             f"| {stage.get('cpu_efficiency', math.nan):.0%} "
             f"| {one['broker_cpu_ms']['median']:.2f} / {two['broker_cpu_ms']['median']:.2f} "
@@ -712,8 +746,9 @@ def scaling_markdown(report: dict[str, Any]) -> str:
         "Trials in run order:",
         "",
         "| stage | N | events | missing | publish s | sustained /s | whole drain /s "
-        "| stage ms/event | broker ms/event | Triton ms/event | bench client ms/event |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| stage ms/event | broker ms/event | Triton ms/event | bench client ms/event "
+        "| box busy | steal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for stage in report["stages"][::-1]:
         for t in stage["trials"]:
@@ -721,7 +756,8 @@ def scaling_markdown(report: dict[str, Any]) -> str:
                 f"| {stage['stage']} | {t['instances']} | {t['events']} | {t['missing']} "
                 f"| {t['publish_s']:.1f} | {t['sustained_per_s']:.1f} | {t['drain_per_s']:.1f} "
                 f"| {t['stage_cpu_ms']:.2f} | {t['broker_cpu_ms']:.2f} "
-                f"| {t['triton_cpu_ms']:.2f} | {t['client_cpu_ms']:.2f} |"
+                f"| {t['triton_cpu_ms']:.2f} | {t['client_cpu_ms']:.2f} "
+                f"| {t.get('box_busy', math.nan):.0%} | {t.get('box_steal', math.nan):.0%} |"
             )
     http = report.get("ingest_http") or {}
     if http:
