@@ -4,11 +4,16 @@ delivers to, the patients seeded for the demo, and where `medmesh up` says to lo
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import astuple
 from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
-from medmesh_cli.devstack.hapi_server import demo_patients
+import pytest
+
+from medmesh_cli.devstack import hapi_server
+from medmesh_cli.devstack.hapi_server import FhirServer, FhirServerConfig, demo_patients
 from medmesh_cli.devstack.stack import (
     ServiceSpec,
     Stack,
@@ -27,8 +32,7 @@ def test_the_fhir_server_has_its_own_port_from_the_base(tmp_path: Path) -> None:
     ports = StackPorts.from_base(24000)
     assert ports.fhir_server == 24044
     assert ports.fhir_server in stack_ports(ports)
-    others = stack_ports(ports) - {ports.fhir_server}
-    assert ports.fhir_server not in others
+    assert astuple(ports).count(ports.fhir_server) == 1
     config = StackConfig(ports=ports, state_dir=tmp_path)
     assert config.fhir_server_url == "http://127.0.0.1:24044/fhir"
 
@@ -73,10 +77,75 @@ def test_up_names_the_console_and_the_fhir_servers_reports(tmp_path: Path) -> No
 
 def test_a_stack_without_the_fhir_server_neither_delivers_nor_names_it(tmp_path: Path) -> None:
     """with_fhir_server=False (benchmarks, the fault suite): no MEDMESH_FHIR_SERVER_URL for the
-    services and no reports URL in the ready line; the start does not wait for the server."""
+    services and no reports URL in the ready line."""
     config = StackConfig(
         ports=StackPorts.from_base(24000), state_dir=tmp_path, with_fhir_server=False
     )
     env = service_environment(config, ServiceSpec("reporting", "medmesh_reporting", 24090))
     assert "MEDMESH_FHIR_SERVER_URL" not in env
     assert "DiagnosticReport" not in ready_summary(config)
+
+
+class _FakeJvm:
+    """Stands for the server's process: records start and stop; ``on_start`` runs at start."""
+
+    def __init__(self, on_start: Callable[[], None]) -> None:
+        self.on_start = on_start
+        self.started = self.stopped = False
+
+    def start(self) -> None:
+        self.started = True
+        self.on_start()
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        self.stopped = True
+
+    def running(self) -> bool:
+        return self.started and not self.stopped
+
+    def log_tail(self) -> str:
+        return ""
+
+
+def _server_with_fake_jvm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_start: Callable[[FhirServer], None]
+) -> tuple[FhirServer, list[_FakeJvm]]:
+    made: list[_FakeJvm] = []
+    # Port 1: nothing answers there, so readiness never comes.
+    server = FhirServer(FhirServerConfig(state_dir=tmp_path, port=1))
+
+    def fake_process(*_args: object, **_kwargs: object) -> _FakeJvm:
+        made.append(_FakeJvm(lambda: on_start(server)))
+        return made[-1]
+
+    build = SimpleNamespace(java="java", classpath="lib/*")
+    monkeypatch.setattr(hapi_server, "ensure_fhir_server", lambda: build)
+    monkeypatch.setattr(hapi_server, "ManagedProcess", fake_process)
+    return server, made
+
+
+def test_a_server_closed_while_it_starts_does_not_stay_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() (the stack stopping) while another thread is launching the server, after the
+    JVM started: the launch stops that JVM and fails instead of leaving it running."""
+    server, made = _server_with_fake_jvm(tmp_path, monkeypatch, lambda s: s.close())
+    with pytest.raises(RuntimeError, match="stopped while the server started"):
+        server.launch()
+    assert made[0].started
+    assert made[0].stopped
+
+
+def test_a_server_closed_before_it_starts_launches_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() before the launch: no JVM is started at all; stop() alone (an outage) does not
+    prevent a later launch."""
+    server, made = _server_with_fake_jvm(tmp_path, monkeypatch, lambda _s: None)
+    server.stop()
+    with pytest.raises(RuntimeError, match="FHIR server: "):
+        server.launch(timeout_s=0.2)  # launched, but the fake JVM never answers
+    server.close()
+    with pytest.raises(RuntimeError, match="stopped before the server started"):
+        server.launch()
+    assert [jvm.started for jvm in made] == [True, False]

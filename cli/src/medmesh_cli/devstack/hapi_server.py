@@ -35,7 +35,7 @@ from medmesh_cli.devstack.paths import cache_dir, repo_root
 from medmesh_cli.devstack.process import ManagedProcess, wait_until
 
 MAIN_CLASS = "dev.medmesh.fhirserver.FhirServer"
-# Half a GiB of heap is plenty for a test server's traffic; the serial collector and the quick C1
+# 768 MiB of heap is plenty for a test server's traffic; the serial collector and the quick C1
 # compiler alone start it in about half the CPU time of the defaults on a two-core machine.
 JVM_OPTIONS = ("-Xmx768m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1")
 FHIR_JSON = "application/fhir+json"
@@ -117,6 +117,9 @@ class FhirServer:
         self.config = config
         self.echo = echo
         self._process: ManagedProcess | None = None
+        # Set by close(): a start still under way in another thread (Stack starts the server
+        # beside Kafka) must not leave a JVM running once the stack was stopped.
+        self._closed = False
         # Seconds from launch until it answered a search, of the last (re)start.
         self.start_seconds: float | None = None
 
@@ -157,9 +160,14 @@ class FhirServer:
             log,
             echo=self.echo,
         )
+        if self._closed:
+            raise RuntimeError("FHIR server: the stack was stopped before the server started")
         started = time.monotonic()
         process.start()
         self._process = process
+        if self._closed:  # close() ran while this was starting: it may not have seen the process
+            process.stop(grace_s=0.0)
+            raise RuntimeError("FHIR server: the stack was stopped while the server started")
 
         def ready() -> bool:
             if not process.running():
@@ -201,9 +209,16 @@ class FhirServer:
         self.launch(timeout_s)
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM (Jetty stops, H2 closes its files), SIGKILL after ``grace_s``."""
+        """SIGTERM (Jetty stops, H2 closes its files), SIGKILL after ``grace_s``; it may be
+        launched again (an outage)."""
         if self._process is not None:
             self._process.stop(grace_s=grace_s)
+
+    def close(self, grace_s: float = 10.0) -> None:
+        """Stop for good: as ``stop``, and a start still under way in another thread stops its
+        server as soon as it has launched it (or launches none)."""
+        self._closed = True
+        self.stop(grace_s)
 
 
 def demo_patients() -> list[dict[str, Any]]:

@@ -669,7 +669,7 @@ class Stack:
         )
         orthanc.start()
         fhir_server = threading.Thread(
-            target=self.fhir_server.stop,
+            target=self.fhir_server.close,
             kwargs={"grace_s": INFRA_STOP_GRACE_S},
             name="fhir-server-stop",
             daemon=True,
