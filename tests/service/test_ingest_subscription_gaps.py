@@ -172,6 +172,35 @@ async def test_gap_without_a_source_server_is_reported_once() -> None:
     assert "never arrived" not in json.dumps(heartbeat.json())
 
 
+async def test_late_event_of_an_unrecovered_gap_is_processed_once() -> None:
+    """Events 8-9 missed and not recoverable (no FHIR server): their original notification
+    arriving late is processed (202, a request), not answered as a duplicate; the record on
+    Kafka names 8-9 until then; a second resend is the 200 duplicate."""
+    async with running(settings(), observe=(topics.INGEST_SUBSCRIPTIONS,)) as harness:
+        await _post(harness, _load("subscription-event-full.json"))
+        await _post(harness, _load("subscription-event-gap.json"))
+        requests = len(harness.captured.requests)
+        original = _load("subscription-events-recovered.json")
+        original["entry"][0]["resource"]["type"] = "event-notification"
+        late = await _post(harness, original)
+        assert late.status_code == 202, late.text
+        assert len(harness.captured.requests) == requests + 1
+        again = await _post(harness, original)
+        assert again.status_code == 200, again.text
+        assert again.json()["issue"][0]["code"] == "duplicate"
+        records = [
+            SubscriptionEventsHandled.model_validate_json(value)
+            for value in harness.published[topics.INGEST_SUBSCRIPTIONS]
+        ]
+    assert [
+        (r.highest_event_number, [(u.first, u.last) for u in r.unrecovered]) for r in records
+    ] == [
+        (7, []),
+        (10, [(8, 9)]),
+        (10, []),
+    ]
+
+
 async def test_invalid_events_answer_is_reported_once(ehr_source: Harness) -> None:
     """$events answered with a Bundle that is not a valid notification (an entry without its
     request): the gap is reported, naming the rule, and not asked for again."""

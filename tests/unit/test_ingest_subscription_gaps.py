@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 
-from medmesh_contracts.events import FhirVersion
+from medmesh_contracts.events import FhirVersion, Producer
 from medmesh_ingest.fetch import events_url
 from medmesh_ingest.outcomes import FhirRejected
 from medmesh_ingest.subscriptions import (
     MAX_RECOVERED_EVENTS,
+    MAX_UNRECOVERED_RANGES,
     Gap,
     SubscriptionProgress,
     progress,
@@ -150,13 +151,18 @@ def test_a_counter_that_is_not_a_number_is_refused_without_its_value() -> None:
 
 
 def _progress(
-    highest: int | None, numbers: tuple[int, ...] = (), since: int | None = None, kind: str = ""
+    highest: int | None,
+    numbers: tuple[int, ...] = (),
+    since: int | None = None,
+    kind: str = "",
+    unrecovered: tuple[Gap, ...] = (),
 ) -> Any:
     return progress(
         highest,
         notification_type=kind or ("event-notification" if numbers else "heartbeat"),
         events_since_start=since,
         event_numbers=numbers,
+        unrecovered=unrecovered,
     )
 
 
@@ -243,3 +249,50 @@ def test_events_url_is_on_the_source_server_only() -> None:
     assert events_url(base, "https://evil.example/fhir/Subscription/abc") is None
     assert events_url(base, "Observation/abc") is None
     assert subscription_id(SUBSCRIPTION) == "medmesh-vitals"
+
+
+# --- unrecovered ranges -------------------------------------------------------------------------
+
+PRODUCER = Producer(service="ingest", instance="test")
+
+
+def test_a_late_event_in_an_unrecovered_range_is_fresh() -> None:
+    """Events 8-9 missed and not recovered (highest 10): a late event 8 is not stale; it fills
+    that number, and the count stays at 10."""
+    found = _progress(10, (8,), since=10, unrecovered=(Gap(8, 9),))
+    assert (found.gap, found.stale, found.highest, found.filled) == (None, False, 10, (8,))
+    assert _progress(10, (7,), since=10, unrecovered=(Gap(8, 9),)).stale
+
+
+def test_lost_ranges_are_kept_until_their_events_are_handled() -> None:
+    """A lost range is held below the highest number; handling one of its events takes only
+    that number out; the ranges are kept in the record written to Kafka and learned back."""
+    store = SubscriptionProgress()
+    store.advance("ehr", SUBSCRIPTION, 7)
+    assert store.advance("ehr", SUBSCRIPTION, 20, lost=(Gap(8, 12),))
+    assert store.unrecovered("ehr", SUBSCRIPTION) == (Gap(8, 12),)
+    assert store.advance("ehr", SUBSCRIPTION, 20, filled=(10,))
+    assert store.unrecovered("ehr", SUBSCRIPTION) == (Gap(8, 9), Gap(11, 12))
+    assert not store.advance("ehr", SUBSCRIPTION, 20, filled=(10,))
+    record = store.record("ehr", SUBSCRIPTION, "c", PRODUCER)
+    assert record is not None
+    restarted = SubscriptionProgress()
+    restarted.learn(record)
+    assert restarted.highest("ehr", SUBSCRIPTION) == 20
+    assert restarted.unrecovered("ehr", SUBSCRIPTION) == (Gap(8, 9), Gap(11, 12))
+    # Its own older record read back after event 8 was handled does not bring 8 back.
+    store.advance("ehr", SUBSCRIPTION, 20, filled=(8,))
+    store.learn(record)
+    assert store.unrecovered("ehr", SUBSCRIPTION) == (Gap(9, 9), Gap(11, 12))
+
+
+def test_unrecovered_ranges_are_bounded() -> None:
+    """At most MAX_UNRECOVERED_RANGES ranges per subscription, the newest kept."""
+    store = SubscriptionProgress()
+    for n in range(MAX_UNRECOVERED_RANGES + 5):
+        store.advance("ehr", SUBSCRIPTION, 3 * n + 3, lost=(Gap(3 * n + 1, 3 * n + 1),))
+    held = store.unrecovered("ehr", SUBSCRIPTION)
+    assert len(held) == MAX_UNRECOVERED_RANGES
+    assert held[-1] == Gap(
+        3 * (MAX_UNRECOVERED_RANGES + 4) + 1, 3 * (MAX_UNRECOVERED_RANGES + 4) + 1
+    )

@@ -397,6 +397,13 @@ class DeliverReport(Envelope):
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
 
+class EventNumberRange(WireModel):
+    """Event numbers ``first`` to ``last`` of a subscription (SubscriptionEventsHandled)."""
+
+    first: int = Field(ge=0)
+    last: int = Field(ge=0)
+
+
 class SubscriptionEventsHandled(Envelope):
     """Event from ingest: a source's Subscription has had its events handled up to
     ``highest_event_number`` (its notifications' ``eventNumber``s).
@@ -414,6 +421,10 @@ class SubscriptionEventsHandled(Envelope):
     # The Subscription's reference as the source's notifications give it (no patient data).
     subscription: str
     highest_event_number: int = Field(ge=0)
+    # Events at or below the highest number that were never handled: missed, and the source
+    # could not give them again ($events). A late notification carrying one is processed, not
+    # taken for a duplicate. Added within version 1: absent (older producers) means none.
+    unrecovered: tuple[EventNumberRange, ...] = Field(default=(), max_length=32)
 
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 

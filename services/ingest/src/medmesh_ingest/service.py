@@ -182,11 +182,15 @@ class Prepared:
 
 @dataclass(frozen=True)
 class _Handled:
-    """Events of a subscription handled up to ``highest``, once the payload is committed."""
+    """Events of a subscription handled up to ``highest``, once the payload is committed:
+    but for the ``lost`` ranges (missed, and the source cannot give them again), and with the
+    ``filled`` numbers of its unrecovered ranges handled at last."""
 
     source: str
     subscription: str
     highest: int
+    lost: tuple[Gap, ...] = ()
+    filled: tuple[int, ...] = ()
 
 
 @dataclass
@@ -394,11 +398,12 @@ class IngestService:
             notification_type=notification.type,
             events_since_start=notification.events_since_start,
             event_numbers=notification.event_numbers,
+            unrecovered=self.subscriptions.unrecovered(source, notification.subscription),
         )
         handled = (
             None
             if found.highest is None
-            else _Handled(source, notification.subscription, found.highest)
+            else _Handled(source, notification.subscription, found.highest, filled=found.filled)
         )
         return handled, found.gap, found.stale
 
@@ -406,7 +411,13 @@ class IngestService:
         """Move a subscription's highest number in memory; what moved, to keep on Kafka."""
         if handled is None:
             return None
-        moved = self.subscriptions.advance(handled.source, handled.subscription, handled.highest)
+        moved = self.subscriptions.advance(
+            handled.source,
+            handled.subscription,
+            handled.highest,
+            lost=handled.lost,
+            filled=handled.filled,
+        )
         return handled if moved else None
 
     async def _keep_progress(self, *advanced: _Handled | None) -> None:
@@ -417,13 +428,13 @@ class IngestService:
         for handled in advanced:
             if handled is None:
                 continue
-            event = SubscriptionEventsHandled(
-                correlation_id=new_id(),
-                producer=self.producer,
-                source_system=handled.source,
-                subscription=handled.subscription,
-                highest_event_number=handled.highest,
+            # What is held now, not what this payload moved: of two writes racing, the later
+            # one is never behind the earlier.
+            event = self.subscriptions.record(
+                handled.source, handled.subscription, new_id(), self.producer
             )
+            if event is None:
+                continue
             try:
                 await asyncio.wait_for(self.record_progress(event), self.publish_timeout_s)
             except Exception as exc:  # noqa: BLE001 -- the number is kept in memory; see below
@@ -473,8 +484,13 @@ class IngestService:
                 f"events {gap.first} to {gap.last} of this subscription never arrived and could "
                 f"not be asked for again ($events: {reason}); {then}",
             )
-            # A failure that may pass: not past the gap, so the next notification finds it.
-            return None, [warning], _before(handled, gap) if retried else handled
+            # A failure that may pass: not past the gap, so the next notification finds it. One
+            # that will not: past it, but its events are kept as unrecovered, so that a late
+            # notification of one of them is still processed (not taken for a duplicate).
+            if retried:
+                return None, [warning], _before(handled, gap)
+            lost = None if handled is None else replace(handled, lost=(gap,))
+            return None, [warning], lost
         gaps_counter().add(1, {"outcome": "recovered"})
         log.info("missed subscription events recovered", events=gap.size, **where)
         note = Issue(

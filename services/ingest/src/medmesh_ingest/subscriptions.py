@@ -29,17 +29,21 @@ again.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from opentelemetry.metrics import Counter
 
-from medmesh_contracts.events import SubscriptionEventsHandled
+from medmesh_contracts.events import EventNumberRange, Producer, SubscriptionEventsHandled
 from medmesh_runtime.metrics import meter
 
 # Most events asked for in one recovery: a source that restarted its numbering (or a wrong
 # counter) must not make ingest ask for millions of events at once. Beyond it the newest are
 # asked for and the rest is reported as lost.
 MAX_RECOVERED_EVENTS = 1000
+# Most unrecovered ranges kept per subscription (events missed that the source could not give
+# again, still taken if they come late); beyond it the oldest are forgotten.
+MAX_UNRECOVERED_RANGES = 32
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,9 @@ class Progress:
     stale: bool
     # The highest event number once this notification (and the gap) is handled.
     highest: int | None
+    # This notification's events that lie in the subscription's unrecovered ranges (missed
+    # once, never handled): handled with it, they leave the ranges.
+    filled: tuple[int, ...] = ()
 
 
 def progress(
@@ -73,19 +80,21 @@ def progress(
     notification_type: str,
     events_since_start: int | None,
     event_numbers: tuple[int, ...],
+    unrecovered: Sequence[Gap] = (),
 ) -> Progress:
     """Where a notification stands, given the highest event number handled (None: the
-    subscription was never seen)."""
+    subscription was never seen) and the ranges below it that were never handled."""
     top_event = max(event_numbers, default=None)
     top = max((n for n in (top_event, events_since_start) if n is not None), default=None)
     if highest is None:
         if notification_type == "handshake":
             return Progress(None, False, events_since_start or 0)
         return Progress(None, False, top)
+    filled = tuple(sorted({n for n in event_numbers if n <= highest and _within(n, unrecovered)}))
     fresh = {n for n in event_numbers if n > highest}
-    stale = bool(event_numbers) and not fresh
+    stale = bool(event_numbers) and not fresh and not filled
     if top is None or top <= highest:
-        return Progress(None, stale, highest)
+        return Progress(None, stale, highest, filled)
     # The missing events lie between the lowest and highest number neither handled nor here
     # (walked over this notification's own numbers only: bounded by its entries).
     first, last = highest + 1, top
@@ -94,8 +103,41 @@ def progress(
     while last in fresh:
         last -= 1
     if first > last:
-        return Progress(None, stale, top)
-    return Progress(Gap(max(first, last - MAX_RECOVERED_EVENTS + 1), last), stale, top)
+        return Progress(None, stale, top, filled)
+    return Progress(Gap(max(first, last - MAX_RECOVERED_EVENTS + 1), last), stale, top, filled)
+
+
+def _within(number: int, ranges: Sequence[Gap]) -> bool:
+    return any(r.first <= number <= r.last for r in ranges)
+
+
+def with_lost(ranges: Sequence[Gap], lost: Sequence[Gap]) -> tuple[Gap, ...]:
+    """Unrecovered ranges with ``lost`` added: sorted, overlapping or touching ones joined, at
+    most MAX_UNRECOVERED_RANGES (the newest kept)."""
+    joined: list[Gap] = []
+    for r in sorted((*ranges, *lost), key=lambda g: g.first):
+        if joined and r.first <= joined[-1].last + 1:
+            joined[-1] = Gap(joined[-1].first, max(joined[-1].last, r.last))
+        else:
+            joined.append(r)
+    return tuple(joined[-MAX_UNRECOVERED_RANGES:])
+
+
+def without_filled(ranges: Sequence[Gap], filled: Sequence[int]) -> tuple[Gap, ...]:
+    """Unrecovered ranges with the ``filled`` event numbers (handled at last) taken out."""
+    kept = list(ranges)
+    for number in filled:
+        split: list[Gap] = []
+        for r in kept:
+            if not r.first <= number <= r.last:
+                split.append(r)
+                continue
+            if r.first < number:
+                split.append(Gap(r.first, number - 1))
+            if number < r.last:
+                split.append(Gap(number + 1, r.last))
+        kept = split
+    return tuple(kept[-MAX_UNRECOVERED_RANGES:])
 
 
 def subscription_id(reference: str) -> str | None:
@@ -107,32 +149,96 @@ def subscription_id(reference: str) -> str | None:
     return None
 
 
+@dataclass
+class _Held:
+    """One subscription's counting: the highest event number handled and the ranges below it
+    that never were."""
+
+    highest: int
+    unrecovered: tuple[Gap, ...] = ()
+
+
 class SubscriptionProgress:
-    """The highest event number handled, per source and subscription."""
+    """The highest event number handled, per source and subscription, with the ranges below it
+    that were missed and could not be had again (unrecovered)."""
 
     def __init__(self) -> None:
-        self._highest: dict[tuple[str, str], int] = {}
+        self._held: dict[tuple[str, str], _Held] = {}
 
     def __len__(self) -> int:
-        return len(self._highest)
+        return len(self._held)
 
     def highest(self, source: str, subscription: str) -> int | None:
         """The highest event number handled of this subscription; None: never seen."""
-        return self._highest.get((source, subscription))
+        held = self._held.get((source, subscription))
+        return None if held is None else held.highest
 
-    def advance(self, source: str, subscription: str, highest: int) -> bool:
-        """Record that events up to ``highest`` are handled (never moves back); whether that
-        moved the subscription's number (or is its first)."""
+    def unrecovered(self, source: str, subscription: str) -> tuple[Gap, ...]:
+        """Event numbers at or below the highest that were never handled."""
+        held = self._held.get((source, subscription))
+        return () if held is None else held.unrecovered
+
+    def advance(
+        self,
+        source: str,
+        subscription: str,
+        highest: int,
+        *,
+        lost: Sequence[Gap] = (),
+        filled: Sequence[int] = (),
+    ) -> bool:
+        """Record that events up to ``highest`` are handled (never moves back), but for the
+        ``lost`` ranges (missed and not to be had again), and that the ``filled`` numbers of the
+        unrecovered ranges are handled at last; whether anything changed (or is its first)."""
         key = (source, subscription)
-        held = self._highest.get(key)
-        if held is not None and held >= highest:
-            return False
-        self._highest[key] = highest
-        return True
+        held = self._held.get(key)
+        if held is None:
+            self._held[key] = _Held(highest, with_lost((), lost))
+            return True
+        before = (held.highest, held.unrecovered)
+        held.highest = max(held.highest, highest)
+        held.unrecovered = without_filled(with_lost(held.unrecovered, lost), filled)
+        return (held.highest, held.unrecovered) != before
 
     def learn(self, handled: SubscriptionEventsHandled) -> None:
-        """Take a number read from medmesh.ingest.subscriptions (this or another instance's)."""
-        self.advance(handled.source_system, handled.subscription, handled.highest_event_number)
+        """Take a number read from medmesh.ingest.subscriptions (this or another instance's).
+
+        A higher number brings its unrecovered ranges along; at the same number only the
+        ranges both hold stay (one of the two handled the others: this instance's own record,
+        written before it filled one, or another instance's later one).
+        """
+        key = (handled.source_system, handled.subscription)
+        ranges = tuple(Gap(r.first, r.last) for r in handled.unrecovered)
+        held = self._held.get(key)
+        if held is None or handled.highest_event_number > held.highest:
+            kept = () if held is None else held.unrecovered
+            self._held[key] = _Held(handled.highest_event_number, with_lost(kept, ranges))
+        elif handled.highest_event_number == held.highest:
+            held.unrecovered = tuple(
+                Gap(max(a.first, b.first), min(a.last, b.last))
+                for a in held.unrecovered
+                for b in ranges
+                if max(a.first, b.first) <= min(a.last, b.last)
+            )
+
+    def record(
+        self, source: str, subscription: str, correlation_id: str, producer: Producer
+    ) -> SubscriptionEventsHandled | None:
+        """What to keep on medmesh.ingest.subscriptions for this subscription now (None: not
+        held)."""
+        held = self._held.get((source, subscription))
+        if held is None:
+            return None
+        return SubscriptionEventsHandled(
+            correlation_id=correlation_id,
+            producer=producer,
+            source_system=source,
+            subscription=subscription,
+            highest_event_number=held.highest,
+            unrecovered=tuple(
+                EventNumberRange(first=r.first, last=r.last) for r in held.unrecovered
+            ),
+        )
 
 
 @functools.cache
