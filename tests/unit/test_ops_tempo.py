@@ -249,3 +249,20 @@ def test_a_contexts_tempo_endpoint_is_a_trace_store_not_a_service(tmp_path: Path
     connection = resolve("d", environ={"MEDMESH_CONTEXTS_FILE": str(contexts)})
     assert connection.endpoints["tempo"] == "http://tempo:3200"
     assert commands.service_endpoints(connection) == {"router": "http://router:8181"}
+
+
+def test_a_tempo_answer_of_another_shape_ends_the_command_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A search answer whose trace has no traceID (JSON, but not Tempo's shape): exit 1 with
+    one line naming Tempo and the missing field, no traceback."""
+    route_http_clients(
+        monkeypatch, httpx.MockTransport(lambda _: httpx.Response(200, json={"traces": [{}]}))
+    )
+    monkeypatch.setenv("MEDMESH_TEMPO_URL", "http://tempo:3200")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    result = CliRunner().invoke(app, ["trace", CORRELATION])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "not its trace API's JSON" in result.output
+    assert "traceID" in result.output

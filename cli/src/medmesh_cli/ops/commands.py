@@ -61,6 +61,15 @@ def trace(
         except (httpx.HTTPError, ValueError) as exc:
             console.print(f"[bold red]{label} at {url} did not answer:[/] {escape(str(exc))}")
             raise typer.Exit(1) from exc
+        except (KeyError, TypeError, AttributeError) as exc:
+            # JSON of another shape than the store's API documents (a proxy's page, a version
+            # that moved a field): one line naming it, not a traceback.
+            what = f"{type(exc).__name__}: {exc}"
+            console.print(
+                f"[bold red]{label} at {url} answered what is not its trace API's JSON:[/] "
+                f"{escape(what)}"
+            )
+            raise typer.Exit(1) from exc
         where = f"{label} at {url} (flushed spans only)"
     else:
         path = spans or run_dir("stack") / "spans.jsonl"
