@@ -139,22 +139,85 @@ async def test_late_original_is_not_processed_twice(ehr_source: Harness) -> None
     assert len(seen) == 1
 
 
-async def test_source_that_cannot_answer_events_leaves_a_warning(ehr_source: Harness) -> None:
-    """$events answered 501: the notification itself is still processed (202), the answer
-    warns which events are missing, the gap is counted as failed, and the next notification
-    asks for them again."""
+@pytest.mark.parametrize("status", [503, 500, 429, 408])
+async def test_source_that_cannot_answer_events_leaves_a_warning(
+    ehr_source: Harness, status: int
+) -> None:
+    """$events answered with a status that may pass: the notification itself is still
+    processed (202), the answer warns which events are missing, the gap is counted as failed,
+    and the next notification asks for them again."""
     seen: list[httpx.Request] = []
-    ehr_source.ingest.http_client = httpx.AsyncClient(transport=_source(seen, status=501))
+    ehr_source.ingest.http_client = httpx.AsyncClient(transport=_source(seen, status=status))
     before = _gap_count("failed")
     await _post(ehr_source, _load("subscription-event-full.json"))
     response = await _post(ehr_source, _load("subscription-event-gap.json"))
     assert response.status_code == 202, response.text
     warnings = [i for i in response.json()["issue"] if i["severity"] == "warning"]
-    assert any("events 8 to 9" in w["diagnostics"] and "501" in w["diagnostics"] for w in warnings)
+    assert any(
+        "events 8 to 9" in w["diagnostics"] and str(status) in w["diagnostics"] for w in warnings
+    )
     assert _gap_count("failed") == before + 1
     await _post(ehr_source, _heartbeat(10))
     assert len(seen) == 2
     assert dict(seen[1].url.params)["eventsSinceNumber"] == "8"
+
+
+@pytest.mark.parametrize("status", [404, 405, 400, 403, 501])
+async def test_a_source_without_events_is_asked_once(ehr_source: Harness, status: int) -> None:
+    """$events answered with a status that will not change (a server without the operation:
+    404, 405, 501; another 4xx): the gap is reported once, not asked for again, and a late
+    notification of its events is still processed."""
+    seen: list[httpx.Request] = []
+    ehr_source.ingest.http_client = httpx.AsyncClient(transport=_source(seen, status=status))
+    await _post(ehr_source, _load("subscription-event-full.json"))
+    response = await _post(ehr_source, _load("subscription-event-gap.json"))
+    assert response.status_code == 202, response.text
+    assert "not asked for again" in json.dumps(response.json())
+    heartbeat = await _post(ehr_source, _heartbeat(10))
+    assert heartbeat.status_code == 200
+    assert len(seen) == 1
+    original = _load("subscription-events-recovered.json")
+    original["entry"][0]["resource"]["type"] = "event-notification"
+    assert (await _post(ehr_source, original)).status_code == 202
+
+
+async def test_an_events_answer_over_the_size_limit_is_asked_once() -> None:
+    """$events answered with a body over MEDMESH_MAX_PAYLOAD_BYTES: reported once (naming the
+    size limit), not asked for again."""
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=b" " * 300_000)
+
+    configured = settings(source_base_url=BASE, source_token="t", max_payload_bytes=200_000)  # noqa: S106 -- a test token
+    async with running(configured) as harness:
+        harness.ingest.http_client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+        await _post(harness, _load("subscription-event-full.json"))
+        response = await _post(harness, _load("subscription-event-gap.json"))
+        assert "size limit" in json.dumps(response.json())
+        assert "not asked for again" in json.dumps(response.json())
+        await _post(harness, _heartbeat(10))
+    assert len(seen) == 1
+
+
+async def test_a_subscription_elsewhere_is_not_asked_again(ehr_source: Harness) -> None:
+    """A notification whose subscription is not on the source's FHIR server: the gap cannot
+    be asked for there, and is reported once."""
+    seen: list[httpx.Request] = []
+    ehr_source.ingest.http_client = httpx.AsyncClient(transport=_source(seen))
+    elsewhere = "https://other.example/fhir/Subscription/medmesh-vitals"
+    first, gap = _load("subscription-event-full.json"), _load("subscription-event-gap.json")
+    for bundle in (first, gap):
+        bundle["entry"][0]["resource"]["subscription"]["reference"] = elsewhere
+    await _post(ehr_source, first)
+    response = await _post(ehr_source, gap)
+    assert "not on the source's FHIR server" in json.dumps(response.json())
+    assert "not asked for again" in json.dumps(response.json())
+    heartbeat = _heartbeat(10)
+    heartbeat["entry"][0]["resource"]["subscription"]["reference"] = elsewhere
+    assert "never arrived" not in json.dumps((await _post(ehr_source, heartbeat)).json())
+    assert seen == []
 
 
 async def test_gap_without_a_source_server_is_reported_once() -> None:

@@ -18,7 +18,11 @@ from dataclasses import dataclass
 import httpx
 
 from medmesh_ingest.outcomes import INVALID_FHIR, rejected
-from medmesh_ingest.service import Fetch, Recover, SourceUnavailableError
+from medmesh_ingest.service import Fetch, Recover, SourceRefusedError, SourceUnavailableError
+
+# Statuses that may pass when asked again (a timeout, too many requests); every other 4xx, and
+# 501 (the operation not implemented), will not.
+_MAY_PASS = frozenset({408, 429})
 
 _RELATIVE = re.compile(
     r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}(?:/_history/[A-Za-z0-9\-.]{1,64})?$"
@@ -49,7 +53,8 @@ class SourceServer:
 
     async def get(self, url: str, what: str, params: Mapping[str, str] | None = None) -> bytes:
         """The body of a 200 answer to GET ``url``; SourceUnavailableError naming ``what``
-        (the server unreachable, another status, a body over ``max_bytes``)."""
+        (the server unreachable, another status), SourceRefusedError when asking again will
+        not help (a 4xx but 408 and 429, 501, a body over ``max_bytes``)."""
         headers = {"accept": "application/fhir+json"}
         if self.token:
             headers["authorization"] = f"Bearer {self.token}"
@@ -63,10 +68,13 @@ class SourceServer:
             )
         except httpx.HTTPError as exc:
             raise SourceUnavailableError(f"{what} failed: {type(exc).__name__}") from exc
-        if response.status_code != 200:
-            raise SourceUnavailableError(f"the source answered {response.status_code} to {what}")
+        status = response.status_code
+        if status != 200:
+            refused = (400 <= status < 500 and status not in _MAY_PASS) or status == 501
+            error = SourceRefusedError if refused else SourceUnavailableError
+            raise error(f"the source answered {status} to {what}")
         if len(response.content) > self.max_bytes:
-            raise SourceUnavailableError(f"the source's answer to {what} exceeds the size limit")
+            raise SourceRefusedError(f"the source's answer to {what} exceeds the size limit")
         return response.content
 
 
@@ -107,7 +115,7 @@ def http_recoverer(server: SourceServer) -> Recover:
     async def recover(subscription: str, first: int, last: int) -> bytes:
         url = events_url(server.base_url, subscription)
         if url is None:
-            raise SourceUnavailableError(
+            raise SourceRefusedError(
                 "the notification's subscription is not on the source's FHIR server"
             )
         params = {

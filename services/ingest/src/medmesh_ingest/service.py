@@ -89,6 +89,14 @@ class SourceUnavailableError(Exception):
     """The source FHIR server could not give the resources a notification named."""
 
 
+class SourceRefusedError(SourceUnavailableError):
+    """The source FHIR server's answer will not change if asked again: a 4xx other than 408
+    and 429 (a server without ``$events`` answers 404, 405 or 501, also counted here), an
+    answer over the size limit, a subscription that is not on the server. An id-only fetch
+    still answers the sender 503 (its resend may name other resources); a recovery reports the
+    gap once and moves past it."""
+
+
 class KafkaUnavailableError(Exception):
     """Kafka did not acknowledge a message in time: nothing may be reported as accepted."""
 
@@ -457,7 +465,8 @@ class IngestService:
         still processed and the gap is logged and counted (``failed``). A failure that may pass
         (the server unreachable, an error status) keeps the highest event number before the gap,
         so the next notification asks again; one that will not (no server configured, an answer
-        that is not a valid notification) is reported once and the count moves past it."""
+        that is not a valid notification, a 4xx or 501, an answer over the size limit) is
+        reported once and the count moves past it, the gap kept as unrecovered."""
         where = {
             "subscription": subscription_id(subscription),
             "first_missing": gap.first,
@@ -468,7 +477,9 @@ class IngestService:
             extraction = await self._recovered(subscription, gap, context)
         except (_RecoveryFailedError, SourceUnavailableError, FhirRejected) as exc:
             reason = _recovery_failure(exc)
-            retried = isinstance(exc, SourceUnavailableError)
+            retried = isinstance(exc, SourceUnavailableError) and not isinstance(
+                exc, SourceRefusedError
+            )
             gaps_counter().add(1, {"outcome": "failed"})
             log.warning(
                 "missed subscription events not recovered", reason=reason, retried=retried, **where
