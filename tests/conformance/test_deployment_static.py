@@ -901,14 +901,41 @@ def test_k8s_large_talks_to_kafka_over_sasl_ssl_with_scram() -> None:
     data = configmap(docs)
     assert data["MEDMESH_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
     assert data["MEDMESH_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
-    user = next(iter(by_kind(docs, "KafkaUser")))
+    users = by_kind(docs, "KafkaUser")
+    assert set(users) == {"medmesh-services", "medmesh-console"}
     for name, container in medmesh_containers(docs):
         if container_module(container) is None:
             continue
+        user = (
+            "medmesh-console"
+            if container_module(container) == "medmesh_console"
+            else ("medmesh-services")
+        )
         env = {e["name"]: e for e in container["env"]}
         password = env["MEDMESH_KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]
         assert password == {"name": user, "key": "password"}, name
+        if user == "medmesh-console":
+            username = env["MEDMESH_KAFKA_SASL_USERNAME"]["valueFrom"]["secretKeyRef"]
+            assert username == {
+                "name": "medmesh-secrets",
+                "key": "MEDMESH_CONSOLE_KAFKA_SASL_USERNAME",
+            }
         assert env["SSL_CERT_FILE"]["value"].startswith("/etc/medmesh/kafka-ca/"), name
+
+
+def test_k8s_large_console_kafka_user_only_reads() -> None:
+    """The console's KafkaUser may describe and read medmesh's topics and describe its groups;
+    no write, create, alter, delete, group read (join/commit) or transactional id."""
+    console = by_kind(rendered("large"), "KafkaUser")["medmesh-console"]
+    acls = console["spec"]["authorization"]["acls"]
+    granted = {(a["resource"]["type"], op) for a in acls for op in a["operations"]}
+    assert granted == {
+        ("topic", "Describe"),
+        ("topic", "Read"),
+        ("topic", "DescribeConfigs"),
+        ("group", "Describe"),
+        ("cluster", "Describe"),
+    }
 
 
 # --- Dockerfile ----------------------------------------------------------------------------------
