@@ -298,6 +298,17 @@ ALERTS: tuple[tuple[str, str, str, str, str, str], ...] = (
         "More than 5 % of the version's requests failed for 10 minutes (invalid inputs, Triton"
         " errors, retries exhausted): `medmesh dlq show medmesh.inference.failed`.",
     ),
+    (
+        "MedmeshSubscriptionEventsMissed",
+        'sum (increase(medmesh_ingest_subscription_gaps_total{outcome="failed"}[15m])) > 0',
+        "0m",
+        "warning",
+        "Subscription events that never arrived could not be recovered",
+        "A source's notification counters showed events ingest never received, and asking the"
+        " source for them ($events) failed: ingest's log line `missed subscription events not"
+        " recovered` names the subscription, the missing event numbers and why. Fix the source's"
+        " FHIR server settings (MEDMESH_INGEST_SOURCES) or ask the EHR to resend them.",
+    ),
 )
 
 
