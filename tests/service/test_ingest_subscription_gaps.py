@@ -14,6 +14,7 @@ import pytest
 
 from medmesh_contracts import topics
 from medmesh_contracts.events import RequestInference, SubscriptionEventsHandled
+from medmesh_ingest import service as service_module
 from medmesh_ingest.state_topic import ReadingsFollower
 from medmesh_runtime.metrics import prometheus_text
 from tests.service.conftest import FIXTURES
@@ -280,6 +281,52 @@ async def test_invalid_events_answer_is_reported_once(ehr_source: Harness) -> No
     response = await _post(ehr_source, _load("subscription-event-gap.json"))
     assert response.status_code == 202, response.text
     assert "bdl-3" in json.dumps(response.json())
+    await _post(ehr_source, _heartbeat(10))
+    assert len(seen) == 1
+
+
+async def test_events_answer_with_other_digits_is_reported_once(ehr_source: Harness) -> None:
+    """$events answered with an eventNumber of digits other than ASCII ('\u00b2'): the
+    invalid-answer path (reported once, the notification processed), never a 500."""
+    seen: list[httpx.Request] = []
+    broken = _load("subscription-events-recovered.json")
+    broken["entry"][0]["resource"]["notificationEvent"][0]["eventNumber"] = "\u00b2"
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=broken)
+
+    ehr_source.ingest.http_client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    await _post(ehr_source, _load("subscription-event-full.json"))
+    response = await _post(ehr_source, _load("subscription-event-gap.json"))
+    assert response.status_code == 202, response.text
+    assert "not an event count" in json.dumps(response.json())
+    await _post(ehr_source, _heartbeat(10))
+    assert len(seen) == 1
+
+
+async def test_a_value_error_reading_the_events_answer_is_an_invalid_answer(
+    ehr_source: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever ValueError reading the $events answer raises, it is the invalid-answer path
+    (reported once, naming only the error's type), never a 500."""
+    recovered = (FIXTURES / "subscription-events-recovered.json").read_bytes()
+    original_parse = service_module.parse
+
+    def parse(raw: bytes, *args: Any, **kwargs: Any) -> Any:
+        if raw == recovered:
+            raise ValueError("a value from the payload")
+        return original_parse(raw, *args, **kwargs)
+
+    monkeypatch.setattr(service_module, "parse", parse)
+    seen: list[httpx.Request] = []
+    ehr_source.ingest.http_client = httpx.AsyncClient(transport=_source(seen))
+    await _post(ehr_source, _load("subscription-event-full.json"))
+    response = await _post(ehr_source, _load("subscription-event-gap.json"))
+    assert response.status_code == 202, response.text
+    text = json.dumps(response.json())
+    assert "could not be read (ValueError)" in text
+    assert "a value from the payload" not in text
     await _post(ehr_source, _heartbeat(10))
     assert len(seen) == 1
 

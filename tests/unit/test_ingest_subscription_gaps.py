@@ -147,6 +147,23 @@ def test_a_counter_that_is_not_a_number_is_refused_without_its_value() -> None:
     assert "-3x" not in issue["diagnostics"]
 
 
+@pytest.mark.parametrize("counter", ["\u00b2", "\u0663", "1\u00b2", "", "12345678901234567890"])
+@pytest.mark.parametrize(
+    "path", ["notificationEvent[2].eventNumber", "eventsSinceSubscriptionStart"]
+)
+def test_a_counter_of_other_digits_is_refused(counter: str, path: str) -> None:
+    """A counter of digits other than ASCII 0-9 (a superscript two, an Arabic-Indic three),
+    empty, or over 19 digits is 422 at the element, never a crash (ValueError) or a number."""
+    bundle = fixture("subscription-event-full.json")
+    status = bundle["entry"][0]["resource"]
+    if path == "eventsSinceSubscriptionStart":
+        status[path] = counter
+    else:
+        status["notificationEvent"][2]["eventNumber"] = counter
+    [issue] = _issues(rejection(bundle))
+    assert issue["expression"] == [f"Bundle.entry[0].resource.{path}"]
+
+
 # --- the gap logic ------------------------------------------------------------------------------
 
 

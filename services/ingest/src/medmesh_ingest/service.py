@@ -519,14 +519,22 @@ class IngestService:
         if context.recover is None:
             raise _RecoveryFailedError("no FHIR server is configured for this source")
         raw = await context.recover(subscription, gap.first, gap.last)
-        payload = parse(raw, "Bundle", context.fhir_version, self.limits)
-        if payload.notification is None:
-            raise _RecoveryFailedError("the source's $events answer is not a notification")
-        if payload.notification.id_only:
-            payload, _ = await self._with_fetched(payload, context)
-        extraction = extract(
-            payload.resources, self.specs, self.pacs.for_source(context.source.source_system)
-        )
+        try:
+            payload = parse(raw, "Bundle", context.fhir_version, self.limits)
+            if payload.notification is None:
+                raise _RecoveryFailedError("the source's $events answer is not a notification")
+            if payload.notification.id_only:
+                payload, _ = await self._with_fetched(payload, context)
+            extraction = extract(
+                payload.resources, self.specs, self.pacs.for_source(context.source.source_system)
+            )
+        except ValueError as exc:
+            # A value parse or extract did not foresee: still an answer that is not valid (it
+            # will be the same if asked again), never a 500 for the notification that found the
+            # gap. Only the error's type is named: its text may hold a value.
+            raise _RecoveryFailedError(
+                f"the source's $events answer could not be read ({type(exc).__name__})"
+            ) from exc
         if extraction.rejections:
             raise _RecoveryFailedError(
                 f"the missed events hold {len(extraction.rejections)} invalid value(s)"

@@ -759,13 +759,18 @@ class _Status:
     event_numbers: tuple[int, ...]
 
 
+_EVENT_COUNT = re.compile(r"[0-9]{1,19}")
+
+
 def _event_count(value: object, path: str) -> int | None:
     """An event counter (an integer64, a string in R4 and R4B): None when absent; 422 naming
     the element (never the value) when it is not a whole number of 0 or more."""
     if value is None:
         return None
     text = str(value)
-    if not text.isdigit() or len(text) > 19:
+    # ASCII digits only: str.isdigit() takes '²' or Arabic-Indic digits, which int() refuses
+    # (or reads), and a counter's value is never echoed to say which.
+    if _EVENT_COUNT.fullmatch(text) is None:
         raise rejected(
             INVALID_FHIR,
             "value",
