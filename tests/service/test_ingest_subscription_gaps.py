@@ -15,6 +15,7 @@ import pytest
 from medmesh_contracts import topics
 from medmesh_contracts.events import RequestInference, SubscriptionEventsHandled
 from medmesh_ingest import service as service_module
+from medmesh_ingest import validation
 from medmesh_ingest.state_topic import ReadingsFollower
 from medmesh_runtime.metrics import prometheus_text
 from tests.service.conftest import FIXTURES
@@ -311,12 +312,11 @@ async def test_a_value_error_reading_the_events_answer_is_an_invalid_answer(
     """Whatever ValueError reading the $events answer raises, it is the invalid-answer path
     (reported once, naming only the error's type), never a 500."""
     recovered = (FIXTURES / "subscription-events-recovered.json").read_bytes()
-    original_parse = service_module.parse
 
     def parse(raw: bytes, *args: Any, **kwargs: Any) -> Any:
         if raw == recovered:
             raise ValueError("a value from the payload")
-        return original_parse(raw, *args, **kwargs)
+        return validation.parse(raw, *args, **kwargs)
 
     monkeypatch.setattr(service_module, "parse", parse)
     seen: list[httpx.Request] = []
