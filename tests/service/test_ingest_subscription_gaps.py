@@ -331,6 +331,27 @@ async def test_a_value_error_reading_the_events_answer_is_an_invalid_answer(
     assert len(seen) == 1
 
 
+async def test_a_handshake_for_a_seen_subscription_starts_counting_again() -> None:
+    """Events 1-7 handled, then a handshake (the subscription re-created): the count is reset
+    to 0 and written (one more restart), so the new subscription's events 1-7 are processed,
+    not answered as already handled."""
+    async with running(settings(), observe=(topics.INGEST_SUBSCRIPTIONS,)) as harness:
+        await _post(harness, _load("subscription-event-full.json"))
+        handshake = await _post(harness, _load("subscription-handshake.json"))
+        assert handshake.status_code == 200, handshake.text
+        again = await _post(harness, _load("subscription-event-full.json"))
+        assert "its events were already handled" not in again.text
+        records = [
+            SubscriptionEventsHandled.model_validate_json(value)
+            for value in harness.published[topics.INGEST_SUBSCRIPTIONS]
+        ]
+    assert [(r.highest_event_number, r.counting_restarts) for r in records] == [
+        (7, 0),
+        (0, 1),
+        (7, 1),
+    ]
+
+
 async def test_inbound_topic_recovers_missed_events(ehr_source: Harness) -> None:
     """The same on medmesh.fhir.inbound: event 10 after 1-7 recovers 8-9 before it commits."""
     seen: list[httpx.Request] = []

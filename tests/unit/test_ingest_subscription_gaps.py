@@ -313,3 +313,37 @@ def test_unrecovered_ranges_are_bounded() -> None:
     assert held[-1] == Gap(
         3 * (MAX_UNRECOVERED_RANGES + 4) + 1, 3 * (MAX_UNRECOVERED_RANGES + 4) + 1
     )
+
+
+# --- a handshake for a subscription already seen -------------------------------------------------
+
+
+def test_a_handshake_for_a_seen_subscription_restarts_its_count() -> None:
+    """A handshake after events up to 40: the count starts again at its counter (0 absent),
+    no gap asked for."""
+    found = _progress(40, kind="handshake")
+    assert (found.gap, found.stale, found.highest, found.reset) == (None, False, 0, True)
+    assert _progress(40, since=3, kind="handshake").highest == 3
+    assert not _progress(None, kind="handshake").reset
+
+
+def test_a_restarted_count_replaces_a_higher_number_of_the_count_before() -> None:
+    """After a reset, the low number and empty ranges are held; its record (one more
+    restart) replaces a higher number elsewhere, while a record of the count before is
+    ignored."""
+    store = SubscriptionProgress()
+    store.advance("ehr", SUBSCRIPTION, 40, lost=(Gap(30, 35),))
+    before = store.record("ehr", SUBSCRIPTION, "c", PRODUCER)
+    store.reset("ehr", SUBSCRIPTION, 0)
+    assert (store.highest("ehr", SUBSCRIPTION), store.unrecovered("ehr", SUBSCRIPTION)) == (0, ())
+    after = store.record("ehr", SUBSCRIPTION, "c", PRODUCER)
+    assert before is not None
+    assert after is not None
+    assert after.counting_restarts == 1
+    other = SubscriptionProgress()
+    other.learn(before)
+    other.learn(after)
+    assert other.highest("ehr", SUBSCRIPTION) == 0
+    other.learn(before)
+    assert other.highest("ehr", SUBSCRIPTION) == 0
+    assert other.unrecovered("ehr", SUBSCRIPTION) == ()

@@ -425,6 +425,10 @@ class SubscriptionEventsHandled(Envelope):
     # could not give them again ($events). A late notification carrying one is processed, not
     # taken for a duplicate. Added within version 1: absent (older producers) means none.
     unrecovered: tuple[EventNumberRange, ...] = Field(default=(), max_length=32)
+    # How often the subscription's counting started again (a handshake for a subscription
+    # already seen: re-created, or its source restored, numbering from 0 again). A record with
+    # more restarts replaces the number held, even a higher one. Added within version 1.
+    counting_restarts: int = Field(default=0, ge=0)
 
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 

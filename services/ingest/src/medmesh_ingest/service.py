@@ -199,6 +199,8 @@ class _Handled:
     highest: int
     lost: tuple[Gap, ...] = ()
     filled: tuple[int, ...] = ()
+    # A handshake for a subscription already seen: counting starts again at ``highest``.
+    reset: bool = False
 
 
 @dataclass
@@ -411,7 +413,13 @@ class IngestService:
         handled = (
             None
             if found.highest is None
-            else _Handled(source, notification.subscription, found.highest, filled=found.filled)
+            else _Handled(
+                source,
+                notification.subscription,
+                found.highest,
+                filled=found.filled,
+                reset=found.reset,
+            )
         )
         return handled, found.gap, found.stale
 
@@ -419,6 +427,16 @@ class IngestService:
         """Move a subscription's highest number in memory; what moved, to keep on Kafka."""
         if handled is None:
             return None
+        if handled.reset:
+            before = self.subscriptions.highest(handled.source, handled.subscription)
+            self.subscriptions.reset(handled.source, handled.subscription, handled.highest)
+            log.info(
+                "subscription counting started again (a handshake for a subscription seen)",
+                subscription=subscription_id(handled.subscription),
+                highest_before=before,
+                highest=handled.highest,
+            )
+            return handled
         moved = self.subscriptions.advance(
             handled.source,
             handled.subscription,

@@ -13,7 +13,8 @@ else.
 
 The first notification seen of a subscription sets where counting starts (nothing before it is
 asked for: that may be the subscription's whole history; a handshake starts at its counter, 0
-for a new subscription). The highest number moves only once what the notification caused is
+for a new subscription). A handshake for a subscription already seen starts its counting again
+(re-created, or its source restored: its numbers start again), at its counter. The highest number moves only once what the notification caused is
 committed to Kafka, so a notification answered 503 and resent is not taken for a duplicate.
 
 The numbers are held in memory (``SubscriptionProgress``) and kept on the compacted topic
@@ -72,6 +73,8 @@ class Progress:
     # This notification's events that lie in the subscription's unrecovered ranges (missed
     # once, never handled): handled with it, they leave the ranges.
     filled: tuple[int, ...] = ()
+    # A handshake for a subscription already seen: its counting starts again at ``highest``.
+    reset: bool = False
 
 
 def progress(
@@ -86,9 +89,11 @@ def progress(
     subscription was never seen) and the ranges below it that were never handled."""
     top_event = max(event_numbers, default=None)
     top = max((n for n in (top_event, events_since_start) if n is not None), default=None)
+    if notification_type == "handshake":
+        # A handshake opens a subscription's notifications (the backport IG): for one already
+        # seen, it was re-created or its source restored, and its numbers start again.
+        return Progress(None, False, events_since_start or 0, reset=highest is not None)
     if highest is None:
-        if notification_type == "handshake":
-            return Progress(None, False, events_since_start or 0)
         return Progress(None, False, top)
     filled = tuple(sorted({n for n in event_numbers if n <= highest and _within(n, unrecovered)}))
     fresh = {n for n in event_numbers if n > highest}
@@ -156,6 +161,7 @@ class _Held:
 
     highest: int
     unrecovered: tuple[Gap, ...] = ()
+    restarts: int = 0
 
 
 class SubscriptionProgress:
@@ -200,19 +206,33 @@ class SubscriptionProgress:
         held.unrecovered = without_filled(with_lost(held.unrecovered, lost), filled)
         return (held.highest, held.unrecovered) != before
 
+    def reset(self, source: str, subscription: str, highest: int) -> None:
+        """Start the subscription's counting again at ``highest`` (a handshake for one already
+        seen), its unrecovered ranges forgotten (numbers of the counting before)."""
+        key = (source, subscription)
+        held = self._held.get(key)
+        self._held[key] = _Held(highest, (), 0 if held is None else held.restarts + 1)
+
     def learn(self, handled: SubscriptionEventsHandled) -> None:
         """Take a number read from medmesh.ingest.subscriptions (this or another instance's).
 
-        A higher number brings its unrecovered ranges along; at the same number only the
-        ranges both hold stay (one of the two handled the others: this instance's own record,
-        written before it filled one, or another instance's later one).
+        A record of a later counting (more restarts) replaces what is held; one of an earlier
+        counting is ignored. Within one counting a higher number brings its unrecovered ranges
+        along; at the same number only the ranges both hold stay (one of the two handled the
+        others: this instance's own record, written before it filled one, or another
+        instance's later one).
         """
         key = (handled.source_system, handled.subscription)
         ranges = tuple(Gap(r.first, r.last) for r in handled.unrecovered)
         held = self._held.get(key)
-        if held is None or handled.highest_event_number > held.highest:
-            kept = () if held is None else held.unrecovered
-            self._held[key] = _Held(handled.highest_event_number, with_lost(kept, ranges))
+        restarts = handled.counting_restarts
+        if held is None or restarts > held.restarts:
+            self._held[key] = _Held(handled.highest_event_number, with_lost((), ranges), restarts)
+        elif restarts < held.restarts:
+            return
+        elif handled.highest_event_number > held.highest:
+            held.highest = handled.highest_event_number
+            held.unrecovered = with_lost(held.unrecovered, ranges)
         elif handled.highest_event_number == held.highest:
             held.unrecovered = tuple(
                 Gap(max(a.first, b.first), min(a.last, b.last))
@@ -238,6 +258,7 @@ class SubscriptionProgress:
             unrecovered=tuple(
                 EventNumberRange(first=r.first, last=r.last) for r in held.unrecovered
             ),
+            counting_restarts=held.restarts,
         )
 
 
