@@ -5,14 +5,17 @@ logic that finds missed events from them (medmesh_ingest.subscriptions)."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from medmesh_contracts.events import FhirVersion, Producer
-from medmesh_ingest.fetch import events_url
+from medmesh_ingest.fetch import SourceServer, events_url
 from medmesh_ingest.outcomes import FhirRejected
+from medmesh_ingest.service import SourceRefusedError
 from medmesh_ingest.subscriptions import (
     MAX_RECOVERED_EVENTS,
     MAX_UNRECOVERED_RANGES,
@@ -347,3 +350,47 @@ def test_a_restarted_count_replaces_a_higher_number_of_the_count_before() -> Non
     other.learn(before)
     assert other.highest("ehr", SUBSCRIPTION) == 0
     assert other.unrecovered("ehr", SUBSCRIPTION) == ()
+
+
+# --- the source's answers are read up to the size limit -----------------------------------------
+
+
+class _Chunks(httpx.AsyncByteStream):
+    """An answer of ``count`` chunks of 1 KiB, counting how many were read."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.read = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for _ in range(self.count):
+            self.read += 1
+            yield b" " * 1024
+
+
+async def test_an_answer_over_the_size_limit_is_not_read_whole() -> None:
+    """A 1 MiB answer (no Content-Length) against a 10 KiB limit: refused once past the
+    limit, having read a dozen chunks, not all 1024."""
+    stream = _Chunks(1024)
+    transport = httpx.MockTransport(lambda _: httpx.Response(200, stream=stream))
+    async with httpx.AsyncClient(transport=transport) as client:
+        server = SourceServer("https://ehr.example/fhir", None, 5.0, 10 * 1024, client)
+        with pytest.raises(SourceRefusedError, match="size limit"):
+            await server.get("https://ehr.example/fhir/Observation/o-1", "fetching")
+    assert stream.read <= 12
+
+
+async def test_an_answer_declaring_a_length_over_the_limit_is_not_read() -> None:
+    """A Content-Length over the limit is refused before a byte of the body is read; one
+    within it is read whole."""
+    stream = _Chunks(20)
+    transport = httpx.MockTransport(
+        lambda _: httpx.Response(200, stream=stream, headers={"content-length": "20480"})
+    )
+    async with httpx.AsyncClient(transport=transport) as client:
+        server = SourceServer("https://ehr.example/fhir", None, 5.0, 10 * 1024, client)
+        with pytest.raises(SourceRefusedError):
+            await server.get("https://ehr.example/fhir/Observation/o-1", "fetching")
+        assert stream.read == 0
+        roomy = SourceServer("https://ehr.example/fhir", None, 5.0, 20 * 1024, client)
+        assert len(await roomy.get("https://ehr.example/fhir/Observation/o-1", "fetching")) == 20480

@@ -58,24 +58,33 @@ class SourceServer:
         headers = {"accept": "application/fhir+json"}
         if self.token:
             headers["authorization"] = f"Bearer {self.token}"
+        too_large = SourceRefusedError(f"the source's answer to {what} exceeds the size limit")
         try:
-            response = await self.client.get(
+            # Streamed, so that an answer over the limit is stopped there, not held whole.
+            async with self.client.stream(
+                "GET",
                 url,
                 params=params,
                 headers=headers,
                 timeout=self.timeout_s,
                 auth=self.auth or httpx.USE_CLIENT_DEFAULT,
-            )
+            ) as response:
+                status = response.status_code
+                if status != 200:
+                    refused = (400 <= status < 500 and status not in _MAY_PASS) or status == 501
+                    error = SourceRefusedError if refused else SourceUnavailableError
+                    raise error(f"the source answered {status} to {what}")
+                declared = response.headers.get("content-length", "")
+                if declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:
+                    raise too_large
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > self.max_bytes:
+                        raise too_large
         except httpx.HTTPError as exc:
             raise SourceUnavailableError(f"{what} failed: {type(exc).__name__}") from exc
-        status = response.status_code
-        if status != 200:
-            refused = (400 <= status < 500 and status not in _MAY_PASS) or status == 501
-            error = SourceRefusedError if refused else SourceUnavailableError
-            raise error(f"the source answered {status} to {what}")
-        if len(response.content) > self.max_bytes:
-            raise SourceRefusedError(f"the source's answer to {what} exceeds the size limit")
-        return response.content
+        return bytes(body)
 
 
 def http_fetcher(server: SourceServer) -> Fetch:
