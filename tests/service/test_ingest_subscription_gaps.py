@@ -352,6 +352,27 @@ async def test_a_handshake_for_a_seen_subscription_starts_counting_again() -> No
     ]
 
 
+async def test_events_beyond_the_recovery_cap_are_named(ehr_source: Harness) -> None:
+    """A heartbeat saying 2000 events were sent after 1-7: $events asks for the newest 1000
+    (1001-2000); the answer warns that events 8 to 1000 are not asked for, the gap is counted
+    as cut, and a late notification of events 8-9 is still processed."""
+    seen: list[httpx.Request] = []
+    ehr_source.ingest.http_client = httpx.AsyncClient(transport=_source(seen))
+    before = _gap_count("cut")
+    await _post(ehr_source, _load("subscription-event-full.json"))
+    response = await _post(ehr_source, _heartbeat(2000))
+    [asked] = seen
+    assert dict(asked.url.params)["eventsSinceNumber"] == "1001"
+    warnings = [i["diagnostics"] for i in response.json()["issue"] if i["severity"] == "warning"]
+    assert any("events 8 to 1000" in w and "not asked for" in w for w in warnings), warnings
+    assert _gap_count("cut") == before + 1
+    original = _load("subscription-events-recovered.json")
+    original["entry"][0]["resource"]["type"] = "event-notification"
+    original["entry"][0]["resource"]["eventsSinceSubscriptionStart"] = "2000"
+    late = await _post(ehr_source, original)
+    assert "its events were already handled" not in late.text
+
+
 async def test_inbound_topic_recovers_missed_events(ehr_source: Harness) -> None:
     """The same on medmesh.fhir.inbound: event 10 after 1-7 recovers 8-9 before it commits."""
     seen: list[httpx.Request] = []

@@ -249,6 +249,15 @@ def test_a_huge_gap_asks_for_the_newest_events_only() -> None:
     assert gap.size == MAX_RECOVERED_EVENTS
 
 
+def test_the_events_beyond_the_cap_are_named() -> None:
+    """The older part of a gap over MAX_RECOVERED_EVENTS is the cut range (never asked for);
+    a gap within the cap has none."""
+    found = _progress(7, since=1_000_000)
+    assert found.cut == Gap(8, 1_000_000 - MAX_RECOVERED_EVENTS)
+    assert _progress(7, since=7 + MAX_RECOVERED_EVENTS).cut is None
+    assert _progress(7, since=8 + MAX_RECOVERED_EVENTS).cut == Gap(8, 8)
+
+
 def test_progress_never_moves_back() -> None:
     """The highest handled only grows, per source and subscription."""
     store = SubscriptionProgress()

@@ -45,6 +45,7 @@ from medmesh_ingest.locations import Placement, placements
 from medmesh_ingest.outcomes import INVALID_FHIR, FhirRejected, Issue, outcome
 from medmesh_ingest.readings import Merged, ReadingsStore, merge, state_key
 from medmesh_ingest.subscriptions import (
+    MAX_RECOVERED_EVENTS,
     Gap,
     SubscriptionProgress,
     gaps_counter,
@@ -285,7 +286,7 @@ class IngestService:
         recovered: Extraction | None = None
         handled: _Handled | None = None
         if notification is not None:
-            handled, gap, stale = self._counted(notification, context)
+            handled, gap, stale, cut = self._counted(notification, context)
             if stale:
                 note = Issue(
                     "information",
@@ -296,6 +297,8 @@ class IngestService:
                 return Answer(200, outcome((note,)), issues=(note,))
             if gap is not None:
                 assert notification.subscription is not None  # noqa: S101 -- a gap names one
+                if cut is not None:
+                    notes.append(self._cut_off(notification.subscription, cut, context))
                 recovered, recovery_notes, handled = await self._recover(
                     notification.subscription, gap, context, handled
                 )
@@ -397,11 +400,12 @@ class IngestService:
 
     def _counted(
         self, notification: Notification, context: Context
-    ) -> tuple[_Handled | None, Gap | None, bool]:
+    ) -> tuple[_Handled | None, Gap | None, bool, Gap | None]:
         """Where a notification stands in its subscription's event numbers: what it handles,
-        the events missed before it, and whether it brings only events already handled."""
+        the events missed before it to ask for, whether it brings only events already handled,
+        and the missed events beyond the recovery cap (never asked for)."""
         if notification.subscription is None:
-            return None, None, False
+            return None, None, False, None
         source = context.source.source_system or "default"
         found = progress(
             self.subscriptions.highest(source, notification.subscription),
@@ -419,9 +423,11 @@ class IngestService:
                 found.highest,
                 filled=found.filled,
                 reset=found.reset,
+                # Never asked for, but taken if they come late.
+                lost=() if found.cut is None else (found.cut,),
             )
         )
-        return handled, found.gap, found.stale
+        return handled, found.gap, found.stale, found.cut
 
     def _advance(self, handled: _Handled | None) -> _Handled | None:
         """Move a subscription's highest number in memory; what moved, to keep on Kafka."""
@@ -518,7 +524,7 @@ class IngestService:
             # notification of one of them is still processed (not taken for a duplicate).
             if retried:
                 return None, [warning], _before(handled, gap)
-            lost = None if handled is None else replace(handled, lost=(gap,))
+            lost = None if handled is None else replace(handled, lost=(*handled.lost, gap))
             return None, [warning], lost
         gaps_counter().add(1, {"outcome": "recovered"})
         log.info("missed subscription events recovered", events=gap.size, **where)
@@ -529,6 +535,26 @@ class IngestService:
             "again from the source ($events) and processed",
         )
         return extraction, [note], handled
+
+    def _cut_off(self, subscription: str, cut: Gap, context: Context) -> Issue:
+        """What to say of missed events beyond the recovery cap: the log line and the warning
+        name the range (the subscription's id only)."""
+        gaps_counter().add(1, {"outcome": "cut"})
+        log.warning(
+            "missed subscription events beyond the recovery cap not asked for",
+            subscription=subscription_id(subscription),
+            first_missing=cut.first,
+            last_missing=cut.last,
+            cap=MAX_RECOVERED_EVENTS,
+            source=context.source.source_system or "default",
+        )
+        return Issue(
+            "warning",
+            "incomplete",
+            f"events {cut.first} to {cut.last} of this subscription never arrived and are "
+            f"beyond the {MAX_RECOVERED_EVENTS} newest missed events asked for again: they "
+            "are not asked for (a late notification of one is still processed)",
+        )
 
     async def _recovered(self, subscription: str, gap: Gap, context: Context) -> Extraction:
         """The missed events' readings and orders, from the source's $events answer (a

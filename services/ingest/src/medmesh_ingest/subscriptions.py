@@ -75,6 +75,8 @@ class Progress:
     filled: tuple[int, ...] = ()
     # A handshake for a subscription already seen: its counting starts again at ``highest``.
     reset: bool = False
+    # Missed events older than the MAX_RECOVERED_EVENTS newest of a gap: never asked for.
+    cut: Gap | None = None
 
 
 def progress(
@@ -109,7 +111,9 @@ def progress(
         last -= 1
     if first > last:
         return Progress(None, stale, top, filled)
-    return Progress(Gap(max(first, last - MAX_RECOVERED_EVENTS + 1), last), stale, top, filled)
+    asked = max(first, last - MAX_RECOVERED_EVENTS + 1)
+    cut = Gap(first, asked - 1) if asked > first else None
+    return Progress(Gap(asked, last), stale, top, filled, cut=cut)
 
 
 def _within(number: int, ranges: Sequence[Gap]) -> bool:
@@ -264,7 +268,8 @@ class SubscriptionProgress:
 
 @functools.cache
 def gaps_counter() -> Counter:
-    """Missed-event gaps found, by outcome (recovered / failed); no subscription or patient
+    """Missed-event gaps found, by outcome (recovered / failed; cut: the part of a gap beyond
+    MAX_RECOVERED_EVENTS, never asked for); no subscription or patient
     label: which subscription is in the log line."""
     # Built once: OpenTelemetry's proxy meter binds it to the provider once metrics are set up.
     return meter("medmesh.ingest").create_counter(
