@@ -3,16 +3,17 @@
 For each consumer stage (ingest's inbound Kafka consumer, the router, the NEWS2 worker
 deterioration-v1 and reporting) the bench stack's instance runs alone (N = 1), then beside a
 second instance in the same consumer group (N = 2), each instance pinned to its own core
-(``os.sched_setaffinity`` on every thread). Trials run in ABBA order (1, 2, 2, 1) with the same
-backlog, so a machine that grows busier slows both sides alike.
+(``os.sched_setaffinity`` on every thread). Trials run in ABBA order, twice (1, 2, 2, 1, 1, 2,
+2, 1), with the same backlog, so a machine that grows busier slows both sides alike.
 
 A trial: the stage's instances stop (SIGSTOP) while a backlog of fresh events is published to
 the stage's input topic, continue (SIGCONT), and drain it. Throughput is read from the output
 records' own timestamps (CreateTime: set by the stage's producer when it sends), so the bench
-client's own delays do not count: the sustained rate is the events between the 10th and the
-90th percentile of those timestamps over the time between them (the start-up of the drain and
-its tail, where one partition finishes after the others, are left out). CPU per event of the
-instances, the broker and Triton comes from /proc over the drain.
+client's own delays do not count: the sustained rate is the records stamped after the 10th
+percentile of those timestamps and up to the 90th, over the time between them (the start-up of
+the drain and its tail, where one partition finishes after the others, are left out). CPU per
+event of the instances, the broker and Triton comes from /proc over the drain, and the whole
+box's busy share from /proc/stat (this shared machine runs other jobs too).
 
 Only the measured stage runs: every other service of the stack is stopped (SIGSTOP) for the
 whole series, while idle, and continued at its end; the measured stage is stopped again once
