@@ -373,6 +373,57 @@ async def test_events_beyond_the_recovery_cap_are_named(ehr_source: Harness) -> 
     assert "its events were already handled" not in late.text
 
 
+async def test_recovered_events_keep_their_encounters_ward_and_their_warnings(
+    ehr_source: Harness,
+) -> None:
+    """The $events answer's Encounter is in the ICU ward at site North and one of its
+    Observations names no patient: the request for the recovered readings says ward icu and
+    site North, and the answer carries the Observation's warning."""
+    answer_bundle = _load("subscription-events-recovered.json")
+    encounter = "https://ehr.st-elsewhere.example/fhir/Encounter/example-subscription-enc"
+    ward = "http://terminology.hl7.org/CodeSystem/location-physical-type"
+    orphan = json.loads(json.dumps(answer_bundle["entry"][1]))
+    orphan["fullUrl"] += "-orphan"
+    orphan["resource"]["id"] += "-orphan"
+    del orphan["resource"]["subject"]
+    for entry in answer_bundle["entry"][1:]:
+        entry["resource"]["encounter"] = {"reference": encounter}
+    answer_bundle["entry"] += [
+        orphan,
+        {
+            "fullUrl": encounter,
+            "resource": {
+                "resourceType": "Encounter",
+                "id": "example-subscription-enc",
+                "status": "in-progress",
+                "class": {"code": "IMP"},
+                "subject": {"reference": "Patient/example-subscription"},
+                "location": [
+                    {
+                        "location": {"reference": "Location/icu", "display": "icu"},
+                        "physicalType": {"coding": [{"system": ward, "code": "wa"}]},
+                    }
+                ],
+                "serviceProvider": {"display": "North"},
+            },
+            "request": {"method": "PUT", "url": "Encounter/example-subscription-enc"},
+            "response": {"status": "200 OK"},
+        },
+    ]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=answer_bundle)
+
+    ehr_source.ingest.http_client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    await _post(ehr_source, _load("subscription-event-full.json"))
+    response = await _post(ehr_source, _load("subscription-event-gap.json"))
+    assert response.status_code == 202, response.text
+    _, recovered, _ = _requests(ehr_source)
+    assert recovered.encounter_reference == encounter
+    assert (recovered.source.ward, recovered.source.site) == ("icu", "North")
+    assert "no literal Patient reference" in json.dumps(response.json())
+
+
 async def test_inbound_topic_recovers_missed_events(ehr_source: Harness) -> None:
     """The same on medmesh.fhir.inbound: event 10 after 1-7 recovers 8-9 before it commits."""
     seen: list[httpx.Request] = []

@@ -283,7 +283,7 @@ class IngestService:
             return Answer(rejected.status, rejected.outcome)
         notes: list[Issue] = []
         notification = payload.notification
-        recovered: Extraction | None = None
+        recovered: _Recovered | None = None
         handled: _Handled | None = None
         if notification is not None:
             handled, gap, stale, cut = self._counted(notification, context)
@@ -332,18 +332,16 @@ class IngestService:
                 payload.failed,
             )
         groups = self._groups(extraction)
+        issues = (*notes, *extraction.issues)
+        placed = placements(payload.resources)
         if recovered is not None:
-            # The missed events happened before this notification's: merged first.
-            groups = (*self._groups(recovered), *groups)
-        return Prepared(
-            context,
-            received_at,
-            groups,
-            (*notes, *extraction.issues),
-            reply,
-            placements(payload.resources),
-            handled,
-        )
+            # The missed events happened before this notification's: merged first, with the
+            # wards and sites their Encounters name (the notification's own win for an
+            # Encounter both name: newer) and what was found in them.
+            groups = (*self._groups(recovered.extraction), *groups)
+            issues = (*notes, *recovered.extraction.issues, *extraction.issues)
+            placed = {**recovered.placements, **placed}
+        return Prepared(context, received_at, groups, issues, reply, placed, handled)
 
     async def apply(
         self, prepared: Sequence[Prepared], publish: Publish | None = None
@@ -483,7 +481,7 @@ class IngestService:
 
     async def _recover(
         self, subscription: str, gap: Gap, context: Context, handled: _Handled | None
-    ) -> tuple[Extraction | None, list[Issue], _Handled | None]:
+    ) -> tuple[_Recovered | None, list[Issue], _Handled | None]:
         """The missed events, asked of the source ($events) and extracted as if notified, with
         what to tell the sender. When the source cannot give them, the notification itself is
         still processed and the gap is logged and counted (``failed``). A failure that may pass
@@ -498,7 +496,7 @@ class IngestService:
             "source": context.source.source_system or "default",
         }
         try:
-            extraction = await self._recovered(subscription, gap, context)
+            recovered = await self._recovered(subscription, gap, context)
         except (_RecoveryFailedError, SourceUnavailableError, FhirRejected) as exc:
             reason = _recovery_failure(exc)
             retried = isinstance(exc, SourceUnavailableError) and not isinstance(
@@ -534,7 +532,7 @@ class IngestService:
             f"events {gap.first} to {gap.last} of this subscription never arrived: asked for "
             "again from the source ($events) and processed",
         )
-        return extraction, [note], handled
+        return recovered, [note], handled
 
     def _cut_off(self, subscription: str, cut: Gap, context: Context) -> Issue:
         """What to say of missed events beyond the recovery cap: the log line and the warning
@@ -556,7 +554,7 @@ class IngestService:
             "are not asked for (a late notification of one is still processed)",
         )
 
-    async def _recovered(self, subscription: str, gap: Gap, context: Context) -> Extraction:
+    async def _recovered(self, subscription: str, gap: Gap, context: Context) -> _Recovered:
         """The missed events' readings and orders, from the source's $events answer (a
         notification Bundle, its content fetched when id-only). Raises _RecoveryFailedError,
         SourceUnavailableError or FhirRejected."""
@@ -583,7 +581,7 @@ class IngestService:
             raise _RecoveryFailedError(
                 f"the missed events hold {len(extraction.rejections)} invalid value(s)"
             )
-        return extraction
+        return _Recovered(extraction, placements(payload.resources))
 
     # --- id-only notifications -----------------------------------------------------------------
 
@@ -776,6 +774,15 @@ def _placed(
     if placement is None:
         return source
     return source.model_copy(update={"ward": placement.ward, "site": source.site or placement.site})
+
+
+@dataclass(frozen=True)
+class _Recovered:
+    """Missed events had again from the source: their readings and orders (and the issues met
+    in them), and the ward and site each of their Encounters names."""
+
+    extraction: Extraction
+    placements: Mapping[str, Placement]
 
 
 class _RecoveryFailedError(Exception):
