@@ -403,3 +403,28 @@ async def test_an_answer_declaring_a_length_over_the_limit_is_not_read() -> None
         assert stream.read == 0
         roomy = SourceServer("https://ehr.example/fhir", None, 5.0, 20 * 1024, client)
         assert len(await roomy.get("https://ehr.example/fhir/Observation/o-1", "fetching")) == 20480
+
+
+# --- bounded memory -----------------------------------------------------------------------------
+
+
+def test_a_subscription_is_held_by_its_id() -> None:
+    """An absolute and a relative reference to one Subscription are one count."""
+    store = SubscriptionProgress()
+    store.advance("ehr", SUBSCRIPTION, 9)
+    assert store.highest("ehr", "Subscription/medmesh-vitals") == 9
+    assert len(store) == 1
+
+
+def test_the_least_recently_updated_subscription_is_forgotten_beyond_the_cap() -> None:
+    """Beyond max_entries the least recently updated subscription is forgotten (counted); one
+    updated since stays."""
+    store = SubscriptionProgress(max_entries=3)
+    for n in range(3):
+        store.advance("ehr", f"Subscription/s{n}", 1)
+    store.advance("ehr", "Subscription/s0", 2)  # s1 is now the least recently updated
+    store.advance("ehr", "Subscription/s3", 1)
+    assert len(store) == 3
+    assert store.evicted == 1
+    assert store.highest("ehr", "Subscription/s1") is None
+    assert store.highest("ehr", "Subscription/s0") == 2

@@ -108,6 +108,9 @@ class ReadingsFollower:
             evicted=self.store.evicted,
             partitions=len(parts),
             subscriptions=None if self.subscriptions is None else len(self.subscriptions),
+            subscriptions_evicted=None
+            if self.subscriptions is None
+            else self.subscriptions.evicted,
         )
         return len(parts)
 

@@ -30,12 +30,14 @@ again.
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from opentelemetry.metrics import Counter
 
 from medmesh_contracts.events import EventNumberRange, Producer, SubscriptionEventsHandled
+from medmesh_runtime.logging import get_logger
 from medmesh_runtime.metrics import meter
 
 # Most events asked for in one recovery: a source that restarted its numbering (or a wrong
@@ -45,6 +47,9 @@ MAX_RECOVERED_EVENTS = 1000
 # Most unrecovered ranges kept per subscription (events missed that the source could not give
 # again, still taken if they come late); beyond it the oldest are forgotten.
 MAX_UNRECOVERED_RANGES = 32
+# Most subscriptions whose counting is held (per ingest instance, all sources together).
+MAX_SUBSCRIPTIONS = 10_000
+log = get_logger("medmesh.ingest.subscriptions")
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,13 @@ def subscription_id(reference: str) -> str | None:
     return None
 
 
+def _key(source: str, subscription: str) -> tuple[str, str]:
+    """Where a subscription's counting is held: by source and ``Subscription/<logical id>``
+    (the reference itself when it names no Subscription)."""
+    logical_id = subscription_id(subscription)
+    return source, subscription if logical_id is None else f"Subscription/{logical_id}"
+
+
 @dataclass
 class _Held:
     """One subscription's counting: the highest event number handled and the ranges below it
@@ -170,22 +182,32 @@ class _Held:
 
 class SubscriptionProgress:
     """The highest event number handled, per source and subscription, with the ranges below it
-    that were missed and could not be had again (unrecovered)."""
+    that were missed and could not be had again (unrecovered).
 
-    def __init__(self) -> None:
-        self._held: dict[tuple[str, str], _Held] = {}
+    A subscription is held by its logical id where its reference names one (an absolute and a
+    relative reference to it are one subscription), and at most ``max_entries`` are held: the
+    least recently updated is forgotten beyond it (counted in ``evicted`` and the
+    ``subscription_progress_evicted`` metric, logged with its id), so a sender making up
+    subscription references cannot grow ingest's memory. A forgotten subscription's next
+    notification starts its count again, as a first one does.
+    """
+
+    def __init__(self, max_entries: int = MAX_SUBSCRIPTIONS) -> None:
+        self.max_entries = max_entries
+        self.evicted = 0
+        self._held: OrderedDict[tuple[str, str], _Held] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._held)
 
     def highest(self, source: str, subscription: str) -> int | None:
         """The highest event number handled of this subscription; None: never seen."""
-        held = self._held.get((source, subscription))
+        held = self._held.get(_key(source, subscription))
         return None if held is None else held.highest
 
     def unrecovered(self, source: str, subscription: str) -> tuple[Gap, ...]:
         """Event numbers at or below the highest that were never handled."""
-        held = self._held.get((source, subscription))
+        held = self._held.get(_key(source, subscription))
         return () if held is None else held.unrecovered
 
     def advance(
@@ -200,22 +222,25 @@ class SubscriptionProgress:
         """Record that events up to ``highest`` are handled (never moves back), but for the
         ``lost`` ranges (missed and not to be had again), and that the ``filled`` numbers of the
         unrecovered ranges are handled at last; whether anything changed (or is its first)."""
-        key = (source, subscription)
+        key = _key(source, subscription)
         held = self._held.get(key)
         if held is None:
-            self._held[key] = _Held(highest, with_lost((), lost))
+            self._put(key, _Held(highest, with_lost((), lost)))
             return True
         before = (held.highest, held.unrecovered)
         held.highest = max(held.highest, highest)
         held.unrecovered = without_filled(with_lost(held.unrecovered, lost), filled)
-        return (held.highest, held.unrecovered) != before
+        changed = (held.highest, held.unrecovered) != before
+        if changed:
+            self._held.move_to_end(key)
+        return changed
 
     def reset(self, source: str, subscription: str, highest: int) -> None:
         """Start the subscription's counting again at ``highest`` (a handshake for one already
         seen), its unrecovered ranges forgotten (numbers of the counting before)."""
-        key = (source, subscription)
+        key = _key(source, subscription)
         held = self._held.get(key)
-        self._held[key] = _Held(highest, (), 0 if held is None else held.restarts + 1)
+        self._put(key, _Held(highest, (), 0 if held is None else held.restarts + 1))
 
     def learn(self, handled: SubscriptionEventsHandled) -> None:
         """Take a number read from medmesh.ingest.subscriptions (this or another instance's).
@@ -226,15 +251,16 @@ class SubscriptionProgress:
         others: this instance's own record, written before it filled one, or another
         instance's later one).
         """
-        key = (handled.source_system, handled.subscription)
+        key = _key(handled.source_system, handled.subscription)
         ranges = tuple(Gap(r.first, r.last) for r in handled.unrecovered)
         held = self._held.get(key)
         restarts = handled.counting_restarts
         if held is None or restarts > held.restarts:
-            self._held[key] = _Held(handled.highest_event_number, with_lost((), ranges), restarts)
-        elif restarts < held.restarts:
+            self._put(key, _Held(handled.highest_event_number, with_lost((), ranges), restarts))
             return
-        elif handled.highest_event_number > held.highest:
+        if restarts < held.restarts:
+            return
+        if handled.highest_event_number > held.highest:
             held.highest = handled.highest_event_number
             held.unrecovered = with_lost(held.unrecovered, ranges)
         elif handled.highest_event_number == held.highest:
@@ -244,13 +270,31 @@ class SubscriptionProgress:
                 for b in ranges
                 if max(a.first, b.first) <= min(a.last, b.last)
             )
+        self._held.move_to_end(key)
+
+    def _put(self, key: tuple[str, str], held: _Held) -> None:
+        """Hold a subscription's counting as the most recently updated, forgetting the least
+        recently updated beyond ``max_entries``."""
+        self._held[key] = held
+        self._held.move_to_end(key)
+        while len(self._held) > self.max_entries:
+            (source, subscription), _ = self._held.popitem(last=False)
+            self.evicted += 1
+            progress_evicted_counter().add(1)
+            # Subscription ids and source names only (None for a reference naming none).
+            log.warning(
+                "subscription counting forgotten: too many subscriptions held",
+                subscription=subscription_id(subscription),
+                source=source,
+                held=len(self._held),
+            )
 
     def record(
         self, source: str, subscription: str, correlation_id: str, producer: Producer
     ) -> SubscriptionEventsHandled | None:
-        """What to keep on medmesh.ingest.subscriptions for this subscription now (None: not
-        held)."""
-        held = self._held.get((source, subscription))
+        """What to keep on medmesh.ingest.subscriptions for this subscription (``subscription``:
+        its reference as notified) now (None: not held)."""
+        held = self._held.get(_key(source, subscription))
         if held is None:
             return None
         return SubscriptionEventsHandled(
@@ -288,4 +332,15 @@ def progress_not_kept_counter() -> Counter:
         unit="{write}",
         description="Subscription event numbers handled but not kept on Kafka (Kafka did not "
         "take the write in time); the next number written replaces them",
+    )
+
+
+@functools.cache
+def progress_evicted_counter() -> Counter:
+    """Subscriptions whose counting was forgotten (more than MAX_SUBSCRIPTIONS held)."""
+    return meter("medmesh.ingest").create_counter(
+        "medmesh.ingest.subscription_progress_evicted",
+        unit="{subscription}",
+        description="Subscriptions whose event counting was forgotten, the least recently "
+        "updated, beyond the most held; their next notification starts counting again",
     )
