@@ -435,7 +435,7 @@ class IngestService:
             before = self.subscriptions.highest(handled.source, handled.subscription)
             self.subscriptions.reset(handled.source, handled.subscription, handled.highest)
             log.info(
-                "subscription counting started again (a handshake for a subscription seen)",
+                "subscription counting started again",
                 subscription=subscription_id(handled.subscription),
                 highest_before=before,
                 highest=handled.highest,

@@ -9,7 +9,10 @@ sent while ingest answered 5xx and given up by the source); ``progress`` says wh
 then asks the source for them with the IG's ``$events`` operation and processes them as if
 notified (``service.IngestService``). Events at or below the highest number are not handled
 twice: a notification carrying only those (a late original, a resend) is acknowledged, nothing
-else.
+else. The exception are the unrecovered ranges: events missed that the source could not give
+again for good (no server, no ``$events``, an invalid answer, beyond MAX_RECOVERED_EVENTS). The
+count moves past them, but they are kept (a few ranges per subscription), so a late
+notification of one is processed, and that number then counts as handled.
 
 The first notification seen of a subscription sets where counting starts (nothing before it is
 asked for: that may be the subscription's whole history; a handshake starts at its counter, 0
