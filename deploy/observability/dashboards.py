@@ -300,13 +300,14 @@ ALERTS: tuple[tuple[str, str, str, str, str, str], ...] = (
     ),
     (
         "MedmeshSubscriptionEventsMissed",
-        'sum (increase(medmesh_ingest_subscription_gaps_total{outcome="failed"}[15m])) > 0',
+        'sum (increase(medmesh_ingest_subscription_gaps_total{outcome=~"failed|cut"}[15m])) > 0',
         "0m",
         "warning",
         "Subscription events that never arrived could not be recovered",
         "A source's notification counters showed events ingest never received, and asking the"
-        " source for them ($events) failed: ingest's log line `missed subscription events not"
-        " recovered` names the subscription, the missing event numbers and why. Fix the source's"
+        " source for them ($events) failed or was beyond the recovery cap: ingest's log lines"
+        " `missed subscription events not recovered` / `... beyond the recovery cap not asked"
+        " for` name the subscription, the missing event numbers and why. Fix the source's"
         " FHIR server settings (MEDMESH_INGEST_SOURCES) or ask the EHR to resend them.",
     ),
 )
