@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError
-from structlog.testing import capture_logs
 
 from medmesh_contracts import topics
 from medmesh_contracts.events import (
@@ -23,10 +22,12 @@ from medmesh_contracts.events import (
     WorkerHeartbeat,
     to_wire,
 )
+from medmesh_inference import worker as worker_module
 from medmesh_inference.batching import ModelUnavailable, Outcome
 from medmesh_inference.circuit import CircuitBackoff, CircuitBreaker
 from medmesh_inference.heartbeat import HealthMonitor, HeartbeatSource
 from medmesh_inference.worker import LoopTiming, Scored, TaskWorker
+from medmesh_runtime import transactional as transactional_module
 from medmesh_runtime.deadletter import dead_letter_record
 from medmesh_runtime.transactional import OutgoingRecord, transactional_id
 from tests.factories import DETERIORATION_OUTPUTS, make_request, make_task
@@ -146,8 +147,22 @@ def _results(kafka: FakeKafka) -> list[str]:
     ]
 
 
-def _dead_letter_lines(logs: Sequence[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
-    return [line for line in logs if str(line["event"]).endswith("dead-lettered")]
+@pytest.fixture
+def dead_letter_lines(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The dead-letter log lines written from now on (``log_dead_letter`` in the worker and
+    the poison isolation, whichever way structlog is configured), as their reasons."""
+    lines: list[str] = []
+    for module in (worker_module, transactional_module):
+        real = module.log_dead_letter
+
+        def counted(
+            logger: Any, what: str, record: Any, reason: str, real: Any = real, **fields: Any
+        ) -> None:
+            lines.append(reason)
+            real(logger, what, record, reason, **fields)
+
+        monkeypatch.setattr(module, "log_dead_letter", counted)
+    return lines
 
 
 def _dead_letters(kafka: FakeKafka) -> list[MessageDeadLettered]:
@@ -322,7 +337,9 @@ async def test_an_aborted_send_commits_neither_outcomes_nor_offset_and_redo_is_o
     assert len(side.calls) == 2
 
 
-async def test_undecodable_records_are_dead_lettered_and_committed() -> None:
+async def test_undecodable_records_are_dead_lettered_and_committed(
+    dead_letter_lines: list[str],
+) -> None:
     """A record that is not a RunInference is dead-lettered in its offset's transaction; its
     neighbours are still served."""
     kafka, side = FakeKafka(), FakeTritonSide()
@@ -330,10 +347,9 @@ async def test_undecodable_records_are_dead_lettered_and_committed() -> None:
     kafka.append(TOPIC, b"{not json")
     _add(kafka, "c")
     worker = _worker(kafka, side)
-    with capture_logs() as logs:
-        await _run_until(worker, lambda: _committed(kafka) == 3)
+    await _run_until(worker, lambda: _committed(kafka) == 3)
     assert _results(kafka) == ["a", "c"]
-    assert len(_dead_letter_lines(logs)) == 1
+    assert len(dead_letter_lines) == 1
     dead = _dead_letters(kafka)
     assert len(dead) == 1
     assert "not a RunInference" in dead[0].reason
@@ -356,7 +372,9 @@ async def test_a_task_whose_handling_raises_once_is_retried_and_scored() -> None
     assert worker.isolation.stats.isolated_polls == 1
 
 
-async def test_a_task_that_always_raises_is_dead_lettered_beside_committed_neighbours() -> None:
+async def test_a_task_that_always_raises_is_dead_lettered_beside_committed_neighbours(
+    dead_letter_lines: list[str],
+) -> None:
     """A task whose handling raises every time is dead-lettered with the reason after the
     bounded attempts; the tasks beside it are committed with their outcomes in the same
     transaction, and the loop does not crash."""
@@ -365,10 +383,9 @@ async def test_a_task_that_always_raises_is_dead_lettered_beside_committed_neigh
         _add(kafka, cid)
     side.poison = {"b": -1}
     worker = _worker(kafka, side)
-    with capture_logs() as logs:
-        await _run_until(worker, lambda: _committed(kafka) == 3)
+    await _run_until(worker, lambda: _committed(kafka) == 3)
     assert _results(kafka) == ["a", "c"]
-    assert len(_dead_letter_lines(logs)) == 1
+    assert len(dead_letter_lines) == 1
     dead = _dead_letters(kafka)
     assert len(dead) == 1
     assert dead[0].source_offset == 1
