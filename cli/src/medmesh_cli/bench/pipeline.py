@@ -102,9 +102,15 @@ async def run_load(
         async def send(payload: bytes, at: float) -> None:
             nonlocal non_2xx
             await asyncio.sleep(max(0.0, at - time.perf_counter()))
-            response = await client.post(
-                "/fhir", content=payload, headers={"content-type": "application/fhir+json"}
-            )
+            try:
+                response = await client.post(
+                    "/fhir", content=payload, headers={"content-type": "application/fhir+json"}
+                )
+            except httpx.HTTPError:
+                # An overloaded pipeline may drop or refuse the connection: a failed send,
+                # counted with the non-2xx answers (the level is then not sustained).
+                non_2xx += 1
+                return
             http_ms.append((time.perf_counter() - at) * 1000)
             if on_answer is not None:
                 on_answer()
