@@ -58,22 +58,39 @@ def start_profiles(pids: Mapping[str, int], duration_s: int, folder: Path) -> li
     """Start recording every named process for ``duration_s`` into ``folder/flame-<name>.svg``."""
     folder.mkdir(parents=True, exist_ok=True)
     executable = py_spy()
-    profiles = []
-    for name, pid in pids.items():
-        svg = folder / f"flame-{name}.svg"
-        log = (folder / f"flame-{name}.log").open("wb")
-        process = subprocess.Popen(
-            record_argv(executable, pid, duration_s, svg), stdout=log, stderr=subprocess.STDOUT
-        )
-        profiles.append(Profile(name, svg, process))
+    profiles: list[Profile] = []
+    try:
+        for name, pid in pids.items():
+            svg = folder / f"flame-{name}.svg"
+            # The recorder writes to its own copy of the descriptor: this one closes at once.
+            with (folder / f"flame-{name}.log").open("wb") as log:
+                process = subprocess.Popen(
+                    record_argv(executable, pid, duration_s, svg),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            profiles.append(Profile(name, svg, process))
+    except BaseException:
+        _stop(profiles)  # no recorder left running when a later one cannot start
+        raise
     return profiles
+
+
+def _stop(profiles: list[Profile]) -> None:
+    for profile in profiles:
+        if profile.process.poll() is None:
+            profile.process.kill()
+            profile.process.wait()
 
 
 def finish_profiles(profiles: list[Profile], timeout_s: float = 120.0) -> list[Path]:
     """Wait for the recorders; the flame graphs written (raises naming any that failed)."""
     failed = []
-    for profile in profiles:
-        code = profile.process.wait(timeout=timeout_s)
+    try:
+        codes = [profile.process.wait(timeout=timeout_s) for profile in profiles]
+    finally:
+        _stop(profiles)  # a recorder past its timeout is not left sampling
+    for profile, code in zip(profiles, codes, strict=True):
         if code != 0 or not profile.svg.exists():
             log = profile.svg.with_suffix(".log")
             detail = log.read_text(errors="replace")[-400:] if log.exists() else ""
