@@ -20,7 +20,6 @@ from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from medmesh_contracts import headers as h
 from medmesh_contracts import topics
@@ -320,21 +319,6 @@ async def produce_poisons(bootstrap: str, poisons: list[Poison]) -> None:
             poison.partition, poison.offset = metadata.partition, metadata.offset
     finally:
         await producer.stop()
-
-
-async def group_state(bootstrap: str, group: str) -> tuple[str, list[str]]:
-    """A consumer group's state ("Stable", "PreparingRebalance", ...) and its members' client
-    ids (medmesh's stages end theirs with the instance id; a member id changes on every rejoin)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        (response,) = await admin.describe_consumer_groups([group])
-    finally:
-        await admin.close()
-    # DescribeGroups v0-v3 groups: (error_code, group, state, protocol_type, protocol, members);
-    # a member starts with (member_id, client_id, ...).
-    description = response.groups[0]
-    return str(description[2]), [str(member[1]) for member in description[5]]
 
 
 async def send_until_accepted(client: httpx.AsyncClient, event: Event, give_up_at: float) -> None:

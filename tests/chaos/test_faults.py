@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
+from medmesh_cli.bench.common import group_state
 from medmesh_cli.devstack.stack import Stack, service_specs
 from medmesh_cli.devstack.studies import StudyIdentity, imaging_study
 from medmesh_contracts import headers as h
@@ -45,7 +46,6 @@ from tests.chaos.harness import (
     Poison,
     ReportReader,
     common_poisons,
-    group_state,
     produce_poisons,
     send_until_accepted,
     summarize,

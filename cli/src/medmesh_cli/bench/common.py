@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 
 from medmesh_cli.bench.stats import Summary, summarize
 from medmesh_contracts.events import (
@@ -226,3 +227,18 @@ def cpu_seconds_from_stat(stat: str, ticks_per_s: int = 100) -> float:
     fields = stat[stat.rindex(")") + 2 :].split()
     # fields[0] is the state (field 3); utime and stime are fields 14 and 15.
     return (int(fields[11]) + int(fields[12])) / ticks_per_s
+
+
+async def group_state(bootstrap: str, group: str) -> tuple[str, list[str]]:
+    """A consumer group's state ("Stable", "PreparingRebalance", ...) and its members' client
+    ids (medmesh's stages end theirs with the instance id; a member id changes on every rejoin)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_consumer_groups([group])
+    finally:
+        await admin.close()
+    # DescribeGroups v0-v3 groups: (error_code, group, state, protocol_type, protocol, members);
+    # a member starts with (member_id, client_id, ...).
+    description = response.groups[0]
+    return str(description[2]), [str(member[1]) for member in description[5]]

@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 
 from medmesh_cli.bench.batching import bench_model_task
 from medmesh_cli.bench.common import (
@@ -55,6 +54,7 @@ from medmesh_cli.bench.common import (
     Message,
     Sink,
     bench_task,
+    group_state,
     header_value,
     publish_burst,
     run_id,
@@ -389,25 +389,13 @@ def stopped(stack: Stack, names: Sequence[str]) -> Iterator[None]:
             stack.services[name].signal(signal.SIGCONT)
 
 
-async def group_members(bootstrap: str, group: str) -> tuple[str, int]:
-    """A consumer group's state ("Stable", "PreparingRebalance", ...) and its member count."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        (response,) = await admin.describe_consumer_groups([group])
-    finally:
-        await admin.close()
-    # DescribeGroups v0-v3: (error_code, group, state, protocol_type, protocol, members).
-    description = response.groups[0]
-    return str(description[2]), len(description[5])
-
-
 async def settle_group(bootstrap: str, group: str, members: int, timeout_s: float = 60.0) -> None:
     """Wait until ``group`` is Stable with ``members`` members; raise naming what it was."""
     deadline = time.monotonic() + timeout_s
     state, count = "unknown", -1
     while time.monotonic() < deadline:
-        state, count = await group_members(bootstrap, group)
+        state, clients = await group_state(bootstrap, group)
+        count = len(clients)
         if state == "Stable" and count == members:
             return
         await asyncio.sleep(0.5)
