@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from medmesh_cli.devstack.maven import ensure_java_launcher, pom_property
+from medmesh_cli.devstack.maven import JavaLauncher, ensure_java_launcher, pom_property
 from medmesh_cli.devstack.paths import cache_dir, repo_root
 from medmesh_cli.devstack.process import ManagedProcess, wait_until
 
@@ -63,27 +63,9 @@ def fhir_server_cached() -> bool:
     return (_root() / "lib" / ".complete").exists()
 
 
-@dataclass(frozen=True)
-class FhirServerBuild:
-    """The resolved jars and the compiled launcher: what ``java -cp`` needs."""
-
-    lib: Path
-    classes: Path
-    java: str
-
-    @property
-    def classpath(self) -> str:
-        """The launcher's classes, then every jar of the server."""
-        return f"{self.classes}:{self.lib}/*"
-
-
-def ensure_fhir_server() -> FhirServerBuild:
+def ensure_fhir_server() -> JavaLauncher:
     """The server, resolving its jars (Maven) and compiling its launcher (javac) on first use."""
-    java = shutil.which("java")
-    if java is None:
-        raise RuntimeError("FHIR server: 'java' is not on PATH; HAPI's JPA server needs Java 17+")
-    lib, classes = ensure_java_launcher(_project(), _root(), "FHIR server (HAPI JPA)")
-    return FhirServerBuild(lib=lib, classes=classes, java=java)
+    return ensure_java_launcher(_project(), _root(), "FHIR server (HAPI JPA)")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ definition, such as LOINC and SNOMED CT, come back as warnings, not errors.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal, get_args
 
-from medmesh_cli.devstack.maven import ensure_java_launcher, pom_property
+from medmesh_cli.devstack.maven import JavaLauncher, ensure_java_launcher, pom_property
 from medmesh_cli.devstack.paths import cache_dir, repo_root
 
 ValidatorFhirVersion = Literal["R4", "R4B", "R5"]
@@ -51,18 +50,8 @@ class Issue:
         return f"{self.severity} {self.location}: {self.message} [{self.message_id}]"
 
 
-@dataclass(frozen=True)
-class Validator:
-    """The resolved jars and the compiled launcher: what ``java -cp`` needs."""
-
-    lib: Path
-    classes: Path
-    java: str
-
-    @property
-    def classpath(self) -> str:
-        """The launcher's classes, then every jar of the validator."""
-        return f"{self.classes}:{self.lib}/*"
+# The validator's jars and launcher (``java -cp`` its classpath).
+Validator = JavaLauncher
 
 
 def _project() -> Path:
@@ -76,12 +65,8 @@ def hapi_version() -> str:
 
 def ensure_validator() -> Validator:
     """The validator, resolving its jars (Maven) and compiling its launcher (javac) on first use."""
-    java = shutil.which("java")
-    if java is None:
-        raise RuntimeError("HAPI validator: 'java' is not on PATH; the validator needs Java 17+")
     root = cache_dir() / f"hapi-validator-{hapi_version()}"
-    lib, classes = ensure_java_launcher(_project(), root, "HAPI validator")
-    return Validator(lib=lib, classes=classes, java=java)
+    return ensure_java_launcher(_project(), root, "HAPI validator")
 
 
 def _command(validator: Validator, version: ValidatorFhirVersion, paths: list[Path]) -> list[str]:

@@ -8,6 +8,7 @@ import hashlib
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -46,11 +47,28 @@ def copy_dependencies(mvn: str, pom: Path, lib: Path, what: str) -> None:
         )
 
 
-def ensure_java_launcher(project: Path, root: Path, what: str) -> tuple[Path, Path]:
+@dataclass(frozen=True)
+class JavaLauncher:
+    """The resolved jars, the compiled launcher and the java to run them with."""
+
+    lib: Path
+    classes: Path
+    java: str
+
+    @property
+    def classpath(self) -> str:
+        """The launcher's classes, then every resolved jar."""
+        return f"{self.classes}:{self.lib}/*"
+
+
+def ensure_java_launcher(project: Path, root: Path, what: str) -> JavaLauncher:
     """The jars of ``project``'s pom resolved into ``root``/lib (once) and its launcher sources
     (``project``/src/main/java) compiled with javac into ``root``/classes-<hash of the sources>
-    (once per source): (lib, classes). RuntimeError naming ``what`` when Maven, javac or the
-    sources are missing or fail."""
+    (once per source). RuntimeError naming ``what`` when Java, Maven, javac or the sources are
+    missing or fail."""
+    java = shutil.which("java")
+    if java is None:
+        raise RuntimeError(f"{what}: 'java' is not on PATH; it needs Java 17+")
     lib = root / "lib"
     if not (lib / ".complete").exists():
         mvn = shutil.which("mvn")
@@ -69,7 +87,7 @@ def ensure_java_launcher(project: Path, root: Path, what: str) -> tuple[Path, Pa
     # Keyed by the sources' hash: an edited launcher is compiled afresh, an unchanged one never.
     classes = root / f"classes-{digest.hexdigest()[:16]}"
     if (classes / ".complete").exists():
-        return lib, classes
+        return JavaLauncher(lib, classes, java)
     javac = shutil.which("javac")
     if javac is None:
         raise RuntimeError(f"{what}: 'javac' is not on PATH; a Java 17+ JDK compiles the launcher")
@@ -84,4 +102,4 @@ def ensure_java_launcher(project: Path, root: Path, what: str) -> tuple[Path, Pa
     if result.returncode != 0:
         raise RuntimeError(f"{what}: javac failed on the launcher:\n{result.stdout}{result.stderr}")
     (classes / ".complete").write_text("")
-    return lib, classes
+    return JavaLauncher(lib, classes, java)
