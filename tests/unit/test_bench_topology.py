@@ -3,20 +3,34 @@ event, medians and ranges, targets, the py-spy command and the in-process floor.
 
 from __future__ import annotations
 
+import asyncio
+import io
+import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
+from medmesh_cli.bench import floor as floor_module
 from medmesh_cli.bench.flames import summary as flame_summary
 from medmesh_cli.bench.floor import floor_cpu_per_event
-from medmesh_cli.bench.pipeline import load_template, vitals_events
+from medmesh_cli.bench.pipeline import (
+    _sent_or_given_up,
+    _Tally,
+    load_template,
+    p99_beyond,
+    vitals_events,
+)
 from medmesh_cli.bench.profile import record_argv
-from medmesh_cli.bench.stats import summarize
+from medmesh_cli.bench.stats import percentile, summarize
 from medmesh_cli.bench.topology import (
     CLIENT,
     Bisection,
     Level,
     Target,
     Usage,
+    _probe_cell,
     abba,
     marginal_ms_per_event,
     medmesh_processes,
@@ -159,6 +173,24 @@ def test_floor_runs_every_stage_and_reports_each_event() -> None:
     assert floor["cpu_ms_per_event"] > 0
 
 
+def test_floor_leaves_the_load_generators_logging_as_it_found_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The floor logs as a service does, then restores the root logger, so that the loads sent
+    from the same process do not log every HTTP request."""
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
+
+    def service_logging(service: str) -> None:
+        root.addHandler(logging.StreamHandler(io.StringIO()))
+        root.setLevel(logging.DEBUG)
+
+    monkeypatch.setattr(floor_module, "configure_logging", service_logging)
+    template = load_template(REPO / "tests" / "fixtures" / "fhir" / "vitals-bundle-high.json")
+    floor_cpu_per_event(vitals_events(template, 3, 3, prefix="floor-log"), warmup=1)
+    assert (list(root.handlers), root.level) == before
+
+
 def _svg_frame(name: str, y: int, x: int, w: int) -> str:
     return (
         f"<g><title>{name} ({w} samples, {w}%)</title>"
@@ -192,3 +224,66 @@ def test_flame_summary_reads_self_time_and_families(tmp_path: Path) -> None:
     assert families["logging (stdlib handlers, structlog)"] == 0.6
     assert families["socket writes (asyncio transport)"] == 0.2
     assert families["OpenTelemetry (spans, export, metrics)"] == 0.0
+
+
+def test_p99_beyond_agrees_with_the_nearest_rank_percentile() -> None:
+    """A load is given up only when its p99, whatever the other latencies, exceeds the bound."""
+    for expected in (1, 50, 99, 100, 101, 2700):
+        for late in range(expected + 1):
+            worst_case_rest = sorted([10.0] * (expected - late) + [5000.0] * late)
+            assert p99_beyond(late, expected) == (percentile(worst_case_rest, 99) > 1000.0)
+
+
+def test_tally_counts_late_sends_and_reports_and_missing_unsent_events() -> None:
+    """Unanswered sends and unreported events past the bound are late; unsent ones are missing."""
+    tally = _Tally(events=10)
+    tally.unanswered = {0: 0.0, 1: 9.5}
+    tally.planned = {"a": 0.0, "b": 0.0, "c": 9.9}
+    tally.arrived = {"b": 0.5}
+    tally.finished = tally.accepted = 3
+    assert tally.late(1000.0, now=10.0) == 2  # send 0 and report "a"; send 1 and "c" are recent
+    assert tally.missing == 2 + 7  # "a" and "c" not arrived; seven events not sent or answered
+    assert tally.hopeless(1000.0, now=10.0)  # of 10 latencies the p99 is the largest: late
+    big = _Tally(events=1000, planned={str(i): 0.0 for i in range(11)}, accepted=11)
+    assert big.hopeless(1000.0, now=10.0)  # 11 late of 1,000: the 99th percentile is late
+    assert not _Tally(events=1000, planned={str(i): 0.0 for i in range(10)}, accepted=10).hopeless(
+        1000.0, now=10.0
+    )
+
+
+async def test_a_hopeless_load_stops_sending_at_once() -> None:
+    """Once the load is hopeless its pending sends are cancelled and the time is returned."""
+    sent: list[int] = []
+
+    async def send(index: int) -> None:
+        await asyncio.sleep(index * 0.1)
+        sent.append(index)
+
+    sends = asyncio.gather(*(send(i) for i in range(100)))
+    given_up = await _sent_or_given_up(sends, lambda: len(sent) >= 3)
+    assert given_up is not None
+    await asyncio.sleep(0.5)  # the cancelled sends stay cancelled
+    assert 3 <= len(sent) < 10
+
+
+async def test_a_load_that_is_never_hopeless_sends_everything() -> None:
+    """Without giving up (or never hopeless), every send runs and no time is returned."""
+    done: list[int] = []
+
+    async def send(index: int) -> None:
+        await asyncio.sleep(0.01)
+        done.append(index)
+
+    assert await _sent_or_given_up(asyncio.gather(*(send(i) for i in range(5))), None) is None
+    assert (
+        await _sent_or_given_up(asyncio.gather(*(send(i) for i in range(5))), lambda: False) is None
+    )
+    assert len(done) == 10
+
+
+def test_a_given_up_probe_is_not_sustained_and_says_so() -> None:
+    """A probe given up early fails its verdict, and the capacity table says when it stopped."""
+    level = replace(_level(300, 10.0, {}), abandoned_after_s=4.2)
+    assert not level.sustained
+    assert replace(level, abandoned_after_s=None).sustained
+    assert "given up after 4 s" in _probe_cell(level.as_dict())

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -174,16 +173,21 @@ def floor_cpu_per_event(
     does (``configure_logging``: JSON lines), into /dev/null instead of a log file."""
     if not service_logging:
         return asyncio.run(_measure(events, warmup))
-    configure_logging("floor")
     root = logging.getLogger()
-    kept = list(root.handlers)
+    # Restored afterwards: the process goes on to send the loads, whose HTTP client would
+    # otherwise log every request (CPU on the cores the pipeline is measured on).
+    handlers, level = list(root.handlers), root.level
+    configure_logging("floor")
+    added = [handler for handler in root.handlers if handler not in handlers]
     with open(os.devnull, "w") as sink:
-        for handler in kept:
+        for handler in added:
             if isinstance(handler, logging.StreamHandler):
                 handler.setStream(sink)
         try:
             return asyncio.run(_measure(events, warmup))
         finally:
-            for handler in kept:
-                if isinstance(handler, logging.StreamHandler):
-                    handler.setStream(sys.stderr)
+            for handler in added:
+                root.removeHandler(handler)
+                handler.close()
+            root.handlers = handlers
+            root.setLevel(level)

@@ -10,7 +10,9 @@ interleaved A B B A (services, monolith, monolith, services), so neither always 
 1. capacity by bisection on sustained throughput: one ABBA block of probes, each held
    ``Plan.probe_s`` (30 s in the full form), doubling from ``Plan.start_rate`` until a probe
    fails, then halving the bracket; sustained = every report back, achieved >= 95 % of offered,
-   p99 <= ``P99_BOUND_MS``; the pipeline drains to idle after every probe;
+   p99 <= ``P99_BOUND_MS``; a probe is given up as failed as soon as its p99 can no longer be
+   within the bound (``pipeline.p99_beyond``), so an overload costs seconds, not minutes of
+   queued sends; the pipeline drains to idle after every probe;
 2. fixed loads: ``Plan.repetitions`` ABBA blocks of a quarter and a half of each topology's
    capacity; end-to-end percentiles at half capacity are pooled over the blocks (at least
    ``Plan.latency_events``), per-phase percentiles are given as median and range;
@@ -264,13 +266,16 @@ class Level:
     # Wall seconds the usage was measured over (the load and the wait for its reports).
     wall_s: float = 0.0
     repetition: int = 0
+    # Seconds into the load at which a capacity probe was given up (None: it ran to the end).
+    abandoned_after_s: float | None = None
 
     @property
     def sustained(self) -> bool:
         """Everything reported, at >= 95 % of the offered rate, with p99 under the bound."""
         e2e = self.end_to_end
         return (
-            self.missing == 0
+            self.abandoned_after_s is None
+            and self.missing == 0
             and self.non_2xx == 0
             and e2e.per_second >= ACHIEVED_SHARE * self.offered_per_s
             and e2e.p99_ms <= P99_BOUND_MS
@@ -308,8 +313,8 @@ class Plan:
     # Each capacity probe holds its load this long (an overload must show as one).
     probe_s: float = 30.0
     # Bisection probes per capacity phase: the capacity block is one ABBA, so each topology
-    # gets twice this many.
-    probes_per_phase: int = 2
+    # gets twice this many (six: from 30/s, 30 60 120 90 75 67.5 when 60 is the last sustained).
+    probes_per_phase: int = 3
     start_rate: float = 30.0
     # End-to-end latencies at half capacity, pooled over a topology's fixed-load phases.
     latency_events: int = 2000
@@ -390,9 +395,18 @@ def medmesh_processes(levels: Iterable[Level]) -> list[str]:
 
 
 def _load_level(
-    ingest_url: str, bootstrap: str, events: list[bytes], rate: float, settle_s: float
+    ingest_url: str,
+    bootstrap: str,
+    events: list[bytes],
+    rate: float,
+    settle_s: float,
+    give_up_past_ms: float | None,
 ) -> PipelineResult:
-    return asyncio.run(run_load(ingest_url, bootstrap, events, rate, settle_s=settle_s))
+    return asyncio.run(
+        run_load(
+            ingest_url, bootstrap, events, rate, settle_s=settle_s, give_up_past_ms=give_up_past_ms
+        )
+    )
 
 
 class LoadGenerator:
@@ -404,12 +418,18 @@ class LoadGenerator:
         self.pid = self._pool.submit(os.getpid).result()
 
     async def load(
-        self, ingest_url: str, bootstrap: str, events: list[bytes], rate: float, settle_s: float
+        self,
+        ingest_url: str,
+        bootstrap: str,
+        events: list[bytes],
+        rate: float,
+        settle_s: float,
+        give_up_past_ms: float | None = None,
     ) -> PipelineResult:
         """``pipeline.run_load`` in the generator's process."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._pool, _load_level, ingest_url, bootstrap, events, rate, settle_s
+            self._pool, _load_level, ingest_url, bootstrap, events, rate, settle_s, give_up_past_ms
         )
 
     async def floor(self, events: list[bytes]) -> dict[str, Any]:
@@ -449,6 +469,7 @@ async def _level(
     repetition: int,
     settle_s: float = 20.0,
     profile_to: Path | None = None,
+    give_up_past_ms: float | None = None,
 ) -> _Pending:
     meter = UsageMeter(stack_pids(stack), client_pid=loadgen.pid)
     started = time.perf_counter()
@@ -457,7 +478,7 @@ async def _level(
         duration = max(1, int(len(events) / rate))
         profiles = start_profiles(_pipeline_pids(stack), duration, profile_to)
     result = await loadgen.load(
-        stack.config.ingest_url, stack.config.bootstrap, events, rate, settle_s
+        stack.config.ingest_url, stack.config.bootstrap, events, rate, settle_s, give_up_past_ms
     )
     usage = meter.usage()
     wall = time.perf_counter() - started
@@ -484,6 +505,7 @@ def _finish(pending: _Pending, spans: Sequence[Span]) -> Level:
         hops=figures,
         wall_s=pending.wall_s,
         repetition=pending.repetition,
+        abandoned_after_s=result.abandoned_after_s,
     )
 
 
@@ -527,7 +549,12 @@ def _say(pending: _Pending) -> None:
     print(
         f"{pending.topology} r{pending.repetition} {pending.label} @ {pending.offered:g}/s: "
         f"achieved {e2e.per_second:.1f}/s, p50 {e2e.p50_ms:.0f} ms, p99 {e2e.p99_ms:.0f} ms, "
-        f"missing {pending.result.missing}",
+        f"missing {pending.result.missing}"
+        + (
+            f", given up after {pending.result.abandoned_after_s:.1f} s"
+            if pending.result.abandoned_after_s is not None
+            else ""
+        ),
         flush=True,
     )
 
@@ -566,6 +593,7 @@ async def _capacity_block(
                 events(f"{topology}-probe", rate, plan.probe_s),
                 0,
                 settle_s=PROBE_SETTLE_S,
+                give_up_past_ms=P99_BOUND_MS,
             )
             _say(pending)
             level = _finish(pending, [])
@@ -818,17 +846,24 @@ def _capacity_table(report: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for name, data in report["topologies"].items():
-        probes = ", ".join(
-            f"{p['offered_per_s']:g}: {p['end_to_end']['per_second']:.1f}, "
-            f"{p['end_to_end']['p99_ms']:.0f}, {'yes' if p['sustained'] else 'no'}"
-            for p in data["probes"]
-        )
+        probes = ", ".join(_probe_cell(p) for p in data["probes"])
         failed = data["bisection"]["failed_per_s"]
         lines.append(
             f"| {name} | {probes} | {data['capacity_per_s']:g} "
             f"| {'-' if failed is None else f'{failed:g}'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _probe_cell(probe: Mapping[str, Any]) -> str:
+    e2e = probe["end_to_end"]
+    given_up = probe.get("abandoned_after_s")
+    verdict = (
+        f"no (given up after {given_up:.0f} s)"
+        if given_up is not None
+        else ("yes" if probe["sustained"] else "no")
+    )
+    return f"{probe['offered_per_s']:g}: {e2e['per_second']:.1f}, {e2e['p99_ms']:.0f}, {verdict}"
 
 
 def _fixed_table(report: dict[str, Any]) -> str:
