@@ -203,15 +203,17 @@ async def _measure_all(
     # restarts every service with another sampling, so they run last.
     if "batching" in selected:
         console.print("batching: direct Triton vs worker vs worker with max batch 1 ...")
-        # Every version of every spec: NEWS2 costs microseconds per row, the ECG screen about a
-        # millisecond, the ONNX versions run in onnxruntime; so the series show the worker's
-        # cost against cheap and costly models, python and ONNX.
+        # Every version of every spec that reads rows: NEWS2 costs microseconds per row, the ECG
+        # screen about a millisecond, the ONNX versions run in onnxruntime; so the series show
+        # the worker's cost against cheap and costly models, python and ONNX. Image models read
+        # their pixels from the PACS, not from the task: the imaging series measures them.
         extra["batching"] = {
             "models": [
                 await run_batching(
                     stack, tasks=sizes.batch_tasks, model=spec.name, version=version.version
                 )
                 for spec in load_specs(stack.config.specs_dir).values()
+                if not any(column.image is not None for column in spec.inputs)
                 for version in spec.versions
             ]
         }
