@@ -348,8 +348,8 @@ def soak(
     rows = growth(samples, warmup, window)
     report = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": f"medmesh_cli.bench.soak --duration {duration:g}"
-        + (f" (rate {rate:g}/s given)" if capacity is None else ""),
+        "command": f"python -m medmesh_cli.bench.soak --duration {duration:g}"
+        + (f" --rate {rate:g}" if capacity is None else ""),
         "machine": machine_info(),
         "duration_s": duration,
         "warmup_s": warmup,
